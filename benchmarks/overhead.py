@@ -1,0 +1,156 @@
+"""Step-time overhead of memprof against its peers, measured side by side in one run.
+
+    python benchmarks/overhead.py [--repeats 5] [--steps 3] [--only gpt2|mlp]
+
+Times one training step (forward, backward, AdamW step, zero_grad) of
+(a) GPT-2 from a config (4 layers, d=384, 6 heads, vocab 8192, batch 4, seq 256) and
+(b) 300 Linear(32, 32) + ReLU pairs (600 small modules, batch 16),
+with no profiler, memprof, torch's MemTracker, and torch.profiler(profile_memory=True), and
+prints each as a ratio to the unprofiled step (best of --repeats). Also prints memprof's own
+bookkeeping for a 1000-step run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+import memprof
+
+
+def gpt2_workload() -> tuple[nn.Module, Callable[[], None]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=384, n_head=6, vocab_size=8192, n_positions=256)
+    model = GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 8192, (4, 256))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, step
+
+
+def mlp_workload() -> tuple[nn.Module, Callable[[], None]]:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(300):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(16, 32)
+
+    def step() -> None:
+        model(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, step
+
+
+def time_step(step: Callable[[], None], make_ctx: Callable[[], AbstractContextManager[Any]],
+              *, steps: int, repeats: int, per_step: Callable[[Any], None] | None = None) -> float:
+    """Best-of-``repeats`` mean seconds per step, each repeat in a fresh context."""
+    best = float("inf")
+    for _ in range(repeats):
+        gc.collect()
+        with make_ctx() as ctx:
+            step()  # warm: first step creates optimizer state
+            if per_step:
+                per_step(ctx)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+                if per_step:
+                    per_step(ctx)
+            best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def run(name: str, workload: Callable[[], tuple[nn.Module, Callable[[], None]]], *,
+        steps: int, repeats: int, memtracker: bool) -> None:
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, step = workload()
+    step()
+    contexts: dict[str, tuple[Callable[[], Any], Callable[[Any], None] | None]] = {
+        "no profiler": (nullcontext, None),
+        "memprof": (lambda: memprof.profile(model), lambda p: p.step()),
+        "torch.profiler(profile_memory)": (
+            lambda: torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True),
+            lambda p: p.step(),
+        ),
+    }
+    if memtracker:
+        def make_tracker() -> Any:
+            tracker = MemTracker()
+            tracker.track_external(model)
+            return tracker
+        contexts["MemTracker"] = (make_tracker, None)
+    times = {}
+    for label, (make_ctx, per_step) in contexts.items():
+        mt_steps = 1 if label == "MemTracker" and name.startswith("(b)") else steps
+        mt_repeats = 1 if label == "MemTracker" and name.startswith("(b)") else repeats
+        times[label] = time_step(step, make_ctx, steps=mt_steps, repeats=mt_repeats,
+                                 per_step=per_step)
+    base = times["no profiler"]
+    print(f"\n{name}")
+    for label, seconds in times.items():
+        print(f"  {label:32s} {seconds * 1e3:9.1f} ms/step   {seconds / base:7.2f}x")
+
+
+def bookkeeping(steps: int = 1000) -> None:
+    """memprof's own Python memory for a run of ``steps`` small steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(8, 64)
+    tracemalloc.start()
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(steps):
+            model(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"\nmemprof bookkeeping for {steps} steps: peak {peak / 2**20:.1f} MiB of Python "
+          "memory (tracemalloc), target < 50 MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", choices=["gpt2", "mlp"], default=None)
+    parser.add_argument("--no-memtracker", action="store_true")
+    parser.add_argument("--no-bookkeeping", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    if args.only in (None, "gpt2"):
+        run("(a) GPT-2 4L d384 vocab 8192, batch 4 x 256", gpt2_workload, steps=args.steps,
+            repeats=args.repeats, memtracker=not args.no_memtracker)
+    if args.only in (None, "mlp"):
+        run("(b) 300 x (Linear(32,32) + ReLU), batch 16", mlp_workload, steps=args.steps * 3,
+            repeats=args.repeats, memtracker=not args.no_memtracker)
+    if not args.no_bookkeeping:
+        bookkeeping()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""memprof: where every byte of a PyTorch training step goes, and what to change so it fits.
+
+Public API::
+
+    with memprof.profile(model, optimizer) as prof:
+        ...; prof.step()
+    prof.modules(); prof.peak(); prof.timeline(); prof.save("reports/run.json")
+    profile = memprof.load("reports/run.json")
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("memprof")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from memprof.categories import CATEGORIES, PHASES
+from memprof.errors import (
+    BudgetError,
+    DeviceNotAvailableError,
+    MemprofError,
+    OutputExistsError,
+    ProfileActiveError,
+    ProfileLoadError,
+    UnknownGPUError,
+)
+from memprof.profile import Peak, Profile, StepStats, load
+from memprof.tracking.schedule import Schedule, StepAction, schedule
+from memprof.tracking.session import MemoryLeakWarning, Profiler, profile
+from memprof.units import format_bytes, parse_size
+
+__all__ = [
+    "CATEGORIES",
+    "PHASES",
+    "BudgetError",
+    "DeviceNotAvailableError",
+    "MemoryLeakWarning",
+    "MemprofError",
+    "OutputExistsError",
+    "Peak",
+    "Profile",
+    "ProfileActiveError",
+    "ProfileLoadError",
+    "Profiler",
+    "Schedule",
+    "StepAction",
+    "StepStats",
+    "UnknownGPUError",
+    "__version__",
+    "format_bytes",
+    "load",
+    "parse_size",
+    "profile",
+    "schedule",
+]

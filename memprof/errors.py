@@ -1,0 +1,46 @@
+"""The exceptions a user can cause, each mapped to a CLI exit code."""
+
+from __future__ import annotations
+
+
+class MemprofError(Exception):
+    """Base class: a problem the user can fix, shown as one line without a traceback."""
+
+    exit_code = 1
+
+
+class ProfileLoadError(MemprofError):
+    """A profile file is missing, truncated, not JSON, not a profile, or from a newer memprof."""
+
+    exit_code = 2
+
+
+class ProfileActiveError(MemprofError, RuntimeError):
+    """A second :func:`memprof.profile` was entered while one is active."""
+
+
+class BudgetError(MemprofError, ValueError):
+    """A memory budget that cannot be read ("24 gigs")."""
+
+    exit_code = 2
+
+
+class UnknownGPUError(MemprofError, KeyError):
+    """A GPU name that is not in the catalog."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputExistsError(MemprofError, FileExistsError):
+    """Refusing to overwrite an existing file without ``overwrite=True`` / ``--force``."""
+
+    exit_code = 3
+
+
+class DeviceNotAvailableError(MemprofError):
+    """NVML or CUDA cannot be reached (no driver, no permission)."""
+
+    exit_code = 4

@@ -1,0 +1,1 @@
+"""Measurement: the storage ledger, module and phase tracking, and the profiling session."""

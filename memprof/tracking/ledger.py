@@ -1,0 +1,278 @@
+"""The storage ledger: every live tracked storage, its size, role and owning module.
+
+This is the hot path. Each operator output reaches :meth:`StorageLedger.see`; each free reaches
+:meth:`StorageLedger._on_free` through a weak reference to the storage. Both are O(1): running
+totals per category and per module are updated in place, nothing is scanned. Roles learned later
+(autograd saved it, it became a ``.grad``, the optimizer kept it as state) move a storage's bytes
+between categories with :meth:`StorageLedger.reclassify`.
+
+Only the storage's Python object is referenced weakly; the ledger never keeps a tensor alive.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memprof.categories import CATEGORIES, PHASES
+from memprof.units import round_up
+
+# Category and phase indices: the hot path works with ints, tables with names.
+PARAMETER, BUFFER, GRADIENT, OPTIMIZER_STATE, ACTIVATION, TEMPORARY, INPUT, OTHER = range(8)
+FORWARD, BACKWARD, OPTIMIZER, OTHER_PHASE = range(4)
+assert len(CATEGORIES) == 8 and len(PHASES) == 4
+OUTSIDE = 0  # module index of "no module running"
+
+#: Frame kinds on the module stack.
+FRAME_FORWARD, FRAME_BACKWARD, FRAME_RECOMPUTE = 0, 1, 2
+
+_graph_task_id = torch._C._current_graph_task_id
+
+
+class Entry:
+    """One tracked storage. ``nbytes`` is what the allocator is charged (rounded on CUDA)."""
+
+    __slots__ = ("category", "dtype", "key", "module", "nbytes", "phase", "raw_nbytes", "ref",
+                 "shape")
+
+    def __init__(
+        self, key: int, nbytes: int, raw_nbytes: int, category: int, module: int, phase: int,
+        shape: tuple[int, ...], dtype: torch.dtype,
+    ) -> None:
+        self.key = key
+        self.nbytes = nbytes
+        self.raw_nbytes = raw_nbytes
+        self.category = category
+        self.module = module
+        self.phase = phase
+        self.shape = shape
+        self.dtype = dtype
+        self.ref: _StorageRef | None = None
+
+
+class _StorageRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a storage that remembers its ledger key (no cycle with the entry)."""
+
+    __slots__ = ("key",)
+    key: int
+
+
+@dataclass
+class StepPeak:
+    """The running peak of the current step (live roles as known at that moment)."""
+
+    total: int = -1
+    seq: int = 0
+    phase: int = OTHER_PHASE
+    module: int = OUTSIDE
+    time: float = 0.0
+    by_category: tuple[int, ...] = (0,) * 8
+
+
+class StorageLedger:
+    """Running byte totals per category and per module, and the current step's peak and log."""
+
+    def __init__(self, *, round_all_to: int = 1) -> None:
+        #: Charge every storage in blocks of this many bytes (512 models CUDA on fake CPU tensors).
+        self.round_all_to = round_all_to
+        self.entries: dict[int, Entry] = {}
+        self.totals = [0] * 8
+        self.total = 0
+        # Per module index: live bytes per category, and the most seen.
+        self.module_live: list[list[int]] = [[0] * 8]
+        self.module_max: list[list[int]] = [[0] * 8]
+        # Module stack: frames are [module index, most total bytes seen, kind].
+        self.frames: list[list[int]] = []
+        self.top: list[int] | None = None
+        self.current_module = OUTSIDE
+        self.phase = OTHER_PHASE
+        self.in_optimizer = False
+        self.recording = False  # counting at all (warmup or active)
+        self.logging = False  # also keeping the step's log and timeline samples (active)
+        self.seq = 0
+        self.log: list[Entry | int] = []
+        self.samples: list[tuple[int, float, int, int, tuple[int, ...]]] = []
+        self.peak = StepPeak()
+        self._free_callback = self._on_free
+
+    # ----------------------------------------------------------------- hot path
+    def see(self, tensor: torch.Tensor) -> None:
+        """Account an operator's output: a new storage is a temporary of the running module."""
+        storage = tensor.untyped_storage()
+        entry = self.entries.get(id(storage))
+        if entry is not None:
+            if entry.raw_nbytes != storage.nbytes():  # resize_ or an out= op grew it
+                self._resize(entry, storage, tensor)
+            return
+        if self.in_optimizer:
+            phase = OPTIMIZER
+        elif _graph_task_id() != -1:
+            phase = BACKWARD
+        elif self.frames:
+            phase = FORWARD
+        else:
+            phase = OTHER_PHASE
+        if phase != self.phase:
+            self.set_phase(phase)
+        self.add(storage, tensor, TEMPORARY, self.current_module)
+
+    def add(self, storage: Any, tensor: torch.Tensor, category: int, module: int) -> Entry:
+        """Start tracking ``storage`` (whose view ``tensor`` gives shape and dtype)."""
+        raw = storage.nbytes()
+        nbytes = raw
+        if self.round_all_to > 1 or tensor.is_cuda:
+            nbytes = round_up(raw, max(self.round_all_to, 512))
+        key = id(storage)
+        entry = Entry(key, nbytes, raw, category, module, self.phase, tensor.shape, tensor.dtype)
+        ref = _StorageRef(storage, self._free_callback)
+        ref.key = key
+        entry.ref = ref
+        self.entries[key] = entry
+        self.seq += 1
+        total = self.total + nbytes
+        self.total = total
+        self.totals[category] += nbytes
+        live = self.module_live[module]
+        live[category] += nbytes
+        most = self.module_max[module]
+        if live[category] > most[category]:
+            most[category] = live[category]
+        top = self.top
+        if top is not None and total > top[1]:
+            top[1] = total
+        if self.logging:
+            self.log.append(entry)
+            if total > self.peak.total:
+                peak = self.peak
+                peak.total = total
+                peak.seq = len(self.log)
+                peak.phase = self.phase
+                peak.module = self.current_module
+                peak.time = time.perf_counter()
+                peak.by_category = tuple(self.totals)
+        return entry
+
+    def _on_free(self, ref: _StorageRef) -> None:
+        entry = self.entries.pop(ref.key, None)
+        if entry is None:
+            return
+        nbytes = entry.nbytes
+        self.total -= nbytes
+        self.totals[entry.category] -= nbytes
+        self.module_live[entry.module][entry.category] -= nbytes
+        if self.logging:
+            self.log.append(entry.key)
+
+    # -------------------------------------------------------------- role changes
+    def lookup(self, tensor: torch.Tensor) -> Entry | None:
+        """The entry of ``tensor``'s storage, if tracked."""
+        return self.entries.get(id(tensor.untyped_storage()))
+
+    def track(self, tensor: torch.Tensor, category: int, module: int) -> Entry:
+        """Give ``tensor``'s storage a role, tracking it first if it is not yet."""
+        storage = tensor.untyped_storage()
+        entry = self.entries.get(id(storage))
+        if entry is None:
+            return self.add(storage, tensor, category, module)
+        self.reclassify(entry, category, module)
+        return entry
+
+    def reclassify(self, entry: Entry, category: int, module: int) -> None:
+        """Move an entry's bytes to another category and owning module."""
+        if entry.category == category and entry.module == module:
+            return
+        nbytes = entry.nbytes
+        self.totals[entry.category] -= nbytes
+        self.module_live[entry.module][entry.category] -= nbytes
+        entry.category = category
+        entry.module = module
+        self.totals[category] += nbytes
+        live = self.module_live[module]
+        live[category] += nbytes
+        most = self.module_max[module]
+        if live[category] > most[category]:
+            most[category] = live[category]
+
+    def _resize(self, entry: Entry, storage: Any, tensor: torch.Tensor) -> None:
+        """A storage changed size in place: re-add it at its new size."""
+        category, module = entry.category, entry.module
+        self.entries.pop(entry.key, None)
+        self.total -= entry.nbytes
+        self.totals[category] -= entry.nbytes
+        self.module_live[module][category] -= entry.nbytes
+        if self.logging:
+            self.log.append(entry.key)
+        entry.ref = None  # drop the old weak reference and its callback
+        self.add(storage, tensor, category, module)
+
+    # ----------------------------------------------------------- modules, phases
+    def new_module(self) -> int:
+        """Make room for one more module; returns its index."""
+        self.module_live.append([0] * 8)
+        self.module_max.append([0] * 8)
+        return len(self.module_live) - 1
+
+    def push_frame(self, module: int, kind: int) -> None:
+        frame = [module, self.total, kind]
+        self.frames.append(frame)
+        self.top = frame
+        self.current_module = module
+
+    def pop_frame(self) -> list[int]:
+        """Pop the top frame; its peak also counts for the frame below it."""
+        frame = self.frames.pop()
+        if self.frames:
+            below = self.frames[-1]
+            if frame[1] > below[1]:
+                below[1] = frame[1]
+            self.top = below
+            self.current_module = below[0]
+        else:
+            self.top = None
+            self.current_module = OUTSIDE
+        return frame
+
+    def set_phase(self, phase: int) -> None:
+        self.phase = phase
+        self.sample()
+
+    def sample(self) -> None:
+        """Record a timeline point (only in active steps)."""
+        if self.logging:
+            self.samples.append(
+                (self.seq, time.perf_counter(), self.phase, self.current_module, tuple(self.totals))
+            )
+
+    # ----------------------------------------------------------------- steps
+    def begin_step(self) -> dict[int, Entry]:
+        """Reset the per-step peak, log and samples; returns the live entries at the start."""
+        self.log = []
+        self.samples = []
+        self.peak = StepPeak(total=self.total, seq=0, phase=self.phase,
+                             module=self.current_module, time=time.perf_counter(),
+                             by_category=tuple(self.totals))
+        self.sample()
+        return dict(self.entries)
+
+    def live_at(self, start: dict[int, Entry], seq: int) -> list[Entry]:
+        """Replay the step's log up to position ``seq`` from its starting live set."""
+        live = dict(start)
+        for item in self.log[:seq]:
+            if type(item) is int:
+                live.pop(item, None)
+            else:
+                assert isinstance(item, Entry)
+                live[item.key] = item
+        return list(live.values())
+
+    def clear(self) -> None:
+        """Forget every storage. Dropping the weak references also drops their callbacks."""
+        for entry in self.entries.values():
+            entry.ref = None
+        self.entries.clear()
+        self.log = []
+        self.samples = []

@@ -1,0 +1,127 @@
+"""Module identity: qualified names, the hierarchy, and which module owns which parameter."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from memprof.tracking.ledger import BUFFER, GRADIENT, OUTSIDE, PARAMETER, StorageLedger
+
+
+@dataclass
+class ModuleInfo:
+    """What memprof knows about one module (index = position in ModuleRegistry.infos)."""
+
+    name: str
+    type: str
+    depth: int
+    parent: int | None
+    ancestors: frozenset[int]
+    peak_forward: int = 0
+    peak_backward: int = 0
+    forward_calls: int = 0
+    recompute_calls: int = 0
+    forward_time_s: float = 0.0
+    children: dict[int, str] = field(default_factory=dict)  # id(child module) -> attribute name
+
+
+class ModuleRegistry:
+    """Gives every module that runs an index, a qualified name and its parameters' storages.
+
+    Modules are held weakly. A model passed to :func:`memprof.profile` is the root ``""``;
+    without one, the first module to run becomes the root and any later unrelated module a
+    root of its own, named after its type.
+    """
+
+    def __init__(self, ledger: StorageLedger) -> None:
+        self.ledger = ledger
+        self.index: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self.infos: list[ModuleInfo] = [
+            ModuleInfo(name="", type="", depth=-1, parent=None, ancestors=frozenset())
+        ]  # index 0: outside any module
+        # Tensors compare elementwise, so they are keyed by identity.
+        self.param_owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.by_name: dict[str, int] = {}
+        self.grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._root_names: set[str] = set()
+
+    def index_of(self, module: nn.Module, parent: int) -> int:
+        """The index of ``module``, registering it (and its subtree) the first time it runs."""
+        idx = self.index.get(module)
+        if idx is not None:
+            return idx
+        if parent != OUTSIDE:
+            info = self.infos[parent]
+            name = info.children.get(id(module))
+            if name is not None:
+                prefix = f"{info.name}." if info.name else ""
+                return self.register_tree(module, prefix + name, parent)
+        return self.register_tree(module, self._root_name(module), None)
+
+    def _root_name(self, module: nn.Module) -> str:
+        base = "" if not self._root_names else type(module).__name__
+        name, n = base, 1
+        while name in self._root_names:
+            n += 1
+            name = f"{base}#{n}"
+        return name
+
+    def register_tree(self, root: nn.Module, name: str, parent: int | None) -> int:
+        """Register ``root`` as ``name`` and all its submodules, with their parameters."""
+        if parent is None:
+            self._root_names.add(name)
+        root_idx = self._register_one(root, name, parent)
+        for child_name, child in root.named_modules(prefix=name, remove_duplicate=True):
+            if child is root or child in self.index:
+                continue
+            parent_name = child_name.rsplit(".", 1)[0] if "." in child_name else ""
+            self._register_one(child, child_name, self.by_name.get(parent_name, root_idx))
+        return root_idx
+
+    def _register_one(self, module: nn.Module, name: str, parent: int | None) -> int:
+        idx = self.ledger.new_module()
+        depth = 0 if parent is None else self.infos[parent].depth + 1
+        ancestors = frozenset() if parent is None else self.infos[parent].ancestors | {parent}
+        info = ModuleInfo(
+            name=name, type=type(module).__name__, depth=depth, parent=parent, ancestors=ancestors
+        )
+        info.children = {id(child): child_name for child_name, child in module.named_children()}
+        self.infos.append(info)
+        self.by_name.setdefault(name, idx)
+        assert len(self.infos) - 1 == idx
+        self.index[module] = idx
+        for param in module.parameters(recurse=False):
+            self._register_param(param, idx)
+        for buffer in module.buffers(recurse=False):
+            if buffer is not None:
+                self.ledger.track(buffer.detach(), BUFFER, idx)
+        return idx
+
+    def _register_param(self, param: nn.Parameter, idx: int) -> None:
+        if param in self.param_owner:
+            return  # tied: counted once, under its first owner
+        entry = self.ledger.lookup(param)
+        if entry is not None and entry.category == PARAMETER:
+            self.param_owner[param] = entry.module  # another tensor sharing the storage
+            return
+        self.param_owner[param] = idx
+        self.ledger.track(param.detach(), PARAMETER, idx)
+        if param.grad is not None:
+            self.ledger.track(param.grad, GRADIENT, idx)
+        if param.requires_grad:
+            self.grad_hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        ledger = self.ledger
+        if not ledger.recording or param.grad is None:
+            return
+        ledger.track(param.grad, GRADIENT, self.param_owner.get(param, OUTSIDE))
+
+    def remove_hooks(self) -> None:
+        for handle in self.grad_hooks:
+            handle.remove()
+        self.grad_hooks.clear()

@@ -1,0 +1,726 @@
+"""``memprof.profile``: the context manager that wraps a training loop.
+
+It installs, for its lifetime only:
+
+* a ``TorchDispatchMode`` that shows every operator output to the storage ledger (this also
+  works under ``FakeTensorMode``, where nothing is allocated);
+* global module forward hooks (the module stack) and, per call, a pre-hook on the output's
+  ``grad_fn`` (the module whose backward is running);
+* ``saved_tensors_hooks`` whose pack hook marks what autograd saves as activations;
+* ``post_accumulate_grad`` hooks on parameters (gradients) and global optimizer step hooks
+  (the optimizer phase and its persistent state).
+
+Everything is removed on exit, also when the body raises; the partial profile stays usable.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._pytree import tree_flatten
+
+from memprof.categories import CATEGORIES, PHASES
+from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
+from memprof.errors import ProfileActiveError
+from memprof.profile import (
+    OUTSIDE_MODULES,
+    DeviceInfo,
+    ModuleStats,
+    Peak,
+    Profile,
+    StepStats,
+    TensorAtPeak,
+    empty_timeline,
+)
+from memprof.tracking.ledger import (
+    ACTIVATION,
+    BACKWARD,
+    FRAME_BACKWARD,
+    FRAME_FORWARD,
+    FRAME_RECOMPUTE,
+    INPUT,
+    OPTIMIZER,
+    OPTIMIZER_STATE,
+    OTHER,
+    OTHER_PHASE,
+    OUTSIDE,
+    TEMPORARY,
+    Entry,
+    StorageLedger,
+)
+from memprof.tracking.modules import ModuleRegistry
+from memprof.tracking.schedule import StepAction, every_step
+from memprof.tracking.timeline import decimate
+
+_graph_task_id = torch._C._current_graph_task_id
+
+#: A leak is reported when live memory between steps grew this many steps in a row...
+LEAK_MIN_GROWTHS = 3
+#: ...by at least this much in all.
+LEAK_MIN_BYTES = 1 << 20
+
+
+class _LedgerMode(TorchDispatchMode):
+    """Shows each operator's outputs to the ledger. The per-op work is O(1)."""
+
+    def __init__(self, ledger: StorageLedger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def __torch_dispatch__(  # type: ignore[no-untyped-def]
+        self, func, types, args=(), kwargs=None
+    ):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.ledger.see(out)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self.ledger.see(item)
+        return out
+
+
+class Profiler:
+    """The live profiling session returned by :func:`memprof.profile`.
+
+    Call :meth:`step` at the end of each training step. After the ``with`` block, the tables
+    and the peak are available directly (``prof.modules()``, ``prof.peak()``, ...), or as a
+    :class:`~memprof.profile.Profile` from :attr:`profile`.
+    """
+
+    _active: Profiler | None = None
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        schedule: Callable[[int], StepAction] | None = None,
+        timeline_points: int = 256,
+        top_tensors: int = 20,
+        round_to: int = 1,
+        step_on_optimizer: bool = False,
+        max_steps: int | None = None,
+        device_modelled: str | None = None,
+    ) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        self._schedule = schedule or every_step
+        self._timeline_points = timeline_points
+        self._top_tensors = top_tensors
+        self._round_to = round_to
+        self._step_on_optimizer = step_on_optimizer
+        self._max_steps = max_steps
+        self._device_modelled = device_modelled
+        self._result: Profile | None = None
+        self._entered = False
+
+    # ------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Profiler:
+        if Profiler._active is not None:
+            raise ProfileActiveError(
+                "memprof.profile is already active: nested profiles are not supported "
+                "(close the outer one first)"
+            )
+        if self._entered:
+            raise ProfileActiveError("this memprof.profile was already used; create a new one")
+        self._entered = True
+        Profiler._active = self
+        self._fake = _fake_mode_active()
+        self.ledger = StorageLedger(round_all_to=self._round_to)
+        self.registry = ModuleRegistry(self.ledger)
+        self._mode = _LedgerMode(self.ledger)
+        self._mode_entered = False
+        self._handles: list[Any] = []
+        self._grad_fn_handles: list[Any] = []
+        self._forward_started: list[float] = []
+        self._steps: list[StepStats] = []
+        self._timeline_chunks: list[dict[str, list[Any]]] = []
+        self._peak: Peak | None = None
+        self._warnings: list[str] = []
+        self._optimizers: dict[int, dict[str, Any]] = {}
+        self._inputs_seen: list[dict[str, Any]] = []
+        self._step = 0
+        self._active_steps = 0
+        self._step_start_live: dict[int, Entry] = {}
+        self._step_started = 0.0
+        self._in_backward = False
+        try:
+            self._install()
+            self._begin_step()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self.ledger.logging and self.ledger.log:
+                self._end_step(partial=exc_type is not None)
+            self._result = self._build(interrupted=exc_type is not None)
+        finally:
+            self._teardown()
+
+    def _install(self) -> None:
+        ledger = self.ledger
+        if self._model is not None:
+            self.registry.register_tree(self._model, "", None)
+        if self._optimizer is not None:
+            self._track_optimizer_state(self._optimizer)
+        self._handles.append(
+            nn.modules.module.register_module_forward_pre_hook(self._on_forward_pre)
+        )
+        self._handles.append(
+            nn.modules.module.register_module_forward_hook(self._on_forward, always_call=True)
+        )
+        self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
+        self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._saved_hooks.__enter__()
+        del ledger
+
+    def _teardown(self) -> None:
+        self._set_mode(False)
+        saved = getattr(self, "_saved_hooks", None)
+        if saved is not None:
+            saved.__exit__(None, None, None)
+            self._saved_hooks = None
+        for handle in self._handles + self._grad_fn_handles:
+            handle.remove()
+        self._handles.clear()
+        self._grad_fn_handles.clear()
+        if hasattr(self, "registry"):
+            self.registry.remove_hooks()
+        if hasattr(self, "ledger"):
+            self.ledger.recording = self.ledger.logging = False
+            self.ledger.clear()
+        if Profiler._active is self:
+            Profiler._active = None
+
+    def _set_mode(self, on: bool) -> None:
+        """Enter or leave the dispatch mode (only while it is the innermost mode)."""
+        if on and not self._mode_entered:
+            self._mode.__enter__()
+            self._mode_entered = True
+        elif not on and self._mode_entered:
+            if _get_current_dispatch_mode() is self._mode:
+                self._mode.__exit__(None, None, None)
+                self._mode_entered = False
+            # else: another mode sits above ours; the ledger's flags make ours a pass-through.
+
+    # ------------------------------------------------------------------ steps
+    def step(self) -> None:
+        """Mark the end of a training step (call it once per iteration, like torch.profiler)."""
+        if Profiler._active is not self:
+            raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
+        if self.ledger.recording:
+            self._end_step(partial=False)
+        self._step += 1
+        self._begin_step()
+
+    def _begin_step(self) -> None:
+        action = self._schedule(self._step)
+        if self._max_steps is not None and self._active_steps >= self._max_steps:
+            action = StepAction.SKIP
+        ledger = self.ledger
+        ledger.recording = action is not StepAction.SKIP
+        ledger.logging = action is StepAction.ACTIVE
+        self._set_mode(ledger.recording)
+        if ledger.logging:
+            self._step_started = time.perf_counter()
+            self._step_start_live = ledger.begin_step()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()
+
+    def _end_step(self, *, partial: bool) -> None:
+        ledger = self.ledger
+        if ledger.logging:
+            self._active_steps += 1
+            self._record_step(partial=partial)
+        # Temporaries that outlive their step hold memory with no role: call them "other".
+        for entry in list(ledger.entries.values()):
+            if entry.category == TEMPORARY:
+                ledger.reclassify(entry, OTHER, entry.module)
+
+    def _record_step(self, *, partial: bool) -> None:
+        ledger = self.ledger
+        ledger.sample()
+        peak = ledger.peak
+        by_category = dict(zip(CATEGORIES, peak.by_category, strict=True))
+        device_max = device_reserved = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            device_max = int(torch.cuda.max_memory_allocated())
+            device_reserved = int(torch.cuda.memory_reserved())
+        if self._peak is None or peak.total > self._peak.total_bytes:
+            self._peak = self._peak_breakdown()
+            by_category = dict(self._peak.by_category)
+        self._steps.append(
+            StepStats(
+                step=self._step,
+                peak_bytes=peak.total,
+                peak_phase=PHASES[peak.phase],
+                peak_module=self._name(peak.module),
+                peak_by_category=by_category,
+                start_bytes=sum(e.nbytes for e in self._step_start_live.values()),
+                end_bytes=ledger.total,
+                duration_s=time.perf_counter() - self._step_started,
+                device_max_allocated=device_max,
+                device_reserved=device_reserved,
+            )
+        )
+        self._timeline_chunks.append(self._timeline_chunk())
+        if partial:
+            self._warnings.append(f"step {self._step} was interrupted: its figures are partial")
+
+    def _peak_breakdown(self) -> Peak:
+        """What was alive at this step's peak, with each storage's resolved role."""
+        ledger = self.ledger
+        peak = ledger.peak
+        live = ledger.live_at(self._step_start_live, peak.seq)
+        by_category = dict.fromkeys(CATEGORIES, 0)
+        by_module: dict[str, dict[str, int]] = {}
+        for entry in live:
+            category = CATEGORIES[entry.category]
+            by_category[category] += entry.nbytes
+            row = by_module.setdefault(self._name(entry.module), dict.fromkeys(CATEGORIES, 0))
+            row[category] += entry.nbytes
+        largest = sorted(live, key=lambda e: e.nbytes, reverse=True)[: self._top_tensors]
+        return Peak(
+            total_bytes=peak.total,
+            step=self._step,
+            phase=PHASES[peak.phase],
+            module=self._name(peak.module),
+            by_category=by_category,
+            by_module={k: {c: v for c, v in row.items() if v} for k, row in by_module.items()},
+            top_tensors=[
+                TensorAtPeak(
+                    category=CATEGORIES[e.category],
+                    module=self._name(e.module),
+                    nbytes=e.nbytes,
+                    shape=[int(d) for d in e.shape],
+                    dtype=str(e.dtype).replace("torch.", ""),
+                    phase=PHASES[e.phase],
+                )
+                for e in largest
+            ],
+        )
+
+    def _timeline_chunk(self) -> dict[str, list[Any]]:
+        ledger = self.ledger
+        peak = ledger.peak
+        samples = list(ledger.samples)
+        samples.append((peak.seq, peak.time, peak.phase, peak.module, peak.by_category))
+        samples.sort(key=lambda s: (s[0], s[1]))
+        kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
+        chunk = empty_timeline()
+        t0 = self._step_started
+        for seq, when, phase, module, totals in kept:
+            chunk["step"].append(self._step)
+            chunk["seq"].append(seq)
+            chunk["time_s"].append(round(when - t0, 6))
+            chunk["phase"].append(PHASES[phase])
+            chunk["module"].append(self._name(module))
+            for name, value in zip(CATEGORIES, totals, strict=True):
+                chunk[name].append(value)
+        return chunk
+
+    # ------------------------------------------------------------------ hooks
+    def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        idx = self.registry.index_of(module, ledger.current_module)
+        info = self.registry.infos[idx]
+        if _graph_task_id() != -1:  # checkpointing runs this forward again inside backward
+            info.recompute_calls += 1
+            ledger.push_frame(idx, FRAME_RECOMPUTE)
+        else:
+            if not ledger.frames:
+                self._mark_inputs(args)
+            info.forward_calls += 1
+            if ledger.phase != 0:
+                ledger.phase = 0
+            ledger.push_frame(idx, FRAME_FORWARD)
+        self._forward_started.append(time.perf_counter())
+        ledger.sample()
+
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        ledger = self.ledger
+        if not ledger.recording or not ledger.frames:
+            return
+        idx = self.registry.index.get(module)
+        frame = ledger.frames[-1]
+        if idx is None or frame[0] != idx or frame[2] == FRAME_BACKWARD:
+            return  # hooks were installed in the middle of this forward
+        ledger.pop_frame()
+        info = self.registry.infos[idx]
+        started = self._forward_started.pop() if self._forward_started else time.perf_counter()
+        if frame[2] == FRAME_FORWARD:
+            info.peak_forward = max(info.peak_forward, frame[1])
+            if ledger.logging:
+                info.forward_time_s += time.perf_counter() - started
+            grad_fn = _first_grad_fn(output)
+            if grad_fn is not None:
+                self._grad_fn_handles.append(
+                    grad_fn.register_prehook(_BackwardEnter(self, idx))
+                )
+        if not ledger.frames and ledger.phase == 0:
+            ledger.phase = OTHER_PHASE
+        ledger.sample()
+
+    def _on_backward_enter(self, idx: int) -> None:
+        """A module's backward starts: make the module stack its path from the root."""
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            if ledger.phase != BACKWARD:
+                ledger.set_phase(BACKWARD)
+        info = self.registry.infos[idx]
+        frames = ledger.frames
+        if frames and frames[-1][2] == FRAME_BACKWARD:
+            top = frames[-1][0]
+            if top == idx or idx in self.registry.infos[top].ancestors:
+                return  # an enclosing module sharing the node: the inner one stays current
+        while frames and frames[-1][2] == FRAME_BACKWARD and frames[-1][0] not in info.ancestors:
+            self._close_backward_frame()
+        present = {f[0] for f in frames}
+        chain = sorted(info.ancestors - present, key=lambda a: self.registry.infos[a].depth)
+        for ancestor in [*chain, idx]:
+            ledger.push_frame(ancestor, FRAME_BACKWARD)
+        ledger.sample()
+
+    def _close_backward_frame(self) -> None:
+        frame = self.ledger.pop_frame()
+        info = self.registry.infos[frame[0]]
+        info.peak_backward = max(info.peak_backward, frame[1])
+
+    def _on_backward_end(self) -> None:
+        ledger = self.ledger
+        self._in_backward = False
+        if not ledger.recording:
+            return
+        while ledger.frames and ledger.frames[-1][2] == FRAME_BACKWARD:
+            self._close_backward_frame()
+        ledger.set_phase(OTHER_PHASE)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        ledger = self.ledger
+        if ledger.recording and _graph_task_id() == -1:
+            entry = ledger.lookup(tensor)
+            if entry is None:
+                ledger.track(tensor, INPUT, OUTSIDE)
+            elif entry.category == TEMPORARY:
+                ledger.reclassify(entry, ACTIVATION, ledger.current_module)
+        return tensor
+
+    def _mark_inputs(self, args: Any) -> None:
+        """Tensors handed to the outermost module: batch data, unless they have a role."""
+        ledger = self.ledger
+        for value in tree_flatten(args)[0]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            entry = ledger.lookup(value)
+            if entry is None:
+                ledger.track(value, INPUT, OUTSIDE)
+            elif entry.category in (TEMPORARY, OTHER) and entry.module == OUTSIDE:
+                ledger.reclassify(entry, INPUT, OUTSIDE)
+            if len(self._inputs_seen) < 8:
+                self._inputs_seen.append(
+                    {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+                )
+
+    def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        ledger.in_optimizer = True
+        ledger.set_phase(OPTIMIZER)
+
+    def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        ledger = self.ledger
+        if ledger.recording:
+            self._track_optimizer_state(optimizer)
+            ledger.in_optimizer = False
+            ledger.set_phase(OTHER_PHASE)
+        if self._step_on_optimizer:
+            self.step()
+
+    def _track_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        ledger = self.ledger
+        owner = self.registry.param_owner
+        state_bytes = 0
+        for param, state in optimizer.state.items():
+            module = owner.get(param, OUTSIDE)
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    entry = ledger.track(value, OPTIMIZER_STATE, module)
+                    state_bytes += entry.nbytes
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._optimizers[id(optimizer)] = {
+            "class": type(optimizer).__name__,
+            "defaults": _json_safe(optimizer.defaults),
+            "num_parameters": int(sum(p.numel() for p in params)),
+            "parameter_bytes": int(sum(p.untyped_storage().nbytes() for p in params)),
+            "state_bytes": state_bytes,
+        }
+
+    # ---------------------------------------------------------------- results
+    def _name(self, module: int) -> str:
+        return OUTSIDE_MODULES if module == OUTSIDE else self.registry.infos[module].name
+
+    def _build(self, *, interrupted: bool) -> Profile:
+        ledger = self.ledger
+        modules = []
+        steps = max(self._active_steps, 1)
+        for idx, info in enumerate(self.registry.infos):
+            if idx == OUTSIDE:
+                continue
+            most = ledger.module_max[idx]
+            own = {
+                "parameter": most[0],
+                "buffer": most[1],
+                "gradient": most[2],
+                "optimizer_state": most[3],
+                "activation": most[ACTIVATION],
+                "temporary_peak": most[TEMPORARY],
+            }
+            modules.append(
+                ModuleStats(
+                    name=info.name,
+                    type=info.type,
+                    depth=info.depth,
+                    parent=None if info.parent is None else self.registry.infos[info.parent].name,
+                    own=own,
+                    peak_forward=info.peak_forward,
+                    peak_backward=info.peak_backward,
+                    forward_calls=info.forward_calls,
+                    recompute_calls=info.recompute_calls,
+                    forward_time_s=info.forward_time_s / steps,
+                )
+            )
+        timeline = empty_timeline()
+        for chunk in self._timeline_chunks:
+            for key, values in chunk.items():
+                timeline[key].extend(values)
+        warnings_ = list(self._warnings)
+        leak = _leak_warning(self._steps)
+        if leak:
+            warnings_.append(leak)
+            warnings.warn(leak, MemoryLeakWarning, stacklevel=3)
+        return Profile(
+            modules_stats=modules,
+            steps_stats=list(self._steps),
+            peak_info=self._peak,
+            timeline_data=timeline,
+            device=self._device_info(),
+            environment=environment(),
+            warnings=warnings_,
+            optimizers=list(self._optimizers.values()),
+            meta={
+                "interrupted": interrupted,
+                "steps_seen": self._step + 1,
+                "inputs": self._inputs_seen,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+
+    def _device_info(self) -> DeviceInfo:
+        param = next(iter(self._model.parameters()), None) if self._model is not None else None
+        if self._fake:
+            target = self._device_modelled or "cpu"
+            modelled = ["nothing was allocated: sizes come from FakeTensorMode"]
+            if self._round_to > 1:
+                modelled.append(f"allocator rounding to {self._round_to}-byte blocks")
+            return DeviceInfo(
+                kind="fake",
+                name=f"fake {target}",
+                allocation_rounding=self._round_to,
+                cuda={"available": False, "reason": "estimate under FakeTensorMode"},
+                nvml={"available": False, "reason": "estimate under FakeTensorMode"},
+                modelled=modelled,
+            )
+        on_cuda = (param is not None and param.is_cuda) or (
+            torch.cuda.is_available() and torch.cuda.is_initialized()
+        )
+        if on_cuda:
+            stats = cuda_allocator_stats()
+            return DeviceInfo(
+                kind="cuda",
+                name=str(stats.get("name", "cuda")),
+                allocation_rounding=CUDA_BLOCK_BYTES,
+                cuda=stats,
+                nvml=nvml().process_view(),
+            )
+        return DeviceInfo(
+            kind="cpu",
+            name=platform.processor() or platform.machine() or "cpu",
+            cuda=cuda_allocator_stats(),
+            nvml=nvml().process_view(),
+        )
+
+    @property
+    def profile(self) -> Profile:
+        """The finished :class:`~memprof.profile.Profile` (after the ``with`` block)."""
+        if self._result is None:
+            raise RuntimeError("the profile is ready when the `with memprof.profile` block ends")
+        return self._result
+
+    def modules(self) -> Any:
+        """Per-module table: see :meth:`memprof.profile.Profile.modules`."""
+        return self.profile.modules()
+
+    def peak(self) -> Peak:
+        """The peak: see :meth:`memprof.profile.Profile.peak`."""
+        return self.profile.peak()
+
+    def timeline(self) -> Any:
+        """Timeline table: see :meth:`memprof.profile.Profile.timeline`."""
+        return self.profile.timeline()
+
+    def steps(self) -> Any:
+        """Per-step table: see :meth:`memprof.profile.Profile.steps`."""
+        return self.profile.steps()
+
+    def save(self, path: Any, *, overwrite: bool = False) -> Any:
+        """Save the profile as JSON: see :meth:`memprof.profile.Profile.save`."""
+        return self.profile.save(path, overwrite=overwrite)
+
+    def summary(self, **kwargs: Any) -> str:
+        """Plain-text summary: see :meth:`memprof.profile.Profile.summary`."""
+        return self.profile.summary(**kwargs)
+
+
+class _BackwardEnter:
+    """A grad_fn pre-hook: the module's backward starts. Holds no tensor."""
+
+    __slots__ = ("idx", "profiler")
+
+    def __init__(self, profiler: Profiler, idx: int) -> None:
+        self.profiler = profiler
+        self.idx = idx
+
+    def __call__(self, grad_outputs: Any) -> None:
+        if Profiler._active is self.profiler:
+            self.profiler._on_backward_enter(self.idx)
+
+
+class MemoryLeakWarning(UserWarning):
+    """Live memory between steps kept growing."""
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _first_grad_fn(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.grad_fn
+    for value in tree_flatten(output)[0]:
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            return value.grad_fn
+    return None
+
+
+def _fake_mode_active() -> bool:
+    try:
+        from torch._guards import detect_fake_mode
+
+        return detect_fake_mode() is not None
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+
+
+def _leak_warning(steps: list[StepStats]) -> str | None:
+    """Warn when end-of-step live bytes grew step after step (ignoring the first step)."""
+    ends = [s.end_bytes for s in steps[1:]]
+    if len(ends) < LEAK_MIN_GROWTHS + 1:
+        return None
+    recent = ends[-(LEAK_MIN_GROWTHS + 1):]
+    growths = [b - a for a, b in zip(recent, recent[1:])]
+    if all(g > 0 for g in growths) and sum(growths) >= LEAK_MIN_BYTES:
+        from memprof.units import format_bytes
+
+        per_step = format_bytes(sum(growths) / len(growths))
+        return (
+            f"possible leak: live memory between steps grew {LEAK_MIN_GROWTHS} steps in a row "
+            f"(about {per_step} per step); something keeps tensors from earlier steps alive, "
+            "such as a loss kept with its graph (use loss.item() or loss.detach())"
+        )
+    return None
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    safe: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool | int | str) or value is None:
+            safe[key] = value
+        elif isinstance(value, float):
+            safe[key] = value if math.isfinite(value) else str(value)
+        elif isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
+            safe[key] = list(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            safe[key] = value.item()
+        else:
+            safe[key] = repr(value)
+    return safe
+
+
+def environment() -> dict[str, str]:
+    """Versions that explain a profile: memprof, torch, Python, CUDA, the command line."""
+    from memprof import __version__
+
+    return {
+        "memprof": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": str(torch.version.cuda or "none"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def profile(
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    schedule: Callable[[int], StepAction] | None = None,
+    timeline_points: int = 256,
+    top_tensors: int = 20,
+) -> Profiler:
+    """Profile the memory of the training steps run inside the ``with`` block.
+
+    ``model`` and ``optimizer`` are optional: without them every module and optimizer that runs
+    is tracked, and the first module to run is the root. Call ``prof.step()`` once per step.
+
+    Example::
+
+        with memprof.profile(model, optimizer) as prof:
+            for x, y in loader:
+                loss_fn(model(x), y).backward()
+                optimizer.step(); optimizer.zero_grad()
+                prof.step()
+        print(prof.modules())
+    """
+    return Profiler(
+        model,
+        optimizer,
+        schedule=schedule,
+        timeline_points=timeline_points,
+        top_tensors=top_tensors,
+    )
