@@ -334,7 +334,8 @@ def load(path: str | os.PathLike[str]) -> Profile:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        what = "truncated" if exc.pos >= len(text.rstrip()) else "not valid JSON"
+        ends_early = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        what = "truncated" if text.lstrip()[:1] in "{[" and ends_early else "not valid JSON"
         raise ProfileLoadError(
             f"{source}: {what} (line {exc.lineno}, column {exc.colno}): not a memprof profile"
         ) from None

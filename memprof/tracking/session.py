@@ -78,18 +78,24 @@ class _LedgerMode(TorchDispatchMode):
 
     def __init__(self, ledger: StorageLedger) -> None:
         super().__init__()
-        self.ledger = ledger
+        self.see = ledger.see
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # The default wraps __torch_dispatch__ in torch._dynamo.disable, which costs more than
+        # the ledger itself on every op; nothing here is ever compiled.
+        return False
 
     def __torch_dispatch__(  # type: ignore[no-untyped-def]
         self, func, types, args=(), kwargs=None
     ):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor):
-            self.ledger.see(out)
+            self.see(out)
         elif isinstance(out, (tuple, list)):
             for item in out:
                 if isinstance(item, torch.Tensor):
-                    self.ledger.see(item)
+                    self.see(item)
         return out
 
 
@@ -193,6 +199,7 @@ class Profiler:
         del ledger
 
     def _teardown(self) -> None:
+        self._model = self._optimizer = None  # the profile must not keep them alive
         self._set_mode(False)
         saved = getattr(self, "_saved_hooks", None)
         if saved is not None:

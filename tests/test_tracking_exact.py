@@ -1,0 +1,233 @@
+"""GIVEN models whose memory can be worked out by hand, THEN memprof's numbers are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from conftest import make_cnn, make_gpt2, make_mlp, storage_bytes, train_step
+from torch import nn
+
+import memprof
+
+F32 = 4
+
+
+def profile_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                  steps: int = 2) -> memprof.Profile:
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(steps):
+            train_step(model, optimizer, x)
+            prof.step()
+    return prof.profile
+
+
+def row(frame, name: str):  # type: ignore[no-untyped-def]
+    return frame.set_index("module").loc[name]
+
+
+def test_mlp_every_category_is_exact() -> None:
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+    frame = profile_steps(model, optimizer, x).modules()
+
+    for name, module in model.named_modules():
+        if name == "":
+            continue
+        params = list(module.parameters(recurse=False))
+        r = row(frame, name)
+        assert r["parameter"] == storage_bytes(params)
+        assert r["gradient"] == storage_bytes(params)  # grads have the parameters' shapes
+        # AdamW: exp_avg + exp_avg_sq (each the parameter's size) + a 4-byte float32 step.
+        assert r["optimizer_state"] == 2 * storage_bytes(params) + F32 * len(params)
+
+    # What autograd saves, worked out by hand (batch 32):
+    assert row(frame, "0")["activation"] == 0  # saves x, which is the batch: an input
+    assert row(frame, "1")["activation"] == 32 * 128 * F32  # GELU saves its input
+    assert row(frame, "2")["activation"] == 32 * 128 * F32 + 2 * 32 * F32  # input, mean, rstd
+    assert row(frame, "3")["activation"] == 32 * 128 * F32  # Linear saves its input
+    root = row(frame, "")
+    assert root["activation_total"] == 3 * 32 * 128 * F32 + 2 * 32 * F32
+    assert root["parameter_total"] == storage_bytes(list(model.parameters()))
+
+
+def test_peak_is_the_sum_of_what_was_alive() -> None:
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+    profile = profile_steps(model, optimizer, x)
+    peak = profile.peak()
+    params = storage_bytes(list(model.parameters()))
+    assert peak.by_category["parameter"] == params
+    assert peak.by_category["optimizer_state"] == 2 * params + F32 * 6
+    assert peak.by_category["input"] == x.untyped_storage().nbytes()
+    assert sum(peak.by_category.values()) == peak.total_bytes
+    assert sum(sum(r.values()) for r in peak.by_module.values()) == peak.total_bytes
+    # The timeline keeps the peak.
+    assert profile.timeline()["total"].max() == peak.total_bytes
+    assert {s.peak_bytes for s in profile.steps_stats} == {peak.total_bytes}
+
+
+def test_cnn_buffers_are_the_batchnorm_statistics() -> None:
+    model = make_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3, 16, 16)
+    frame = profile_steps(model, optimizer, x).modules()
+    for name in ("1", "4"):
+        bn = model.get_submodule(name)
+        expected = 2 * bn.num_features * F32 + 8  # running mean, var, int64 num_batches_tracked
+        assert row(frame, name)["buffer"] == expected
+        assert row(frame, name)["buffer"] == storage_bytes(list(bn.buffers()))
+    # SGD with momentum keeps one buffer per parameter.
+    conv = model.get_submodule("0")
+    assert row(frame, "0")["optimizer_state"] == storage_bytes(list(conv.parameters()))
+    assert row(frame, "")["buffer_total"] == storage_bytes(list(model.buffers()))
+
+
+def test_gpt2_tied_embedding_counted_once() -> None:
+    model = make_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 128, (2, 16))
+
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
+    frame = prof.modules()
+    unique = storage_bytes(list(model.parameters()))
+    assert row(frame, "")["parameter_total"] == unique
+    assert prof.peak().by_category["parameter"] == unique
+    # The tie is charged to the embedding that owns it first, not to lm_head again.
+    assert row(frame, "lm_head")["parameter"] == 0
+    assert row(frame, "transformer.wte")["parameter"] == 128 * 64 * F32
+    assert row(frame, "")["gradient_total"] == unique
+    n_tensors = len(list(model.parameters()))
+    assert row(frame, "")["optimizer_state_total"] == 2 * unique + F32 * n_tensors
+    # Every block saved activations for backward.
+    for block in ("transformer.h.0", "transformer.h.1"):
+        assert row(frame, block)["activation_total"] > 0
+
+
+class _ViewsAndInplace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()  # 1 new storage
+        y.add_(1)  # in place: no new storage
+        z = y.view(-1)  # a view: no new storage
+        w = z[: z.numel() // 2]  # a view
+        w.mul_(2)
+        return y
+
+
+def test_views_and_inplace_cost_nothing() -> None:
+    model = _ViewsAndInplace()
+    x = torch.randn(64, 64)
+    with memprof.profile(model) as prof:
+        with torch.no_grad():
+            model(x)
+        prof.step()
+    assert row(prof.modules(), "")["temporary_peak"] == 64 * 64 * F32
+    assert prof.peak().total_bytes == 2 * 64 * 64 * F32  # the input and one clone
+
+
+class _Blocks(nn.Module):
+    def __init__(self, checkpoint: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(4)
+        )
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.checkpoint:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def test_checkpointing_lowers_activations_and_recomputes_in_backward() -> None:
+    results = {}
+    for ckpt in (False, True):
+        model = _Blocks(ckpt)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        results[ckpt] = profile_steps(model, optimizer, torch.randn(32, 64))
+    plain = row(results[False].modules(), "")
+    ckpt = row(results[True].modules(), "")
+    assert ckpt["activation_total"] < plain["activation_total"] / 4
+    frame = results[True].modules()
+    blocks = frame[frame["module"].str.fullmatch(r"blocks\.\d")]
+    assert (blocks["recompute_calls"] == 2).all()  # once per step, 2 steps
+    assert (results[False].modules()["recompute_calls"] == 0).all()
+    # The recomputation allocates in backward.
+    tl = results[True].timeline()
+    assert tl[tl["phase"] == "backward"]["module"].str.startswith("blocks.").any()
+    assert results[True].peak().total_bytes < results[False].peak().total_bytes
+
+
+def test_phases_and_steps() -> None:
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+    profile = profile_steps(model, optimizer, x, steps=3)
+    assert [s.step for s in profile.steps_stats] == [0, 1, 2]
+    phases = set(profile.timeline()["phase"])
+    assert {"forward", "backward", "optimizer"} <= phases
+    # AdamW's scratch: the peak is in the optimizer step, with state and scratch both alive.
+    assert profile.peak().phase == "optimizer"
+    steady = profile.steady_state_bytes()
+    params = storage_bytes(list(model.parameters()))
+    # Between steps: parameters, optimizer state and the input (grads were set to None).
+    assert steady == params + 2 * params + F32 * 6 + x.untyped_storage().nbytes()
+    assert not profile.warnings
+
+
+def test_leak_warning_for_a_loss_kept_with_its_graph() -> None:
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(256, 64)
+    kept = []
+    with pytest.warns(memprof.MemoryLeakWarning):
+        with memprof.profile(model, optimizer) as prof:
+            for _ in range(6):
+                loss = model(x).pow(2).mean()
+                loss.backward(retain_graph=True)
+                kept.append(loss)  # keeps every step's graph (and its activations) alive
+                optimizer.step()
+                optimizer.zero_grad()
+                prof.step()
+    assert any("leak" in w for w in prof.profile.warnings)
+    ends = [s.end_bytes for s in prof.profile.steps_stats]
+    assert all(b > a for a, b in zip(ends[1:], ends[2:]))
+
+
+def test_schedule_reports_only_active_steps() -> None:
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+    with memprof.profile(model, optimizer,
+                         schedule=memprof.schedule(wait=1, warmup=1, active=2)) as prof:
+        for _ in range(5):
+            train_step(model, optimizer, x)
+            prof.step()
+    assert [s.step for s in prof.profile.steps_stats] == [2, 3]
+    assert set(prof.timeline()["step"]) == {2, 3}
+
+
+def test_without_model_every_module_that_runs_is_tracked() -> None:
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+    with memprof.profile() as prof:
+        for _ in range(2):
+            train_step(model, optimizer, x)
+            prof.step()
+    frame = prof.modules()
+    assert list(frame["module"]) == ["", "0", "1", "2", "3"]
+    assert row(frame, "")["parameter_total"] == storage_bytes(list(model.parameters()))
+    assert row(frame, "")["optimizer_state_total"] > 0
