@@ -391,7 +391,8 @@ def _text_table(frame: pd.DataFrame) -> str:
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
     def fmt(cells: list[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in body)])
 

@@ -17,11 +17,11 @@ class _NVMLError(Exception):
     pass
 
 
-class NVMLError_LibraryNotFound(_NVMLError):  # noqa: N801 - pynvml's own naming
+class NVMLError_LibraryNotFound(_NVMLError):
     pass
 
 
-class NVMLError_NoPermission(_NVMLError):  # noqa: N801
+class NVMLError_NoPermission(_NVMLError):
     pass
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -192,18 +194,17 @@ def test_leak_warning_for_a_loss_kept_with_its_graph() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(256, 64)
     kept = []
-    with pytest.warns(memprof.MemoryLeakWarning):
-        with memprof.profile(model, optimizer) as prof:
-            for _ in range(6):
-                loss = model(x).pow(2).mean()
-                loss.backward(retain_graph=True)
-                kept.append(loss)  # keeps every step's graph (and its activations) alive
-                optimizer.step()
-                optimizer.zero_grad()
-                prof.step()
+    with pytest.warns(memprof.MemoryLeakWarning), memprof.profile(model, optimizer) as prof:
+        for _ in range(6):
+            loss = model(x).pow(2).mean()
+            loss.backward(retain_graph=True)
+            kept.append(loss)  # keeps every step's graph (and its activations) alive
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
     assert any("leak" in w for w in prof.profile.warnings)
     ends = [s.end_bytes for s in prof.profile.steps_stats]
-    assert all(b > a for a, b in zip(ends[1:], ends[2:]))
+    assert all(b > a for a, b in itertools.pairwise(ends))
 
 
 def test_schedule_reports_only_active_steps() -> None:

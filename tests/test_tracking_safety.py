@@ -53,9 +53,10 @@ def test_results_are_bitwise_equal_with_and_without_profiling() -> None:
                 ctx.__exit__(None, None, None)
         runs.append((losses, grads, [p.detach().clone() for p in model.parameters()]))
     (l0, g0, p0), (l1, g1, p1) = runs
-    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
-    assert all(torch.equal(a, b) for ga, gb in zip(g0, g1) for a, b in zip(ga, gb))
-    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=False))
+    for ga, gb in zip(g0, g1, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=False))
 
 
 def test_keeps_no_tensor_alive() -> None:
@@ -99,12 +100,11 @@ def test_hooks_removed_when_the_body_raises_and_the_partial_profile_is_usable() 
     model = make_mlp()
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randn(8, 64)
-    with pytest.raises(ZeroDivisionError):
-        with memprof.profile(model, optimizer) as prof:
-            train_step(model, optimizer, x)
-            prof.step()
-            model(x).sum().backward()
-            raise ZeroDivisionError
+    with pytest.raises(ZeroDivisionError), memprof.profile(model, optimizer) as prof:
+        train_step(model, optimizer, x)
+        prof.step()
+        model(x).sum().backward()
+        raise ZeroDivisionError
     assert _hook_counts() == before
     assert not _saved_tensor_hooks_installed()
     assert torch.utils._python_dispatch._get_current_dispatch_mode() is None
@@ -119,9 +119,8 @@ def test_hooks_removed_when_the_body_raises_and_the_partial_profile_is_usable() 
 
 def test_nested_profile_is_a_clear_error() -> None:
     with memprof.profile() as outer:
-        with pytest.raises(memprof.ProfileActiveError, match="already active"):
-            with memprof.profile():
-                pass
+        with pytest.raises(memprof.ProfileActiveError, match="already active"), memprof.profile():
+            pass
         outer.step()
     with memprof.profile():  # usable again once closed
         pass

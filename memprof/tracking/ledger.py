@@ -54,7 +54,7 @@ class Entry:
         self.ref: _StorageRef | None = None
 
 
-class _StorageRef(weakref.ref):  # type: ignore[type-arg]
+class _StorageRef(weakref.ref):  # type: ignore[type-arg,unused-ignore]
     """A weak reference to a storage that remembers its ledger key (no cycle with the entry)."""
 
     __slots__ = ("key",)

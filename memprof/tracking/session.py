@@ -15,6 +15,7 @@ Everything is removed on exit, also when the body raises; the partial profile st
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import sys
@@ -194,7 +195,7 @@ class Profiler:
         )
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
         del ledger
 
@@ -222,10 +223,9 @@ class Profiler:
         if on and not self._mode_entered:
             self._mode.__enter__()
             self._mode_entered = True
-        elif not on and self._mode_entered:
-            if _get_current_dispatch_mode() is self._mode:
-                self._mode.__exit__(None, None, None)
-                self._mode_entered = False
+        elif not on and self._mode_entered and _get_current_dispatch_mode() is self._mode:
+            self._mode.__exit__(None, None, None)
+            self._mode_entered = False
             # else: another mode sits above ours; the ledger's flags make ours a pass-through.
 
     # ------------------------------------------------------------------ steps
@@ -576,7 +576,7 @@ class Profiler:
             )
         return DeviceInfo(
             kind="cpu",
-            name=platform.processor() or platform.machine() or "cpu",
+            name=f"CPU ({platform.machine() or 'unknown'})",
             cuda=cuda_allocator_stats(),
             nvml=nvml().process_view(),
         )
@@ -659,7 +659,7 @@ def _leak_warning(steps: list[StepStats]) -> str | None:
     if len(ends) < LEAK_MIN_GROWTHS + 1:
         return None
     recent = ends[-(LEAK_MIN_GROWTHS + 1):]
-    growths = [b - a for a, b in zip(recent, recent[1:])]
+    growths = [b - a for a, b in itertools.pairwise(recent)]
     if all(g > 0 for g in growths) and sum(growths) >= LEAK_MIN_BYTES:
         from memprof.units import format_bytes
 
