@@ -1,0 +1,62 @@
+"""``memprof report``: turn a saved profile into the self-contained HTML report.
+
+``--json`` prints one object on stdout with the keys ``profile`` (path read), ``report`` (path
+written), ``bytes`` (size of the HTML file), ``steps`` (profiled steps in the profile) and
+``peak_bytes`` (the profile's peak, null when it recorded no step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from memprof.commands.common import (
+    echo_json,
+    examples,
+    handle_errors,
+    json_option,
+    output_path,
+)
+from memprof.errors import MemprofError
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=examples(
+        "memprof report reports/train_mlp.json",
+        "memprof report reports/train_mlp.json -o /tmp/mlp.html --force",
+        "memprof report reports/train_mlp.json --json",
+    ),
+    short_help="Write the HTML report of a saved profile.",
+)
+@click.argument("profile_path", metavar="PROFILE.json", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="OUT.html",
+              help="Where to write the report [default: PROFILE with an .html suffix].")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing report.")
+@json_option
+@handle_errors
+def command(profile_path: Path, output: Path | None, force: bool, as_json: bool) -> None:
+    """Write the interactive HTML report (one file, works offline) of PROFILE.json."""
+    from memprof.profile import load
+
+    target = output if output is not None else profile_path.with_suffix(".html")
+    if target.resolve() == profile_path.resolve():
+        raise MemprofError(f"the report would replace the profile {profile_path}: use -o")
+    output_path(target, force=force, what="report")
+    profile = load(profile_path)
+    try:
+        from memprof.report import write_report
+    except ImportError as exc:
+        raise MemprofError(f"the HTML report is unavailable: {exc}") from None
+    written = Path(write_report(profile, target, overwrite=force))
+    if as_json:
+        echo_json({
+            "profile": str(profile_path),
+            "report": str(written),
+            "bytes": written.stat().st_size,
+            "steps": len(profile.steps_stats),
+            "peak_bytes": None if profile.peak_info is None else profile.peak_info.total_bytes,
+        })
+    else:
+        click.echo(f"report: {written}")

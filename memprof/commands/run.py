@@ -1,0 +1,430 @@
+"""``memprof run``: profile an unmodified script (or ``-m module``) in-process.
+
+The script runs as ``__main__`` (``runpy``) with ``sys.argv`` set as Python would set it, inside
+a :class:`~memprof.tracking.session.Profiler` that tracks every module and optimizer globally
+and ends a step at each optimizer step. A script that never steps an optimizer (inference) is
+profiled as one step. The script's exit code is memprof's exit code; a script that raises has
+its traceback shown as Python would show it, its partial profile written, and exit code 1.
+
+``--json`` prints one object on stdout (the script's own stdout then goes to stderr) with the
+keys: ``target``, ``module`` (bool: ``-m``), ``argv``, ``exit_code``, ``error`` (``"Type:
+message"`` or null), ``profile`` (path), ``report`` (path or null), ``steps`` (profiled
+steps), ``steps_seen``, ``interrupted``, ``peak`` (``total_bytes``, ``step``, ``phase``,
+``module``, ``by_category``; null when nothing was profiled), ``modules`` (the largest modules:
+``module``, ``type``, ``parameter``, ``gradient``, ``optimizer_state``, ``activation``,
+``temporary_peak``, ``held``), ``advice`` (the advisor's JSON or null), ``notes``, ``warnings``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import runpy
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import click
+
+from memprof.commands.common import (
+    CommandError,
+    echo_json,
+    examples,
+    handle_errors,
+    json_option,
+    note,
+    one_line,
+    output_path,
+    to_jsonable,
+)
+from memprof.errors import MemprofError, ProfileActiveError
+
+#: Where profiles go when ``--output`` is not given.
+DEFAULT_DIR = Path("reports")
+#: Modules shown in the summary and in ``--json``'s ``modules``.
+TOP_MODULES = 15
+_HELD = ("parameter", "gradient", "optimizer_state", "activation")
+_PYTHON_SUFFIXES = (".py", ".pyw")
+
+
+@dataclass
+class Target:
+    """What to run: a script path or a module name, and the ``sys.argv`` it will see."""
+
+    name: str
+    is_module: bool
+    argv: list[str]
+    path: Path | None = None
+
+    @property
+    def stem(self) -> str:
+        """The default report name: the script's stem or the module's last component."""
+        if self.is_module:
+            return self.name.rsplit(".", 1)[-1] or "module"
+        assert self.path is not None
+        return self.path.stem
+
+
+@dataclass
+class Outcome:
+    """How the script ended."""
+
+    exit_code: int = 0
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@click.command(
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+    epilog=examples(
+        "memprof run examples/train_mlp.py --epochs 2",
+        "memprof run --steps 3 --budget 24GiB -o reports/gpt2.json examples/train_gpt2.py",
+        'memprof run --budget "A100 40GB" --no-html examples/train_cnn.py',
+        "memprof run -m mypackage.train --lr 3e-4",
+    ),
+    short_help="Profile an unmodified training script.",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Profile the first N optimizer steps only; the script still runs to its end.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              metavar="PATH", help="Profile JSON to write [default: reports/SCRIPT.json]; the "
+              "HTML report goes next to it with an .html suffix.")
+@click.option("--no-html", is_flag=True, help="Write the profile JSON only.")
+@click.option("-f", "--force", is_flag=True, help="Replace existing output files.")
+@click.option("--budget", default=None, metavar="SIZE|GPU",
+              help='Memory budget the advice aims for: "24GiB", "80GB" or a GPU name.')
+@click.option("-m", "as_module", is_flag=True,
+              help="Run a module as `python -m` would: memprof run -m package.module [args].")
+@json_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT.py [ARGS]...")
+@handle_errors
+def command(
+    steps: int | None,
+    output: Path | None,
+    no_html: bool,
+    force: bool,
+    budget: str | None,
+    as_module: bool,
+    as_json: bool,
+    args: tuple[str, ...],
+) -> None:
+    """Run SCRIPT.py (or -m MODULE) with ARGS under memprof, unchanged.
+
+    Every module's forward and backward and every optimizer step is tracked; each optimizer
+    step ends a profiled step (a script with no optimizer is profiled as one step). Writes the
+    profile JSON and the HTML report, prints the per-layer summary and the top
+    recommendations, and exits with the script's exit code.
+    """
+    target = resolve_target(args, as_module=as_module)
+    json_path = output if output is not None else DEFAULT_DIR / f"{target.stem}.json"
+    if json_path.suffix.lower() in (".html", ".htm"):
+        raise CommandError(
+            f"--output {json_path} looks like HTML: it names the profile JSON; the HTML "
+            "report is written next to it"
+        )
+    html_path = None if no_html else json_path.with_suffix(".html")
+    # Everything the user could get wrong is checked before the script runs.
+    output_path(json_path, force=force, what="profile")
+    if html_path is not None:
+        output_path(html_path, force=force, what="report")
+    budget_bytes = parse_budget(budget)
+
+    from memprof.tracking.session import Profiler
+
+    profiler = Profiler(step_on_optimizer=True, max_steps=steps)
+    outcome = execute(target, profiler, quiet_stdout=as_json)
+    profile = profiler.profile
+    profile.meta["run"] = {
+        "target": target.name,
+        "module": target.is_module,
+        "argv": target.argv,
+        "exit_code": outcome.exit_code,
+        "max_steps": steps,
+    }
+
+    notes = list(outcome.notes)
+    advice, advice_note = run_advisor(profile, budget_bytes)
+    if advice_note:
+        notes.append(advice_note)
+    if advice is not None:
+        profile.advice = to_jsonable(advice)
+
+    exit_code = outcome.exit_code
+    profile.save(json_path, overwrite=force)
+    report_path: Path | None = None
+    if html_path is not None:
+        try:
+            from memprof.report import write_report
+        except ImportError as exc:
+            notes.append(f"HTML report skipped: memprof.report cannot be imported ({exc})")
+        else:
+            try:
+                report_path = write_report(profile, html_path, advice=advice, overwrite=force)
+            except MemprofError as exc:
+                notes.append(f"HTML report not written: {one_line(exc)}")
+                exit_code = exit_code or exc.exit_code
+            except Exception as exc:  # the profile is saved; say why the report is not
+                notes.append(f"HTML report not written: {type(exc).__name__}: {one_line(exc)}")
+                exit_code = exit_code or 1
+
+    if as_json:
+        echo_json(_json_result(target, outcome, profile, json_path, report_path, advice, notes))
+    else:
+        _print_text(target, outcome, profile, json_path, report_path, advice, notes)
+    if exit_code:
+        sys.exit(exit_code)
+
+
+# ------------------------------------------------------------------ target
+def resolve_target(args: tuple[str, ...], *, as_module: bool) -> Target:
+    """Check the script or module exists and is Python; build the argv it will see."""
+    if not args:
+        raise CommandError(
+            "no script given: use memprof run SCRIPT.py [ARGS]... or memprof run -m MODULE"
+        )
+    name, rest = args[0], list(args[1:])
+    if as_module:
+        return _module_target(name, rest)
+    path = Path(name)
+    if not path.exists():
+        raise CommandError(f"{name}: no such script")
+    if path.is_dir():
+        raise CommandError(f"{name} is a directory, not a Python script")
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"{name}: cannot read it ({exc.strerror or exc})") from None
+    _check_python(path, source)
+    return Target(name=name, is_module=False, argv=[name, *rest], path=path)
+
+
+def _check_python(path: Path, source: bytes) -> None:
+    """Refuse a file Python could not run: compile it (nothing is executed)."""
+    try:
+        compile(source, str(path), "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        where = f" (line {exc.lineno})" if exc.lineno else ""
+        hint = "" if path.suffix in _PYTHON_SUFFIXES else ", and it has no .py suffix"
+        raise CommandError(
+            f"{path} is not a Python script: {exc.msg}{where}{hint}"
+        ) from None
+    except ValueError as exc:  # source with NUL bytes: a binary file
+        raise CommandError(f"{path} is not a Python script ({exc})") from None
+
+
+def _module_target(name: str, rest: list[str]) -> Target:
+    if not name or name.startswith("-"):
+        raise CommandError("-m needs a module name: memprof run -m package.module [ARGS]...")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # `python -m` looks in the current directory first
+        sys.path.insert(0, cwd)
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(f"{name}.__main__")
+            if spec is None:
+                raise CommandError(f"{name} is a package with no __main__ module: cannot run it")
+    except (ImportError, ValueError) as exc:
+        raise CommandError(f"cannot find module {name}: {one_line(exc)}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if spec is None:
+        raise CommandError(f"no module named {name}")
+    return Target(name=name, is_module=True, argv=[spec.origin or name, *rest])
+
+
+def parse_budget(text: str | None) -> int | None:
+    """A budget in bytes from a size or (when the GPU catalog is installed) a GPU name."""
+    if text is None:
+        return None
+    try:
+        from memprof.gpus import resolve_budget
+    except ImportError:
+        from memprof.units import parse_size
+
+        return parse_size(text)
+    return int(resolve_budget(text)[0])
+
+
+# ------------------------------------------------------------------ execution
+def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Outcome:
+    """Run the target as ``__main__`` inside ``profiler``; never raises for the script's
+    errors (they are printed as Python prints them and become exit code 1)."""
+    outcome = Outcome()
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = list(target.argv)
+    if target.is_module:
+        sys.path.insert(0, os.getcwd())
+    else:
+        assert target.path is not None
+        sys.path.insert(0, str(target.path.resolve().parent))
+    redirect = (
+        contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext()
+    )
+    try:
+        with redirect, warnings.catch_warnings():
+            from memprof.tracking.session import MemoryLeakWarning
+
+            warnings.simplefilter("ignore", MemoryLeakWarning)  # it is in the summary
+            try:
+                with profiler:
+                    try:
+                        _run(target)
+                    except SystemExit as exc:  # a deliberate exit is not an interruption
+                        outcome.exit_code = _exit_status(exc.code)
+            except KeyboardInterrupt:
+                outcome.exit_code = 130
+                outcome.error = "KeyboardInterrupt"
+                click.echo("KeyboardInterrupt", err=True)
+            except Exception as exc:
+                outcome.exit_code = 1
+                outcome.error = f"{type(exc).__name__}: {one_line(exc)}"
+                _print_script_traceback(exc)
+                if isinstance(exc, ProfileActiveError):
+                    outcome.notes.append(
+                        "the script profiles itself with memprof.profile: run it with python, "
+                        "or remove its memprof.profile block to use memprof run"
+                    )
+    finally:
+        sys.stdout.flush()
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return outcome
+
+
+def _run(target: Target) -> None:
+    if target.is_module:
+        runpy.run_module(target.name, run_name="__main__", alter_sys=True)
+    else:
+        assert target.path is not None
+        runpy.run_path(str(target.path), run_name="__main__")
+
+
+def _exit_status(code: object) -> int:
+    """What the interpreter would exit with for ``SystemExit(code)``."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    click.echo(str(code), err=True)
+    return 1
+
+
+def _print_script_traceback(exc: BaseException) -> None:
+    """Print the traceback from the script's first frame on, as ``python script.py`` would."""
+    tb: TracebackType | None = exc.__traceback__
+    own = (str(Path(__file__).resolve().parent.parent), str(Path(runpy.__file__).resolve()))
+    first = tb
+    while first is not None and Path(first.tb_frame.f_code.co_filename).resolve().as_posix(
+    ).startswith(own):
+        first = first.tb_next
+    sys.stdout.flush()
+    traceback.print_exception(type(exc), exc, first or tb, file=sys.stderr)
+
+
+# ------------------------------------------------------------------ advice
+def run_advisor(profile: Any, budget: int | None) -> tuple[Any, str | None]:
+    """The advisor's recommendations, or None and a one-line note saying why there are none."""
+    if profile.peak_info is None:
+        return None, "no advice: no step was profiled"
+    try:
+        from memprof.advisor import advise
+    except ImportError as exc:
+        return None, f"advice skipped: memprof.advisor cannot be imported ({one_line(exc)})"
+    try:
+        return advise(profile, budget=budget), None
+    except MemprofError as exc:
+        return None, f"advice skipped: {one_line(exc)}"
+    except Exception as exc:  # advice is a bonus: never lose the profile over it
+        return None, f"advice skipped: the advisor failed ({type(exc).__name__}: {one_line(exc)})"
+
+
+def advice_text(advice: Any, *, top: int = 3) -> str:
+    """The top recommendations as text, from whatever summary the advice offers."""
+    summary = getattr(advice, "summary", None)
+    if callable(summary):
+        try:
+            return str(summary(top=top))
+        except TypeError:
+            return str(summary())
+    return str(advice)
+
+
+# ------------------------------------------------------------------ output
+def top_modules(profile: Any, top: int = TOP_MODULES) -> list[dict[str, Any]]:
+    """The modules holding the most memory (parameters + grads + optimizer state +
+    activations), largest first."""
+    frame = profile.modules()
+    if not len(frame):
+        return []
+    frame = frame.assign(held=frame[list(_HELD)].sum(axis=1))
+    frame = frame[frame["held"] > 0].sort_values("held", ascending=False).head(top)
+    keys = ("module", "type", *_HELD, "temporary_peak", "held")
+    return [{k: to_jsonable(row[k]) for k in keys} for _, row in frame.iterrows()]
+
+
+def _json_result(
+    target: Target,
+    outcome: Outcome,
+    profile: Any,
+    json_path: Path,
+    report_path: Path | None,
+    advice: Any,
+    notes: list[str],
+) -> dict[str, Any]:
+    peak = profile.peak_info
+    return {
+        "target": target.name,
+        "module": target.is_module,
+        "argv": target.argv,
+        "exit_code": outcome.exit_code,
+        "error": outcome.error,
+        "profile": str(json_path),
+        "report": None if report_path is None else str(report_path),
+        "steps": len(profile.steps_stats),
+        "steps_seen": profile.meta.get("steps_seen"),
+        "interrupted": bool(profile.meta.get("interrupted")),
+        "peak": None if peak is None else {
+            "total_bytes": peak.total_bytes,
+            "step": peak.step,
+            "phase": peak.phase,
+            "module": peak.module,
+            "by_category": peak.by_category,
+        },
+        "modules": top_modules(profile),
+        "advice": profile.advice if advice is not None else None,
+        "notes": notes,
+        "warnings": list(profile.warnings),
+    }
+
+
+def _print_text(
+    target: Target,
+    outcome: Outcome,
+    profile: Any,
+    json_path: Path,
+    report_path: Path | None,
+    advice: Any,
+    notes: list[str],
+) -> None:
+    steps = len(profile.steps_stats)
+    how = f"exit code {outcome.exit_code}" if outcome.error is None else outcome.error
+    click.echo("")
+    click.echo(f"memprof run: {target.name} ({how}); {steps} step(s) profiled")
+    click.echo(profile.summary(top=TOP_MODULES))
+    if advice is not None:
+        click.echo("")
+        click.echo("Top recommendations:")
+        click.echo(advice_text(advice))
+    click.echo("")
+    click.echo(f"profile: {json_path}")
+    if report_path is not None:
+        click.echo(f"report:  {report_path}")
+    for line in notes:
+        note(line)
