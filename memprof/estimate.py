@@ -478,6 +478,9 @@ def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Mod
     if not isinstance(model, nn.Module):
         raise EstimateError(f"the model factory returned {type(model).__name__}, "
                             "not a torch.nn.Module")
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie) and "transformers" in sys.modules:
+        tie()  # skipping transformers' init_weights also skipped its weight tying
     _cast_parameters(model, dtype)
     return model
 

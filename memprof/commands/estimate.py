@@ -1,0 +1,296 @@
+"""``memprof estimate``: the memory of a training step on a GPU you do not have.
+
+The model runs under FakeTensorMode (see :mod:`memprof.estimate`): nothing is allocated, every
+size is exact, and the per-layer profile comes out as if the step had run on CUDA. What is
+modelled rather than measured (512-byte allocator blocks, the CUDA context) is printed.
+
+``--json`` prints one object on stdout with the keys: ``model``, ``description``, ``mode``
+(``training``/``inference``), ``optimizer``, ``dtype``, ``mixed_precision``, ``device``,
+``batch_size``, ``seq_len``, ``steps``, ``context_len``, ``kv_cache_bytes``,
+``num_parameters``, ``parameter_bytes``, ``peak_bytes`` (tensors at the peak),
+``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added), ``modelled`` (what
+was modelled, as sentences), ``peak`` (``total_bytes``, ``step``, ``phase``, ``module``,
+``by_category``), ``layers`` (the per-layer rows: ``module``, ``type``, ``parameter``,
+``gradient``, ``optimizer_state``, ``activation``, ``peak_forward``, ``peak_backward``),
+``fit`` (null, or ``gpu``, ``budget``, ``budget_bytes``, ``needed_bytes``, ``fits``,
+``headroom_bytes``), ``advice`` (the advisor's JSON or null), ``profile`` (path written or null),
+``notes``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+import pandas as pd
+
+from memprof.commands.common import (
+    echo_json,
+    examples,
+    handle_errors,
+    json_option,
+    note,
+    one_line,
+    output_path,
+    size,
+    table,
+    to_jsonable,
+)
+from memprof.errors import MemprofError
+
+#: Per-layer rows shown in the text summary.
+TOP_LAYERS = 12
+_LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
+                  "activation_total", "peak_forward", "peak_backward")
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=examples(
+        "memprof estimate llama-2-7b --batch-size 1 --seq-len 512 --gpu A100-80GB",
+        "memprof estimate gpt2-xl --dtype fp32 --optimizer sgd --json",
+        "memprof estimate mistral-7b --inference --context-len 4096 --gpu L4",
+        "memprof estimate path/to/config.json -o reports/mymodel-estimate.json",
+        "memprof estimate mypkg.models:build_model --batch-size 8",
+    ),
+    short_help="Estimate a step's memory without the GPU (fake tensors).",
+)
+@click.argument("model", metavar="MODEL")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences (or images) per batch.")
+@click.option("-s", "--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens per sequence (ignored for image models).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
+              show_default=True, help="Dtype of weights and step (fp32 with --mixed-precision).")
+@click.option("--mixed-precision", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="Keep fp32 weights and optimizer state; compute under autocast to this dtype.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor", "none"]),
+              default="adamw", show_default=True, help="Optimizer whose state is estimated.")
+@click.option("--inference", is_flag=True,
+              help="Estimate inference (no_grad, KV cache) instead of a training step.")
+@click.option("--context-len", type=click.IntRange(min=2), default=None, metavar="N",
+              help="With --inference: size of the KV cache in tokens [default: --seq-len + 1].")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Device to model: cuda adds 512-byte blocks and the CUDA context.")
+@click.option("--gpu", default=None, metavar="NAME",
+              help="Say whether it fits this GPU (see memprof.gpus) and plan what would.")
+@click.option("--steps", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Steps to run (the second has the optimizer state).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Also write the full profile JSON here (for memprof report / advise).")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
+@json_option
+@handle_errors
+def command(
+    model: str,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    mixed_precision: str | None,
+    optimizer: str,
+    inference: bool,
+    context_len: int | None,
+    device: str,
+    gpu: str | None,
+    steps: int,
+    output: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Estimate the GPU memory of one training (or inference) step of MODEL, without a GPU.
+
+    MODEL is a built-in shape (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-2-7b, llama-3-8b,
+    mistral-7b, bert-base, vit-base), a transformers config.json (or its folder), or
+    module:factory naming a function that returns an nn.Module (with make_batch(batch_size,
+    seq_len) in the same module unless it is a transformers model).
+    """
+    from memprof.estimate import build_spec, estimate
+
+    if output is not None:
+        output_path(output, force=force, what="profile")
+    if mixed_precision is not None and dtype != "fp32":
+        dtype = "fp32"  # mixed precision means fp32 weights; --dtype's default is bf16
+    spec = build_spec(model)
+    if context_len is not None and not inference:
+        raise _usage("--context-len applies to --inference only")
+    if gpu is not None:
+        _check_gpu(gpu)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
+        profile = estimate(
+            spec, batch=lambda: spec.make_batch(batch_size, seq_len), optimizer=optimizer,
+            dtype=dtype, mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
+            inference=inference, context_len=context_len,
+        )
+    elapsed = time.perf_counter() - started
+    info = profile.meta["estimate"]
+    info.update(batch_size=batch_size, seq_len=seq_len, elapsed_s=round(elapsed, 3))
+
+    notes: list[str] = []
+    advice = None
+    if gpu is not None:
+        advice, advice_note = _advise(profile, info)
+        if advice_note:
+            notes.append(advice_note)
+        if advice is not None:
+            profile.advice = to_jsonable(advice)
+    written = None
+    if output is not None:
+        written = profile.save(output, overwrite=force)
+
+    if as_json:
+        echo_json(_json_result(profile, info, advice, written, notes))
+    else:
+        click.echo(render(profile, info, advice=advice, written=written))
+        for line in notes:
+            note(line)
+
+
+def _usage(message: str) -> MemprofError:
+    from memprof.estimate import EstimateError
+
+    return EstimateError(message)
+
+
+def _check_gpu(name: str) -> None:
+    """Fail on an unknown GPU name before the (long) estimate runs."""
+    from memprof.estimate import EstimateError
+
+    try:
+        from memprof.gpus import resolve_budget
+    except ImportError as exc:
+        raise EstimateError(f"--gpu needs the GPU catalog (memprof.gpus): {one_line(exc)}") from exc
+    resolve_budget(name)
+
+
+def _advise(profile: Any, info: dict[str, Any]) -> tuple[Any, str | None]:
+    """The advisor's plan for the GPU, its budget less the modelled CUDA context (which is no
+    tensor, so the advisor does not see it in the profile)."""
+    fit = info.get("fit")
+    if fit is None:
+        return None, None
+    try:
+        from memprof.advisor import advise
+    except ImportError as exc:
+        return None, f"no plan: the advisor (memprof.advisor) is not available ({one_line(exc)})"
+    budget = int(fit["budget_bytes"]) - int(info.get("cuda_context_bytes", 0))
+    try:
+        return advise(profile, budget=budget), None
+    except MemprofError as exc:
+        return None, f"no plan: {one_line(exc)}"
+    except Exception as exc:  # the estimate stands without a plan
+        return None, f"no plan: the advisor failed ({type(exc).__name__}: {one_line(exc)})"
+
+
+# ------------------------------------------------------------------ output
+def layer_frame(profile: Any) -> pd.DataFrame:
+    """The per-layer rows: the children of the model's largest ``ModuleList``/``Sequential``
+    (the transformer blocks), else the root's children, with what they hold and the most
+    bytes live while each ran."""
+    frame = profile.modules()
+    if not len(frame):
+        return frame
+    containers = frame[frame["type"].isin(["ModuleList", "Sequential"])]
+    rows = None
+    if len(containers):
+        counts = frame.groupby("parent").size()
+        best = max(containers["module"], key=lambda name: counts.get(name, 0))
+        if counts.get(best, 0) >= 2:
+            rows = frame[frame["parent"] == best]
+    if rows is None:
+        rows = frame[frame["depth"] == 1]
+    if not len(rows):
+        rows = frame[frame["depth"] == 0]
+    return rows[["module", "type", *_LAYER_COLUMNS]].reset_index(drop=True)
+
+
+def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
+           written: Path | None = None, top: int = TOP_LAYERS) -> str:
+    """The text summary: what was estimated, the peak by category, the per-layer table, what
+    was modelled, and the fit verdict."""
+    peak = profile.peak()
+    name = info.get("model") or "model"
+    shape = f"batch {info.get('batch_size', '?')} x {info.get('seq_len', '?')}"
+    precision = (f"fp32 weights, {info['mixed_precision']} autocast"
+                 if info.get("mixed_precision") else info["dtype"])
+    what = "inference" if info["mode"] == "inference" else f"training, {info['optimizer']}"
+    lines = [
+        f"{name}: {info.get('description') or ''} — {info['num_parameters'] / 1e9:.3f} B "
+        f"parameters ({size(info['parameter_bytes'])})".replace(":  —", ":"),
+        f"{what}, {precision}, {shape}, modelled on {info['device']} "
+        f"(fake tensors: nothing was allocated)",
+        "",
+        peak.describe(),
+        "",
+    ]
+    rows = [[cat, size(n)] for cat, n in peak.by_category.items() if n]
+    rows.append(["tensors at the peak", size(peak.total_bytes)])
+    if info.get("kv_cache_bytes"):
+        rows.append(["  of which KV cache", size(info["kv_cache_bytes"])])
+    if info.get("cuda_context_bytes"):
+        rows.append(["CUDA context (modelled)", size(info["cuda_context_bytes"])])
+        rows.append(["device total", size(info["device_total_bytes"])])
+    lines.append(table(["at the peak", "bytes"], rows, align="lr"))
+    layers = layer_frame(profile)
+    if len(layers):
+        lines += ["", "per layer (largest values seen):"]
+        shown = layers.head(top)
+        lines.append(table(
+            ["module", "type", "params", "grads", "optim", "activations", "peak fwd",
+             "peak bwd"],
+            [[r.module or "(root)", r.type, *(size(getattr(r, c)) for c in _LAYER_COLUMNS)]
+             for r in shown.itertuples()],
+        ))
+        if len(layers) > top:
+            lines.append(f"... {len(layers) - top} more (--json or -o for all)")
+    lines += ["", "modelled, not measured:"]
+    lines += [f"  - {m}" for m in info.get("modelled", [])]
+    fit = info.get("fit")
+    if fit is not None:
+        verdict = "fits" if fit["fits"] else "does NOT fit"
+        lines += ["", f"{fit['budget']}: {verdict} ({size(fit['needed_bytes'])} needed, "
+                      f"{size(abs(fit['headroom_bytes']))} "
+                      f"{'to spare' if fit['fits'] else 'over'})"]
+    if advice is not None:
+        lines += ["", _advice_text(advice)]
+    if written is not None:
+        lines += ["", f"profile written to {written} (memprof report {written})"]
+    return "\n".join(lines)
+
+
+def _advice_text(advice: Any, *, top: int = 3) -> str:
+    summary = getattr(advice, "summary", None)
+    if callable(summary):
+        try:
+            return str(summary(top=top))
+        except TypeError:
+            return str(summary())
+    return str(advice)
+
+
+def _json_result(profile: Any, info: dict[str, Any], advice: Any, written: Path | None,
+                 notes: list[str]) -> dict[str, Any]:
+    peak = profile.peak()
+    result = dict(info)
+    result["peak"] = {
+        "total_bytes": peak.total_bytes,
+        "step": peak.step,
+        "phase": peak.phase,
+        "module": peak.module,
+        "by_category": peak.by_category,
+    }
+    layers = layer_frame(profile)
+    result["layers"] = [
+        {"module": r["module"], "type": r["type"],
+         **{c.removesuffix("_total"): int(r[c]) for c in _LAYER_COLUMNS}}
+        for _, r in layers.iterrows()
+    ]
+    result.setdefault("fit", None)
+    result["advice"] = to_jsonable(advice) if advice is not None else None
+    result["profile"] = str(written) if written is not None else None
+    result["notes"] = notes
+    return result
