@@ -7,12 +7,19 @@ profiled as one step. The script's exit code is memprof's exit code; a script th
 its traceback shown as Python would show it, its partial profile written, and exit code 1.
 
 ``--json`` prints one object on stdout (the script's own stdout then goes to stderr) with the
-keys: ``target``, ``module`` (bool: ``-m``), ``argv``, ``exit_code``, ``error`` (``"Type:
-message"`` or null), ``profile`` (path), ``report`` (path or null), ``steps`` (profiled
-steps), ``steps_seen``, ``interrupted``, ``peak`` (``total_bytes``, ``step``, ``phase``,
-``module``, ``by_category``; null when nothing was profiled), ``modules`` (the largest modules:
-``module``, ``type``, ``parameter``, ``gradient``, ``optimizer_state``, ``activation``,
-``temporary_peak``, ``held``), ``advice`` (the advisor's JSON or null), ``notes``, ``warnings``.
+keys:
+
+- ``target``, ``module`` (bool: ``-m``), ``argv`` (what the script saw as ``sys.argv``);
+- ``exit_code``, ``error`` (``"Type: message"`` when the script raised, else null);
+- ``profile`` (path of the JSON), ``report`` (path of the HTML, or null);
+- ``steps`` (profiled steps), ``optimizer_steps`` (optimizer steps the script took),
+  ``steps_seen``, ``interrupted``;
+- ``peak``: ``total_bytes``, ``step``, ``phase``, ``module``, ``by_category`` (null when
+  nothing was profiled);
+- ``modules``: the largest modules, each ``module``, ``type``, ``parameter``, ``gradient``,
+  ``optimizer_state``, ``activation``, ``temporary_peak``, ``held`` (bytes);
+- ``advice`` (the advisor's JSON, or null), ``notes`` (why something was skipped),
+  ``warnings`` (the profile's).
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class Outcome:
 
     exit_code: int = 0
     error: str | None = None
+    optimizer_steps: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,6 +153,7 @@ def command(
         "argv": target.argv,
         "exit_code": outcome.exit_code,
         "max_steps": steps,
+        "optimizer_steps": outcome.optimizer_steps,
     }
 
     notes = list(outcome.notes)
@@ -175,7 +184,9 @@ def command(
     if as_json:
         echo_json(_json_result(target, outcome, profile, json_path, report_path, advice, notes))
     else:
-        _print_text(target, outcome, profile, json_path, report_path, advice, notes)
+        _print_text(target, outcome, profile, json_path, report_path, advice)
+    for line in notes:
+        note(line)
     if exit_code:
         sys.exit(exit_code)
 
@@ -268,6 +279,13 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
     redirect = (
         contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext()
     )
+
+    def count_step(*_: Any) -> None:
+        outcome.optimizer_steps += 1
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    counter = register_optimizer_step_post_hook(count_step)
     try:
         with redirect, warnings.catch_warnings():
             from memprof.tracking.session import MemoryLeakWarning
@@ -293,6 +311,7 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
                         "or remove its memprof.profile block to use memprof run"
                     )
     finally:
+        counter.remove()
         sys.stdout.flush()
         sys.argv, sys.path[:] = saved_argv, saved_path
     return outcome
@@ -319,13 +338,25 @@ def _exit_status(code: object) -> int:
 def _print_script_traceback(exc: BaseException) -> None:
     """Print the traceback from the script's first frame on, as ``python script.py`` would."""
     tb: TracebackType | None = exc.__traceback__
-    own = (str(Path(__file__).resolve().parent.parent), str(Path(runpy.__file__).resolve()))
     first = tb
-    while first is not None and Path(first.tb_frame.f_code.co_filename).resolve().as_posix(
-    ).startswith(own):
+    while first is not None and _is_launcher_frame(first.tb_frame.f_code.co_filename):
         first = first.tb_next
     sys.stdout.flush()
     traceback.print_exception(type(exc), exc, first or tb, file=sys.stderr)
+
+
+def _is_launcher_frame(filename: str) -> bool:
+    """Frames of memprof and runpy that sit between ``memprof run`` and the script."""
+    if filename.startswith("<frozen runpy"):
+        return True
+    try:
+        path = Path(filename).resolve()
+    except (OSError, ValueError):
+        return False
+    return path == Path(runpy.__file__).resolve() or _MEMPROF_DIR in path.parents
+
+
+_MEMPROF_DIR = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ advice
@@ -388,6 +419,7 @@ def _json_result(
         "profile": str(json_path),
         "report": None if report_path is None else str(report_path),
         "steps": len(profile.steps_stats),
+        "optimizer_steps": outcome.optimizer_steps,
         "steps_seen": profile.meta.get("steps_seen"),
         "interrupted": bool(profile.meta.get("interrupted")),
         "peak": None if peak is None else {
@@ -411,12 +443,14 @@ def _print_text(
     json_path: Path,
     report_path: Path | None,
     advice: Any,
-    notes: list[str],
 ) -> None:
     steps = len(profile.steps_stats)
     how = f"exit code {outcome.exit_code}" if outcome.error is None else outcome.error
     click.echo("")
-    click.echo(f"memprof run: {target.name} ({how}); {steps} step(s) profiled")
+    click.echo(
+        f"memprof run: {target.name} ({how}); {outcome.optimizer_steps} optimizer step(s), "
+        f"{steps} step(s) profiled"
+    )
     click.echo(profile.summary(top=TOP_MODULES))
     if advice is not None:
         click.echo("")
@@ -426,5 +460,3 @@ def _print_text(
     click.echo(f"profile: {json_path}")
     if report_path is not None:
         click.echo(f"report:  {report_path}")
-    for line in notes:
-        note(line)
