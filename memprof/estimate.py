@@ -225,7 +225,11 @@ def spec_from_config(name: str, config_dict: Mapping[str, Any]) -> ModelSpec:
         # does not depend on what this machine has installed (flash-attn and friends).
         with contextlib.suppress(Exception):
             cfg._attn_implementation = "sdpa"
-        model: nn.Module = model_cls(cfg)
+        try:
+            model: nn.Module = model_cls(cfg)
+        except Exception as exc:
+            raise EstimateError(f"{name}: transformers cannot build {cls_name} from this "
+                                f"config: {_one_line(exc)}") from exc
         return model
 
     def make_batch(batch_size: int, seq_len: int) -> Any:
@@ -631,7 +635,8 @@ def _tensor_bytes(obj: Any) -> int:
     layers = getattr(obj, "layers", None)
     items: list[Any] = list(layers) if layers is not None else [obj]
     for item in items:
-        for value in vars(item).values() if hasattr(item, "__dict__") else ():
+        for attr in ("keys", "values", "key_cache", "value_cache"):
+            value = getattr(item, attr, None)
             if isinstance(value, torch.Tensor):
                 storage = value.untyped_storage()
                 seen[id(storage)] = storage.nbytes()

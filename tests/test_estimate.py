@@ -1,0 +1,257 @@
+"""memprof.estimate: a step under fake tensors equals the real run; CUDA modelling; the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_gpt2, make_mlp
+from torch import nn
+
+import memprof
+from memprof.estimate import (
+    CUDA_CONTEXT_BYTES,
+    KNOWN_MODELS,
+    EstimateError,
+    build_spec,
+    estimate,
+)
+
+COMPARED = ["module", "type", "parameter", "buffer", "gradient", "optimizer_state", "activation",
+            "temporary_peak", "peak_forward", "peak_backward", "forward_calls"]
+
+
+def _mlp_loss(output: torch.Tensor) -> torch.Tensor:
+    return output.float().pow(2).mean()
+
+
+def _real_run(model: nn.Module, call: Any, *, steps: int = 2,
+              loss_fn: Any = None) -> memprof.Profile:
+    """The step estimate() runs, for real on CPU: forward, loss, backward, AdamW, zero_grad."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(steps):
+            output = call(model)
+            loss = output.loss if loss_fn is None else loss_fn(output)
+            del output
+            loss.backward()
+            del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            prof.step()
+    return prof.profile
+
+
+def _ids(batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 128, (batch, seq))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _assert_same(estimated: memprof.Profile, real: memprof.Profile) -> None:
+    assert estimated.peak().total_bytes == real.peak().total_bytes
+    assert estimated.peak().by_category == real.peak().by_category
+    assert estimated.peak().by_module == real.peak().by_module
+    assert estimated.modules()[COMPARED].equals(real.modules()[COMPARED])
+    steps = ["peak_bytes", "start_bytes", "end_bytes", "peak_phase", "peak_module"]
+    assert estimated.steps()[steps].equals(real.steps()[steps])
+
+
+# ------------------------------------------------------------------ equal to a real run
+def test_mlp_estimate_equals_the_real_cpu_run() -> None:
+    # GIVEN an MLP and a real batch; WHEN estimated on fake tensors (fp32, exact bytes)
+    x = torch.randn(32, 64)
+    estimated = estimate(make_mlp, batch=x, dtype="fp32", device="cpu", loss_fn=_mlp_loss)
+    real = _real_run(make_mlp(), lambda m: m(x), loss_fn=_mlp_loss)
+    # THEN every per-category, per-module and per-step figure is the real run's
+    _assert_same(estimated, real)
+    assert estimated.device.kind == "fake" and real.device.kind == "cpu"
+    assert estimated.peak().by_category["optimizer_state"] > 0  # the 2nd step has Adam state
+
+
+def test_tiny_gpt2_estimate_equals_the_real_cpu_run() -> None:
+    batch = _ids()
+    estimated = estimate(make_gpt2, batch=lambda: _ids(), dtype="fp32", device="cpu")
+    real = _real_run(make_gpt2(), lambda m: m(**batch))
+    _assert_same(estimated, real)
+    info = estimated.meta["estimate"]
+    params = sum(p.numel() for p in make_gpt2().parameters())
+    assert info["num_parameters"] == params  # lm_head stays tied to the embedding
+    assert info["parameter_bytes"] == 4 * params
+    assert info["cuda_context_bytes"] == 0
+    assert info["device_total_bytes"] == estimated.peak().total_bytes
+
+
+def test_cuda_model_rounds_to_512_byte_blocks_and_adds_the_context() -> None:
+    # GIVEN a model with many storages that are not multiples of 512 bytes (LayerNorm: 256 B)
+    plain = estimate(make_gpt2, batch=_ids, dtype="fp32", device="cpu")
+    cuda = estimate(make_gpt2, batch=_ids, dtype="fp32", device="cuda")
+    frame = cuda.modules()
+    cols = ["parameter", "gradient", "optimizer_state", "activation", "temporary_peak"]
+    assert (frame[cols] % 512 == 0).all().all()
+    assert all(v % 512 == 0 for v in cuda.peak().by_category.values())
+    assert cuda.peak().total_bytes > plain.peak().total_bytes
+    info = cuda.meta["estimate"]
+    assert info["cuda_context_bytes"] == CUDA_CONTEXT_BYTES
+    assert info["device_total_bytes"] == cuda.peak().total_bytes + CUDA_CONTEXT_BYTES
+    assert cuda.device.allocation_rounding == 512
+    assert any("512" in m for m in cuda.device.modelled)
+    assert any("CUDA context" in m for m in cuda.device.modelled)
+    # the context is a documented figure, not a fake allocation
+    assert sum(cuda.peak().by_category.values()) == cuda.peak().total_bytes
+
+
+def test_bf16_halves_weights_and_sgd_keeps_one_buffer_per_parameter() -> None:
+    bf16 = estimate(make_gpt2, batch=_ids, dtype="bf16", optimizer="sgd", device="cpu")
+    fp32 = estimate(make_gpt2, batch=_ids, dtype="fp32", optimizer="sgd", device="cpu")
+    params = bf16.meta["estimate"]["num_parameters"]
+    assert bf16.peak().by_category["parameter"] == 2 * params
+    assert fp32.peak().by_category["parameter"] == 4 * params
+    # SGD with momentum: one buffer per parameter, in the parameter's dtype
+    assert fp32.optimizers[0]["state_bytes"] == 4 * params
+    assert bf16.optimizers[0]["state_bytes"] == 2 * params
+
+
+def test_no_optimizer_keeps_only_gradients() -> None:
+    est = estimate(make_gpt2, batch=_ids, dtype="fp32", optimizer="none", device="cpu")
+    assert est.peak().by_category["optimizer_state"] == 0
+    assert est.modules()["gradient"].sum() == 4 * est.meta["estimate"]["num_parameters"]
+
+
+def test_mixed_precision_keeps_fp32_weights_and_shrinks_activations() -> None:
+    # (a batch large enough that activations outweigh autocast's cached bf16 weight copies)
+    def batch() -> dict[str, torch.Tensor]:
+        return _ids(16, 32)
+
+    mixed = estimate(make_gpt2, batch=batch, dtype="fp32", mixed_precision="bf16", device="cpu")
+    full = estimate(make_gpt2, batch=batch, dtype="fp32", device="cpu")
+    params = full.meta["estimate"]["num_parameters"]
+    assert mixed.meta["estimate"]["parameter_bytes"] == 4 * params
+    act = "activation_total"
+    assert mixed.modules()[act].iloc[0] < full.modules()[act].iloc[0]
+    with pytest.raises(EstimateError, match="fp32 weights"):
+        estimate(make_gpt2, batch=_ids, dtype="fp16", mixed_precision="bf16")
+
+
+def test_inference_keeps_a_kv_cache_of_the_context_length() -> None:
+    # GIVEN the tiny GPT-2 (2 layers, 2 heads of 32), a prompt of 16 tokens, a 32-token cache
+    est = estimate(make_gpt2, batch=lambda: {"input_ids": torch.zeros(2, 16, dtype=torch.long)},
+                   dtype="fp32", device="cpu", inference=True, context_len=32, steps=1)
+    info = est.meta["estimate"]
+    # THEN the cache is layers x (k, v) x batch x heads x context x head_dim x 4 bytes
+    assert info["kv_cache_bytes"] == 2 * 2 * 2 * 2 * 32 * 32 * 4
+    assert info["mode"] == "inference" and info["optimizer"] == "none"
+    by_cat = est.peak().by_category
+    assert by_cat["gradient"] == by_cat["optimizer_state"] == by_cat["activation"] == 0
+    assert est.peak().total_bytes >= info["parameter_bytes"] + info["kv_cache_bytes"]
+    assert set(est.timeline()["phase"]) <= {"forward", "other"}
+    with pytest.raises(EstimateError, match="must exceed"):
+        estimate(make_gpt2, batch={"input_ids": torch.zeros(2, 16, dtype=torch.long)},
+                 inference=True, context_len=16)
+
+
+@pytest.mark.parametrize(("name", "parameters"), [
+    ("gpt2", 124_439_808),
+    ("gpt2-xl", 1_557_611_200),
+    ("llama-2-7b", 6_738_415_616),
+    ("llama-3-8b", 8_030_261_248),
+    ("mistral-7b", 7_241_732_096),
+    ("bert-base", 109_514_298),
+    ("vit-base", 86_567_656),
+])
+def test_catalog_shapes_have_the_published_parameter_counts(name: str, parameters: int) -> None:
+    spec = build_spec(name)
+    est = estimate(spec, batch=lambda: spec.make_batch(1, 8), inference=True, steps=1)
+    assert est.meta["estimate"]["num_parameters"] == parameters
+    assert est.meta["estimate"]["parameter_bytes"] == 2 * parameters  # bf16
+
+
+def test_every_known_model_builds_a_spec() -> None:
+    for name in KNOWN_MODELS:
+        assert build_spec(name).name == name
+
+
+def test_api_errors_are_estimate_errors(tmp_path: Path) -> None:
+    with pytest.raises(EstimateError, match=r"unknown model 'gpt5'.*llama-2-7b"):
+        build_spec("gpt5")
+
+    def broken() -> nn.Module:
+        raise RuntimeError("boom")
+
+    with pytest.raises(EstimateError, match="factory failed: RuntimeError: boom"):
+        estimate(broken, batch={})
+    with pytest.raises(EstimateError, match="unknown optimizer"):
+        estimate(make_mlp, batch=torch.zeros(1, 64), optimizer="lion")
+
+
+# ------------------------------------------------------------------ CLI
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memprof.cli", "estimate", *args], capture_output=True,
+        text=True, cwd=cwd, timeout=300, check=False,
+    )
+
+
+TINY_MODELS = textwrap.dedent("""
+    import transformers
+
+    def tiny_gpt2():
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32,
+            bos_token_id=0, eos_token_id=0))
+
+    def broken():
+        raise RuntimeError("no weights here")
+""")
+
+
+def test_cli_estimates_a_factory_and_writes_a_loadable_profile(tmp_path: Path) -> None:
+    (tmp_path / "tinymodels.py").write_text(TINY_MODELS)
+    out = tmp_path / "reports" / "tiny.json"
+    result = _cli("tinymodels:tiny_gpt2", "--batch-size", "2", "--seq-len", "16",
+                  "--dtype", "fp32", "--device", "cpu", "--json", "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    # the same numbers as the API on the same model and batch
+    api = estimate(make_gpt2, batch=_ids, dtype="fp32", device="cpu")
+    assert data["peak"]["total_bytes"] == api.peak().total_bytes
+    assert data["peak"]["by_category"] == api.peak().by_category
+    assert [row["module"] for row in data["layers"]] == ["transformer.h.0", "transformer.h.1"]
+    assert data["mode"] == "training" and data["fit"] is None
+    loaded = memprof.load(out)
+    assert loaded.device.kind == "fake"
+    assert loaded.meta["estimate"]["peak_bytes"] == api.peak().total_bytes
+    # refuses to overwrite without --force
+    again = _cli("tinymodels:tiny_gpt2", "--device", "cpu", "-o", str(out), cwd=tmp_path)
+    assert again.returncode != 0 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["gpt5"], "unknown model 'gpt5'"),
+    (["cfg/config.json"], "transformers cannot build a config of model_type 'not-a-model'"),
+    (["bad/config.json"], "transformers cannot build GPT2LMHeadModel from this config"),
+    (["tinymodels:broken"], "the model factory failed: RuntimeError: no weights here"),
+    (["tinymodels:missing"], "has no callable 'missing'"),
+])
+def test_cli_bad_input_is_one_line_and_a_nonzero_exit(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "tinymodels.py").write_text(TINY_MODELS)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
+    (tmp_path / "bad").mkdir()  # a config transformers accepts but cannot build a model from
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_embd": 10, "n_head": 3, "n_layer": 1}))
+    result = _cli(*args, "--seq-len", "8", cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    lines = [line for line in result.stderr.splitlines()
+             if line.startswith("memprof") or "Traceback" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    if args == ["gpt5"]:
+        assert "llama-2-7b" in result.stderr and "vit-base" in result.stderr
