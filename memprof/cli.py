@@ -57,7 +57,7 @@ class _OrderedGroup(click.Group):
 @click.group(
     cls=_OrderedGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="\b\nExamples:\n  memprof run examples/train_mlp.py --epochs 1\n"
+    epilog="\b\nExamples:\n  memprof run examples/train_mlp.py --steps 5\n"
     "  memprof report reports/train_mlp.json -o mlp.html\n  memprof gpus --json",
 )
 @click.version_option(__version__, "--version", "-V", prog_name="memprof")

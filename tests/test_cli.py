@@ -390,3 +390,73 @@ def test_gpus_table_is_aligned_with_iec_units() -> None:
     assert all(len(row) == len(header) for row in gpu_rows)
     assert "19.0 GiB" in text and "4242" in text
     assert any(line.rstrip().endswith("-") and " 7 " in line for line in lines)
+
+
+# ---------------------------------------------------------------- in-process pieces
+def test_python_dash_m_memprof_cli_works(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "memprof.cli", "--version"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and memprof.__version__ in proc.stdout
+
+
+def test_optional_command_missing_or_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from memprof import cli
+
+    real_import = cli.importlib.import_module
+
+    def fake_import(name: str) -> object:
+        if name == "memprof.commands.advise":
+            raise ModuleNotFoundError("No module named 'memprof.commands.advise'", name=name)
+        if name == "memprof.commands.estimate":
+            raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+        return real_import(name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    group = click.Group("memprof")
+    cli._register(group)
+    # GIVEN advise absent and estimate broken: advise is left out, estimate explains itself
+    assert "advise" not in group.commands
+    assert {"run", "report", "gpus", "estimate"} <= set(group.commands)
+    result = CliRunner().invoke(group, ["estimate", "gpt2", "--batch", "4"])
+    assert result.exit_code == 1
+    assert "memprof estimate is unavailable: No module named 'scipy'" in result.output
+
+    def broken_required(name: str) -> object:
+        raise ModuleNotFoundError("No module named 'pandas'", name="pandas")
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken_required)
+    with pytest.raises(ModuleNotFoundError):  # a required command never hides its bug
+        cli._register(click.Group("memprof"))
+
+
+def test_table_aligns_numbers_right_and_text_left() -> None:
+    from memprof.commands.common import size, table
+
+    rows = [["a", size(1536)], ["longer", size(3 << 30)], ["x", size(None)]]
+    lines = table(["name", "bytes"], rows).splitlines()
+    assert lines == [
+        "name      bytes",
+        "------  -------",
+        "a       1.5 KiB",
+        "longer  3.0 GiB",
+        "x             -",
+    ]
+
+
+def test_output_path_checks(tmp_path: Path) -> None:
+    from memprof.commands.common import CommandError, output_path
+    from memprof.errors import OutputExistsError
+
+    (tmp_path / "file").write_text("x")
+    assert output_path(tmp_path / "new" / "a.json", force=False, what="profile").name == "a.json"
+    with pytest.raises(OutputExistsError):
+        output_path(tmp_path / "file", force=False, what="profile")
+    assert output_path(tmp_path / "file", force=True, what="profile").exists()
+    with pytest.raises(CommandError, match="is a directory"):
+        output_path(tmp_path, force=True, what="profile")
+    with pytest.raises(CommandError, match="is not a directory"):
+        output_path(tmp_path / "file" / "a.json", force=True, what="profile")

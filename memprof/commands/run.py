@@ -90,7 +90,7 @@ class Outcome:
 @click.command(
     context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
     epilog=examples(
-        "memprof run examples/train_mlp.py --epochs 2",
+        "memprof run examples/train_mlp.py --steps 5",
         "memprof run --steps 3 --budget 24GiB -o reports/gpt2.json examples/train_gpt2.py",
         'memprof run --budget "A100 40GB" --no-html examples/train_cnn.py',
         "memprof run -m mypackage.train --lr 3e-4",
