@@ -283,6 +283,14 @@ class Profile:
             advice=data.get("advice"),
         )
 
+    def report(
+        self, path: str | os.PathLike[str], *, advice: Any = None, overwrite: bool = False
+    ) -> Path:
+        """Write the interactive HTML report (one offline file); see :func:`memprof.report`."""
+        from memprof.report import write_report
+
+        return write_report(self, path, advice=advice, overwrite=overwrite)
+
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the profile as JSON, atomically; refuses to replace a file unless ``overwrite``."""
         target = Path(path)
