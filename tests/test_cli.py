@@ -5,6 +5,7 @@ Each test reads as GIVEN / WHEN / THEN. Expensive runs are shared by module-scop
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -22,7 +23,18 @@ from memprof.devices import GpuInfo, GpuProcess, nvml
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DATA = Path(__file__).resolve().parent / "data"
-HAVE_REPORT = importlib.util.find_spec("memprof.report") is not None
+
+
+def _provides(module: str, name: str) -> bool:
+    """Whether a part written separately (report, advisor) is installed and usable."""
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+HAVE_REPORT = _provides("memprof.report", "write_report")
+HAVE_ADVISOR = _provides("memprof.advisor", "advise")
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 #: The keys ``memprof run --json`` promises (docs in memprof/commands/run.py).
@@ -74,7 +86,8 @@ def assert_one_line_error(result: Result, code: int) -> None:
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Result:
     cwd = tmp_path_factory.mktemp("mlp")
-    return memprof_cli("run", "--json", "--steps", "2", EXAMPLES / "train_mlp.py",
+    return memprof_cli("run", "--json", "--steps", "2", "--budget", "24GiB",
+                       EXAMPLES / "train_mlp.py",
                        "--steps", "4", "--batch", "32", cwd=cwd)
 
 
@@ -149,6 +162,17 @@ def test_run_html_report_or_a_one_line_note(mlp_run: Result) -> None:
         assert not html.exists()
         assert "HTML report skipped" in mlp_run.stderr
         assert any("HTML report skipped" in n for n in mlp_run.json()["notes"])
+
+
+def test_run_advice_or_a_one_line_note(mlp_run: Result) -> None:
+    data = mlp_run.json()
+    saved = memprof.load(mlp_run.cwd / "reports" / "train_mlp.json")
+    if HAVE_ADVISOR:
+        assert isinstance(data["advice"], dict) and data["advice"]
+        assert saved.advice == data["advice"]  # saved with the profile for later reports
+    else:
+        assert data["advice"] is None and saved.advice is None
+        assert any(n.startswith("advice skipped") for n in data["notes"])
 
 
 def test_run_refuses_to_overwrite_without_force(mlp_run: Result) -> None:
