@@ -363,6 +363,14 @@ def test_report_refuses_existing_output(crash_run: Result, tmp_path: Path) -> No
     assert out.read_text() == "keep me"
 
 
+def test_report_never_replaces_its_own_profile(crash_run: Result) -> None:
+    profile = crash_run.cwd / "reports" / "raise_midway.json"
+    before = profile.read_bytes()
+    result = memprof_cli("report", profile, "-o", profile, "--force", cwd=crash_run.cwd)
+    assert_one_line_error(result, 2)
+    assert profile.read_bytes() == before
+
+
 @pytest.mark.skipif(not HAVE_REPORT, reason="memprof.report is not installed yet")
 def test_report_writes_html_from_saved_profile(crash_run: Result, tmp_path: Path) -> None:
     profile = crash_run.cwd / "reports" / "raise_midway.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from memprof.commands.common import (
+    CommandError,
     echo_json,
     examples,
     handle_errors,
@@ -40,11 +41,11 @@ def command(profile_path: Path, output: Path | None, force: bool, as_json: bool)
     """Write the interactive HTML report (one file, works offline) of PROFILE.json."""
     from memprof.profile import load
 
+    profile = load(profile_path)
     target = output if output is not None else profile_path.with_suffix(".html")
     if target.resolve() == profile_path.resolve():
-        raise MemprofError(f"the report would replace the profile {profile_path}: use -o")
+        raise CommandError(f"the report would replace the profile {profile_path}: use -o")
     output_path(target, force=force, what="report")
-    profile = load(profile_path)
     try:
         from memprof.report import write_report
     except ImportError as exc:
