@@ -293,6 +293,13 @@ def test_run_module_with_dash_m(tmp_path: Path) -> None:
     assert (tmp_path / "reports" / "train.json").is_file()
 
 
+def test_run_writes_where_memprof_started_even_if_script_chdirs(tmp_path: Path) -> None:
+    result = memprof_cli("run", "--no-html", DATA / "chdir.py", "elsewhere", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "reports" / "chdir.json").is_file()
+    assert not (tmp_path / "elsewhere" / "reports").exists()
+
+
 # ---------------------------------------------------------------- run: bad input
 @pytest.mark.parametrize(
     ("case", "expected"),

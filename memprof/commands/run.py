@@ -173,7 +173,8 @@ def command(
             notes.append(f"HTML report skipped: memprof.report cannot be imported ({exc})")
         else:
             try:
-                report_path = write_report(profile, html_path, advice=advice, overwrite=force)
+                write_report(profile, html_path, advice=advice, overwrite=force)
+                report_path = html_path
             except MemprofError as exc:
                 notes.append(f"HTML report not written: {one_line(exc)}")
                 exit_code = exit_code or exc.exit_code
@@ -269,7 +270,7 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
     """Run the target as ``__main__`` inside ``profiler``; never raises for the script's
     errors (they are printed as Python prints them and become exit code 1)."""
     outcome = Outcome()
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
     sys.argv = list(target.argv)
     if target.is_module:
         sys.path.insert(0, os.getcwd())
@@ -314,6 +315,8 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
         counter.remove()
         sys.stdout.flush()
         sys.argv, sys.path[:] = saved_argv, saved_path
+        if os.getcwd() != saved_cwd:  # outputs are named from where memprof was started
+            os.chdir(saved_cwd)
     return outcome
 
 
