@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import click
 
@@ -103,14 +103,24 @@ def echo_json(data: dict[str, Any]) -> None:
     click.echo(json.dumps(to_jsonable(data), indent=2, sort_keys=False))
 
 
-def json_option(func: F) -> F:
-    """The ``--json`` flag every reporting command takes."""
-    return click.option(
-        "--json",
-        "as_json",
-        is_flag=True,
-        help="Print one JSON object on stdout instead of text (stable keys, see the docs).",
-    )(func)
+@overload
+def json_option(func: F) -> F: ...
+
+
+@overload
+def json_option(*, keys: str) -> Callable[[F], F]: ...
+
+
+def json_option(func: F | None = None, *, keys: str | None = None) -> Any:
+    """The ``--json`` flag every reporting command takes: ``@json_option`` or
+    ``@json_option(keys="a, b, c")`` to list the output's top-level keys in ``--help``."""
+    text = "Print one JSON object on stdout instead of text"
+    text += f" (keys: {keys})." if keys else " (stable keys)."
+
+    def decorate(f: F) -> F:
+        return click.option("--json", "as_json", is_flag=True, help=text)(f)
+
+    return decorate if func is None else decorate(func)
 
 
 # ------------------------------------------------------------------ tables

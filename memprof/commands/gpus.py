@@ -25,7 +25,7 @@ from memprof.errors import DeviceNotAvailableError
     epilog=examples("memprof gpus", "memprof gpus --json"),
     short_help="List GPUs, their memory and the processes using it.",
 )
-@json_option
+@json_option(keys="available, reason, driver, cuda, gpus")
 @handle_errors
 def command(as_json: bool) -> None:
     """List each NVIDIA GPU with its memory (total, used, free), the processes using it, and

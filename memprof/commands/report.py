@@ -35,7 +35,7 @@ from memprof.errors import MemprofError
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="OUT.html",
               help="Where to write the report [default: PROFILE with an .html suffix].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing report.")
-@json_option
+@json_option(keys="profile, report, bytes, steps, peak_bytes")
 @handle_errors
 def command(profile_path: Path, output: Path | None, force: bool, as_json: bool) -> None:
     """Write the interactive HTML report (one file, works offline) of PROFILE.json."""

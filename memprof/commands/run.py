@@ -108,7 +108,8 @@ class Outcome:
               help='Memory budget the advice aims for: "24GiB", "80GB" or a GPU name.')
 @click.option("-m", "as_module", is_flag=True,
               help="Run a module as `python -m` would: memprof run -m package.module [args].")
-@json_option
+@json_option(keys="target, module, argv, exit_code, error, profile, report, steps, "
+             "optimizer_steps, steps_seen, interrupted, peak, modules, advice, notes, warnings")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT.py [ARGS]...")
 @handle_errors
 def command(
