@@ -255,3 +255,22 @@ def test_cli_bad_input_is_one_line_and_a_nonzero_exit(
     assert len(lines) == 1 and "Traceback" not in result.stderr
     if args == ["gpt5"]:
         assert "llama-2-7b" in result.stderr and "vit-base" in result.stderr
+
+
+# ------------------------------------------------------------------ fit verdict (--gpu)
+def test_gpu_gives_a_fit_verdict_including_the_cuda_context() -> None:
+    gpus = pytest.importorskip("memprof.gpus")
+    name = next(iter(gpus.GPUS)) if isinstance(gpus.GPUS, dict) else gpus.GPUS[0].name
+    budget, _ = gpus.resolve_budget(name)
+    est = estimate(make_gpt2, batch=_ids, gpu=name)
+    fit = est.meta["estimate"]["fit"]
+    assert fit["budget_bytes"] == budget
+    assert fit["needed_bytes"] == est.peak().total_bytes + CUDA_CONTEXT_BYTES
+    assert fit["fits"] is True and fit["headroom_bytes"] == budget - fit["needed_bytes"]
+
+
+def test_cli_unknown_gpu_is_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("memprof.gpus")
+    result = _cli("gpt2", "--gpu", "Voodoo 3dfx", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
