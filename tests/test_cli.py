@@ -348,12 +348,19 @@ def test_run_bad_input_is_one_line_and_writes_nothing(
         ("this is not json", "not valid JSON"),
         ('{"schema": "memprof-profile", "version": 1, "modu', "truncated"),
         ('{"hello": 1}', "not a memprof profile"),
+        ('{"schema": "memprof-profile", "version": 1, "modules": [{"x": 1}]}', "damaged"),
+        ("<directory>", "is a directory"),
+        ("<binary>", "cannot read it"),
     ],
 )
 def test_report_bad_profile_is_one_line(tmp_path: Path, content: str | None,
                                          expected: str) -> None:
     path = tmp_path / "p.json"
-    if content is not None:
+    if content == "<directory>":
+        path.mkdir()
+    elif content == "<binary>":
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    elif content is not None:
         path.write_text(content)
     result = memprof_cli("report", path, cwd=tmp_path)
     assert_one_line_error(result, 2)
