@@ -311,7 +311,7 @@ def test_run_writes_where_memprof_started_even_if_script_chdirs(tmp_path: Path) 
         ("nothing", "no script given"),
         ("unknown-option", "No such option"),
         ("no-module", "no module named"),
-        ("bad-budget", "cannot read"),
+        ("bad-budget", "24 gigs"),
         ("html-output", "looks like HTML"),
     ],
 )
