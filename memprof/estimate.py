@@ -418,6 +418,7 @@ def estimate(
                                 f"(got dtype={dtype!r}, mixed_precision={mixed_precision!r})")
     if steps < 1:
         raise EstimateError(f"steps must be at least 1 (got {steps})")
+    budget = _gpu_budget(gpu) if gpu is not None else None  # a bad name fails before the work
     param_dtype = torch.float32 if mixed_precision else DTYPES[dtype]
     round_to = CUDA_BLOCK_BYTES if device == "cuda" else 1
     kv_cache_bytes: int | None = None
@@ -425,14 +426,15 @@ def estimate(
     with FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
         model = _build_model(factory, param_dtype)
         opt = None if inference else _make_optimizer(optimizer, model, cuda=device == "cuda")
-        with _default_dtype(param_dtype):
+        with _default_dtype(param_dtype), _user_code("the batch function"):
             data = batch() if callable(batch) else batch
         data = _to_fake(fake_mode, _resolve_batch(data, model))
         autocast: Any = (
             torch.autocast("cpu", dtype=DTYPES[mixed_precision])
             if mixed_precision else contextlib.nullcontext()
         )
-        with Profiler(model, opt, round_to=round_to, device_modelled=device) as prof:
+        with (_user_code("the step under fake tensors"),
+              Profiler(model, opt, round_to=round_to, device_modelled=device) as prof):
             for _ in range(steps):
                 if inference:
                     kv_cache_bytes = _inference_step(model, data, spec, context_len, autocast)
@@ -447,8 +449,23 @@ def estimate(
         profile, spec=spec, optimizer="none" if inference else optimizer, dtype=dtype,
         mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
         inference=inference, context_len=context_len, kv_cache_bytes=kv_cache_bytes,
-        num_params=num_params, param_bytes=param_bytes,
+        num_params=num_params, param_bytes=param_bytes, budget=budget,
     )
+
+
+@contextlib.contextmanager
+def _user_code(what: str) -> Iterator[None]:
+    """Turn a failure of the user's code (model, batch) into one EstimateError line."""
+    try:
+        yield
+    except MemprofError:
+        raise
+    except Exception as exc:
+        hint = ""
+        if "DataDependent" in type(exc).__name__:
+            hint = (" (the model branches on tensor values, which fake tensors do not have; "
+                    "such code cannot be estimated without running it)")
+        raise EstimateError(f"{what} failed: {_one_line(exc)}{hint}") from exc
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -654,7 +671,7 @@ def _count_parameters(model: nn.Module) -> tuple[int, int]:
 def _annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype: str,
               mixed_precision: str | None, device: str, gpu: str | None, steps: int,
               inference: bool, context_len: int | None, kv_cache_bytes: int | None,
-              num_params: int, param_bytes: int) -> Profile:
+              num_params: int, param_bytes: int, budget: tuple[int, str] | None) -> Profile:
     """Record what was estimated and what was modelled; add the fit verdict for ``gpu``."""
     peak = profile.peak_info.total_bytes if profile.peak_info is not None else 0
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
@@ -691,14 +708,14 @@ def _annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype
         "device_total_bytes": peak + context,
         "modelled": modelled,
     }
-    if gpu is not None:
-        info["fit"] = fit_verdict(peak + context, gpu)
+    if gpu is not None and budget is not None:
+        info["fit"] = fit_verdict(peak + context, gpu, budget=budget)
     profile.meta["estimate"] = info
     return profile
 
 
-def fit_verdict(needed: int, gpu: str) -> dict[str, Any]:
-    """Whether ``needed`` bytes fit the memory of ``gpu`` (a name in :mod:`memprof.gpus`).
+def _gpu_budget(gpu: str) -> tuple[int, str]:
+    """The memory of ``gpu`` (a name, or a size, as :func:`memprof.gpus.resolve_budget` reads).
 
     Raises :class:`~memprof.errors.UnknownGPUError` for a name the catalog lacks, and
     :class:`EstimateError` when the GPU catalog is not installed.
@@ -706,15 +723,22 @@ def fit_verdict(needed: int, gpu: str) -> dict[str, Any]:
     try:
         gpus: Any = importlib.import_module("memprof.gpus")
     except ImportError as exc:
-        raise EstimateError(f"--gpu needs memprof.gpus, which is missing: {exc}") from exc
+        raise EstimateError(f"gpu= needs the GPU catalog memprof.gpus: {_one_line(exc)}") from exc
     budget, description = gpus.resolve_budget(gpu)
+    return int(budget), str(description)
+
+
+def fit_verdict(needed: int, gpu: str, *, budget: tuple[int, str] | None = None
+                ) -> dict[str, Any]:
+    """Whether ``needed`` bytes fit the memory of ``gpu`` (see :func:`_gpu_budget`)."""
+    capacity, description = budget if budget is not None else _gpu_budget(gpu)
     return {
         "gpu": gpu,
-        "budget_bytes": int(budget),
+        "budget_bytes": capacity,
         "budget": description,
         "needed_bytes": needed,
-        "fits": needed <= budget,
-        "headroom_bytes": int(budget) - needed,
+        "fits": needed <= capacity,
+        "headroom_bytes": capacity - needed,
     }
 
 

@@ -187,6 +187,20 @@ def test_api_errors_are_estimate_errors(tmp_path: Path) -> None:
         estimate(broken, batch={})
     with pytest.raises(EstimateError, match="unknown optimizer"):
         estimate(make_mlp, batch=torch.zeros(1, 64), optimizer="lion")
+    with pytest.raises(EstimateError, match="branches on tensor values"):
+        estimate(_ValueDependent, batch=torch.zeros(1, 64))
+
+
+class _ValueDependent(nn.Module):
+    """A forward that looks at values: fake tensors have none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if bool(out.sum() > 0) else -out
 
 
 # ------------------------------------------------------------------ CLI
@@ -274,3 +288,14 @@ def test_cli_unknown_gpu_is_one_line(tmp_path: Path) -> None:
     result = _cli("gpt2", "--gpu", "Voodoo 3dfx", cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ later stages read it
+def test_the_html_report_and_the_advisor_take_an_estimate(tmp_path: Path) -> None:
+    report = pytest.importorskip("memprof.report")
+    est = estimate(make_gpt2, batch=_ids)
+    path = report.write_report(est, tmp_path / "estimate.html")
+    assert path.stat().st_size > 0
+    advisor = pytest.importorskip("memprof.advisor")
+    advice = advisor.advise(est, budget=est.peak().total_bytes // 2)
+    assert advice is not None

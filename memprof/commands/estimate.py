@@ -116,8 +116,6 @@ def command(
     spec = build_spec(model)
     if context_len is not None and not inference:
         raise _usage("--context-len applies to --inference only")
-    if gpu is not None:
-        _check_gpu(gpu)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
@@ -154,17 +152,6 @@ def _usage(message: str) -> MemprofError:
     from memprof.estimate import EstimateError
 
     return EstimateError(message)
-
-
-def _check_gpu(name: str) -> None:
-    """Fail on an unknown GPU name before the (long) estimate runs."""
-    from memprof.estimate import EstimateError
-
-    try:
-        from memprof.gpus import resolve_budget
-    except ImportError as exc:
-        raise EstimateError(f"--gpu needs the GPU catalog (memprof.gpus): {one_line(exc)}") from exc
-    resolve_budget(name)
 
 
 def _advise(profile: Any, info: dict[str, Any]) -> tuple[Any, str | None]:
