@@ -6,7 +6,7 @@ modelled rather than measured (512-byte allocator blocks, the CUDA context) is p
 
 ``--json`` prints one object on stdout with the keys: ``model``, ``description``, ``mode``
 (``training``/``inference``), ``optimizer``, ``dtype``, ``mixed_precision``, ``device``,
-``batch_size``, ``seq_len``, ``steps``, ``context_len``, ``kv_cache_bytes``,
+``batch_size``, ``seq_len``, ``steps``, ``context_len``, ``kv_cache_bytes``, ``elapsed_s``,
 ``num_parameters``, ``parameter_bytes``, ``peak_bytes`` (tensors at the peak),
 ``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added), ``modelled`` (what
 was modelled, as sentences), ``peak`` (``total_bytes``, ``step``, ``phase``, ``module``,
