@@ -723,7 +723,8 @@ def _gpu_budget(gpu: str) -> tuple[int, str]:
     try:
         gpus: Any = importlib.import_module("memprof.gpus")
     except ImportError as exc:
-        raise EstimateError(f"gpu= needs the GPU catalog memprof.gpus: {_one_line(exc)}") from exc
+        raise EstimateError(f"a fit verdict needs the GPU catalog (memprof.gpus): {_one_line(exc)}"
+                            ) from exc
     budget, description = gpus.resolve_budget(gpu)
     return int(budget), str(description)
 
