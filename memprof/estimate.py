@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.errors import MemprofError
@@ -550,6 +551,36 @@ def _make_optimizer(name: str, model: nn.Module, *, cuda: bool) -> torch.optim.O
     return torch.optim.Adafactor(params, lr=1e-2, foreach=foreach)
 
 
+#: Optimizers whose step reads a value (Adafactor: ``param.norm().item()`` scales the update).
+_VALUE_READING_OPTIMIZERS: tuple[type, ...] = tuple(
+    cls for cls in (getattr(torch.optim, "Adafactor", None),) if cls is not None
+)
+
+
+class _ScalarStandIns(TorchDispatchMode):
+    """Answers ``.item()`` with a stand-in (1) inside an optimizer step on fake tensors.
+
+    Fake tensors have no values, so an optimizer that reads one (Adafactor's relative step
+    size) would fail. The value only scales the update; reading it allocates nothing, so a
+    stand-in changes no byte of the estimate. Models are not given stand-ins: a forward that
+    branches on values fails with a clear message instead of silently taking one branch.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __torch_dispatch__(  # type: ignore[no-untyped-def]
+        self, func, types, args=(), kwargs=None
+    ):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            tensor = args[0]
+            if tensor.dtype == torch.bool:
+                return True
+            return 1.0 if tensor.is_floating_point() else 1
+        return func(*args, **(kwargs or {}))
+
+
 def _to_fake(mode: Any, data: Any) -> Any:
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -604,7 +635,10 @@ def _training_step(
     loss.backward()
     del loss
     if optimizer is not None:
-        optimizer.step()
+        with _ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
+            contextlib.nullcontext()
+        ):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     else:
         model.zero_grad(set_to_none=True)

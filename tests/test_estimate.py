@@ -117,6 +117,21 @@ def test_bf16_halves_weights_and_sgd_keeps_one_buffer_per_parameter() -> None:
     assert bf16.optimizers[0]["state_bytes"] == 2 * params
 
 
+def test_adafactor_state_equals_a_real_step() -> None:
+    # Adafactor reads param.norm().item(); fake tensors get a stand-in value for it
+    est = estimate(make_gpt2, batch=_ids, dtype="fp32", optimizer="adafactor", device="cpu")
+    model = make_gpt2()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    model(**_ids()).loss.backward()
+    optimizer.step()
+    real = sum(v.untyped_storage().nbytes() for state in optimizer.state.values()
+               for v in state.values() if isinstance(v, torch.Tensor))
+    assert est.optimizers[0]["class"] == "Adafactor"
+    assert est.optimizers[0]["state_bytes"] == real
+    # factored: far less than AdamW's two full-size buffers
+    assert real < 0.5 * 4 * est.meta["estimate"]["num_parameters"]
+
+
 def test_no_optimizer_keeps_only_gradients() -> None:
     est = estimate(make_gpt2, batch=_ids, dtype="fp32", optimizer="none", device="cpu")
     assert est.peak().by_category["optimizer_state"] == 0
