@@ -62,10 +62,16 @@ class Result:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def memprof_cli(*args: str | Path, cwd: Path, timeout: float = 240) -> Result:
-    """Run ``python -m memprof ARGS`` in ``cwd`` (where reports/ will be written)."""
+def memprof_cli(*args: str | Path, cwd: Path, timeout: float = 240,
+                fake_advisor: str | None = None) -> Result:
+    """Run ``python -m memprof ARGS`` in ``cwd`` (where reports/ will be written);
+    ``fake_advisor`` ("ok" or "raise") swaps in tests/data/fake_advisor's stand-in."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    paths = [str(ROOT), env.get("PYTHONPATH")]
+    if fake_advisor:
+        env["MEMPROF_FAKE_ADVISOR"] = fake_advisor
+        paths.insert(0, str(DATA / "fake_advisor"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     proc = subprocess.run(
         [sys.executable, "-m", "memprof", *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -173,6 +179,28 @@ def test_run_advice_or_a_one_line_note(mlp_run: Result) -> None:
     else:
         assert data["advice"] is None and saved.advice is None
         assert any(n.startswith("advice skipped") for n in data["notes"])
+
+
+@pytest.mark.parametrize("mode", ["ok", "raise"])
+def test_run_prints_and_saves_advice_and_survives_a_failing_advisor(
+    tmp_path: Path, mode: str
+) -> None:
+    # GIVEN a stand-in advisor that answers or raises
+    result = memprof_cli("run", "--no-html", "--budget", "1MiB", DATA / "exit_code.py", "0",
+                         cwd=tmp_path, fake_advisor=mode)
+    # THEN the run succeeds either way; good advice is printed and saved with the profile
+    assert result.code == 0, result.stderr
+    saved = memprof.load(tmp_path / "reports" / "exit_code.json")
+    if mode == "ok":
+        peak = saved.peak().total_bytes
+        assert f"FAKE ADVICE top=3 budget={1 << 20} peak={peak}" in result.stdout
+        assert saved.advice is not None and saved.advice["budget_bytes"] == 1 << 20
+        assert saved.advice["recommendations"][0]["saving_bytes"] == 123
+    else:
+        assert "Traceback" not in result.stderr
+        assert "advice skipped: the advisor failed (RuntimeError: advisor exploded)" \
+            in result.stderr
+        assert saved.advice is None
 
 
 def test_run_refuses_to_overwrite_without_force(mlp_run: Result) -> None:
