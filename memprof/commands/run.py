@@ -388,8 +388,8 @@ def advice_text(advice: Any, *, top: int = 3) -> str:
             return str(summary(top=top))
         except TypeError:
             return str(summary())
-    frame = getattr(advice, "table", None)
-    frame = frame() if callable(frame) else frame
+    table: Any = getattr(advice, "table", None)
+    frame: Any = table() if callable(table) else table
     if hasattr(frame, "head") and hasattr(frame, "to_string"):
         return str(frame.head(top).to_string(index=False))
     return str(advice)
