@@ -54,6 +54,27 @@ class Entry:
         self.ref: _StorageRef | None = None
 
 
+class Facts:
+    """What a hook learned about a tensor, without holding it (events backend).
+
+    ``key`` is the storage's data pointer, the address its allocation event carries.
+    """
+
+    __slots__ = ("dtype", "key", "nbytes", "shape")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        self.key = storage.data_ptr()
+        raw = storage.nbytes()
+        self.nbytes = round_up(raw, 512) if tensor.is_cuda else raw
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+
+
+#: dtype of an entry known only from an allocation event (shape is then ``(nbytes,)``).
+RAW_DTYPE = torch.uint8
+
+
 class _StorageRef(weakref.ref):  # type: ignore[type-arg,unused-ignore]
     """A weak reference to a storage that remembers its ledger key (no cycle with the entry)."""
 
@@ -76,7 +97,12 @@ class StepPeak:
 class StorageLedger:
     """Running byte totals per category and per module, and the current step's peak and log."""
 
-    def __init__(self, *, round_all_to: int = 1) -> None:
+    def __init__(self, *, round_all_to: int = 1, by_ptr: bool = False) -> None:
+        #: Key entries by data pointer with no weak references (events backend): tensors then
+        #: arrive as :class:`Facts` and allocations and frees through :meth:`alloc` / :meth:`free`.
+        self.by_ptr = by_ptr
+        #: The clock of peaks and samples (the events backend sets it to the event's time).
+        self.clock = time.perf_counter
         #: Charge every storage in blocks of this many bytes (512 models CUDA on fake CPU tensors).
         self.round_all_to = round_all_to
         self.entries: dict[int, Entry] = {}
@@ -131,6 +157,18 @@ class StorageLedger:
         ref = _StorageRef(storage, self._free_callback)
         ref.key = key
         entry.ref = ref
+        return self._insert(entry)
+
+    def alloc(self, key: int, nbytes: int, category: int, module: int,
+              shape: tuple[int, ...], dtype: torch.dtype) -> Entry:
+        """Start tracking the storage at ``key`` (no weak reference: :meth:`free` ends it)."""
+        if key in self.entries:  # its free was missed (allocated before a gap): replace it
+            self.free(key)
+        entry = Entry(key, nbytes, nbytes, category, module, self.phase, shape, dtype)
+        return self._insert(entry)
+
+    def _insert(self, entry: Entry) -> Entry:
+        key, nbytes, category, module = entry.key, entry.nbytes, entry.category, entry.module
         self.entries[key] = entry
         self.seq += 1
         total = self.total + nbytes
@@ -152,12 +190,16 @@ class StorageLedger:
                 peak.seq = len(self.log)
                 peak.phase = self.phase
                 peak.module = self.current_module
-                peak.time = time.perf_counter()
+                peak.time = self.clock()
                 peak.by_category = tuple(self.totals)
         return entry
 
     def _on_free(self, ref: _StorageRef) -> None:
-        entry = self.entries.pop(ref.key, None)
+        self.free(ref.key)
+
+    def free(self, key: int) -> None:
+        """Stop tracking ``key``; unknown keys (allocated before profiling) are ignored."""
+        entry = self.entries.pop(key, None)
         if entry is None:
             return
         nbytes = entry.nbytes
@@ -168,12 +210,32 @@ class StorageLedger:
             self.log.append(entry.key)
 
     # -------------------------------------------------------------- role changes
-    def lookup(self, tensor: torch.Tensor) -> Entry | None:
+    def facts(self, tensor: torch.Tensor) -> torch.Tensor | Facts:
+        """What to hand to :meth:`lookup` / :meth:`track` later: the tensor itself (dispatch,
+        applied at once) or its :class:`Facts` (events, applied at replay)."""
+        return Facts(tensor) if self.by_ptr else tensor
+
+    def lookup(self, tensor: torch.Tensor | Facts) -> Entry | None:
         """The entry of ``tensor``'s storage, if tracked."""
+        if isinstance(tensor, Facts):
+            return self.entries.get(tensor.key)
+        if self.by_ptr:
+            return self.entries.get(tensor.untyped_storage().data_ptr())
         return self.entries.get(id(tensor.untyped_storage()))
 
-    def track(self, tensor: torch.Tensor, category: int, module: int) -> Entry:
+    def track(self, tensor: torch.Tensor | Facts, category: int, module: int) -> Entry:
         """Give ``tensor``'s storage a role, tracking it first if it is not yet."""
+        if self.by_ptr:
+            facts = tensor if isinstance(tensor, Facts) else Facts(tensor)
+            entry = self.entries.get(facts.key)
+            if entry is None:
+                return self.alloc(facts.key, facts.nbytes, category, module, facts.shape,
+                                  facts.dtype)
+            if entry.dtype is RAW_DTYPE and entry.shape == (entry.nbytes,):
+                entry.shape, entry.dtype = facts.shape, facts.dtype
+            self.reclassify(entry, category, module)
+            return entry
+        assert isinstance(tensor, torch.Tensor)
         storage = tensor.untyped_storage()
         entry = self.entries.get(id(storage))
         if entry is None:
@@ -244,7 +306,7 @@ class StorageLedger:
         """Record a timeline point (only in active steps)."""
         if self.logging:
             self.samples.append(
-                (self.seq, time.perf_counter(), self.phase, self.current_module, tuple(self.totals))
+                (self.seq, self.clock(), self.phase, self.current_module, tuple(self.totals))
             )
 
     # ----------------------------------------------------------------- steps
@@ -253,7 +315,7 @@ class StorageLedger:
         self.log = []
         self.samples = []
         self.peak = StepPeak(total=self.total, seq=0, phase=self.phase,
-                             module=self.current_module, time=time.perf_counter(),
+                             module=self.current_module, time=self.clock(),
                              by_category=tuple(self.totals))
         self.sample()
         return dict(self.entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,8 @@ class ModuleRegistry:
         self.by_name: dict[str, int] = {}
         self.grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._root_names: set[str] = set()
+        #: Where gradient hooks report (the profiler's backend-aware hook), if set.
+        self.grad_sink: Callable[[torch.Tensor], None] | None = None
 
     def index_of(self, module: nn.Module, parent: int) -> int:
         """The index of ``module``, registering it (and its subtree) the first time it runs."""
@@ -116,6 +119,9 @@ class ModuleRegistry:
             self.grad_hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
 
     def _on_grad(self, param: torch.Tensor) -> None:
+        if self.grad_sink is not None:
+            self.grad_sink(param)
+            return
         ledger = self.ledger
         if not ledger.recording or param.grad is None:
             return

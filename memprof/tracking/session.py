@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,12 +46,15 @@ from memprof.profile import (
     TensorAtPeak,
     empty_timeline,
 )
+from memprof.tracking.events import EventStream
 from memprof.tracking.ledger import (
     ACTIVATION,
     BACKWARD,
+    FORWARD,
     FRAME_BACKWARD,
     FRAME_FORWARD,
     FRAME_RECOMPUTE,
+    GRADIENT,
     INPUT,
     OPTIMIZER,
     OPTIMIZER_STATE,
@@ -60,11 +63,13 @@ from memprof.tracking.ledger import (
     OUTSIDE,
     TEMPORARY,
     Entry,
+    Facts,
     StorageLedger,
 )
 from memprof.tracking.modules import ModuleRegistry
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.timeline import decimate
+from memprof.units import round_up
 
 _graph_task_id = torch._C._current_graph_task_id
 
@@ -72,6 +77,12 @@ _graph_task_id = torch._C._current_graph_task_id
 LEAK_MIN_GROWTHS = 3
 #: ...by at least this much in all.
 LEAK_MIN_BYTES = 1 << 20
+#: What ``backend="auto"`` picks for real tensors (fake tensors always use "dispatch").
+AUTO_BACKEND: Literal["events", "dispatch"] = "dispatch"
+#: The events backend reads (and replays) the profiler's events every this many steps.
+EVENTS_FLUSH_STEPS = 32
+
+Backend = Literal["auto", "events", "dispatch"]
 
 
 class _LedgerMode(TorchDispatchMode):
@@ -122,7 +133,11 @@ class Profiler:
         step_on_optimizer: bool = False,
         max_steps: int | None = None,
         device_modelled: str | None = None,
+        backend: Backend = "auto",
     ) -> None:
+        if backend not in ("auto", "events", "dispatch"):
+            raise ValueError(f"backend must be 'auto', 'events' or 'dispatch', not {backend!r}")
+        self._backend_choice = backend
         self._model = model
         self._optimizer = optimizer
         self._schedule = schedule or every_step
@@ -147,7 +162,25 @@ class Profiler:
         self._entered = True
         Profiler._active = self
         self._fake = _fake_mode_active()
-        self.ledger = StorageLedger(round_all_to=self._round_to)
+        backend = self._backend_choice
+        if backend == "auto":
+            backend = AUTO_BACKEND if not self._fake else "dispatch"
+        if backend == "events" and self._fake:
+            Profiler._active = None
+            raise ValueError("the events backend needs real tensors: under FakeTensorMode "
+                             "nothing is allocated (use backend='dispatch' or 'auto')")
+        #: The measurement backend in use: "events" or "dispatch".
+        self.backend = backend
+        self.ledger = StorageLedger(round_all_to=self._round_to, by_ptr=backend == "events")
+        self._events: EventStream | None = None
+        if backend == "events":
+            self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node)
+        self._live_recording = False
+        self._live_stack: list[tuple[int, Any]] = []
+        self._live_active = 0
+        self._applied_step = 0
+        self._replay_bwd = False
+        self._since_flush = 0
         self.registry = ModuleRegistry(self.ledger)
         self._mode = _LedgerMode(self.ledger)
         self._mode_entered = False
@@ -168,6 +201,8 @@ class Profiler:
         try:
             self._install()
             self._begin_step()
+            if self._events is not None:
+                self._events.start()
         except BaseException:
             self._teardown()
             raise
@@ -175,8 +210,10 @@ class Profiler:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
+            if self._events is not None:
+                self._events.flush(restart=False)
             if self.ledger.logging and self.ledger.log:
-                self._end_step(partial=exc_type is not None)
+                self._end_step(partial=exc_type is not None, device=_device_stats())
             self._result = self._build(interrupted=exc_type is not None)
         finally:
             self._teardown()
@@ -186,7 +223,8 @@ class Profiler:
         if self._model is not None:
             self.registry.register_tree(self._model, "", None)
         if self._optimizer is not None:
-            self._track_optimizer_state(self._optimizer)
+            self._track_state(self._optimizer_state(self._optimizer))
+        self.registry.grad_sink = self._on_grad
         self._handles.append(
             nn.modules.module.register_module_forward_pre_hook(self._on_forward_pre)
         )
@@ -202,6 +240,11 @@ class Profiler:
     def _teardown(self) -> None:
         self._model = self._optimizer = None  # the profile must not keep them alive
         self._set_mode(False)
+        events = getattr(self, "_events", None)
+        if events is not None:
+            events.stop()
+            events.payloads = []
+            events.pending = []
         saved = getattr(self, "_saved_hooks", None)
         if saved is not None:
             saved.__exit__(None, None, None)
@@ -220,6 +263,8 @@ class Profiler:
 
     def _set_mode(self, on: bool) -> None:
         """Enter or leave the dispatch mode (only while it is the innermost mode)."""
+        if self._events is not None:
+            return
         if on and not self._mode_entered:
             self._mode.__enter__()
             self._mode_entered = True
@@ -233,64 +278,88 @@ class Profiler:
         """Mark the end of a training step (call it once per iteration, like torch.profiler)."""
         if Profiler._active is not self:
             raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
-        if self.ledger.recording:
-            self._end_step(partial=False)
+        device = _device_stats() if self._live_recording else None
         self._step += 1
-        self._begin_step()
+        action = self._next_action()
+        events = self._events
+        if events is None:
+            self._step_apply(device, self._step, action)
+            return
+        events.point(self._step_apply, device, self._step, action)
+        self._since_flush += 1
+        if self._since_flush >= EVENTS_FLUSH_STEPS:
+            self._since_flush = 0
+            events.flush(restart=True)
+
+    def _next_action(self) -> StepAction:
+        """The schedule's action for the step starting now (decided live, applied later)."""
+        action = self._schedule(self._step)
+        if self._max_steps is not None and self._live_active >= self._max_steps:
+            action = StepAction.SKIP
+        if action is StepAction.ACTIVE:
+            self._live_active += 1
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()
+        self._live_recording = action is not StepAction.SKIP
+        self._set_mode(self._live_recording)
+        return action
+
+    def _step_apply(self, device: tuple[int, int] | None, step: int, action: StepAction) -> None:
+        self._replay_bwd = False
+        if self.ledger.recording:
+            self._end_step(partial=False, device=device)
+        self._applied_step = step
+        self._begin_step_apply(action)
 
     def _begin_step(self) -> None:
-        action = self._schedule(self._step)
-        if self._max_steps is not None and self._active_steps >= self._max_steps:
-            action = StepAction.SKIP
+        self._begin_step_apply(self._next_action())
+
+    def _begin_step_apply(self, action: StepAction) -> None:
         ledger = self.ledger
         ledger.recording = action is not StepAction.SKIP
         ledger.logging = action is StepAction.ACTIVE
-        self._set_mode(ledger.recording)
         if ledger.logging:
-            self._step_started = time.perf_counter()
+            self._step_started = ledger.clock()
             self._step_start_live = ledger.begin_step()
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.reset_peak_memory_stats()
 
-    def _end_step(self, *, partial: bool) -> None:
+    def _end_step(self, *, partial: bool, device: tuple[int, int] | None) -> None:
         ledger = self.ledger
         if ledger.logging:
             self._active_steps += 1
-            self._record_step(partial=partial)
+            self._record_step(partial=partial, device=device)
         # Temporaries that outlive their step hold memory with no role: call them "other".
         for entry in list(ledger.entries.values()):
             if entry.category == TEMPORARY:
                 ledger.reclassify(entry, OTHER, entry.module)
 
-    def _record_step(self, *, partial: bool) -> None:
+    def _record_step(self, *, partial: bool, device: tuple[int, int] | None) -> None:
         ledger = self.ledger
         ledger.sample()
         peak = ledger.peak
         by_category = dict(zip(CATEGORIES, peak.by_category, strict=True))
-        device_max = device_reserved = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            device_max = int(torch.cuda.max_memory_allocated())
-            device_reserved = int(torch.cuda.memory_reserved())
+        device_max, device_reserved = device if device is not None else (None, None)
         if self._peak is None or peak.total > self._peak.total_bytes:
             self._peak = self._peak_breakdown()
             by_category = dict(self._peak.by_category)
         self._steps.append(
             StepStats(
-                step=self._step,
+                step=self._applied_step,
                 peak_bytes=peak.total,
                 peak_phase=PHASES[peak.phase],
                 peak_module=self._name(peak.module),
                 peak_by_category=by_category,
                 start_bytes=sum(e.nbytes for e in self._step_start_live.values()),
                 end_bytes=ledger.total,
-                duration_s=time.perf_counter() - self._step_started,
+                duration_s=ledger.clock() - self._step_started,
                 device_max_allocated=device_max,
                 device_reserved=device_reserved,
             )
         )
         self._timeline_chunks.append(self._timeline_chunk())
         if partial:
-            self._warnings.append(f"step {self._step} was interrupted: its figures are partial")
+            self._warnings.append(
+                f"step {self._applied_step} was interrupted: its figures are partial"
+            )
 
     def _peak_breakdown(self) -> Peak:
         """What was alive at this step's peak, with each storage's resolved role."""
@@ -307,7 +376,7 @@ class Profiler:
         largest = sorted(live, key=lambda e: e.nbytes, reverse=True)[: self._top_tensors]
         return Peak(
             total_bytes=peak.total,
-            step=self._step,
+            step=self._applied_step,
             phase=PHASES[peak.phase],
             module=self._name(peak.module),
             by_category=by_category,
@@ -335,7 +404,7 @@ class Profiler:
         chunk = empty_timeline()
         t0 = self._step_started
         for seq, when, phase, module, totals in kept:
-            chunk["step"].append(self._step)
+            chunk["step"].append(self._applied_step)
             chunk["seq"].append(seq)
             chunk["time_s"].append(round(when - t0, 6))
             chunk["phase"].append(PHASES[phase])
@@ -345,59 +414,107 @@ class Profiler:
         return chunk
 
     # ------------------------------------------------------------------ hooks
+    # Each hook has a live part (runs in the hook: decides, captures facts) and an apply part
+    # (mutates the ledger). The dispatch backend applies at once, with the tensors themselves;
+    # the events backend leaves a marker (or buffers the facts for the next one) and applies at
+    # replay, in time order with the allocation events, with :class:`Facts`.
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
+        if not self._live_recording:
+            return
+        recompute = _graph_task_id() != -1  # checkpointing runs this forward again in backward
+        events = self._events
+        if events is None:
+            ledger = self.ledger
+            idx = self.registry.index_of(module, ledger.current_module)
+            inputs = None if recompute or ledger.frames else _tensors(args)
+            self._forward_pre_apply(idx, recompute, inputs)
+            return
+        stack = self._live_stack
+        idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
+        facts = None
+        if not recompute and not stack:
+            facts = [Facts(t) for t in _tensors(args)]
+        stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts)))
+
+    def _forward_pre_apply(self, idx: int, recompute: bool, inputs: list[Any] | None) -> None:
         ledger = self.ledger
         if not ledger.recording:
             return
-        idx = self.registry.index_of(module, ledger.current_module)
         info = self.registry.infos[idx]
-        if _graph_task_id() != -1:  # checkpointing runs this forward again inside backward
+        if recompute:
             info.recompute_calls += 1
             ledger.push_frame(idx, FRAME_RECOMPUTE)
         else:
-            if not ledger.frames:
-                self._mark_inputs(args)
+            self._replay_bwd = False
+            if inputs is not None and not ledger.frames:
+                self._mark_inputs(inputs)
             info.forward_calls += 1
             if ledger.phase != 0:
                 ledger.phase = 0
             ledger.push_frame(idx, FRAME_FORWARD)
-        self._forward_started.append(time.perf_counter())
+        self._forward_started.append(ledger.clock())
         ledger.sample()
 
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        ledger = self.ledger
-        if not ledger.recording or not ledger.frames:
+        if not self._live_recording:
             return
+        events = self._events
         idx = self.registry.index.get(module)
-        frame = ledger.frames[-1]
-        if idx is None or frame[0] != idx or frame[2] == FRAME_BACKWARD:
-            return  # hooks were installed in the middle of this forward
-        ledger.pop_frame()
-        info = self.registry.infos[idx]
-        started = self._forward_started.pop() if self._forward_started else time.perf_counter()
-        if frame[2] == FRAME_FORWARD:
-            info.peak_forward = max(info.peak_forward, frame[1])
-            if ledger.logging:
-                info.forward_time_s += time.perf_counter() - started
+        if events is None:
+            forward = self._forward_apply(idx)
+        else:
+            stack = self._live_stack
+            if not stack or stack[-1][0] != idx:
+                return  # hooks were installed in the middle of this forward
+            _, token = stack.pop()
+            events.exit(token, self._forward_apply, idx)
+            forward = _graph_task_id() == -1
+        if forward and idx is not None:
             grad_fn = _first_grad_fn(output)
             if grad_fn is not None:
-                self._grad_fn_handles.append(
-                    grad_fn.register_prehook(_BackwardEnter(self, idx))
-                )
+                self._grad_fn_handles.append(grad_fn.register_prehook(_BackwardEnter(self, idx)))
+
+    def _forward_apply(self, idx: int | None) -> bool:
+        """Close the module's frame; whether it was a forward (not a recompute)."""
+        ledger = self.ledger
+        if not ledger.recording or not ledger.frames or idx is None:
+            return False
+        frame = ledger.frames[-1]
+        if frame[0] != idx or frame[2] == FRAME_BACKWARD:
+            return False  # hooks were installed in the middle of this forward
+        ledger.pop_frame()
+        info = self.registry.infos[idx]
+        now = ledger.clock()
+        started = self._forward_started.pop() if self._forward_started else now
+        forward = frame[2] == FRAME_FORWARD
+        if forward:
+            info.peak_forward = max(info.peak_forward, frame[1])
+            if ledger.logging:
+                info.forward_time_s += now - started
         if not ledger.frames and ledger.phase == 0:
             ledger.phase = OTHER_PHASE
         ledger.sample()
+        return forward
 
     def _on_backward_enter(self, idx: int) -> None:
-        """A module's backward starts: make the module stack its path from the root."""
-        ledger = self.ledger
-        if not ledger.recording:
+        """A module's backward starts (live part of the grad_fn pre-hook)."""
+        if not self._live_recording:
             return
         if not self._in_backward:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-            if ledger.phase != BACKWARD:
-                ledger.set_phase(BACKWARD)
+        if self._events is None:
+            self._backward_enter_apply(idx)
+        else:
+            self._events.point(self._backward_enter_apply, idx)
+
+    def _backward_enter_apply(self, idx: int) -> None:
+        """Make the module stack the module's path from the root."""
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        if ledger.phase != BACKWARD:
+            ledger.set_phase(BACKWARD)
         info = self.registry.infos[idx]
         frames = ledger.frames
         if frames and frames[-1][2] == FRAME_BACKWARD:
@@ -418,8 +535,17 @@ class Profiler:
         info.peak_backward = max(info.peak_backward, frame[1])
 
     def _on_backward_end(self) -> None:
-        ledger = self.ledger
         self._in_backward = False
+        if not self._live_recording:
+            return
+        if self._events is None:
+            self._backward_end_apply()
+        else:
+            self._events.point(self._backward_end_apply)
+
+    def _backward_end_apply(self) -> None:
+        ledger = self.ledger
+        self._replay_bwd = False
         if not ledger.recording:
             return
         while ledger.frames and ledger.frames[-1][2] == FRAME_BACKWARD:
@@ -427,21 +553,30 @@ class Profiler:
         ledger.set_phase(OTHER_PHASE)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        ledger = self.ledger
-        if ledger.recording and _graph_task_id() == -1:
-            entry = ledger.lookup(tensor)
-            if entry is None:
-                ledger.track(tensor, INPUT, OUTSIDE)
-            elif entry.category == TEMPORARY:
-                ledger.reclassify(entry, ACTIVATION, ledger.current_module)
+        if self._live_recording and _graph_task_id() == -1:
+            events = self._events
+            if events is None:
+                self._pack_apply(tensor, self.ledger.current_module)
+            else:
+                stack = self._live_stack
+                events.buffer(self._pack_apply, Facts(tensor), stack[-1][0] if stack else OUTSIDE)
         return tensor
 
-    def _mark_inputs(self, args: Any) -> None:
+    def _pack_apply(self, tensor: torch.Tensor | Facts, module: int) -> None:
+        """Autograd saved ``tensor`` during ``module``'s forward: an activation."""
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        entry = ledger.lookup(tensor)
+        if entry is None:
+            ledger.track(tensor, INPUT, OUTSIDE)
+        elif entry.category == TEMPORARY:
+            ledger.reclassify(entry, ACTIVATION, module)
+
+    def _mark_inputs(self, values: list[Any]) -> None:
         """Tensors handed to the outermost module: batch data, unless they have a role."""
         ledger = self.ledger
-        for value in tree_flatten(args)[0]:
-            if not isinstance(value, torch.Tensor):
-                continue
+        for value in values:
             entry = ledger.lookup(value)
             if entry is None:
                 ledger.track(value, INPUT, OUTSIDE)
@@ -452,32 +587,63 @@ class Profiler:
                     {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
                 )
 
+    def _on_grad(self, param: torch.Tensor) -> None:
+        """A gradient was accumulated into ``param.grad`` (live part)."""
+        grad = param.grad
+        if not self._live_recording or grad is None:
+            return
+        owner = self.registry.param_owner.get(param, OUTSIDE)
+        if self._events is None:
+            self._grad_apply(grad, owner)
+        else:
+            self._events.buffer(self._grad_apply, Facts(grad), owner)
+
+    def _grad_apply(self, grad: torch.Tensor | Facts, owner: int) -> None:
+        if self.ledger.recording:
+            self.ledger.track(grad, GRADIENT, owner)
+
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        if not self._live_recording:
+            return
+        if self._events is None:
+            self._optimizer_pre_apply()
+        else:
+            self._events.point(self._optimizer_pre_apply)
+
+    def _optimizer_pre_apply(self) -> None:
         ledger = self.ledger
+        self._replay_bwd = False
         if not ledger.recording:
             return
         ledger.in_optimizer = True
         ledger.set_phase(OPTIMIZER)
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
-        ledger = self.ledger
-        if ledger.recording:
-            self._track_optimizer_state(optimizer)
-            ledger.in_optimizer = False
-            ledger.set_phase(OTHER_PHASE)
+        if self._live_recording:
+            state = self._optimizer_state(optimizer)
+            if self._events is None:
+                self._optimizer_post_apply(state)
+            else:
+                self._events.point(self._optimizer_post_apply, state)
         if self._step_on_optimizer:
             self.step()
 
-    def _track_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> list[tuple[Any, int]]:
+        """The optimizer's persistent state tensors with their owning modules (live part)."""
         ledger = self.ledger
         owner = self.registry.param_owner
+        state: list[tuple[Any, int]] = []
         state_bytes = 0
-        for param, state in optimizer.state.items():
+        round_to = max(self._round_to, 1)
+        for param, values in optimizer.state.items():
             module = owner.get(param, OUTSIDE)
-            for value in state.values():
+            for value in values.values():
                 if isinstance(value, torch.Tensor):
-                    entry = ledger.track(value, OPTIMIZER_STATE, module)
-                    state_bytes += entry.nbytes
+                    state.append((ledger.facts(value), module))
+                    raw = value.untyped_storage().nbytes()
+                    if round_to > 1 or value.is_cuda:
+                        raw = round_up(raw, max(round_to, 512))
+                    state_bytes += raw
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._optimizers[id(optimizer)] = {
             "class": type(optimizer).__name__,
@@ -486,6 +652,38 @@ class Profiler:
             "parameter_bytes": int(sum(p.untyped_storage().nbytes() for p in params)),
             "state_bytes": state_bytes,
         }
+        return state
+
+    def _track_state(self, state: list[tuple[Any, int]]) -> None:
+        for value, module in state:
+            self.ledger.track(value, OPTIMIZER_STATE, module)
+
+    def _optimizer_post_apply(self, state: list[tuple[Any, int]]) -> None:
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        self._track_state(state)
+        ledger.in_optimizer = False
+        ledger.set_phase(OTHER_PHASE)
+
+    # ----------------------------------------------------------- events replay
+    def _alloc_phase(self) -> None:
+        """Set the phase of an allocation being replayed (what ``see`` does live)."""
+        ledger = self.ledger
+        if ledger.in_optimizer:
+            phase = OPTIMIZER
+        elif self._replay_bwd or ledger.phase == BACKWARD:
+            phase = BACKWARD
+        elif ledger.frames:
+            phase = FORWARD
+        else:
+            phase = OTHER_PHASE
+        if phase != ledger.phase:
+            ledger.set_phase(phase)
+
+    def _on_backward_node(self) -> None:
+        """An autograd node ran (replay): backward has started."""
+        self._replay_bwd = True
 
     # ---------------------------------------------------------------- results
     def _name(self, module: int) -> str:
@@ -631,6 +829,17 @@ class MemoryLeakWarning(UserWarning):
     """Live memory between steps kept growing."""
 
 
+def _device_stats() -> tuple[int, int] | None:
+    """CUDA's max allocated and reserved bytes for the step ending now, if CUDA is in use."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), int(torch.cuda.memory_reserved())
+    return None
+
+
+def _tensors(args: Any) -> list[torch.Tensor]:
+    return [v for v in tree_flatten(args)[0] if isinstance(v, torch.Tensor)]
+
+
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -709,6 +918,7 @@ def profile(
     schedule: Callable[[int], StepAction] | None = None,
     timeline_points: int = 256,
     top_tensors: int = 20,
+    backend: Backend = "auto",
 ) -> Profiler:
     """Profile the memory of the training steps run inside the ``with`` block.
 
@@ -730,4 +940,5 @@ def profile(
         schedule=schedule,
         timeline_points=timeline_points,
         top_tensors=top_tensors,
+        backend=backend,
     )

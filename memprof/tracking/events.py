@@ -1,0 +1,192 @@
+"""The events backend: allocations from the PyTorch profiler's C++ events, roles from hooks.
+
+The C++ profiler runs with ``profile_memory`` and records only user-scope record_functions,
+autograd-node events and allocations: no per-op Python. memprof's hooks do not touch the ledger
+while the step runs; each one captures facts (module index, data pointers, sizes, shapes) and
+leaves a *marker* (a record_function whose name indexes a Python payload of deferred calls).
+Facts that need no exact ordering (what autograd saved, fresh gradients) are buffered and ride
+on the next marker: the tensor is still alive then, so the live allocation at its address is
+the right one. :meth:`EventStream.replay` merges allocations and markers by time and drives the
+same ledger and the same hook bodies the dispatch backend uses, keyed by data pointer.
+
+The profiler is stopped (to read its events) and started again only every few steps and at exit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._C._autograd import _disable_profiler, _enable_profiler, _prepare_profiler
+from torch._C._profiler import (
+    ProfilerActivity,
+    ProfilerConfig,
+    ProfilerState,
+    RecordScope,
+    _EventType,
+    _ExperimentalConfig,
+)
+
+from memprof.tracking.ledger import RAW_DTYPE, TEMPORARY, StorageLedger
+
+PREFIX = "memprof::"
+POINT = PREFIX + "p"
+INTERVAL = PREFIX + "i"
+_SKIP = len(POINT)
+_ALLOCATION = _EventType.Allocation
+_TORCH_OP = _EventType.TorchOp
+_BACKWARD_SCOPE = RecordScope.BACKWARD_FUNCTION
+_enter = torch.ops.profiler._record_function_enter_new
+_exit = torch.ops.profiler._record_function_exit._RecordFunction
+
+# Ranks at equal times: enters, then allocations, then exits.
+_ENTER, _ALLOC, _EXIT = 0, 1, 2
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+class EventStream:
+    """Keeps the C++ profiler running and turns its events back into ledger updates."""
+
+    def __init__(self, ledger: StorageLedger, alloc_phase: Callable[[], None],
+                 on_backward_node: Callable[[], None]) -> None:
+        self.ledger = ledger
+        self._alloc_phase = alloc_phase
+        self._on_backward_node = on_backward_node
+        self.config = ProfilerConfig(
+            ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig()
+        )
+        self.running = False
+        #: Payloads of markers not yet replayed: lists of deferred calls.
+        self.payloads: list[list[Call] | None] = []
+        #: Facts buffered for the next marker.
+        self.pending: list[Call] = []
+        self._offset_s = 0.0  # perf_counter seconds minus event epoch seconds
+        self.replay_s = 0.0  # time spent replaying, for the benchmark
+
+    # ------------------------------------------------------------- live side
+    def start(self) -> None:
+        activities = {ProfilerActivity.CPU}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            activities.add(ProfilerActivity.CUDA)
+        _prepare_profiler(self.config, activities)
+        _enable_profiler(  # type: ignore[call-arg]
+            self.config, activities, {RecordScope.USER_SCOPE, RecordScope.BACKWARD_FUNCTION}
+        )
+        self.running = True
+        self._offset_s = time.perf_counter() - time.time_ns() / 1e9
+
+    def stop(self) -> list[Any]:
+        """Stop the profiler; returns the roots of its event tree."""
+        if not self.running:
+            return []
+        self.running = False
+        return list(_disable_profiler().experimental_event_tree())
+
+    def buffer(self, fn: Callable[..., Any], *args: Any) -> None:
+        """A fact for the next marker."""
+        self.pending.append((fn, args))
+
+    def point(self, fn: Callable[..., Any], *args: Any) -> None:
+        """A point marker: the buffered facts, then ``fn(*args)``, at this moment."""
+        payload = self.pending
+        payload.append((fn, args))
+        self.pending = []
+        index = len(self.payloads)
+        self.payloads.append(payload)
+        if self.running:
+            _exit(_enter(POINT + str(index), None))
+
+    def enter(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
+        """Open an interval marker (its exit comes with :meth:`exit`)."""
+        payload = self.pending
+        payload.append((fn, args))
+        self.pending = []
+        index = len(self.payloads)
+        self.payloads.append(payload)
+        self.payloads.append(None)  # the exit's payload
+        handle = _enter(INTERVAL + str(index), None) if self.running else None
+        return handle, index
+
+    def exit(self, token: tuple[Any, int], fn: Callable[..., Any], *args: Any) -> None:
+        handle, index = token
+        payload = self.pending
+        payload.append((fn, args))
+        self.pending = []
+        self.payloads[index + 1] = payload
+        if handle is not None:
+            _exit(handle)
+
+    # ----------------------------------------------------------------- replay
+    def flush(self, restart: bool) -> None:
+        """Stop the profiler, replay its events into the ledger, and start it again."""
+        started = time.perf_counter()
+        roots = self.stop()
+        if restart:
+            self.start()
+        self.replay(roots)
+        self.replay_s += time.perf_counter() - started
+
+    def replay(self, roots: list[Any]) -> None:
+        items: list[tuple[int, int, int, int, int]] = []
+        append = items.append
+        seq = 0
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            tag = node.tag
+            if tag == _ALLOCATION:
+                fields = node.extra_fields
+                size = fields.alloc_size
+                seq += 1
+                append((node.start_time_ns, _ALLOC, seq, fields.ptr, size))
+                continue
+            if tag == _TORCH_OP:
+                name = node.name
+                if name.startswith(PREFIX):
+                    index = int(name[_SKIP:])
+                    seq += 1
+                    append((node.start_time_ns, _ENTER, seq, -1, index))
+                    if name.startswith(INTERVAL):
+                        seq += 1
+                        append((node.end_time_ns, _EXIT, seq, -1, index + 1))
+                elif node.extra_fields.scope == _BACKWARD_SCOPE:
+                    seq += 1
+                    append((node.start_time_ns, _ENTER, seq, -2, 0))
+            stack.extend(node.children)
+        items.sort()
+        ledger = self.ledger
+        payloads = self.payloads
+        offset = self._offset_s
+        now = 0.0
+        ledger.clock = lambda: now
+        try:
+            for when, _rank, _seq, ptr, value in items:
+                now = when / 1e9 + offset
+                if ptr == -1:
+                    payload = payloads[value]
+                    payloads[value] = None
+                    if payload:
+                        for fn, args in payload:
+                            fn(*args)
+                elif ptr == -2:
+                    self._on_backward_node()
+                elif value > 0:
+                    if ledger.recording:
+                        self._alloc_phase()
+                        ledger.alloc(ptr, value, TEMPORARY, ledger.current_module, (value,),
+                                     RAW_DTYPE)
+                else:
+                    ledger.free(ptr)
+        finally:
+            ledger.clock = time.perf_counter
+        # Markers whose events were never recorded (the profiler was off): apply them now.
+        for i, payload in enumerate(payloads):
+            if payload:
+                for fn, args in payload:
+                    fn(*args)
+                payloads[i] = None
+        self.payloads = []
+
