@@ -54,6 +54,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.errors import MemprofError
+from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
+from memprof.gpus import FRAGMENTATION_FRACTION, usable_bytes
 from memprof.profile import Profile
 from memprof.units import format_bytes
 
@@ -69,10 +71,10 @@ __all__ = [
     "synthetic_batch",
 ]
 
-#: The CUDA context a process holds before its first tensor: driver state, loaded kernels and
-#: cuBLAS/cuDNN handles. About 0.3-2 GiB; 512 MiB is typical of CUDA 12 with lazy module loading
-#: (the default since CUDA 11.7). Modelled, not measured: see ``meta["estimate"]``.
-CUDA_CONTEXT_BYTES = 512 * 1024**2
+#: The CUDA context a process holds before its first tensor (driver state, kernels,
+#: cuBLAS/cuDNN handles): memprof.gpus' figure, shared with the advisor's budgets. Modelled, not
+#: measured: see ``meta["estimate"]``.
+CUDA_CONTEXT_BYTES = GPU_CONTEXT_BYTES
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -714,13 +716,14 @@ def _annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype
         if not any("rounding" in m for m in modelled):
             modelled.append(f"allocator rounding to {CUDA_BLOCK_BYTES}-byte blocks")
         modelled.append(
-            f"CUDA context reserve of {format_bytes(context)} (typical of CUDA 12 with lazy "
-            "loading; 0.3-2 GiB in practice), added to device_total_bytes, not to the tensors")
+            f"CUDA context reserve of {format_bytes(context)} (0.3-2 GiB in practice), added "
+            "to device_total_bytes, not to the tensors")
         modelled.append("optimizer built with foreach=True, torch's default on CUDA")
         modelled.append("run on fake CPU tensors: CPU kernels choose the intermediates "
                         "(attention uses the CPU flash/sdpa kernel)")
-        modelled.append("fragmentation of the caching allocator (reserved - allocated) is not "
-                        "modelled")
+        modelled.append(
+            "fragmentation of the caching allocator is not in the tensor figures; a fit verdict "
+            f"keeps {FRAGMENTATION_FRACTION:.0%} of the memory left after the context for it")
     if mixed_precision:
         modelled.append(f"mixed precision through CPU autocast to {mixed_precision}")
     profile.device = dataclasses.replace(profile.device, modelled=modelled)
@@ -743,37 +746,41 @@ def _annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype
         "modelled": modelled,
     }
     if gpu is not None and budget is not None:
-        info["fit"] = fit_verdict(peak + context, gpu, budget=budget)
+        info["fit"] = fit_verdict(peak, gpu, budget=budget)
     profile.meta["estimate"] = info
     return profile
 
 
 def _gpu_budget(gpu: str) -> tuple[int, str]:
-    """The memory of ``gpu`` (a name, or a size, as :func:`memprof.gpus.resolve_budget` reads).
+    """The memory of ``gpu``: a name, or a size, as :func:`memprof.gpus.resolve_budget` reads.
 
-    Raises :class:`~memprof.errors.UnknownGPUError` for a name the catalog lacks, and
-    :class:`EstimateError` when the GPU catalog is not installed.
+    Raises :class:`~memprof.errors.UnknownGPUError` for a name the catalog lacks and
+    :class:`~memprof.errors.BudgetError` for text that is neither.
     """
-    try:
-        gpus: Any = importlib.import_module("memprof.gpus")
-    except ImportError as exc:
-        raise EstimateError(f"a fit verdict needs the GPU catalog (memprof.gpus): {_one_line(exc)}"
-                            ) from exc
-    budget, description = gpus.resolve_budget(gpu)
+    from memprof.gpus import resolve_budget
+
+    budget, description = resolve_budget(gpu)
     return int(budget), str(description)
 
 
-def fit_verdict(needed: int, gpu: str, *, budget: tuple[int, str] | None = None
+def fit_verdict(tensor_bytes: int, gpu: str, *, budget: tuple[int, str] | None = None
                 ) -> dict[str, Any]:
-    """Whether ``needed`` bytes fit the memory of ``gpu`` (see :func:`_gpu_budget`)."""
+    """Whether a step whose tensors peak at ``tensor_bytes`` fits ``gpu``.
+
+    The device's memory (as its driver reports it) less memprof.gpus' reserve for the CUDA
+    context and fragmentation is what tensors can use (``usable_bytes``); ``needed_bytes`` is
+    the tensors plus the context, ``headroom_bytes`` what is left of ``usable_bytes``.
+    """
     capacity, description = budget if budget is not None else _gpu_budget(gpu)
+    usable = usable_bytes(capacity)
     return {
         "gpu": gpu,
         "budget_bytes": capacity,
         "budget": description,
-        "needed_bytes": needed,
-        "fits": needed <= capacity,
-        "headroom_bytes": capacity - needed,
+        "usable_bytes": usable,
+        "needed_bytes": tensor_bytes + CUDA_CONTEXT_BYTES,
+        "fits": tensor_bytes <= usable,
+        "headroom_bytes": usable - tensor_bytes,
     }
 
 

@@ -12,9 +12,9 @@ modelled rather than measured (512-byte allocator blocks, the CUDA context) is p
 was modelled, as sentences), ``peak`` (``total_bytes``, ``step``, ``phase``, ``module``,
 ``by_category``), ``layers`` (the per-layer rows: ``module``, ``type``, ``parameter``,
 ``gradient``, ``optimizer_state``, ``activation``, ``peak_forward``, ``peak_backward``),
-``fit`` (null, or ``gpu``, ``budget``, ``budget_bytes``, ``needed_bytes``, ``fits``,
-``headroom_bytes``), ``advice`` (the advisor's JSON or null), ``profile`` (path written or null),
-``notes``.
+``fit`` (null, or ``gpu``, ``budget``, ``budget_bytes``, ``usable_bytes``, ``needed_bytes``,
+``fits``, ``headroom_bytes``), ``advice`` (the advisor's JSON or null), ``profile`` (path
+written or null), ``notes``.
 """
 
 from __future__ import annotations
@@ -155,8 +155,7 @@ def _usage(message: str) -> MemprofError:
 
 
 def _advise(profile: Any, info: dict[str, Any]) -> tuple[Any, str | None]:
-    """The advisor's plan for the GPU, its budget less the modelled CUDA context (which is no
-    tensor, so the advisor does not see it in the profile)."""
+    """The advisor's plan for the GPU's memory, or None and a note saying why there is none."""
     fit = info.get("fit")
     if fit is None:
         return None, None
@@ -164,7 +163,7 @@ def _advise(profile: Any, info: dict[str, Any]) -> tuple[Any, str | None]:
         from memprof.advisor import advise
     except ImportError as exc:
         return None, f"no plan: the advisor (memprof.advisor) is not available ({one_line(exc)})"
-    budget = int(fit["budget_bytes"]) - int(info.get("cuda_context_bytes", 0))
+    budget = int(fit["budget_bytes"])  # the advisor keeps memprof.gpus' reserve, as for `run`
     try:
         return advise(profile, budget=budget), None
     except MemprofError as exc:
@@ -239,9 +238,10 @@ def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
     fit = info.get("fit")
     if fit is not None:
         verdict = "fits" if fit["fits"] else "does NOT fit"
-        lines += ["", f"{fit['budget']}: {verdict} ({size(fit['needed_bytes'])} needed, "
+        lines += ["", f"{fit['budget']}: {verdict}: the tensors peak at "
+                      f"{size(peak.total_bytes)} of {size(fit['usable_bytes'])} usable, "
                       f"{size(abs(fit['headroom_bytes']))} "
-                      f"{'to spare' if fit['fits'] else 'over'})"]
+                      f"{'to spare' if fit['fits'] else 'too much'}"]
     if advice is not None:
         lines += ["", _advice_text(advice)]
     if written is not None:
