@@ -1,0 +1,218 @@
+"""The advisor: what to change so a training step fits, predicted from a profile and checked.
+
+``advise(profile)`` predicts, for each technique and option, the step peak the change would
+give, from the profile's own numbers (see :mod:`memprof.advisor.core`). With a ``workload``
+it also applies each change to deep copies of the model and optimizer, runs a few steps under
+:func:`memprof.profile` and fills the measured columns. With a ``budget`` it plans the
+cheapest combination that fits (and, with a workload, simulates it).
+
+Example::
+
+    advice = memprof.advise(prof.profile, budget="24GiB",
+                            workload=Workload(model, optimizer, (x, y)))
+    print(advice.table()[["technique", "options", "predicted_peak_bytes", "error_pct"]])
+    prof.profile.advice = advice.to_dict()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memprof.advisor import (
+    batch,
+    checkpointing,
+    mixed_precision,
+    optimizer,
+    planner,
+    pruning,
+    quantization,
+    sharding,
+)
+from memprof.advisor.advice import Advice
+from memprof.advisor.core import Change, Facts, predict_peak, read_facts
+from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
+from memprof.gpus import FRAGMENTATION_FRACTION, resolve_budget, usable_bytes
+from memprof.profile import Profile
+
+
+def changes_for(facts: Facts) -> list[Change]:
+    """Every technique's candidate changes for this profile, with predicted peaks set."""
+    out: list[Change] = []
+    for module in (mixed_precision, quantization, pruning, checkpointing, optimizer, sharding):
+        out.extend(module.predict(facts))
+    for c in out:
+        if c.applicable and c.transform is not None and c.predicted_peak is None:
+            c.predicted_peak = predict_peak(facts, [c.transform])
+    return out
+
+
+def read_budget(budget: int | str | None) -> tuple[int, str] | None:
+    """(usable bytes, description). A text budget (size or GPU) loses the CUDA context and the
+    fragmentation reserve; an int is taken as bytes already free of the context."""
+    if budget is None:
+        return None
+    if isinstance(budget, str):
+        total, text = resolve_budget(budget)
+        return usable_bytes(total), (f"{text}; usable after the CUDA context and "
+                                     f"{100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve")
+    usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
+    return usable, f"{budget} bytes less {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+
+
+def advise(profile: Profile, *, budget: int | str | None = None,
+           workload: Workload | None = None) -> Advice:
+    """Recommendations for ``profile`` (see :class:`Advice` for the columns)."""
+    facts = read_facts(profile)
+    changes = changes_for(facts)
+    resolved = read_budget(budget)
+    base = facts.peak_bytes
+    reference: Measurement | None = None
+    measured: dict[int, Measurement | str] = {}
+    extra: dict[str, Any] = {}
+    if workload is not None:
+        with seeded():
+            baseline(workload)  # warm-up: the first run pays one-off costs (step time)
+            reference = baseline(workload)
+        extra["measured_baseline_peak_bytes"] = reference.peak_bytes
+        for c in changes:
+            if c.applicable and c.apply is not None:
+                measured[id(c)] = _simulate(workload, [c], reference)
+    rows = [_row(c, base, measured.get(id(c)), reference) for c in changes]
+    if workload is not None and reference is not None and facts.has_optimizer:
+        rows.extend(_batch_rows(workload, reference, base, resolved))
+    rows.sort(key=_rank)
+    plan = None
+    if resolved is not None:
+        plan = _plan(facts, changes, resolved, workload, reference)
+    if resolved is not None:
+        extra["budget"] = resolved[1]
+        extra["usable_bytes"] = resolved[0]
+    return Advice(rows=rows, plan=plan, baseline_peak_bytes=base,
+                  simulated=workload is not None, extra=extra)
+
+
+def _simulate(workload: Workload, combo: list[Change], reference: Measurement
+              ) -> Measurement | str:
+    try:
+        with seeded():
+            return simulate(workload, [c.apply for c in combo if c.apply is not None], reference)
+    except Exception as exc:  # one failing technique must not lose the others
+        return f"simulation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _row(c: Change, base: int, m: Measurement | str | None, ref: Measurement | None
+         ) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "technique": c.technique, "options": dict(c.options), "applicable": c.applicable,
+        "reason": c.reason or None, "baseline_peak_bytes": base,
+        "predicted_peak_bytes": c.predicted_peak, "predicted_saving_bytes": None,
+        "saving_pct": None, "measured_peak_bytes": None, "error_pct": None, "quality": None,
+        "step_time_ratio": None, "caveats": "; ".join(c.caveats) or None, "how": c.how,
+    }
+    if c.predicted_peak is not None:
+        row["predicted_saving_bytes"] = base - c.predicted_peak
+        row["saving_pct"] = 100.0 * (base - c.predicted_peak) / base if base else 0.0
+    if isinstance(m, str):
+        row["caveats"] = "; ".join([*c.caveats, m])
+    elif m is not None and ref is not None:
+        _fill_measured(row, c.predicted_peak, m, ref)
+    return row
+
+
+def _fill_measured(row: dict[str, Any], predicted: int | None, m: Measurement,
+                   ref: Measurement) -> None:
+    row["measured_peak_bytes"] = m.peak_bytes
+    if predicted is not None and m.peak_bytes:
+        row["error_pct"] = 100.0 * abs(predicted - m.peak_bytes) / m.peak_bytes
+    row["quality"] = {"output_drift": m.output_drift, "loss_drift": m.loss_drift}
+    row["step_time_ratio"] = m.step_time_s / ref.step_time_s if ref.step_time_s else None
+
+
+def _rank(row: dict[str, Any]) -> tuple[int, float]:
+    saving = row.get("predicted_saving_bytes")
+    return (0 if row["applicable"] else 1, -(saving if saving is not None else float("-inf")))
+
+
+def _batch_rows(workload: Workload, ref: Measurement, base: int,
+                resolved: tuple[int, str] | None) -> list[dict[str, Any]]:
+    size = batch.batch_size(workload.batch)
+    if size is None or size < 2:
+        return [{"technique": "batch", "options": {}, "applicable": False,
+                 "reason": "the batch has no leading batch dimension of 2 or more to fit from",
+                 "baseline_peak_bytes": base, "how": "needs two measured batch sizes"}]
+    half = size // 2
+    with seeded():
+        small = simulate(workload, [], ref, batch=batch.resize(workload.batch, half, size))
+    fit = batch.BatchFit.from_profiles((half, small.profile), (size, ref.profile))
+    how = (f"per-phase lines through the peaks measured at batch {half} and {size}: "
+           f"{fit.to_dict()['per_sample_bytes']} bytes per sample")
+    rows = []
+    for target, options in ((2 * size, {"batch": 2 * size}),
+                            (half, {"batch": size, "micro_batch": half, "accumulation": 2})):
+        predicted = fit.peak(target)
+        row = {"technique": "batch", "options": options, "applicable": True, "reason": None,
+               "baseline_peak_bytes": base, "predicted_peak_bytes": predicted,
+               "predicted_saving_bytes": base - predicted,
+               "saving_pct": 100.0 * (base - predicted) / base if base else 0.0,
+               "caveats": ("gradient accumulation keeps the effective batch; steps take about "
+                           "as long in total" if "accumulation" in options else
+                           "a larger batch changes optimization (scale the learning rate)"),
+               "how": how}
+        if target == half:
+            _fill_measured(row, predicted, small, ref)
+            row["caveats"] += "; measured at the fit's own point (not an independent check)"
+        else:
+            with seeded():
+                m = simulate(workload, [], ref, batch=batch.resize(workload.batch, target, size))
+            _fill_measured(row, predicted, m, ref)
+        rows.append(row)
+    if resolved is not None:
+        largest = fit.largest_fitting(resolved[0])
+        rows.append({"technique": "batch", "options": {"largest_batch_that_fits": largest},
+                     "applicable": largest > 0, "reason": None if largest else "batch 1 does not fit",
+                     "baseline_peak_bytes": base,
+                     "predicted_peak_bytes": fit.peak(largest) if largest else None,
+                     "predicted_saving_bytes": base - fit.peak(largest) if largest else None,
+                     "saving_pct": None, "caveats": "extrapolated from the two-point fit",
+                     "how": how})
+    return rows
+
+
+def _plan(facts: Facts, changes: list[Change], resolved: tuple[int, str],
+          workload: Workload | None, ref: Measurement | None) -> dict[str, Any]:
+    usable, text = resolved
+    combo, peak, tried = planner.plan(facts, changes, usable)
+    result: dict[str, Any] = {"budget": text, "usable_bytes": usable,
+                              "baseline_peak_bytes": facts.peak_bytes,
+                              "combinations_tried": tried}
+    if combo is None:
+        best = min((c for c in changes if c.predicted_peak is not None),
+                   key=lambda c: c.predicted_peak or 0, default=None)
+        result.update(fits=False, changes=[], predicted_peak_bytes=None,
+                      explanation=("no combination of the techniques fits "
+                                   f"{text}; the lowest single prediction is "
+                                   f"{planner.describe(best) if best else 'none'}"))
+        return result
+    if not combo:
+        peak = facts.peak_bytes
+    result.update(fits=True, changes=[planner.to_row(c) for c in combo],
+                  predicted_peak_bytes=peak,
+                  explanation=planner.explain(combo, peak, usable, facts.peak_bytes))
+    if workload is not None and ref is not None and combo:
+        if all(c.apply is not None for c in combo):
+            m = _simulate(workload, list(combo), ref)
+            if isinstance(m, str):
+                result["simulation"] = m
+            else:
+                result["measured_peak_bytes"] = m.peak_bytes
+                result["measured_fits"] = m.peak_bytes <= usable
+                result["quality"] = {"output_drift": m.output_drift, "loss_drift": m.loss_drift}
+                result["step_time_ratio"] = (m.step_time_s / ref.step_time_s
+                                             if ref.step_time_s else None)
+        else:
+            result["simulation"] = "not simulated: " + ", ".join(
+                planner.describe(c) for c in combo if c.apply is None) + " cannot run here"
+    return result
+
+
+__all__ = ["Advice", "Workload", "advise"]

@@ -1,0 +1,79 @@
+"""The advisor's answer: recommendation rows, a budget plan, and their JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from memprof.units import format_bytes
+
+#: Columns of :meth:`Advice.table`, in order.
+COLUMNS = (
+    "technique", "options", "applicable", "reason", "baseline_peak_bytes",
+    "predicted_peak_bytes", "predicted_saving_bytes", "saving_pct", "measured_peak_bytes",
+    "error_pct", "quality", "step_time_ratio", "caveats", "how",
+)
+ADVICE_VERSION = 1
+
+
+@dataclass
+class Advice:
+    """Recommendations ranked by saving, and (with a budget) the plan that fits.
+
+    ``table()`` columns: ``technique``; ``options`` (dict); ``applicable`` and ``reason`` (why
+    not); ``baseline_peak_bytes`` (the profile's step peak); ``predicted_peak_bytes``,
+    ``predicted_saving_bytes`` and ``saving_pct`` (of the baseline); when simulated,
+    ``measured_peak_bytes``, ``error_pct`` (|predicted - measured| / measured, in %),
+    ``quality`` (``output_drift``: relative L2 change of the outputs on the same batch before
+    training; ``loss_drift``: relative change of the loss after the simulated steps) and
+    ``step_time_ratio`` (against the unchanged model, both profiled); ``caveats``; ``how``
+    (how the prediction was derived).
+    """
+
+    rows: list[dict[str, Any]]
+    plan: dict[str, Any] | None = None
+    baseline_peak_bytes: int = 0
+    simulated: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows)
+        for c in COLUMNS:
+            if c not in frame.columns:
+                frame[c] = None
+        return frame[[*COLUMNS, *[c for c in frame.columns if c not in COLUMNS]]]
+
+    def best(self) -> dict[str, Any] | None:
+        ok = [r for r in self.rows if r["applicable"] and (r.get("predicted_saving_bytes") or 0) > 0]
+        return ok[0] if ok else None
+
+    def summary(self, *, top: int = 3) -> str:
+        lines = [f"baseline step peak {format_bytes(self.baseline_peak_bytes)}"]
+        for r in [r for r in self.rows if r["applicable"]][:top]:
+            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "modules")
+            saving = r.get("predicted_saving_bytes")
+            if saving is None:
+                continue
+            line = (f"  {r['technique']} ({opts}): predicted {format_bytes(r['predicted_peak_bytes'])}"
+                    f" ({r['saving_pct']:+.1f}% saved)")
+            if r.get("measured_peak_bytes") is not None:
+                line += f", measured {format_bytes(r['measured_peak_bytes'])}"
+            lines.append(line)
+        if self.plan:
+            lines.append(f"plan: {self.plan.get('explanation', '')}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": ADVICE_VERSION, "baseline_peak_bytes": self.baseline_peak_bytes,
+                "simulated": self.simulated, "recommendations": self.rows, "plan": self.plan,
+                **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Advice:
+        known = {"version", "baseline_peak_bytes", "simulated", "recommendations", "plan"}
+        return cls(rows=list(data.get("recommendations", [])), plan=data.get("plan"),
+                   baseline_peak_bytes=int(data.get("baseline_peak_bytes", 0)),
+                   simulated=bool(data.get("simulated", False)),
+                   extra={k: v for k, v in data.items() if k not in known})

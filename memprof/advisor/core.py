@@ -1,0 +1,175 @@
+"""What every technique shares: the facts read from a Profile, a Change, and the peak model.
+
+A prediction replays the profile's timeline. Each timeline sample is the bytes live per
+category at one moment of the step (module boundaries, phase changes and the step's peak); a
+:class:`Change` rewrites a sample (halve the activations, drop the gradients of frozen
+layers, ...) and the predicted peak is the largest rewritten sample. So a technique that
+shrinks a category which is small *at the peak* moves the peak elsewhere instead of claiming
+the whole saving, and changes compose by applying their rewrites in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from memprof.categories import CATEGORIES
+from memprof.profile import Profile
+
+Sample = dict[str, Any]  # the 8 categories (bytes, float) and "phase"
+
+#: Module types whose saved activations autocast makes 16-bit, and whose weights it casts.
+MATMUL_TYPES = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Bilinear"})
+NORM_TYPES = frozenset({"LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm",
+                        "LlamaRMSNorm"})
+
+
+@dataclass
+class Facts:
+    """Numbers the techniques need, read once from a profile."""
+
+    profile: Profile
+    samples: list[Sample]
+    peak_bytes: int
+    parameter_bytes: int
+    has_optimizer: bool
+    optimizer_class: str | None
+    optimizer_defaults: dict[str, Any]
+    float_input_fraction: float
+    modules: Any  # the modules() DataFrame
+
+    @property
+    def training(self) -> bool:
+        return self.has_optimizer
+
+    def module_rows(self) -> list[dict[str, Any]]:
+        return list(self.modules.to_dict(orient="records"))
+
+
+def read_facts(profile: Profile) -> Facts:
+    """The facts of ``profile``; raises ValueError when it recorded no step."""
+    peak = profile.peak()
+    timeline = profile.timeline()
+    samples: list[Sample] = []
+    for row in timeline.to_dict(orient="records"):
+        s: Sample = {c: float(row[c]) for c in CATEGORIES}
+        s["phase"] = str(row["phase"])
+        samples.append(s)
+    samples.extend(_transient_samples(profile, samples, timeline))
+    top: Sample = {c: float(peak.by_category.get(c, 0)) for c in CATEGORIES}
+    top["phase"] = peak.phase
+    samples.append(top)
+    opt = profile.optimizers[0] if profile.optimizers else None
+    frame = profile.modules()
+    params = int(peak.by_category.get("parameter", 0))
+    if opt is not None:
+        params = int(opt.get("parameter_bytes", params)) or params
+    inputs = profile.meta.get("inputs") or []
+    total = sum(_nbytes(i) for i in inputs)
+    floats = sum(_nbytes(i) for i in inputs if "float" in str(i.get("dtype", "")))
+    return Facts(
+        profile=profile,
+        samples=samples,
+        peak_bytes=int(peak.total_bytes),
+        parameter_bytes=params,
+        has_optimizer=opt is not None,
+        optimizer_class=str(opt["class"]) if opt is not None else None,
+        optimizer_defaults=dict(opt.get("defaults", {})) if opt is not None else {},
+        float_input_fraction=floats / total if total else 0.0,
+        modules=frame,
+    )
+
+
+def _transient_samples(profile: Profile, samples: list[Sample], timeline: Any) -> list[Sample]:
+    """Samples for the transients inside modules, which the timeline (taken at module
+    boundaries) misses: each module's ``peak_forward``/``peak_backward`` is the most bytes live
+    while it ran; the excess over its largest sampled moment is charged to ``temporary``."""
+    best: dict[tuple[str, str], Sample] = {}
+    for s, module in zip(samples, timeline["module"], strict=False):
+        key = (str(module), s["phase"])
+        if key not in best or _total(s) > _total(best[key]):
+            best[key] = s
+    out = []
+    for m in profile.modules_stats:
+        for phase, peak in (("forward", m.peak_forward), ("backward", m.peak_backward)):
+            seen = best.get((m.name, phase))
+            if seen is None or peak <= _total(seen):
+                continue
+            extra = dict(seen)
+            extra["temporary"] = seen["temporary"] + (peak - _total(seen))
+            out.append(extra)
+    return out
+
+
+def _total(s: Sample) -> float:
+    return float(sum(s[c] for c in CATEGORIES))
+
+
+def _nbytes(info: dict[str, Any]) -> int:
+    n = 1
+    for d in info.get("shape", []):
+        n *= int(d)
+    dtype = str(info.get("dtype", "float32"))
+    size = 8 if "64" in dtype else 2 if "16" in dtype else 1 if ("8" in dtype or "bool" in dtype) else 4
+    return n * size
+
+
+Transform = Callable[[Sample], Sample]
+
+
+@dataclass
+class Change:
+    """One technique with its options: how it rewrites the profile, and how to apply it.
+
+    ``quality_cost`` and ``speed_cost`` rank changes in the planner (0 = lossless/free; rough
+    prior, replaced by measurements once simulated). ``apply`` receives the simulation state
+    (see :mod:`memprof.advisor.workload`); None means it cannot be simulated here.
+    """
+
+    technique: str
+    options: dict[str, Any]
+    how: str
+    transform: Transform | None = None
+    apply: Callable[[Any], None] | None = None
+    caveats: list[str] = field(default_factory=list)
+    applicable: bool = True
+    reason: str = ""
+    quality_cost: float = 0.0
+    speed_cost: float = 0.0
+    training_only: bool = False
+    group: str = ""  # changes of one group are alternatives (the planner picks at most one)
+    predicted_peak: int | None = None  # set when the peak is not a timeline rewrite
+
+
+def predict_peak(facts: Facts, transforms: list[Transform]) -> int:
+    """The largest sample after applying ``transforms`` in order."""
+    best = 0.0
+    for sample in facts.samples:
+        s = dict(sample)
+        for t in transforms:
+            s = t(s)
+        best = max(best, sum(max(0.0, float(s[c])) for c in CATEGORIES))
+    return int(round(best))
+
+
+def scaled(**factors: float) -> Transform:
+    """A rewrite that multiplies categories by constant factors."""
+
+    def transform(s: Sample) -> Sample:
+        out = dict(s)
+        for c, f in factors.items():
+            out[c] = out[c] * f
+        return out
+
+    return transform
+
+
+def not_applicable(technique: str, options: dict[str, Any], reason: str, *, how: str = "",
+                   group: str = "") -> Change:
+    return Change(technique, options, how or reason, applicable=False, reason=reason,
+                  group=group or technique)
+
+
+TRAINING_ONLY_REASON = ("the profile has no optimizer (inference or frozen model): there are no "
+                        "gradients or optimizer states for this training technique to change")

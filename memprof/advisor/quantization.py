@@ -1,0 +1,161 @@
+"""Weight-only quantization (int8 per output channel, int4 in groups of 128) of Linear layers.
+
+For inference or a frozen base (QLoRA-style training of the rest): each ``nn.Linear`` weight
+becomes int8 (1 byte per element) plus one fp32 scale per output row, or int4 (half a byte)
+plus one fp32 scale per group of 128; biases stay fp32. Embeddings, norms and the output head
+(``lm_head``, or the model's last Linear) stay in high precision. In a training profile the
+quantized weights are frozen: their gradients and optimizer states go too (the weights kept in
+high precision still train). The forward dequantizes one layer's weight at a time (a temporary
+the size of that fp32 weight); backward dequantizes again rather than keeping it.
+8-bit optimizer *states* for full training are in :mod:`memprof.advisor.optimizer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof.advisor.core import Change, Facts, Sample, Transform
+from memprof.advisor.workload import SimState
+
+GROUP = 128
+
+
+class _DequantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return nn.functional.linear(x, layer.weight_fp().to(x.dtype), None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        w = ctx.layer.weight_fp().to(grad.dtype)
+        return grad @ w, None
+
+
+class QuantLinear(nn.Module):
+    """A frozen weight-only quantized Linear (symmetric; int4 packed two per byte)."""
+
+    def __init__(self, linear: nn.Linear, bits: int) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.bits = bits
+        if bits == 8:
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+            self.register_buffer("scale", scale.reshape(-1))
+        else:
+            pad = (-self.in_features) % GROUP
+            g = nn.functional.pad(w, (0, pad)).reshape(self.out_features, -1, GROUP)
+            scale = g.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / 7
+            q = (torch.round(g / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(-1)
+            self.register_buffer("qweight", q[0::2] | (q[1::2] << 4))
+            self.register_buffer("scale", scale.reshape(-1))
+        self.bias = linear.bias
+
+    def weight_fp(self) -> torch.Tensor:
+        if self.bits == 8:
+            return self.qweight.float() * self.scale.view(-1, 1)
+        low = (self.qweight & 0xF).to(torch.int16)
+        high = (self.qweight >> 4).to(torch.int16)
+        q = torch.stack([low, high], dim=1).reshape(-1).float() - 8
+        groups = q.reshape(self.out_features, -1, GROUP) * self.scale.view(self.out_features, -1, 1)
+        return groups.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _DequantLinear.apply(x, self)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+
+def targets(model_rows: list[dict[str, Any]]) -> list[str]:
+    """Linear modules to quantize: all but the last (the head) and any named *head*."""
+    linears = [r["module"] for r in model_rows if r["type"] == "Linear"]
+    if len(linears) > 1:
+        linears = linears[:-1]
+    return [n for n in linears if "head" not in n.rsplit(".", 1)[-1]]
+
+
+def quantized_bytes(rows: list[dict[str, Any]], bits: int) -> tuple[float, float]:
+    """(fp bytes removed, quantized bytes added) for the target Linears.
+
+    From a profile alone the bias share is unknown; it is taken as negligible (a Linear of
+    n x m has n bias elements against n*m weights)."""
+    names = set(targets(rows))
+    removed = added = 0.0
+    for r in rows:
+        if r["module"] in names:
+            p = float(r["parameter"])
+            elements = p / 4  # fp32 (the profile's dtype mix is fp32 for these tests)
+            if bits == 8:
+                added += elements * 1 + 4 * elements ** 0.5  # ~one scale per row
+            else:
+                added += elements * 0.5 + 4 * elements / GROUP
+            removed += p
+    return removed, added
+
+
+def transform_for(facts: Facts, bits: int) -> Transform:
+    rows = facts.module_rows()
+    removed, added = quantized_bytes(rows, bits)
+    frozen_fraction = removed / facts.parameter_bytes if facts.parameter_bytes else 0.0
+    largest = max((float(r["parameter"]) for r in rows if r["module"] in set(targets(rows))),
+                  default=0.0)
+
+    def transform(s: Sample) -> Sample:
+        out = dict(s)
+        out["parameter"] = s["parameter"] - removed
+        out["buffer"] = s["buffer"] + added
+        out["gradient"] = s["gradient"] * (1 - frozen_fraction)
+        out["optimizer_state"] = s["optimizer_state"] * (1 - frozen_fraction)
+        if s["phase"] in ("forward", "backward"):
+            out["temporary"] = s["temporary"] + largest
+        elif s["phase"] == "optimizer":  # the foreach scratch covers the trained params only
+            out["temporary"] = s["temporary"] * (1 - frozen_fraction)
+        return out
+
+    return transform
+
+
+def _apply(bits: int, names: list[str]) -> Any:
+    def apply(state: SimState) -> None:
+        modules = dict(state.model.named_modules())
+        replaced = set()
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else state.model
+            layer = getattr(parent, child)
+            replaced.add(id(layer.weight))
+            setattr(parent, child, QuantLinear(layer, bits))
+        for g in state.param_groups:
+            g["params"] = [p for p in g["params"] if id(p) not in replaced]
+
+    return apply
+
+
+def predict(facts: Facts) -> list[Change]:
+    rows = facts.module_rows()
+    names = targets(rows)
+    out = []
+    for bits in (8, 4):
+        removed, added = quantized_bytes(rows, bits)
+        if not names:
+            continue
+        what = "frozen base for training" if facts.has_optimizer else "inference"
+        out.append(Change(
+            "quantization", {"weights": f"int{bits}", "layers": f"{len(names)} Linear",
+                             "use": what},
+            f"{removed:.0f} B of Linear weights become {added:.0f} B of int{bits} + fp32 scales "
+            f"({'per row' if bits == 8 else f'per {GROUP}'}); their grads and optimizer states "
+            "go; one fp32 weight dequantized at a time",
+            transform=transform_for(facts, bits), apply=_apply(bits, names),
+            caveats=["embeddings, norms and the output head stay high precision",
+                     "quantized weights are frozen: train adapters (LoRA) on them"]
+            + (["int4 error is larger: check the quality column"] if bits == 4 else []),
+            quality_cost=0.5 if bits == 8 else 1.0, speed_cost=0.2, group="weights",
+        ))
+    return out

@@ -1,0 +1,241 @@
+"""Simulation: apply changes to deep copies of the user's model and optimizer, and measure.
+
+The user's model and optimizer are never touched: the model is deep-copied, and a fresh
+optimizer of the same class is built from the original's hyperparameters (param group by
+param group) on the copy's parameters. Each simulation profiles a few full steps with
+:func:`memprof.profile` and returns the measured peak, the step time and the quality: the
+relative drift of the outputs on the same batch before training, and of the loss after the
+same steps, both against the unchanged model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import memprof
+from memprof.profile import Profile
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class Workload:
+    """What simulation needs: the model, its optimizer (class and hyperparameters are copied,
+    never its state), a sample batch and how a step computes the loss.
+
+    ``step_fn(model, batch) -> loss`` overrides the default, which is ``model(**batch).loss``
+    for a dict batch, ``loss_fn(model(x), y)`` for an ``(x, y)`` batch (cross-entropy for
+    integer targets, MSE otherwise when ``loss_fn`` is None) and ``model(x).float().mean()``
+    for a tensor. memprof adds ``loss.backward()``, ``optimizer.step()`` and
+    ``optimizer.zero_grad(set_to_none=True)``. ``optimizer=None`` simulates inference
+    (forward under ``torch.no_grad``).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    batch: Any
+    step_fn: StepFn | None = None
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    steps: int = 3
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if self.step_fn is not None:
+            return self.step_fn(model, batch)
+        if isinstance(batch, dict):
+            out = model(**batch)
+            loss = getattr(out, "loss", None)
+            if loss is None and isinstance(out, dict):
+                loss = out.get("loss")
+            if loss is None:
+                raise TypeError("model(**batch) returned no .loss: pass step_fn to the Workload")
+            return loss
+        if isinstance(batch, tuple | list) and len(batch) == 2:
+            x, y = batch
+            out = _logits(model(x))
+            if self.loss_fn is not None:
+                return self.loss_fn(out, y)
+            if not torch.is_floating_point(y):
+                return nn.functional.cross_entropy(out.float(), y)
+            return nn.functional.mse_loss(out.float(), y.to(out.dtype).float())
+        return _logits(model(batch)).float().mean()
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's output on ``batch`` (logits), for the drift measure."""
+        if isinstance(batch, dict):
+            out = model(**batch)
+            return _logits(out)
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        return _logits(model(x))
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    raise TypeError(f"cannot read outputs from a {type(out).__name__}: pass step_fn")
+
+
+@dataclass
+class SimState:
+    """The copies a change edits before the steps run."""
+
+    model: nn.Module
+    batch: Any
+    optimizer_class: type[torch.optim.Optimizer] | None
+    param_groups: list[dict[str, Any]]  # hyperparameters per group, with "params" (copies)
+    autocast: torch.dtype | None = None
+    cast_batch: torch.dtype | None = None
+    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    wrap_step: list[Callable[[StepFn], StepFn]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    peak_bytes: int
+    step_time_s: float
+    output_drift: float | None
+    loss_drift: float | None
+    final_loss: float | None
+    profile: Profile
+    outputs: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+
+def copy_state(workload: Workload, *, batch: Any = None) -> SimState:
+    """Deep copies of the model and the optimizer's hyperparameters (never its state)."""
+    memo: dict[int, Any] = {}
+    model = copy.deepcopy(workload.model, memo)
+    groups: list[dict[str, Any]] = []
+    opt_class = None
+    if workload.optimizer is not None:
+        opt_class = type(workload.optimizer)
+        for g in workload.optimizer.param_groups:
+            hyper = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            hyper["params"] = [memo[id(p)] for p in g["params"] if id(p) in memo]
+            groups.append(hyper)
+    b = workload.batch if batch is None else batch
+    return SimState(model=model, batch=_clone(b), optimizer_class=opt_class, param_groups=groups)
+
+
+def _clone(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, dict):
+        return {k: _clone(v) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_clone(v) for v in batch)
+    return copy.deepcopy(batch)
+
+
+def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if torch.is_floating_point(batch) else batch
+    if isinstance(batch, dict):
+        return {k: cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        # the target of an (x, y) pair keeps its dtype: the loss is computed in fp32
+        items = list(batch)
+        if len(items) == 2:
+            return type(batch)([cast_floats(items[0], dtype), items[1]])
+        return type(batch)(cast_floats(v, dtype) for v in items)
+    return batch
+
+
+def run(workload: Workload, state: SimState, *, reference: Measurement | None = None
+        ) -> Measurement:
+    """Run ``workload.steps`` steps of ``state`` under memprof and measure them."""
+    model = state.model
+    batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
+    loss_of: StepFn = workload.loss
+    for wrap in state.wrap_step:
+        loss_of = wrap(loss_of)
+    training = state.optimizer_class is not None or state.make_optimizer is not None
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        if state.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=state.autocast)
+
+    with torch.no_grad(), autocast():
+        model.eval()
+        outputs = workload.outputs(model, batch).detach().float().clone()
+    model.train()
+    optimizer = None
+    groups = [g for g in state.param_groups if g["params"]]
+    if training:
+        if state.make_optimizer is not None:
+            optimizer = state.make_optimizer(groups)
+        else:
+            assert state.optimizer_class is not None
+            optimizer = state.optimizer_class(groups)
+    last = None
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(workload.steps):
+            if optimizer is None:
+                with torch.no_grad(), autocast():
+                    loss = loss_of(model, batch)
+            else:
+                with autocast():
+                    loss = loss_of(model, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            last = float(loss.detach().float())
+            del loss
+            prof.step()
+    profile = prof.profile
+    durations = [float(d) for d in profile.steps()["duration_s"]]
+    step_time = statistics.median(durations[1:] or durations)
+    out_drift = loss_drift = None
+    if reference is not None:
+        out_drift = _rel(outputs, reference.outputs)
+        if reference.final_loss is not None and last is not None and reference.final_loss != 0:
+            loss_drift = abs(last - reference.final_loss) / abs(reference.final_loss)
+    return Measurement(int(profile.peak().total_bytes), step_time, out_drift, loss_drift, last,
+                       profile, outputs)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor | None) -> float | None:
+    if b is None or a.shape != b.shape:
+        return None
+    denom = float(b.norm())
+    return float((a - b).norm()) / denom if denom else float((a - b).norm())
+
+
+def baseline(workload: Workload) -> Measurement:
+    """The unchanged workload, measured the way every change is."""
+    return run(workload, copy_state(workload))
+
+
+def simulate(workload: Workload, applies: list[Callable[[SimState], None]],
+             reference: Measurement, *, batch: Any = None) -> Measurement:
+    """Apply ``applies`` in order to fresh copies and measure the steps."""
+    state = copy_state(workload, batch=batch)
+    for apply in applies:
+        apply(state)
+    return run(workload, state, reference=reference)
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Same random state for every run (dropout masks), restored afterwards."""
+    saved = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(saved)
