@@ -1,0 +1,231 @@
+"""The HTML report, without a browser: content, escaping, safety of the write, figure shapes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from torch import nn
+
+import memprof
+from memprof.categories import CATEGORIES
+from memprof.errors import OutputExistsError
+from memprof.profile import DeviceInfo, ModuleStats, Peak, Profile, StepStats
+from memprof.report import figures, headline, render_report, write_report
+from memprof.report.page import context
+from memprof.units import format_bytes
+
+XSS = "<script>alert(1)</script>"
+
+
+class Evil(nn.Module):
+    """A model with a module whose name is markup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module(XSS, nn.Linear(16, 32))
+        self.add_module("<img src=x onerror=alert(2)>", nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = torch.relu(child(x))
+        return x
+
+
+def profile_of(model: nn.Module, x: torch.Tensor, steps: int = 2) -> Profile:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(steps):
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            prof.step()
+    return prof.profile
+
+
+@pytest.fixture(scope="module")
+def mlp_profile() -> Profile:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.LayerNorm(128), nn.Linear(128, 10))
+    return profile_of(model, torch.randn(32, 64))
+
+
+def test_report_is_one_offline_file(mlp_profile: Profile, tmp_path: Path) -> None:
+    # GIVEN a real profile WHEN its report is written
+    out = write_report(mlp_profile, tmp_path / "r.html")
+    html = out.read_text(encoding="utf-8")
+    # THEN plotly.js is inlined exactly once and nothing is loaded from elsewhere
+    assert html.count("plotly.js v") == 1
+    assert "<script src" not in html and "<link" not in html
+    assert "default-src 'none'" in html
+    # and the headline carries the profile's peak
+    peak = mlp_profile.peak()
+    assert f'data-bytes="{peak.total_bytes}"' in html
+    assert format_bytes(peak.total_bytes) in html
+
+
+def test_headline_uses_the_profile_without_advice(mlp_profile: Profile) -> None:
+    head = headline.build(mlp_profile, None)
+    peak = mlp_profile.peak()
+    assert head.peak_bytes == peak.total_bytes
+    dominant = max(peak.by_category, key=lambda c: peak.by_category[c])
+    assert head.dominant == dominant
+    assert head.dominant_pct == pytest.approx(100 * peak.by_category[dominant] / peak.total_bytes)
+    assert f"{head.dominant_pct:.0f}% of the peak" in head.sentence
+    assert head.fix_source == "profile" and "memprof advise" in head.sentence
+    assert f"step {peak.step}, {peak.phase}" in head.where
+
+
+def test_headline_and_advisor_section_use_the_advice(mlp_profile: Profile) -> None:
+    base = mlp_profile.peak().total_bytes
+    advice = {
+        "recommendations": [
+            {"technique": "mixed precision", "options": {"dtype": "bf16"}, "applicable": True,
+             "baseline_peak_bytes": base, "predicted_peak_bytes": base - 3000,
+             "predicted_saving_bytes": 3000, "measured_peak_bytes": base - 2500},
+            {"technique": "checkpointing", "options": "blocks 3-10", "applicable": True,
+             "baseline_peak_bytes": base, "predicted_saving_bytes": 9000},
+            {"technique": "sgd", "applicable": False, "predicted_saving_bytes": 10**9},
+        ],
+        "plan": {"budget_bytes": 2**30, "fits": True, "techniques": ["checkpointing"]},
+    }
+    head = headline.build(mlp_profile, advice)
+    # the largest applicable saving wins; the inapplicable row does not
+    assert head.fix_source == "advice"
+    assert "checkpointing (blocks 3-10) saves about 8.8 KiB (predicted)" in head.sentence
+    html = render_report(mlp_profile, advice=advice)
+    assert 'id="chart-advice"' in html and "Budget plan" in html and "1.0 GiB" in html
+    fig = context(mlp_profile, advice=advice)["charts"]["chart-advice"]
+    measured = fig["data"][1]["y"]
+    assert measured == [2500, None, None]
+
+
+def test_no_advice_says_how_to_get_it(mlp_profile: Profile) -> None:
+    html = render_report(mlp_profile)
+    assert 'id="advice-missing"' in html and "memprof advise" in html
+    assert 'id="chart-advice"' not in html
+
+
+def test_user_strings_are_escaped(tmp_path: Path) -> None:
+    profile = profile_of(Evil(), torch.randn(8, 16))
+    profile.environment["command"] = "train.py --name '</script><b>x</b>'"
+    html = write_report(profile, tmp_path / "evil.html").read_text(encoding="utf-8")
+    assert XSS not in html
+    assert "<img src=x" not in html
+    assert "<b>x</b>" not in html
+    # our three script elements (plotly, data, drawing) and no other
+    assert html.count("<script") == 3
+    # plotly text fields carry the escaped name, which plotly shows as the literal text
+    layers = context(profile)["charts"]["chart-layers"]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in layers["data"][0]["y"]
+
+
+def test_existing_file_is_not_overwritten(mlp_profile: Profile, tmp_path: Path) -> None:
+    target = tmp_path / "r.html"
+    target.write_text("keep me", encoding="utf-8")
+    with pytest.raises(OutputExistsError):
+        write_report(mlp_profile, target)
+    assert target.read_text(encoding="utf-8") == "keep me"
+    write_report(mlp_profile, target, overwrite=True)
+    assert target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_failed_write_leaves_nothing_behind(
+    mlp_profile: Profile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "r.html"
+    target.write_text("old", encoding="utf-8")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(mlp_profile, target, overwrite=True)
+    assert target.read_text(encoding="utf-8") == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+
+
+def test_figures_are_valid_plotly(mlp_profile: Profile) -> None:
+    charts = context(mlp_profile)["charts"]
+    assert {"chart-timeline", "chart-layers", "chart-hierarchy"} <= set(charts)
+    for fig in charts.values():
+        go.Figure(fig)  # raises on any property plotly does not know
+
+
+def test_hierarchy_values_are_inclusive(mlp_profile: Profile) -> None:
+    fig = figures.hierarchy_figure(mlp_profile)
+    assert fig is not None
+    trace = fig["data"][0]
+    frame = mlp_profile.modules()
+    held = ["parameter_total", "buffer_total", "gradient_total", "optimizer_state_total",
+            "activation_total"]
+    root = frame[frame["module"] == ""].iloc[0]
+    assert trace["values"][trace["parents"].index("")] == int(root[held].sum())
+
+
+def test_hover_text_is_iec(mlp_profile: Profile) -> None:
+    fig = figures.timeline_figure(mlp_profile)
+    assert fig is not None
+    total = next(t for t in fig["data"] if t["name"] == "total")
+    assert total["text"] == [format_bytes(v) for v in total["y"]]
+    assert max(total["y"]) == mlp_profile.peak().total_bytes
+
+
+def synthetic(steps: int, samples: int, modules: int) -> Profile:
+    """A profile built from the dataclasses directly (shape of a long run)."""
+    mods = [ModuleStats("", "Net", 0, None, {"parameter": 0}, 0, 0, 1, 0)]
+    mods += [ModuleStats(f"l{i}", "Linear", 1, "", {"parameter": 4096 * (i + 1),
+                                                     "activation": 100}, 0, 0, 1, 0)
+             for i in range(modules)]
+    tl: dict[str, list] = {k: [] for k in ("step", "seq", "time_s", "phase", "module",
+                                           *CATEGORIES)}
+    for s in range(steps):
+        for j in range(samples):
+            tl["step"].append(s)
+            tl["seq"].append(j)
+            tl["time_s"].append(j * 1e-3)
+            tl["phase"].append("forward" if j < samples // 2 else "backward")
+            tl["module"].append(f"l{j % modules}")
+            for c in CATEGORIES:
+                tl[c].append(1000 + (j * 7919 + s * 104729) % 5000 if c == "activation" else 10)
+    totals = [sum(tl[c][i] for c in CATEGORIES) for i in range(len(tl["step"]))]
+    top = max(range(len(totals)), key=totals.__getitem__)
+    by_cat = {c: tl[c][top] for c in CATEGORIES}
+    peak = Peak(totals[top], tl["step"][top], tl["phase"][top], tl["module"][top], by_cat,
+                {"l0": by_cat}, [])
+    stats = [StepStats(s, 0, "forward", "l0", by_cat, 0, 0, samples * 1e-3) for s in range(steps)]
+    return Profile(mods, stats, peak, tl, DeviceInfo("cpu", "CPU"), {"torch": "x"})
+
+
+def test_timeline_is_decimated_and_keeps_the_peak() -> None:
+    profile = synthetic(steps=200, samples=256, modules=5)
+    fig = figures.timeline_figure(profile)
+    assert fig is not None
+    total = next(t for t in fig["data"] if t["name"] == "total")
+    assert len(total["y"]) <= figures.TIMELINE_POINTS + 2 * 200
+    assert max(total["y"]) == profile.peak().total_bytes
+    marker = next(t for t in fig["data"] if t["name"] == "peak")
+    assert marker["y"] == [profile.peak().total_bytes]
+
+
+def test_hierarchy_groups_small_modules() -> None:
+    profile = synthetic(steps=1, samples=8, modules=50)
+    fig = figures.hierarchy_figure(profile, limit=10)
+    assert fig is not None
+    trace = fig["data"][0]
+    root = trace["ids"][trace["parents"].index("")]
+    children = [v for v, p in zip(trace["values"], trace["parents"], strict=True) if p == root]
+    # the drawn children and the "… n more" box add up to the root: nothing is lost
+    assert sum(children) == trace["values"][trace["ids"].index(root)]
+    assert any(label.startswith("… ") for label in trace["labels"])
+
+
+def test_profile_without_steps_still_renders() -> None:
+    profile = Profile([], [], None, {}, DeviceInfo("cpu", "CPU"), {})
+    html = render_report(profile)
+    assert "no step was profiled" in html
+    assert context(profile)["charts"] == {}
