@@ -51,6 +51,12 @@ def _kept_input(rows: list[dict[str, Any]], blocks: list[dict[str, Any]], i: int
 
 
 def plan(facts: Facts, fraction: float) -> tuple[list[str], float, float, float]:
+    names, dropped, kept, recompute, _ = plan_blocks(facts, fraction)
+    return names, dropped, kept, recompute
+
+
+def plan_blocks(facts: Facts, fraction: float
+                ) -> tuple[list[str], float, float, float, list[tuple[str, float]]]:
     """The blocks to checkpoint (best bytes per second of recompute first), the activation
     bytes dropped, the inputs kept and the largest recompute."""
     blocks = find_blocks(facts)
@@ -70,18 +76,41 @@ def plan(facts: Facts, fraction: float) -> tuple[list[str], float, float, float]
     dropped = sum(c[2] for c in chosen)
     kept = sum(c[3] for c in chosen)
     recompute = max((c[2] for c in chosen), default=0.0)
-    return [c[1] for c in chosen], dropped, kept, recompute
+    chosen_names = {c[1] for c in chosen}
+    # every block in forward order with the bytes checkpointing it frees (0 if not chosen)
+    order = [(b["module"], next((c[2] - c[3] for c in chosen if c[1] == b["module"]), 0.0))
+             for b in blocks]
+    return [c[1] for c in chosen if c[1] in chosen_names], dropped, kept, recompute, order
 
 
-def transform_for(facts: Facts, dropped: float, kept: float, recompute: float) -> Transform:
-    peak_act = max((s["activation"] for s in facts.samples), default=0.0)
-    ratio = (peak_act - dropped + kept) / peak_act if peak_act else 1.0
+def transform_for(facts: Facts, order: list[tuple[str, float]]) -> Transform:
+    """Per sample, by where it was taken: inside block i (forward or backward) the blocks
+    before i hold only their kept inputs, block i holds all it saves (in backward it has just
+    been recomputed); after the blocks (the head, the loss, the start of backward) all
+    checkpointed blocks hold only their inputs; before them, nothing changes."""
+    rows = facts.module_rows()
+    position = {r["module"]: i for i, r in enumerate(rows)}
+    names = [name for name, _ in order]
+    first = min((position.get(n, 0) for n in names), default=0)
+    freed_before = []
+    total = 0.0
+    for _, freed in order:
+        freed_before.append(total)
+        total += freed
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
-        out["activation"] = s["activation"] * ratio
-        if s["phase"] == "backward" and s["activation"] > 0:
-            out["activation"] += recompute
+        module = str(s.get("module", ""))
+        subtract = total
+        for i, name in enumerate(names):
+            if module == name or module.startswith(name + "."):
+                subtract = freed_before[i]
+                break
+        else:
+            ancestor = any(n.startswith(module + ".") for n in names)
+            if module and not ancestor and module in position and position[module] < first:
+                subtract = 0.0
+        out["activation"] = max(0.0, s["activation"] - subtract)
         return out
 
     return transform
@@ -118,15 +147,16 @@ def predict(facts: Facts) -> list[Change]:
                                group="checkpointing")]
     out = []
     for fraction in (1.0, 0.5):
-        names, dropped, kept, recompute = plan(facts, fraction)
+        names, dropped, kept, recompute, order = plan_blocks(facts, fraction)
         if not names:
             continue
         label = f"{len(names)} of {len(blocks)} blocks"
         out.append(Change(
             "checkpointing", {"blocks": label, "modules": names},
-            f"activations scaled by (A - {dropped:.0f} dropped + {kept:.0f} block inputs kept)/A "
-            f"at every sample; in backward + {recompute:.0f} B for the largest block recomputed",
-            transform=transform_for(facts, dropped, kept, recompute), apply=_apply(names),
+            f"{dropped:.0f} B of block activations dropped, {kept:.0f} B of block inputs kept; "
+            "each timeline sample loses what the checkpointed blocks before it no longer hold "
+            f"(in backward a block's {recompute:.0f} B at most live again while recomputed)",
+            transform=transform_for(facts, order), apply=_apply(names),
             caveats=["recomputes those blocks' forward in backward (about +1/3 step time for "
                      "all blocks)"],
             quality_cost=0.0, speed_cost=0.33 * fraction, training_only=True,

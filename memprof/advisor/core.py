@@ -55,10 +55,12 @@ def read_facts(profile: Profile) -> Facts:
     for row in timeline.to_dict(orient="records"):
         s: Sample = {c: float(row[c]) for c in CATEGORIES}
         s["phase"] = str(row["phase"])
+        s["module"] = str(row["module"])
         samples.append(s)
     samples.extend(_transient_samples(profile, samples, timeline))
     top: Sample = {c: float(peak.by_category.get(c, 0)) for c in CATEGORIES}
     top["phase"] = peak.phase
+    top["module"] = peak.module
     samples.append(top)
     opt = profile.optimizers[0] if profile.optimizers else None
     frame = profile.modules()
@@ -86,8 +88,8 @@ def _transient_samples(profile: Profile, samples: list[Sample], timeline: Any) -
     boundaries) misses: each module's ``peak_forward``/``peak_backward`` is the most bytes live
     while it ran; the excess over its largest sampled moment is charged to ``temporary``."""
     best: dict[tuple[str, str], Sample] = {}
-    for s, module in zip(samples, timeline["module"], strict=False):
-        key = (str(module), s["phase"])
+    for s in samples:
+        key = (s["module"], s["phase"])
         if key not in best or _total(s) > _total(best[key]):
             best[key] = s
     out = []

@@ -25,8 +25,9 @@ def autocast_transform(facts: Facts) -> Transform:
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
+        if s["activation"] > 0:  # between the forward and the end of backward
+            out["activation"] = s["activation"] * 0.5 + copies
         if s["phase"] in ("forward", "backward"):
-            out["activation"] = s["activation"] * 0.5 + (copies if s["activation"] > 0 else 0.0)
             out["temporary"] = s["temporary"] * 0.5
         return out
 

@@ -103,7 +103,11 @@ def _quant(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, signed: boo
 def current_kind(facts: Facts) -> str:
     cls = facts.optimizer_class or ""
     if cls == "SGD":
-        return "SGD_momentum" if float(facts.optimizer_defaults.get("momentum", 0) or 0) else "SGD"
+        # momentum may be set per param group: the state the profile measured decides
+        opt = facts.profile.optimizers[0]
+        state = float(opt.get("state_bytes", 0) or 0)
+        momentum = float(facts.optimizer_defaults.get("momentum", 0) or 0)
+        return "SGD_momentum" if momentum or state > 0.5 * facts.parameter_bytes else "SGD"
     return cls
 
 

@@ -97,6 +97,7 @@ class SimState:
     batch: Any
     optimizer_class: type[torch.optim.Optimizer] | None
     param_groups: list[dict[str, Any]]  # hyperparameters per group, with "params" (copies)
+    defaults: dict[str, Any] = field(default_factory=dict)
     autocast: torch.dtype | None = None
     cast_batch: torch.dtype | None = None
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
@@ -128,7 +129,10 @@ def copy_state(workload: Workload, *, batch: Any = None) -> SimState:
             hyper["params"] = [memo[id(p)] for p in g["params"] if id(p) in memo]
             groups.append(hyper)
     b = workload.batch if batch is None else batch
-    return SimState(model=model, batch=_clone(b), optimizer_class=opt_class, param_groups=groups)
+    defaults = (copy.deepcopy(dict(workload.optimizer.defaults))
+                if workload.optimizer is not None else {})
+    return SimState(model=model, batch=_clone(b), optimizer_class=opt_class, param_groups=groups,
+                    defaults=defaults)
 
 
 def _clone(batch: Any) -> Any:
@@ -181,7 +185,10 @@ def run(workload: Workload, state: SimState, *, reference: Measurement | None = 
             optimizer = state.make_optimizer(groups)
         else:
             assert state.optimizer_class is not None
-            optimizer = state.optimizer_class(groups)
+            try:  # the original's defaults too, so the copy reports the same hyperparameters
+                optimizer = state.optimizer_class(groups, **state.defaults)
+            except TypeError:
+                optimizer = state.optimizer_class(groups)
     last = None
     with memprof.profile(model, optimizer) as prof:
         for _ in range(workload.steps):
