@@ -107,7 +107,8 @@ def test_headline_numbers_equal_the_profile(opened: Opened, mlp_profile: Profile
     sentence = page.inner_text("#headline-sentence")
     assert "checkpointing saved 3.9 KiB (measured)" in sentence
     # the peak marker on the timeline says the same number
-    marker = page.eval_on_selector("#chart-timeline", "e => e.data.find(t => t.name == 'peak').y[0]")
+    marker = page.eval_on_selector("#chart-timeline",
+                                   "e => e.data.find(t => t.name == 'peak').y[0]")
     assert marker == peak.total_bytes
 
 

@@ -63,10 +63,12 @@ def is_applicable(row: dict[str, Any]) -> bool:
 def saving(row: dict[str, Any]) -> tuple[int, str] | None:
     """The row's saving in bytes and whether it was ``measured`` or ``predicted``."""
     base, measured = row.get("baseline_peak_bytes"), row.get("measured_peak_bytes")
-    if _is_number(base) and _is_number(measured):
+    if isinstance(base, int | float) and isinstance(measured, int | float) and (
+        _is_number(base) and _is_number(measured)
+    ):
         return int(base - measured), "measured"
     predicted = row.get("predicted_saving_bytes")
-    if _is_number(predicted):
+    if isinstance(predicted, int | float) and _is_number(predicted):
         return int(predicted), "predicted"
     return None
 

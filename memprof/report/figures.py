@@ -35,7 +35,7 @@ MIN_STEP_POINTS = 4
 #: Module rows in the per-layer bars before the rest is summed into one row.
 TOP_LAYERS = 25
 #: Nodes of the module hierarchy drawn before smaller modules are grouped per parent.
-HIERARCHY_NODES = 3000
+HIERARCHY_NODES = 250
 #: The categories a module holds (the per-module table's own columns, temporary excluded).
 HELD = ("parameter", "buffer", "gradient", "optimizer_state", "activation")
 
@@ -241,19 +241,18 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
     if not mods:
         return None
     index = {m.name: i for i, m in enumerate(mods)}
-    children: dict[int, list[int]] = defaultdict(list)
-    roots: list[int] = []
+    parent_of: list[int | None] = []
     for i, m in enumerate(mods):
         parent = index.get(m.parent) if m.parent is not None else None
-        if parent is None or parent == i:
-            roots.append(i)
-        else:
+        parent_of.append(parent if parent != i else None)
+    children: dict[int, list[int]] = defaultdict(list)
+    for i, parent in enumerate(parent_of):
+        if parent is not None:
             children[parent].append(i)
-    own = [sum(int(m.own.get(c, 0)) for c in HELD) for m in mods]
-    inclusive = list(own)
+    inclusive = [sum(int(m.own.get(c, 0)) for c in HELD) for m in mods]
     for i in sorted(range(len(mods)), key=lambda k: -mods[k].depth):
-        parent = index.get(mods[i].parent) if mods[i].parent is not None else None
-        if parent is not None and parent != i:
+        parent = parent_of[i]
+        if parent is not None:
             inclusive[parent] += inclusive[i]
     candidates = [i for i in range(len(mods)) if inclusive[i] > 0]
     if not candidates:
@@ -261,10 +260,10 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
     candidates.sort(key=lambda i: (-inclusive[i], mods[i].depth))
     keep = set(candidates[:limit])
     for i in list(keep):  # a kept module's ancestors are kept too
-        parent = index.get(mods[i].parent) if mods[i].parent is not None else None
-        while parent is not None and parent not in keep:
-            keep.add(parent)
-            parent = index.get(mods[parent].parent) if mods[parent].parent is not None else None
+        ancestor = parent_of[i]
+        while ancestor is not None and ancestor not in keep:
+            keep.add(ancestor)
+            ancestor = parent_of[ancestor]
     ids: list[str] = []
     parents: list[str] = []
     labels: list[str] = []
@@ -272,7 +271,7 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
     hover: list[str] = []
     for i in sorted(keep, key=lambda k: (mods[k].depth, k)):
         m = mods[i]
-        parent = index.get(m.parent) if m.parent is not None else None
+        parent = parent_of[i]
         ids.append(f"m{i}")
         parents.append(f"m{parent}" if parent is not None and parent in keep else "")
         short = m.name.rsplit(".", 1)[-1] if m.name else f"(root) {m.type}"
@@ -299,7 +298,7 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
     trace = {
         "type": "icicle", "ids": ids, "parents": parents, "labels": labels, "values": values,
         "branchvalues": "total", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
-        "maxdepth": 4, "tiling": {"orientation": "v"}, "root": {"color": "#f4f4f4"},
+        "maxdepth": 3, "tiling": {"orientation": "v"}, "root": {"color": "#f4f4f4"},
         "marker": {"colorscale": "Blues", "colors": values, "line": {"width": 0.5}},
         "textinfo": "label",
     }
@@ -362,7 +361,7 @@ def device_figure(profile: Profile) -> Figure | None:
     per_step = [s for s in profile.steps_stats if s.device_max_allocated is not None]
     if len(per_step) > 1:
         xs = [s.step for s in per_step]
-        series = {
+        series: dict[str, list[int | None]] = {
             "memprof tracked peak": [s.peak_bytes for s in per_step],
             "allocator max allocated": [s.device_max_allocated for s in per_step],
             "allocator reserved": [s.device_reserved for s in per_step],

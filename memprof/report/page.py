@@ -27,7 +27,8 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
         for k, v in (advice_dict or {}).items()
         if k not in advice_view.ROW_KEYS and k not in advice_view.PLAN_KEYS
     }
-    plan_key = next((k for k in advice_view.PLAN_KEYS if (advice_dict or {}).get(k)), None)
+    plan = next(((k, advice_dict[k]) for k in advice_view.PLAN_KEYS
+                 if advice_dict and advice_dict.get(k)), None)
     return {
         "head": headline.build(profile, advice_dict),
         "charts": {k: v for k, v in charts.items() if v is not None},
@@ -46,7 +47,7 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
         "advice": advice_dict,
         "advice_rows": advice_view.display(rows, "recommendations") if rows else None,
         "advice_best": _best_text(advice_dict),
-        "advice_plan": advice_view.display(advice_dict[plan_key], plan_key) if plan_key else None,
+        "advice_plan": advice_view.display(plan[1], plan[0]) if plan else None,
         "advice_extra": extra,
         "device": sections.device_facts(profile),
         "environment": sections.environment(profile),
