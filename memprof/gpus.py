@@ -60,8 +60,10 @@ class GpuSpec:
         return usable_bytes(self.driver_bytes)
 
     def describe(self) -> str:
-        return (f"{self.name} ({format_bytes(self.memory_bytes)}; "
-                f"{format_bytes(self.usable_bytes)} usable by tensors)")
+        return (
+            f"{self.name} ({format_bytes(self.memory_bytes)}; "
+            f"{format_bytes(self.usable_bytes)} usable by tensors)"
+        )
 
 
 GPUS: tuple[GpuSpec, ...] = (
@@ -75,8 +77,15 @@ GPUS: tuple[GpuSpec, ...] = (
     GpuSpec("A100 40GB", 40 * GiB, 40960 * MiB, True, False, "Ampere", ("a100", "a100 sxm4 40gb")),
     GpuSpec("A100 80GB", 80 * GiB, 81920 * MiB, True, False, "Ampere", ("a100 sxm4 80gb",)),
     GpuSpec("L40S", 48 * GiB, 46068 * MiB, True, True, "Ada", ()),
-    GpuSpec("H100 80GB", 80 * GiB, 81559 * MiB, True, True, "Hopper",
-            ("h100", "h100 sxm", "h100 pcie", "h100 80gb hbm3")),
+    GpuSpec(
+        "H100 80GB",
+        80 * GiB,
+        81559 * MiB,
+        True,
+        True,
+        "Hopper",
+        ("h100", "h100 sxm", "h100 pcie", "h100 80gb hbm3"),
+    ),
     GpuSpec("H200", 141 * GiB, 143771 * MiB, True, True, "Hopper", ("h200 141gb",)),
 )
 

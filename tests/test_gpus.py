@@ -10,9 +10,17 @@ from memprof.errors import BudgetError, UnknownGPUError
 
 @pytest.mark.parametrize(
     ("text", "name"),
-    [("A100 40GB", "A100 40GB"), ("a100-80gb", "A100 80GB"), ("  h100 ", "H100 80GB"),
-     ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("3090", "RTX 3090"), ("Tesla T4", "T4"),
-     ("l4", "L4"), ("A10", "A10"), ("h200", "H200")],
+    [
+        ("A100 40GB", "A100 40GB"),
+        ("a100-80gb", "A100 80GB"),
+        ("  h100 ", "H100 80GB"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ("3090", "RTX 3090"),
+        ("Tesla T4", "T4"),
+        ("l4", "L4"),
+        ("A10", "A10"),
+        ("h200", "H200"),
+    ],
 )
 def test_lookup_is_case_and_space_insensitive(text: str, name: str) -> None:
     assert gpus.lookup(text).name == name

@@ -53,14 +53,17 @@ def read_budget(budget: int | str | None) -> tuple[int, str] | None:
         return None
     if isinstance(budget, str):
         total, text = resolve_budget(budget)
-        return usable_bytes(total), (f"{text}; usable after the CUDA context and "
-                                     f"{100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve")
+        return usable_bytes(total), (
+            f"{text}; usable after the CUDA context and "
+            f"{100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+        )
     usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
     return usable, f"{budget} bytes less {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
 
 
-def advise(profile: Profile, *, budget: int | str | None = None,
-           workload: Workload | None = None) -> Advice:
+def advise(
+    profile: Profile, *, budget: int | str | None = None, workload: Workload | None = None
+) -> Advice:
     """Recommendations for ``profile`` (see :class:`Advice` for the columns)."""
     facts = read_facts(profile)
     changes = changes_for(facts)
@@ -87,27 +90,38 @@ def advise(profile: Profile, *, budget: int | str | None = None,
     if resolved is not None:
         extra["budget"] = resolved[1]
         extra["usable_bytes"] = resolved[0]
-    return Advice(rows=rows, plan=plan, baseline_peak_bytes=base,
-                  simulated=workload is not None, extra=extra)
+    return Advice(
+        rows=rows, plan=plan, baseline_peak_bytes=base, simulated=workload is not None, extra=extra
+    )
 
 
-def _simulate(workload: Workload, combo: list[Change], reference: Measurement
-              ) -> Measurement | str:
+def _simulate(workload: Workload, combo: list[Change], reference: Measurement) -> Measurement | str:
     try:
         with seeded():
             return simulate(workload, [c.apply for c in combo if c.apply is not None], reference)
     except Exception as exc:  # one failing technique must not lose the others
-        return f"simulation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"simulation failed: {type(exc).__name__}: {first}"
 
 
-def _row(c: Change, base: int, m: Measurement | str | None, ref: Measurement | None
-         ) -> dict[str, Any]:
+def _row(
+    c: Change, base: int, m: Measurement | str | None, ref: Measurement | None
+) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "technique": c.technique, "options": dict(c.options), "applicable": c.applicable,
-        "reason": c.reason or None, "baseline_peak_bytes": base,
-        "predicted_peak_bytes": c.predicted_peak, "predicted_saving_bytes": None,
-        "saving_pct": None, "measured_peak_bytes": None, "error_pct": None, "quality": None,
-        "step_time_ratio": None, "caveats": "; ".join(c.caveats) or None, "how": c.how,
+        "technique": c.technique,
+        "options": dict(c.options),
+        "applicable": c.applicable,
+        "reason": c.reason or None,
+        "baseline_peak_bytes": base,
+        "predicted_peak_bytes": c.predicted_peak,
+        "predicted_saving_bytes": None,
+        "saving_pct": None,
+        "measured_peak_bytes": None,
+        "error_pct": None,
+        "quality": None,
+        "step_time_ratio": None,
+        "caveats": "; ".join(c.caveats) or None,
+        "how": c.how,
     }
     if c.predicted_peak is not None:
         row["predicted_saving_bytes"] = base - c.predicted_peak
@@ -119,8 +133,9 @@ def _row(c: Change, base: int, m: Measurement | str | None, ref: Measurement | N
     return row
 
 
-def _fill_measured(row: dict[str, Any], predicted: int | None, m: Measurement,
-                   ref: Measurement) -> None:
+def _fill_measured(
+    row: dict[str, Any], predicted: int | None, m: Measurement, ref: Measurement
+) -> None:
     row["measured_peak_bytes"] = m.peak_bytes
     if predicted is not None and m.peak_bytes:
         row["error_pct"] = 100.0 * abs(predicted - m.peak_bytes) / m.peak_bytes
@@ -133,34 +148,54 @@ def _rank(row: dict[str, Any]) -> tuple[int, float]:
     return (0 if row["applicable"] else 1, -(saving if saving is not None else float("-inf")))
 
 
-def _batch_rows(workload: Workload, ref: Measurement, base: int,
-                resolved: tuple[int, str] | None) -> list[dict[str, Any]]:
+def _batch_rows(
+    workload: Workload, ref: Measurement, base: int, resolved: tuple[int, str] | None
+) -> list[dict[str, Any]]:
     size = batch.batch_size(workload.batch)
     if size is None or size < 2:
-        return [{"technique": "batch", "options": {}, "applicable": False,
-                 "reason": "the batch has no leading batch dimension of 2 or more to fit from",
-                 "baseline_peak_bytes": base, "how": "needs two measured batch sizes"}]
+        return [
+            {
+                "technique": "batch",
+                "options": {},
+                "applicable": False,
+                "reason": "the batch has no leading batch dimension of 2 or more to fit from",
+                "baseline_peak_bytes": base,
+                "how": "needs two measured batch sizes",
+            }
+        ]
     half = size // 2
     with seeded():
         small = simulate(workload, [], ref, batch=batch.resize(workload.batch, half, size))
     fit = batch.BatchFit.from_profiles((half, small.profile), (size, ref.profile))
-    how = (f"per-phase lines through the peaks measured at batch {half} and {size}: "
-           f"{fit.to_dict()['per_sample_bytes']} bytes per sample")
+    how = (
+        f"per-phase lines through the peaks measured at batch {half} and {size}: "
+        f"{fit.to_dict()['per_sample_bytes']} bytes per sample"
+    )
     rows = []
-    for target, options in ((2 * size, {"batch": 2 * size}),
-                            (half, {"batch": size, "micro_batch": half, "accumulation": 2})):
+    for target, options in (
+        (2 * size, {"batch": 2 * size}),
+        (half, {"batch": size, "micro_batch": half, "accumulation": 2}),
+    ):
         predicted = fit.peak(target)
-        row = {"technique": "batch", "options": options, "applicable": True, "reason": None,
-               "baseline_peak_bytes": base, "predicted_peak_bytes": predicted,
-               "predicted_saving_bytes": base - predicted,
-               "saving_pct": 100.0 * (base - predicted) / base if base else 0.0,
-               "caveats": ("gradient accumulation keeps the effective batch; steps take about "
-                           "as long in total" if "accumulation" in options else
-                           "a larger batch changes optimization (scale the learning rate)"),
-               "how": how}
+        row: dict[str, Any] = {
+            "technique": "batch",
+            "options": options,
+            "applicable": True,
+            "reason": None,
+            "baseline_peak_bytes": base,
+            "predicted_peak_bytes": predicted,
+            "predicted_saving_bytes": base - predicted,
+            "saving_pct": 100.0 * (base - predicted) / base if base else 0.0,
+            "caveats": (
+                "gradient accumulation keeps the effective batch; steps take about as long in total"
+                if "accumulation" in options
+                else "a larger batch changes optimization (scale the learning rate)"
+            ),
+            "how": how,
+        }
         if target == half:
             _fill_measured(row, predicted, small, ref)
-            row["caveats"] += "; measured at the fit's own point (not an independent check)"
+            row["caveats"] = f"{row['caveats']}; measured at the fit's own point (not independent)"
         else:
             with seeded():
                 m = simulate(workload, [], ref, batch=batch.resize(workload.batch, target, size))
@@ -168,36 +203,63 @@ def _batch_rows(workload: Workload, ref: Measurement, base: int,
         rows.append(row)
     if resolved is not None:
         largest = fit.largest_fitting(resolved[0])
-        rows.append({"technique": "batch", "options": {"largest_batch_that_fits": largest},
-                     "applicable": largest > 0, "reason": None if largest else "batch 1 does not fit",
-                     "baseline_peak_bytes": base,
-                     "predicted_peak_bytes": fit.peak(largest) if largest else None,
-                     "predicted_saving_bytes": base - fit.peak(largest) if largest else None,
-                     "saving_pct": None, "caveats": "extrapolated from the two-point fit",
-                     "how": how})
+        rows.append(
+            {
+                "technique": "batch",
+                "options": {"largest_batch_that_fits": largest},
+                "applicable": largest > 0,
+                "reason": None if largest else "batch 1 does not fit",
+                "baseline_peak_bytes": base,
+                "predicted_peak_bytes": fit.peak(largest) if largest else None,
+                "predicted_saving_bytes": base - fit.peak(largest) if largest else None,
+                "saving_pct": None,
+                "caveats": "extrapolated from the two-point fit",
+                "how": how,
+            }
+        )
     return rows
 
 
-def _plan(facts: Facts, changes: list[Change], resolved: tuple[int, str],
-          workload: Workload | None, ref: Measurement | None) -> dict[str, Any]:
+def _plan(
+    facts: Facts,
+    changes: list[Change],
+    resolved: tuple[int, str],
+    workload: Workload | None,
+    ref: Measurement | None,
+) -> dict[str, Any]:
     usable, text = resolved
     combo, peak, tried = planner.plan(facts, changes, usable)
-    result: dict[str, Any] = {"budget": text, "usable_bytes": usable,
-                              "baseline_peak_bytes": facts.peak_bytes,
-                              "combinations_tried": tried}
+    result: dict[str, Any] = {
+        "budget": text,
+        "usable_bytes": usable,
+        "baseline_peak_bytes": facts.peak_bytes,
+        "combinations_tried": tried,
+    }
     if combo is None:
-        best = min((c for c in changes if c.predicted_peak is not None),
-                   key=lambda c: c.predicted_peak or 0, default=None)
-        result.update(fits=False, changes=[], predicted_peak_bytes=None,
-                      explanation=("no combination of the techniques fits "
-                                   f"{text}; the lowest single prediction is "
-                                   f"{planner.describe(best) if best else 'none'}"))
+        best = min(
+            (c for c in changes if c.predicted_peak is not None),
+            key=lambda c: c.predicted_peak or 0,
+            default=None,
+        )
+        result.update(
+            fits=False,
+            changes=[],
+            predicted_peak_bytes=None,
+            explanation=(
+                "no combination of the techniques fits "
+                f"{text}; the lowest single prediction is "
+                f"{planner.describe(best) if best else 'none'}"
+            ),
+        )
         return result
     if not combo:
         peak = facts.peak_bytes
-    result.update(fits=True, changes=[planner.to_row(c) for c in combo],
-                  predicted_peak_bytes=peak,
-                  explanation=planner.explain(combo, peak, usable, facts.peak_bytes))
+    result.update(
+        fits=True,
+        changes=[planner.to_row(c) for c in combo],
+        predicted_peak_bytes=peak,
+        explanation=planner.explain(combo, peak, usable, facts.peak_bytes),
+    )
     if workload is not None and ref is not None and combo:
         if all(c.apply is not None for c in combo):
             m = _simulate(workload, list(combo), ref)
@@ -207,11 +269,15 @@ def _plan(facts: Facts, changes: list[Change], resolved: tuple[int, str],
                 result["measured_peak_bytes"] = m.peak_bytes
                 result["measured_fits"] = m.peak_bytes <= usable
                 result["quality"] = {"output_drift": m.output_drift, "loss_drift": m.loss_drift}
-                result["step_time_ratio"] = (m.step_time_s / ref.step_time_s
-                                             if ref.step_time_s else None)
+                result["step_time_ratio"] = (
+                    m.step_time_s / ref.step_time_s if ref.step_time_s else None
+                )
         else:
-            result["simulation"] = "not simulated: " + ", ".join(
-                planner.describe(c) for c in combo if c.apply is None) + " cannot run here"
+            result["simulation"] = (
+                "not simulated: "
+                + ", ".join(planner.describe(c) for c in combo if c.apply is None)
+                + " cannot run here"
+            )
     return result
 
 

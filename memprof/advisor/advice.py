@@ -11,9 +11,20 @@ from memprof.units import format_bytes
 
 #: Columns of :meth:`Advice.table`, in order.
 COLUMNS = (
-    "technique", "options", "applicable", "reason", "baseline_peak_bytes",
-    "predicted_peak_bytes", "predicted_saving_bytes", "saving_pct", "measured_peak_bytes",
-    "error_pct", "quality", "step_time_ratio", "caveats", "how",
+    "technique",
+    "options",
+    "applicable",
+    "reason",
+    "baseline_peak_bytes",
+    "predicted_peak_bytes",
+    "predicted_saving_bytes",
+    "saving_pct",
+    "measured_peak_bytes",
+    "error_pct",
+    "quality",
+    "step_time_ratio",
+    "caveats",
+    "how",
 )
 ADVICE_VERSION = 1
 
@@ -46,7 +57,9 @@ class Advice:
         return frame[[*COLUMNS, *[c for c in frame.columns if c not in COLUMNS]]]
 
     def best(self) -> dict[str, Any] | None:
-        ok = [r for r in self.rows if r["applicable"] and (r.get("predicted_saving_bytes") or 0) > 0]
+        ok = [
+            r for r in self.rows if r["applicable"] and (r.get("predicted_saving_bytes") or 0) > 0
+        ]
         return ok[0] if ok else None
 
     def summary(self, *, top: int = 3) -> str:
@@ -56,8 +69,10 @@ class Advice:
             saving = r.get("predicted_saving_bytes")
             if saving is None:
                 continue
-            line = (f"  {r['technique']} ({opts}): predicted {format_bytes(r['predicted_peak_bytes'])}"
-                    f" ({r['saving_pct']:+.1f}% saved)")
+            line = (
+                f"  {r['technique']} ({opts}): predicted {format_bytes(r['predicted_peak_bytes'])}"
+                f" ({r['saving_pct']:+.1f}% saved)"
+            )
             if r.get("measured_peak_bytes") is not None:
                 line += f", measured {format_bytes(r['measured_peak_bytes'])}"
             lines.append(line)
@@ -66,14 +81,22 @@ class Advice:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": ADVICE_VERSION, "baseline_peak_bytes": self.baseline_peak_bytes,
-                "simulated": self.simulated, "recommendations": self.rows, "plan": self.plan,
-                **self.extra}
+        return {
+            "version": ADVICE_VERSION,
+            "baseline_peak_bytes": self.baseline_peak_bytes,
+            "simulated": self.simulated,
+            "recommendations": self.rows,
+            "plan": self.plan,
+            **self.extra,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Advice:
         known = {"version", "baseline_peak_bytes", "simulated", "recommendations", "plan"}
-        return cls(rows=list(data.get("recommendations", [])), plan=data.get("plan"),
-                   baseline_peak_bytes=int(data.get("baseline_peak_bytes", 0)),
-                   simulated=bool(data.get("simulated", False)),
-                   extra={k: v for k, v in data.items() if k not in known})
+        return cls(
+            rows=list(data.get("recommendations", [])),
+            plan=data.get("plan"),
+            baseline_peak_bytes=int(data.get("baseline_peak_bytes", 0)),
+            simulated=bool(data.get("simulated", False)),
+            extra={k: v for k, v in data.items() if k not in known},
+        )

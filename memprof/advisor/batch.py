@@ -102,6 +102,8 @@ class BatchFit:
         return lo
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sizes": list(self.sizes),
-                "per_sample_bytes": {p: round(k) for p, (c, k) in self.lines.items()},
-                "fixed_bytes": {p: round(c) for p, (c, k) in self.lines.items()}}
+        return {
+            "sizes": list(self.sizes),
+            "per_sample_bytes": {p: round(k) for p, (c, k) in self.lines.items()},
+            "fixed_bytes": {p: round(c) for p, (c, k) in self.lines.items()},
+        }

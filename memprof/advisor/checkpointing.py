@@ -18,7 +18,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memprof.advisor.core import NORM_TYPES, Change, Facts, Sample, Transform, TRAINING_ONLY_REASON, not_applicable
+from memprof.advisor.core import (
+    NORM_TYPES,
+    TRAINING_ONLY_REASON,
+    Change,
+    Facts,
+    Sample,
+    Transform,
+    not_applicable,
+)
 from memprof.advisor.workload import SimState
 
 
@@ -31,7 +39,8 @@ def find_blocks(facts: Facts) -> list[dict[str, Any]]:
         children = [r for r in rows if r["parent"] == c["module"]]
         heavy = [r for r in children if r["activation_total"] > 0]
         if len(heavy) >= 2 and sum(r["activation_total"] for r in heavy) > sum(
-                r["activation_total"] for r in best):
+            r["activation_total"] for r in best
+        ):
             best = children
     return best
 
@@ -55,8 +64,9 @@ def plan(facts: Facts, fraction: float) -> tuple[list[str], float, float, float]
     return names, dropped, kept, recompute
 
 
-def plan_blocks(facts: Facts, fraction: float
-                ) -> tuple[list[str], float, float, float, list[tuple[str, float]]]:
+def plan_blocks(
+    facts: Facts, fraction: float
+) -> tuple[list[str], float, float, float, list[tuple[str, float]]]:
     """The blocks to checkpoint (best bytes per second of recompute first), the activation
     bytes dropped, the inputs kept and the largest recompute."""
     blocks = find_blocks(facts)
@@ -78,8 +88,10 @@ def plan_blocks(facts: Facts, fraction: float
     recompute = max((c[2] for c in chosen), default=0.0)
     chosen_names = {c[1] for c in chosen}
     # every block in forward order with the bytes checkpointing it frees (0 if not chosen)
-    order = [(b["module"], next((c[2] - c[3] for c in chosen if c[1] == b["module"]), 0.0))
-             for b in blocks]
+    order = [
+        (b["module"], next((c[2] - c[3] for c in chosen if c[1] == b["module"]), 0.0))
+        for b in blocks
+    ]
     return [c[1] for c in chosen if c[1] in chosen_names], dropped, kept, recompute, order
 
 
@@ -134,7 +146,7 @@ def wrap(module: nn.Module) -> None:
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    module.forward = checkpointed  # type: ignore[method-assign]
+    module.forward = checkpointed
 
 
 def predict(facts: Facts) -> list[Change]:
@@ -142,24 +154,38 @@ def predict(facts: Facts) -> list[Change]:
         return [not_applicable("checkpointing", {}, TRAINING_ONLY_REASON, group="checkpointing")]
     blocks = find_blocks(facts)
     if not blocks:
-        return [not_applicable("checkpointing", {}, "no repeated blocks (ModuleList/Sequential "
-                               "children holding activations) to checkpoint",
-                               group="checkpointing")]
+        return [
+            not_applicable(
+                "checkpointing",
+                {},
+                "no repeated blocks (ModuleList/Sequential "
+                "children holding activations) to checkpoint",
+                group="checkpointing",
+            )
+        ]
     out = []
     for fraction in (1.0, 0.5):
         names, dropped, kept, recompute, order = plan_blocks(facts, fraction)
         if not names:
             continue
         label = f"{len(names)} of {len(blocks)} blocks"
-        out.append(Change(
-            "checkpointing", {"blocks": label, "modules": names},
-            f"{dropped:.0f} B of block activations dropped, {kept:.0f} B of block inputs kept; "
-            "each timeline sample loses what the checkpointed blocks before it no longer hold "
-            f"(in backward a block's {recompute:.0f} B at most live again while recomputed)",
-            transform=transform_for(facts, order), apply=_apply(names),
-            caveats=["recomputes those blocks' forward in backward (about +1/3 step time for "
-                     "all blocks)"],
-            quality_cost=0.0, speed_cost=0.33 * fraction, training_only=True,
-            group="checkpointing",
-        ))
+        out.append(
+            Change(
+                "checkpointing",
+                {"blocks": label, "modules": names},
+                f"{dropped:.0f} B of block activations dropped, {kept:.0f} B of block inputs kept; "
+                "each timeline sample loses what the checkpointed blocks before it no longer hold "
+                f"(in backward a block's {recompute:.0f} B at most live again while recomputed)",
+                transform=transform_for(facts, order),
+                apply=_apply(names),
+                caveats=[
+                    "recomputes those blocks' forward in backward (about +1/3 step time for "
+                    "all blocks)"
+                ],
+                quality_cost=0.0,
+                speed_cost=0.33 * fraction,
+                training_only=True,
+                group="checkpointing",
+            )
+        )
     return out

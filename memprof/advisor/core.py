@@ -21,8 +21,9 @@ Sample = dict[str, Any]  # the 8 categories (bytes, float) and "phase"
 
 #: Module types whose saved activations autocast makes 16-bit, and whose weights it casts.
 MATMUL_TYPES = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Bilinear"})
-NORM_TYPES = frozenset({"LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm",
-                        "LlamaRMSNorm"})
+NORM_TYPES = frozenset(
+    {"LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm", "LlamaRMSNorm"}
+)
 
 
 @dataclass
@@ -113,7 +114,15 @@ def _nbytes(info: dict[str, Any]) -> int:
     for d in info.get("shape", []):
         n *= int(d)
     dtype = str(info.get("dtype", "float32"))
-    size = 8 if "64" in dtype else 2 if "16" in dtype else 1 if ("8" in dtype or "bool" in dtype) else 4
+    size = (
+        8
+        if "64" in dtype
+        else 2
+        if "16" in dtype
+        else 1
+        if ("8" in dtype or "bool" in dtype)
+        else 4
+    )
     return n * size
 
 
@@ -152,7 +161,7 @@ def predict_peak(facts: Facts, transforms: list[Transform]) -> int:
         for t in transforms:
             s = t(s)
         best = max(best, sum(max(0.0, float(s[c])) for c in CATEGORIES))
-    return int(round(best))
+    return round(best)
 
 
 def scaled(**factors: float) -> Transform:
@@ -167,11 +176,15 @@ def scaled(**factors: float) -> Transform:
     return transform
 
 
-def not_applicable(technique: str, options: dict[str, Any], reason: str, *, how: str = "",
-                   group: str = "") -> Change:
-    return Change(technique, options, how or reason, applicable=False, reason=reason,
-                  group=group or technique)
+def not_applicable(
+    technique: str, options: dict[str, Any], reason: str, *, how: str = "", group: str = ""
+) -> Change:
+    return Change(
+        technique, options, how or reason, applicable=False, reason=reason, group=group or technique
+    )
 
 
-TRAINING_ONLY_REASON = ("the profile has no optimizer (inference or frozen model): there are no "
-                        "gradients or optimizer states for this training technique to change")
+TRAINING_ONLY_REASON = (
+    "the profile has no optimizer (inference or frozen model): there are no "
+    "gradients or optimizer states for this training technique to change"
+)

@@ -32,19 +32,32 @@ from memprof.advisor.workload import SimState
 
 BLOCK = 2048
 CHUNK = 8 * BLOCK  # elements updated at once by the 8-bit step
-STATE_BYTES_PER_ELEMENT = {"AdamW": 8.0, "Adam": 8.0, "SGD_momentum": 4.0, "SGD": 0.0,
-                           "AdamW8bit": 2.0 + 2 * 4.0 / BLOCK}
+STATE_BYTES_PER_ELEMENT = {
+    "AdamW": 8.0,
+    "Adam": 8.0,
+    "SGD_momentum": 4.0,
+    "SGD": 0.0,
+    "AdamW8bit": 2.0 + 2 * 4.0 / BLOCK,
+}
 
 
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with 8-bit blockwise-quantized moments (an emulation; see the module docstring)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -79,8 +92,9 @@ class AdamW8bit(torch.optim.Optimizer):
                     flat[start:end].addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
                     del denom
                     _quant(m, state["m"][start:end], state["m_scale"][blocks_], signed=True)
-                    _quant(v.sqrt_(), state["v"][start:end], state["v_scale"][blocks_],
-                           signed=False)
+                    _quant(
+                        v.sqrt_(), state["v"][start:end], state["v_scale"][blocks_], signed=False
+                    )
         return loss
 
 
@@ -151,34 +165,54 @@ def _make(target: str, defaults: dict[str, Any]) -> Callable[[SimState], None]:
 
 def predict(facts: Facts) -> list[Change]:
     """Cheaper optimizers than the profiled one, with the state and scratch they keep."""
-    targets = [("SGD_momentum", "SGD with momentum 0.9", 0.5),
-               ("SGD", "plain SGD", 0.8),
-               ("AdamW8bit", "8-bit AdamW states (emulated)", 0.05)]
+    targets = [
+        ("SGD_momentum", "SGD with momentum 0.9", 0.5),
+        ("SGD", "plain SGD", 0.8),
+        ("AdamW8bit", "8-bit AdamW states (emulated)", 0.05),
+    ]
     if not facts.has_optimizer:
-        return [not_applicable("optimizer", {"to": t}, TRAINING_ONLY_REASON, group="optimizer")
-                for t, _, _ in targets]
+        return [
+            not_applicable("optimizer", {"to": t}, TRAINING_ONLY_REASON, group="optimizer")
+            for t, _, _ in targets
+        ]
     kind = current_kind(facts)
     current = STATE_BYTES_PER_ELEMENT.get(kind)
     out: list[Change] = []
     for target, label, quality in targets:
         if current is None:
-            out.append(not_applicable("optimizer", {"from": kind, "to": target},
-                                      f"no state model for {kind}", group="optimizer"))
+            out.append(
+                not_applicable(
+                    "optimizer",
+                    {"from": kind, "to": target},
+                    f"no state model for {kind}",
+                    group="optimizer",
+                )
+            )
             continue
         if STATE_BYTES_PER_ELEMENT[target] >= current:
             continue
         technique = "quantization" if target == "AdamW8bit" else "optimizer"
-        out.append(Change(
-            technique, {"from": kind, "to": target},
-            f"optimizer_state scaled {STATE_BYTES_PER_ELEMENT[target]:.3g}/{current:.3g} "
-            f"bytes per element ({label}); the foreach step scratch "
-            f"{'dropped' if kind in ('Adam', 'AdamW') else 'kept'} in the optimizer phase",
-            transform=optimizer_transform(facts, target), apply=_make(target, facts.optimizer_defaults),
-            caveats=(["emulated 8-bit states (linear blockwise absmax), bitsandbytes uses "
-                      "dynamic quantization: same memory, slightly different numerics"]
-                     if target == "AdamW8bit" else
-                     ["changes training dynamics: retune the learning rate"]),
-            quality_cost=quality, speed_cost=0.0 if target != "AdamW8bit" else 0.2,
-            training_only=True, group="optimizer",
-        ))
+        out.append(
+            Change(
+                technique,
+                {"from": kind, "to": target},
+                f"optimizer_state scaled {STATE_BYTES_PER_ELEMENT[target]:.3g}/{current:.3g} "
+                f"bytes per element ({label}); the foreach step scratch "
+                f"{'dropped' if kind in ('Adam', 'AdamW') else 'kept'} in the optimizer phase",
+                transform=optimizer_transform(facts, target),
+                apply=_make(target, facts.optimizer_defaults),
+                caveats=(
+                    [
+                        "emulated 8-bit states (linear blockwise absmax), bitsandbytes uses "
+                        "dynamic quantization: same memory, slightly different numerics"
+                    ]
+                    if target == "AdamW8bit"
+                    else ["changes training dynamics: retune the learning rate"]
+                ),
+                quality_cost=quality,
+                speed_cost=0.0 if target != "AdamW8bit" else 0.2,
+                training_only=True,
+                group="optimizer",
+            )
+        )
     return out

@@ -25,10 +25,18 @@ def cost(combo: tuple[Change, ...]) -> float:
     return sum(3 * c.quality_cost + c.speed_cost for c in combo)
 
 
-def plan(facts: Facts, changes: list[Change], usable: int) -> tuple[tuple[Change, ...] | None, int, int]:
+def plan(
+    facts: Facts, changes: list[Change], usable: int
+) -> tuple[tuple[Change, ...] | None, int, int]:
     """(best combination or None, its predicted peak, number of combinations tried)."""
-    candidates = [c for c in changes if c.applicable and c.transform is not None
-                  and c.predicted_peak is not None and c.predicted_peak < facts.peak_bytes]
+    candidates = [
+        c
+        for c in changes
+        if c.applicable
+        and c.transform is not None
+        and c.predicted_peak is not None
+        and c.predicted_peak < facts.peak_bytes
+    ]
     tried = 0
     for allow_sharding in (False, True):
         groups: dict[str, list[Change]] = {}
@@ -55,12 +63,15 @@ def explain(combo: tuple[Change, ...], peak: int, usable: int, baseline: int) ->
     from memprof.units import format_bytes
 
     if not combo:
-        return (f"fits as is: step peak {format_bytes(baseline)} within "
-                f"{format_bytes(usable)} usable")
+        return (
+            f"fits as is: step peak {format_bytes(baseline)} within {format_bytes(usable)} usable"
+        )
     names = " + ".join(describe(c) for c in combo)
-    return (f"{names}: predicted peak {format_bytes(peak)} (from {format_bytes(baseline)}) "
-            f"within {format_bytes(usable)} usable; chosen as the least quality/speed cost "
-            "among the combinations that fit")
+    return (
+        f"{names}: predicted peak {format_bytes(peak)} (from {format_bytes(baseline)}) "
+        f"within {format_bytes(usable)} usable; chosen as the least quality/speed cost "
+        "among the combinations that fit"
+    )
 
 
 def to_row(change: Change) -> dict[str, Any]:

@@ -26,15 +26,20 @@ from memprof.advisor.workload import SimState
 ELEMENTWISE = frozenset({"ReLU", "GELU", "SiLU", "Tanh", "Dropout", "LeakyReLU", "Sigmoid"})
 
 
-def csr_break_even_density(rows: int, cols: int, element_bytes: int = 4,
-                           index_bytes: int = 8) -> float:
+def csr_break_even_density(
+    rows: int, cols: int, element_bytes: int = 4, index_bytes: int = 8
+) -> float:
     """Density below which CSR storage is smaller than the dense tensor."""
     e = rows * cols
-    return max(0.0, (e * element_bytes - index_bytes * (rows + 1)) / (e * (element_bytes + index_bytes)))
+    return max(
+        0.0, (e * element_bytes - index_bytes * (rows + 1)) / (e * (element_bytes + index_bytes))
+    )
 
 
 def _linear_rows(facts: Facts) -> list[dict[str, Any]]:
-    return [r for r in facts.module_rows() if r["type"] in ("Linear", "Conv2d") and r["parameter"] > 0]
+    return [
+        r for r in facts.module_rows() if r["type"] in ("Linear", "Conv2d") and r["parameter"] > 0
+    ]
 
 
 def prune_transform(extra: float) -> Transform:
@@ -68,7 +73,7 @@ def _apply_prune_remove(names: list[str], amount: float) -> Any:
 
 def structured_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(first, second) Linear names inside a Sequential joined by elementwise modules only."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for prefix, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
@@ -76,12 +81,14 @@ def structured_pairs(model: nn.Module) -> list[tuple[str, str]]:
         for i, (name, mod) in enumerate(items):
             if not isinstance(mod, nn.Linear):
                 continue
-            for later_name, later in items[i + 1:]:
+            for later_name, later in items[i + 1 :]:
                 if isinstance(later, nn.Linear):
                     used = {n for pair in pairs for n in pair}
                     first = f"{prefix}.{name}".lstrip(".")
                     if later.in_features == mod.out_features and first not in used:
-                        pairs.append((f"{prefix}.{name}".lstrip("."), f"{prefix}.{later_name}".lstrip(".")))
+                        pairs.append(
+                            (f"{prefix}.{name}".lstrip("."), f"{prefix}.{later_name}".lstrip("."))
+                        )
                     break
                 if type(later).__name__ not in ELEMENTWISE:
                     break
@@ -91,14 +98,14 @@ def structured_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def _row_pairs(facts: Facts) -> list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
     """The same pairs read from the profile's module table (types and order only)."""
     rows = facts.module_rows()
-    out = []
+    out: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
     for seq in (r for r in rows if r["type"] == "Sequential"):
         children = [r for r in rows if r["parent"] == seq["module"]]
         for i, r in enumerate(children):
             if r["type"] != "Linear":
                 continue
-            between = []
-            for later in children[i + 1:]:
+            between: list[dict[str, Any]] = []
+            for later in children[i + 1 :]:
                 if later["type"] == "Linear":
                     if all(r is not o[1] for o in out):
                         out.append((r, later, between))
@@ -172,34 +179,60 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
         names = [r["module"] for r in rows if r["type"] == "Linear"]
         weight_bytes = float(sum(r["parameter"] for r in rows if r["type"] == "Linear"))
         extra = 2 * weight_bytes
-        out.append(Change(
-            "pruning", {"method": "torch.nn.utils.prune (l1_unstructured)", "amount": amount,
-                        "state": "before prune.remove"},
-            f"+{extra:.0f} B: a mask and a recomputed weight per pruned Linear "
-            f"({weight_bytes:.0f} B of weights), weight_orig kept: memory INCREASES",
-            transform=prune_transform(extra), apply=_apply_prune(names, amount),
-            caveats=["costs more memory until prune.remove()"],
-            quality_cost=0.5, speed_cost=0.05, group="pruning",
-        ))
-        out.append(Change(
-            "pruning", {"method": "magnitude, then prune.remove", "amount": amount,
-                        "state": "dense zeros"},
-            "zeros stored densely occupy the same bytes: saves 0",
-            transform=lambda s: dict(s), apply=_apply_prune_remove(names, amount),
-            caveats=[f"stored as CSR (fp32 values, int64 indices) a tensor saves only below "
-                     f"~{100 * csr_break_even_density(1024, 1024):.0f}% density "
-                     f"(per tensor: see memprof.advisor.pruning.csr_break_even_density); "
-                     f"at {100 * (1 - amount):.0f}% density it would grow"],
-            quality_cost=0.5, speed_cost=0.0, group="pruning",
-        ))
+        out.append(
+            Change(
+                "pruning",
+                {
+                    "method": "torch.nn.utils.prune (l1_unstructured)",
+                    "amount": amount,
+                    "state": "before prune.remove",
+                },
+                f"+{extra:.0f} B: a mask and a recomputed weight per pruned Linear "
+                f"({weight_bytes:.0f} B of weights), weight_orig kept: memory INCREASES",
+                transform=prune_transform(extra),
+                apply=_apply_prune(names, amount),
+                caveats=["costs more memory until prune.remove()"],
+                quality_cost=0.5,
+                speed_cost=0.05,
+                group="pruning",
+            )
+        )
+        out.append(
+            Change(
+                "pruning",
+                {
+                    "method": "magnitude, then prune.remove",
+                    "amount": amount,
+                    "state": "dense zeros",
+                },
+                "zeros stored densely occupy the same bytes: saves 0",
+                transform=lambda s: dict(s),
+                apply=_apply_prune_remove(names, amount),
+                caveats=[
+                    f"stored as CSR (fp32 values, int64 indices) a tensor saves only below "
+                    f"~{100 * csr_break_even_density(1024, 1024):.0f}% density "
+                    f"(per tensor: see memprof.advisor.pruning.csr_break_even_density); "
+                    f"at {100 * (1 - amount):.0f}% density it would grow"
+                ],
+                quality_cost=0.5,
+                speed_cost=0.0,
+                group="pruning",
+            )
+        )
     if _row_pairs(facts):
         keep = 1 - amount
-        out.append(Change(
-            "pruning", {"method": "structured (hidden units of Linear pairs)", "keep": keep},
-            f"parameters, grads and states of the paired Linears x{keep}, their hidden "
-            f"activations x{keep} (pairs read from the module table)",
-            transform=structured_transform(facts, keep), apply=_apply_structured(keep),
-            caveats=["accuracy drops without fine-tuning: check the quality column"],
-            quality_cost=1.0, speed_cost=-0.2, group="pruning",
-        ))
+        out.append(
+            Change(
+                "pruning",
+                {"method": "structured (hidden units of Linear pairs)", "keep": keep},
+                f"parameters, grads and states of the paired Linears x{keep}, their hidden "
+                f"activations x{keep} (pairs read from the module table)",
+                transform=structured_transform(facts, keep),
+                apply=_apply_structured(keep),
+                caveats=["accuracy drops without fine-tuning: check the quality column"],
+                quality_cost=1.0,
+                speed_cost=-0.2,
+                group="pruning",
+            )
+        )
     return out

@@ -25,20 +25,23 @@ GROUP = 128
 
 class _DequantLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x)
         return nn.functional.linear(x, layer.weight_fp().to(x.dtype), None)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (_x,) = ctx.saved_tensors
         w = ctx.layer.weight_fp().to(grad.dtype)
         return grad @ w, None
 
 
 class QuantLinear(nn.Module):
     """A frozen weight-only quantized Linear (symmetric; int4 packed two per byte)."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, linear: nn.Linear, bits: int) -> None:
         super().__init__()
@@ -68,7 +71,7 @@ class QuantLinear(nn.Module):
         return groups.reshape(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _DequantLinear.apply(x, self)
+        out: torch.Tensor = _DequantLinear.apply(x, self)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
 
@@ -92,7 +95,7 @@ def quantized_bytes(rows: list[dict[str, Any]], bits: int) -> tuple[float, float
             p = float(r["parameter"])
             elements = p / 4  # fp32 (the profile's dtype mix is fp32 for these tests)
             if bits == 8:
-                added += elements * 1 + 4 * elements ** 0.5  # ~one scale per row
+                added += elements * 1 + 4 * elements**0.5  # ~one scale per row
             else:
                 added += elements * 0.5 + 4 * elements / GROUP
             removed += p
@@ -103,8 +106,9 @@ def transform_for(facts: Facts, bits: int) -> Transform:
     rows = facts.module_rows()
     removed, added = quantized_bytes(rows, bits)
     frozen_fraction = removed / facts.parameter_bytes if facts.parameter_bytes else 0.0
-    largest = max((float(r["parameter"]) for r in rows if r["module"] in set(targets(rows))),
-                  default=0.0)
+    largest = max(
+        (float(r["parameter"]) for r in rows if r["module"] in set(targets(rows))), default=0.0
+    )
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -146,16 +150,24 @@ def predict(facts: Facts) -> list[Change]:
         if not names:
             continue
         what = "frozen base for training" if facts.has_optimizer else "inference"
-        out.append(Change(
-            "quantization", {"weights": f"int{bits}", "layers": f"{len(names)} Linear",
-                             "use": what},
-            f"{removed:.0f} B of Linear weights become {added:.0f} B of int{bits} + fp32 scales "
-            f"({'per row' if bits == 8 else f'per {GROUP}'}); their grads and optimizer states "
-            "go; one fp32 weight dequantized at a time",
-            transform=transform_for(facts, bits), apply=_apply(bits, names),
-            caveats=["embeddings, norms and the output head stay high precision",
-                     "quantized weights are frozen: train adapters (LoRA) on them"]
-            + (["int4 error is larger: check the quality column"] if bits == 4 else []),
-            quality_cost=0.5 if bits == 8 else 1.0, speed_cost=0.2, group="weights",
-        ))
+        out.append(
+            Change(
+                "quantization",
+                {"weights": f"int{bits}", "layers": f"{len(names)} Linear", "use": what},
+                f"{removed:.0f} B of Linear weights become {added:.0f} B of int{bits} + "
+                "fp32 scales "
+                f"({'per row' if bits == 8 else f'per {GROUP}'}); their grads and optimizer states "
+                "go; one fp32 weight dequantized at a time",
+                transform=transform_for(facts, bits),
+                apply=_apply(bits, names),
+                caveats=[
+                    "embeddings, norms and the output head stay high precision",
+                    "quantized weights are frozen: train adapters (LoRA) on them",
+                ]
+                + (["int4 error is larger: check the quality column"] if bits == 4 else []),
+                quality_cost=0.5 if bits == 8 else 1.0,
+                speed_cost=0.2,
+                group="weights",
+            )
+        )
     return out

@@ -12,7 +12,20 @@ Not simulated: it needs N processes on N devices.
 
 from __future__ import annotations
 
-from memprof.advisor.core import Change, Facts, Sample, Transform, TRAINING_ONLY_REASON, not_applicable
+from memprof.advisor.core import (
+    TRAINING_ONLY_REASON,
+    Change,
+    Facts,
+    Sample,
+    Transform,
+    not_applicable,
+)
+
+FORMULAS = {
+    "zero1": "P + G + O/N",
+    "zero2": "P + G/N + O/N + one gradient bucket",
+    "zero3": "(P + G + O)/N + the largest module gathered",
+}
 
 
 def _largest(facts: Facts, column: str) -> float:
@@ -44,21 +57,37 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
     out = []
     for n in ranks:
         for stage, label in (("zero1", "ZeRO-1"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3 / FSDP")):
-            out.append(Change(
-                "sharding", {"stage": label, "ranks": n},
-                f"per rank: {'P + G + O/N' if stage == 'zero1' else 'P + G/N + O/N + bucket' if stage == 'zero2' else '(P + G + O)/N + largest module gathered'} "
-                "with the profile's P, G, O; activations unchanged",
-                transform=shard_transform(facts, stage, n, False),
-                caveats=[f"needs {n} GPUs and torch.distributed; not simulated here",
-                         "communication adds step time (all-gather / reduce-scatter)"],
-                quality_cost=0.0, speed_cost=0.1 * n, training_only=True, group="sharding",
-            ))
-    out.append(Change(
-        "sharding", {"stage": "CPU offload of optimizer state", "ranks": 1},
-        "optimizer_state removed from the device (kept in host memory)",
-        transform=shard_transform(facts, "offload", 1, True),
-        caveats=["optimizer step runs on the CPU: slower steps; needs host memory for O",
-                 "not simulated here"],
-        quality_cost=0.0, speed_cost=1.0, training_only=True, group="sharding",
-    ))
+            out.append(
+                Change(
+                    "sharding",
+                    {"stage": label, "ranks": n},
+                    f"per rank: {FORMULAS[stage]} "
+                    "with the profile's P, G, O; activations unchanged",
+                    transform=shard_transform(facts, stage, n, False),
+                    caveats=[
+                        f"needs {n} GPUs and torch.distributed; not simulated here",
+                        "communication adds step time (all-gather / reduce-scatter)",
+                    ],
+                    quality_cost=0.0,
+                    speed_cost=0.1 * n,
+                    training_only=True,
+                    group="sharding",
+                )
+            )
+    out.append(
+        Change(
+            "sharding",
+            {"stage": "CPU offload of optimizer state", "ranks": 1},
+            "optimizer_state removed from the device (kept in host memory)",
+            transform=shard_transform(facts, "offload", 1, True),
+            caveats=[
+                "optimizer step runs on the CPU: slower steps; needs host memory for O",
+                "not simulated here",
+            ],
+            quality_cost=0.0,
+            speed_cost=1.0,
+            training_only=True,
+            group="sharding",
+        )
+    )
     return out

@@ -129,10 +129,16 @@ def copy_state(workload: Workload, *, batch: Any = None) -> SimState:
             hyper["params"] = [memo[id(p)] for p in g["params"] if id(p) in memo]
             groups.append(hyper)
     b = workload.batch if batch is None else batch
-    defaults = (copy.deepcopy(dict(workload.optimizer.defaults))
-                if workload.optimizer is not None else {})
-    return SimState(model=model, batch=_clone(b), optimizer_class=opt_class, param_groups=groups,
-                    defaults=defaults)
+    defaults = (
+        copy.deepcopy(dict(workload.optimizer.defaults)) if workload.optimizer is not None else {}
+    )
+    return SimState(
+        model=model,
+        batch=_clone(b),
+        optimizer_class=opt_class,
+        param_groups=groups,
+        defaults=defaults,
+    )
 
 
 def _clone(batch: Any) -> Any:
@@ -159,8 +165,9 @@ def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
     return batch
 
 
-def run(workload: Workload, state: SimState, *, reference: Measurement | None = None
-        ) -> Measurement:
+def run(
+    workload: Workload, state: SimState, *, reference: Measurement | None = None
+) -> Measurement:
     """Run ``workload.steps`` steps of ``state`` under memprof and measure them."""
     model = state.model
     batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
@@ -188,7 +195,7 @@ def run(workload: Workload, state: SimState, *, reference: Measurement | None = 
             try:  # the original's defaults too, so the copy reports the same hyperparameters
                 optimizer = state.optimizer_class(groups, **state.defaults)
             except TypeError:
-                optimizer = state.optimizer_class(groups)
+                optimizer = state.optimizer_class(groups)  # type: ignore[call-arg]
     last = None
     with memprof.profile(model, optimizer) as prof:
         for _ in range(workload.steps):
@@ -212,8 +219,9 @@ def run(workload: Workload, state: SimState, *, reference: Measurement | None = 
         out_drift = _rel(outputs, reference.outputs)
         if reference.final_loss is not None and last is not None and reference.final_loss != 0:
             loss_drift = abs(last - reference.final_loss) / abs(reference.final_loss)
-    return Measurement(int(profile.peak().total_bytes), step_time, out_drift, loss_drift, last,
-                       profile, outputs)
+    return Measurement(
+        int(profile.peak().total_bytes), step_time, out_drift, loss_drift, last, profile, outputs
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor | None) -> float | None:
@@ -228,8 +236,13 @@ def baseline(workload: Workload) -> Measurement:
     return run(workload, copy_state(workload))
 
 
-def simulate(workload: Workload, applies: list[Callable[[SimState], None]],
-             reference: Measurement, *, batch: Any = None) -> Measurement:
+def simulate(
+    workload: Workload,
+    applies: list[Callable[[SimState], None]],
+    reference: Measurement,
+    *,
+    batch: Any = None,
+) -> Measurement:
     """Apply ``applies`` in order to fresh copies and measure the steps."""
     state = copy_state(workload, batch=batch)
     for apply in applies:

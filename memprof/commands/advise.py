@@ -27,8 +27,10 @@ from memprof.profile import load
 
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog=examples("memprof advise reports/train.json --budget 24GiB",
-                    'memprof advise reports/train.json --gpu "A100 40GB" --json'),
+    epilog=examples(
+        "memprof advise reports/train.json --budget 24GiB",
+        'memprof advise reports/train.json --gpu "A100 40GB" --json',
+    ),
     short_help="Rank memory-saving techniques and plan for a budget.",
 )
 @click.argument("profile_path", metavar="PROFILE.json", type=click.Path(path_type=Path))
@@ -38,8 +40,9 @@ from memprof.profile import load
 @click.option("--save", is_flag=True, help="Store the advice in PROFILE.json (for the report).")
 @json_option(keys="profile, baseline_peak_bytes, budget, usable_bytes, recommendations, plan")
 @handle_errors
-def command(profile_path: Path, budget: str | None, gpu: str | None, top: int, save: bool,
-            as_json: bool) -> None:
+def command(
+    profile_path: Path, budget: str | None, gpu: str | None, top: int, save: bool, as_json: bool
+) -> None:
     """Predict what each technique (mixed precision, quantization, pruning, checkpointing,
     optimizer, sharding) does to the step's peak in PROFILE.json, and with a budget, the
     cheapest combination that fits."""
@@ -54,9 +57,16 @@ def command(profile_path: Path, budget: str | None, gpu: str | None, top: int, s
         profile.save(profile_path, overwrite=True)
     data = advice.to_dict()
     if as_json:
-        echo_json({"profile": str(profile_path), "baseline_peak_bytes": advice.baseline_peak_bytes,
-                   "budget": data.get("budget"), "usable_bytes": data.get("usable_bytes"),
-                   "recommendations": data["recommendations"], "plan": data["plan"]})
+        echo_json(
+            {
+                "profile": str(profile_path),
+                "baseline_peak_bytes": advice.baseline_peak_bytes,
+                "budget": data.get("budget"),
+                "usable_bytes": data.get("usable_bytes"),
+                "recommendations": data["recommendations"],
+                "plan": data["plan"],
+            }
+        )
         return
     click.echo(render(data, top=top))
 
@@ -64,13 +74,22 @@ def command(profile_path: Path, budget: str | None, gpu: str | None, top: int, s
 def render(data: dict[str, Any], *, top: int) -> str:
     lines = [f"baseline step peak {size(data['baseline_peak_bytes'])}", ""]
     rows = [r for r in data["recommendations"] if r.get("applicable")][:top]
-    lines.append(table(
-        ["technique", "options", "predicted peak", "saving", "caveats"],
-        [[r["technique"], _options(r.get("options") or {}), size(r.get("predicted_peak_bytes")),
-          f"{r['saving_pct']:+.1f}%" if r.get("saving_pct") is not None else "-",
-          (r.get("caveats") or "")[:60]] for r in rows],
-        align="llrrl",
-    ))
+    lines.append(
+        table(
+            ["technique", "options", "predicted peak", "saving", "caveats"],
+            [
+                [
+                    r["technique"],
+                    _options(r.get("options") or {}),
+                    size(r.get("predicted_peak_bytes")),
+                    f"{r['saving_pct']:+.1f}%" if r.get("saving_pct") is not None else "-",
+                    (r.get("caveats") or "")[:60],
+                ]
+                for r in rows
+            ],
+            align="llrrl",
+        )
+    )
     skipped = [r for r in data["recommendations"] if not r.get("applicable")]
     if skipped:
         lines.append("")

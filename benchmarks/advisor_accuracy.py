@@ -1,0 +1,137 @@
+"""How close the advisor's predictions come to the measured step peak, per technique and model.
+
+For each model (GPT-2 from a small config, a CNN, an MLP) and each technique that can run on
+CPU: |predicted - measured| / measured of the step peak, where the prediction reads only the
+baseline profile and the measurement applies the change to a copy and profiles it. Beside it,
+accelerate's ``estimate-memory`` rule for the same run: the weights' bytes in the dtype the
+change leaves them in, times 4 for Adam training (accelerate's "training = 4 x weights").
+
+Run: ``python benchmarks/advisor_accuracy.py`` (about 2-4 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from test_advisor import cnn_workload, mlp_workload
+
+from memprof.advisor import changes_for, read_facts
+from memprof.advisor.workload import Workload, baseline, seeded, simulate
+from memprof.units import format_bytes
+
+TARGET = {
+    "mixed_precision": 5.0,
+    "checkpointing": 5.0,
+    "optimizer": 5.0,
+    "batch": 5.0,
+    "quantization": 10.0,
+    "pruning": 10.0,
+}
+
+
+def gpt2_small_config() -> Workload:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=4,
+        n_embd=128,
+        n_head=4,
+        vocab_size=512,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 512, (8, 128))
+    return Workload(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-4),
+        {"input_ids": ids, "labels": ids},
+        steps=2,
+    )
+
+
+def accelerate_rule(model: nn.Module, options: dict[str, object]) -> int:
+    """accelerate estimate-memory: weights in the target dtype x 4 for Adam training."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if options.get("mode") == "pure":
+        weights //= 2
+    elif options.get("weights") == "int8":
+        weights //= 4
+    elif options.get("weights") == "int4":
+        weights //= 8
+    return 4 * weights
+
+
+def main() -> None:
+    rows = []
+    for name, factory in (
+        ("gpt2-small-config", gpt2_small_config),
+        ("cnn", cnn_workload),
+        ("mlp", mlp_workload),
+    ):
+        workload = factory()
+        with seeded():
+            baseline(workload)
+            ref = baseline(workload)
+        facts = read_facts(ref.profile)
+        for change in changes_for(facts):
+            if not change.applicable or change.apply is None or change.predicted_peak is None:
+                continue
+            with seeded():
+                m = simulate(workload, [change.apply], ref)
+            opts = ", ".join(f"{k}={v}" for k, v in change.options.items() if k != "modules")
+            acc = accelerate_rule(workload.model, change.options)
+            rows.append(
+                (
+                    name,
+                    change.technique,
+                    opts,
+                    change.predicted_peak,
+                    m.peak_bytes,
+                    100 * abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes,
+                    100 * abs(acc - m.peak_bytes) / m.peak_bytes,
+                )
+            )
+    header = (
+        "model",
+        "technique",
+        "options",
+        "predicted",
+        "measured",
+        "error %",
+        "accelerate error %",
+        "target %",
+    )
+    widths = [18, 16, 62, 11, 11, 8, 18, 8]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        cells = [
+            r[0],
+            r[1],
+            r[2][:62],
+            format_bytes(r[3]),
+            format_bytes(r[4]),
+            f"{r[5]:.1f}",
+            f"{r[6]:.1f}",
+            f"{TARGET.get(r[1], 0):.0f}",
+        ]
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+    within = sum(1 for r in rows if r[5] <= TARGET.get(r[1], 0))
+    print(
+        f"\n{within} of {len(rows)} predictions within the target; median advisor error "
+        f"{sorted(r[5] for r in rows)[len(rows) // 2]:.1f}%, median accelerate-rule error "
+        f"{sorted(r[6] for r in rows)[len(rows) // 2]:.1f}%"
+    )
+
+
+if __name__ == "__main__":
+    main()
