@@ -193,8 +193,8 @@ def test_run_prints_and_saves_advice_and_survives_a_failing_advisor(
     saved = memprof.load(tmp_path / "reports" / "exit_code.json")
     if mode == "ok":
         peak = saved.peak().total_bytes
-        assert f"FAKE ADVICE top=3 budget={1 << 20} peak={peak}" in result.stdout
-        assert saved.advice is not None and saved.advice["budget_bytes"] == 1 << 20
+        assert f"FAKE ADVICE top=3 budget=1MiB peak={peak}" in result.stdout
+        assert saved.advice is not None and saved.advice["budget"] == "1MiB"
         assert saved.advice["recommendations"][0]["saving_bytes"] == 123
     else:
         assert "Traceback" not in result.stderr
@@ -296,7 +296,8 @@ def test_run_keeps_script_exit_code_and_argv(tmp_path: Path) -> None:
     result = memprof_cli("run", "--json", "--no-html", DATA / "exit_code.py", "3", "--flag", "x",
                          cwd=tmp_path)
     assert result.code == 3
-    seen = json.loads(result.stderr.splitlines()[0])  # the script's own print, moved to stderr
+    # the script's own print, moved to stderr
+    seen = json.loads(next(ln for ln in result.stderr.splitlines() if ln.startswith('{"argv"')))
     assert seen == {"argv": [str(DATA / "exit_code.py"), "3", "--flag", "x"], "name": "__main__"}
     data = result.json()
     assert data["exit_code"] == 3 and data["error"] is None

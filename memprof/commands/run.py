@@ -141,7 +141,7 @@ def command(
     output_path(json_path, force=force, what="profile")
     if html_path is not None:
         output_path(html_path, force=force, what="report")
-    budget_bytes = parse_budget(budget)
+    budget = parse_budget(budget)
 
     from memprof.tracking.session import Profiler
 
@@ -158,7 +158,7 @@ def command(
     }
 
     notes = list(outcome.notes)
-    advice, advice_note = run_advisor(profile, budget_bytes)
+    advice, advice_note = run_advisor(profile, budget)
     if advice_note:
         notes.append(advice_note)
     if advice is not None:
@@ -253,8 +253,10 @@ def _module_target(name: str, rest: list[str]) -> Target:
     return Target(name=name, is_module=True, argv=[spec.origin or name, *rest])
 
 
-def parse_budget(text: str | None) -> int | None:
-    """A budget in bytes from a size or (when the GPU catalog is installed) a GPU name."""
+def parse_budget(text: str | None) -> str | None:
+    """Check a budget (a size, or a GPU name when the GPU catalog is installed) before the
+    script runs; the text itself goes to the advisor, which takes the CUDA context and the
+    fragmentation reserve off a device's memory."""
     if text is None:
         return None
     try:
@@ -262,8 +264,10 @@ def parse_budget(text: str | None) -> int | None:
     except ImportError:
         from memprof.units import parse_size
 
-        return parse_size(text)
-    return int(resolve_budget(text)[0])
+        parse_size(text)
+    else:
+        resolve_budget(text)
+    return text
 
 
 # ------------------------------------------------------------------ execution
@@ -364,7 +368,7 @@ _MEMPROF_DIR = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ advice
-def run_advisor(profile: Any, budget: int | None) -> tuple[Any, str | None]:
+def run_advisor(profile: Any, budget: str | None) -> tuple[Any, str | None]:
     """The advisor's recommendations, or None and a one-line note saying why there are none."""
     if profile.peak_info is None:
         return None, "no advice: no step was profiled"

@@ -18,7 +18,7 @@ if _MODE:
             self.budget = budget
 
         def to_dict(self) -> dict:
-            return {"budget_bytes": self.budget, "peak_bytes": self.peak,
+            return {"budget": self.budget, "peak_bytes": self.peak,
                     "recommendations": [{"technique": "fake", "saving_bytes": 123}]}
 
         def summary(self, *, top: int = 5) -> str:
