@@ -99,7 +99,7 @@ def test_headline_and_advisor_section_use_the_advice(mlp_profile: Profile) -> No
     html = render_report(mlp_profile, advice=advice)
     assert 'id="chart-advice"' in html and "Budget plan" in html and "1.0 GiB" in html
     fig = context(mlp_profile, advice=advice)["charts"]["chart-advice"]
-    measured = fig["data"][1]["y"]
+    measured = fig["data"][1]["x"]
     assert measured == [2500, None, None]
 
 

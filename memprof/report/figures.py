@@ -49,8 +49,10 @@ def timeline_figure(profile: Profile) -> Figure | None:
         return None
     columns = {c: [int(v) for v in data.get(c, [0] * len(steps))] for c in CATEGORIES}
     totals = [sum(columns[c][i] for c in CATEGORIES) for i in range(len(steps))]
-    kept = _decimated_rows(steps, totals)
-    xs, boundaries = _positions(profile, steps, [float(t) for t in data.get("time_s", [])], kept)
+    times = [float(t) for t in data.get("time_s", [])]
+    use_times = _has_durations(profile) and len(times) == len(steps)
+    kept = _decimated_rows(steps, totals, times if use_times else None)
+    xs, boundaries = _positions(profile, steps, times, kept)
     phases = [str(p) for p in data.get("phase", [""] * len(steps))]
     modules = [str(m) for m in data.get("module", [""] * len(steps))]
 
@@ -115,7 +117,9 @@ def timeline_figure(profile: Profile) -> Figure | None:
     return {"data": traces, "layout": layout}
 
 
-def _decimated_rows(steps: list[int], totals: list[int]) -> list[int]:
+def _decimated_rows(
+    steps: list[int], totals: list[int], times: list[float] | None = None
+) -> list[int]:
     """Row indices to draw: per step its first, last and each bucket's low and high."""
     order: list[int] = []
     groups: dict[int, list[int]] = defaultdict(list)
@@ -127,6 +131,8 @@ def _decimated_rows(steps: list[int], totals: list[int]) -> list[int]:
     kept: list[int] = []
     for s in order:
         rows = groups[s]
+        if times is not None:  # draw in time order (samples are recorded in allocation order)
+            rows = sorted(rows, key=lambda i: times[i])
         kept.extend(decimate(rows, per_step, key=lambda i: totals[i]))
     return kept
 
@@ -274,8 +280,8 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
         parent = parent_of[i]
         ids.append(f"m{i}")
         parents.append(f"m{parent}" if parent is not None and parent in keep else "")
-        short = m.name.rsplit(".", 1)[-1] if m.name else f"(root) {m.type}"
-        labels.append(ptext(short))
+        short = m.name.rsplit(".", 1)[-1] if m.name else "(root)"
+        labels.append(ptext(f"{short} {m.type}"))
         values.append(inclusive[i])
         parts = ", ".join(
             f"{CATEGORY_LABELS[c]} {format_bytes(int(m.own.get(c, 0)))}"
@@ -299,8 +305,9 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
         "type": "icicle", "ids": ids, "parents": parents, "labels": labels, "values": values,
         "branchvalues": "total", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
         "maxdepth": 3, "tiling": {"orientation": "v"}, "root": {"color": "#f4f4f4"},
-        "marker": {"colorscale": "Blues", "colors": values, "line": {"width": 0.5}},
-        "textinfo": "label",
+        "marker": {"colorscale": "Blues", "reversescale": True, "colors": values,
+                   "line": {"width": 0.5}},
+        "text": [format_bytes(v) for v in values], "textinfo": "label+text",
     }
     return {"data": [trace], "layout": base_layout(height=480, margin={"l": 5, "r": 5,
                                                                         "t": 10, "b": 5})}
@@ -320,23 +327,26 @@ def advice_figure(rows: list[dict[str, Any]]) -> Figure | None:
     named = [r for r in rows if _is_number(r.get("predicted_saving_bytes"))]
     if not named:
         return None
-    labels = [ptext(advice.describe(r)) for r in named]
+    labels = [ptext(_short(advice.describe(r))) for r in named]
     predicted = [int(r["predicted_saving_bytes"]) for r in named]
     measured: list[int | None] = []
     for r in named:
         found = advice.saving(r)
         measured.append(found[0] if found is not None and found[1] == "measured" else None)
+    full = [ptext(advice.describe(r)) for r in named]
     traces = [{
-        "type": "bar", "name": "predicted saving", "x": labels, "y": predicted,
-        "marker": {"color": "#4c78a8"}, "text": [format_bytes(v) for v in predicted],
-        "textposition": "none", "hovertemplate": "%{x}<br>predicted %{text}<extra></extra>",
+        "type": "bar", "orientation": "h", "name": "predicted saving", "y": labels,
+        "x": predicted, "marker": {"color": "#4c78a8"}, "customdata": full,
+        "text": [format_bytes(v) for v in predicted], "textposition": "none",
+        "hovertemplate": "%{customdata}<br>predicted %{text}<extra></extra>",
     }]
     if any(v is not None for v in measured):
         traces.append({
-            "type": "bar", "name": "measured saving (simulated)", "x": labels, "y": measured,
-            "marker": {"color": "#54a24b"},
+            "type": "bar", "orientation": "h", "name": "measured saving (simulated)",
+            "y": labels, "x": measured, "marker": {"color": "#54a24b"}, "customdata": full,
             "text": [format_bytes(v) if v is not None else "not simulated" for v in measured],
-            "textposition": "none", "hovertemplate": "%{x}<br>measured %{text}<extra></extra>",
+            "textposition": "none",
+            "hovertemplate": "%{customdata}<br>measured %{text}<extra></extra>",
         })
     values = predicted + [m for m in measured if m is not None]
     top, bottom = max([0, *values]), min([0, *values])
@@ -344,11 +354,16 @@ def advice_figure(rows: list[dict[str, Any]]) -> Figure | None:
     if bottom < 0:  # a negative saving (pruning before prune.remove) gets plotly's own ticks
         axis = {"tickformat": ".3s", "ticksuffix": "B"}
     layout = base_layout(
-        barmode="group", height=380,
-        yaxis={"title": {"text": "saving at the peak"}, "gridcolor": "#eee", **axis},
-        xaxis={"automargin": True, "type": "category"},
+        barmode="group", height=max(240, 22 * len(labels) * len(traces) + 120),
+        xaxis={"title": {"text": "saving at the peak (negative: costs memory)"},
+               "gridcolor": "#eee", **axis},
+        yaxis={"automargin": True, "type": "category", "autorange": "reversed"},
     )
     return {"data": traces, "layout": layout}
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _is_number(value: Any) -> bool:
