@@ -229,3 +229,12 @@ def test_profile_without_steps_still_renders() -> None:
     html = render_report(profile)
     assert "no step was profiled" in html
     assert context(profile)["charts"] == {}
+
+
+def test_axis_ticks_are_iec() -> None:
+    from memprof.report.style import byte_axis
+
+    axis = byte_axis(3 * 2**30)
+    assert axis["ticktext"][:4] == ["0 B", "1 GiB", "2 GiB", "3 GiB"]
+    assert axis["tickvals"][1] == 2**30
+    assert byte_axis(110_000, bottom=-220_000)["ticktext"][0] == "-300 KiB"

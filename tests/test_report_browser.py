@@ -122,3 +122,13 @@ def test_module_named_script_shows_as_text(browser: Any, tmp_path: Path) -> None
     assert XSS in opened.page.inner_text("#peak-modules")
     svg_text = opened.page.eval_on_selector("#chart-layers", "e => e.textContent")
     assert XSS in svg_text
+
+
+def test_real_advice_renders(browser: Any, mlp_profile: Profile, tmp_path: Path) -> None:
+    advisor = pytest.importorskip("memprof.advisor", reason="the advisor is not available")
+    advice = advisor.advise(mlp_profile, budget="1MiB")
+    opened = Opened(browser, write_report(mlp_profile, tmp_path / "a.html", advice=advice))
+    assert opened.errors == [] and opened.requests == [opened.url]
+    assert opened.page.eval_on_selector("#chart-advice", "e => e.querySelectorAll('.point').length")
+    assert "Budget plan" in opened.page.inner_text("#advisor")
+    assert opened.page.get_attribute("#headline-sentence", "data-source") == "advice"

@@ -350,9 +350,8 @@ def advice_figure(rows: list[dict[str, Any]]) -> Figure | None:
         })
     values = predicted + [m for m in measured if m is not None]
     top, bottom = max([0, *values]), min([0, *values])
-    axis: dict[str, Any] = byte_axis(top * 1.1)
-    if bottom < 0:  # a negative saving (pruning before prune.remove) gets plotly's own ticks
-        axis = {"tickformat": ".3s", "ticksuffix": "B"}
+    # a negative saving (pruning before prune.remove) extends the axis to the left
+    axis = byte_axis(top * 1.1, bottom=bottom * 1.1)
     layout = base_layout(
         barmode="group", height=max(240, 22 * len(labels) * len(traces) + 120),
         xaxis={"title": {"text": "saving at the peak (negative: costs memory)"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import math
 from typing import Any
 
 from memprof.units import format_bytes
@@ -53,21 +52,22 @@ def module_label(name: str) -> str:
     return name if name else "(root)"
 
 
-def byte_axis(top: float, *, ticks: int = 6) -> dict[str, Any]:
+#: Tick spacings: 1, 2, 5, 10, 20, 50, 100, 200, 500 of each IEC unit.
+_STEPS = sorted(m * 1024**k for k in range(6) for m in (1, 2, 5, 10, 20, 50, 100, 200, 500))
+
+
+def byte_axis(top: float, *, bottom: float = 0, ticks: int = 6) -> dict[str, Any]:
     """Axis settings with tick labels in IEC units (plotly's own ticks are SI: 1.2G)."""
-    if top <= 0:
+    span = top - min(bottom, 0)
+    if span <= 0:
         return {"tickvals": [0], "ticktext": ["0 B"], "rangemode": "tozero"}
-    raw = top / ticks
-    unit = 1024 ** max(0, int(math.log(raw, 1024))) if raw >= 1 else 1
-    step = unit
-    for mult in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000):
-        step = unit * mult
-        if step >= raw:
-            break
-    values = [step * i for i in range(int(top // step) + 2)]
+    raw = span / ticks
+    step = next(c for c in _STEPS if c >= raw) if raw <= _STEPS[-1] else raw
+    low = -int(-min(bottom, 0) // step + 1) if bottom < 0 else 0
+    values = [step * i for i in range(low, int(top // step) + 2)]
     return {
         "tickvals": values,
-        "ticktext": [format_bytes(v, precision=0 if v % 1024 ** _exp(v) == 0 else 1)
+        "ticktext": [format_bytes(v, precision=0 if abs(v) % 1024 ** _exp(abs(v)) == 0 else 1)
                      for v in values],
         "rangemode": "tozero",
     }
