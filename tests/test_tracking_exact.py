@@ -124,15 +124,20 @@ class _ViewsAndInplace(nn.Module):
         return y
 
 
-def test_views_and_inplace_cost_nothing() -> None:
+@pytest.mark.parametrize("backend", ["dispatch", "events"])
+def test_views_and_inplace_cost_nothing(backend: str) -> None:
     model = _ViewsAndInplace()
     x = torch.randn(64, 64)
-    with memprof.profile(model) as prof:
+    with memprof.profile(model, backend=backend) as prof:  # type: ignore[arg-type]
         with torch.no_grad():
             model(x)
         prof.step()
-    assert row(prof.modules(), "")["temporary_peak"] == 64 * 64 * F32
-    assert prof.peak().total_bytes == 2 * 64 * 64 * F32  # the input and one clone
+    # The events backend sees every allocation: add_(1) and mul_(2) each wrap their Python
+    # scalar as an 8-byte int64 tensor and cast it to a 4-byte float32 one, which no operator
+    # returns (the dispatch ledger cannot see them). At most one of each is alive at a time.
+    scalars = 8 + 4 if backend == "events" else 0
+    assert row(prof.modules(), "")["temporary_peak"] == 64 * 64 * F32 + scalars
+    assert prof.peak().total_bytes == 2 * 64 * 64 * F32 + scalars  # the input and one clone
 
 
 class _Blocks(nn.Module):
@@ -153,12 +158,17 @@ class _Blocks(nn.Module):
         return x
 
 
-def test_checkpointing_lowers_activations_and_recomputes_in_backward() -> None:
+@pytest.mark.parametrize("backend", ["dispatch", "events"])
+def test_checkpointing_lowers_activations_and_recomputes_in_backward(backend: str) -> None:
     results = {}
     for ckpt in (False, True):
         model = _Blocks(ckpt)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        results[ckpt] = profile_steps(model, optimizer, torch.randn(32, 64))
+        with memprof.profile(model, optimizer, backend=backend) as prof:  # type: ignore[arg-type]
+            for _ in range(2):
+                train_step(model, optimizer, torch.randn(32, 64))
+                prof.step()
+        results[ckpt] = prof.profile
     plain = row(results[False].modules(), "")
     ckpt = row(results[True].modules(), "")
     assert ckpt["activation_total"] < plain["activation_total"] / 4
@@ -169,7 +179,11 @@ def test_checkpointing_lowers_activations_and_recomputes_in_backward() -> None:
     # The recomputation allocates in backward.
     tl = results[True].timeline()
     assert tl[tl["phase"] == "backward"]["module"].str.startswith("blocks.").any()
-    assert results[True].peak().total_bytes < results[False].peak().total_bytes
+    # Non-reentrant checkpointing keeps a copy of the CPU RNG state per block (a 5056-byte
+    # tensor no operator returns): only the events backend sees it, and on this toy model it
+    # is larger than the activations checkpointing saves at the peak. Compare without it.
+    rng = torch.get_rng_state().untyped_storage().nbytes() if backend == "events" else 0
+    assert results[True].peak().total_bytes - rng < results[False].peak().total_bytes
 
 
 def test_phases_and_steps() -> None:
