@@ -77,9 +77,7 @@ class QuantLinear(nn.Module):
 
 def targets(model_rows: list[dict[str, Any]]) -> list[str]:
     """Linear modules to quantize: all but the last (the head) and any named *head*."""
-    linears = [r["module"] for r in model_rows if r["type"] == "Linear"]
-    if len(linears) > 1:
-        linears = linears[:-1]
+    linears = [r["module"] for r in model_rows if r["type"] == "Linear"][:-1]
     return [n for n in linears if "head" not in n.rsplit(".", 1)[-1]]
 
 
