@@ -17,6 +17,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
+from memprof.advisor import Advice, Workload, advise
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import (
     BudgetError,
@@ -27,7 +28,9 @@ from memprof.errors import (
     ProfileLoadError,
     UnknownGPUError,
 )
+from memprof.estimate import EstimateError, estimate
 from memprof.profile import Peak, Profile, StepStats, load
+from memprof.report import write_report as report
 from memprof.tracking.schedule import Schedule, StepAction, schedule
 from memprof.tracking.session import MemoryLeakWarning, Profiler, profile
 from memprof.units import format_bytes, parse_size
@@ -35,8 +38,10 @@ from memprof.units import format_bytes, parse_size
 __all__ = [
     "CATEGORIES",
     "PHASES",
+    "Advice",
     "BudgetError",
     "DeviceNotAvailableError",
+    "EstimateError",
     "MemoryLeakWarning",
     "MemprofError",
     "OutputExistsError",
@@ -49,10 +54,14 @@ __all__ = [
     "StepAction",
     "StepStats",
     "UnknownGPUError",
+    "Workload",
     "__version__",
+    "advise",
+    "estimate",
     "format_bytes",
     "load",
     "parse_size",
     "profile",
+    "report",
     "schedule",
 ]

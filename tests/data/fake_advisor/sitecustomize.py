@@ -29,7 +29,11 @@ if _MODE:
             raise RuntimeError("advisor exploded")
         return Advice(profile.peak().total_bytes, budget)  # type: ignore[attr-defined]
 
+    class Workload:  # memprof/__init__.py imports it with advise
+        pass
+
     module = types.ModuleType("memprof.advisor")
     module.Advice = Advice  # type: ignore[attr-defined]
+    module.Workload = Workload  # type: ignore[attr-defined]
     module.advise = advise  # type: ignore[attr-defined]
     sys.modules["memprof.advisor"] = module
