@@ -246,3 +246,33 @@ def test_without_model_every_module_that_runs_is_tracked() -> None:
     assert list(frame["module"]) == ["", "0", "1", "2", "3"]
     assert row(frame, "")["parameter_total"] == storage_bytes(list(model.parameters()))
     assert row(frame, "")["optimizer_state_total"] > 0
+
+
+def test_optimizer_steps_mark_steps_without_a_trailing_empty_step() -> None:
+    from memprof.tracking.session import Profiler
+
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+    with Profiler(step_on_optimizer=True) as prof:
+        for _ in range(3):
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()  # runs after the last step mark: not a step of its own
+    assert [s.step for s in prof.profile.steps_stats] == [0, 1, 2]
+    assert prof.profile.optimizers[0]["class"] == "AdamW"
+    assert prof.profile.optimizers[0]["state_bytes"] == 2 * storage_bytes(
+        list(model.parameters())
+    ) + F32 * 6
+
+
+def test_profiler_writes_the_html_report(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.profile(model, optimizer) as prof:
+        train_step(model, optimizer, torch.randn(4, 64))
+        prof.step()
+    path = prof.report(tmp_path / "r.html")
+    assert path.read_text().count("<html") == 1
+    with pytest.raises(memprof.OutputExistsError):
+        memprof.report(prof.profile, path)

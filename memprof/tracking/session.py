@@ -194,6 +194,7 @@ class Profiler:
         self._optimizers: dict[int, dict[str, Any]] = {}
         self._inputs_seen: list[dict[str, Any]] = []
         self._step = 0
+        self._forwards_in_step = 0
         self._active_steps = 0
         self._step_start_live: dict[int, Entry] = {}
         self._step_started = 0.0
@@ -212,7 +213,10 @@ class Profiler:
         try:
             if self._events is not None:
                 self._events.flush(restart=False)
-            if self.ledger.logging and self.ledger.log:
+            # Under step_on_optimizer, what runs after the last optimizer step (zero_grad, the
+            # script's last lines) is no step of its own unless a forward ran in it.
+            trailing = self._step_on_optimizer and self._step > 0 and not self._forwards_in_step
+            if self.ledger.logging and self.ledger.log and not trailing:
                 self._end_step(partial=exc_type is not None, device=_device_stats())
             self._result = self._build(interrupted=exc_type is not None)
         finally:
@@ -280,6 +284,7 @@ class Profiler:
             raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
         device = _device_stats() if self._live_recording else None
         self._step += 1
+        self._forwards_in_step = 0
         action = self._next_action()
         events = self._events
         if events is None:
@@ -421,6 +426,7 @@ class Profiler:
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         if not self._live_recording:
             return
+        self._forwards_in_step += 1
         recompute = _graph_task_id() != -1  # checkpointing runs this forward again in backward
         events = self._events
         if events is None:
@@ -644,14 +650,16 @@ class Profiler:
                     if round_to > 1 or value.is_cuda:
                         raw = round_up(raw, max(round_to, 512))
                     state_bytes += raw
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._optimizers[id(optimizer)] = {
-            "class": type(optimizer).__name__,
-            "defaults": _json_safe(optimizer.defaults),
-            "num_parameters": int(sum(p.numel() for p in params)),
-            "parameter_bytes": int(sum(p.untyped_storage().nbytes() for p in params)),
-            "state_bytes": state_bytes,
-        }
+        summary = self._optimizers.get(id(optimizer))
+        if summary is None:  # once per optimizer: this runs on every step
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            summary = self._optimizers[id(optimizer)] = {
+                "class": type(optimizer).__name__,
+                "defaults": _json_safe(optimizer.defaults),
+                "num_parameters": int(sum(p.numel() for p in params)),
+                "parameter_bytes": int(sum(p.untyped_storage().nbytes() for p in params)),
+            }
+        summary["state_bytes"] = state_bytes
         return state
 
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
@@ -805,6 +813,10 @@ class Profiler:
     def save(self, path: Any, *, overwrite: bool = False) -> Any:
         """Save the profile as JSON: see :meth:`memprof.profile.Profile.save`."""
         return self.profile.save(path, overwrite=overwrite)
+
+    def report(self, path: Any, *, advice: Any = None, overwrite: bool = False) -> Any:
+        """Write the HTML report: see :meth:`memprof.profile.Profile.report`."""
+        return self.profile.report(path, advice=advice, overwrite=overwrite)
 
     def summary(self, **kwargs: Any) -> str:
         """Plain-text summary: see :meth:`memprof.profile.Profile.summary`."""
