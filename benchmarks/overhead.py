@@ -118,7 +118,8 @@ def run(name: str, workload: Callable[[], tuple[nn.Module, Callable[[], None]]],
             tracker = MemTracker()
             tracker.track_external(model)
             return tracker
-        contexts["MemTracker"] = (make_tracker, None)
+        # MemTracker refuses a second iteration unless its module stats are reset in between.
+        contexts["MemTracker"] = (make_tracker, lambda tracker: tracker.reset_mod_stats())
     times: dict[str, tuple[float, float]] = {}
     for label, (make_ctx, per_step) in contexts.items():
         mt_steps = 1 if label == "MemTracker" and name.startswith("(b)") else steps
