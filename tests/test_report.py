@@ -238,3 +238,21 @@ def test_axis_ticks_are_iec() -> None:
     assert axis["ticktext"][:4] == ["0 B", "1 GiB", "2 GiB", "3 GiB"]
     assert axis["tickvals"][1] == 2**30
     assert byte_axis(110_000, bottom=-220_000)["ticktext"][0] == "-300 KiB"
+
+
+def test_several_roots_get_one_labelled_box_above_them() -> None:
+    from memprof.report.figures import hierarchy_figure
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    loss_fn = torch.nn.MSELoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.profile() as prof:
+        loss_fn(model(torch.randn(4, 8)), torch.randn(4, 8)).backward()
+        optimizer.step()
+        prof.step()
+    trace = hierarchy_figure(prof.profile)["data"][0]  # type: ignore[index]
+    assert trace["parents"].count("") == 1
+    assert trace["labels"][trace["ids"].index("all")] == "all modules"
+    top = trace["values"][trace["ids"].index("all")]
+    assert top == sum(v for v, p in zip(trace["values"], trace["parents"], strict=True)
+                      if p == "all")

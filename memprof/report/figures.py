@@ -301,6 +301,16 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
             values.append(size)
             hover.append(f"{len(dropped)} smaller modules under "
                          f"{ptext(module_label(m.name))}: {format_bytes(size)}")
+    tops = [k for k, parent in enumerate(parents) if parent == ""]
+    if len(tops) > 1:  # several roots (the model and a loss module): one labelled box above them
+        total = sum(values[k] for k in tops)
+        for k in tops:
+            parents[k] = "all"
+        ids.insert(0, "all")
+        parents.insert(0, "")
+        labels.insert(0, "all modules")
+        values.insert(0, total)
+        hover.insert(0, f"every module: {format_bytes(total)}")
     trace = {
         "type": "icicle", "ids": ids, "parents": parents, "labels": labels, "values": values,
         "branchvalues": "total", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
