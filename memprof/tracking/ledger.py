@@ -173,12 +173,7 @@ class StorageLedger:
         self.seq += 1
         total = self.total + nbytes
         self.total = total
-        self.totals[category] += nbytes
-        live = self.module_live[module]
-        live[category] += nbytes
-        most = self.module_max[module]
-        if live[category] > most[category]:
-            most[category] = live[category]
+        self._charge(category, module, nbytes)
         top = self.top
         if top is not None and total > top[1]:
             top[1] = total
@@ -252,6 +247,10 @@ class StorageLedger:
         self.module_live[entry.module][entry.category] -= nbytes
         entry.category = category
         entry.module = module
+        self._charge(category, module, nbytes)
+
+    def _charge(self, category: int, module: int, nbytes: int) -> None:
+        """Add bytes to a category's total and to the module's live bytes (and its most seen)."""
         self.totals[category] += nbytes
         live = self.module_live[module]
         live[category] += nbytes
