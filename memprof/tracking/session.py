@@ -197,6 +197,7 @@ class Profiler:
         self._forwards_in_step = 0
         self._active_steps = 0
         self._step_start_live: dict[int, Entry] = {}
+        self._step_start_bytes = 0
         self._step_started = 0.0
         self._in_backward = False
         try:
@@ -326,6 +327,7 @@ class Profiler:
         if ledger.logging:
             self._step_started = ledger.clock()
             self._step_start_live = ledger.begin_step()
+            self._step_start_bytes = ledger.total
 
     def _end_step(self, *, partial: bool, device: tuple[int, int] | None) -> None:
         ledger = self.ledger
@@ -353,7 +355,7 @@ class Profiler:
                 peak_phase=PHASES[peak.phase],
                 peak_module=self._name(peak.module),
                 peak_by_category=by_category,
-                start_bytes=sum(e.nbytes for e in self._step_start_live.values()),
+                start_bytes=self._step_start_bytes,
                 end_bytes=ledger.total,
                 duration_s=ledger.clock() - self._step_started,
                 device_max_allocated=device_max,
