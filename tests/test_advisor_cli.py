@@ -73,3 +73,52 @@ def test_bad_input_is_one_line_and_exit_2(saved: Path, args: list[str], needle: 
     result = run(str(saved), *args)
     assert result.returncode == 2
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+TINY = str(Path(__file__).parent / "data" / "train_tiny.py")
+INFER = str(Path(__file__).parents[1] / "examples" / "infer.py")
+
+
+def test_simulate_measures_each_technique_on_the_script(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.json"
+    result = run("--simulate", "--steps", "2", "--json", "-o", str(out), TINY, "--steps", "5")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["script"] == TINY and data["profile"] == str(out)
+    rows = [r for r in data["recommendations"] if r["measured_peak_bytes"] is not None]
+    assert {r["technique"] for r in rows} >= {"mixed_precision", "optimizer", "quantization"}
+    sgd = next(r for r in rows if r["options"].get("to") == "SGD")
+    assert sgd["measured_peak_bytes"] < data["baseline_peak_bytes"]
+    assert sgd["quality"]["loss_drift"] is not None and sgd["step_time_ratio"] > 0
+    # one progress bar per run, labelled with the technique, on stderr
+    assert "unchanged" in result.stderr and "optimizer (from=AdamW, to=SGD)" in result.stderr
+    # the script's own prints do not end up in the JSON
+    assert "loss" not in result.stdout.split("{", 1)[0]
+    saved = memprof.load(out)
+    assert saved.advice is not None and saved.advice["simulated"] is True
+
+
+def test_simulate_an_inference_script_marks_training_rows() -> None:
+    result = run("--simulate", "--json", INFER, "--batches", "2", "--batch", "8")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["recommendations"]
+    quant = [r for r in rows if r["technique"] == "quantization" and r["applicable"]]
+    assert quant and all(r["measured_peak_bytes"] for r in quant)
+    optimizer_rows = [r for r in rows if r["technique"] == "optimizer"]
+    assert optimizer_rows and not any(r["applicable"] for r in optimizer_rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--simulate", TINY, "--raise-at", "0"], "failed in its unchanged run"),
+        (["--simulate", "--save", TINY], "with --simulate use -o"),
+        (["--simulate", "no_such_script.py"], "no such script"),
+        (["-m", "json"], "-m goes with --simulate"),
+        ([], "give one PROFILE.json"),
+    ],
+)
+def test_simulate_bad_input_is_one_line(args: list[str], needle: str) -> None:
+    result = run(*args)
+    assert result.returncode != 0
+    assert needle in result.stderr and "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from memprof.advisor import (
     batch,
@@ -61,47 +61,81 @@ def read_budget(budget: int | str | None) -> tuple[int, str] | None:
     return usable, f"{budget} bytes less {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
 
 
+class Simulator(Protocol):
+    """Measures the unchanged run and a run with changes applied (see
+    :class:`WorkloadSimulator` and :class:`memprof.advisor.script.ScriptSimulator`)."""
+
+    def reference(self) -> Measurement: ...
+
+    def measure(self, changes: list[Change], reference: Measurement) -> Measurement | str: ...
+
+
+class WorkloadSimulator:
+    """Simulation on deep copies of a :class:`Workload` (the user's objects stay untouched)."""
+
+    def __init__(self, workload: Workload) -> None:
+        self.workload = workload
+
+    def reference(self) -> Measurement:
+        with seeded():
+            baseline(self.workload)  # warm-up: the first run pays one-off costs (step time)
+            return baseline(self.workload)
+
+    def measure(self, changes: list[Change], reference: Measurement) -> Measurement | str:
+        try:
+            with seeded():
+                applies = [c.apply for c in changes if c.apply is not None]
+                return simulate(self.workload, applies, reference)
+        except Exception as exc:  # one failing technique must not lose the others
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return f"simulation failed: {type(exc).__name__}: {first}"
+
+
 def advise(
-    profile: Profile, *, budget: int | str | None = None, workload: Workload | None = None
+    profile: Profile,
+    *,
+    budget: int | str | None = None,
+    workload: Workload | None = None,
+    simulator: Simulator | None = None,
+    reference: Measurement | None = None,
 ) -> Advice:
-    """Recommendations for ``profile`` (see :class:`Advice` for the columns)."""
+    """Recommendations for ``profile`` (see :class:`Advice` for the columns).
+
+    With a ``workload`` (or any ``simulator``) every applicable change is also measured;
+    ``reference`` is the simulator's unchanged run when the caller already has it.
+    """
+    if workload is not None and simulator is not None:
+        raise ValueError("give a workload or a simulator, not both")
+    if workload is not None:
+        simulator = WorkloadSimulator(workload)
     facts = read_facts(profile)
     changes = changes_for(facts)
     resolved = read_budget(budget)
     base = facts.peak_bytes
-    reference: Measurement | None = None
     measured: dict[int, Measurement | str] = {}
     extra: dict[str, Any] = {}
-    if workload is not None:
-        with seeded():
-            baseline(workload)  # warm-up: the first run pays one-off costs (step time)
-            reference = baseline(workload)
+    if simulator is not None:
+        if reference is None:
+            reference = simulator.reference()
         extra["measured_baseline_peak_bytes"] = reference.peak_bytes
         for c in changes:
             if c.applicable and c.apply is not None:
-                measured[id(c)] = _simulate(workload, [c], reference)
+                measured[id(c)] = simulator.measure([c], reference)
+    else:
+        reference = None
     rows = [_row(c, base, measured.get(id(c)), reference) for c in changes]
     if workload is not None and reference is not None and facts.has_optimizer:
         rows.extend(_batch_rows(workload, reference, base, resolved))
     rows.sort(key=_rank)
     plan = None
     if resolved is not None:
-        plan = _plan(facts, changes, resolved, workload, reference)
-    if resolved is not None:
+        plan = _plan(facts, changes, resolved, simulator, reference)
         extra["budget"] = resolved[1]
         extra["usable_bytes"] = resolved[0]
     return Advice(
-        rows=rows, plan=plan, baseline_peak_bytes=base, simulated=workload is not None, extra=extra
+        rows=rows, plan=plan, baseline_peak_bytes=base, simulated=simulator is not None,
+        extra=extra,
     )
-
-
-def _simulate(workload: Workload, combo: list[Change], reference: Measurement) -> Measurement | str:
-    try:
-        with seeded():
-            return simulate(workload, [c.apply for c in combo if c.apply is not None], reference)
-    except Exception as exc:  # one failing technique must not lose the others
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return f"simulation failed: {type(exc).__name__}: {first}"
 
 
 def _row(
@@ -224,7 +258,7 @@ def _plan(
     facts: Facts,
     changes: list[Change],
     resolved: tuple[int, str],
-    workload: Workload | None,
+    simulator: Simulator | None,
     ref: Measurement | None,
 ) -> dict[str, Any]:
     usable, text = resolved
@@ -260,9 +294,9 @@ def _plan(
         predicted_peak_bytes=peak,
         explanation=planner.explain(combo, peak, usable, facts.peak_bytes),
     )
-    if workload is not None and ref is not None and combo:
+    if simulator is not None and ref is not None and combo:
         if all(c.apply is not None for c in combo):
-            m = _simulate(workload, list(combo), ref)
+            m = simulator.measure(list(combo), ref)
             if isinstance(m, str):
                 result["simulation"] = m
             else:
@@ -281,4 +315,4 @@ def _plan(
     return result
 
 
-__all__ = ["Advice", "Workload", "advise"]
+__all__ = ["Advice", "Simulator", "Workload", "WorkloadSimulator", "advise"]

@@ -31,6 +31,7 @@ import runpy
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -275,13 +276,6 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
     """Run the target as ``__main__`` inside ``profiler``; never raises for the script's
     errors (they are printed as Python prints them and become exit code 1)."""
     outcome = Outcome()
-    saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
-    sys.argv = list(target.argv)
-    if target.is_module:
-        sys.path.insert(0, os.getcwd())
-    else:
-        assert target.path is not None
-        sys.path.insert(0, str(target.path.resolve().parent))
     redirect = (
         contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext()
     )
@@ -293,14 +287,14 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
 
     counter = register_optimizer_step_post_hook(count_step)
     try:
-        with redirect, warnings.catch_warnings():
+        with script_environment(target), redirect, warnings.catch_warnings():
             from memprof.tracking.session import MemoryLeakWarning
 
             warnings.simplefilter("ignore", MemoryLeakWarning)  # it is in the summary
             try:
                 with profiler:
                     try:
-                        _run(target)
+                        run_target(target)
                     except SystemExit as exc:  # a deliberate exit is not an interruption
                         outcome.exit_code = _exit_status(exc.code)
             except KeyboardInterrupt:
@@ -319,13 +313,30 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
     finally:
         counter.remove()
         sys.stdout.flush()
-        sys.argv, sys.path[:] = saved_argv, saved_path
-        if os.getcwd() != saved_cwd:  # outputs are named from where memprof was started
-            os.chdir(saved_cwd)
     return outcome
 
 
-def _run(target: Target) -> None:
+@contextlib.contextmanager
+def script_environment(target: Target) -> Iterator[None]:
+    """``sys.argv`` and ``sys.path[0]`` as Python sets them for the target; restored after,
+    with the working directory (outputs are named from where memprof was started)."""
+    saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
+    sys.argv = list(target.argv)
+    if target.is_module:
+        sys.path.insert(0, os.getcwd())
+    else:
+        assert target.path is not None
+        sys.path.insert(0, str(target.path.resolve().parent))
+    try:
+        yield
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        if os.getcwd() != saved_cwd:
+            os.chdir(saved_cwd)
+
+
+def run_target(target: Target) -> None:
+    """Run the target as ``__main__`` (its argv, path and cwd are the caller's to set)."""
     if target.is_module:
         runpy.run_module(target.name, run_name="__main__", alter_sys=True)
     else:

@@ -1,0 +1,354 @@
+"""Simulation on an unchanged script: run it again with a change applied to its live model.
+
+The script cannot be handed a copy, so each run starts from scratch (the caller's
+``run_script`` executes it, as ``memprof run`` does) and the change is applied to the script's
+own objects at the first moment they all exist: the first call of the root module (the first
+module to run, which the profile names ``""``). Then
+
+- the model is edited in place by the change's ``apply`` (checkpoint wrappers, quantized or
+  narrower layers, ``model.to(bfloat16)``) through a :class:`~memprof.advisor.workload.SimState`
+  that holds the live model;
+- autocast wraps every call of the root module, and ``cast_batch`` casts its float inputs;
+- when the change picks another optimizer or other parameters, a new optimizer is built and
+  takes the place of the script's own (same object, new class and state), before its first step.
+
+Each run is profiled like ``memprof run`` and stopped after ``steps`` optimizer steps (the
+script's remaining work is skipped). Quality compares the root module's first output and the
+last loss (the value ``.backward()`` was called on) with the unchanged run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import io
+import random
+import statistics
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils._python_dispatch import _disable_current_modes
+
+from memprof.advisor.core import Change
+from memprof.advisor.workload import Measurement, SimState, _logits, _rel, cast_floats
+
+#: Called after each profiled optimizer step with the number of steps done.
+Progress = Callable[[int], None]
+
+
+class ScriptFailed(Exception):
+    """The script raised (or exited non-zero) before its steps were measured."""
+
+
+class _Enough(BaseException):
+    """Raised from the optimizer's post-step hook once the steps are measured: a
+    BaseException, so the script's own ``except Exception`` does not swallow it."""
+
+
+@dataclass
+class _Observed:
+    """What one run saw, besides its profile."""
+
+    outputs: torch.Tensor | None = None
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    applied: bool = False
+    error: str | None = None
+
+
+class ScriptSimulator:
+    """Measures a script unchanged (:meth:`reference`) and with changes (:meth:`measure`).
+
+    ``run_script()`` runs the script once in this process (raising what it raises);
+    ``steps`` is the number of optimizer steps profiled per run (a script that never steps an
+    optimizer runs to its end as one inference step).
+    """
+
+    def __init__(self, run_script: Callable[[], None], *, steps: int = 3, seed: int = 0) -> None:
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        self.run_script = run_script
+        self.steps = steps
+        self.seed = seed
+        self.output_log = ""  # the script's stdout and stderr in the last run
+
+    def reference(self, progress: Progress | None = None) -> Measurement:
+        """The unchanged script, profiled the way every change is."""
+        measured = self._run([], None, progress)
+        if isinstance(measured, str):
+            raise ScriptFailed(measured)
+        return measured
+
+    def measure(
+        self, changes: list[Change], reference: Measurement, progress: Progress | None = None
+    ) -> Measurement | str:
+        """The script with ``changes`` applied, or a one-line reason it could not run."""
+        missing = [c.technique for c in changes if c.apply is None]
+        if missing:
+            return f"not simulated: {', '.join(missing)} cannot run here"
+        return self._run(changes, reference, progress)
+
+    # ------------------------------------------------------------------ one run
+    def _run(
+        self, changes: list[Change], reference: Measurement | None, progress: Progress | None
+    ) -> Measurement | str:
+        from memprof.tracking.session import MemoryLeakWarning, Profiler
+
+        seen = _Observed()
+        patcher = _Patcher(changes, seen)
+        captured = io.StringIO()
+        # The dispatch backend: the edit at the model's first call must stay out of the
+        # measurement (see _Patcher._pre), which a dispatch mode can be told.
+        profiler = Profiler(step_on_optimizer=True, max_steps=self.steps, backend="dispatch")
+        stop_after = self.steps
+
+        def after_step(*_: Any) -> None:
+            seen.steps += 1
+            if progress is not None:
+                progress(seen.steps)
+            if seen.steps >= stop_after:
+                raise _Enough
+
+        import warnings
+
+        _seed(self.seed)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(captured))
+            stack.enter_context(contextlib.redirect_stderr(captured))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore", MemoryLeakWarning)
+            stack.enter_context(_record_losses(seen))
+            # The patcher's hooks run before the profiler's: a model edited at its first call
+            # is registered by the profiler as edited (a bf16 weight is a parameter).
+            stack.enter_context(patcher)
+            try:
+                with profiler:
+                    # ... and the step counter after them: the profiler closes the step first.
+                    hook = register_optimizer_step_post_hook(after_step)
+                    stack.callback(hook.remove)
+                    try:
+                        self.run_script()
+                    except SystemExit as exc:
+                        if exc.code not in (None, 0):
+                            seen.error = f"the script exited with {exc.code!r}"
+            except _Enough:
+                pass
+            except Exception as exc:
+                seen.error = f"{type(exc).__name__}: {_first_line(exc)}"
+        self.output_log = captured.getvalue()
+        gc.collect()
+        if seen.error is None and patcher.error is not None:
+            seen.error = patcher.error
+        if seen.error is not None:
+            return f"simulation failed: {seen.error}"
+        if changes and not seen.applied:
+            return "simulation failed: no module ran, so the change was never applied"
+        profile = profiler.profile
+        if profile.peak_info is None:
+            return "simulation failed: no step was profiled"
+        durations = [float(d) for d in profile.steps()["duration_s"]]
+        step_time = statistics.median(durations[1:] or durations) if durations else 0.0
+        final = seen.losses[-1] if seen.losses else None
+        out_drift = loss_drift = None
+        if reference is not None and seen.outputs is not None:
+            out_drift = _rel(seen.outputs, reference.outputs)
+        if reference is not None and final is not None and reference.final_loss:
+            loss_drift = abs(final - reference.final_loss) / abs(reference.final_loss)
+        return Measurement(
+            int(profile.peak_info.total_bytes),
+            step_time,
+            out_drift,
+            loss_drift,
+            final,
+            profile,
+            seen.outputs,
+        )
+
+
+class _Patcher:
+    """Applies changes to the script's root module at its first call, and undoes the global
+    hooks on exit (the edited model dies with the script)."""
+
+    def __init__(self, changes: list[Change], seen: _Observed) -> None:
+        self.changes = changes
+        self.seen = seen
+        self.error: str | None = None
+        self.root: weakref.ref[nn.Module] | None = None
+        self.state: SimState | None = None
+        self.autocast_stack: list[Any] = []
+        self.pending_optimizer = False
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Patcher:
+        reg = nn.modules.module
+        self._handles = [
+            reg.register_module_forward_pre_hook(self._pre),
+            reg.register_module_forward_hook(self._post, always_call=True),
+            register_optimizer_step_pre_hook(self._optimizer_pre),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        while self.autocast_stack:
+            self.autocast_stack.pop().__exit__(None, None, None)
+
+    # ------------------------------------------------------------------ hooks
+    def _pre(self, module: nn.Module, args: Any) -> Any:
+        if self.root is None:
+            self.root = weakref.ref(module)
+            # What the edit itself allocates (a weight being quantized) is no part of the
+            # step: the profiler's mode does not see it, and the storages that stay (new
+            # weights) are tracked when the profiler registers the edited model right after.
+            with _disable_current_modes():
+                self._apply_changes(module)
+        if module is not self._root():
+            return None
+        state = self.state
+        if state is not None and state.autocast is not None:
+            ctx = torch.autocast(_device_type(module), dtype=state.autocast)
+            ctx.__enter__()
+            self.autocast_stack.append(ctx)
+        if state is not None and state.cast_batch is not None:
+            return cast_floats(tuple(args), state.cast_batch)
+        return None
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is not self._root():
+            return
+        if self.autocast_stack:
+            self.autocast_stack.pop().__exit__(None, None, None)
+        if self.seen.outputs is None:
+            with contextlib.suppress(TypeError):
+                self.seen.outputs = _logits(output).detach().float().cpu().clone()
+
+    def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.pending_optimizer:
+            self.error = (
+                "the change replaces the optimizer, but the script built it after the model's "
+                "first forward, too late to swap it before its first step"
+            )
+            raise RuntimeError(self.error)
+
+    def _root(self) -> nn.Module | None:
+        return self.root() if self.root is not None else None
+
+    # ------------------------------------------------------------------ the change
+    def _apply_changes(self, model: nn.Module) -> None:
+        if not self.changes:
+            return
+        optimizer = _optimizer_of(model)
+        state = SimState(
+            model=model,
+            batch=None,
+            optimizer_class=type(optimizer) if optimizer is not None else None,
+            param_groups=[
+                {**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+                for g in (optimizer.param_groups if optimizer is not None else [])
+            ],
+            defaults=dict(optimizer.defaults) if optimizer is not None else {},
+        )
+        before = [[id(p) for p in g["params"]] for g in state.param_groups]
+        for change in self.changes:
+            assert change.apply is not None
+            change.apply(state)
+        if state.model is not model:
+            raise RuntimeError("the change replaced the whole model: it cannot run in a script")
+        if state.wrap_step:
+            raise RuntimeError("the change rewrites the training step: it cannot run in a script")
+        self.state = state
+        self.seen.applied = True
+        new_params = [[id(p) for p in g["params"]] for g in state.param_groups] != before
+        if state.make_optimizer is None and not new_params:
+            return
+        if optimizer is None:
+            self.pending_optimizer = True
+            return
+        groups = [g for g in state.param_groups if g["params"]]
+        if state.make_optimizer is not None:
+            replacement = state.make_optimizer(groups)
+        else:
+            assert state.optimizer_class is not None
+            replacement = state.optimizer_class(
+                groups, **_accepted(state.optimizer_class, state.defaults)
+            )
+        _take_place(optimizer, replacement)
+
+
+def _take_place(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Make the script's optimizer object behave as ``new`` (it has taken no step yet)."""
+    old.__class__ = type(new)
+    old.__dict__.clear()
+    old.__dict__.update(new.__dict__)
+
+
+def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``cls.__init__`` takes (an optimizer's ``defaults`` can hold
+    keys its constructor does not: AdamW's ``decoupled_weight_decay``)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
+def _optimizer_of(model: nn.Module) -> torch.optim.Optimizer | None:
+    """The live optimizer that holds most of ``model``'s parameters, if one exists yet."""
+    params = {id(p) for p in model.parameters()}
+    if not params:
+        return None
+    best, best_count = None, 0
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.optim.Optimizer):  # type() skips proxies' __class__
+            count = sum(id(p) in params for g in obj.param_groups for p in g["params"])
+            if count > best_count:
+                best, best_count = obj, count
+    return best
+
+
+def _device_type(module: nn.Module) -> str:
+    for p in module.parameters():
+        return p.device.type
+    return "cpu"
+
+
+@contextlib.contextmanager
+def _record_losses(seen: _Observed) -> Iterator[None]:
+    """Record the value of every scalar ``.backward()`` is called on."""
+    original = torch.Tensor.backward
+
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.numel() == 1:
+            seen.losses.append(float(self.detach().float()))
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = original  # type: ignore[method-assign]
+
+
+def _seed(seed: int) -> None:
+    """Every run starts from the same random state (a script that seeds itself overrides it)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed(seed)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
