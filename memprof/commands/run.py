@@ -28,6 +28,7 @@ import contextlib
 import importlib.util
 import os
 import runpy
+import shlex
 import sys
 import traceback
 import warnings
@@ -479,6 +480,9 @@ def _print_text(
         click.echo("")
         click.echo("Top recommendations:")
         click.echo(advice_text(advice))
+        how = ["memprof", "advise", "--simulate", *(["-m"] if target.is_module else [])]
+        click.echo("Measure them on this script: " + shlex.join([*how, target.name,
+                                                                  *target.argv[1:]]))
     click.echo("")
     click.echo(f"profile: {json_path}")
     if report_path is not None:
