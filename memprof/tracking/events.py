@@ -131,56 +131,85 @@ class EventStream:
         self.replay_s += time.perf_counter() - started
 
     def replay(self, roots: list[Any]) -> None:
-        items: list[tuple[int, int, int, int, int]] = []
-        append = items.append
-        seq = 0
-        stack = list(roots)
-        while stack:
-            node = stack.pop()
-            tag = node.tag
-            if tag == _ALLOCATION:
-                fields = node.extra_fields
-                size = fields.alloc_size
-                seq += 1
-                append((node.start_time_ns, _ALLOC, seq, fields.ptr, size))
-                continue
-            if tag == _TORCH_OP:
-                name = node.name
-                if name.startswith(PREFIX):
-                    index = int(name[_SKIP:])
-                    seq += 1
-                    append((node.start_time_ns, _ENTER, seq, -1, index))
-                    if name.startswith(INTERVAL):
-                        seq += 1
-                        append((node.end_time_ns, _EXIT, seq, -1, index + 1))
-                elif node.extra_fields.scope == _BACKWARD_SCOPE:
-                    seq += 1
-                    append((node.start_time_ns, _ENTER, seq, -2, 0))
-            stack.extend(node.children)
-        items.sort()
+        items = self._items(roots)
+        transient = _transients(items)
         ledger = self.ledger
+        entries = ledger.entries
+        module_live, module_max = ledger.module_live, ledger.module_max
         payloads = self.payloads
         offset = self._offset_s
         now = 0.0
+        # Transients: allocations freed again before the next marker, kept out of the ledger
+        # (no entry, no log) while they cannot matter: only their bytes count, in ``extra``,
+        # towards the running maxima (the frame's peak, the module's temporary_peak). If they
+        # would raise the step's peak, the live ones become real entries on the spot and the
+        # rest of the interval goes through the ledger one event at a time.
+        live_transients: dict[int, int] = {}
+        extra = 0
+        exact = False  # the rest of this interval goes through the ledger
+        # The phase depends only on what the markers' payloads set: once an interval is enough.
+        phase_set = False
         ledger.clock = lambda: now
         try:
-            for when, _rank, _seq, ptr, value in items:
-                now = when / 1e9 + offset
-                if ptr == -1:
-                    payload = payloads[value]
-                    payloads[value] = None
-                    if payload:
-                        for fn, args in payload:
-                            fn(*args)
-                elif ptr == -2:
-                    self._on_backward_node()
-                elif value > 0:
-                    if ledger.recording:
+            for i, (when, _rank, _seq, ptr, value) in enumerate(items):
+                if ptr < 0:
+                    now = when / 1e9 + offset
+                    if live_transients:  # cannot happen: transients end before a marker
+                        for key, size in live_transients.items():
+                            ledger.alloc(key, size, TEMPORARY, ledger.current_module, (size,),
+                                         RAW_DTYPE)
+                        live_transients.clear()
+                    extra = 0
+                    exact = phase_set = False
+                    if ptr == -1:
+                        payload = payloads[value]
+                        payloads[value] = None
+                        if payload:
+                            for fn, args in payload:
+                                fn(*args)
+                    else:
+                        self._on_backward_node()
+                    continue
+                if value > 0:
+                    if not ledger.recording:
+                        continue
+                    if not phase_set:
+                        now = when / 1e9 + offset
                         self._alloc_phase()
+                        phase_set = True
+                    fast = transient[i] and not exact and ptr not in entries
+                    if not fast:
+                        now = when / 1e9 + offset
                         ledger.alloc(ptr, value, TEMPORARY, ledger.current_module, (value,),
                                      RAW_DTYPE)
+                        if not extra:
+                            continue
+                    else:
+                        live_transients[ptr] = value
+                        extra += value
+                    # The ledger's own maxima miss the live transients' bytes: add them.
+                    total = ledger.total + extra
+                    top = ledger.top
+                    if top is not None and total > top[1]:
+                        top[1] = total
+                    module = ledger.current_module
+                    live = module_live[module][TEMPORARY] + extra
+                    most = module_max[module]
+                    if live > most[TEMPORARY]:
+                        most[TEMPORARY] = live
+                    if ledger.logging and total > ledger.peak.total:
+                        now = when / 1e9 + offset
+                        for key, size in live_transients.items():
+                            ledger.alloc(key, size, TEMPORARY, module, (size,), RAW_DTYPE)
+                        live_transients.clear()
+                        extra = 0
+                        exact = True
                 else:
-                    ledger.free(ptr)
+                    size = live_transients.pop(ptr, 0)
+                    if size:
+                        extra -= size
+                    else:
+                        ledger.free(ptr)
         finally:
             ledger.clock = time.perf_counter
         # Markers whose events were never recorded (the profiler was off): apply them now.
@@ -191,3 +220,54 @@ class EventStream:
                 payloads[i] = None
         self.payloads = []
 
+    @staticmethod
+    def _items(roots: list[Any]) -> list[tuple[int, int, int, int, int]]:
+        """The events as ``(time, rank, seq, ptr, value)`` in time order: allocations (ptr, signed
+        size), markers (-1, payload index) and autograd nodes (-2, 0). The tree is walked in
+        order, so ``seq`` keeps a thread's order between events with equal times."""
+        items: list[tuple[int, int, int, int, int]] = []
+        append = items.append
+        seq = 0
+        stack = list(roots)
+        stack.reverse()
+        pop, extend = stack.pop, stack.extend
+        while stack:
+            node = pop()
+            tag, fields = node.typed
+            seq += 1
+            if tag == _ALLOCATION:
+                append((node.start_time_ns, _ALLOC, seq, fields.ptr, fields.alloc_size))
+                continue
+            if tag == _TORCH_OP:
+                name = node.name
+                if name.startswith(PREFIX):
+                    index = int(name[_SKIP:])
+                    append((node.start_time_ns, _ENTER, seq, -1, index))
+                    if name.startswith(INTERVAL):
+                        append((node.end_time_ns, _EXIT, seq, -1, index + 1))
+                elif fields.scope == _BACKWARD_SCOPE:
+                    append((node.start_time_ns, _ENTER, seq, -2, 0))
+            children = node.children
+            if children:
+                children.reverse()
+                extend(children)
+        items.sort()
+        return items
+
+
+def _transients(items: list[tuple[int, int, int, int, int]]) -> bytearray:
+    """Flags the allocations (and their frees) that are freed before the next marker."""
+    flags = bytearray(len(items))
+    open_: dict[int, int] = {}
+    for i, (_when, _rank, _seq, ptr, value) in enumerate(items):
+        if ptr < 0:
+            if open_:
+                open_.clear()
+        elif value > 0:
+            open_[ptr] = i
+        else:
+            j = open_.pop(ptr, None)
+            if j is not None:
+                flags[j] = 1
+                flags[i] = 1
+    return flags
