@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -217,3 +218,42 @@ def test_events_backend_replays_in_batches_across_many_steps() -> None:
     steady = frame["peak_bytes"].iloc[1:]
     assert steady.nunique() == 1
     assert frame["end_bytes"].iloc[1:].nunique() == 1
+
+
+@pytest.mark.parametrize("make", [make_mlp, make_cnn])
+def test_global_mode_with_the_model_built_inside_the_profile(
+    make: Callable[[], nn.Module],
+) -> None:
+    """GIVEN no model passed (``memprof run``'s global mode) and a model whose parameters and
+    buffers are allocated while the profiler already runs, THEN both backends give every
+    module its parameters and buffers, and agree on the exact columns (the events backend used
+    to register a module's tensors before replaying their allocation events, which then
+    replaced them as temporaries)."""
+    profiles = {}
+    for backend in ("dispatch", "events"):
+        with Profiler(step_on_optimizer=True, backend=backend) as prof:
+            model = make()
+            optimizer = torch.optim.AdamW(model.parameters())
+            x = torch.randn(8, 64) if make is make_mlp else torch.randn(4, 3, 16, 16)
+            for _ in range(3):
+                model(x).float().pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        profiles[backend] = prof.profile
+        frame = prof.modules()
+        assert frame["parameter"].sum() == sum(p.untyped_storage().nbytes()
+                                               for p in model.parameters())
+        assert frame["buffer"].sum() == sum(b.untyped_storage().nbytes() for b in model.buffers())
+    d, e = profiles["dispatch"].modules(), profiles["events"].modules()
+    assert d[EXACT].equals(e[EXACT])
+    # Built inside the profile, the model leaves allocations no operator returned (0-dim scalars
+    # of its initialisers) that only the events backend sees.
+    steady_d = profiles["dispatch"].steady_state_bytes()
+    steady_e = profiles["events"].steady_state_bytes()
+    assert steady_d is not None and steady_e is not None
+    assert 0 <= steady_e - steady_d <= SCRATCH_TOLERANCE
+    pd, pe = profiles["dispatch"].peak(), profiles["events"].peak()
+    for category in ("parameter", "buffer"):
+        assert pd.by_category[category] == pe.by_category[category]
+    for category in EXACT:  # the peaks may fall on different moments (scratch only events sees)
+        assert abs(pd.by_category[category] - pe.by_category[category]) <= SCRATCH_TOLERANCE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,11 @@ class ModuleRegistry:
         self._root_names: set[str] = set()
         #: Where gradient hooks report (the profiler's backend-aware hook), if set.
         self.grad_sink: Callable[[torch.Tensor], None] | None = None
+        #: Set by the events backend once it runs: the ledger lags behind the live hooks there,
+        #: so registering a module's tensors becomes a deferred call, applied in time order
+        #: (after the allocation events of tensors made inside the profile, such as a model
+        #: built in a script that ``memprof run`` profiles).
+        self.defer: Callable[..., None] | None = None
 
     def index_of(self, module: nn.Module, parent: int) -> int:
         """The index of ``module``, registering it (and its subtree) the first time it runs."""
@@ -101,22 +107,37 @@ class ModuleRegistry:
             self._register_param(param, idx)
         for buffer in module.buffers(recurse=False):
             if buffer is not None:
-                self.ledger.track(buffer.detach(), BUFFER, idx)
+                if self.defer is not None:
+                    self.defer(self.ledger.track, self.ledger.facts(buffer), BUFFER, idx)
+                else:
+                    self.ledger.track(buffer.detach(), BUFFER, idx)
         return idx
 
     def _register_param(self, param: nn.Parameter, idx: int) -> None:
         if param in self.param_owner:
             return  # tied: counted once, under its first owner
-        entry = self.ledger.lookup(param)
-        if entry is not None and entry.category == PARAMETER:
-            self.param_owner[param] = entry.module  # another tensor sharing the storage
-            return
-        self.param_owner[param] = idx
-        self.ledger.track(param.detach(), PARAMETER, idx)
-        if param.grad is not None:
-            self.ledger.track(param.grad, GRADIENT, idx)
+        if self.defer is not None:
+            self.param_owner[param] = idx
+            grad = None if param.grad is None else self.ledger.facts(param.grad)
+            self.defer(self._param_apply, self.ledger.facts(param), grad, idx)
+        else:
+            entry = self.ledger.lookup(param)
+            if entry is not None and entry.category == PARAMETER:
+                self.param_owner[param] = entry.module  # another tensor sharing the storage
+                return
+            self.param_owner[param] = idx
+            self._param_apply(param.detach(), param.grad, idx)
         if param.requires_grad:
             self.grad_hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _param_apply(self, param: Any, grad: Any, idx: int) -> None:
+        """Track a parameter's storage (and its gradient), unless a parameter already owns it."""
+        entry = self.ledger.lookup(param)
+        if entry is not None and entry.category == PARAMETER and entry.module != idx:
+            return  # another tensor sharing the storage: counted once
+        self.ledger.track(param, PARAMETER, idx)
+        if grad is not None:
+            self.ledger.track(grad, GRADIENT, idx)
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if self.grad_sink is not None:

@@ -204,6 +204,7 @@ class Profiler:
             self._install()
             self._begin_step()
             if self._events is not None:
+                self.registry.defer = self._events.buffer
                 self._events.start()
         except BaseException:
             self._teardown()
