@@ -257,3 +257,30 @@ def test_global_mode_with_the_model_built_inside_the_profile(
         assert pd.by_category[category] == pe.by_category[category]
     for category in EXACT:  # the peaks may fall on different moments (scratch only events sees)
         assert abs(pd.by_category[category] - pe.by_category[category]) <= SCRATCH_TOLERANCE
+
+
+def test_tensors_saved_outside_modules_are_not_charged_as_inputs_after_their_free() -> None:
+    """GIVEN a loss computed outside any module that saves the model's output, and the output
+    dropped before backward, THEN the events backend charges no input for it (its facts used to
+    wait for the next marker, in backward, after the output was freed, and then made up an
+    input entry of 1280 bytes per step that never went away)."""
+    frames = {}
+    for backend in ("dispatch", "events"):
+        model = make_mlp()
+        optimizer = torch.optim.AdamW(model.parameters())
+        x = torch.randn(32, 64)
+        with memprof.profile(model, optimizer, backend=backend) as prof:  # type: ignore[arg-type]
+            for _ in range(4):
+                output = model(x)
+                loss = output.pow(2).mean()
+                del output
+                loss.backward()
+                del loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                prof.step()
+        frames[backend] = prof.steps()
+        assert prof.peak().by_category["input"] == x.untyped_storage().nbytes()
+    d, e = frames["dispatch"], frames["events"]
+    assert e["end_bytes"].iloc[1:].nunique() == 1
+    assert list(e["end_bytes"] - d["end_bytes"]) == [0] * len(d)

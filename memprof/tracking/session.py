@@ -568,7 +568,13 @@ class Profiler:
                 self._pack_apply(tensor, self.ledger.current_module)
             else:
                 stack = self._live_stack
-                events.buffer(self._pack_apply, Facts(tensor), stack[-1][0] if stack else OUTSIDE)
+                if stack:  # alive until the module's next marker: the graph holds it
+                    events.buffer(self._pack_apply, Facts(tensor), stack[-1][0])
+                else:
+                    # Outside modules (the loss) the next marker may come in backward, after
+                    # the tensor is freed: the facts would then find no entry and make up an
+                    # input that no longer exists. Mark the moment itself.
+                    events.point(self._pack_apply, Facts(tensor), OUTSIDE)
         return tensor
 
     def _pack_apply(self, tensor: torch.Tensor | Facts, module: int) -> None:
