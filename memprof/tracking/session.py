@@ -85,6 +85,11 @@ EVENTS_FLUSH_STEPS = 32
 Backend = Literal["auto", "events", "dispatch"]
 
 
+#: torch.tensor(data) builds its storage below the dispatcher; the ledger first sees it as the
+#: output of this aliasing op, so it is the one "view" that brings a new storage.
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
+
+
 class _LedgerMode(TorchDispatchMode):
     """Shows each operator's outputs to the ledger. The per-op work is O(1)."""
 
@@ -102,6 +107,11 @@ class _LedgerMode(TorchDispatchMode):
         self, func, types, args=(), kwargs=None
     ):
         out = func(*args, **(kwargs or {}))
+        if func.is_view and func is not _LIFT_FRESH:
+            # A view allocates nothing: its storage is tracked already, or it predates the
+            # profile (the batch viewed inside the model) and gets a role only if a hook gives
+            # it one, as in the events backend, which sees no allocation for it either.
+            return out
         if isinstance(out, torch.Tensor):
             self.see(out)
         elif isinstance(out, (tuple, list)):
