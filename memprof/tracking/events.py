@@ -141,12 +141,11 @@ class EventStream:
         now = 0.0
         # Transients: allocations freed again before the next marker, kept out of the ledger
         # (no entry, no log) while they cannot matter: only their bytes count, in ``extra``,
-        # towards the running maxima (the frame's peak, the module's temporary_peak). If they
-        # would raise the step's peak, the live ones become real entries on the spot and the
-        # rest of the interval goes through the ledger one event at a time.
+        # towards the running maxima (the frame's peak, the module's temporary_peak). When they
+        # raise the step's peak, the live ones become real entries on the spot (the peak's
+        # breakdown lists them; their frees then go through the ledger).
         live_transients: dict[int, int] = {}
         extra = 0
-        exact = False  # the rest of this interval goes through the ledger
         # The phase depends only on what the markers' payloads set: once an interval is enough.
         phase_set = False
         ledger.clock = lambda: now
@@ -160,7 +159,7 @@ class EventStream:
                                          RAW_DTYPE)
                         live_transients.clear()
                     extra = 0
-                    exact = phase_set = False
+                    phase_set = False
                     if ptr == -1:
                         payload = payloads[value]
                         payloads[value] = None
@@ -177,7 +176,7 @@ class EventStream:
                         now = when / 1e9 + offset
                         self._alloc_phase()
                         phase_set = True
-                    fast = transient[i] and not exact and ptr not in entries
+                    fast = transient[i] and ptr not in entries
                     if not fast:
                         now = when / 1e9 + offset
                         ledger.alloc(ptr, value, TEMPORARY, ledger.current_module, (value,),
@@ -203,7 +202,6 @@ class EventStream:
                             ledger.alloc(key, size, TEMPORARY, module, (size,), RAW_DTYPE)
                         live_transients.clear()
                         extra = 0
-                        exact = True
                 else:
                     size = live_transients.pop(ptr, 0)
                     if size:

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -202,6 +203,7 @@ class Profiler:
         self._peak: Peak | None = None
         self._warnings: list[str] = []
         self._optimizers: dict[int, dict[str, Any]] = {}
+        self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int]]] = {}
         self._inputs_seen: list[dict[str, Any]] = []
         self._step = 0
         self._forwards_in_step = 0
@@ -297,6 +299,10 @@ class Profiler:
         device = _device_stats() if self._live_recording else None
         self._step += 1
         self._forwards_in_step = 0
+        # Keep the handles of grad_fn hooks only while their graph lives (to remove them at
+        # exit): the list would otherwise grow by one per module call for the whole run.
+        self._grad_fn_handles = [h for h in self._grad_fn_handles
+                                 if h.hooks_dict_ref() is not None]
         action = self._next_action()
         events = self._events
         if events is None:
@@ -660,15 +666,34 @@ class Profiler:
         state: list[tuple[Any, int]] = []
         state_bytes = 0
         round_to = max(self._round_to, 1)
+        # Events backend: the facts of a state tensor that is still the same object at the same
+        # address are the same as last step's; reuse them (fewer objects for the GC to scan).
+        # The cache holds the tensors weakly and only those seen this time.
+        cache = self._state_facts.get(id(optimizer), {}) if ledger.by_ptr else None
+        seen: dict[int, tuple[Any, int, tuple[Any, int], int]] = {}
         for param, values in optimizer.state.items():
             module = owner.get(param, OUTSIDE)
             for value in values.values():
                 if isinstance(value, torch.Tensor):
-                    state.append((ledger.facts(value), module))
+                    if cache is not None:
+                        ptr = value.data_ptr()
+                        hit = cache.get(id(value))
+                        if (hit is not None and hit[0]() is value and hit[1] == ptr
+                                and hit[2][1] == module):
+                            seen[id(value)] = hit
+                            state.append(hit[2])
+                            state_bytes += hit[3]
+                            continue
+                    item = (ledger.facts(value), module)
+                    state.append(item)
                     raw = value.untyped_storage().nbytes()
                     if round_to > 1 or value.is_cuda:
                         raw = round_up(raw, max(round_to, 512))
                     state_bytes += raw
+                    if cache is not None:
+                        seen[id(value)] = (weakref.ref(value), ptr, item, raw)
+        if cache is not None:
+            self._state_facts[id(optimizer)] = seen
         summary = self._optimizers.get(id(optimizer))
         if summary is None:  # once per optimizer: this runs on every step
             params = [p for group in optimizer.param_groups for p in group["params"]]
