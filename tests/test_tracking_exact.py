@@ -15,6 +15,15 @@ import memprof
 F32 = 4
 
 
+@pytest.fixture(autouse=True, params=["dispatch", "events"])
+def auto_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice: with ``backend="auto"`` meaning each backend in turn."""
+    from memprof.tracking import session
+
+    monkeypatch.setattr(session, "AUTO_BACKEND", request.param)
+    return str(request.param)
+
+
 def profile_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                   steps: int = 2) -> memprof.Profile:
     with memprof.profile(model, optimizer) as prof:

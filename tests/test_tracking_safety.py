@@ -13,6 +13,15 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 import memprof
 
 
+@pytest.fixture(autouse=True, params=["dispatch", "events"])
+def auto_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice: with ``backend="auto"`` meaning each backend in turn."""
+    from memprof.tracking import session
+
+    monkeypatch.setattr(session, "AUTO_BACKEND", request.param)
+    return str(request.param)
+
+
 def _hook_counts() -> tuple[int, ...]:
     from torch.nn.modules import module as m
 
