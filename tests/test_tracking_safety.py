@@ -140,3 +140,18 @@ def test_step_outside_the_block_is_an_error() -> None:
         pass
     with pytest.raises(RuntimeError, match="outside"):
         prof.step()
+
+
+def test_backward_hook_handles_do_not_pile_up_over_steps() -> None:
+    """One grad_fn hook per module call: their handles are kept (to remove the hooks at exit)
+    only while the graph lives, not for the whole run."""
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(8, 64)
+    kept = []
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(6):
+            train_step(model, optimizer, x)
+            prof.step()
+            kept.append(len(prof._grad_fn_handles))
+    assert max(kept) <= len(list(model.modules()))
