@@ -100,6 +100,10 @@ def time_step(step: Callable[[], None], make_ctx: Callable[[], AbstractContextMa
     return best, best_exit
 
 
+def _memprof_ctx(model: nn.Module, backend: str) -> Callable[[], Any]:
+    return lambda: memprof.profile(model, backend=backend)  # type: ignore[arg-type]
+
+
 def run(name: str, workload: Callable[[], tuple[nn.Module, Callable[[], None]]], *,
         steps: int, repeats: int, memtracker: bool, backend: str = "auto") -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -119,11 +123,9 @@ def run(name: str, workload: Callable[[], tuple[nn.Module, Callable[[], None]]],
     if backend == "both":
         del contexts["memprof"]
         for be in ("dispatch", "events"):
-            contexts[f"memprof backend={be}"] = (
-                lambda be=be: memprof.profile(model, backend=be), lambda p: p.step()
-            )
+            contexts[f"memprof backend={be}"] = (_memprof_ctx(model, be), lambda p: p.step())
     elif backend != "auto":
-        contexts["memprof"] = (lambda: memprof.profile(model, backend=backend), lambda p: p.step())
+        contexts["memprof"] = (_memprof_ctx(model, backend), lambda p: p.step())
     if memtracker:
         def make_tracker() -> Any:
             tracker = MemTracker()
