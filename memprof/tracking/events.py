@@ -49,7 +49,6 @@ _enter = getattr(torch.ops.profiler._record_function_enter_new.default, "_op",
 # Ranks at equal times: enters, then allocations, then exits.
 _ENTER, _ALLOC, _EXIT = 0, 1, 2
 
-Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 class EventStream:
@@ -64,10 +63,18 @@ class EventStream:
             ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig()
         )
         self.running = False
-        #: Payloads of markers not yet replayed: lists of deferred calls.
-        self.payloads: list[list[Call] | None] = []
-        #: Facts buffered for the next marker.
-        self.pending: list[Call] = []
+        # Deferred calls, flat: [function code, number of arguments, *arguments] one after the
+        # other, so that what waits for the replay (up to EVENTS_FLUSH_STEPS steps of it) is
+        # ints and facts, not a list, a tuple and a bound method per call for the cyclic GC
+        # to scan again and again. Marker ``base + i`` owns calls[starts[i]:ends[i]] (-1:
+        # none, or already applied); calls from ``mark`` on wait for the next marker.
+        self.calls: list[Any] = []
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.base = 0
+        self.mark = 0
+        self._codes: dict[Callable[..., Any], int] = {}
+        self._fns: list[Callable[..., Any]] = []
         self._offset_s = 0.0  # perf_counter seconds minus event epoch seconds
         # Seconds spent in flushes, for the benchmark: all of it, and the part in the C++
         # profiler (stopping it, which post-processes its events, and starting it again).
@@ -93,36 +100,73 @@ class EventStream:
         self.running = False
         return list(_disable_profiler().experimental_event_tree())
 
+    def clear(self) -> None:
+        """Forget every deferred call (and the functions they name)."""
+        self.calls, self.starts, self.ends = [], [], []
+        self.mark = 0
+        self._codes.clear()
+        self._fns.clear()
+
     def buffer(self, fn: Callable[..., Any], *args: Any) -> None:
         """A fact for the next marker."""
-        self.pending.append((fn, args))
+        code = self._codes.get(fn)
+        if code is None:
+            code = self._codes[fn] = len(self._fns)
+            self._fns.append(fn)
+        calls = self.calls
+        calls.append(code)
+        calls.append(len(args))
+        calls.extend(args)
+
+    def _close(self) -> int:
+        """The marker owning the calls buffered so far (the last one its own): its index."""
+        self.starts.append(self.mark)
+        self.mark = len(self.calls)
+        self.ends.append(self.mark)
+        return self.base + len(self.starts) - 1
 
     def point(self, fn: Callable[..., Any], *args: Any) -> None:
         """A point marker: the buffered facts, then ``fn(*args)``, at this moment."""
-        payload = self.pending
-        payload.append((fn, args))
-        self.pending = []
-        index = len(self.payloads)
-        self.payloads.append(payload)
+        self.buffer(fn, *args)
+        index = self._close()
         if self.running:
             _enter(POINT + str(index), None)  # dropped at once: a zero-length record
 
     def enter(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Open an interval marker (its exit comes with :meth:`exit`); returns its token."""
-        payload = self.pending
-        payload.append((fn, args))
-        self.pending = []
-        index = len(self.payloads)
-        self.payloads.append(payload)
-        self.payloads.append(None)  # the exit's payload
+        self.buffer(fn, *args)
+        index = self._close()
+        self.starts.append(-1)  # the exit's calls, filled in by exit()
+        self.ends.append(-1)
         return [_enter(INTERVAL + str(index), None) if self.running else None, index]
 
     def exit(self, token: list[Any], fn: Callable[..., Any], *args: Any) -> None:
-        payload = self.pending
-        payload.append((fn, args))
-        self.pending = []
-        self.payloads[token[1] + 1] = payload
+        slot = token[1] + 1 - self.base
+        if slot < 0:  # opened before the last flush: its exit replayed then, empty
+            token[0] = None
+            self.point(fn, *args)
+            return
+        self.buffer(fn, *args)
+        self.starts[slot] = self.mark
+        self.mark = len(self.calls)
+        self.ends[slot] = self.mark
         token[0] = None  # the token held the only reference: the record ends here
+
+    def _apply(self, index: int) -> None:
+        """Run marker ``index``'s deferred calls (once)."""
+        slot = index - self.base
+        if slot < 0 or slot >= len(self.starts):
+            return
+        j = self.starts[slot]
+        if j < 0:
+            return
+        end = self.ends[slot]
+        self.starts[slot] = -1
+        calls, fns = self.calls, self._fns
+        while j < end:
+            n = calls[j + 1]
+            fns[calls[j]](*calls[j + 2:j + 2 + n])
+            j += 2 + n
 
     # ----------------------------------------------------------------- replay
     def flush(self, restart: bool) -> None:
@@ -149,7 +193,6 @@ class EventStream:
         ledger = self.ledger
         entries = ledger.entries
         module_live, module_max = ledger.module_live, ledger.module_max
-        payloads = self.payloads
         offset = self._offset_s
         now = 0.0
         # Transients: allocations freed again before the next marker, kept out of the ledger
@@ -159,7 +202,7 @@ class EventStream:
         # breakdown lists them; their frees then go through the ledger).
         live_transients: dict[int, int] = {}
         extra = 0
-        # The phase depends only on what the markers' payloads set: once an interval is enough.
+        # The phase depends only on what the markers' calls set: once an interval is enough.
         phase_set = False
         ledger.clock = lambda: now
         try:
@@ -174,11 +217,7 @@ class EventStream:
                     extra = 0
                     phase_set = False
                     if ptr == -1:
-                        payload = payloads[value]
-                        payloads[value] = None
-                        if payload:
-                            for fn, args in payload:
-                                fn(*args)
+                        self._apply(value)
                     else:
                         self._on_backward_node()
                     continue
@@ -224,12 +263,13 @@ class EventStream:
         finally:
             ledger.clock = time.perf_counter
         # Markers whose events were never recorded (the profiler was off): apply them now.
-        for i, payload in enumerate(payloads):
-            if payload:
-                for fn, args in payload:
-                    fn(*args)
-                payloads[i] = None
-        self.payloads = []
+        for slot in range(len(self.starts)):
+            self._apply(self.base + slot)
+        # Keep the calls still waiting for a marker; an interval open now exits as a point.
+        self.calls = self.calls[self.mark:]
+        self.mark = 0
+        self.base += len(self.starts)
+        self.starts, self.ends = [], []
 
     @staticmethod
     def _items(roots: list[Any]) -> list[tuple[int, int, int, int, int]]:

@@ -261,8 +261,7 @@ class Profiler:
         events = getattr(self, "_events", None)
         if events is not None:
             events.stop()
-            events.payloads = []
-            events.pending = []
+            events.clear()
         saved = getattr(self, "_saved_hooks", None)
         if saved is not None:
             saved.__exit__(None, None, None)
