@@ -54,21 +54,19 @@ class Entry:
         self.ref: _StorageRef | None = None
 
 
-class Facts:
-    """What a hook learned about a tensor, without holding it (events backend).
+#: What a hook learned about a tensor, without holding it (events backend): ``(key, nbytes,
+#: shape, dtype)``, ``key`` being the storage's data pointer, the address its allocation event
+#: carries. A plain tuple of atoms, so that the cyclic GC stops tracking it while it waits for
+#: the replay (an object with slots would be scanned at every collection until then).
+Facts = tuple[int, int, tuple[int, ...], torch.dtype]
 
-    ``key`` is the storage's data pointer, the address its allocation event carries.
-    """
 
-    __slots__ = ("dtype", "key", "nbytes", "shape")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        self.key = storage.data_ptr()
-        raw = storage.nbytes()
-        self.nbytes = round_up(raw, 512) if tensor.is_cuda else raw
-        self.shape = tuple(tensor.shape)
-        self.dtype = tensor.dtype
+def facts_of(tensor: torch.Tensor) -> Facts:
+    """The :data:`Facts` of ``tensor``."""
+    storage = tensor.untyped_storage()
+    raw = storage.nbytes()
+    return (storage.data_ptr(), round_up(raw, 512) if tensor.is_cuda else raw,
+            tuple(tensor.shape), tensor.dtype)
 
 
 #: dtype of an entry known only from an allocation event (shape is then ``(nbytes,)``).
@@ -208,12 +206,12 @@ class StorageLedger:
     def facts(self, tensor: torch.Tensor) -> torch.Tensor | Facts:
         """What to hand to :meth:`lookup` / :meth:`track` later: the tensor itself (dispatch,
         applied at once) or its :class:`Facts` (events, applied at replay)."""
-        return Facts(tensor) if self.by_ptr else tensor
+        return facts_of(tensor) if self.by_ptr else tensor
 
     def lookup(self, tensor: torch.Tensor | Facts) -> Entry | None:
         """The entry of ``tensor``'s storage, if tracked."""
-        if isinstance(tensor, Facts):
-            return self.entries.get(tensor.key)
+        if isinstance(tensor, tuple):
+            return self.entries.get(tensor[0])
         if self.by_ptr:
             return self.entries.get(tensor.untyped_storage().data_ptr())
         return self.entries.get(id(tensor.untyped_storage()))
@@ -221,13 +219,12 @@ class StorageLedger:
     def track(self, tensor: torch.Tensor | Facts, category: int, module: int) -> Entry:
         """Give ``tensor``'s storage a role, tracking it first if it is not yet."""
         if self.by_ptr:
-            facts = tensor if isinstance(tensor, Facts) else Facts(tensor)
-            entry = self.entries.get(facts.key)
+            key, nbytes, shape, dtype = tensor if isinstance(tensor, tuple) else facts_of(tensor)
+            entry = self.entries.get(key)
             if entry is None:
-                return self.alloc(facts.key, facts.nbytes, category, module, facts.shape,
-                                  facts.dtype)
+                return self.alloc(key, nbytes, category, module, shape, dtype)
             if entry.dtype is RAW_DTYPE and entry.shape == (entry.nbytes,):
-                entry.shape, entry.dtype = facts.shape, facts.dtype
+                entry.shape, entry.dtype = shape, dtype
             self.reclassify(entry, category, module)
             return entry
         assert isinstance(tensor, torch.Tensor)

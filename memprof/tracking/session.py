@@ -66,6 +66,7 @@ from memprof.tracking.ledger import (
     Entry,
     Facts,
     StorageLedger,
+    facts_of,
 )
 from memprof.tracking.modules import ModuleRegistry
 from memprof.tracking.schedule import StepAction, every_step
@@ -457,7 +458,7 @@ class Profiler:
         idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
         facts = None
         if not recompute and not stack:
-            facts = [Facts(t) for t in _tensors(args)]
+            facts = [facts_of(t) for t in _tensors(args)]
         stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts)))
 
     def _forward_pre_apply(self, idx: int, recompute: bool, inputs: list[Any] | None) -> None:
@@ -584,12 +585,12 @@ class Profiler:
             else:
                 stack = self._live_stack
                 if stack:  # alive until the module's next marker: the graph holds it
-                    events.buffer(self._pack_apply, Facts(tensor), stack[-1][0])
+                    events.buffer(self._pack_apply, facts_of(tensor), stack[-1][0])
                 else:
                     # Outside modules (the loss) the next marker may come in backward, after
                     # the tensor is freed: the facts would then find no entry and make up an
                     # input that no longer exists. Mark the moment itself.
-                    events.point(self._pack_apply, Facts(tensor), OUTSIDE)
+                    events.point(self._pack_apply, facts_of(tensor), OUTSIDE)
         return tensor
 
     def _pack_apply(self, tensor: torch.Tensor | Facts, module: int) -> None:
@@ -613,8 +614,10 @@ class Profiler:
             elif entry.category in (TEMPORARY, OTHER) and entry.module == OUTSIDE:
                 ledger.reclassify(entry, INPUT, OUTSIDE)
             if len(self._inputs_seen) < 8:
+                shape, dtype = (value[2], value[3]) if type(value) is tuple else (value.shape,
+                                                                                  value.dtype)
                 self._inputs_seen.append(
-                    {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+                    {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
                 )
 
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -626,7 +629,7 @@ class Profiler:
         if self._events is None:
             self._grad_apply(grad, owner)
         else:
-            self._events.buffer(self._grad_apply, Facts(grad), owner)
+            self._events.buffer(self._grad_apply, facts_of(grad), owner)
 
     def _grad_apply(self, grad: torch.Tensor | Facts, owner: int) -> None:
         if self.ledger.recording:
