@@ -4,12 +4,18 @@ The C++ profiler runs with ``profile_memory`` and records only user-scope record
 autograd-node events and allocations: no per-op Python. memprof's hooks do not touch the ledger
 while the step runs; each one captures facts (module index, data pointers, sizes, shapes) and
 leaves a *marker* (a record_function whose name indexes a Python payload of deferred calls).
-Facts that need no exact ordering (what autograd saved, fresh gradients) are buffered and ride
-on the next marker: the tensor is still alive then, so the live allocation at its address is
-the right one. :meth:`EventStream.replay` merges allocations and markers by time and drives the
-same ledger and the same hook bodies the dispatch backend uses, keyed by data pointer.
+Facts that need no exact ordering (what autograd saved inside a module, fresh gradients) are
+buffered and ride on the next marker: the tensor is still alive then, so the live allocation at
+its address is the right one (a tensor saved outside modules gets a marker of its own: the next
+one may come in backward, after its free). :meth:`EventStream.replay` merges allocations and
+markers by time and drives the same ledger and the same hook bodies the dispatch backend uses,
+keyed by data pointer.
 
 The profiler is stopped (to read its events) and started again only every few steps and at exit.
+Where the time goes (600 small modules on CPU, benchmarks/overhead.py (b)): recording costs
+little (~1.0-1.1x the step); the hooks' Python and the GC ~1.5x; the replay ~3x per step, about
+half of it inside ``_disable_profiler`` (torch post-processes every event, ~5 us each, holding the
+GIL) and most of the rest reading the event tree through pybind (~3 us an event).
 """
 
 from __future__ import annotations
