@@ -94,14 +94,7 @@ def test_tiny_gpt2_estimate_equals_the_real_cpu_run() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(
-            make_mlp,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="known events-backend bug: it sometimes also charges the previous "
-                "step's 32x10 model output (1280 B each) as input, 1.1% of this tiny peak",
-            ),
-        ),
+        make_mlp,
         make_gpt2,
     ],
 )

@@ -480,9 +480,9 @@ def _print_text(
         click.echo("")
         click.echo("Top recommendations:")
         click.echo(advice_text(advice))
-        how = ["memprof", "advise", "--simulate", *(["-m"] if target.is_module else [])]
-        click.echo("Measure them on this script: " + shlex.join([*how, target.name,
-                                                                  *target.argv[1:]]))
+        simulate = ["memprof", "advise", "--simulate", *(["-m"] if target.is_module else [])]
+        simulate += [target.name, *target.argv[1:]]
+        click.echo("Measure them on this script: " + shlex.join(simulate))
     click.echo("")
     click.echo(f"profile: {json_path}")
     if report_path is not None:
