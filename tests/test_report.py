@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -256,3 +257,41 @@ def test_several_roots_get_one_labelled_box_above_them() -> None:
     top = trace["values"][trace["ids"].index("all")]
     assert top == sum(v for v, p in zip(trace["values"], trace["parents"], strict=True)
                       if p == "all")
+
+
+def test_a_long_start_up_is_compressed_on_the_time_axis_and_said() -> None:
+    # GIVEN step 0 of a `memprof run` profile: 3 s of imports before the first forward
+    profile = synthetic(steps=3, samples=40, modules=4)
+    tl = profile.timeline_data
+    lead = 3.0
+    for i, s in enumerate(tl["step"]):
+        if s == 0:
+            tl["time_s"][i] += lead
+    tl["phase"][0] = "other"
+    tl["time_s"][0] = 0.0
+    first = profile.steps_stats[0]
+    profile.steps_stats[0] = dataclasses.replace(first, duration_s=first.duration_s + lead)
+    # WHEN the timeline is drawn
+    fig = figures.timeline_figure(profile)
+    assert fig is not None
+    total = next(t for t in fig["data"] if t["name"] == "total")
+    # THEN the first forward of step 0 sits within 10% of its real work, not 3 s in
+    work = 40 * 1e-3
+    first_forward = total["x"][1]
+    assert first_forward == pytest.approx(figures.LEAD_IN_KEPT * work, rel=0.05)
+    # the other steps keep their real lengths, laid after the compressed one
+    boundaries = next(t for t in fig["data"] if t["name"] == "step boundary")["x"]
+    starts = [x for x in boundaries if x is not None][::2]
+    assert starts[1] - starts[0] == pytest.approx(work, rel=1e-3)
+    # and the chart and the page say so, with the real seconds
+    assert "start-up compressed" in fig["layout"]["xaxis"]["title"]["text"]
+    note = figures.lead_in_note(profile)
+    assert note is not None and "step 0: 3.00 s before its first module call" in note
+    assert "timeline-note" in render_report(profile)
+
+
+def test_ordinary_steps_are_drawn_to_scale() -> None:
+    profile = synthetic(steps=3, samples=40, modules=4)
+    assert figures.lead_in_note(profile) is None
+    fig = figures.timeline_figure(profile)
+    assert fig is not None and "annotations" not in fig["layout"]

@@ -10,6 +10,7 @@ hierarchy keeps the largest modules and groups the rest per parent.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from memprof.categories import CATEGORIES
@@ -32,6 +33,11 @@ Figure = dict[str, Any]
 #: Timeline samples kept over the whole profile (each step keeps at least MIN_STEP_POINTS).
 TIMELINE_POINTS = 4000
 MIN_STEP_POINTS = 4
+#: A step's idle start is compressed when it lasts at least this long (seconds) ...
+LEAD_IN_MIN_S = 0.5
+#: ... and this many times the median step; it is then drawn this fraction of the step's rest.
+LEAD_IN_FACTOR = 5.0
+LEAD_IN_KEPT = 0.1
 #: Module rows in the per-layer bars before the rest is summed into one row.
 TOP_LAYERS = 25
 #: Nodes of the module hierarchy drawn before smaller modules are grouped per parent.
@@ -114,6 +120,14 @@ def timeline_figure(profile: Profile) -> Figure | None:
                **byte_axis(peak_total * 1.12)},
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
     )
+    note = lead_in_note(profile) if use_time else None
+    if note is not None:
+        layout["xaxis"]["title"]["text"] += " · start-up compressed (see note)"
+        layout["annotations"] = [{
+            "x": 0, "xref": "x", "y": 1, "yref": "paper", "xanchor": "left", "yanchor": "bottom",
+            "text": "⟨start-up compressed⟩", "showarrow": False,
+            "font": {"size": 10, "color": "#555"}, "hovertext": ptext(note),
+        }]
     return {"data": traces, "layout": layout}
 
 
@@ -154,12 +168,79 @@ def _positions(
     longest: dict[int, float] = defaultdict(float)
     for s, t in zip(steps, times, strict=True):
         longest[s] = max(longest[s], t)
+    cuts = idle_lead_ins(profile, steps, times)
     clock = 0.0
     for s in dict.fromkeys(steps):
         offsets[s] = clock
-        clock += max(durations.get(s, 0.0), longest[s])
-    xs = [round(offsets[steps[i]] + times[i], 6) for i in kept]
+        clock += max(durations.get(s, 0.0), longest[s]) - (cuts[s].cut if s in cuts else 0.0)
+    xs = [
+        round(offsets[steps[i]] + (cuts[steps[i]].place(times[i]) if steps[i] in cuts
+                                   else times[i]), 6)
+        for i in kept
+    ]
     return xs, [*offsets.values(), clock]
+
+
+@dataclass(frozen=True)
+class LeadIn:
+    """A step's idle start (a script's imports and model building under ``memprof run``),
+    drawn compressed: its ``seconds`` before the first module call take ``kept`` seconds."""
+
+    seconds: float
+    kept: float
+
+    @property
+    def cut(self) -> float:
+        return self.seconds - self.kept
+
+    def place(self, t: float) -> float:
+        """Where time ``t`` of the step is drawn (linear inside the lead-in, shifted after)."""
+        if t >= self.seconds:
+            return t - self.cut
+        return t * self.kept / self.seconds if self.seconds else t
+
+
+def idle_lead_ins(profile: Profile, steps: list[int], times: list[float]) -> dict[int, LeadIn]:
+    """Steps whose start before their first module call dwarfs the work after it.
+
+    Such a lead-in (at least LEAD_IN_MIN_S, over half the step, and, with other steps to
+    compare, LEAD_IN_FACTOR times their median length) would squash every other step into a
+    sliver; it is drawn as LEAD_IN_KEPT of the rest of the step and said so on the chart.
+    """
+    phases = profile.timeline_data.get("phase", [])
+    first_call: dict[int, float] = {}
+    for s, t, phase in zip(steps, times, phases, strict=False):
+        if phase != "other" and (s not in first_call or t < first_call[s]):
+            first_call[s] = t
+    durations = {st.step: st.duration_s for st in profile.steps_stats}
+    out: dict[int, LeadIn] = {}
+    for s, lead in first_call.items():
+        total = durations.get(s, 0.0)
+        others = [d for k, d in durations.items() if k != s]
+        typical = sorted(others)[len(others) // 2] if others else 0.0
+        if lead < LEAD_IN_MIN_S or lead < total / 2:
+            continue
+        if others and lead < LEAD_IN_FACTOR * typical:
+            continue
+        rest = max(total - lead, typical, 1e-6)
+        out[s] = LeadIn(seconds=lead, kept=LEAD_IN_KEPT * rest)
+    return out
+
+
+def lead_in_note(profile: Profile) -> str | None:
+    """One sentence for the chart when a lead-in was compressed, else None."""
+    data = profile.timeline_data
+    steps = [int(s) for s in data.get("step", [])]
+    times = [float(t) for t in data.get("time_s", [])]
+    if not _has_durations(profile) or len(times) != len(steps):
+        return None
+    cuts = idle_lead_ins(profile, steps, times)
+    if not cuts:
+        return None
+    parts = [f"step {s}: {c.seconds:.2f} s before its first module call" for s, c in
+             sorted(cuts.items())]
+    return ("Compressed on the time axis (the script's start-up, not memory work): "
+            + "; ".join(parts) + ".")
 
 
 def _phase_bands(
