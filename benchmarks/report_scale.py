@@ -3,7 +3,8 @@
 Builds a Profile from the dataclasses directly (a 1,250-block model, 8 modules per block, each
 step with 256 timeline samples: the profiler's default), writes the report, and prints the file
 size (target: at most 8 MB) and the time headless Chromium takes to load it and draw every chart
-(target: at most 3 s), measured through Playwright.
+(target: at most 3 s), measured through Playwright, next to peers in the same run: plotly.js
+alone on an empty page (the floor), and plotly.py's own ``write_html`` of the raw timeline.
 
     python benchmarks/report_scale.py
 """
@@ -95,37 +96,66 @@ def build_profile() -> Profile:
                    {"memprof": "bench", "torch": "n/a", "python": sys.version.split()[0]})
 
 
-def render_seconds(path: Path) -> tuple[float, float, float]:
-    """(cold, warm, plotly.js alone cold): seconds from navigation until every chart is drawn.
+def _timed(page: Any, url: str, ready: str) -> float:
+    """Seconds from navigation until ``ready`` (a JS expression) holds."""
+    page.goto("about:blank")
+    start = time.perf_counter()
+    page.goto(url)
+    page.wait_for_function(ready, timeout=120_000)
+    return time.perf_counter() - start
+
+
+def render_seconds(path: Path) -> tuple[float, float]:
+    """(cold, warm): seconds from navigation until every chart is drawn.
 
     Cold is the first open in a fresh browser (V8 compiles plotly.js's 4.8 MB); warm is the
     same file opened again (Chromium's code cache), as when a user reopens a report.
     """
     from playwright.sync_api import sync_playwright
 
-    def timed(page: Any, url: str, ready: str) -> float:
-        page.goto("about:blank")
-        start = time.perf_counter()
-        page.goto(url)
-        page.wait_for_function(ready, timeout=60_000)
-        return time.perf_counter() - start
-
     ready = "document.body.dataset.chartsReady !== undefined"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page()
-        cold = timed(page, path.resolve().as_uri(), ready)
-        warm = timed(page, path.resolve().as_uri(), ready)
+        cold = _timed(page, path.resolve().as_uri(), ready)
+        warm = _timed(page, path.resolve().as_uri(), ready)
         browser.close()
-        from plotly.offline import get_plotlyjs
+    return cold, warm
 
-        alone = path.with_name("plotly_only.html")
-        alone.write_text(f"<script>{get_plotlyjs()}</script><script>window.done=1</script>",
-                         encoding="utf-8")
+
+def peer_seconds(path: Path, html: str) -> float:
+    """Cold render of a page written by plotly.py itself (``write_html``), in a fresh browser."""
+    from playwright.sync_api import sync_playwright
+
+    path.write_text(html, encoding="utf-8")
+    ready = "document.querySelectorAll('.js-plotly-plot .main-svg').length > 0"
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        baseline = timed(browser.new_page(), alone.resolve().as_uri(), "window.done === 1")
+        seconds = _timed(browser.new_page(), path.resolve().as_uri(), ready)
         browser.close()
-    return cold, warm, baseline
+    return seconds
+
+
+def peers(profile: Profile, tmp: Path) -> list[tuple[str, float, int]]:
+    """(name, cold render seconds, file bytes) of the obvious ways to draw the same data with
+    plotly.py: the profile's whole timeline as a stacked area, and plotly.js alone."""
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
+
+    out = []
+    alone = f"<script>{get_plotlyjs()}</script><div class='js-plotly-plot'>" \
+            "<svg class='main-svg'></svg></div>"
+    out.append(("plotly.js alone (no data)", peer_seconds(tmp / "alone.html", alone),
+                len(alone.encode())))
+    data = profile.timeline_data
+    x = list(range(len(data["step"])))
+    fig = go.Figure([go.Scatter(x=x, y=data[c], name=c, stackgroup="live", mode="lines")
+                     for c in CATEGORIES if any(data[c])])
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    out.append(("plotly write_html: whole timeline, stacked", peer_seconds(tmp / "naive.html",
+                                                                          html),
+                len(html.encode())))
+    return out
 
 
 def main() -> None:
@@ -138,7 +168,8 @@ def main() -> None:
         write_report(profile, path)
         written = time.perf_counter() - start
         size = path.stat().st_size
-        cold, warm, baseline = render_seconds(path)
+        cold, warm = render_seconds(path)
+        others = peers(profile, Path(tmp))
     print(f"profile: {len(profile.modules_stats):,} modules, {len(profile.steps_stats):,} steps, "
           f"{len(profile.timeline_data['step']):,} timeline samples (built in {built:.1f} s)")
     print(f"write_report: {written:.2f} s")
@@ -147,7 +178,10 @@ def main() -> None:
     print(f"Chromium render, cold: {cold:.2f} s   warm (reopened): {warm:.2f} s   "
           f"target <= 3 s   {'OK' if cold <= 3 else 'OVER cold'}, {'OK' if warm <= 3 else 'OVER'}"
           " warm")
-    print(f"  baseline: an empty page with plotly.js alone takes {baseline:.2f} s cold here")
+    print("peers, same run (cold render in a fresh browser; ratio = memprof's cold / peer's):")
+    for name, seconds, nbytes in others:
+        print(f"  {name:<45} {seconds:6.2f} s  {nbytes / 1e6:6.2f} MB   "
+              f"memprof/peer {cold / seconds:.2f}x")
 
 
 if __name__ == "__main__":
