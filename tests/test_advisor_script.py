@@ -145,3 +145,15 @@ def test_advise_fills_measured_columns_from_the_script(measured: tuple) -> None:
     assert set(simulated["technique"]) >= {"mixed_precision", "optimizer", "quantization"}
     assert advice.plan is not None and advice.plan["fits"]
     assert advice.simulated
+
+
+@pytest.mark.parametrize("target", ["SGD", "SGD_momentum"])
+def test_sgd_prediction_counts_the_weight_decay_scratch(measured: tuple, target: str) -> None:
+    # AdamW's default weight decay carries over; on CPU, SGD's per-tensor step allocates
+    # grad + wd * param one tensor at a time, at the optimizer-phase peak of this MLP
+    sim, reference, changes = measured
+    change = pick(changes, "optimizer", to=target)
+    result = sim.measure([change], reference)
+    assert not isinstance(result, str)
+    assert result.profile.peak().phase == "optimizer"
+    assert change.predicted_peak == pytest.approx(result.peak_bytes, rel=0.01)

@@ -3,8 +3,9 @@
 Bytes of state per parameter element (DESIGN.md): AdamW 8 (two fp32 moments), SGD momentum 4,
 plain SGD 0, 8-bit AdamW 2 plus one fp32 scale per 2048-element block and moment.
 Scratch: torch's foreach AdamW allocates temporaries about the size of the parameters during
-``step()`` (measured 0.97-1.31x on CPU); foreach SGD and the per-tensor 8-bit step allocate
-about one tensor's worth. The optimizer phase's temporaries are rescaled accordingly.
+``step()`` (measured 0.97-1.31x on CPU); SGD with weight decay allocates ``grad + wd * param``:
+all gradients at once with foreach (CUDA's default), one tensor at a time on CPU; the
+per-tensor 8-bit step a few chunks. The optimizer phase's temporaries are rescaled accordingly.
 
 8-bit AdamW here is an *emulation* of bitsandbytes' AdamW8bit: moments are stored as int8
 (first moment, signed) and uint8 (second moment) with one fp32 absmax scale per 2048-element
@@ -133,6 +134,8 @@ def optimizer_transform(facts: Facts, target: str) -> Transform:
     scratch = 0.0 if adam_like else 1.0
     # the 8-bit step's fp32 chunk scratch: gradient, two moments, denominator and a cast
     extra = 5.0 * 4 * CHUNK if target == "AdamW8bit" else 0.0
+    if target in ("SGD", "SGD_momentum") and adam_like:
+        extra += sgd_decay_scratch(facts)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -142,6 +145,17 @@ def optimizer_transform(facts: Facts, target: str) -> Transform:
         return out
 
     return transform
+
+
+def sgd_decay_scratch(facts: Facts) -> float:
+    """Bytes SGD's step allocates for weight decay (``grad + wd * param`` is a new tensor):
+    every gradient at once with the foreach implementation (torch's default on CUDA), one
+    tensor at a time with the per-tensor loop (its default on CPU); none without decay."""
+    if not float(facts.optimizer_defaults.get("weight_decay", 0.0) or 0.0):
+        return 0.0
+    if facts.profile.device.kind == "cuda":
+        return float(facts.parameter_bytes)
+    return float(max((r["parameter"] for r in facts.module_rows()), default=0))
 
 
 def _make(target: str, defaults: dict[str, Any]) -> Callable[[SimState], None]:
