@@ -1,29 +1,32 @@
-"""The events backend: allocations from the PyTorch profiler's C++ events, roles from hooks.
+"""The events backend: allocations as the allocators report them, roles from hooks.
 
-The C++ profiler runs with ``profile_memory`` and records only user-scope record_functions,
-autograd-node events and allocations: no per-op Python. memprof's hooks do not touch the ledger
-while the step runs; each one captures facts (module index, data pointers, sizes, shapes) and
-leaves a *marker* (a record_function whose name indexes a Python payload of deferred calls).
-Facts that need no exact ordering (what autograd saved inside a module, fresh gradients) are
-buffered and ride on the next marker: the tensor is still alive then, so the live allocation at
-its address is the right one (a tensor saved outside modules gets a marker of its own: the next
-one may come in backward, after its free). :meth:`EventStream.replay` merges allocations and
-markers by time and drives the same ledger and the same hook bodies the dispatch backend uses,
-keyed by data pointer.
+The allocations come from an :class:`EventSource`: memprof's C++ recorder
+(:mod:`memprof.tracking.native`; each allocation one locked append) where it can be built, else
+the PyTorch profiler's C++ side with ``profile_memory``, recording only user-scope
+record_functions, autograd-node events and allocations. Neither runs per-op Python. memprof's
+hooks do not touch the ledger while the step runs; each one captures facts (module index, data
+pointers, sizes, shapes) and leaves a *marker* (an event whose value indexes a Python payload of
+deferred calls). Facts that need no exact ordering (what autograd saved inside a module, fresh
+gradients) are buffered and ride on the next marker: the tensor is still alive then, so the live
+allocation at its address is the right one (a tensor saved outside modules gets a marker of its
+own: the next one may come in backward, after its free). :meth:`EventStream.replay` walks
+allocations and markers in order and drives the same ledger and the same hook bodies the
+dispatch backend uses, keyed by data pointer.
 
-The profiler is stopped (to read its events) and started again only every few steps and at exit.
-Where the time goes (600 small modules on CPU, benchmarks/overhead.py (b)): recording costs
-little (~1.0-1.1x the step); the hooks' Python and the GC ~1.5x; the replay ~3x per step, about
-half of it inside ``_disable_profiler`` (torch post-processes every event, ~5 us each, holding the
-GIL) and most of the rest reading the event tree through pybind (~3 us an event).
+The events are read and replayed only every few steps and at exit. Where the time goes (600
+small modules on CPU, benchmarks/overhead.py (b), recorder source): the hooks' Python ~1.9x the
+step; the replay ~0.5x a step. With the PyTorch profiler as source, reading its events costs
+another ~2.7x a step (torch post-processes every event, ~5 us each, holding the GIL, and its
+event tree is read through pybind, ~3 us an event).
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from array import array
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch._C._autograd import _disable_profiler, _enable_profiler, _prepare_profiler
@@ -36,6 +39,7 @@ from torch._C._profiler import (
     _ExperimentalConfig,
 )
 
+from memprof.tracking import native
 from memprof.tracking.ledger import RAW_DTYPE, TEMPORARY, StorageLedger
 
 PREFIX = "memprof::"
@@ -57,17 +61,169 @@ _ENTER, _ALLOC, _EXIT = 0, 1, 2
 
 
 
+class EventSource(Protocol):
+    """Where the events come from: the allocations, markers and autograd-node starts of the
+    program, as ``(time_ns, ptr, value)`` triples in order. ``ptr > 0``: an allocation
+    (``value`` = +bytes) or a free (-bytes); ``ptr == -1``: marker ``value``; ``ptr == -2``:
+    an autograd node started (backward is running)."""
+
+    name: str
+    offset_s: float  # perf_counter seconds minus the source's clock in seconds
+
+    def start(self) -> None: ...
+
+    def stop(self) -> list[tuple[int, int, int]]: ...
+
+    def drain(self) -> list[tuple[int, int, int]]: ...
+
+    def mark(self, index: int) -> None: ...
+
+    def open(self, index: int) -> Any: ...
+
+    def close(self, handle: Any, index: int) -> None: ...
+
+
+class RecorderSource:
+    """memprof's C++ recorder (:mod:`memprof.tracking.native`): each allocation is one locked
+    append, each marker one call, and reading the events is a copy."""
+
+    name = "recorder"
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.offset_s = 0.0
+
+    def start(self) -> None:
+        self.module.start()
+        self.offset_s = time.perf_counter() - self.module.now_ns() / 1e9
+
+    def stop(self) -> list[tuple[int, int, int]]:
+        return _triples(self.module.stop())
+
+    def drain(self) -> list[tuple[int, int, int]]:
+        return _triples(self.module.drain())
+
+    def mark(self, index: int) -> None:
+        self.module.mark(index)
+
+    def open(self, index: int) -> Any:
+        self.module.mark(index)
+        return True
+
+    def close(self, handle: Any, index: int) -> None:
+        self.module.mark(index)
+
+
+def _triples(raw: bytes) -> list[tuple[int, int, int]]:
+    values = array("q")
+    values.frombytes(raw)
+    it = iter(values)
+    return list(zip(it, it, it, strict=True))
+
+
+class ProfilerSource:
+    """The PyTorch profiler's C++ side with ``profile_memory``, recording only user-scope
+    record_functions (the markers) and autograd nodes: no compiler needed, but stopping it
+    post-processes every event (~5 us each) and its event tree is read through pybind."""
+
+    name = "torch.profiler"
+
+    def __init__(self) -> None:
+        self.config = ProfilerConfig(
+            ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig()
+        )
+        self.offset_s = 0.0
+
+    def start(self) -> None:
+        activities = {ProfilerActivity.CPU}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            activities.add(ProfilerActivity.CUDA)
+        _prepare_profiler(self.config, activities)
+        _enable_profiler(  # type: ignore[call-arg]
+            self.config, activities, {RecordScope.USER_SCOPE, RecordScope.BACKWARD_FUNCTION}
+        )
+        self.offset_s = time.perf_counter() - time.time_ns() / 1e9
+
+    def stop(self) -> list[tuple[int, int, int]]:
+        items = self._items(list(_disable_profiler().experimental_event_tree()))
+        return [(when, ptr, value) for when, _rank, _seq, ptr, value in items]
+
+    def drain(self) -> list[tuple[int, int, int]]:
+        items = self.stop()
+        self.start()
+        return items
+
+    def mark(self, index: int) -> None:
+        _enter(POINT + str(index), None)  # dropped at once: a zero-length record
+
+    def open(self, index: int) -> Any:
+        return _enter(INTERVAL + str(index), None)
+
+    def close(self, handle: Any, index: int) -> None:
+        pass  # the caller drops the handle, the only reference: the record ends then
+
+    @staticmethod
+    def _items(roots: list[Any]) -> list[tuple[int, int, int, int, int]]:
+        """The events as ``(time, rank, seq, ptr, value)`` in time order: allocations (ptr, signed
+        size), markers (-1, payload index) and autograd nodes (-2, 0). The tree is walked in
+        order, so ``seq`` keeps a thread's order between events with equal times."""
+        items: list[tuple[int, int, int, int, int]] = []
+        append = items.append
+        seq = 0
+        stack = list(roots)
+        stack.reverse()
+        pop, extend = stack.pop, stack.extend
+        while stack:
+            node = pop()
+            tag, fields = node.typed
+            seq += 1
+            if tag == _ALLOCATION:
+                append((node.start_time_ns, _ALLOC, seq, fields.ptr, fields.alloc_size))
+                continue
+            if tag == _TORCH_OP:
+                name = node.name
+                if name.startswith(PREFIX):
+                    index = int(name[_SKIP:])
+                    append((node.start_time_ns, _ENTER, seq, -1, index))
+                    if name.startswith(INTERVAL):
+                        append((node.end_time_ns, _EXIT, seq, -1, index + 1))
+                elif fields.scope == _BACKWARD_SCOPE:
+                    append((node.start_time_ns, _ENTER, seq, -2, 0))
+            children = node.children
+            if children:
+                children.reverse()
+                extend(children)
+        items.sort()
+        return items
+
+
+#: Which source the events backend uses: "auto" (the recorder where it can be built, else the
+#: PyTorch profiler), "recorder" or "torch.profiler" (tests and benchmarks compare them).
+PREFERRED_SOURCE = "auto"
+
+
+def default_source() -> EventSource:
+    """The source :data:`PREFERRED_SOURCE` names."""
+    if PREFERRED_SOURCE == "torch.profiler":
+        return ProfilerSource()
+    module = native.load()
+    if module is not None:
+        return RecorderSource(module)
+    if PREFERRED_SOURCE == "recorder":
+        raise RuntimeError(f"memprof's recorder cannot be built: {native.unavailable_reason()}")
+    return ProfilerSource()
+
+
 class EventStream:
     """Keeps the C++ profiler running and turns its events back into ledger updates."""
 
     def __init__(self, ledger: StorageLedger, alloc_phase: Callable[[], None],
-                 on_backward_node: Callable[[], None]) -> None:
+                 on_backward_node: Callable[[], None],
+                 source: EventSource | None = None) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
         self._on_backward_node = on_backward_node
-        self.config = ProfilerConfig(
-            ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig()
-        )
+        self.source = source if source is not None else default_source()
         self.running = False
         # Deferred calls, flat: [function code, number of arguments, *arguments] one after the
         # other, so that what waits for the replay (up to EVENTS_FLUSH_STEPS steps of it) is
@@ -81,30 +237,22 @@ class EventStream:
         self.mark = 0
         self._codes: dict[Callable[..., Any], int] = {}
         self._fns: list[Callable[..., Any]] = []
-        self._offset_s = 0.0  # perf_counter seconds minus event epoch seconds
-        # Seconds spent in flushes, for the benchmark: all of it, and the part in the C++
-        # profiler (stopping it, which post-processes its events, and starting it again).
+        # Seconds spent in flushes, for the benchmark: all of it, and the part reading the
+        # events (the C++ profiler's post-processing, stop and restart; the recorder's drain).
         self.replay_s = 0.0
         self.stop_s = 0.0
 
     # ------------------------------------------------------------- live side
     def start(self) -> None:
-        activities = {ProfilerActivity.CPU}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            activities.add(ProfilerActivity.CUDA)
-        _prepare_profiler(self.config, activities)
-        _enable_profiler(  # type: ignore[call-arg]
-            self.config, activities, {RecordScope.USER_SCOPE, RecordScope.BACKWARD_FUNCTION}
-        )
+        self.source.start()
         self.running = True
-        self._offset_s = time.perf_counter() - time.time_ns() / 1e9
 
-    def stop(self) -> list[Any]:
-        """Stop the profiler; returns the roots of its event tree."""
+    def stop(self) -> list[tuple[int, int, int]]:
+        """Stop recording; returns the events not replayed yet."""
         if not self.running:
             return []
         self.running = False
-        return list(_disable_profiler().experimental_event_tree())
+        return self.source.stop()
 
     def clear(self) -> None:
         """Forget every deferred call (and the functions they name)."""
@@ -136,7 +284,7 @@ class EventStream:
         self.buffer(fn, *args)
         index = self._close()
         if self.running:
-            _enter(POINT + str(index), None)  # dropped at once: a zero-length record
+            self.source.mark(index)
 
     def enter(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Open an interval marker (its exit comes with :meth:`exit`); returns its token."""
@@ -144,7 +292,7 @@ class EventStream:
         index = self._close()
         self.starts.append(-1)  # the exit's calls, filled in by exit()
         self.ends.append(-1)
-        return [_enter(INTERVAL + str(index), None) if self.running else None, index]
+        return [self.source.open(index) if self.running else None, index]
 
     def exit(self, token: list[Any], fn: Callable[..., Any], *args: Any) -> None:
         slot = token[1] + 1 - self.base
@@ -156,7 +304,9 @@ class EventStream:
         self.starts[slot] = self.mark
         self.mark = len(self.calls)
         self.ends[slot] = self.mark
-        token[0] = None  # the token held the only reference: the record ends here
+        handle, token[0] = token[0], None
+        if handle is not None and self.running:
+            self.source.close(handle, token[1] + 1)
 
     def _apply(self, index: int) -> None:
         """Run marker ``index``'s deferred calls (once)."""
@@ -178,28 +328,31 @@ class EventStream:
     def flush(self, restart: bool) -> None:
         """Stop the profiler, replay its events into the ledger, and start it again."""
         started = time.perf_counter()
-        roots = self.stop()
-        if restart:
-            self.start()
+        if restart and self.running:
+            items = self.source.drain()  # the profiler source stops and restarts itself
+        else:
+            items = self.stop()
+            if restart:
+                self.start()
         self.stop_s += time.perf_counter() - started
         # The replay makes a tuple per event and frees them all at the end, and runs no user
         # code: the cyclic GC would only rescan them (and everything else) many times over.
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
-            self.replay(roots)
+            self.replay(items)
         finally:
             if gc_enabled:
                 gc.enable()
         self.replay_s += time.perf_counter() - started
 
-    def replay(self, roots: list[Any]) -> None:
-        items = self._items(roots)
+    def replay(self, items: list[tuple[int, int, int]]) -> None:
+        """Drive the ledger with ``items`` (see :class:`ProfilerSource` for their form)."""
         transient = _transients(items)
         ledger = self.ledger
         entries = ledger.entries
         module_live, module_max = ledger.module_live, ledger.module_max
-        offset = self._offset_s
+        offset = self.source.offset_s
         now = 0.0
         # Transients: allocations freed again before the next marker, kept out of the ledger
         # (no entry, no log) while they cannot matter: only their bytes count, in ``extra``,
@@ -212,7 +365,7 @@ class EventStream:
         phase_set = False
         ledger.clock = lambda: now
         try:
-            for i, (when, _rank, _seq, ptr, value) in enumerate(items):
+            for i, (when, ptr, value) in enumerate(items):
                 if ptr < 0:
                     now = when / 1e9 + offset
                     if live_transients:  # cannot happen: transients end before a marker
@@ -277,46 +430,12 @@ class EventStream:
         self.base += len(self.starts)
         self.starts, self.ends = [], []
 
-    @staticmethod
-    def _items(roots: list[Any]) -> list[tuple[int, int, int, int, int]]:
-        """The events as ``(time, rank, seq, ptr, value)`` in time order: allocations (ptr, signed
-        size), markers (-1, payload index) and autograd nodes (-2, 0). The tree is walked in
-        order, so ``seq`` keeps a thread's order between events with equal times."""
-        items: list[tuple[int, int, int, int, int]] = []
-        append = items.append
-        seq = 0
-        stack = list(roots)
-        stack.reverse()
-        pop, extend = stack.pop, stack.extend
-        while stack:
-            node = pop()
-            tag, fields = node.typed
-            seq += 1
-            if tag == _ALLOCATION:
-                append((node.start_time_ns, _ALLOC, seq, fields.ptr, fields.alloc_size))
-                continue
-            if tag == _TORCH_OP:
-                name = node.name
-                if name.startswith(PREFIX):
-                    index = int(name[_SKIP:])
-                    append((node.start_time_ns, _ENTER, seq, -1, index))
-                    if name.startswith(INTERVAL):
-                        append((node.end_time_ns, _EXIT, seq, -1, index + 1))
-                elif fields.scope == _BACKWARD_SCOPE:
-                    append((node.start_time_ns, _ENTER, seq, -2, 0))
-            children = node.children
-            if children:
-                children.reverse()
-                extend(children)
-        items.sort()
-        return items
 
-
-def _transients(items: list[tuple[int, int, int, int, int]]) -> bytearray:
+def _transients(items: list[tuple[int, int, int]]) -> bytearray:
     """Flags the allocations (and their frees) that are freed before the next marker."""
     flags = bytearray(len(items))
     open_: dict[int, int] = {}
-    for i, (_when, _rank, _seq, ptr, value) in enumerate(items):
+    for i, (_when, ptr, value) in enumerate(items):
         if ptr < 0:
             if open_:
                 open_.clear()

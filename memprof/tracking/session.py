@@ -47,6 +47,7 @@ from memprof.profile import (
     TensorAtPeak,
     empty_timeline,
 )
+from memprof.tracking import native
 from memprof.tracking.events import EventStream
 from memprof.tracking.ledger import (
     ACTIVATION,
@@ -79,8 +80,10 @@ _graph_task_id = torch._C._current_graph_task_id
 LEAK_MIN_GROWTHS = 3
 #: ...by at least this much in all.
 LEAK_MIN_BYTES = 1 << 20
-#: What ``backend="auto"`` picks for real tensors (fake tensors always use "dispatch").
-AUTO_BACKEND: Literal["events", "dispatch"] = "dispatch"
+#: What ``backend="auto"`` picks for real tensors (fake tensors always use "dispatch"); None:
+#: "events" where memprof's C++ recorder can be built (it is what makes that backend cheap:
+#: see :mod:`memprof.tracking.native`), else "dispatch".
+AUTO_BACKEND: Literal["events", "dispatch"] | None = None
 #: The events backend reads (and replays) the profiler's events every this many steps.
 EVENTS_FLUSH_STEPS = 32
 
@@ -176,7 +179,7 @@ class Profiler:
         self._fake = _fake_mode_active()
         backend = self._backend_choice
         if backend == "auto":
-            backend = AUTO_BACKEND if not self._fake else "dispatch"
+            backend = _auto_backend() if not self._fake else "dispatch"
         if backend == "events" and self._fake:
             Profiler._active = None
             raise ValueError("the events backend needs real tensors: under FakeTensorMode "
@@ -885,6 +888,12 @@ class _BackwardEnter:
 
 class MemoryLeakWarning(UserWarning):
     """Live memory between steps kept growing."""
+
+
+def _auto_backend() -> Literal["events", "dispatch"]:
+    if AUTO_BACKEND is not None:
+        return AUTO_BACKEND
+    return "events" if native.load() is not None else "dispatch"
 
 
 def _device_stats() -> tuple[int, int] | None:

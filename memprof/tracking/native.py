@@ -1,0 +1,86 @@
+"""memprof's C++ allocation recorder (recorder.cpp), compiled for the installed torch on first use.
+
+The recorder is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) against the
+torch that is running, so it always matches its ABI; the build is cached per torch version (a few
+seconds to half a minute, once). Where it cannot be built, :func:`load` returns None with the
+reason in :func:`unavailable_reason`, and the events backend reads the PyTorch profiler's events
+instead (slower, same results). ``MEMPROF_NATIVE=0`` turns the recorder off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("recorder.cpp")
+_module: Any = None
+_tried = False
+_reason = ""
+
+
+def _name() -> str:
+    version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    return f"memprof_recorder_{version}"
+
+
+def load() -> Any:
+    """The compiled recorder module, or None when it cannot be built here."""
+    global _module, _tried, _reason
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("MEMPROF_NATIVE", "1") == "0":
+        _reason = "turned off by MEMPROF_NATIVE=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        name = _name()
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(build_dir.glob(name + ".*")):
+            print(f"memprof: building its C++ allocation recorder for torch {torch.__version__}"
+                  f" (once, up to a minute; cached in {build_dir})", file=sys.stderr)
+        # The build prints compiler output and warnings: keep them out of the user's run.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                _ninja_on_path():
+            _module = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O2"],
+                verbose=False,
+            )
+    except Exception as exc:  # no compiler, no ninja, headers missing: fall back, say why
+        first = str(exc).strip().splitlines()
+        _reason = f"{type(exc).__name__}: {first[0] if first else ''}"[:200]
+        _module = None
+    return _module
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The ninja that the ``ninja`` package installed, on PATH for the build (a venv's bin is
+    not on PATH when its Python is run without activating it)."""
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + old
+    except (ImportError, AttributeError):
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def unavailable_reason() -> str:
+    """Why :func:`load` returned None ("" when it did not, or was not tried)."""
+    return _reason

@@ -1,0 +1,116 @@
+"""GIVEN memprof's C++ allocation recorder, THEN it sees every allocation and free in order,
+gives the events backend the same numbers as the PyTorch profiler's events do, leaves nothing
+installed behind, and is replaced by a fallback (with the reason) where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_mlp
+from test_backends import _run as run_model
+
+import memprof
+from memprof.tracking import events, native, session
+from memprof.tracking.events import RecorderSource
+
+recorder = native.load()
+needs_recorder = pytest.mark.skipif(
+    recorder is None, reason=f"the recorder cannot be built here: {native.unavailable_reason()}"
+)
+
+
+@needs_recorder
+def test_recorder_sees_allocations_frees_and_markers_in_order() -> None:
+    source = RecorderSource(recorder)
+    source.start()
+    try:
+        source.mark(7)
+        x = torch.empty(1000, dtype=torch.float32)  # 4000 bytes
+        source.mark(8)
+        del x
+        source.mark(9)
+    finally:
+        items = source.stop()
+    assert not recorder.running()
+    markers = [(i, value) for i, (_, ptr, value) in enumerate(items) if ptr == -1]
+    assert [value for _, value in markers] == [7, 8, 9]
+    (first, _), (second, _), (third, _) = markers
+    allocs = [(ptr, value) for _, ptr, value in items[first + 1:second] if ptr > 0]
+    assert allocs and allocs[0][1] == 4000
+    ptr = allocs[0][0]
+    frees = [value for _, p, value in items[second + 1:third] if p == ptr]
+    assert frees == [-4000]
+    times = [when for when, _, _ in items]
+    assert times == sorted(times)
+
+
+@needs_recorder
+def test_recorder_marks_backward_nodes_once_per_run_of_nodes() -> None:
+    x = torch.randn(8, 8, requires_grad=True)
+    source = RecorderSource(recorder)
+    source.start()
+    try:
+        loss = (x * 2).sin().sum()
+        source.mark(1)
+        loss.backward()
+    finally:
+        items = source.stop()
+    kinds = [ptr for _, ptr, _ in items]
+    marker = kinds.index(-1)
+    assert -2 not in kinds[:marker]  # forward runs no autograd node
+    assert -2 in kinds[marker:]
+    # Nodes with no allocation between them are one event: backward has begun, nothing more.
+    assert all(not (a == b == -2) for a, b in zip(kinds, kinds[1:], strict=False))
+
+
+@needs_recorder
+def test_nothing_stays_installed_also_when_the_body_raises() -> None:
+    model = make_mlp()
+    x = torch.randn(4, 64)
+    with pytest.raises(ZeroDivisionError), memprof.profile(model, backend="events"):
+        model(x).sum().backward()
+        raise ZeroDivisionError
+    assert not recorder.running()
+    # torch's own profiler can start again: the thread's profiler slot is empty.
+    with torch.profiler.profile(profile_memory=True) as prof:
+        torch.ones(10)
+    assert prof.events() is not None
+    assert not torch.autograd._profiler_enabled()
+
+
+@needs_recorder
+@pytest.mark.parametrize("make", ["mlp", "cnn", "gpt2", "checkpoint"])
+def test_recorder_and_torch_profiler_sources_give_the_same_profile(
+    make: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sources differ in cost only: the same allocations reach the same replay."""
+    profiles = {}
+    for source in ("recorder", "torch.profiler"):
+        monkeypatch.setattr(events, "PREFERRED_SOURCE", source)
+        profiles[source] = run_model(make, "events")
+    a, b = profiles["recorder"], profiles["torch.profiler"]
+    columns = ["parameter", "buffer", "gradient", "optimizer_state", "activation",
+               "temporary_peak"]
+    assert a.modules()[columns].equals(b.modules()[columns])
+    assert a.peak().total_bytes == b.peak().total_bytes
+    assert a.peak().by_category == b.peak().by_category
+
+
+def test_without_the_recorder_auto_falls_back_to_dispatch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEMPROF_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(session, "AUTO_BACKEND", None)
+    assert native.load() is None
+    assert "MEMPROF_NATIVE=0" in native.unavailable_reason()
+    model = make_mlp()
+    with memprof.profile(model) as prof:
+        model(torch.randn(4, 64)).sum().backward()
+    assert prof.backend == "dispatch"
+    # And the events backend, asked for by name, reads the PyTorch profiler's events instead.
+    with memprof.profile(model, backend="events") as prof:
+        model(torch.randn(4, 64)).sum().backward()
+    assert prof._events is not None and prof._events.source.name == "torch.profiler"
+    assert prof.peak().total_bytes > 0
