@@ -4,6 +4,8 @@ installed behind, and is replaced by a fallback (with the reason) where it canno
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import make_mlp
@@ -60,7 +62,7 @@ def test_recorder_marks_backward_nodes_once_per_run_of_nodes() -> None:
     assert -2 not in kinds[:marker]  # forward runs no autograd node
     assert -2 in kinds[marker:]
     # Nodes with no allocation between them are one event: backward has begun, nothing more.
-    assert all(not (a == b == -2) for a, b in zip(kinds, kinds[1:], strict=False))
+    assert all(not (a == b == -2) for a, b in itertools.pairwise(kinds))
 
 
 @needs_recorder
