@@ -183,8 +183,12 @@ def bookkeeping(steps: int = 1000) -> None:
             prof.step()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    native = 0
+    if prof._events is not None:
+        native = getattr(prof._events.source, "buffer_bytes", 0)
     print(f"\nmemprof bookkeeping for {steps} steps: peak {peak / 2**20:.1f} MiB of Python "
-          "memory (tracemalloc), target < 50 MB")
+          f"memory (tracemalloc) + {native / 2**20:.1f} MiB of event buffer in C++"
+          f" ({prof.backend} backend), target < 50 MB")
 
 
 def main() -> None:

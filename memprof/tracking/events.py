@@ -82,6 +82,8 @@ class EventSource(Protocol):
 
     def close(self, handle: Any, index: int) -> None: ...
 
+    def pending(self) -> int: ...
+
 
 class RecorderSource:
     """memprof's C++ recorder (:mod:`memprof.tracking.native`): each allocation is one locked
@@ -92,16 +94,24 @@ class RecorderSource:
     def __init__(self, module: Any) -> None:
         self.module = module
         self.offset_s = 0.0
+        self.buffer_bytes = 0  # the most its C++ buffer held (bookkeeping outside Python's heap)
 
     def start(self) -> None:
         self.module.start()
         self.offset_s = time.perf_counter() - self.module.now_ns() / 1e9
 
     def stop(self) -> list[tuple[int, int, int]]:
-        return _triples(self.module.stop())
+        raw = self.module.stop()
+        self.buffer_bytes = max(self.buffer_bytes, len(raw))
+        return _triples(raw)
 
     def drain(self) -> list[tuple[int, int, int]]:
-        return _triples(self.module.drain())
+        items = _triples(self.module.drain())
+        self.buffer_bytes = max(self.buffer_bytes, self.module.high_water_bytes())
+        return items
+
+    def pending(self) -> int:
+        return int(self.module.pending())
 
     def mark(self, index: int) -> None:
         self.module.mark(index)
@@ -161,6 +171,9 @@ class ProfilerSource:
 
     def close(self, handle: Any, index: int) -> None:
         pass  # the caller drops the handle, the only reference: the record ends then
+
+    def pending(self) -> int:
+        return 0  # not known before its stop
 
     @staticmethod
     def _items(roots: list[Any]) -> list[tuple[int, int, int, int, int]]:

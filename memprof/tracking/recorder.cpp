@@ -92,9 +92,20 @@ class Recorder final : public ProfilerStateBase {
       taken.swap(events_);
       last_was_node_ = false;
     }
+    const int64_t held = static_cast<int64_t>(taken.capacity() * sizeof(int64_t));
+    if (held > high_water_bytes) {
+      high_water_bytes = held;
+    }
     return py::bytes(reinterpret_cast<const char*>(taken.data()), taken.size() * sizeof(int64_t));
   }
 
+  // Events waiting to be drained.
+  int64_t pending() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    return static_cast<int64_t>(events_.size() / 3);
+  }
+
+  int64_t high_water_bytes = 0;  // the most the buffer held, as of the last drain
   std::atomic<bool> active{true};  // false once stopped, also where it could not be popped
 
  private:
@@ -167,6 +178,14 @@ void mark(int64_t index) {
   }
 }
 
+int64_t pending() {
+  return g_recorder ? g_recorder->pending() : 0;
+}
+
+int64_t high_water_bytes() {
+  return g_recorder ? g_recorder->high_water_bytes : 0;
+}
+
 bool running() {
   return static_cast<bool>(g_recorder);
 }
@@ -179,6 +198,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stop", &stop, "Stop recording; returns the events not drained yet.");
   m.def("drain", &drain, "The events recorded since the last drain, as native int64 triples.");
   m.def("mark", &mark, "Append a marker event with this index.");
+  m.def("pending", &pending, "Events recorded and not drained yet.");
+  m.def("high_water_bytes", &high_water_bytes, "The most bytes the buffer held, so far.");
   m.def("running", &running, "Whether the recorder is recording.");
   m.def("now_ns", &now_ns, "The recorder's clock (steady_clock), in nanoseconds.");
 }

@@ -84,8 +84,10 @@ LEAK_MIN_BYTES = 1 << 20
 #: "events" where memprof's C++ recorder can be built (it is what makes that backend cheap:
 #: see :mod:`memprof.tracking.native`), else "dispatch".
 AUTO_BACKEND: Literal["events", "dispatch"] | None = None
-#: The events backend reads (and replays) the profiler's events every this many steps.
+#: The events backend reads (and replays) its events every this many steps...
 EVENTS_FLUSH_STEPS = 32
+#: ...or sooner, once this many wait (24 bytes each in the recorder's buffer).
+EVENTS_FLUSH_PENDING = 1 << 19
 
 Backend = Literal["auto", "events", "dispatch"]
 
@@ -313,7 +315,8 @@ class Profiler:
             return
         events.point(self._step_apply, device, self._step, action)
         self._since_flush += 1
-        if self._since_flush >= EVENTS_FLUSH_STEPS:
+        waiting = events.source.pending()
+        if self._since_flush >= EVENTS_FLUSH_STEPS or waiting > EVENTS_FLUSH_PENDING:
             self._since_flush = 0
             events.flush(restart=True)
 
