@@ -19,6 +19,7 @@
 // ones are merged).
 
 #include <ATen/record_function.h>
+#include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
@@ -115,6 +116,7 @@ class Recorder final : public ProfilerStateBase {
 };
 
 std::shared_ptr<Recorder> g_recorder;            // owned here while recording
+int g_saved_log_level = 0;
 std::atomic<Recorder*> g_active{nullptr};        // what the callbacks read, from any thread
 at::CallbackHandle g_node_callback = 0;
 
@@ -136,6 +138,13 @@ void start() {
   if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) {
     throw std::runtime_error(
         "another profiler (torch.profiler?) is running on this thread: stop it first");
+  }
+  // The CPU allocator logs a C++ warning ("Memory block of unknown size was allocated before
+  // the profiling started...") when a block allocated before recording is freed: a normal
+  // event for memprof (the ledger never knew that block), and no Python warning.
+  g_saved_log_level = FLAGS_caffe2_log_level;
+  if (FLAGS_caffe2_log_level < 2) {
+    FLAGS_caffe2_log_level = 2;  // ERROR: raw C++ warnings are muted while recording
   }
   g_recorder = std::make_shared<Recorder>();
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, g_recorder);
@@ -162,6 +171,7 @@ py::bytes stop() {
   // stays below it, inert (g_active is null), until the thread's debug info lets it go.
   py::bytes rest = g_recorder->drain();
   g_recorder.reset();
+  FLAGS_caffe2_log_level = g_saved_log_level;
   return rest;
 }
 
