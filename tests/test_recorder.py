@@ -139,3 +139,16 @@ def test_freeing_a_tensor_made_before_the_profile_prints_no_allocator_warning() 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert "unknown size" not in done.stderr
+
+
+def test_the_profile_says_how_it_was_measured() -> None:
+    model = make_mlp()
+    expected = {"dispatch": "dispatch", "events": "events from recorder"}
+    if recorder is None:
+        expected["events"] = "events from torch.profiler"  # the fallback source
+    for backend, said in expected.items():
+        with memprof.profile(model, backend=backend) as prof:  # type: ignore[arg-type]
+            model(torch.randn(4, 64)).sum().backward()
+        assert prof.profile.meta["backend"] == said
+        again = memprof.Profile.from_dict(prof.profile.to_dict())
+        assert again.meta["backend"] == said

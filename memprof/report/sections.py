@@ -126,7 +126,7 @@ def environment(profile: Profile) -> list[tuple[str, str]]:
     nvml = profile.device.nvml or {}
     if nvml.get("driver"):
         pairs.append(("NVIDIA driver", str(nvml["driver"])))
-    for key in ("created", "steps_seen", "interrupted"):
+    for key in ("created", "steps_seen", "interrupted", "backend"):
         if key in profile.meta:
             pairs.append((key.replace("_", " "), cell(profile.meta[key], key)))
     inputs = profile.meta.get("inputs")

@@ -802,6 +802,8 @@ class Profiler:
                 "steps_seen": self._step + 1,
                 "inputs": self._inputs_seen,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "backend": self.backend if self._events is None
+                else f"events from {self._events.source.name}",
             },
         )
 
