@@ -1,34 +1,268 @@
 """Mixed precision: autocast (bf16, or fp16 with a GradScaler) and pure bf16 training.
 
-Facts used (DESIGN.md): autocast keeps fp32 weights, gradients and optimizer states; the
-matmul/conv ops it covers save 16-bit inputs for backward and it keeps a 16-bit copy of each
-weight those ops use while autograd needs it. Pure bf16 halves every floating tensor: weights,
-gradients, optimizer states, activations and the step's scratch.
+What the predictions model (DESIGN.md), all of it read from the fp32 profile:
+
+- **Saved activations, in the order the forward saved them.** Backward frees saved tensors in
+  the reverse order, so the activation bytes live at any sample are the first ones the forward
+  saved. The timeline's forward samples of the peak step say which module saved how many bytes
+  (each rise in activation between two samples belongs to the module the first of them is in);
+  a sample's activation is rewritten segment by segment (:class:`ForwardLayout`).
+- **Autocast** (``torch.autocast``'s op lists), following the running tensor's dtype through
+  the forward: matmuls and convolutions run in 16 bits and save a 16-bit copy of their input
+  (half the bytes) and of their weight (autocast's cast cache; half the weight's fp32 bytes; a
+  head that owns no weight uses the tied embedding's); the first layer, when it is a matmul on
+  the model's float input, saves a 16-bit copy of that input (which the fp32 profile counted
+  as input, not activation) and, being an mm whose input needs no gradient, no weight copy.
+  What runs on a matmul's 16-bit output saves 16 bits (activations, attention, BatchNorm,
+  dropout). What stays fp32: layer/RMS norms (their input is the fp32 residual stream;
+  ``layer_norm`` and ``group_norm`` are on CUDA's fp32 list), embeddings and what runs on
+  their output (fp32 weights, on no list), CUDA's dropout masks (bool, 1 byte in any
+  precision; CPU's dropout saves a mask in its input's dtype) and the loss (``cross_entropy``,
+  ``nll_loss``, ``mse_loss`` are on the fp32 list; Hugging Face's losses and the Workload's
+  default ones upcast the logits).
+- **Pure bf16** halves weights, gradients, optimizer states, floating inputs and every saved
+  activation but CUDA's dropout masks and the loss: its logits are upcast to fp32 first, so
+  the saved log-probabilities stay fp32, and so does what outlives the step (``other``: the
+  loss and its fp32 logits, measured unchanged).
+- **The loss moments.** The loss's saved bytes ``L`` (log-probabilities, the size of the fp32
+  logits) are what the activation rises by after the model's forward. While computing the
+  loss, the 16-bit logits (L/2) and their fp32 upcast (L) are live; when backward starts, the
+  loss's backward makes the fp32 gradients of the log-probabilities and of the logits (2L).
+  Those replace the sample's scratch when larger, at the samples where the loss is live.
+- **GradScaler** (fp16): scales the loss (a scalar), unscales the gradients in place
+  (``_amp_foreach_non_finite_check_and_unscale_``) and keeps a scale, a growth tracker and an
+  inf flag: a few scalars, no copy of the gradients.
+
+Not modelled: on CPU, ``scaled_dot_product_attention`` with dropout runs its math path in
+fp32 for 16-bit inputs (attention activations unchanged; CUDA's kernels keep 16 bits), and on
+CUDA, autocast's fp32 list also covers softmax (eager attention) and pow/exp (tanh-GELU).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from memprof.advisor.core import MATMUL_TYPES, Change, Facts, Sample, Transform
+from memprof.advisor.core import MATMUL_TYPES, Change, Facts, Sample, Transform, _nbytes
 from memprof.advisor.workload import SimState
 
+#: Norms whose saved input stays fp32 under autocast (the fp32 residual stream; CUDA's fp32
+#: list has layer_norm and group_norm; RMSNorm implementations upcast to fp32 themselves).
+FP32_NORM_TYPES = frozenset({"LayerNorm", "RMSNorm", "LlamaRMSNorm", "T5LayerNorm"})
+#: Modules that save a mask: bool on CUDA (1 byte per element in any precision), the input's
+#: dtype on CPU (``input * bernoulli_noise``).
+MASK_TYPES = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"})
+EMBEDDING_TYPES = frozenset({"Embedding", "EmbeddingBag"})
+#: Matmul modules (mm/addmm), as opposed to convolutions.
+MM_TYPES = frozenset({"Linear", "Conv1D", "Bilinear"})
 
-def _matmul_weight_bytes(facts: Facts) -> float:
+#: The GradScaler's own tensors: its scale (fp32) and growth tracker (int32) from the first
+#: step on; the scaled loss (fp32 scalar) through backward; the inf flag (fp32, one device)
+#: from the unscale to the update. The unscale itself is in place.
+GRAD_SCALER_BYTES = {"always": 8, "backward": 4, "optimizer": 4}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes one module saved in the fp32 forward, and what they become under the change."""
+
+    module: str
+    baseline: float
+    changed: float
+
+
+@dataclass(frozen=True)
+class ForwardLayout:
+    """The profile's saved activations in the order the forward saved them, and the loss's."""
+
+    segments: list[Segment]
+    model_bytes: float  # what the model's forward saved (the sum of the segments' baselines)
+    loss_bytes: float  # L: what the loss saved after it (fp32 log-probabilities)
+
+    def activation(self, a: float) -> float:
+        """Activation bytes under the change when the fp32 profile had ``a`` live: the
+        segments saved first, each in part or whole (a zero-width one, a 16-bit copy made
+        with no fp32 counterpart, counts once anything saved after it is live)."""
+        out, cum = 0.0, 0.0
+        for seg in self.segments:
+            if a <= cum:
+                break
+            if seg.baseline > 0:
+                out += min(1.0, (a - cum) / seg.baseline) * seg.changed
+                cum += seg.baseline
+            else:
+                out += seg.changed
+        rest = max(0.0, a - self.model_bytes)
+        loss = min(rest, self.loss_bytes)
+        return out + loss + 0.5 * (rest - loss)
+
+    def loss_live(self, a: float) -> bool:
+        return self.loss_bytes > 0 and a > self.model_bytes
+
+
+def _types(facts: Facts) -> dict[str, str]:
+    return {str(r["module"]): str(r["type"]) for r in facts.module_rows()}
+
+
+def _leaves(facts: Facts) -> set[str]:
     rows = facts.module_rows()
-    return float(sum(r["parameter"] for r in rows if r["type"] in MATMUL_TYPES))
+    parents = {str(r["parent"]) for r in rows if r["parent"] is not None}
+    return {str(r["module"]) for r in rows if str(r["module"]) not in parents and r["module"]}
 
 
-def autocast_transform(facts: Facts) -> Transform:
-    """Activations halve; the 16-bit weight copies stay alive from forward through backward."""
-    copies = 0.5 * _matmul_weight_bytes(facts)
+def float_input_bytes(facts: Facts) -> float:
+    """The largest floating input the model was called with (what its first layer casts;
+    the profile lists inputs once per call)."""
+    inputs = facts.profile.meta.get("inputs") or []
+    return float(max((_nbytes(i) for i in inputs if "float" in str(i.get("dtype", ""))), default=0))
+
+
+def _step_rows(facts: Facts) -> list[dict[str, Any]]:
+    """The timeline rows of the peak step, in order."""
+    frame = facts.profile.timeline()
+    if not len(frame):
+        return []
+    return list(frame[frame["step"] == facts.profile.peak().step].to_dict(orient="records"))
+
+
+#: ``visit(module, bytes) -> (added, changed)``, called for each stretch of the forward in
+#: order: ``bytes`` the module saved in that stretch (0 when none), ``changed`` what they
+#: become, ``added`` bytes the change saves there with no fp32 counterpart.
+Visit = Callable[[str, float], tuple[float, float]]
+
+
+def forward_layout(facts: Facts, visit: Visit) -> ForwardLayout:
+    """Segments from the forward samples of the peak step: each rise in activation between two
+    samples belongs to the module the first of them is in."""
+    rows = _step_rows(facts)
+    forward = [r for r in rows if r["phase"] == "forward"]
+    segs: list[Segment] = []
+    for prev, row in itertools.pairwise(forward):
+        module = str(prev["module"])
+        delta = float(row["activation"]) - float(prev["activation"])
+        added, changed = visit(module, max(0.0, delta))
+        if added > 0:
+            segs.append(Segment(module, 0.0, added))
+        if delta > 0:
+            segs.append(Segment(module, delta, changed))
+        left = -delta
+        while left > 0 and segs:  # freed during the forward: the latest saved goes first
+            last = segs.pop()
+            if last.baseline > left:
+                keep = last.baseline - left
+                segs.append(Segment(last.module, keep, last.changed * keep / last.baseline))
+            left -= last.baseline
+    model = sum(s.baseline for s in segs)
+    top = max((float(r["activation"]) for r in rows), default=0.0)
+    return ForwardLayout(segs, model, max(0.0, top - model))
+
+
+def pure_layout(facts: Facts, device: str) -> ForwardLayout:
+    """Everything halves but CUDA's dropout masks (bool; CPU's dropout saves a mask in the
+    input's dtype)."""
+    types = _types(facts)
+    kept = MASK_TYPES if device == "cuda" else frozenset()
+
+    def visit(module: str, nbytes: float) -> tuple[float, float]:
+        return 0.0, nbytes if types.get(module) in kept else 0.5 * nbytes
+
+    return forward_layout(facts, visit)
+
+
+def _weights(facts: Facts) -> dict[str, float]:
+    """fp32 weight bytes each matmul uses. One that owns none uses a tied weight: the largest
+    embedding's (a language model's head tied to its token embedding)."""
+    rows = facts.module_rows()
+    tied = max((float(r["parameter"]) for r in rows if r["type"] in EMBEDDING_TYPES), default=0)
+    return {
+        str(r["module"]): float(r["parameter"]) or (tied if not r["parameter_total"] else 0.0)
+        for r in rows
+        if r["type"] in MATMUL_TYPES
+    }
+
+
+def autocast_layout(facts: Facts, device: str) -> ForwardLayout:
+    """Follows the dtype of the running tensor through the forward: a matmul's output is 16
+    bits, an embedding's or an fp32 norm's is fp32, any other leaf keeps its input's; what a
+    module saves takes that dtype (its own type's where autocast fixes it)."""
+    types = _types(facts)
+    weights = _weights(facts)
+    leaves = _leaves(facts)
+    fp32 = FP32_NORM_TYPES | EMBEDDING_TYPES | ({"GroupNorm"} if device == "cuda" else set())
+    kept = MASK_TYPES if device == "cuda" else frozenset()
+    float_in = float_input_bytes(facts)
+    low = False  # the running tensor is 16-bit
+    ran: set[str] = set()
+
+    def visit(module: str, nbytes: float) -> tuple[float, float]:
+        nonlocal low
+        kind = types.get(module, "")
+        added = 0.0
+        if kind in MATMUL_TYPES:
+            changed = 0.5 * nbytes
+            if module not in ran:  # once: autocast caches the cast of a weight
+                weight = 0.5 * weights.get(module, 0.0)
+                if not ran and float_in > 0:
+                    # the first layer saves a 16-bit copy of the float input; a matmul whose
+                    # input needs no gradient keeps no weight copy (autograd saves mm's
+                    # operands only for the gradients it needs), a convolution both anyway
+                    added = 0.5 * float_in + (0.0 if kind in MM_TYPES else weight)
+                else:
+                    added = weight
+            out_low = True
+        elif kind in fp32:
+            changed, out_low = nbytes, False
+        elif kind in kept:
+            changed, out_low = nbytes, low
+        else:
+            changed, out_low = (0.5 * nbytes if low else nbytes), low
+        if module in leaves:
+            ran.add(module)
+            low = out_low
+        return added, changed
+
+    return forward_layout(facts, visit)
+
+
+def _loss_scratch(layout: ForwardLayout, s: Sample) -> float:
+    """The loss's own scratch at a sample where it is live: 16-bit logits and their fp32
+    upcast while it runs (1.5 L), the fp32 gradients of log-probabilities and logits once
+    backward starts (2 L)."""
+    if not layout.loss_live(float(s["activation"])):
+        return 0.0
+    return (2.0 if s["phase"] == "backward" else 1.5) * layout.loss_bytes
+
+
+def autocast_transform(facts: Facts, layout: ForwardLayout | None = None) -> Transform:
+    """Activations rewritten per saved segment; forward and backward scratch halves (16-bit
+    intermediates) except the loss's, which is fp32."""
+    lay = layout or autocast_layout(facts, facts.profile.device.kind)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
-        if s["activation"] > 0:  # between the forward and the end of backward
-            out["activation"] = s["activation"] * 0.5 + copies
+        out["activation"] = lay.activation(float(s["activation"]))
+        temp = float(s["temporary"])
         if s["phase"] in ("forward", "backward"):
-            out["temporary"] = s["temporary"] * 0.5
+            temp *= 0.5
+        out["temporary"] = max(temp, _loss_scratch(lay, s))
+        return out
+
+    return transform
+
+
+def grad_scaler_transform(facts: Facts, layout: ForwardLayout | None = None) -> Transform:
+    """Autocast, plus the GradScaler's scalars (the unscale is in place: no copy of the
+    gradients)."""
+    inner = autocast_transform(facts, layout)
+
+    def transform(s: Sample) -> Sample:
+        out = inner(s)
+        extra = GRAD_SCALER_BYTES["always"] + GRAD_SCALER_BYTES.get(str(s["phase"]), 0)
+        out["other"] = out["other"] + extra
         return out
 
     return transform
@@ -36,30 +270,30 @@ def autocast_transform(facts: Facts) -> Transform:
 
 def pure_bf16_transform(facts: Facts) -> Transform:
     keep_input = 1.0 - 0.5 * facts.float_input_fraction
+    lay = pure_layout(facts, facts.profile.device.kind)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
-        for c in (
-            "parameter",
-            "buffer",
-            "gradient",
-            "optimizer_state",
-            "activation",
-            "temporary",
-            "other",
-        ):
+        for c in ("parameter", "buffer", "gradient", "optimizer_state"):
             out[c] = s[c] * 0.5
+        out["activation"] = lay.activation(float(s["activation"]))
+        out["temporary"] = max(0.5 * float(s["temporary"]), _loss_scratch(lay, s))
         out["input"] = s["input"] * keep_input
         return out
 
     return transform
 
 
-def _apply_autocast(dtype: torch.dtype) -> object:
+def _apply_autocast(dtype: torch.dtype) -> Callable[[SimState], None]:
     def apply(state: SimState) -> None:
         state.autocast = dtype
 
     return apply
+
+
+def _apply_autocast_fp16_scaler(state: SimState) -> None:
+    state.autocast = torch.float16
+    state.grad_scaler = True
 
 
 def _apply_pure_bf16(state: SimState) -> None:
@@ -67,20 +301,41 @@ def _apply_pure_bf16(state: SimState) -> None:
     state.cast_batch = torch.bfloat16
 
 
+def _matmul_weight_bytes(facts: Facts) -> float:
+    rows = facts.module_rows()
+    return float(sum(r["parameter"] for r in rows if r["type"] in MATMUL_TYPES))
+
+
 def predict(facts: Facts) -> list[Change]:
     """Autocast bf16, autocast fp16 + GradScaler, and pure bf16 (weights and states)."""
+    device = facts.profile.device.kind
+    lay = autocast_layout(facts, device)
+    loss = lay.loss_bytes
+    masks = "CUDA's dropout masks (bool), " if device == "cuda" else ""
+    common = (
+        "saved activations followed through the forward: matmul/conv inputs halved plus 16-bit "
+        f"copies of their weights ({_matmul_weight_bytes(facts):.0f} B fp32); layer norms, "
+        f"embeddings, {masks}the loss ({loss:.0f} B) and what runs on fp32 tensors unchanged; "
+        "what runs on 16-bit outputs halved; weights, grads and optimizer state unchanged"
+    )
+    attention = (
+        ["on CPU, attention with dropout runs scaled_dot_product_attention's math path in "
+         "fp32 for 16-bit inputs: its activations stay as they are (more than predicted)"]
+        if device == "cpu" else []
+    )  # fmt: skip
     changes = [
         Change(
             "mixed_precision",
             {"mode": "autocast", "dtype": "bf16"},
-            "activations of the profile halved (16-bit saved tensors) plus a 16-bit copy of the "
-            f"Linear/Conv weights ({_matmul_weight_bytes(facts):.0f} B fp32) while autograd holds "
-            "it; weights, grads and optimizer state unchanged",
-            transform=autocast_transform(facts),
-            apply=_apply_autocast(torch.bfloat16),  # type: ignore[arg-type]
+            common,
+            transform=autocast_transform(facts, lay),
+            apply=_apply_autocast(torch.bfloat16),
             caveats=[
                 "needs bf16 hardware (Ampere or newer; not T4/V100)",
-                "elementwise ops outside autocast's list stay fp32",
+                "on CUDA, softmax in eager attention and pow/exp in GELU approximations stay "
+                "fp32 (autocast's CUDA fp32 list): attention-heavy models save more than "
+                "predicted",
+                *attention,
             ],
             quality_cost=0.1,
             speed_cost=-0.3,
@@ -89,12 +344,15 @@ def predict(facts: Facts) -> list[Change]:
         Change(
             "mixed_precision",
             {"mode": "autocast", "dtype": "fp16", "grad_scaler": True},
-            "as autocast bf16 (same sizes); GradScaler adds one fp32 scale and an inf flag",
-            transform=autocast_transform(facts),
-            apply=None,
+            "as autocast bf16 (same sizes), plus the GradScaler's scalars (scale, growth "
+            "tracker, scaled loss, inf flag: 8 to 12 B); the gradients are unscaled in place",
+            transform=grad_scaler_transform(facts, lay),
+            apply=_apply_autocast_fp16_scaler,
             caveats=[
-                "simulated as bf16 on CPU; fp16 needs loss scaling (GradScaler) against underflow",
-                "for GPUs without bf16 (T4, V100)",
+                "for GPUs without bf16 (T4, V100); the loss is scaled against fp16 underflow",
+                "a step whose gradients overflow is skipped (the scale halves): no optimizer "
+                "state is created by a skipped first step",
+                *attention,
             ],
             quality_cost=0.15,
             speed_cost=-0.3,
@@ -103,13 +361,16 @@ def predict(facts: Facts) -> list[Change]:
         Change(
             "mixed_precision",
             {"mode": "pure", "dtype": "bf16", "master_weights": False},
-            "every category of the profile halved (weights, grads, optimizer states, "
-            "activations, scratch), floating inputs halved: 8 instead of 16 bytes/param for Adam",
+            "weights, grads, optimizer states, floating inputs, scratch and saved activations "
+            f"halved, except {masks}the loss ({loss:.0f} B: the logits are upcast, so its "
+            "log-probabilities and their gradients stay fp32): 8 instead of 16 bytes/param "
+            "for Adam",
             transform=pure_bf16_transform(facts),
             apply=_apply_pure_bf16,
             caveats=[
                 "bf16 weight updates lose small steps (8-bit mantissa): use stochastic "
-                "rounding or fp32 master weights for long runs"
+                "rounding or fp32 master weights for long runs",
+                *attention,
             ],
             quality_cost=0.3,
             speed_cost=-0.3,

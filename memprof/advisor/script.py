@@ -10,7 +10,10 @@ module to run, which the profile names ``""``). Then
   that holds the live model;
 - autocast wraps every call of the root module, and ``cast_batch`` casts its float inputs;
 - when the change picks another optimizer or other parameters, a new optimizer is built and
-  takes the place of the script's own (same object, new class and state), before its first step.
+  takes the place of the script's own (same object, new class and state), before its first step;
+- when the change adds a GradScaler (autocast fp16), every scalar ``.backward()`` runs on the
+  scaled loss and the optimizer's ``step()`` runs as ``scaler.step(optimizer)`` then
+  ``scaler.update()`` (the optimizer must exist by the model's first call).
 
 Each run is profiled like ``memprof run`` and stopped after ``steps`` optimizer steps (the
 script's remaining work is skipped). Quality compares the root module's first output and the
@@ -126,7 +129,7 @@ class ScriptSimulator:
             stack.enter_context(contextlib.redirect_stderr(captured))
             stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore", MemoryLeakWarning)
-            stack.enter_context(_record_losses(seen))
+            stack.enter_context(_record_losses(seen, patcher))
             # The patcher's hooks run before the profiler's: a model edited at its first call
             # is registered by the profiler as edited (a bf16 weight is a parameter).
             stack.enter_context(patcher)
@@ -186,6 +189,7 @@ class _Patcher:
         self.state: SimState | None = None
         self.autocast_stack: list[Any] = []
         self.pending_optimizer = False
+        self.scaler: torch.amp.GradScaler | None = None
         self._handles: list[Any] = []
 
     def __enter__(self) -> _Patcher:
@@ -270,20 +274,49 @@ class _Patcher:
         self.state = state
         self.seen.applied = True
         new_params = [[id(p) for p in g["params"]] for g in state.param_groups] != before
-        if state.make_optimizer is None and not new_params:
-            return
-        if optimizer is None:
-            self.pending_optimizer = True
-            return
-        groups = [g for g in state.param_groups if g["params"]]
-        if state.make_optimizer is not None:
-            replacement = state.make_optimizer(groups)
-        else:
-            assert state.optimizer_class is not None
-            replacement = state.optimizer_class(
-                groups, **_accepted(state.optimizer_class, state.defaults)
-            )
-        _take_place(optimizer, replacement)
+        if state.make_optimizer is not None or new_params:
+            if optimizer is None:
+                self.pending_optimizer = True
+            else:
+                groups = [g for g in state.param_groups if g["params"]]
+                if state.make_optimizer is not None:
+                    replacement = state.make_optimizer(groups)
+                else:
+                    assert state.optimizer_class is not None
+                    replacement = state.optimizer_class(
+                        groups, **_accepted(state.optimizer_class, state.defaults)
+                    )
+                _take_place(optimizer, replacement)
+        if state.grad_scaler:
+            if optimizer is None:
+                raise RuntimeError(
+                    "the change steps the optimizer through a GradScaler, but the script built "
+                    "its optimizer after the model's first forward, too late to wrap its step"
+                )
+            self.scaler = torch.amp.GradScaler(_device_type(model))
+            _step_through(optimizer, self.scaler)
+
+
+def _step_through(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Make the script's ``optimizer.step()`` run as ``scaler.step(optimizer)`` followed by
+    ``scaler.update()``: the gradients unscaled in place, the step skipped when they overflowed.
+    ``scaler.step`` calls ``optimizer.step`` back, which then runs the real step."""
+    real = optimizer.step
+    inside = False
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside
+        if inside:
+            return real(*args, **kwargs)
+        inside = True
+        try:
+            result = scaler.step(optimizer, *args, **kwargs)
+        finally:
+            inside = False
+        scaler.update()
+        return result
+
+    optimizer.step = step  # type: ignore[method-assign]
 
 
 def _take_place(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
@@ -323,13 +356,16 @@ def _device_type(module: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _record_losses(seen: _Observed) -> Iterator[None]:
-    """Record the value of every scalar ``.backward()`` is called on."""
+def _record_losses(seen: _Observed, patcher: _Patcher | None = None) -> Iterator[None]:
+    """Record the value of every scalar ``.backward()`` is called on (and, when the change
+    adds a GradScaler, run the backward on the scaled loss)."""
     original = torch.Tensor.backward
 
     def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.numel() == 1:
             seen.losses.append(float(self.detach().float()))
+            if patcher is not None and patcher.scaler is not None:
+                return original(patcher.scaler.scale(self), *args, **kwargs)
         return original(self, *args, **kwargs)
 
     torch.Tensor.backward = backward  # type: ignore[method-assign]

@@ -99,6 +99,7 @@ class SimState:
     param_groups: list[dict[str, Any]]  # hyperparameters per group, with "params" (copies)
     defaults: dict[str, Any] = field(default_factory=dict)
     autocast: torch.dtype | None = None
+    grad_scaler: bool = False  # scale the loss, unscale and step through torch.amp.GradScaler
     cast_batch: torch.dtype | None = None
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
     wrap_step: list[Callable[[StepFn], StepFn]] = field(default_factory=list)
@@ -176,10 +177,12 @@ def run(
         loss_of = wrap(loss_of)
     training = state.optimizer_class is not None or state.make_optimizer is not None
 
+    device = _device_type(model)
+
     def autocast() -> contextlib.AbstractContextManager[Any]:
         if state.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=state.autocast)
+        return torch.autocast(device, dtype=state.autocast)
 
     with torch.no_grad(), autocast():
         model.eval()
@@ -197,6 +200,7 @@ def run(
             except TypeError:
                 optimizer = state.optimizer_class(groups)  # type: ignore[call-arg]
     last = None
+    scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
     with memprof.profile(model, optimizer) as prof:
         for _ in range(workload.steps):
             if optimizer is None:
@@ -205,8 +209,13 @@ def run(
             else:
                 with autocast():
                     loss = loss_of(model, batch)
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:  # skips the step when the scaled gradients overflowed
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             last = float(loss.detach().float())
             del loss
@@ -222,6 +231,12 @@ def run(
     return Measurement(
         int(profile.peak().total_bytes), step_time, out_drift, loss_drift, last, profile, outputs
     )
+
+
+def _device_type(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor | None) -> float | None:
