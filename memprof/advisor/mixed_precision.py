@@ -40,9 +40,10 @@ CUDA, autocast's fp32 list also covers softmax (eager attention) and pow/exp (ta
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,20 +83,29 @@ class ForwardLayout:
     segments: list[Segment]
     model_bytes: float  # what the model's forward saved (the sum of the segments' baselines)
     loss_bytes: float  # L: what the loss saved after it (fp32 log-probabilities)
+    _starts: list[float] = field(init=False, repr=False, compare=False)
+    _before: list[float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        starts, before, base, changed = [], [], 0.0, 0.0
+        for seg in self.segments:
+            starts.append(base)
+            before.append(changed)
+            base += seg.baseline
+            changed += seg.changed
+        object.__setattr__(self, "_starts", starts)
+        object.__setattr__(self, "_before", before)
 
     def activation(self, a: float) -> float:
         """Activation bytes under the change when the fp32 profile had ``a`` live: the
         segments saved first, each in part or whole (a zero-width one, a 16-bit copy made
         with no fp32 counterpart, counts once anything saved after it is live)."""
-        out, cum = 0.0, 0.0
-        for seg in self.segments:
-            if a <= cum:
-                break
-            if seg.baseline > 0:
-                out += min(1.0, (a - cum) / seg.baseline) * seg.changed
-                cum += seg.baseline
-            else:
-                out += seg.changed
+        out = 0.0
+        n = bisect.bisect_left(self._starts, a)  # the segments started below ``a``
+        if n:
+            last = self.segments[n - 1]
+            part = min(1.0, (a - self._starts[n - 1]) / last.baseline) if last.baseline else 1.0
+            out = self._before[n - 1] + part * last.changed
         rest = max(0.0, a - self.model_bytes)
         loss = min(rest, self.loss_bytes)
         return out + loss + 0.5 * (rest - loss)
