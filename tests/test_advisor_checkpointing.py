@@ -1,0 +1,191 @@
+"""The checkpointing prediction's terms, checked against the baseline profile's own numbers.
+
+GIVEN a baseline profile, WHEN the checkpointing plan is read from it, THEN what each block
+frees is its ``activation_total`` less what stays live: its input when the profile charged
+that input to the block (its first layer saved it), and its output when the next block's
+first layer saved nothing, i.e. the next block's input was charged to this one. The
+predicted peak is the baseline's sample inside the recomputed block's backward (its
+recomputed activations and its backward temporaries together) less what the blocks before it
+free. And the simulation drops a transformers key/value cache for checkpointed blocks, as
+transformers' own gradient checkpointing does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from memprof.advisor import changes_for, read_facts
+from memprof.advisor.checkpointing import plan_blocks, wrap
+from memprof.advisor.workload import Workload, baseline, seeded, simulate
+
+
+def _cnn() -> Workload:
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    model = nn.Sequential(
+        block(3, 16),
+        block(16, 16),
+        block(16, 16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return Workload(model, opt, (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), steps=2)
+
+
+def _wide() -> Workload:
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(128, 128), nn.GELU()) for _ in range(4)]
+    model = nn.Sequential(*blocks, nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return Workload(model, opt, (torch.randn(1024, 128), torch.randint(0, 10, (1024,))), steps=2)
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _measured(name: str) -> Any:
+    if name not in _CACHE:
+        w = {"cnn": _cnn, "wide": _wide}[name]()
+        with seeded():
+            _CACHE[name] = (w, baseline(w))
+    return _CACHE[name]
+
+
+def _row(facts: Any, module: str) -> dict[str, Any]:
+    return next(r for r in facts.module_rows() if r["module"] == module)
+
+
+def test_conv_blocks_keep_the_previous_blocks_output() -> None:
+    """Conv -> BN -> ReLU blocks: the ReLU saved its output, which the next block's convolution
+    needs (its first layer's own activation is 0: the input was charged to the ReLU)."""
+    _w, ref = _measured("cnn")
+    facts = read_facts(ref.profile)
+    _names, _dropped, _kept, _recompute, order = plan_blocks(facts, 1.0)
+    freed = dict(order)
+    assert _row(facts, "1.0")["activation"] == 0 and _row(facts, "2.0")["activation"] == 0
+    for block, output in (("0", "0.2"), ("1", "1.2")):
+        expected = _row(facts, block)["activation_total"] - _row(facts, output)["activation"]
+        assert freed[block] == expected > 0
+    # the last block's output goes to the pool, which saves nothing: all of it is freed
+    assert freed["2"] == _row(facts, "2")["activation_total"]
+
+
+def test_cnn_peak_is_the_last_blocks_recompute_over_the_earlier_blocks_leftovers() -> None:
+    w, ref = _measured("cnn")
+    facts = read_facts(ref.profile)
+    change = next(c for c in changes_for(facts) if c.technique == "checkpointing" and c.applicable)
+    _names, _dropped, _kept, _recompute, order = plan_blocks(facts, 1.0)
+    freed = dict(order)
+    peak = ref.profile.peak()
+    assert peak.phase == "backward" and peak.module.startswith("2.")
+    # the baseline's peak sits in block 2's backward; blocks 0 and 1 only free what they leave
+    assert change.predicted_peak == peak.total_bytes - freed["0"] - freed["1"]
+    with seeded():
+        m = simulate(w, [change.apply], ref)
+    assert abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes <= 0.01
+    # measured: block 2's recomputed activations are temporaries, the kept inputs activations
+    at_peak = m.profile.peak()
+    assert at_peak.module.startswith("2.")
+    kept = _row(facts, "0.2")["activation"] + _row(facts, "1.2")["activation"]
+    assert at_peak.by_category["activation"] == pytest.approx(kept, abs=2048)
+
+
+def test_linear_blocks_own_their_input() -> None:
+    """Linear -> GELU blocks: each Linear saved its input (charged to its block), so a block
+    frees ``activation_total`` less that input and nothing of the previous block stays."""
+    _w, ref = _measured("wide")
+    facts = read_facts(ref.profile)
+    _names, _dropped, _kept, _recompute, order = plan_blocks(facts, 1.0)
+    freed = dict(order)
+    assert freed["0"] == _row(facts, "0")["activation_total"]  # its input is the batch
+    for block in ("1", "2", "3"):
+        own = _row(facts, f"{block}.0")["activation"]
+        assert own > 0
+        assert freed[block] == _row(facts, block)["activation_total"] - own
+
+
+class _Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.seen: list[Any] = []
+
+    def forward(self, x: torch.Tensor, cache: Any = None, *, past: Any = None) -> torch.Tensor:
+        self.seen.append((cache, past))
+        return self.linear(x).relu()
+
+
+def test_wrap_drops_a_transformers_cache_only_when_recomputation_would_run() -> None:
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    cache = cache_utils.DynamicCache()
+    module = _Recorder()
+    wrap(module)
+    x = torch.randn(2, 4, requires_grad=True)
+    module(x, cache, past=cache).sum().backward()
+    assert module.seen and all(seen == (None, None) for seen in module.seen)
+    module.seen.clear()
+    with torch.no_grad():  # no checkpoint, no recompute: the cache is passed on
+        module(x, cache, past=cache)
+    assert module.seen == [(cache, cache)]
+
+
+def test_wrap_keeps_the_cache_of_layers_that_only_read_it() -> None:
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    cache = cache_utils.DynamicCache()
+    module = _Recorder()
+    module._can_checkpoint_with_cache = True  # type: ignore[assignment]
+    wrap(module)
+    module(torch.randn(2, 4, requires_grad=True), cache).sum().backward()
+    assert module.seen[0] == (cache, None)
+
+
+def test_wrap_leaves_other_arguments_alone() -> None:
+    module = _Recorder()
+    wrap(module)
+    marker = {"not": "a cache"}
+    module(torch.randn(2, 4, requires_grad=True), marker).sum().backward()
+    assert module.seen[0] == (marker, None)
+
+
+def test_gpt2_recompute_leaves_no_second_cache_copy_behind() -> None:
+    """GPT-2 with ``use_cache`` on (its config's default): with the cache passed to the
+    checkpointed blocks, the recompute appended each block's keys and values to it again and the
+    cache, held by the checkpoints' saved arguments, kept those copies and every block's kept
+    input alive to the end of backward (+1 MiB, 13% above the prediction). Without it, at the
+    peak in the first block's backward only that block's kept input is an activation, and the
+    prediction is within the 5% of the issue."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.config.use_cache
+    ids = torch.randint(0, 128, (8, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    w = Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
+    with seeded():
+        ref = baseline(w)
+    facts = read_facts(ref.profile)
+    change = next(c for c in changes_for(facts) if c.technique == "checkpointing" and c.applicable)
+    assert change.options["modules"] and len(change.options["modules"]) == 2
+    with seeded():
+        m = simulate(w, [change.apply], ref)
+    peak = m.profile.peak()
+    assert peak.phase == "backward" and peak.module.startswith("transformer.h.0.")
+    assert not any(k.startswith("transformer.h.1") and "activation" in v
+                   for k, v in peak.by_module.items())  # fmt: skip
+    assert not any(k.startswith("transformer.h.1") and "temporary" in v
+                   for k, v in peak.by_module.items())  # fmt: skip
+    assert change.predicted_peak is not None
+    assert abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes <= 0.05
