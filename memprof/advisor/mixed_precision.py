@@ -114,6 +114,15 @@ class ForwardLayout:
         return self.loss_bytes > 0 and a > self.model_bytes
 
 
+def target_device(facts: Facts) -> str:
+    """``cuda`` or ``cpu``: where the profiled step ran (or, for a FakeTensorMode estimate, the
+    device it modelled); autocast's op lists and dropout's masks depend on it."""
+    device = facts.profile.device
+    if device.kind == "fake":
+        return "cuda" if "cuda" in device.name else "cpu"
+    return device.kind
+
+
 def _types(facts: Facts) -> dict[str, str]:
     return {str(r["module"]): str(r["type"]) for r in facts.module_rows()}
 
@@ -250,7 +259,7 @@ def _loss_scratch(layout: ForwardLayout, s: Sample) -> float:
 def autocast_transform(facts: Facts, layout: ForwardLayout | None = None) -> Transform:
     """Activations rewritten per saved segment; forward and backward scratch halves (16-bit
     intermediates) except the loss's, which is fp32."""
-    lay = layout or autocast_layout(facts, facts.profile.device.kind)
+    lay = layout or autocast_layout(facts, target_device(facts))
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -280,7 +289,7 @@ def grad_scaler_transform(facts: Facts, layout: ForwardLayout | None = None) -> 
 
 def pure_bf16_transform(facts: Facts) -> Transform:
     keep_input = 1.0 - 0.5 * facts.float_input_fraction
-    lay = pure_layout(facts, facts.profile.device.kind)
+    lay = pure_layout(facts, target_device(facts))
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -318,7 +327,7 @@ def _matmul_weight_bytes(facts: Facts) -> float:
 
 def predict(facts: Facts) -> list[Change]:
     """Autocast bf16, autocast fp16 + GradScaler, and pure bf16 (weights and states)."""
-    device = facts.profile.device.kind
+    device = target_device(facts)
     lay = autocast_layout(facts, device)
     loss = lay.loss_bytes
     masks = "CUDA's dropout masks (bool), " if device == "cuda" else ""
