@@ -1,6 +1,6 @@
 """Mixed precision: autocast (bf16, or fp16 with a GradScaler) and pure bf16 training.
 
-What the predictions model (DESIGN.md), all of it read from the fp32 profile:
+What the predictions model, all of it read from the fp32 profile:
 
 - **Saved activations, in the order the forward saved them.** Backward frees saved tensors in
   the reverse order, so the activation bytes live at any sample are the first ones the forward
