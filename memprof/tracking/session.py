@@ -449,7 +449,7 @@ class Profiler:
     # the events backend leaves a marker (or buffers the facts for the next one) and applies at
     # replay, in time order with the allocation events, with :class:`Facts`.
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
-        if not self._live_recording:
+        if not self._live_recording or _compiling():
             return
         self._forwards_in_step += 1
         recompute = _graph_task_id() != -1  # checkpointing runs this forward again in backward
@@ -487,7 +487,7 @@ class Profiler:
         ledger.sample()
 
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._live_recording:
+        if not self._live_recording or _compiling():
             return
         events = self._events
         idx = self.registry.index.get(module)
@@ -784,6 +784,14 @@ class Profiler:
             for key, values in chunk.items():
                 timeline[key].extend(values)
         warnings_ = list(self._warnings)
+        compiled = [i.name for i in self.registry.infos if i.type == "OptimizedModule"]
+        if compiled:
+            warnings_.append(
+                f"torch.compile: {', '.join(repr(n) for n in compiled)} ran compiled; the memory "
+                "of its compiled regions is charged to that row (the modules inside them run "
+                "no hooks, so they are not seen one by one). Profile without torch.compile for "
+                "per-layer numbers."
+            )
         leak = _leak_warning(self._steps)
         if leak:
             warnings_.append(leak)
@@ -893,6 +901,12 @@ class _BackwardEnter:
 
 class MemoryLeakWarning(UserWarning):
     """Live memory between steps kept growing."""
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call. The hooks then leave nothing in the graph
+    (no graph break either): the compiled region's memory goes to the module that called it."""
+    return torch.compiler.is_compiling()
 
 
 def _auto_backend() -> Literal["events", "dispatch"]:
