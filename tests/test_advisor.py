@@ -192,24 +192,7 @@ def test_8bit_optimizer_states_within_10pct(model: str) -> None:
     assert m.loss_drift is not None and m.loss_drift < 0.05
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        "wide",
-        pytest.param(
-            "gpt2",
-            marks=pytest.mark.xfail(
-                strict=True, reason="known: 13.5% (recompute transients in backward not modelled)"
-            ),
-        ),
-        pytest.param(
-            "cnn",
-            marks=pytest.mark.xfail(
-                strict=True, reason="known: recompute transients in backward not modelled"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("model", ["wide", "gpt2", "cnn"])
 def test_checkpointing_within_5pct(model: str) -> None:
     w, ref = measured(model, MODELS[model])
     facts = read_facts(ref.profile)

@@ -159,7 +159,7 @@ def test_backward_hook_handles_do_not_pile_up_over_steps() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:Using `torch.compile(module)` when there are global hooks")
+@pytest.mark.filterwarnings(r"ignore:Using `torch\.compile\(module\)` when there are global hooks")
 def test_torch_compile_runs_unchanged_under_the_profile() -> None:
     """torch.compile traces the global module hooks: they must leave nothing in its graph
     (dynamo used to fail on the registry's weak dictionary). Results stay bitwise equal."""
