@@ -116,6 +116,9 @@ class Recorder final : public ProfilerStateBase {
 };
 
 std::shared_ptr<Recorder> g_recorder;            // owned here while recording
+// Stopped recorders are kept (empty, ~100 bytes each): a callback on another thread that read
+// g_active just before stop() may still append to one.
+std::vector<std::shared_ptr<Recorder>> g_retired;
 int g_saved_log_level = 0;
 std::atomic<Recorder*> g_active{nullptr};        // what the callbacks read, from any thread
 at::CallbackHandle g_node_callback = 0;
@@ -170,6 +173,7 @@ py::bytes stop() {
   // else: something pushed its own state above the recorder and left it there; the recorder
   // stays below it, inert (g_active is null), until the thread's debug info lets it go.
   py::bytes rest = g_recorder->drain();
+  g_retired.push_back(std::move(g_recorder));
   g_recorder.reset();
   FLAGS_caffe2_log_level = g_saved_log_level;
   return rest;
