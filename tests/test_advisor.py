@@ -194,9 +194,6 @@ def test_prune_remove_saves_nothing() -> None:
     assert abs(m.peak_bytes - ref.peak_bytes) <= 0.02 * ref.peak_bytes
 
 
-@pytest.mark.xfail(
-    strict=False, reason="borderline: 9.9-10.6% between runs (hidden-unit transients not modelled)"
-)
 def test_structured_pruning_builds_a_narrower_model_within_10pct() -> None:
     _change, m, ref = check(
         "mlp", mlp_workload, "pruning", 0.10, method="structured (hidden units of Linear pairs)"

@@ -119,9 +119,11 @@ def _row_pairs(facts: Facts) -> list[tuple[dict[str, Any], dict[str, Any], list[
 def structured_transform(facts: Facts, keep: float) -> Transform:
     removed_p = 0.0
     removed_act = 0.0
+    narrowed: set[str] = set()  # modules whose work is as wide as the pruned hidden units
     for first, second, between in _row_pairs(facts):
         removed_p += (1 - keep) * (float(first["parameter"]) + float(second["parameter"]))
         removed_act += (1 - keep) * sum(float(b["activation"]) for b in between)
+        narrowed.update(str(r["module"]) for r in (first, second, *between))
     p = float(facts.parameter_bytes) or 1.0
     frac = removed_p / p
     peak_act = max((s["activation"] for s in facts.samples), default=0.0)
@@ -134,6 +136,10 @@ def structured_transform(facts: Facts, keep: float) -> Transform:
         out["activation"] = s["activation"] * act_ratio
         if s["phase"] == "optimizer":
             out["temporary"] = s["temporary"] * (1 - frac)
+        elif s.get("module") in narrowed:
+            # Inside a pruned pair, forward and backward scratch (the hidden activations'
+            # gradients, the weight gradient being formed) is as wide as the hidden units.
+            out["temporary"] = s["temporary"] * keep
         return out
 
     return transform
