@@ -6,7 +6,7 @@ baseline profile and the measurement applies the change to a copy and profiles i
 accelerate's ``estimate-memory`` rule for the same run: the weights' bytes in the dtype the
 change leaves them in, times 4 for Adam training (accelerate's "training = 4 x weights").
 
-Run: ``python benchmarks/advisor_accuracy.py`` (about 2-4 minutes on 2 CPU cores).
+Run: ``python benchmarks/advisor_accuracy.py`` (under a minute on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from test_advisor import cnn_workload, mlp_workload
 
-from memprof.advisor import changes_for, read_facts
-from memprof.advisor.workload import Workload, baseline, seeded, simulate
+from memprof.advisor import batch, changes_for, read_facts
+from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
 from memprof.units import format_bytes
 
 TARGET = {
@@ -71,6 +71,26 @@ def accelerate_rule(model: nn.Module, options: dict[str, object]) -> int:
     return 4 * weights
 
 
+def _row(model: str, technique: str, options: str, predicted: int, measured: int,
+         accelerate: int) -> tuple[str, str, str, int, int, float, float]:
+    return (model, technique, options, predicted, measured,
+            100 * abs(predicted - measured) / measured, 100 * abs(accelerate - measured) / measured)
+
+
+def _batch_predictions(workload: Workload, ref: Measurement) -> list[tuple[int, int, str]]:
+    """(predicted, measured, options) for twice the workload's batch, from the fit at 1/2 and 1x."""
+    size = batch.batch_size(workload.batch)
+    if size is None or size < 2:
+        return []
+    half = size // 2
+    with seeded():
+        small = simulate(workload, [], ref, batch=batch.resize(workload.batch, half, size))
+    fit = batch.BatchFit.from_profiles((half, small.profile), (size, ref.profile))
+    with seeded():
+        large = simulate(workload, [], ref, batch=batch.resize(workload.batch, 2 * size, size))
+    return [(fit.peak(2 * size), large.peak_bytes, f"batch={2 * size} (fit at {half}, {size})")]
+
+
 def main() -> None:
     rows = []
     for name, factory in (
@@ -90,17 +110,14 @@ def main() -> None:
                 m = simulate(workload, [change.apply], ref)
             opts = ", ".join(f"{k}={v}" for k, v in change.options.items() if k != "modules")
             acc = accelerate_rule(workload.model, change.options)
-            rows.append(
-                (
-                    name,
-                    change.technique,
-                    opts,
-                    change.predicted_peak,
-                    m.peak_bytes,
-                    100 * abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes,
-                    100 * abs(acc - m.peak_bytes) / m.peak_bytes,
-                )
-            )
+            rows.append(_row(name, change.technique, opts, change.predicted_peak, m.peak_bytes,
+                             acc))
+        # Batch size: the advisor fits a line per phase through two measured batches (the
+        # workload's and half of it) and predicts twice the batch, measured independently.
+        for fitted in _batch_predictions(workload, ref):
+            predicted, measured, opts = fitted
+            acc = accelerate_rule(workload.model, {})  # weights only: the batch plays no part
+            rows.append(_row(name, "batch", opts, predicted, measured, acc))
     header = (
         "model",
         "technique",
