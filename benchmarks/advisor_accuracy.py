@@ -19,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_advisor import cnn_workload, mlp_workload
+from workloads import cnn_workload, mlp_workload
 
 from memprof.advisor import batch, changes_for, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate

@@ -15,86 +15,18 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from workloads import (
+    cnn_workload,
+    gpt2_workload,
+    measured,
+    mlp_workload,
+    wide_mlp_workload,
+)
 
 from memprof.advisor import Advice, Workload, advise, changes_for, read_facts
 from memprof.advisor.core import Change
 from memprof.advisor.workload import Measurement, baseline, seeded, simulate
 from memprof.errors import BudgetError, UnknownGPUError
-from memprof.profile import Profile
-
-
-def mlp_workload() -> Workload:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 256),
-        nn.ReLU(),
-        nn.Linear(256, 256),
-        nn.ReLU(),
-        nn.Linear(256, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return Workload(model, opt, (torch.randn(128, 64), torch.randint(0, 10, (128,))), steps=2)
-
-
-def wide_mlp_workload() -> Workload:
-    """Activation-heavy (large batch): the peak is in backward, where checkpointing acts."""
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(128, 128), nn.GELU()) for _ in range(4)]
-    model = nn.Sequential(*blocks, nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return Workload(model, opt, (torch.randn(1024, 128), torch.randint(0, 10, (1024,))), steps=2)
-
-
-def cnn_workload() -> Workload:
-    torch.manual_seed(0)
-
-    def block(cin: int, cout: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-    model = nn.Sequential(
-        block(3, 16),
-        block(16, 16),
-        block(16, 16),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return Workload(model, opt, (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), steps=2)
-
-
-def gpt2_workload() -> Workload:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=2,
-        vocab_size=128,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 128, (8, 64))
-    return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
-
-
-_CACHE: dict[str, tuple[Workload, Measurement, Profile]] = {}
-
-
-def measured(name: str, factory: Callable[[], Workload]) -> tuple[Workload, Measurement]:
-    if name not in _CACHE:
-        w = factory()
-        with seeded():
-            ref = baseline(w)
-        _CACHE[name] = (w, ref, ref.profile)
-    w, ref, _ = _CACHE[name]
-    return w, ref
 
 
 def pick(changes: list[Change], technique: str, **options: Any) -> Change:

@@ -17,47 +17,15 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from workloads import cnn_workload, measured, wide_mlp_workload
 
 from memprof.advisor import changes_for, read_facts
 from memprof.advisor.checkpointing import plan_blocks, wrap
 from memprof.advisor.workload import Workload, baseline, seeded, simulate
 
 
-def _cnn() -> Workload:
-    torch.manual_seed(0)
-
-    def block(cin: int, cout: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-    model = nn.Sequential(
-        block(3, 16),
-        block(16, 16),
-        block(16, 16),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return Workload(model, opt, (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), steps=2)
-
-
-def _wide() -> Workload:
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(128, 128), nn.GELU()) for _ in range(4)]
-    model = nn.Sequential(*blocks, nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return Workload(model, opt, (torch.randn(1024, 128), torch.randint(0, 10, (1024,))), steps=2)
-
-
-_CACHE: dict[str, Any] = {}
-
-
 def _measured(name: str) -> Any:
-    if name not in _CACHE:
-        w = {"cnn": _cnn, "wide": _wide}[name]()
-        with seeded():
-            _CACHE[name] = (w, baseline(w))
-    return _CACHE[name]
+    return measured(name, {"cnn": cnn_workload, "wide": wide_mlp_workload}[name])
 
 
 def _row(facts: Any, module: str) -> dict[str, Any]:

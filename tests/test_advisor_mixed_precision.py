@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from torch import nn
+from workloads import gpt2_workload, wide_mlp_workload
 
 from memprof.advisor import Workload, changes_for, read_facts
 from memprof.advisor import mixed_precision as mp
@@ -35,28 +36,6 @@ def mlp_workload() -> Workload:
     return Workload(model, opt, (torch.randn(128, 64), torch.randint(0, 10, (128,))), steps=2)
 
 
-def wide_workload() -> Workload:
-    """Activation-heavy: the peak is in backward, where the saved tensors' dtypes matter."""
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(128, 128), nn.GELU()) for _ in range(4)]
-    model = nn.Sequential(*blocks, nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return Workload(model, opt, (torch.randn(1024, 128), torch.randint(0, 10, (1024,))), steps=2)
-
-
-def gpt2_workload() -> Workload:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 128, (8, 64))
-    return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
-
-
 def dropout_workload() -> Workload:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.5), nn.Linear(64, 4))
@@ -66,7 +45,7 @@ def dropout_workload() -> Workload:
 
 MODELS: dict[str, Callable[[], Workload]] = {
     "mlp": mlp_workload,
-    "wide": wide_workload,
+    "wide": wide_mlp_workload,
     "gpt2": gpt2_workload,
     "dropout": dropout_workload,
 }
