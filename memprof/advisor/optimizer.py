@@ -1,4 +1,5 @@
-"""Optimizer choice: AdamW to SGD with momentum, plain SGD, 8-bit AdamW states.
+"""Optimizer choice: AdamW to SGD with momentum, plain SGD, Adafactor, 8-bit AdamW states, and
+the per-tensor loop instead of the foreach implementation.
 
 Bytes of state per parameter element (DESIGN.md): AdamW 8 (two fp32 moments), SGD momentum 4,
 plain SGD 0, 8-bit AdamW 2 plus one fp32 scale per 2048-element block and moment.
@@ -6,6 +7,17 @@ Scratch: torch's foreach AdamW allocates temporaries about the size of the param
 ``step()`` (measured 0.97-1.31x on CPU); SGD with weight decay allocates ``grad + wd * param``:
 all gradients at once with foreach (CUDA's default), one tensor at a time on CPU; the
 per-tensor 8-bit step a few chunks. The optimizer phase's temporaries are rescaled accordingly.
+
+Adafactor (``torch.optim.Adafactor``) keeps, per tensor of two or more dimensions, a row and a
+column second-moment factor (rows + columns elements per matrix) and a full second moment for
+vectors, plus a step counter; no first moment. Its step allocates the full variance estimate
+(``row_var @ col_var``): one tensor at a time with the per-tensor loop (CPU's default), every
+parameter's at once with foreach (CUDA's default). Both need the profile's parameter shapes
+(``optimizers[0]["parameter_shapes"]``, recorded since memprof 0.1).
+
+Foreach vs per-tensor loop: torch's foreach Adam/AdamW runs each elementwise stage over all
+tensors at once, so its scratch is about the size of all parameters; the per-tensor loop's is
+that of the largest tensor, twice (``exp_avg_sq.sqrt()`` and its division live together).
 
 8-bit AdamW here is an *emulation* of bitsandbytes' AdamW8bit: moments are stored as int8
 (first moment, signed) and uint8 (second moment) with one fp32 absmax scale per 2048-element
@@ -158,6 +170,136 @@ def sgd_decay_scratch(facts: Facts) -> float:
     return float(max((r["parameter"] for r in facts.module_rows()), default=0))
 
 
+def parameter_shapes(facts: Facts) -> list[list[int]] | None:
+    """The trained tensors' shapes (None for profiles that did not record them)."""
+    if not facts.profile.optimizers:
+        return None
+    shapes = facts.profile.optimizers[0].get("parameter_shapes")
+    return [list(map(int, s)) for s in shapes] if shapes is not None else None
+
+
+def _bytes_per_element(facts: Facts) -> float:
+    opt = facts.profile.optimizers[0] if facts.profile.optimizers else {}
+    elements = float(opt.get("num_parameters", 0) or 0)
+    return float(facts.parameter_bytes) / elements if elements else 4.0
+
+
+def largest_tensor_bytes(facts: Facts) -> float:
+    """The largest trained tensor's bytes (from its shape; else the largest module's params)."""
+    shapes = parameter_shapes(facts)
+    if shapes:
+        return max(math.prod(s) for s in shapes) * _bytes_per_element(facts)
+    return float(max((r["parameter"] for r in facts.module_rows()), default=0))
+
+
+def adafactor_state_bytes(shapes: list[list[int]], itemsize: float) -> float:
+    """Adafactor's persistent state: factored second moments for matrices (rows + columns per
+    matrix, for each leading index), a full one for vectors, and a 4-byte step per tensor."""
+    total = 0.0
+    for shape in shapes:
+        if len(shape) >= 2:
+            total += math.prod(shape[:-2]) * (shape[-2] + shape[-1]) * itemsize
+        else:
+            total += math.prod(shape) * itemsize
+        total += 4
+    return total
+
+
+def uses_foreach(facts: Facts) -> bool:
+    """Whether the profiled optimizer ran torch's foreach implementation."""
+    d = facts.optimizer_defaults
+    if d.get("fused"):
+        return False
+    if d.get("foreach") is not None:
+        return bool(d["foreach"])
+    return facts.profile.device.kind == "cuda"  # torch's default: foreach on CUDA tensors
+
+
+def _replace_transform(facts: Facts, state_bytes: float, scratch: float) -> Transform:
+    """The optimizer's state becomes ``state_bytes`` in all and its step's scratch
+    ``scratch`` (the profiled step's own temporaries go)."""
+    opt = facts.profile.optimizers[0]
+    current = float(opt.get("state_bytes", 0) or 0)
+    ratio = state_bytes / current if current else 1.0
+
+    def transform(s: Sample) -> Sample:
+        out = dict(s)
+        out["optimizer_state"] = s["optimizer_state"] * ratio
+        if s["phase"] == "optimizer":
+            out["temporary"] = scratch
+        return out
+
+    return transform
+
+
+def _adafactor(facts: Facts) -> Change | None:
+    """The Adafactor row (None where it would keep more state than the profiled optimizer)."""
+    options = {"from": current_kind(facts), "to": "Adafactor"}
+    if not hasattr(torch.optim, "Adafactor"):
+        return not_applicable("optimizer", options, "torch.optim.Adafactor needs torch 2.5+",
+                              group="optimizer")
+    shapes = parameter_shapes(facts)
+    if shapes is None:
+        return not_applicable("optimizer", options, "the profile has no parameter shapes "
+                              "(re-profile with this memprof)", group="optimizer")
+    itemsize = _bytes_per_element(facts)
+    state = adafactor_state_bytes(shapes, itemsize)
+    if state >= float(facts.profile.optimizers[0].get("state_bytes", 0) or 0):
+        return None
+    foreach = facts.profile.device.kind == "cuda"
+    scratch = float(facts.parameter_bytes) if foreach else largest_tensor_bytes(facts)
+    return Change(
+        "optimizer",
+        options,
+        f"optimizer_state {state:.0f} B: row + column second moments per matrix, full ones for "
+        f"{sum(1 for s in shapes if len(s) < 2)} vectors, a step per tensor (from the "
+        f"{len(shapes)} parameter shapes); step scratch = the variance estimate of "
+        f"{'every parameter (foreach)' if foreach else 'the largest tensor (per-tensor loop)'}",
+        transform=_replace_transform(facts, state, scratch),
+        apply=_make("Adafactor", facts.optimizer_defaults),
+        caveats=["no first moment and relative step sizes: retune the learning rate; "
+                 "quality varies by model"],
+        quality_cost=0.3,
+        speed_cost=0.05,
+        training_only=True,
+        group="optimizer",
+    )
+
+
+def _per_tensor_loop(facts: Facts) -> Change:
+    kind = current_kind(facts)
+    options = {"from": f"{kind} foreach", "to": f"{kind} foreach=False"}
+    if kind not in ("Adam", "AdamW"):
+        return not_applicable("optimizer", options, f"no scratch model for {kind}",
+                              group="optimizer")
+    if not uses_foreach(facts):
+        reason = ("the profiled step is fused (little scratch)" if facts.optimizer_defaults.get(
+            "fused") else "the profiled step already runs the per-tensor loop (torch's default "
+                         "on CPU)")
+        return not_applicable("optimizer", options, reason, group="optimizer")
+    scratch = 2 * largest_tensor_bytes(facts)
+    state = float(facts.profile.optimizers[0].get("state_bytes", 0) or 0)
+
+    def apply(st: SimState) -> None:
+        st.defaults = {**st.defaults, "foreach": False}
+        for g in st.param_groups:
+            g["foreach"] = False
+
+    return Change(
+        "optimizer",
+        options,
+        f"the optimizer phase's scratch (foreach: about all parameters at once) becomes twice "
+        f"the largest tensor, {scratch:.0f} B (sqrt and division of one second moment)",
+        transform=_replace_transform(facts, state, scratch),
+        apply=apply,
+        caveats=["same results; the step is slower on GPUs (one kernel per tensor per stage)"],
+        quality_cost=0.0,
+        speed_cost=0.1,
+        training_only=True,
+        group="optimizer",
+    )
+
+
 def _make(target: str, defaults: dict[str, Any]) -> Callable[[SimState], None]:
     lr = float(defaults.get("lr", 1e-3) or 1e-3)
     wd = float(defaults.get("weight_decay", 0.0) or 0.0)
@@ -168,6 +310,8 @@ def _make(target: str, defaults: dict[str, Any]) -> Callable[[SimState], None]:
             return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
         if target == "SGD":
             return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+        if target == "Adafactor":
+            return torch.optim.Adafactor(params, lr=lr, weight_decay=wd)
         betas = tuple(defaults.get("betas", (0.9, 0.999)))
         return AdamW8bit(params, lr=lr, betas=(float(betas[0]), float(betas[1])), weight_decay=wd)
 
@@ -229,4 +373,8 @@ def predict(facts: Facts) -> list[Change]:
                 group="optimizer",
             )
         )
+    adafactor = _adafactor(facts)
+    if adafactor is not None:
+        out.append(adafactor)
+    out.append(_per_tensor_loop(facts))
     return out

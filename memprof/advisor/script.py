@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import io
 import random
 import statistics
@@ -42,7 +41,14 @@ from torch.optim.optimizer import (
 from torch.utils._python_dispatch import _disable_current_modes
 
 from memprof.advisor.core import Change
-from memprof.advisor.workload import Measurement, SimState, _logits, _rel, cast_floats
+from memprof.advisor.workload import (
+    Measurement,
+    SimState,
+    _logits,
+    _rel,
+    accepted_options,
+    cast_floats,
+)
 
 #: Called after each profiled optimizer step with the number of steps done.
 Progress = Callable[[int], None]
@@ -284,7 +290,7 @@ class _Patcher:
                 else:
                     assert state.optimizer_class is not None
                     replacement = state.optimizer_class(
-                        groups, **_accepted(state.optimizer_class, state.defaults)
+                        groups, **accepted_options(state.optimizer_class, state.defaults)
                     )
                 _take_place(optimizer, replacement)
         if state.grad_scaler:
@@ -324,15 +330,6 @@ def _take_place(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
     old.__class__ = type(new)
     old.__dict__.clear()
     old.__dict__.update(new.__dict__)
-
-
-def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The ``options`` that ``cls.__init__`` takes (an optimizer's ``defaults`` can hold
-    keys its constructor does not: AdamW's ``decoupled_weight_decay``)."""
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(options)
-    return {k: v for k, v in options.items() if k in params}
 
 
 def _optimizer_of(model: nn.Module) -> torch.optim.Optimizer | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -142,6 +143,15 @@ def copy_state(workload: Workload, *, batch: Any = None) -> SimState:
     )
 
 
+def accepted_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``cls.__init__`` takes (an optimizer's ``defaults`` can hold
+    keys its constructor does not: AdamW's ``decoupled_weight_decay``)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
 def _clone(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.detach().clone()
@@ -195,10 +205,10 @@ def run(
             optimizer = state.make_optimizer(groups)
         else:
             assert state.optimizer_class is not None
-            try:  # the original's defaults too, so the copy reports the same hyperparameters
-                optimizer = state.optimizer_class(groups, **state.defaults)
-            except TypeError:
-                optimizer = state.optimizer_class(groups)  # type: ignore[call-arg]
+            # the original's defaults too, so the copy reports the same hyperparameters
+            optimizer = state.optimizer_class(
+                groups, **accepted_options(state.optimizer_class, state.defaults)
+            )
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
     with memprof.profile(model, optimizer) as prof:

@@ -707,9 +707,13 @@ class Profiler:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             summary = self._optimizers[id(optimizer)] = {
                 "class": type(optimizer).__name__,
-                "defaults": _json_safe(optimizer.defaults),
+                "defaults": _json_safe(_hyperparameters(optimizer)),
                 "num_parameters": int(sum(p.numel() for p in params)),
                 "parameter_bytes": int(sum(p.untyped_storage().nbytes() for p in params)),
+                # Per trained tensor: what optimizers with shape-dependent state (Adafactor's
+                # factored moments) or per-tensor scratch need to be predicted.
+                "parameter_shapes": [[int(d) for d in p.shape] for p in params],
+                "parameter_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
             }
         summary["state_bytes"] = state_bytes
         return state
@@ -965,6 +969,13 @@ def _leak_warning(steps: list[StepStats]) -> str | None:
             "such as a loss kept with its graph (use loss.item() or loss.detach())"
         )
     return None
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What runs: the first param group's hyperparameters over the optimizer's defaults
+    (a group can differ from them: ``foreach``, ``lr``, ...)."""
+    first = optimizer.param_groups[0] if optimizer.param_groups else {}
+    return {**optimizer.defaults, **{k: v for k, v in first.items() if k != "params"}}
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:

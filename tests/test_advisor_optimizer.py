@@ -1,0 +1,107 @@
+"""The optimizer rows beyond SGD: Adafactor and the per-tensor loop instead of foreach.
+
+GIVEN a profile, WHEN the advisor predicts Adafactor's factored state or the foreach -> loop
+scratch from it, THEN the simulated step agrees within the issue's 5%, at the step's peak and
+in the optimizer phase itself (where these changes act)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from workloads import gpt2_workload, mlp_workload
+
+from memprof.advisor import Workload, changes_for, read_facts
+from memprof.advisor.core import Change
+from memprof.advisor.optimizer import adafactor_state_bytes
+from memprof.advisor.workload import Measurement, baseline, seeded, simulate
+
+_CACHE: dict[str, tuple[Workload, Measurement]] = {}
+
+
+def params_workload() -> Workload:
+    """Parameter-heavy (batch 4): the step's peak stays in the optimizer phase, where these
+    changes act, so the peak checks their state and scratch models."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(512, 512), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return Workload(model, opt, (torch.randn(4, 512), torch.randn(4, 512)), steps=2)
+
+
+def _foreach(factory: Any) -> Workload:
+    w: Workload = factory()
+    w.optimizer = torch.optim.AdamW(w.model.parameters(), lr=1e-3, foreach=True)
+    return w
+
+
+FACTORIES = {
+    "mlp": mlp_workload,
+    "gpt2": gpt2_workload,
+    "params": params_workload,
+    "params-foreach": lambda: _foreach(params_workload),
+    "mlp-foreach": lambda: _foreach(mlp_workload),
+    "gpt2-foreach": lambda: _foreach(gpt2_workload),
+}
+
+
+def _measured(name: str) -> tuple[Workload, Measurement]:
+    if name not in _CACHE:
+        w = FACTORIES[name]()
+        with seeded():
+            _CACHE[name] = (w, baseline(w))
+    return _CACHE[name]
+
+
+def _row(ref: Measurement, to: str) -> Change:
+    return next(c for c in changes_for(read_facts(ref.profile))
+                if c.technique == "optimizer" and c.options.get("to") == to)
+
+
+def test_adafactor_state_is_rows_plus_columns_per_matrix() -> None:
+    # a 256 x 64 matrix: 256 + 64 floats; a 3 x 8 x 16 tensor: 3 x (8 + 16); a 256-vector in
+    # full; 4 bytes of step each
+    shapes = [[256, 64], [3, 8, 16], [256]]
+    assert adafactor_state_bytes(shapes, 4) == 4 * (320 + 72 + 256) + 3 * 4
+
+
+@pytest.mark.parametrize("model", ["params", "mlp", "gpt2"])
+def test_adafactor_within_5pct(model: str) -> None:
+    w, ref = _measured(model)
+    change = _row(ref, "Adafactor")
+    assert change.applicable and change.apply is not None and change.predicted_peak is not None
+    with seeded():
+        m = simulate(w, [change.apply], ref)
+    assert abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes <= 0.05
+    if model == "params":  # the peak is the step's scratch: the state and scratch model
+        assert m.profile.peak().phase == "optimizer"
+    state = m.profile.optimizers[0]["state_bytes"]
+    assert state < 0.05 * ref.profile.optimizers[0]["state_bytes"]  # factored: tiny vs Adam's
+    assert m.loss_drift is not None
+
+
+@pytest.mark.parametrize("model", ["params-foreach", "mlp-foreach", "gpt2-foreach"])
+def test_foreach_to_per_tensor_loop_within_5pct(model: str) -> None:
+    w, ref = _measured(model)
+    assert ref.profile.optimizers[0]["defaults"]["foreach"] is True  # what the group ran
+    change = _row(ref, "AdamW foreach=False")
+    assert change.applicable and change.apply is not None and change.predicted_peak is not None
+    with seeded():
+        m = simulate(w, [change.apply], ref)
+    assert m.profile.optimizers[0]["defaults"]["foreach"] is False
+    assert abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes <= 0.05
+    if model == "params-foreach":
+        assert m.profile.peak().phase == ref.profile.peak().phase == "optimizer"
+        # foreach's scratch spans all 4 weights, the loop's two of one: about 2 weights saved
+        assert ref.peak_bytes - m.peak_bytes > 1.5 * 512 * 512 * 4
+    assert m.loss_drift is not None and m.loss_drift < 1e-4  # same algorithm
+
+
+def test_per_tensor_loop_row_is_not_applicable_where_it_already_runs() -> None:
+    _w, ref = _measured("mlp")  # CPU, foreach unset: torch runs the per-tensor loop
+    change = _row(ref, "AdamW foreach=False")
+    assert not change.applicable
+    assert change.reason is not None and "per-tensor loop" in change.reason
