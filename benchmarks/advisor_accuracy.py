@@ -11,6 +11,7 @@ Run: ``python benchmarks/advisor_accuracy.py`` (under a minute on 2 CPU cores).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -91,6 +92,20 @@ def _batch_predictions(workload: Workload, ref: Measurement) -> list[tuple[int, 
     return [(fit.peak(2 * size), large.peak_bytes, f"batch={2 * size} (fit at {half}, {size})")]
 
 
+def _zero_grad_predictions(workload: Workload) -> list[tuple[int, int, str]]:
+    """(predicted, measured, options) for ``zero_grad(set_to_none=True)``, predicted from a
+    profile of the same loop keeping its gradients (``set_to_none=False``)."""
+    kept = dataclasses.replace(workload, set_to_none=False)
+    with seeded():
+        ref = baseline(kept)
+    change = next(c for c in changes_for(read_facts(ref.profile)) if "zero_grad" in c.options)
+    if not change.applicable or change.apply is None or change.predicted_peak is None:
+        return []
+    with seeded():
+        m = simulate(kept, [change.apply], ref)
+    return [(change.predicted_peak, m.peak_bytes, "zero_grad set_to_none=False -> True")]
+
+
 def main() -> None:
     rows = []
     for name, factory in (
@@ -118,6 +133,9 @@ def main() -> None:
             predicted, measured, opts = fitted
             acc = accelerate_rule(workload.model, {})  # weights only: the batch plays no part
             rows.append(_row(name, "batch", opts, predicted, measured, acc))
+        for predicted, measured, opts in _zero_grad_predictions(workload):
+            rows.append(_row(name, "optimizer", opts, predicted, measured,
+                             accelerate_rule(workload.model, {})))
     header = (
         "model",
         "technique",

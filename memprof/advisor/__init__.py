@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 from memprof.advisor import (
@@ -27,6 +28,7 @@ from memprof.advisor import (
     pruning,
     quantization,
     sharding,
+    zero_grad,
 )
 from memprof.advisor.advice import Advice
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
@@ -38,7 +40,10 @@ from memprof.profile import Profile
 def changes_for(facts: Facts) -> list[Change]:
     """Every technique's candidate changes for this profile, with predicted peaks set."""
     out: list[Change] = []
-    for module in (mixed_precision, quantization, pruning, checkpointing, optimizer, sharding):
+    techniques = (
+        mixed_precision, quantization, pruning, checkpointing, optimizer, zero_grad, sharding
+    )
+    for module in techniques:
         out.extend(module.predict(facts))
     for c in out:
         if c.applicable and c.transform is not None and c.predicted_peak is None:
@@ -106,9 +111,12 @@ def advise(
     """
     if workload is not None and simulator is not None:
         raise ValueError("give a workload or a simulator, not both")
-    if workload is not None:
-        simulator = WorkloadSimulator(workload)
     facts = read_facts(profile)
+    if workload is not None:
+        if workload.set_to_none and zero_grad.gradient_use(facts).kept:
+            # the profiled loop keeps its gradients between steps: so do the simulations
+            workload = dataclasses.replace(workload, set_to_none=False)
+        simulator = WorkloadSimulator(workload)
     changes = changes_for(facts)
     resolved = read_budget(budget)
     base = facts.peak_bytes

@@ -17,7 +17,9 @@ from typing import Any
 from memprof.categories import CATEGORIES
 from memprof.profile import Profile
 
-Sample = dict[str, Any]  # the 8 categories (bytes, float) and "phase"
+#: The 8 categories (bytes, float), "phase", "module" and "after_backward" (the step's
+#: backward has begun).
+Sample = dict[str, Any]
 
 #: Module types whose saved activations autocast makes 16-bit, and whose weights it casts.
 MATMUL_TYPES = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Bilinear"})
@@ -53,15 +55,23 @@ def read_facts(profile: Profile) -> Facts:
     peak = profile.peak()
     timeline = profile.timeline()
     samples: list[Sample] = []
+    backward_steps: set[int] = set()
     for row in timeline.to_dict(orient="records"):
         s: Sample = {c: float(row[c]) for c in CATEGORIES}
         s["phase"] = str(row["phase"])
         s["module"] = str(row["module"])
+        if s["phase"] == "backward":
+            backward_steps.add(int(row["step"]))
+        s["after_backward"] = int(row["step"]) in backward_steps
         samples.append(s)
     samples.extend(_transient_samples(profile, samples, timeline))
     top: Sample = {c: float(peak.by_category.get(c, 0)) for c in CATEGORIES}
     top["phase"] = peak.phase
     top["module"] = peak.module
+    # between the forward and the backward the activations are live; after it they are not
+    top["after_backward"] = peak.phase in ("backward", "optimizer") or (
+        peak.phase == "other" and not top["activation"]
+    )
     samples.append(top)
     opt = profile.optimizers[0] if profile.optimizers else None
     frame = profile.modules()

@@ -293,6 +293,13 @@ class _Patcher:
                         groups, **accepted_options(state.optimizer_class, state.defaults)
                     )
                 _take_place(optimizer, replacement)
+        if state.free_gradients:
+            if optimizer is None:
+                raise RuntimeError(
+                    "the change frees the gradients after each optimizer step, but the script "
+                    "built its optimizer after the model's first forward"
+                )
+            optimizer.register_step_post_hook(_set_gradients_to_none)
         if state.grad_scaler:
             if optimizer is None:
                 raise RuntimeError(
@@ -323,6 +330,11 @@ def _step_through(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
         return result
 
     optimizer.step = step  # type: ignore[method-assign]
+
+
+def _set_gradients_to_none(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """After the step: the script's own ``zero_grad(set_to_none=False)`` then finds None."""
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _take_place(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:

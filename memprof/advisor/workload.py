@@ -36,8 +36,9 @@ class Workload:
     for a dict batch, ``loss_fn(model(x), y)`` for an ``(x, y)`` batch (cross-entropy for
     integer targets, MSE otherwise when ``loss_fn`` is None) and ``model(x).float().mean()``
     for a tensor. memprof adds ``loss.backward()``, ``optimizer.step()`` and
-    ``optimizer.zero_grad(set_to_none=True)``. ``optimizer=None`` simulates inference
-    (forward under ``torch.no_grad``).
+    ``optimizer.zero_grad(set_to_none=set_to_none)``: ``set_to_none=False`` keeps the
+    gradients allocated (zeroed) between steps, as a loop calling ``zero_grad(False)`` does.
+    ``optimizer=None`` simulates inference (forward under ``torch.no_grad``).
     """
 
     model: nn.Module
@@ -46,6 +47,7 @@ class Workload:
     step_fn: StepFn | None = None
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     steps: int = 3
+    set_to_none: bool = True
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if self.step_fn is not None:
@@ -104,6 +106,9 @@ class SimState:
     cast_batch: torch.dtype | None = None
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
     wrap_step: list[Callable[[StepFn], StepFn]] = field(default_factory=list)
+    #: True: the gradients are set to None after every optimizer step (None: as the run
+    #: would, the Workload's ``set_to_none`` or the script's own ``zero_grad``).
+    free_gradients: bool | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -226,7 +231,8 @@ def run(
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                free = state.free_gradients
+                optimizer.zero_grad(set_to_none=workload.set_to_none if free is None else free)
             last = float(loss.detach().float())
             del loss
             prof.step()

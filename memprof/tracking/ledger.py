@@ -85,7 +85,8 @@ class StepPeak:
     """The running peak of the current step (live roles as known at that moment)."""
 
     total: int = -1
-    seq: int = 0
+    seq: int = 0  # its position in the step's log (see live_at)
+    order: int = 0  # the allocation count when it happened: the timeline samples' ``seq``
     phase: int = OTHER_PHASE
     module: int = OUTSIDE
     time: float = 0.0
@@ -181,6 +182,7 @@ class StorageLedger:
                 peak = self.peak
                 peak.total = total
                 peak.seq = len(self.log)
+                peak.order = self.seq
                 peak.phase = self.phase
                 peak.module = self.current_module
                 peak.time = self.clock()
@@ -310,7 +312,7 @@ class StorageLedger:
         """Reset the per-step peak, log and samples; returns the live entries at the start."""
         self.log = []
         self.samples = []
-        self.peak = StepPeak(total=self.total, seq=0, phase=self.phase,
+        self.peak = StepPeak(total=self.total, seq=0, order=self.seq, phase=self.phase,
                              module=self.current_module, time=self.clock(),
                              by_category=tuple(self.totals))
         self.sample()

@@ -428,7 +428,7 @@ class Profiler:
         ledger = self.ledger
         peak = ledger.peak
         samples = list(ledger.samples)
-        samples.append((peak.seq, peak.time, peak.phase, peak.module, peak.by_category))
+        samples.append((peak.order, peak.time, peak.phase, peak.module, peak.by_category))
         samples.sort(key=lambda s: (s[0], s[1]))
         kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
         chunk = empty_timeline()

@@ -1,6 +1,6 @@
 """A tiny MLP trained with AdamW on seeded random data, for the script simulation tests.
 
-    python tests/data/train_tiny.py [--steps 4] [--raise-at N]
+    python tests/data/train_tiny.py [--steps 4] [--raise-at N] [--keep-grads]
 """
 
 import argparse
@@ -11,6 +11,7 @@ from torch import nn
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--raise-at", type=int, default=-1)
+parser.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False)")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -25,5 +26,5 @@ for step in range(args.steps):
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not args.keep_grads)
     print(f"step {step} loss {loss.item():.4f}")
