@@ -15,12 +15,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from workloads import cnn_workload, mlp_workload
+from workloads import cnn_workload, gpt2_workload, mlp_workload
 
 from memprof.advisor import batch, changes_for, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
@@ -37,27 +36,7 @@ TARGET = {
 
 
 def gpt2_small_config() -> Workload:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=4,
-        n_embd=128,
-        n_head=4,
-        vocab_size=512,
-        n_positions=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    ids = torch.randint(0, 512, (8, 128))
-    return Workload(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-4),
-        {"input_ids": ids, "labels": ids},
-        steps=2,
-    )
+    return gpt2_workload(layers=4, width=128, heads=4, vocab=512, seq=128, batch=8, lr=1e-4)
 
 
 def accelerate_rule(model: nn.Module, options: dict[str, object]) -> int:

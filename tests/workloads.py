@@ -55,22 +55,26 @@ def cnn_workload() -> Workload:
     return Workload(model, opt, (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), steps=2)
 
 
-def gpt2_workload() -> Workload:
+def gpt2_workload(
+    *, layers: int = 2, width: int = 64, heads: int = 2, vocab: int = 128, seq: int = 64,
+    batch: int = 8, lr: float = 1e-3,
+) -> Workload:
+    """GPT-2 from a small config (random weights, no dropout), AdamW, labels = inputs."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=2,
-        vocab_size=128,
-        n_positions=64,
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
+        vocab_size=vocab,
+        n_positions=seq,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
     model = transformers.GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 128, (8, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ids = torch.randint(0, vocab, (batch, seq))
     return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
 
 

@@ -46,7 +46,6 @@ from memprof.advisor.workload import (
     SimState,
     _logits,
     _rel,
-    accepted_options,
     cast_floats,
 )
 
@@ -284,15 +283,7 @@ class _Patcher:
             if optimizer is None:
                 self.pending_optimizer = True
             else:
-                groups = [g for g in state.param_groups if g["params"]]
-                if state.make_optimizer is not None:
-                    replacement = state.make_optimizer(groups)
-                else:
-                    assert state.optimizer_class is not None
-                    replacement = state.optimizer_class(
-                        groups, **accepted_options(state.optimizer_class, state.defaults)
-                    )
-                _take_place(optimizer, replacement)
+                _take_place(optimizer, state.build_optimizer())
         if state.free_gradients:
             if optimizer is None:
                 raise RuntimeError(

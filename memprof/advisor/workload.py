@@ -111,6 +111,15 @@ class SimState:
     free_gradients: bool | None = None
     notes: list[str] = field(default_factory=list)
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer the change asks for, over the param groups that kept parameters
+        (the original's class and defaults, so the copy reports the same hyperparameters)."""
+        groups = [g for g in self.param_groups if g["params"]]
+        if self.make_optimizer is not None:
+            return self.make_optimizer(groups)
+        assert self.optimizer_class is not None
+        return self.optimizer_class(groups, **accepted_options(self.optimizer_class, self.defaults))
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -203,17 +212,7 @@ def run(
         model.eval()
         outputs = workload.outputs(model, batch).detach().float().clone()
     model.train()
-    optimizer = None
-    groups = [g for g in state.param_groups if g["params"]]
-    if training:
-        if state.make_optimizer is not None:
-            optimizer = state.make_optimizer(groups)
-        else:
-            assert state.optimizer_class is not None
-            # the original's defaults too, so the copy reports the same hyperparameters
-            optimizer = state.optimizer_class(
-                groups, **accepted_options(state.optimizer_class, state.defaults)
-            )
+    optimizer = state.build_optimizer() if training else None
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
     with memprof.profile(model, optimizer) as prof:
