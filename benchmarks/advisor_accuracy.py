@@ -77,12 +77,13 @@ def _zero_grad_predictions(workload: Workload) -> list[tuple[int, int, str]]:
     kept = dataclasses.replace(workload, set_to_none=False)
     with seeded():
         ref = baseline(kept)
-    change = next(c for c in changes_for(read_facts(ref.profile)) if "zero_grad" in c.options)
+    change = next(c for c in changes_for(read_facts(ref.profile)) if c.group == "zero_grad")
     if not change.applicable or change.apply is None or change.predicted_peak is None:
         return []
     with seeded():
         m = simulate(kept, [change.apply], ref)
-    return [(change.predicted_peak, m.peak_bytes, "zero_grad set_to_none=False -> True")]
+    options = ", ".join(f"{k}={v}" for k, v in change.options.items())
+    return [(change.predicted_peak, m.peak_bytes, options)]
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from memprof.advisor import Workload, advise, changes_for, read_facts
 from memprof.advisor.core import Change
 from memprof.advisor.script import ScriptSimulator
 from memprof.advisor.workload import baseline, seeded
-from memprof.advisor.zero_grad import free_gradients_transform, gradient_use
+from memprof.advisor.zero_grad import OPTIONS, free_gradients_transform, gradient_use
 from memprof.categories import CATEGORIES
 
 
@@ -35,12 +35,12 @@ def params_workload() -> Workload:
 
 
 def row_of(changes: list[Change]) -> Change:
-    return next(c for c in changes if c.options.get("zero_grad") == "set_to_none=True")
+    return next(c for c in changes if c.options == OPTIONS)
 
 
 def advice_row(profile: memprof.Profile, workload: Workload | None = None) -> dict:
     table = advise(profile, workload=workload).table()
-    rows = [r for r in table.to_dict(orient="records") if r["options"].get("zero_grad")]
+    rows = [r for r in table.to_dict(orient="records") if r["options"] == OPTIONS]
     assert len(rows) == 1
     return rows[0]
 

@@ -26,7 +26,7 @@ from typing import Any
 from memprof.advisor.core import TRAINING_ONLY_REASON, Change, Facts, Sample, not_applicable
 from memprof.advisor.workload import SimState
 
-OPTIONS = {"zero_grad": "set_to_none=True"}
+OPTIONS = {"from": "zero_grad(set_to_none=False)", "to": "zero_grad(set_to_none=True)"}
 GROUP = "zero_grad"
 
 
