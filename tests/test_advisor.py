@@ -23,6 +23,7 @@ from workloads import (
     wide_mlp_workload,
 )
 
+import memprof
 from memprof.advisor import Advice, Workload, advise, changes_for, read_facts
 from memprof.advisor.core import Change
 from memprof.advisor.workload import Measurement, baseline, seeded, simulate
@@ -108,10 +109,29 @@ def test_checkpointing_within_5pct(model: str) -> None:
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
-def test_weight_quantization_within_10pct(bits: str) -> None:
-    _change, m, ref = check("wide", wide_mlp_workload, "quantization", 0.10, weights=bits)
+@pytest.mark.parametrize("model", ["mlp", "wide"])
+def test_weight_quantization_within_10pct(model: str, bits: str) -> None:
+    # measured: 0.1% (wide), 0.9-1.6% (mlp); 5% here so a lost term shows before the 10% bar
+    _change, m, ref = check(model, MODELS[model], "quantization", 0.05, weights=bits)
     assert m.peak_bytes < ref.peak_bytes
     assert m.output_drift is not None and 0 < m.output_drift < (0.05 if bits == "int8" else 0.3)
+
+
+@pytest.mark.parametrize(("bits", "extra"), [(8, 1.0), (4, 1.125)])
+def test_dequantization_holds_one_fp32_weight(bits: int, extra: float) -> None:
+    """The forward's scratch inside a quantized Linear: the dequantized fp32 weight (and, for
+    int4, one unpacked nibble plane while it fills) plus the output, nothing more."""
+    from memprof.advisor.quantization import QuantLinear
+
+    layer = QuantLinear(torch.nn.Linear(256, 512, bias=False), bits)
+    x = torch.randn(4, 256)
+    with memprof.profile(layer) as prof, torch.no_grad():
+        layer(x)
+        prof.step()
+    weight = 512 * 256 * 4
+    output = 4 * 512 * 4
+    assert prof.profile.modules_stats[0].peak_forward - prof.profile.steps_stats[0].start_bytes \
+        == pytest.approx(weight * extra + output, rel=0.01)
 
 
 def test_torch_prune_is_reported_and_measured_as_an_increase() -> None:

@@ -17,8 +17,9 @@ from typing import Any
 from memprof.categories import CATEGORIES
 from memprof.profile import Profile
 
-#: The 8 categories (bytes, float), "phase", "module" and "after_backward" (the step's
-#: backward has begun).
+#: The 8 categories (bytes, float), "phase", "module", "after_backward" (the step's backward
+#: has begun) and "transient" (a moment inside the module, between two timeline samples,
+#: which are taken at module boundaries).
 Sample = dict[str, Any]
 
 #: Module types whose saved activations autocast makes 16-bit, and whose weights it casts.
@@ -68,6 +69,7 @@ def read_facts(profile: Profile) -> Facts:
     top: Sample = {c: float(peak.by_category.get(c, 0)) for c in CATEGORIES}
     top["phase"] = peak.phase
     top["module"] = peak.module
+    top["transient"] = True
     # between the forward and the backward the activations are live; after it they are not
     top["after_backward"] = peak.phase in ("backward", "optimizer") or (
         peak.phase == "other" and not top["activation"]
@@ -94,6 +96,32 @@ def read_facts(profile: Profile) -> Facts:
     )
 
 
+def backward_order(facts: Facts) -> list[str]:
+    """Modules in the order their backward starts (each once), from the first profiled step
+    that ran a backward."""
+    order: list[str] = []
+    timeline = facts.profile.timeline()
+    backward = timeline[timeline["phase"] == "backward"]
+    if len(backward):
+        first = backward[backward["step"] == backward["step"].iloc[0]]
+        for module in first["module"]:
+            if str(module) not in order:
+                order.append(str(module))
+    return order
+
+
+def gradients_before(facts: Facts, modules: set[str]) -> dict[str, float]:
+    """For each module in backward order: the gradient bytes that ``modules`` (by their own
+    parameters) have produced by the time its backward starts."""
+    own = {str(r["module"]): float(r["gradient"]) for r in facts.module_rows()}
+    done, out = 0.0, {}
+    for module in backward_order(facts):
+        out[module] = done
+        if module in modules:
+            done += own.get(module, 0.0)
+    return out
+
+
 def _transient_samples(profile: Profile, samples: list[Sample], timeline: Any) -> list[Sample]:
     """Samples for the transients inside modules, which the timeline (taken at module
     boundaries) misses: each module's ``peak_forward``/``peak_backward`` is the most bytes live
@@ -111,6 +139,7 @@ def _transient_samples(profile: Profile, samples: list[Sample], timeline: Any) -
                 continue
             extra = dict(seen)
             extra["temporary"] = seen["temporary"] + (peak - _total(seen))
+            extra["transient"] = True
             out.append(extra)
     return out
 

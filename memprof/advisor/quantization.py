@@ -5,8 +5,9 @@ becomes int8 (1 byte per element) plus one fp32 scale per output row, or int4 (h
 plus one fp32 scale per group of 128; biases stay fp32. Embeddings, norms and the output head
 (``lm_head``, or the model's last Linear) stay in high precision. In a training profile the
 quantized weights are frozen: their gradients and optimizer states go too (the weights kept in
-high precision still train). The forward dequantizes one layer's weight at a time (a temporary
-the size of that fp32 weight); backward dequantizes again rather than keeping it.
+high precision still train). The forward dequantizes one layer's weight at a time, in place (a
+temporary the size of that fp32 weight, and for int4 one unpacked nibble plane, an eighth of
+it, while it fills); backward dequantizes again rather than keeping it.
 8-bit optimizer *states* for full training are in :mod:`memprof.advisor.optimizer`.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.advisor.core import Change, Facts, Sample, Transform
+from memprof.advisor.core import Change, Facts, Sample, Transform, gradients_before
 from memprof.advisor.workload import SimState
 
 GROUP = 128
@@ -62,13 +63,16 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
 
     def weight_fp(self) -> torch.Tensor:
+        """The fp32 weight, built in place: its own bytes plus, for int4, one nibble plane
+        (half a byte per element) at a time."""
         if self.bits == 8:
-            return self.qweight.float() * self.scale.view(-1, 1)
-        low = (self.qweight & 0xF).to(torch.int16)
-        high = (self.qweight >> 4).to(torch.int16)
-        q = torch.stack([low, high], dim=1).reshape(-1).float() - 8
-        groups = q.reshape(self.out_features, -1, GROUP) * self.scale.view(self.out_features, -1, 1)
-        return groups.reshape(self.out_features, -1)[:, : self.in_features]
+            return self.qweight.float().mul_(self.scale.view(-1, 1))
+        w = torch.empty(self.qweight.numel() * 2, dtype=torch.float32, device=self.qweight.device)
+        w[0::2] = self.qweight & 0xF
+        w[1::2] = self.qweight >> 4
+        groups = w.sub_(8).view(self.out_features, -1, GROUP)
+        groups.mul_(self.scale.view(self.out_features, -1, 1))
+        return groups.view(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _DequantLinear.apply(x, self)
@@ -101,21 +105,31 @@ def quantized_bytes(rows: list[dict[str, Any]], bits: int) -> tuple[float, float
 
 
 def transform_for(facts: Facts, bits: int) -> Transform:
+    """Weights quantized and frozen; inside a quantized layer (its transient moments) the
+    dequantized fp32 weight is live, and its backward no longer computes a weight gradient."""
     rows = facts.module_rows()
     removed, added = quantized_bytes(rows, bits)
     frozen_fraction = removed / facts.parameter_bytes if facts.parameter_bytes else 0.0
-    largest = max(
-        (float(r["parameter"]) for r in rows if r["module"] in set(targets(rows))), default=0.0
-    )
+    names = set(targets(rows))
+    own = {r["module"]: (float(r["parameter"]), float(r["gradient"])) for r in rows
+           if r["module"] in names}
+    frozen_before = gradients_before(facts, names)  # frozen grads the backward had made
+    unpack = 1.125 if bits == 4 else 1.0  # int4: one nibble plane while the weight fills
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
         out["parameter"] = s["parameter"] - removed
         out["buffer"] = s["buffer"] + added
-        out["gradient"] = s["gradient"] * (1 - frozen_fraction)
+        if s["phase"] == "backward" and s["module"] in frozen_before:
+            out["gradient"] = max(0.0, s["gradient"] - frozen_before[s["module"]])
+        else:
+            out["gradient"] = s["gradient"] * (1 - frozen_fraction)
         out["optimizer_state"] = s["optimizer_state"] * (1 - frozen_fraction)
         if s["phase"] in ("forward", "backward"):
-            out["temporary"] = s["temporary"] + largest
+            if s.get("transient") and s["module"] in own:
+                weight, weight_grad = own[s["module"]]
+                dropped = weight_grad if s["phase"] == "backward" else 0.0
+                out["temporary"] = s["temporary"] + weight * unpack - dropped
         elif s["phase"] == "optimizer":  # the foreach scratch covers the trained params only
             out["temporary"] = s["temporary"] * (1 - frozen_fraction)
         return out

@@ -23,7 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memprof.advisor.core import TRAINING_ONLY_REASON, Change, Facts, Sample, not_applicable
+from memprof.advisor.core import (
+    TRAINING_ONLY_REASON,
+    Change,
+    Facts,
+    Sample,
+    gradients_before,
+    not_applicable,
+)
 from memprof.advisor.workload import SimState
 
 OPTIONS = {"from": "zero_grad(set_to_none=False)", "to": "zero_grad(set_to_none=True)"}
@@ -46,7 +53,6 @@ def gradient_use(facts: Facts) -> GradientUse:
     timeline = facts.profile.timeline().sort_values(["step", "seq"], kind="stable")
     kept, passes, total = False, 0, 0.0
     clean: list[tuple[str, float]] | None = None  # (module, gradient) of a step from None
-    order: list[str] = []
     for _, rows in timeline.groupby("step", sort=True):
         phases = list(rows["phase"])
         grads = [float(g) for g in rows["gradient"]]
@@ -56,31 +62,27 @@ def gradient_use(facts: Facts) -> GradientUse:
         if not starts:
             continue
         first = starts[0]
-        before = [g for p, g in zip(phases[:first], grads[:first], strict=True) if p == "forward"]
-        had = any(g > 0 for g in before)
+        had = any(
+            g > 0 for p, g in zip(phases[:first], grads[:first], strict=True) if p == "forward"
+        )
         kept = kept or had
         backward = [
             (str(m), g) for m, p, g in zip(rows["module"], phases, grads, strict=True)
             if p == "backward"
         ]
-        total = max(total, max(grads[first:], default=0.0))
         end = max(grads[first:], default=0.0)
+        total = max(total, end)
         if not had and clean is None and len(starts) == 1 and end > 0:
             clean = [(m, g / end) for m, g in backward]
-        if not order:
-            order = [m for m, _ in backward]
     produced: dict[str, float] = {}
     if clean is not None:
         for module, fraction in clean:
             produced.setdefault(module, fraction)
         return GradientUse(kept, passes, total, produced, "the first step's backward")
-    own = {str(r["module"]): float(r["gradient"]) for r in facts.module_rows()}
-    all_own = sum(own.values()) or 1.0
-    done = 0.0
-    for module in order:
-        if module not in produced:
-            produced[module] = done / all_own
-            done += own.get(module, 0.0)
+    owners = {str(r["module"]) for r in facts.module_rows() if r["gradient"]}
+    before = gradients_before(facts, owners)
+    all_own = sum(float(r["gradient"]) for r in facts.module_rows()) or 1.0
+    produced = {module: done / all_own for module, done in before.items()}
     return GradientUse(kept, passes, total, produced, "the modules' own gradients in "
                        "backward order (no profiled step started without gradients)")
 
