@@ -109,10 +109,13 @@ def test_checkpointing_within_5pct(model: str) -> None:
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
-@pytest.mark.parametrize("model", ["mlp", "wide"])
+@pytest.mark.parametrize("model", ["mlp", "wide", "gpt2"])
 def test_weight_quantization_within_10pct(model: str, bits: str) -> None:
-    # measured: 0.1% (wide), 0.9-1.6% (mlp); 5% here so a lost term shows before the 10% bar
-    _change, m, ref = check(model, MODELS[model], "quantization", 0.05, weights=bits)
+    # measured: 0.1% (wide, gpt2: its Conv1D layers), 0.9-1.6% (mlp); 5% here so a lost term
+    # shows before the 10% bar
+    change, m, ref = check(model, MODELS[model], "quantization", 0.05, weights=bits)
+    if model == "gpt2":  # transformers' Conv1D layers (weights stored transposed) count
+        assert change.options["layers"] == "8 Linear"
     assert m.peak_bytes < ref.peak_bytes
     assert m.output_drift is not None and 0 < m.output_drift < (0.05 if bits == "int8" else 0.3)
 

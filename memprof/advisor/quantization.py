@@ -1,4 +1,5 @@
-"""Weight-only quantization (int8 per output channel, int4 in groups of 128) of Linear layers.
+"""Weight-only quantization (int8 per output channel, int4 in groups of 128) of Linear layers
+(``nn.Linear``, and transformers' ``Conv1D``, a Linear with its weight stored transposed).
 
 For inference or a frozen base (QLoRA-style training of the rest): each ``nn.Linear`` weight
 becomes int8 (1 byte per element) plus one fp32 scale per output row, or int4 (half a byte)
@@ -22,6 +23,7 @@ from memprof.advisor.core import Change, Facts, Sample, Transform, gradients_bef
 from memprof.advisor.workload import SimState
 
 GROUP = 128
+LINEAR_TYPES = frozenset({"Linear", "Conv1D"})
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -44,9 +46,11 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, linear: nn.Linear, bits: int) -> None:
+    def __init__(self, linear: nn.Module, bits: int) -> None:
         super().__init__()
         w = linear.weight.detach().float()
+        if type(linear).__name__ == "Conv1D":  # transformers: y = x @ W + b, W is (in, out)
+            w = w.t()
         self.out_features, self.in_features = w.shape
         self.bits = bits
         if bits == 8:
@@ -81,7 +85,7 @@ class QuantLinear(nn.Module):
 
 def targets(model_rows: list[dict[str, Any]]) -> list[str]:
     """Linear modules to quantize: all but the last (the head) and any named *head*."""
-    linears = [r["module"] for r in model_rows if r["type"] == "Linear"][:-1]
+    linears = [r["module"] for r in model_rows if r["type"] in LINEAR_TYPES][:-1]
     return [n for n in linears if "head" not in n.rsplit(".", 1)[-1]]
 
 
