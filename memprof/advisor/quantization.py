@@ -48,10 +48,13 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Module, bits: int) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
+        weight, bias = linear.weight, linear.bias
+        assert isinstance(weight, torch.Tensor)
+        w = weight.detach().float()
         if type(linear).__name__ == "Conv1D":  # transformers: y = x @ W + b, W is (in, out)
             w = w.t()
-        self.out_features, self.in_features = w.shape
+        self.out_features: int = int(w.shape[0])
+        self.in_features: int = int(w.shape[1])
         self.bits = bits
         if bits == 8:
             scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
@@ -64,7 +67,7 @@ class QuantLinear(nn.Module):
             q = (torch.round(g / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(-1)
             self.register_buffer("qweight", q[0::2] | (q[1::2] << 4))
             self.register_buffer("scale", scale.reshape(-1))
-        self.bias = linear.bias
+        self.bias = bias if isinstance(bias, nn.Parameter) else None
 
     def weight_fp(self) -> torch.Tensor:
         """The fp32 weight, built in place: its own bytes plus, for int4, one nibble plane
