@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.advisor.core import Change, Facts, Sample, Transform, gradients_before
+from memprof.advisor.core import (
+    Change,
+    Facts,
+    Sample,
+    Transform,
+    gradients_before,
+    not_applicable,
+)
 from memprof.advisor.workload import SimState
 
 GROUP = 128
@@ -167,6 +174,10 @@ def predict(facts: Facts) -> list[Change]:
     for bits in (8, 4):
         removed, added = quantized_bytes(rows, bits)
         if not names:
+            out.append(not_applicable(
+                "quantization", {"weights": f"int{bits}"},
+                "no Linear layer besides the output head (convolution and embedding weights "
+                "are not quantized here)", group="weights"))
             continue
         what = "frozen base for training" if facts.has_optimizer else "inference"
         out.append(
