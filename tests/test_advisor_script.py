@@ -75,6 +75,7 @@ def test_reference_stops_after_its_steps(measured: tuple) -> None:
         ("quantization", {"weights": "int8"}),
         ("pruning", {"method": "structured (hidden units of Linear pairs)"}),
         ("mixed_precision", {"mode": "autocast"}),
+        ("mixed_precision", {"master_weights": True}),
     ],
 )
 def test_a_change_measures_as_on_a_copy_of_the_same_model(

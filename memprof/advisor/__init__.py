@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from memprof.advisor import (
     batch,
     checkpointing,
+    master_weights,
     mixed_precision,
     optimizer,
     planner,
@@ -41,7 +42,8 @@ def changes_for(facts: Facts) -> list[Change]:
     """Every technique's candidate changes for this profile, with predicted peaks set."""
     out: list[Change] = []
     techniques = (
-        mixed_precision, quantization, pruning, checkpointing, optimizer, zero_grad, sharding
+        mixed_precision, master_weights, quantization, pruning, checkpointing, optimizer,
+        zero_grad, sharding,
     )
     for module in techniques:
         out.extend(module.predict(facts))

@@ -9,8 +9,9 @@ module to run, which the profile names ``""``). Then
   narrower layers, ``model.to(bfloat16)``) through a :class:`~memprof.advisor.workload.SimState`
   that holds the live model;
 - autocast wraps every call of the root module, and ``cast_batch`` casts its float inputs;
-- when the change picks another optimizer or other parameters, a new optimizer is built and
-  takes the place of the script's own (same object, new class and state), before its first step;
+- when the change picks another optimizer, other parameters or fp32 master weights, a new
+  optimizer is built and takes the place of the script's own (same object, new class and
+  state), before its first step;
 - when the change adds a GradScaler (autocast fp16), every scalar ``.backward()`` runs on the
   scaled loss and the optimizer's ``step()`` runs as ``scaler.step(optimizer)`` then
   ``scaler.update()`` (the optimizer must exist by the model's first call).
@@ -279,7 +280,7 @@ class _Patcher:
         self.state = state
         self.seen.applied = True
         new_params = [[id(p) for p in g["params"]] for g in state.param_groups] != before
-        if state.make_optimizer is not None or new_params:
+        if state.make_optimizer is not None or new_params or state.master_weights:
             if optimizer is None:
                 self.pending_optimizer = True
             else:

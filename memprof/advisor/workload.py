@@ -109,16 +109,76 @@ class SimState:
     #: True: the gradients are set to None after every optimizer step (None: as the run
     #: would, the Workload's ``set_to_none`` or the script's own ``zero_grad``).
     free_gradients: bool | None = None
+    #: The optimizer steps fp32 copies of the parameters (see :func:`with_master_weights`).
+    master_weights: bool = False
     notes: list[str] = field(default_factory=list)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer the change asks for, over the param groups that kept parameters
         (the original's class and defaults, so the copy reports the same hyperparameters)."""
         groups = [g for g in self.param_groups if g["params"]]
-        if self.make_optimizer is not None:
-            return self.make_optimizer(groups)
-        assert self.optimizer_class is not None
-        return self.optimizer_class(groups, **accepted_options(self.optimizer_class, self.defaults))
+        make = self.make_optimizer
+        if make is None:
+            cls = self.optimizer_class
+            assert cls is not None
+            options = accepted_options(cls, self.defaults)
+
+            def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+                return cls(groups, **options)
+
+        return with_master_weights(groups, make) if self.master_weights else make(groups)
+
+
+def with_master_weights(
+    groups: list[dict[str, Any]],
+    make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+) -> torch.optim.Optimizer:
+    """An optimizer built by ``make`` over fp32 copies ("masters") of the parameters in
+    ``groups``: a step pre-hook gives each master the fp32 copy of its parameter's gradient, a
+    post-hook copies the masters back into the parameters, drops those fp32 gradients and, once
+    the step has initialized their state, lists each master in it; ``zero_grad`` clears the
+    parameters' gradients too."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    master_groups = []
+    for group in groups:
+        masters = []
+        for p in group["params"]:
+            master = p.detach().float().requires_grad_(True)
+            pairs.append((p, master))
+            masters.append(master)
+        master_groups.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": masters}
+        )
+    optimizer = make(master_groups)
+
+    def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, master in pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, master in pairs:
+            p.copy_(master)
+            master.grad = None
+            state = opt.state.get(master)
+            if state:
+                state.setdefault("master", master)
+
+    real_zero_grad = optimizer.zero_grad
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        real_zero_grad(set_to_none=set_to_none)
+        for p, _ in pairs:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    optimizer.register_step_pre_hook(before_step)
+    optimizer.register_step_post_hook(after_step)
+    optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
+    return optimizer
 
 
 @dataclass(frozen=True)
