@@ -10,14 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from workloads import gpt2_workload, mlp_workload
+from workloads import gpt2_workload, measured, mlp_workload
 
 from memprof.advisor import Workload, changes_for, read_facts
 from memprof.advisor.core import Change
 from memprof.advisor.optimizer import adafactor_state_bytes
-from memprof.advisor.workload import Measurement, baseline, seeded, simulate
-
-_CACHE: dict[str, tuple[Workload, Measurement]] = {}
+from memprof.advisor.workload import Measurement, seeded, simulate
 
 
 def params_workload() -> Workload:
@@ -49,11 +47,7 @@ FACTORIES = {
 
 
 def _measured(name: str) -> tuple[Workload, Measurement]:
-    if name not in _CACHE:
-        w = FACTORIES[name]()
-        with seeded():
-            _CACHE[name] = (w, baseline(w))
-    return _CACHE[name]
+    return measured(f"optimizer-{name}", FACTORIES[name])
 
 
 def _row(ref: Measurement, to: str) -> Change:
