@@ -68,6 +68,9 @@ class ModuleStats:
     forward_calls: int
     recompute_calls: int
     forward_time_s: float = 0.0
+    #: Its first forward's input and output shapes, and a convolution's kernel, stride,
+    #: padding, dilation and groups (empty in profiles saved before memprof recorded them).
+    geometry: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -61,15 +61,14 @@ MODELS = {
 }
 
 
-# Not the CNN: on CPU, bf16 convolution backward allocates an im2col workspace larger than
-# fp32's (measured 4.5 MiB against 4.0 MiB), so the halving the GPU kernels give does not hold.
-@pytest.mark.parametrize("model", ["mlp", "gpt2"])
+@pytest.mark.parametrize("model", ["mlp", "gpt2", "cnn"])
 def test_pure_bf16_within_5pct(model: str) -> None:
     _change, m, ref = check(model, MODELS[model], "mixed_precision", 0.05, mode="pure")
-    assert m.peak_bytes < 0.6 * ref.peak_bytes  # and it does save: about half
+    if model != "cnn":  # on a CPU without bf16 oneDNN, convolutions unfold their input
+        assert m.peak_bytes < 0.6 * ref.peak_bytes  # and it does save: about half
 
 
-@pytest.mark.parametrize("model", ["mlp", "wide", "gpt2"])
+@pytest.mark.parametrize("model", ["mlp", "wide", "gpt2", "cnn"])
 def test_autocast_within_5pct(model: str) -> None:
     check(model, MODELS[model], "mixed_precision", 0.05, mode="autocast", dtype="bf16")
 

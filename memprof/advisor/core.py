@@ -18,8 +18,8 @@ from memprof.categories import CATEGORIES
 from memprof.profile import Profile
 
 #: The 8 categories (bytes, float), "phase", "module", "after_backward" (the step's backward
-#: has begun) and "transient" (a moment inside the module, between two timeline samples,
-#: which are taken at module boundaries).
+#: has begun) and, for a moment inside a module between two timeline samples (which are taken
+#: at module boundaries), "transient" and "excess": the bytes it adds to the module's sample.
 Sample = dict[str, Any]
 
 #: Module types whose saved activations autocast makes 16-bit, and whose weights it casts.
@@ -57,24 +57,34 @@ def read_facts(profile: Profile) -> Facts:
     timeline = profile.timeline()
     samples: list[Sample] = []
     backward_steps: set[int] = set()
+    step_peaks = {st.step: st.peak_bytes for st in profile.steps_stats}
     for row in timeline.to_dict(orient="records"):
         s: Sample = {c: float(row[c]) for c in CATEGORIES}
         s["phase"] = str(row["phase"])
         s["module"] = str(row["module"])
+        step = int(row["step"])
         if s["phase"] == "backward":
-            backward_steps.add(int(row["step"]))
-        s["after_backward"] = int(row["step"]) in backward_steps
+            backward_steps.add(step)
+        s["after_backward"] = step in backward_steps
+        if step_peaks.get(step) == round(_total(s)):  # the timeline keeps each step's peak
+            s["transient"] = True
+            step_peaks.pop(step)
         samples.append(s)
-    samples.extend(_transient_samples(profile, samples, timeline))
     top: Sample = {c: float(peak.by_category.get(c, 0)) for c in CATEGORIES}
     top["phase"] = peak.phase
     top["module"] = peak.module
     top["transient"] = True
+    samples.append(top)
+    entries = _entries(samples)
+    for s in samples:
+        if s.get("transient"):
+            entry = entries.get((s["module"], s["phase"]))
+            s["excess"] = max(0.0, _total(s) - _total(entry)) if entry is not None else 0.0
+    samples.extend(_transient_samples(profile, entries))
     # between the forward and the backward the activations are live; after it they are not
     top["after_backward"] = peak.phase in ("backward", "optimizer") or (
         peak.phase == "other" and not top["activation"]
     )
-    samples.append(top)
     opt = profile.optimizers[0] if profile.optimizers else None
     frame = profile.modules()
     params = int(peak.by_category.get("parameter", 0))
@@ -122,24 +132,32 @@ def gradients_before(facts: Facts, modules: set[str]) -> dict[str, float]:
     return out
 
 
-def _transient_samples(profile: Profile, samples: list[Sample], timeline: Any) -> list[Sample]:
-    """Samples for the transients inside modules, which the timeline (taken at module
-    boundaries) misses: each module's ``peak_forward``/``peak_backward`` is the most bytes live
-    while it ran; the excess over its largest sampled moment is charged to ``temporary``."""
+def _entries(samples: list[Sample]) -> dict[tuple[str, str], Sample]:
+    """Per (module, phase): its largest boundary sample (not a moment inside it)."""
     best: dict[tuple[str, str], Sample] = {}
     for s in samples:
         key = (s["module"], s["phase"])
-        if key not in best or _total(s) > _total(best[key]):
+        if not s.get("transient") and (key not in best or _total(s) > _total(best[key])):
             best[key] = s
+    return best
+
+
+def _transient_samples(
+    profile: Profile, entries: dict[tuple[str, str], Sample]
+) -> list[Sample]:
+    """Samples for the transients inside modules, which the timeline (taken at module
+    boundaries) misses: each module's ``peak_forward``/``peak_backward`` is the most bytes live
+    while it ran; the excess over its largest boundary sample is charged to ``temporary``."""
     out = []
     for m in profile.modules_stats:
         for phase, peak in (("forward", m.peak_forward), ("backward", m.peak_backward)):
-            seen = best.get((m.name, phase))
+            seen = entries.get((m.name, phase))
             if seen is None or peak <= _total(seen):
                 continue
             extra = dict(seen)
             extra["temporary"] = seen["temporary"] + (peak - _total(seen))
             extra["transient"] = True
+            extra["excess"] = peak - _total(seen)
             out.append(extra)
     return out
 

@@ -29,6 +29,10 @@ What the predictions model, all of it read from the fp32 profile:
   loss, the 16-bit logits (L/2) and their fp32 upcast (L) are live; when backward starts, the
   loss's backward makes the fp32 gradients of the log-probabilities and of the logits (2L).
   Those replace the sample's scratch when larger, at the samples where the loss is live.
+- **Convolutions on a CPU without 16-bit oneDNN** unfold their input into a 16-bit columns
+  buffer in forward and backward (:mod:`memprof.advisor.cpu_kernels`): inside such a layer the
+  scratch is its own entry scratch halved plus the columns and its 16-bit output or input
+  gradient, from the layer geometry the profile records.
 - **GradScaler** (fp16): scales the loss (a scalar), unscales the gradients in place
   (``_amp_foreach_non_finite_check_and_unscale_``) and keeps a scale, a growth tracker and an
   inf flag: a few scalars, no copy of the gradients.
@@ -49,6 +53,7 @@ from typing import Any
 import torch
 
 from memprof.advisor.core import MATMUL_TYPES, Change, Facts, Sample, Transform, _nbytes
+from memprof.advisor.cpu_kernels import conv_scratch, slow_conv_work
 from memprof.advisor.workload import SimState
 
 #: Norms whose saved input stays fp32 under autocast (the fp32 residual stream; CUDA's fp32
@@ -256,10 +261,14 @@ def _loss_scratch(layout: ForwardLayout, s: Sample) -> float:
     return (2.0 if s["phase"] == "backward" else 1.5) * layout.loss_bytes
 
 
-def autocast_transform(facts: Facts, layout: ForwardLayout | None = None) -> Transform:
+def autocast_transform(
+    facts: Facts, layout: ForwardLayout | None = None, dtype: torch.dtype = torch.bfloat16
+) -> Transform:
     """Activations rewritten per saved segment; forward and backward scratch halves (16-bit
-    intermediates) except the loss's, which is fp32."""
+    intermediates) except the loss's, which is fp32, and inside convolutions that take the
+    CPU's slow 16-bit path (see :mod:`memprof.advisor.cpu_kernels`)."""
     lay = layout or autocast_layout(facts, target_device(facts))
+    work = slow_conv_work(facts, dtype)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -267,16 +276,19 @@ def autocast_transform(facts: Facts, layout: ForwardLayout | None = None) -> Tra
         temp = float(s["temporary"])
         if s["phase"] in ("forward", "backward"):
             temp *= 0.5
-        out["temporary"] = max(temp, _loss_scratch(lay, s))
+        conv = conv_scratch(work, s)
+        out["temporary"] = max(temp if conv is None else conv, _loss_scratch(lay, s))
         return out
 
     return transform
 
 
-def grad_scaler_transform(facts: Facts, layout: ForwardLayout | None = None) -> Transform:
+def grad_scaler_transform(
+    facts: Facts, layout: ForwardLayout | None = None, dtype: torch.dtype = torch.float16
+) -> Transform:
     """Autocast, plus the GradScaler's scalars (the unscale is in place: no copy of the
     gradients)."""
-    inner = autocast_transform(facts, layout)
+    inner = autocast_transform(facts, layout, dtype)
 
     def transform(s: Sample) -> Sample:
         out = inner(s)
@@ -290,13 +302,16 @@ def grad_scaler_transform(facts: Facts, layout: ForwardLayout | None = None) -> 
 def pure_bf16_transform(facts: Facts) -> Transform:
     keep_input = 1.0 - 0.5 * facts.float_input_fraction
     lay = pure_layout(facts, target_device(facts))
+    work = slow_conv_work(facts, torch.bfloat16)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
         for c in ("parameter", "buffer", "gradient", "optimizer_state"):
             out[c] = s[c] * 0.5
         out["activation"] = lay.activation(float(s["activation"]))
-        out["temporary"] = max(0.5 * float(s["temporary"]), _loss_scratch(lay, s))
+        conv = conv_scratch(work, s)
+        temp = 0.5 * float(s["temporary"]) if conv is None else conv
+        out["temporary"] = max(temp, _loss_scratch(lay, s))
         out["input"] = s["input"] * keep_input
         return out
 

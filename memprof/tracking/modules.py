@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,42 @@ class ModuleInfo:
     recompute_calls: int = 0
     forward_time_s: float = 0.0
     children: dict[int, str] = field(default_factory=dict)  # id(child module) -> attribute name
+    geometry: dict[str, Any] | None = None  # shapes of its first forward (see module_geometry)
+
+
+def module_geometry(module: nn.Module, args: Any, output: Any) -> dict[str, Any]:
+    """The shapes of one forward call (its first input and output tensors) and, for
+    convolutions, the layer's kernel, stride, padding, dilation and groups: what a prediction
+    needs to size a layer's work buffers."""
+    geometry: dict[str, Any] = {}
+    for key, value in (("input", args), ("output", output)):
+        tensor = _first_tensor(value)
+        if tensor is not None:
+            with contextlib.suppress(TypeError, RuntimeError):  # symbolic sizes
+                geometry[key] = [int(d) for d in tensor.shape]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        padding = module.padding
+        geometry.update(
+            kernel_size=list(module.kernel_size),
+            stride=list(module.stride),
+            padding=padding if isinstance(padding, str) else list(padding),
+            dilation=list(module.dilation),
+            groups=int(module.groups),
+        )
+    return geometry
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(value, dict):  # Hugging Face outputs are dicts too
+        return _first_tensor(list(value.values()))
+    return None
 
 
 class ModuleRegistry:

@@ -69,7 +69,7 @@ from memprof.tracking.ledger import (
     StorageLedger,
     facts_of,
 )
-from memprof.tracking.modules import ModuleRegistry
+from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.timeline import decimate
 from memprof.units import round_up
@@ -500,6 +500,8 @@ class Profiler:
             _, token = stack.pop()
             events.exit(token, self._forward_apply, idx)
             forward = _graph_task_id() == -1
+        if idx is not None and self.registry.infos[idx].geometry is None:
+            self.registry.infos[idx].geometry = module_geometry(module, args, output)
         if forward and idx is not None:
             grad_fn = _first_grad_fn(output)
             if grad_fn is not None:
@@ -781,6 +783,7 @@ class Profiler:
                     forward_calls=info.forward_calls,
                     recompute_calls=info.recompute_calls,
                     forward_time_s=info.forward_time_s / steps,
+                    geometry=info.geometry or {},
                 )
             )
         timeline = empty_timeline()
