@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from workloads import gpt2_workload, wide_mlp_workload
 
-from memprof.advisor import Workload, changes_for, read_facts
+from memprof.advisor import Workload, changes_for, cpu_kernels, read_facts
 from memprof.advisor import mixed_precision as mp
 from memprof.advisor.core import Change, Facts
 from memprof.advisor.script import ScriptSimulator
@@ -43,11 +43,21 @@ def dropout_workload() -> Workload:
     return Workload(model, opt, (torch.randn(256, 32), torch.randint(0, 4, (256,))), steps=2)
 
 
+def conv_workload() -> Workload:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Workload(model, opt, (torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))), steps=2)
+
+
 MODELS: dict[str, Callable[[], Workload]] = {
     "mlp": mlp_workload,
     "wide": wide_mlp_workload,
     "gpt2": gpt2_workload,
     "dropout": dropout_workload,
+    "conv": conv_workload,
 }
 _CACHE: dict[str, tuple[Workload, Measurement]] = {}
 
@@ -159,6 +169,18 @@ def test_activation_rewrites_the_first_saved_bytes_first() -> None:
     assert layout.activation(150) == 50 + 7 + 50
     assert layout.activation(240) == 50 + 7 + 100 + 40  # the loss stays as it was
     assert not layout.loss_live(200) and layout.loss_live(201)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_slow_path_convolutions_are_named_in_the_caveats(
+    monkeypatch: pytest.MonkeyPatch, onednn: bool
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "mkldnn_runs", lambda dtype: onednn)
+    columns = 4 * 3 * 9 * 8 * 8 * 2  # batch x in_channels x 3*3 x 8*8 outputs x 2 bytes
+    for change in mp.predict(facts_of("conv")):
+        named = [c for c in change.caveats if "columns buffer" in c]
+        assert len(named) == (0 if onednn else 1)
+        assert all(f"largest {columns} B" in c for c in named)
 
 
 def test_dropout_masks_follow_the_device() -> None:

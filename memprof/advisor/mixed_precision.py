@@ -340,6 +340,21 @@ def _matmul_weight_bytes(facts: Facts) -> float:
     return float(sum(r["parameter"] for r in rows if r["type"] in MATMUL_TYPES))
 
 
+def slow_conv_caveats(facts: Facts, dtype: torch.dtype) -> list[str]:
+    """What the prediction adds for convolutions that take the CPU's slow 16-bit path here."""
+    work = slow_conv_work(facts, dtype)
+    if not work:
+        return []
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    largest = max(w.columns for w in work.values())
+    return [
+        f"this CPU has no {name} oneDNN: its convolutions take the slow path, "
+        f"which unfolds the input into a {name} columns buffer in forward and backward "
+        f"(largest {largest:.0f} B), counted in the scratch inside each; advised on a GPU or "
+        f"a CPU with {name} oneDNN they would not"
+    ]
+
+
 def predict(facts: Facts) -> list[Change]:
     """Autocast bf16, autocast fp16 + GradScaler, and pure bf16 (weights and states)."""
     device = target_device(facts)
@@ -370,6 +385,7 @@ def predict(facts: Facts) -> list[Change]:
                 "fp32 (autocast's CUDA fp32 list): attention-heavy models save more than "
                 "predicted",
                 *attention,
+                *slow_conv_caveats(facts, torch.bfloat16),
             ],
             quality_cost=0.1,
             speed_cost=-0.3,
@@ -387,6 +403,7 @@ def predict(facts: Facts) -> list[Change]:
                 "a step whose gradients overflow is skipped (the scale halves): no optimizer "
                 "state is created by a skipped first step",
                 *attention,
+                *slow_conv_caveats(facts, torch.float16),
             ],
             quality_cost=0.15,
             speed_cost=-0.3,
@@ -405,6 +422,7 @@ def predict(facts: Facts) -> list[Change]:
                 "bf16 weight updates lose small steps (8-bit mantissa): use stochastic "
                 "rounding or fp32 master weights for long runs",
                 *attention,
+                *slow_conv_caveats(facts, torch.bfloat16),
             ],
             quality_cost=0.3,
             speed_cost=-0.3,
