@@ -16,8 +16,14 @@ optimizer phase's scratch, all at once.
 
 from __future__ import annotations
 
+import torch
+
 from memprof.advisor.core import TRAINING_ONLY_REASON, Change, Facts, Sample, Transform
-from memprof.advisor.mixed_precision import _apply_pure_bf16, pure_bf16_transform
+from memprof.advisor.mixed_precision import (
+    _apply_pure_bf16,
+    pure_bf16_transform,
+    slow_conv_caveats,
+)
 from memprof.advisor.workload import SimState
 
 OPTIONS = {"mode": "pure", "dtype": "bf16", "master_weights": True}
@@ -63,7 +69,8 @@ def predict(facts: Facts) -> list[Change]:
         f"({facts.parameter_bytes:.0f} B); its step also holds fp32 copies of the gradients",
         transform=master_weights_transform(facts),
         apply=_apply,
-        caveats=["same bytes per parameter as fp32 for Adam (16): the saving is activations"],
+        caveats=["same bytes per parameter as fp32 for Adam (16): the saving is activations",
+                 *slow_conv_caveats(facts, torch.bfloat16)],
         quality_cost=0.1,
         speed_cost=-0.2,
         training_only=True,
