@@ -63,6 +63,20 @@ def test_mlp_every_category_is_exact() -> None:
     assert root["parameter_total"] == storage_bytes(list(model.parameters()))
 
 
+def test_an_identity_module_does_not_take_over_the_backward_of_the_layer_before() -> None:
+    # Dropout(p=0) returns its input: its output's grad_fn is the Linear's. The Linear's
+    # backward (the gradient of its input, 32 x 128 fp32) stays the Linear's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 256), nn.Dropout(0.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    frame = profile_steps(model, optimizer, torch.randn(32, 64)).modules()
+
+    assert row(frame, "3")["peak_backward"] == 0
+    assert row(frame, "3")["temporary_peak"] == 0
+    assert row(frame, "2")["temporary_peak"] >= 32 * 128 * F32
+    assert row(frame, "2")["peak_backward"] > 0
+
+
 def test_peak_is_the_sum_of_what_was_alive() -> None:
     model = make_mlp()
     optimizer = torch.optim.AdamW(model.parameters())

@@ -504,7 +504,9 @@ class Profiler:
             self.registry.infos[idx].geometry = module_geometry(module, args, output)
         if forward and idx is not None:
             grad_fn = _first_grad_fn(output)
-            if grad_fn is not None:
+            # An identity module (Dropout(p=0), nn.Identity) returns its input: the node is
+            # the previous module's, whose backward it would otherwise take over.
+            if grad_fn is not None and grad_fn is not _first_grad_fn(args):
                 self._grad_fn_handles.append(grad_fn.register_prehook(_BackwardEnter(self, idx)))
 
     def _forward_apply(self, idx: int | None) -> bool:
