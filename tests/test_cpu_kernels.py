@@ -3,6 +3,7 @@ the profile records for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -95,3 +96,71 @@ def test_the_slow_path_allocates_the_columns() -> None:
     assert stats.peak_forward - prof.profile.steps_stats[0].start_bytes == (
         inputs + columns + output
     )
+
+
+def linear_profile() -> memprof.Profile:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(256, 64)
+    with memprof.profile(model, opt) as prof:
+        for _ in range(2):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            prof.step()
+    return prof.profile
+
+
+def test_layer_peaks_are_measured_from_the_allocations() -> None:
+    # fp32 runs MKL's sgemm, which allocates nothing of its own: the forward allocates the
+    # output, the backward the input's, weight's and bias's gradients, exactly.
+    spec = ("Linear", (256, 64), (256, 4), True, (), True, True)
+    forward, backward = cpu_kernels._peaks(spec, torch.float32)
+    assert forward == 256 * 4 * 4
+    assert backward == 256 * 64 * 4 + 4 * 64 * 4 + 4 * 4
+    no_input_grad = ("Linear", (256, 64), (256, 4), True, (), False, True)
+    assert cpu_kernels._peaks(no_input_grad, torch.float32)[1] == 4 * 64 * 4 + 4 * 4
+
+
+def test_kernel_scratch_is_the_16_bit_excess_over_half_the_fp32_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[object, torch.dtype]] = []
+
+    def peaks(spec: cpu_kernels.LayerSpec, dtype: torch.dtype) -> tuple[float, float]:
+        calls.append((spec, dtype))
+        return (1000.0, 3000.0) if dtype == torch.float32 else (900.0, 1000.0)
+
+    monkeypatch.setattr(cpu_kernels, "_peaks", peaks)
+    cpu_kernels._measured_scratch.cache_clear()
+    facts = read_facts(linear_profile())
+    scratch = cpu_kernels.kernel_scratch(facts, torch.bfloat16)
+    cpu_kernels._measured_scratch.cache_clear()
+    # forward 900 - 1000/2; backward 1000 - 3000/2 < 0 counts as none
+    assert scratch == {
+        "0": cpu_kernels.KernelScratch(forward=400.0, backward=0.0),
+        "2": cpu_kernels.KernelScratch(forward=400.0, backward=0.0),
+    }
+    specs = {spec for spec, _ in calls}
+    # the model's own input needs no gradient; the hidden activations do; both have a bias
+    assert specs == {
+        ("Linear", (256, 64), (256, 128), True, (), False, True),
+        ("Linear", (256, 128), (256, 4), True, (), True, True),
+    }
+    entry = {"module": "2", "phase": "forward", "entry": True}
+    assert cpu_kernels.kernel_extra(scratch, entry) == 400.0
+    assert cpu_kernels.kernel_extra(scratch, {**entry, "entry": False}) == 0.0  # a boundary
+    assert cpu_kernels.kernel_extra(scratch, {**entry, "module": "1"}) == 0.0  # the ReLU
+
+
+def test_no_kernel_scratch_off_cpu_or_for_layers_too_large(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    facts = read_facts(linear_profile())
+    monkeypatch.setattr(cpu_kernels, "PROBE_LIMIT_BYTES", 1000)
+    assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}
+    monkeypatch.undo()
+    gpu = dataclasses.replace(facts.profile.device, kind="cuda", name="NVIDIA H100")
+    monkeypatch.setattr(facts.profile, "device", gpu)
+    assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}

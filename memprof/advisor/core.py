@@ -76,6 +76,8 @@ def read_facts(profile: Profile) -> Facts:
     top["transient"] = True
     samples.append(top)
     entries = _entries(samples)
+    for largest in entries.values():
+        largest["entry"] = True  # stands for the inside of its module (see cpu_kernels)
     for s in samples:
         if s.get("transient"):
             entry = entries.get((s["module"], s["phase"]))

@@ -21,8 +21,8 @@ import torch
 from memprof.advisor.core import TRAINING_ONLY_REASON, Change, Facts, Sample, Transform
 from memprof.advisor.mixed_precision import (
     _apply_pure_bf16,
+    cpu_kernel_caveats,
     pure_bf16_transform,
-    slow_conv_caveats,
 )
 from memprof.advisor.workload import SimState
 
@@ -70,7 +70,7 @@ def predict(facts: Facts) -> list[Change]:
         transform=master_weights_transform(facts),
         apply=_apply,
         caveats=["same bytes per parameter as fp32 for Adam (16): the saving is activations",
-                 *slow_conv_caveats(facts, torch.bfloat16)],
+                 *cpu_kernel_caveats(facts, torch.bfloat16)],
         quality_cost=0.1,
         speed_cost=-0.2,
         training_only=True,

@@ -33,6 +33,10 @@ What the predictions model, all of it read from the fp32 profile:
   buffer in forward and backward (:mod:`memprof.advisor.cpu_kernels`): inside such a layer the
   scratch is its own entry scratch halved plus the columns and its 16-bit output or input
   gradient, from the layer geometry the profile records.
+- **16-bit kernel scratch on a CPU**: where oneDNN runs 16-bit matmuls (and convolutions) it
+  takes a scratchpad from PyTorch's allocator that fp32's MKL kernels do not; it is measured on
+  this machine per layer shape (:func:`memprof.advisor.cpu_kernels.kernel_scratch`) and added
+  inside each layer.
 - **GradScaler** (fp16): scales the loss (a scalar), unscales the gradients in place
   (``_amp_foreach_non_finite_check_and_unscale_``) and keeps a scale, a growth tracker and an
   inf flag: a few scalars, no copy of the gradients.
@@ -53,7 +57,7 @@ from typing import Any
 import torch
 
 from memprof.advisor.core import MATMUL_TYPES, Change, Facts, Sample, Transform, _nbytes
-from memprof.advisor.cpu_kernels import conv_scratch, slow_conv_work
+from memprof.advisor.cpu_kernels import conv_scratch, kernel_extra, kernel_scratch, slow_conv_work
 from memprof.advisor.workload import SimState
 
 #: Norms whose saved input stays fp32 under autocast (the fp32 residual stream; CUDA's fp32
@@ -269,6 +273,7 @@ def autocast_transform(
     CPU's slow 16-bit path (see :mod:`memprof.advisor.cpu_kernels`)."""
     lay = layout or autocast_layout(facts, target_device(facts))
     work = slow_conv_work(facts, dtype)
+    kernels = kernel_scratch(facts, dtype)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -277,7 +282,8 @@ def autocast_transform(
         if s["phase"] in ("forward", "backward"):
             temp *= 0.5
         conv = conv_scratch(work, s)
-        out["temporary"] = max(temp if conv is None else conv, _loss_scratch(lay, s))
+        temp = (temp if conv is None else conv) + kernel_extra(kernels, s)
+        out["temporary"] = max(temp, _loss_scratch(lay, s))
         return out
 
     return transform
@@ -303,6 +309,7 @@ def pure_bf16_transform(facts: Facts) -> Transform:
     keep_input = 1.0 - 0.5 * facts.float_input_fraction
     lay = pure_layout(facts, target_device(facts))
     work = slow_conv_work(facts, torch.bfloat16)
+    kernels = kernel_scratch(facts, torch.bfloat16)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
@@ -311,6 +318,7 @@ def pure_bf16_transform(facts: Facts) -> Transform:
         out["activation"] = lay.activation(float(s["activation"]))
         conv = conv_scratch(work, s)
         temp = 0.5 * float(s["temporary"]) if conv is None else conv
+        temp += kernel_extra(kernels, s)
         out["temporary"] = max(temp, _loss_scratch(lay, s))
         out["input"] = s["input"] * keep_input
         return out
@@ -340,19 +348,29 @@ def _matmul_weight_bytes(facts: Facts) -> float:
     return float(sum(r["parameter"] for r in rows if r["type"] in MATMUL_TYPES))
 
 
-def slow_conv_caveats(facts: Facts, dtype: torch.dtype) -> list[str]:
-    """What the prediction adds for convolutions that take the CPU's slow 16-bit path here."""
-    work = slow_conv_work(facts, dtype)
-    if not work:
-        return []
+def cpu_kernel_caveats(facts: Facts, dtype: torch.dtype) -> list[str]:
+    """What the prediction adds for this CPU's 16-bit kernels: the slow convolution path's
+    columns, and the scratch measured for oneDNN's matmuls (and convolutions)."""
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
-    largest = max(w.columns for w in work.values())
-    return [
-        f"this CPU has no {name} oneDNN: its convolutions take the slow path, "
-        f"which unfolds the input into a {name} columns buffer in forward and backward "
-        f"(largest {largest:.0f} B), counted in the scratch inside each; advised on a GPU or "
-        f"a CPU with {name} oneDNN they would not"
-    ]
+    out = []
+    work = slow_conv_work(facts, dtype)
+    if work:
+        largest = max(w.columns for w in work.values())
+        out.append(
+            f"this CPU has no {name} oneDNN: its convolutions take the slow path, "
+            f"which unfolds the input into a {name} columns buffer in forward and backward "
+            f"(largest {largest:.0f} B), counted in the scratch inside each; advised on a GPU "
+            f"or a CPU with {name} oneDNN they would not"
+        )
+    kernels = kernel_scratch(facts, dtype)
+    if kernels:
+        layer, scratch = max(kernels.items(), key=lambda kv: max(kv[1].forward, kv[1].backward))
+        out.append(
+            f"this CPU's {name} kernels take scratch that fp32's do not (measured here by "
+            f"running each layer's shapes: largest {max(scratch.forward, scratch.backward):.0f} B"
+            f", in {layer!r}), counted inside each layer; a GPU's kernels differ"
+        )
+    return out
 
 
 def predict(facts: Facts) -> list[Change]:
@@ -385,7 +403,7 @@ def predict(facts: Facts) -> list[Change]:
                 "fp32 (autocast's CUDA fp32 list): attention-heavy models save more than "
                 "predicted",
                 *attention,
-                *slow_conv_caveats(facts, torch.bfloat16),
+                *cpu_kernel_caveats(facts, torch.bfloat16),
             ],
             quality_cost=0.1,
             speed_cost=-0.3,
@@ -403,7 +421,7 @@ def predict(facts: Facts) -> list[Change]:
                 "a step whose gradients overflow is skipped (the scale halves): no optimizer "
                 "state is created by a skipped first step",
                 *attention,
-                *slow_conv_caveats(facts, torch.float16),
+                *cpu_kernel_caveats(facts, torch.float16),
             ],
             quality_cost=0.15,
             speed_cost=-0.3,
@@ -422,7 +440,7 @@ def predict(facts: Facts) -> list[Change]:
                 "bf16 weight updates lose small steps (8-bit mantissa): use stochastic "
                 "rounding or fp32 master weights for long runs",
                 *attention,
-                *slow_conv_caveats(facts, torch.bfloat16),
+                *cpu_kernel_caveats(facts, torch.bfloat16),
             ],
             quality_cost=0.3,
             speed_cost=-0.3,
