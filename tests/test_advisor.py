@@ -157,6 +157,55 @@ def test_structured_pruning_builds_a_narrower_model_within_10pct() -> None:
     assert params < ref.profile.optimizers[0]["parameter_bytes"]
 
 
+def test_structured_channel_pruning_builds_narrower_convolutions_within_10pct() -> None:
+    # cnn_workload: block(3, 16) -> block(16, 16) -> block(16, 16), each Conv-BatchNorm-ReLU in
+    # a Sequential of its own: one pair, the first block's conv and the second's.
+    _change, m, ref = check(
+        "cnn", cnn_workload, "pruning", 0.10, method="structured (channels of convolution pairs)"
+    )
+    assert m.peak_bytes < ref.peak_bytes
+    conv1, conv2 = 16 * 3 * 9 + 16, 16 * 16 * 9 + 16  # weights + biases, elements
+    bn = 2 * 16
+    # half of conv1's filters and biases, half of conv2's input channels (its biases stay),
+    # half of the BatchNorm's weights and biases
+    removed = 4 * (8 * 3 * 9 + 8 + 16 * 8 * 9 + bn // 2)
+    before = ref.profile.optimizers[0]["parameter_bytes"]
+    assert before - m.profile.optimizers[0]["parameter_bytes"] == removed
+    assert conv1 + conv2 + bn < before // 4  # the other layers are untouched
+
+
+def test_pairs_read_from_the_model_and_from_its_profile_agree() -> None:
+    from memprof.advisor.pruning import model_pairs, profile_pairs
+
+    for name, factory in (("mlp", mlp_workload), ("wide", wide_mlp_workload),
+                          ("cnn", cnn_workload)):
+        w, ref = measured(name, factory)
+        assert model_pairs(w.model) == profile_pairs(read_facts(ref.profile)), name
+    # nested Sequentials run one after the other: the pair crosses blocks
+    assert [(p.first, p.second, p.between) for p in model_pairs(cnn_workload().model)] == [
+        ("0.0", "1.0", ("0.1", "0.2"))
+    ]
+
+
+def test_no_pair_where_the_data_flow_is_not_known_or_the_layers_do_not_chain() -> None:
+    from memprof.advisor.pruning import model_pairs
+
+    class Block(nn.Module):  # its forward could use its layers in any order
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b(self.act(self.a(x)))
+
+    assert model_pairs(Block()) == []
+    assert model_pairs(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 8))) == []
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    assert model_pairs(grouped) == []
+    pairs = model_pairs(nn.Sequential(nn.Conv2d(4, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3)))
+    assert [(p.first, p.second, p.kind) for p in pairs] == [("0", "2", "conv")]
+
+
 def test_csr_break_even_density() -> None:
     from memprof.advisor.pruning import csr_break_even_density
 

@@ -7,13 +7,18 @@
 * Stored sparse (CSR: values + int64 column indices + int64 row pointers) a tensor saves only
   below a break-even density, computed per tensor: ``d* = (e*s - 8*(rows+1)) / (e*(s+8))`` for
   ``e`` elements of ``s`` bytes (about 33% density, 67% zeros, for fp32).
-* Structured pruning removes hidden units of Linear -> activation -> Linear pairs inside an
-  ``nn.Sequential``: both matrices really shrink, and so do the hidden activations.
+* Structured pruning removes the hidden units of Linear -> elementwise -> Linear pairs, and the
+  channels of Conv -> BatchNorm/elementwise/pooling -> Conv pairs, where they run one after the
+  other inside ``nn.Sequential`` containers (nested ones included): the first layer's output
+  units, the second's matching inputs and a BatchNorm's statistics between them go, so the
+  tensors really shrink, and so do the activations saved between them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,59 +76,127 @@ def _apply_prune_remove(names: list[str], amount: float) -> Any:
     return apply
 
 
-def structured_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(first, second) Linear names inside a Sequential joined by elementwise modules only."""
-    pairs: list[tuple[str, str]] = []
-    for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+#: Modules that act on each channel (or feature) on its own: what may stand between the two
+#: layers of a structured pair, narrowed along with them.
+CHANNELWISE = ELEMENTWISE | frozenset({
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Dropout2d", "Dropout3d", "Identity",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+})
+LINEAR_TYPES = frozenset({"Linear"})
+CONV_TYPES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A module as structured pruning sees it: its width in and out (features or channels)."""
+
+    name: str
+    type: str
+    width_in: int = 0
+    width_out: int = 0
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two layers of the same kind where the first's outputs are the second's only inputs,
+    with channelwise modules between them: the first's output units can be removed."""
+
+    first: str
+    second: str
+    between: tuple[str, ...]
+    kind: str  # "linear" or "conv"
+
+
+def find_pairs(chain: list[Layer]) -> list[Pair]:
+    """Pairs in a chain of layers that run one after the other; a layer is in one pair at most."""
+    pairs: list[Pair] = []
+    used: set[str] = set()
+    for i, a in enumerate(chain):
+        kind = "linear" if a.type in LINEAR_TYPES else "conv" if a.type in CONV_TYPES else None
+        if kind is None or a.name in used or a.groups != 1:
             continue
-        items = list(seq.named_children())
-        for i, (name, mod) in enumerate(items):
-            if not isinstance(mod, nn.Linear):
-                continue
-            for later_name, later in items[i + 1 :]:
-                if isinstance(later, nn.Linear):
-                    used = {n for pair in pairs for n in pair}
-                    first = f"{prefix}.{name}".lstrip(".")
-                    if later.in_features == mod.out_features and first not in used:
-                        pairs.append(
-                            (f"{prefix}.{name}".lstrip("."), f"{prefix}.{later_name}".lstrip("."))
-                        )
-                    break
-                if type(later).__name__ not in ELEMENTWISE:
-                    break
+        between: list[str] = []
+        for b in chain[i + 1 :]:
+            if b.type in (LINEAR_TYPES if kind == "linear" else CONV_TYPES):
+                if b.groups == 1 and b.width_in == a.width_out and b.width_in > 1:
+                    pairs.append(Pair(a.name, b.name, tuple(between), kind))
+                    used.update((a.name, b.name))
+                break
+            if b.type not in CHANNELWISE:
+                break
+            between.append(b.name)
     return pairs
 
 
-def _row_pairs(facts: Facts) -> list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
-    """The same pairs read from the profile's module table (types and order only)."""
-    rows = facts.module_rows()
-    out: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
-    for seq in (r for r in rows if r["type"] == "Sequential"):
-        children = [r for r in rows if r["parent"] == seq["module"]]
-        for i, r in enumerate(children):
-            if r["type"] != "Linear":
-                continue
-            between: list[dict[str, Any]] = []
-            for later in children[i + 1 :]:
-                if later["type"] == "Linear":
-                    if all(r is not o[1] for o in out):
-                        out.append((r, later, between))
-                    break
-                if later["type"] not in ELEMENTWISE:
-                    break
-                between.append(later)
-    return out
+def _chains(tree: dict[str, list[str]], is_sequential: Callable[[str], bool]) -> list[list[str]]:
+    """Module names in the order they run, for each outermost ``nn.Sequential`` (its own
+    Sequential children spliced in: each output is the next one's only input)."""
+    parents = {child: name for name, children in tree.items() for child in children}
+    return [_run_order(name, tree, is_sequential) for name in tree if is_sequential(name)
+            and not (name in parents and is_sequential(parents[name]))]
 
 
-def structured_transform(facts: Facts, keep: float) -> Transform:
-    removed_p = 0.0
-    removed_act = 0.0
-    narrowed: set[str] = set()  # modules whose work is as wide as the pruned hidden units
-    for first, second, between in _row_pairs(facts):
-        removed_p += (1 - keep) * (float(first["parameter"]) + float(second["parameter"]))
-        removed_act += (1 - keep) * sum(float(b["activation"]) for b in between)
-        narrowed.update(str(r["module"]) for r in (first, second, *between))
+def _run_order(name: str, tree: dict[str, list[str]], is_sequential: Callable[[str], bool]
+               ) -> list[str]:
+    # A plain function, not a closure calling itself: that would be a reference cycle holding
+    # the model's old modules (and their weights) until the garbage collector runs.
+    return [leaf for child in tree.get(name, []) for leaf in
+            (_run_order(child, tree, is_sequential) if is_sequential(child) else [child])]
+
+
+def model_pairs(model: nn.Module) -> list[Pair]:
+    """The structured pairs of ``model``, read from its modules."""
+    modules = dict(model.named_modules())
+    tree = {name: [f"{name}.{c}".lstrip(".") for c, _ in m.named_children()]
+            for name, m in modules.items()}
+
+    def layer(name: str) -> Layer:
+        m = modules[name]
+        if isinstance(m, nn.Linear):
+            return Layer(name, "Linear", m.in_features, m.out_features)
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            return Layer(name, type(m).__name__, m.in_channels, m.out_channels, m.groups)
+        return Layer(name, type(m).__name__)
+
+    chains = _chains(tree, lambda n: isinstance(modules[n], nn.Sequential))
+    return [p for chain in chains for p in find_pairs([layer(n) for n in chain])]
+
+
+def profile_pairs(facts: Facts) -> list[Pair]:
+    """The same pairs read from the profile: module types, order and recorded shapes."""
+    stats = {m.name: m for m in facts.profile.modules_stats}
+    tree: dict[str, list[str]] = {name: [] for name in stats}
+    for m in facts.profile.modules_stats:
+        if m.parent is not None and m.parent in tree:
+            tree[m.parent].append(m.name)
+
+    def layer(name: str) -> Layer:
+        m = stats[name]
+        g = m.geometry
+        if "input" not in g or "output" not in g or not (
+            m.type in LINEAR_TYPES or m.type in CONV_TYPES
+        ):
+            return Layer(name, m.type)
+        axis = -1 if m.type in LINEAR_TYPES else 1
+        return Layer(name, m.type, g["input"][axis], g["output"][axis], g.get("groups", 1))
+
+    chains = _chains(tree, lambda n: stats[n].type == "Sequential")
+    return [p for chain in chains for p in find_pairs([layer(n) for n in chain])]
+
+
+def structured_transform(facts: Facts, pairs: list[Pair], keep: float) -> Transform:
+    """Parameters (and a BatchNorm's buffers) of the paired layers and what stands between
+    them, and the activations saved between them, x ``keep``."""
+    rows = {str(r["module"]): r for r in facts.module_rows()}
+    removed_p = removed_b = removed_act = 0.0
+    narrowed: set[str] = set()  # modules whose work is as wide as the pruned units
+    for pair in pairs:
+        inside = [rows[n] for n in (pair.first, *pair.between, pair.second)]
+        removed_p += (1 - keep) * sum(float(r["parameter"]) for r in inside)
+        removed_b += (1 - keep) * sum(float(r["buffer"]) for r in inside)
+        removed_act += (1 - keep) * sum(float(r["activation"]) for r in inside[1:])
+        narrowed.update(str(r["module"]) for r in inside)
     p = float(facts.parameter_bytes) or 1.0
     frac = removed_p / p
     peak_act = max((s["activation"] for s in facts.samples), default=0.0)
@@ -133,45 +206,89 @@ def structured_transform(facts: Facts, keep: float) -> Transform:
         out = dict(s)
         for c in ("parameter", "gradient", "optimizer_state"):
             out[c] = s[c] * (1 - frac)
+        out["buffer"] = max(0.0, s["buffer"] - removed_b)  # a model's buffers live throughout
         out["activation"] = s["activation"] * act_ratio
         if s["phase"] == "optimizer":
             out["temporary"] = s["temporary"] * (1 - frac)
         elif s.get("module") in narrowed:
             # Inside a pruned pair, forward and backward scratch (the hidden activations'
-            # gradients, the weight gradient being formed) is as wide as the hidden units.
+            # gradients, the weight gradient being formed) is as wide as the kept units.
             out["temporary"] = s["temporary"] * keep
         return out
 
     return transform
 
 
+Narrowable = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _narrow_norm(norm: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
+    """A copy of a BatchNorm with only the kept channels (parameters and statistics)."""
+    new = type(norm)(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                     track_running_stats=norm.track_running_stats)
+    with torch.no_grad():
+        for name, t in [*norm.named_parameters(recurse=False),
+                        *norm.named_buffers(recurse=False)]:
+            getattr(new, name).copy_(t if t.dim() == 0 else t[keep])
+    dtype = norm.weight.dtype if norm.weight is not None else torch.float32
+    return new.to(dtype)
+
+
+def _narrow_layer(layer: Narrowable, keep_out: torch.Tensor | None,
+                  keep_in: torch.Tensor | None) -> nn.Module:
+    """A copy of a Linear or convolution with only the kept output and input units."""
+    weight = layer.weight.detach()
+    if keep_out is not None:
+        weight = weight[keep_out]
+    if keep_in is not None:
+        weight = weight[:, keep_in]
+    bias = layer.bias.detach() if layer.bias is not None else None
+    if bias is not None and keep_out is not None:
+        bias = bias[keep_out]
+    # A fresh module, not a copy: a copy would carry the hooks (and a profiler's) along.
+    new: Narrowable
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                        dtype=weight.dtype)
+    else:
+        conv: Any = type(layer)  # each ConvNd's own tuple sizes
+        new = conv(weight.shape[1], weight.shape[0], layer.kernel_size, stride=layer.stride,
+                   padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
+                   padding_mode=layer.padding_mode, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None and new.bias is not None:
+            new.bias.copy_(bias)
+    new.requires_grad_(layer.weight.requires_grad)
+    return new
+
+
 def _apply_structured(keep: float) -> Any:
     def apply(state: SimState) -> None:
-        pairs = structured_pairs(state.model)
         modules = dict(state.model.named_modules())
         replaced: dict[int, nn.Parameter] = {}
-        for a_name, b_name in pairs:
-            a, b = modules[a_name], modules[b_name]
-            n = a.out_features
+        for pair in model_pairs(state.model):
+            a, b = modules[pair.first], modules[pair.second]
+            assert isinstance(a, Narrowable)
+            assert isinstance(b, Narrowable)
+            n = a.weight.shape[0]
             k = max(1, math.ceil(n * keep))
-            score = a.weight.detach().abs().sum(dim=1) * b.weight.detach().abs().sum(dim=0)
+            # a unit's importance: its weights in and out (L1), as for Linear pairs
+            score = (a.weight.detach().abs().flatten(1).sum(1)
+                     * b.weight.detach().abs().transpose(0, 1).flatten(1).sum(1))
             idx = score.topk(k).indices.sort().values
-            na = nn.Linear(a.in_features, k, bias=a.bias is not None, dtype=a.weight.dtype)
-            nb = nn.Linear(k, b.out_features, bias=b.bias is not None, dtype=b.weight.dtype)
-            with torch.no_grad():
-                na.weight.copy_(a.weight[idx])
-                if a.bias is not None:
-                    na.bias.copy_(a.bias[idx])
-                nb.weight.copy_(b.weight[:, idx])
-                if b.bias is not None:
-                    nb.bias.copy_(b.bias)
-            for old, new in ((a, na), (b, nb)):
-                for pname in ("weight", "bias"):
-                    if getattr(old, pname) is not None:
-                        replaced[id(getattr(old, pname))] = getattr(new, pname)
-            for name, new in ((a_name, na), (b_name, nb)):
+            new = {pair.first: _narrow_layer(a, idx, None),
+                   pair.second: _narrow_layer(b, None, idx)}
+            for name in pair.between:
+                norm = modules[name]
+                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                    new[name] = _narrow_norm(norm, idx)
+            for name, module in new.items():
+                old = modules[name]
+                for pname, param in old.named_parameters(recurse=False):
+                    replaced[id(param)] = getattr(module, pname)
                 parent, _, child = name.rpartition(".")
-                setattr(modules[parent] if parent else state.model, child, new)
+                setattr(modules[parent] if parent else state.model, child, module)
         for g in state.param_groups:
             g["params"] = [replaced.get(id(p), p) for p in g["params"]]
 
@@ -225,15 +342,22 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
                 group="pruning",
             )
         )
-    if _row_pairs(facts):
+    pairs = profile_pairs(facts)
+    if pairs:
         keep = 1 - amount
+        kinds = {p.kind for p in pairs}
+        what = " and ".join(
+            w for k, w in (("linear", "hidden units of Linear pairs"),
+                           ("conv", "channels of convolution pairs")) if k in kinds
+        )
         out.append(
             Change(
                 "pruning",
-                {"method": "structured (hidden units of Linear pairs)", "keep": keep},
-                f"parameters, grads and states of the paired Linears x{keep}, their hidden "
-                f"activations x{keep} (pairs read from the module table)",
-                transform=structured_transform(facts, keep),
+                {"method": f"structured ({what})", "keep": keep},
+                f"parameters, grads and states of {len(pairs)} layer pairs (and any BatchNorm "
+                f"between) x{keep}, the activations saved between them x{keep} (pairs read "
+                "from the module table and the recorded shapes)",
+                transform=structured_transform(facts, pairs, keep),
                 apply=_apply_structured(keep),
                 caveats=["accuracy drops without fine-tuning: check the quality column"],
                 quality_cost=1.0,
