@@ -174,11 +174,25 @@ def test_structured_channel_pruning_builds_narrower_convolutions_within_10pct() 
     assert conv1 + conv2 + bn < before // 4  # the other layers are untouched
 
 
+def test_gpt2_structured_pruning_of_heads_and_mlp_units_within_10pct() -> None:
+    # GPT-2 (2 blocks, width 64, 2 heads of 32, MLP 256): keep 1 head and 128 MLP units a block
+    _change, m, ref = check(
+        "gpt2", gpt2_workload, "pruning", 0.10,
+        method="structured (MLP hidden units and attention heads)",
+    )
+    attn = (64 * 192 + 192) // 2 + 32 * 64  # c_attn's q, k, v columns and biases; c_proj rows
+    mlp = (64 * 256 + 256) // 2 + 128 * 64  # c_fc's columns and biases; c_proj's rows
+    before = ref.profile.optimizers[0]["parameter_bytes"]
+    assert before - m.profile.optimizers[0]["parameter_bytes"] == 2 * 4 * (attn + mlp)
+    assert m.peak_bytes < ref.peak_bytes
+    assert m.loss_drift is not None and m.loss_drift > 0  # a different model, measured
+
+
 def test_pairs_read_from_the_model_and_from_its_profile_agree() -> None:
     from memprof.advisor.pruning import model_pairs, profile_pairs
 
     for name, factory in (("mlp", mlp_workload), ("wide", wide_mlp_workload),
-                          ("cnn", cnn_workload)):
+                          ("cnn", cnn_workload), ("gpt2", gpt2_workload)):
         w, ref = measured(name, factory)
         assert model_pairs(w.model) == profile_pairs(read_facts(ref.profile)), name
     # nested Sequentials run one after the other: the pair crosses blocks

@@ -11,7 +11,10 @@
   channels of Conv -> BatchNorm/elementwise/pooling -> Conv pairs, where they run one after the
   other inside ``nn.Sequential`` containers (nested ones included): the first layer's output
   units, the second's matching inputs and a BatchNorm's statistics between them go, so the
-  tensors really shrink, and so do the activations saved between them.
+  tensors really shrink, and so do the activations saved between them. GPT-2-style blocks
+  (transformers' Conv1D) get the same for their MLP's hidden units and their attention heads.
+* ``torch.nn.utils.prune`` is offered for every layer with a weight of its own (Linear,
+  convolutions, Conv1D).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ def csr_break_even_density(
     )
 
 
-def _linear_rows(facts: Facts) -> list[dict[str, Any]]:
-    return [
-        r for r in facts.module_rows() if r["type"] in ("Linear", "Conv2d") and r["parameter"] > 0
-    ]
+#: Layers ``torch.nn.utils.prune`` is offered for: each has a ``weight`` of its own.
+PRUNABLE_TYPES = frozenset({"Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d"})
+
+
+def _weight_rows(facts: Facts) -> list[dict[str, Any]]:
+    return [r for r in facts.module_rows() if r["type"] in PRUNABLE_TYPES and r["parameter"] > 0]
 
 
 def prune_transform(extra: float) -> Transform:
@@ -105,7 +110,7 @@ class Pair:
     first: str
     second: str
     between: tuple[str, ...]
-    kind: str  # "linear" or "conv"
+    kind: str  # "linear", "conv", "mlp" (a GPT-2 MLP) or "heads" (a GPT-2 attention)
 
 
 def find_pairs(chain: list[Layer]) -> list[Pair]:
@@ -145,6 +150,22 @@ def _run_order(name: str, tree: dict[str, list[str]], is_sequential: Callable[[s
             (_run_order(child, tree, is_sequential) if is_sequential(child) else [child])]
 
 
+def block_pairs(tree: dict[str, list[str]], type_of: Callable[[str], str]) -> list[Pair]:
+    """Pairs inside GPT-2-style blocks (transformers' Conv1D layers, whose forward is known):
+    an MLP's hidden units (``c_fc`` -> ``act`` -> ``c_proj``) and an attention's heads
+    (``c_attn`` -> the attention itself -> ``c_proj``; cross-attention, with ``q_attn``, is
+    left alone)."""
+    out: list[Pair] = []
+    for name, children in tree.items():
+        kids = {child.rpartition(".")[2]: child for child in children}
+        conv1d = {k for k, child in kids.items() if type_of(child) == "Conv1D"}
+        if {"c_fc", "c_proj"} <= conv1d and "act" in kids:
+            out.append(Pair(kids["c_fc"], kids["c_proj"], (kids["act"],), "mlp"))
+        elif {"c_attn", "c_proj"} <= conv1d and "q_attn" not in kids:
+            out.append(Pair(kids["c_attn"], kids["c_proj"], (name,), "heads"))
+    return out
+
+
 def model_pairs(model: nn.Module) -> list[Pair]:
     """The structured pairs of ``model``, read from its modules."""
     modules = dict(model.named_modules())
@@ -160,7 +181,13 @@ def model_pairs(model: nn.Module) -> list[Pair]:
         return Layer(name, type(m).__name__)
 
     chains = _chains(tree, lambda n: isinstance(modules[n], nn.Sequential))
-    return [p for chain in chains for p in find_pairs([layer(n) for n in chain])]
+    blocks = [
+        p for p in block_pairs(tree, lambda n: type(modules[n]).__name__)
+        if p.kind != "heads" or all(
+            hasattr(modules[p.between[0]], a) for a in ("num_heads", "head_dim", "split_size")
+        )
+    ]
+    return [p for chain in chains for p in find_pairs([layer(n) for n in chain])] + blocks
 
 
 def profile_pairs(facts: Facts) -> list[Pair]:
@@ -182,7 +209,8 @@ def profile_pairs(facts: Facts) -> list[Pair]:
         return Layer(name, m.type, g["input"][axis], g["output"][axis], g.get("groups", 1))
 
     chains = _chains(tree, lambda n: stats[n].type == "Sequential")
-    return [p for chain in chains for p in find_pairs([layer(n) for n in chain])]
+    blocks = block_pairs(tree, lambda n: stats[n].type)
+    return [p for chain in chains for p in find_pairs([layer(n) for n in chain])] + blocks
 
 
 def structured_transform(facts: Facts, pairs: list[Pair], keep: float) -> Transform:
@@ -263,27 +291,68 @@ def _narrow_layer(layer: Narrowable, keep_out: torch.Tensor | None,
     return new
 
 
+def _narrow_conv1d(layer: Any, cols: torch.Tensor | None, rows: torch.Tensor | None
+                   ) -> nn.Module:
+    """A copy of a transformers Conv1D (weight ``(in, out)``) with only the kept output
+    columns and input rows."""
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    if rows is not None:
+        weight = weight[rows]
+    if cols is not None:
+        weight, bias = weight[:, cols], bias[cols]
+    new: Any = type(layer)(weight.shape[1], weight.shape[0]).to(weight.dtype)  # Conv1D(nf, nx)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    new.requires_grad_(layer.weight.requires_grad)
+    return new
+
+
+def _top(score: torch.Tensor, keep: float) -> torch.Tensor:
+    """The indices of the ``keep`` fraction of units that score highest, in order."""
+    k = max(1, math.ceil(len(score) * keep))
+    return score.topk(k).indices.sort().values
+
+
+def _narrowed(pair: Pair, modules: dict[str, nn.Module], keep: float) -> dict[str, nn.Module]:
+    """The new modules for ``pair``, by name. A unit's importance is the L1 norm of its
+    weights in times that of its weights out."""
+    a: Any = modules[pair.first]  # Linear, convolution or Conv1D: each has a weight
+    b: Any = modules[pair.second]
+    wa, wb = a.weight.detach().abs(), b.weight.detach().abs()
+    if pair.kind == "mlp":  # Conv1D: c_fc (embed, hidden) -> c_proj (hidden, embed)
+        idx = _top(wa.sum(0) * wb.sum(1), keep)
+        return {pair.first: _narrow_conv1d(a, idx, None), pair.second: _narrow_conv1d(b, None, idx)}
+    if pair.kind == "heads":  # c_attn (embed, 3 x heads x head_dim) -> c_proj
+        attn: Any = modules[pair.between[0]]
+        heads, dim, width = int(attn.num_heads), int(attn.head_dim), int(attn.split_size)
+        per_head = [torch.arange(h * dim, (h + 1) * dim) for h in range(heads)]
+        score = torch.stack([
+            sum(wa[:, part * width + cols].sum() for part in range(3)) * wb[cols].sum()
+            for cols in per_head
+        ])
+        kept = _top(score, keep).tolist()
+        rows = torch.cat([per_head[h] for h in kept])
+        cols = torch.cat([part * width + rows for part in range(3)])
+        attn.num_heads, attn.split_size = len(kept), len(kept) * dim
+        return {pair.first: _narrow_conv1d(a, cols, None),
+                pair.second: _narrow_conv1d(b, None, rows)}
+    assert isinstance(a, Narrowable) and isinstance(b, Narrowable)
+    idx = _top(wa.flatten(1).sum(1) * wb.transpose(0, 1).flatten(1).sum(1), keep)
+    new = {pair.first: _narrow_layer(a, idx, None), pair.second: _narrow_layer(b, None, idx)}
+    for name in pair.between:
+        norm = modules[name]
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            new[name] = _narrow_norm(norm, idx)
+    return new
+
+
 def _apply_structured(keep: float) -> Any:
     def apply(state: SimState) -> None:
         modules = dict(state.model.named_modules())
         replaced: dict[int, nn.Parameter] = {}
         for pair in model_pairs(state.model):
-            a, b = modules[pair.first], modules[pair.second]
-            assert isinstance(a, Narrowable)
-            assert isinstance(b, Narrowable)
-            n = a.weight.shape[0]
-            k = max(1, math.ceil(n * keep))
-            # a unit's importance: its weights in and out (L1), as for Linear pairs
-            score = (a.weight.detach().abs().flatten(1).sum(1)
-                     * b.weight.detach().abs().transpose(0, 1).flatten(1).sum(1))
-            idx = score.topk(k).indices.sort().values
-            new = {pair.first: _narrow_layer(a, idx, None),
-                   pair.second: _narrow_layer(b, None, idx)}
-            for name in pair.between:
-                norm = modules[name]
-                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                    new[name] = _narrow_norm(norm, idx)
-            for name, module in new.items():
+            for name, module in _narrowed(pair, modules, keep).items():
                 old = modules[name]
                 for pname, param in old.named_parameters(recurse=False):
                     replaced[id(param)] = getattr(module, pname)
@@ -296,11 +365,11 @@ def _apply_structured(keep: float) -> Any:
 
 
 def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
-    rows = _linear_rows(facts)
+    rows = _weight_rows(facts)
     out: list[Change] = []
     if rows:
-        names = [r["module"] for r in rows if r["type"] == "Linear"]
-        weight_bytes = float(sum(r["parameter"] for r in rows if r["type"] == "Linear"))
+        names = [r["module"] for r in rows]
+        weight_bytes = float(sum(r["parameter"] for r in rows))
         extra = 2 * weight_bytes
         out.append(
             Change(
@@ -310,7 +379,7 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
                     "amount": amount,
                     "state": "before prune.remove",
                 },
-                f"+{extra:.0f} B: a mask and a recomputed weight per pruned Linear "
+                f"+{extra:.0f} B: a mask and a recomputed weight per pruned layer "
                 f"({weight_bytes:.0f} B of weights), weight_orig kept: memory INCREASES",
                 transform=prune_transform(extra),
                 apply=_apply_prune(names, amount),
@@ -348,7 +417,8 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
         kinds = {p.kind for p in pairs}
         what = " and ".join(
             w for k, w in (("linear", "hidden units of Linear pairs"),
-                           ("conv", "channels of convolution pairs")) if k in kinds
+                           ("conv", "channels of convolution pairs"),
+                           ("mlp", "MLP hidden units"), ("heads", "attention heads")) if k in kinds
         )
         out.append(
             Change(
