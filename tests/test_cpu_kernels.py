@@ -16,12 +16,9 @@ from memprof.advisor.core import read_facts
 from memprof.advisor.cpu_kernels import conv_scratch, mkldnn_runs, slow_conv_work
 
 
-def conv_profile(stride: int = 1, kernel: int = 3, padding: int = 1) -> memprof.Profile:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, kernel, stride=stride, padding=padding), nn.ReLU(),
-                          nn.Conv2d(8, 8, kernel, stride=stride, padding=padding))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(2, 4, 16, 16)
+def trained_profile(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor
+                    ) -> memprof.Profile:
+    """Two steps of ``model(x).sum()``, profiled."""
     with memprof.profile(model, opt) as prof:
         for _ in range(2):
             model(x).sum().backward()
@@ -29,6 +26,14 @@ def conv_profile(stride: int = 1, kernel: int = 3, padding: int = 1) -> memprof.
             opt.zero_grad()
             prof.step()
     return prof.profile
+
+
+def conv_profile(stride: int = 1, kernel: int = 3, padding: int = 1) -> memprof.Profile:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, kernel, stride=stride, padding=padding), nn.ReLU(),
+                          nn.Conv2d(8, 8, kernel, stride=stride, padding=padding))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return trained_profile(model, opt, torch.randn(2, 4, 16, 16))
 
 
 def test_geometry_is_recorded_saved_and_optional(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -102,14 +107,7 @@ def linear_profile() -> memprof.Profile:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(256, 64)
-    with memprof.profile(model, opt) as prof:
-        for _ in range(2):
-            model(x).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            prof.step()
-    return prof.profile
+    return trained_profile(model, opt, torch.randn(256, 64))
 
 
 def test_layer_peaks_are_measured_from_the_allocations() -> None:

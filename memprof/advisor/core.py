@@ -23,7 +23,8 @@ from memprof.profile import Profile
 Sample = dict[str, Any]
 
 #: Module types whose saved activations autocast makes 16-bit, and whose weights it casts.
-MATMUL_TYPES = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Bilinear"})
+CONV_TYPES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
+MATMUL_TYPES = frozenset({"Linear", "Conv1D", "Bilinear"}) | CONV_TYPES
 NORM_TYPES = frozenset(
     {"LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm", "LlamaRMSNorm"}
 )

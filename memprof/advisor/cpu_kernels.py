@@ -33,14 +33,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memprof.advisor.core import Facts
+from memprof.advisor.core import CONV_TYPES, Facts
 from memprof.profile import ModuleStats
 from memprof.tracking.events import default_source
 from memprof.tracking.session import Profiler
 
-CONV_TYPES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
 #: Layers whose 16-bit kernels :func:`kernel_scratch` measures (Conv1D is transformers').
-MATMUL_TYPES = frozenset({"Linear", "Conv1D"})
+PROBED_MATMUL_TYPES = frozenset({"Linear", "Conv1D"})
 #: Layers whose fp32 tensors (input, weight, output) exceed this are not measured (too costly
 #: to run here); their scratch is taken as half the fp32 one, like any other.
 PROBE_LIMIT_BYTES = 256 * 2**20
@@ -139,13 +138,13 @@ def kernel_scratch(facts: Facts, dtype: torch.dtype) -> dict[str, KernelScratch]
     model_inputs = [list(i.get("shape", [])) for i in facts.profile.meta.get("inputs") or []]
     out: dict[str, KernelScratch] = {}
     for m in facts.profile.modules_stats:
-        if m.type not in MATMUL_TYPES and not (m.type in CONV_TYPES and convs_fast):
+        if m.type not in PROBED_MATMUL_TYPES and not (m.type in CONV_TYPES and convs_fast):
             continue
         spec = _layer_spec(m, input_grad=training and m.geometry.get("input") not in model_inputs,
                            weight_grad=training)
         if spec is None:
             continue
-        scratch = _measured_scratch(spec, dtype)
+        scratch = _measured_scratch(spec, dtype, onednn=torch.backends.mkldnn.enabled)
         if scratch.forward > 0 or scratch.backward > 0:
             out[m.name] = scratch
     return out
@@ -170,7 +169,7 @@ def _layer_spec(m: ModuleStats, *, input_grad: bool, weight_grad: bool) -> Layer
     if "input" not in g or "output" not in g:
         return None
     x, y = tuple(g["input"]), tuple(g["output"])
-    if m.type in MATMUL_TYPES:
+    if m.type in PROBED_MATMUL_TYPES:
         weight = x[-1] * y[-1]
         conv: tuple[Any, ...] = ()
     else:
@@ -187,7 +186,8 @@ def _layer_spec(m: ModuleStats, *, input_grad: bool, weight_grad: bool) -> Layer
 
 
 @functools.lru_cache(maxsize=1024)
-def _measured_scratch(spec: LayerSpec, dtype: torch.dtype) -> KernelScratch:
+def _measured_scratch(spec: LayerSpec, dtype: torch.dtype, *, onednn: bool) -> KernelScratch:
+    """Measured once per layer, dtype and oneDNN switch (``onednn`` keys the cache only)."""
     fp32 = _peaks(spec, torch.float32)
     low = _peaks(spec, dtype)
     return KernelScratch(*(max(0.0, a - 0.5 * b) for a, b in zip(low, fp32, strict=True)))
@@ -197,7 +197,7 @@ def _peaks(spec: LayerSpec, dtype: torch.dtype) -> tuple[float, float]:
     """The most bytes allocated at once while ``spec``'s op runs forward, then backward."""
     kind, x_shape, y_shape, has_bias, conv, input_grad, weight_grad = spec
     x = torch.zeros(x_shape, dtype=dtype, requires_grad=input_grad)
-    if kind in MATMUL_TYPES:
+    if kind in PROBED_MATMUL_TYPES:
         # transformers' Conv1D keeps its weight (in, out) and calls addmm
         w_shape = (x_shape[-1], y_shape[-1]) if kind == "Conv1D" else (y_shape[-1], x_shape[-1])
     else:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from memprof.advisor.core import Change, Facts, Sample, Transform
+from memprof.advisor.core import CONV_TYPES, Change, Facts, Sample, Transform
 from memprof.advisor.workload import SimState
 
 ELEMENTWISE = frozenset({"ReLU", "GELU", "SiLU", "Tanh", "Dropout", "LeakyReLU", "Sigmoid"})
@@ -88,7 +88,6 @@ CHANNELWISE = ELEMENTWISE | frozenset({
     "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
 })
 LINEAR_TYPES = frozenset({"Linear"})
-CONV_TYPES = frozenset({"Conv1d", "Conv2d", "Conv3d"})
 
 
 @dataclass(frozen=True)
