@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from memprof.categories import CATEGORIES, PHASES
 from memprof.units import round_up
@@ -61,8 +62,24 @@ class Entry:
 Facts = tuple[int, int, tuple[int, ...], torch.dtype]
 
 
+def storage_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds ``tensor``'s memory: itself, or for a wrapper subclass
+    that owns no storage (DTensor, FSDP2's sharded parameters and gradients) its largest inner
+    tensor (a DTensor's only one: the local shard)."""
+    if type(tensor) is torch.Tensor:  # the hot path: an operator's plain output
+        return tensor
+    while is_traceable_wrapper_subclass(tensor):
+        attrs, _ = tensor.__tensor_flatten__()
+        inner = [x for x in (getattr(tensor, a) for a in attrs) if isinstance(x, torch.Tensor)]
+        if not inner:
+            break
+        tensor = max(inner, key=lambda t: t.numel() * t.element_size())
+    return tensor
+
+
 def facts_of(tensor: torch.Tensor) -> Facts:
     """The :data:`Facts` of ``tensor``."""
+    tensor = storage_tensor(tensor)
     storage = tensor.untyped_storage()
     raw = storage.nbytes()
     return (storage.data_ptr(), round_up(raw, 512) if tensor.is_cuda else raw,
@@ -127,6 +144,7 @@ class StorageLedger:
     # ----------------------------------------------------------------- hot path
     def see(self, tensor: torch.Tensor) -> None:
         """Account an operator's output: a new storage is a temporary of the running module."""
+        tensor = storage_tensor(tensor)
         storage = tensor.untyped_storage()
         entry = self.entries.get(id(storage))
         if entry is not None:
@@ -214,6 +232,7 @@ class StorageLedger:
         """The entry of ``tensor``'s storage, if tracked."""
         if isinstance(tensor, tuple):
             return self.entries.get(tensor[0])
+        tensor = storage_tensor(tensor)
         if self.by_ptr:
             return self.entries.get(tensor.untyped_storage().data_ptr())
         return self.entries.get(id(tensor.untyped_storage()))
@@ -230,6 +249,7 @@ class StorageLedger:
             self.reclassify(entry, category, module)
             return entry
         assert isinstance(tensor, torch.Tensor)
+        tensor = storage_tensor(tensor)
         storage = tensor.untyped_storage()
         entry = self.entries.get(id(storage))
         if entry is None:

@@ -68,6 +68,7 @@ from memprof.tracking.ledger import (
     Facts,
     StorageLedger,
     facts_of,
+    storage_tensor,
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.schedule import StepAction, every_step
@@ -687,6 +688,7 @@ class Profiler:
             module = owner.get(param, OUTSIDE)
             for value in values.values():
                 if isinstance(value, torch.Tensor):
+                    value = storage_tensor(value)
                     if cache is not None:
                         ptr = value.data_ptr()
                         hit = cache.get(id(value))
@@ -713,7 +715,8 @@ class Profiler:
                 "class": type(optimizer).__name__,
                 "defaults": _json_safe(_hyperparameters(optimizer)),
                 "num_parameters": int(sum(p.numel() for p in params)),
-                "parameter_bytes": int(sum(p.untyped_storage().nbytes() for p in params)),
+                "parameter_bytes": int(sum(storage_tensor(p).untyped_storage().nbytes()
+                                           for p in params)),
                 # Per trained tensor: what optimizers with shape-dependent state (Adafactor's
                 # factored moments) or per-tensor scratch need to be predicted.
                 "parameter_shapes": [[int(d) for d in p.shape] for p in params],
