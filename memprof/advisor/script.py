@@ -277,6 +277,10 @@ class _Patcher:
             raise RuntimeError("the change replaced the whole model: it cannot run in a script")
         if state.wrap_step:
             raise RuntimeError("the change rewrites the training step: it cannot run in a script")
+        if state.shard is not None:
+            raise RuntimeError(
+                "the change shards the model over several processes: it cannot run in a script"
+            )
         self.state = state
         self.seen.applied = True
         new_params = [[id(p) for p in g["params"]] for g in state.param_groups] != before

@@ -1,16 +1,26 @@
 """Sharding over N GPUs: ZeRO-1/2/3, FSDP and CPU offload of the optimizer state, per rank.
 
-Per-rank bytes from the profile's own categories at the peak (so the dtype mix is the one
-measured, not assumed): with P parameter, G gradient and O optimizer-state bytes,
-ZeRO-1 keeps P + G + O/N; ZeRO-2 P + G/N + O/N (plus one bucket of unsharded gradients,
-taken as the largest module's gradients); ZeRO-3 and FSDP (FULL_SHARD) (P + G + O)/N plus the
-largest module's parameters and gradients gathered at a time. Activations, inputs and scratch
-stay per rank (the batch per rank is unchanged). CPU offload moves O off the GPU. For
-mixed-precision Adam these are the 4P+12P/N, 2P+14P/N and 16P/N of the ZeRO paper.
-Not simulated: it needs N processes on N devices.
+Per-rank bytes from the profile's own categories (so the dtype mix is the one measured, not
+assumed): with P parameter, G gradient and O optimizer-state bytes, ZeRO-1 keeps P + G + O/N;
+ZeRO-2 P + G/N + O/N (plus one bucket of unsharded gradients, taken as the largest module's
+gradients); ZeRO-3 and FSDP (FULL_SHARD) (P + G + O)/N plus, while forward and backward run,
+what FSDP2 gathers: the running unit's parameters and the next one's (prefetched), the
+all-gather's copy of the local shard and, in backward, the running unit's unsharded gradients
+before they are reduce-scattered. The units are those :func:`memprof.advisor.distributed.
+fsdp_units` wraps (the blocks of a ModuleList, else the root's children with parameters).
+Activations, inputs and scratch stay per rank (the batch per rank is unchanged). In the step
+that creates the optimizer's state (counted as scratch until the step ends) only O/N is
+created. CPU offload moves O off the GPU. For mixed-precision Adam these are the 4P+12P/N,
+2P+14P/N and 16P/N of the ZeRO paper.
+
+Simulated at 2 ranks (ZeRO-1 and ZeRO-3 / FSDP) with real processes on this machine's CPU
+(:mod:`memprof.advisor.distributed`); ZeRO-2 (no PyTorch implementation), more ranks and the
+offload are predicted only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from memprof.advisor.core import (
     TRAINING_ONLY_REASON,
@@ -20,11 +30,18 @@ from memprof.advisor.core import (
     Transform,
     not_applicable,
 )
+from memprof.advisor.distributed import fsdp_units, unavailable_reason
+from memprof.advisor.workload import SimState
+
+#: Ranks simulated with real processes (more would crowd this machine's cores).
+SIMULATED_RANKS = 2
+#: The stages a rank runs with PyTorch's own implementation.
+SIMULATED_STAGES = {"zero1": "zero1", "zero3": "fsdp"}
 
 FORMULAS = {
     "zero1": "P + G + O/N",
     "zero2": "P + G/N + O/N + one gradient bucket",
-    "zero3": "(P + G + O)/N + the largest module gathered",
+    "zero3": "(P + G + O)/N + the running and next units gathered (forward, backward)",
 }
 
 
@@ -34,29 +51,75 @@ def _largest(facts: Facts, column: str) -> float:
     return float(max((r[column] for r in leaves), default=0))
 
 
+def largest_unit(facts: Facts) -> float:
+    """The parameter bytes of the largest FSDP unit (the root's own parameters count as one)."""
+    rows = {str(r["module"]): r for r in facts.module_rows()}
+    tree: dict[str, list[str]] = {name: [] for name in rows}
+    for name, r in rows.items():
+        parent = r.get("parent")
+        if isinstance(parent, str) and parent in tree:
+            tree[parent].append(name)
+    units = fsdp_units(tree, lambda n: str(rows[n]["type"]),
+                       lambda n: float(rows[n]["parameter_total"]) > 0)
+    sizes = [float(rows[u]["parameter_total"]) for u in units]
+    root = float(facts.parameter_bytes) - sum(sizes)
+    return max([*sizes, root], default=0.0)
+
+
 def shard_transform(facts: Facts, stage: str, n: int, offload: bool) -> Transform:
-    largest_p = _largest(facts, "parameter")
     largest_g = _largest(facts, "gradient")
+    unit = largest_unit(facts) if stage in ("zero3", "fsdp") else 0.0
+    opt = facts.profile.optimizers[0] if facts.profile.optimizers else {}
+    state_total = float(opt.get("state_bytes", 0) or 0)
 
     def transform(s: Sample) -> Sample:
         out = dict(s)
         o = 0.0 if offload else s["optimizer_state"] / n
         out["optimizer_state"] = o
-        if stage in ("zero2", "zero3", "fsdp"):
+        if s["phase"] == "optimizer":
+            # the state this step creates is scratch until it ends: only its share is created
+            creating = max(0.0, state_total - s["optimizer_state"])
+            kept = 0.0 if offload else creating / n
+            out["temporary"] = max(0.0, s["temporary"] - creating + kept)
+        if stage == "zero2":
             out["gradient"] = min(s["gradient"], s["gradient"] / n + largest_g)
         if stage in ("zero3", "fsdp"):
-            out["parameter"] = min(s["parameter"], s["parameter"] / n + largest_p)
+            out["parameter"] = s["parameter"] / n
+            out["gradient"] = s["gradient"] / n
+            if s["phase"] in ("forward", "backward"):
+                gathered = 2 * unit + unit / n
+                if s["phase"] == "backward":
+                    gathered += min(unit, s["gradient"])
+                out["other"] = s["other"] + gathered
         return out
 
     return transform
+
+
+def _apply_shard(stage: str, n: int) -> Callable[[SimState], None]:
+    def apply(state: SimState) -> None:
+        state.shard, state.ranks = stage, n
+
+    return apply
 
 
 def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("sharding", {}, TRAINING_ONLY_REASON, group="sharding")]
     out = []
+    why_not = unavailable_reason()
     for n in ranks:
         for stage, label in (("zero1", "ZeRO-1"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3 / FSDP")):
+            simulated = n == SIMULATED_RANKS and stage in SIMULATED_STAGES and why_not is None
+            if simulated:
+                how = (f"simulated on {n} CPU processes over gloo with PyTorch's "
+                       f"{'ZeroRedundancyOptimizer' if stage == 'zero1' else 'FSDP2'}; "
+                       "the largest rank's peak")
+            elif stage == "zero2":
+                how = "not simulated: PyTorch has no ZeRO-2 of its own"
+            else:
+                how = f"not simulated: {why_not}" if why_not else (
+                    f"simulated at {SIMULATED_RANKS} ranks only")
             out.append(
                 Change(
                     "sharding",
@@ -64,8 +127,9 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
                     f"per rank: {FORMULAS[stage]} "
                     "with the profile's P, G, O; activations unchanged",
                     transform=shard_transform(facts, stage, n, False),
+                    apply=_apply_shard(SIMULATED_STAGES[stage], n) if simulated else None,
                     caveats=[
-                        f"needs {n} GPUs and torch.distributed; not simulated here",
+                        f"needs {n} GPUs and torch.distributed; {how}",
                         "communication adds step time (all-gather / reduce-scatter)",
                     ],
                     quality_cost=0.0,

@@ -111,6 +111,10 @@ class SimState:
     free_gradients: bool | None = None
     #: The optimizer steps fp32 copies of the parameters (see :func:`with_master_weights`).
     master_weights: bool = False
+    #: Run on ``ranks`` CPU processes, sharded: "zero1" or "fsdp" (see
+    #: :mod:`memprof.advisor.distributed`).
+    shard: str | None = None
+    ranks: int = 1
     notes: list[str] = field(default_factory=list)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -254,6 +258,10 @@ def run(
     workload: Workload, state: SimState, *, reference: Measurement | None = None
 ) -> Measurement:
     """Run ``workload.steps`` steps of ``state`` under memprof and measure them."""
+    if state.shard is not None:
+        from memprof.advisor.distributed import run_ranks
+
+        return run_ranks(workload, state, reference=reference)
     model = state.model
     batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
     loss_of: StepFn = workload.loss
