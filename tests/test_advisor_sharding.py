@@ -15,7 +15,7 @@ from torch import nn
 from workloads import cnn_workload, gpt2_workload, measured, mlp_workload, wide_mlp_workload
 
 from memprof.advisor import Workload, changes_for, distributed, read_facts
-from memprof.advisor.core import Change
+from memprof.advisor.core import Change, model_tree
 from memprof.advisor.workload import Measurement, SimState, seeded, simulate
 
 if distributed.unavailable_reason() is not None:
@@ -74,8 +74,7 @@ def test_the_users_model_stays_unsharded() -> None:
 
 def units_of(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
-    tree = {n: [f"{n}.{c}".lstrip(".") for c, _ in m.named_children()] for n, m in modules.items()}
-    return distributed.fsdp_units(tree, lambda n: type(modules[n]).__name__,
+    return distributed.fsdp_units(model_tree(model), lambda n: type(modules[n]).__name__,
                                   lambda n: any(True for _ in modules[n].parameters()))
 
 

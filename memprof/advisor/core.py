@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from memprof.categories import CATEGORIES
 from memprof.profile import Profile
 
@@ -50,6 +52,21 @@ class Facts:
 
     def module_rows(self) -> list[dict[str, Any]]:
         return list(self.modules.to_dict(orient="records"))
+
+
+def model_tree(model: nn.Module) -> dict[str, list[str]]:
+    """Each module's qualified name ("" for the root) -> its children's, in order."""
+    return {name: [f"{name}.{child}".lstrip(".") for child, _ in m.named_children()]
+            for name, m in model.named_modules()}
+
+
+def profile_tree(profile: Profile) -> dict[str, list[str]]:
+    """The same tree, read from a profile's module table."""
+    tree: dict[str, list[str]] = {m.name: [] for m in profile.modules_stats}
+    for m in profile.modules_stats:
+        if m.parent is not None and m.parent in tree:
+            tree[m.parent].append(m.name)
+    return tree
 
 
 def read_facts(profile: Profile) -> Facts:

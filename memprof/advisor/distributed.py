@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprof.advisor.core import model_tree
+
 #: How long the ranks may take together before they are killed (a rank that died leaves the
 #: others waiting in a collective until gloo's own timeout).
 RANK_TIMEOUT_S = 300.0
@@ -66,9 +68,7 @@ def shard_model(model: nn.Module) -> list[str]:
     from torch.distributed.fsdp import fully_shard
 
     modules = dict(model.named_modules())
-    tree = {name: [f"{name}.{c}".lstrip(".") for c, _ in m.named_children()]
-            for name, m in modules.items()}
-    units = fsdp_units(tree, lambda n: type(modules[n]).__name__,
+    units = fsdp_units(model_tree(model), lambda n: type(modules[n]).__name__,
                        lambda n: any(True for _ in modules[n].parameters()))
     for name in units:
         fully_shard(modules[name])

@@ -28,7 +28,15 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from memprof.advisor.core import CONV_TYPES, Change, Facts, Sample, Transform
+from memprof.advisor.core import (
+    CONV_TYPES,
+    Change,
+    Facts,
+    Sample,
+    Transform,
+    model_tree,
+    profile_tree,
+)
 from memprof.advisor.workload import SimState
 
 ELEMENTWISE = frozenset({"ReLU", "GELU", "SiLU", "Tanh", "Dropout", "LeakyReLU", "Sigmoid"})
@@ -168,8 +176,7 @@ def block_pairs(tree: dict[str, list[str]], type_of: Callable[[str], str]) -> li
 def model_pairs(model: nn.Module) -> list[Pair]:
     """The structured pairs of ``model``, read from its modules."""
     modules = dict(model.named_modules())
-    tree = {name: [f"{name}.{c}".lstrip(".") for c, _ in m.named_children()]
-            for name, m in modules.items()}
+    tree = model_tree(model)
 
     def layer(name: str) -> Layer:
         m = modules[name]
@@ -192,10 +199,7 @@ def model_pairs(model: nn.Module) -> list[Pair]:
 def profile_pairs(facts: Facts) -> list[Pair]:
     """The same pairs read from the profile: module types, order and recorded shapes."""
     stats = {m.name: m for m in facts.profile.modules_stats}
-    tree: dict[str, list[str]] = {name: [] for name in stats}
-    for m in facts.profile.modules_stats:
-        if m.parent is not None and m.parent in tree:
-            tree[m.parent].append(m.name)
+    tree = profile_tree(facts.profile)
 
     def layer(name: str) -> Layer:
         m = stats[name]

@@ -29,6 +29,7 @@ from memprof.advisor.core import (
     Sample,
     Transform,
     not_applicable,
+    profile_tree,
 )
 from memprof.advisor.distributed import fsdp_units, unavailable_reason
 from memprof.advisor.workload import SimState
@@ -54,12 +55,7 @@ def _largest(facts: Facts, column: str) -> float:
 def largest_unit(facts: Facts) -> float:
     """The parameter bytes of the largest FSDP unit (the root's own parameters count as one)."""
     rows = {str(r["module"]): r for r in facts.module_rows()}
-    tree: dict[str, list[str]] = {name: [] for name in rows}
-    for name, r in rows.items():
-        parent = r.get("parent")
-        if isinstance(parent, str) and parent in tree:
-            tree[parent].append(name)
-    units = fsdp_units(tree, lambda n: str(rows[n]["type"]),
+    units = fsdp_units(profile_tree(facts.profile), lambda n: str(rows[n]["type"]),
                        lambda n: float(rows[n]["parameter_total"]) > 0)
     sizes = [float(rows[u]["parameter_total"]) for u in units]
     root = float(facts.parameter_bytes) - sum(sizes)
