@@ -64,7 +64,7 @@ def largest_unit(facts: Facts) -> float:
 
 def shard_transform(facts: Facts, stage: str, n: int, offload: bool) -> Transform:
     largest_g = _largest(facts, "gradient")
-    unit = largest_unit(facts) if stage in ("zero3", "fsdp") else 0.0
+    unit = largest_unit(facts) if stage == "zero3" else 0.0
     opt = facts.profile.optimizers[0] if facts.profile.optimizers else {}
     state_total = float(opt.get("state_bytes", 0) or 0)
 
@@ -79,7 +79,7 @@ def shard_transform(facts: Facts, stage: str, n: int, offload: bool) -> Transfor
             out["temporary"] = max(0.0, s["temporary"] - creating + kept)
         if stage == "zero2":
             out["gradient"] = min(s["gradient"], s["gradient"] / n + largest_g)
-        if stage in ("zero3", "fsdp"):
+        if stage == "zero3":
             out["parameter"] = s["parameter"] / n
             out["gradient"] = s["gradient"] / n
             if s["phase"] in ("forward", "backward"):
