@@ -26,12 +26,15 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from memprof.advisor.core import model_tree
+
+if TYPE_CHECKING:  # workload.run imports this module when a state is sharded
+    from memprof.advisor.workload import Measurement, SimState, Workload
 
 #: How long the ranks may take together before they are killed (a rank that died leaves the
 #: others waiting in a collective until gloo's own timeout).
@@ -76,7 +79,7 @@ def shard_model(model: nn.Module) -> list[str]:
     return units
 
 
-def _apply_sharding(state: Any) -> None:
+def _apply_sharding(state: SimState) -> None:
     """Shard ``state``'s copy as ``state.shard`` says, inside a rank."""
     if state.shard == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -84,6 +87,7 @@ def _apply_sharding(state: Any) -> None:
         from memprof.advisor.workload import accepted_options
 
         cls = state.optimizer_class
+        assert cls is not None  # sharding rows are training-only
         options = accepted_options(cls, state.defaults)
 
         def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -98,7 +102,8 @@ def _apply_sharding(state: Any) -> None:
         group["params"] = [sharded[names[id(p)]] for p in group["params"]]
 
 
-def run_ranks(workload: Any, state: Any, *, reference: Any) -> Any:
+def run_ranks(workload: Workload, state: SimState, *,
+              reference: Measurement | None) -> Measurement:
     """Run ``state`` (sharded as ``state.shard`` says) on ``state.ranks`` forked CPU ranks and
     return the measurement of the rank whose peak is largest."""
     import memprof
@@ -136,7 +141,8 @@ def run_ranks(workload: Any, state: Any, *, reference: Any) -> Any:
                        r["final_loss"], profile)
 
 
-def _rank(rank: int, folder: Path, workload: Any, state: Any, reference: Any) -> None:
+def _rank(rank: int, folder: Path, workload: Workload, state: SimState,
+          reference: Measurement | None) -> None:
     """One rank, in a forked process: never returns (``os._exit``)."""
     import torch.distributed as dist
 

@@ -53,7 +53,7 @@ def csr_break_even_density(
 
 
 #: Layers ``torch.nn.utils.prune`` is offered for: each has a ``weight`` of its own.
-PRUNABLE_TYPES = frozenset({"Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d"})
+PRUNABLE_TYPES = frozenset({"Linear", "Conv1D"}) | CONV_TYPES
 
 
 def _weight_rows(facts: Facts) -> list[dict[str, Any]]:
