@@ -103,7 +103,8 @@ class Outcome:
               help="Profile the first N optimizer steps only; the script still runs to its end.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               metavar="PATH", help="Profile JSON to write [default: reports/SCRIPT.json]; the "
-              "HTML report goes next to it with an .html suffix.")
+              "HTML report goes next to it with an .html suffix. Under torchrun each rank "
+              "writes its own: SCRIPT.rank0.json, SCRIPT.rank1.json, ...")
 @click.option("--no-html", is_flag=True, help="Write the profile JSON only.")
 @click.option("-f", "--force", is_flag=True, help="Replace existing output files.")
 @click.option("--budget", default=None, metavar="SIZE|GPU",
@@ -138,6 +139,10 @@ def command(
             f"--output {json_path} looks like HTML: it names the profile JSON; the HTML "
             "report is written next to it"
         )
+    # One rank of several (torchrun): its own files, NAME.rank{R}.json and .html.
+    from memprof.tracking.distributed import rank_from_env, rank_path
+
+    json_path = rank_path(json_path, rank_from_env())
     html_path = None if no_html else json_path.with_suffix(".html")
     # Everything the user could get wrong is checked before the script runs.
     output_path(json_path, force=force, what="profile")

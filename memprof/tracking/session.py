@@ -219,6 +219,9 @@ class Profiler:
         self._step_start_bytes = 0
         self._step_started = 0.0
         self._in_backward = False
+        from memprof.tracking.distributed import EngineWatch
+
+        self._engines = EngineWatch()  # DDP/FSDP2 modules, read at each step
         try:
             self._install()
             self._begin_step()
@@ -303,6 +306,8 @@ class Profiler:
         if Profiler._active is not self:
             raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
         device = _device_stats() if self._live_recording else None
+        if self._live_recording:
+            self._watch_engines()
         self._step += 1
         self._forwards_in_step = 0
         # Keep the handles of grad_fn hooks only while their graph lives (to remove them at
@@ -824,8 +829,21 @@ class Profiler:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "backend": self.backend if self._events is None
                 else f"events from {self._events.source.name}",
+                **self._distributed_meta(),
             },
         )
+
+    def _distributed_meta(self) -> dict[str, Any]:
+        """``{"distributed": ...}`` for a rank of a multi-process run or a model wrapped by
+        DDP/FSDP2 (see :mod:`memprof.tracking.distributed`); empty otherwise."""
+        from memprof.tracking import distributed
+
+        self._watch_engines()
+        info = distributed.describe(self._engines, distributed.rank_from_env())
+        return {"distributed": info} if info else {}
+
+    def _watch_engines(self) -> None:
+        self._engines.update(self.registry)
 
     def _device_info(self) -> DeviceInfo:
         param = next(iter(self._model.parameters()), None) if self._model is not None else None
@@ -885,12 +903,19 @@ class Profiler:
         return self.profile.steps()
 
     def save(self, path: Any, *, overwrite: bool = False) -> Any:
-        """Save the profile as JSON: see :meth:`memprof.profile.Profile.save`."""
-        return self.profile.save(path, overwrite=overwrite)
+        """Save the profile as JSON: see :meth:`memprof.profile.Profile.save`. As one rank of
+        several (torchrun), ``run.json`` becomes ``run.rank{R}.json``."""
+        from memprof.tracking.distributed import rank_from_env, rank_path
+
+        return self.profile.save(rank_path(path, rank_from_env()), overwrite=overwrite)
 
     def report(self, path: Any, *, advice: Any = None, overwrite: bool = False) -> Any:
-        """Write the HTML report: see :meth:`memprof.profile.Profile.report`."""
-        return self.profile.report(path, advice=advice, overwrite=overwrite)
+        """Write the HTML report: see :meth:`memprof.profile.Profile.report` (one file per
+        rank, as :meth:`save`)."""
+        from memprof.tracking.distributed import rank_from_env, rank_path
+
+        return self.profile.report(rank_path(path, rank_from_env()), advice=advice,
+                                   overwrite=overwrite)
 
     def summary(self, **kwargs: Any) -> str:
         """Plain-text summary: see :meth:`memprof.profile.Profile.summary`."""

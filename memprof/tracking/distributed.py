@@ -1,0 +1,251 @@
+"""Multi-rank runs: which rank this process is, its own output files, and the memory that
+belongs to the distributed engine (DDP's gradient buckets, FSDP2's gathered parameters).
+
+Launchers such as ``torchrun`` set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; memprof reads
+them (never a collective call: a rank that ends early must not wait on the others) and, with
+more than one rank, writes ``NAME.rank{R}.json`` instead of ``NAME.json``.
+
+The engine's memory is described from the engine's own bookkeeping, read once when the
+profile is built: DDP's ``_get_ddp_logging_data()`` (its bucket sizes, in bytes, and whether
+the gradients are views of the buckets) and, for each FSDP2 unit (a module ``fully_shard``
+wrapped), its ``FSDPParam``'s sharded, padded and unsharded sizes. Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from memprof.tracking.modules import ModuleRegistry
+
+#: The rank tag memprof puts before a file's suffix: ``train.rank0.json``.
+RANK_TAG = re.compile(r"\.rank(\d+)$")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in a multi-process run, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def multi(self) -> bool:
+        """Whether other ranks run too (then each writes its own files)."""
+        return self.world_size > 1
+
+
+def rank_from_env(environ: dict[str, str] | None = None) -> RankInfo | None:
+    """The rank from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; None when no launcher set them
+    (or they are not integers)."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError:
+        return None
+    if world < 1 or not 0 <= rank < world:
+        return None
+    return RankInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def rank_path(path: str | os.PathLike[str], rank: RankInfo | None) -> Path:
+    """``reports/x.json`` as rank 1 of several: ``reports/x.rank1.json``. Unchanged for a
+    single process, or when the name already carries this rank's tag."""
+    target = Path(path)
+    if rank is None or not rank.multi:
+        return target
+    stem = target.stem
+    found = RANK_TAG.search(stem)
+    if found is not None and int(found.group(1)) == rank.rank:
+        return target
+    return target.with_name(f"{stem}.rank{rank.rank}{target.suffix}")
+
+
+def rank_of_name(path: str | os.PathLike[str]) -> int | None:
+    """The rank a file's name carries (``x.rank3.json`` -> 3), or None."""
+    found = RANK_TAG.search(Path(path).stem)
+    return None if found is None else int(found.group(1))
+
+
+# ------------------------------------------------------------------ engine memory
+@dataclass(frozen=True)
+class EngineMemory:
+    """One piece of memory the distributed engine owns, named.
+
+    ``kind``: ``ddp_buckets`` (DDP's flat gradient buckets; when the gradients are views of
+    them, the ``gradient`` category already holds these bytes, ``extra`` is False),
+    ``fsdp_sharded`` (a unit's parameters as this rank keeps them), ``fsdp_unsharded`` (the
+    same parameters gathered, alive while the unit runs), ``fsdp_all_gather`` (the all-gather
+    output buffer of the unit: world size x the padded shards) and ``fsdp_reduce_scatter`` (the
+    reduce-scatter input of its gradients).
+    """
+
+    kind: str
+    module: str
+    nbytes: int
+    extra: bool
+    detail: str
+
+
+class EngineWatch:
+    """Finds the DDP and FSDP2 modules among those the profiler registered and keeps their
+    engine memory, read again at each :meth:`update` (DDP rebuilds its buckets after the first
+    step). The modules are held weakly: a script's model is gone when its profile is built."""
+
+    def __init__(self) -> None:
+        self._scanned = 0
+        self._engines: list[tuple[weakref.ref[nn.Module], str]] = []
+        self._facts: dict[str, list[EngineMemory]] = {}
+        self.backend: str | None = None
+
+    def update(self, registry: ModuleRegistry) -> None:
+        """Look at the modules registered since the last call (a scan only when there are new
+        ones), and re-read the engines' sizes."""
+        index = registry.index
+        if len(index) != self._scanned:
+            self._scanned = len(index)
+            known = {name for _, name in self._engines}
+            for module, idx in list(index.items()):
+                name = registry.infos[idx].name
+                if name not in known and _is_engine(module):
+                    self._engines.append((weakref.ref(module), name))
+        for ref, name in self._engines:
+            module = ref()
+            if module is not None:
+                self._facts[name] = engine_memory(module, name)
+        self.backend = _process_group_backend() or self.backend
+
+    def memory(self) -> list[EngineMemory]:
+        """The engine memory last read, all modules."""
+        return [e for rows in self._facts.values() for e in rows]
+
+
+def _is_engine(module: nn.Module) -> bool:
+    return isinstance(module, nn.parallel.DistributedDataParallel) or hasattr(
+        module, "_get_fsdp_state")
+
+
+def engine_memory(module: nn.Module, name: str) -> list[EngineMemory]:
+    """The engine memory of one DDP or FSDP2 module ([] for any other)."""
+    try:
+        return _ddp_memory(module, name) + _fsdp_memory(module, name)
+    except Exception:  # private engine internals: a change there must not lose the profile
+        return []
+
+
+def describe(watch: EngineWatch, rank: RankInfo | None) -> dict[str, Any]:
+    """The profile's ``meta["distributed"]``: the rank, the process group's backend and the
+    engine memory the watch found (empty when there is neither a rank nor an engine)."""
+    info: dict[str, Any] = {}
+    if rank is not None:
+        info.update(rank=rank.rank, world_size=rank.world_size, local_rank=rank.local_rank)
+    backend = _process_group_backend() or watch.backend
+    if backend is not None and info:
+        info["backend"] = backend
+    engine = watch.memory()
+    if engine:
+        info["engine"] = [asdict(e) for e in sorted(engine, key=lambda e: (e.kind, e.module))]
+        info["engine_bytes"] = {
+            kind: sum(e.nbytes for e in engine if e.kind == kind)
+            for kind in sorted({e.kind for e in engine})
+        }
+    return info
+
+
+def _process_group_backend() -> str | None:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return str(dist.get_backend())
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _ddp_memory(module: nn.Module, name: str) -> list[EngineMemory]:
+    if not isinstance(module, nn.parallel.DistributedDataParallel):
+        return []
+    data = module._get_ddp_logging_data()
+    sizes = [int(s) for s in str(data.get("bucket_sizes", "")).split(",") if s.strip()]
+    if not sizes:
+        return []
+    as_view = bool(data.get("gradient_as_bucket_view", 0))
+    how = ("the gradients are views of these buckets (gradient_as_bucket_view=True): counted "
+           "as gradient" if as_view else
+           "a flat copy of the gradients for all-reduce, on top of the .grad tensors")
+    return [EngineMemory(
+        kind="ddp_buckets", module=name, nbytes=sum(sizes), extra=not as_view,
+        detail=f"{len(sizes)} bucket(s) of {', '.join(str(s) for s in sizes)} bytes; {how}",
+    )]
+
+
+def _fsdp_memory(module: nn.Module, name: str) -> list[EngineMemory]:
+    get_state = getattr(module, "_get_fsdp_state", None)
+    if get_state is None:
+        return []
+    group = getattr(get_state(), "_fsdp_param_group", None)
+    if group is None:
+        return []
+    params = list(group.fsdp_params)
+    if not params:
+        return []
+    world = int(group.mesh_info.shard_mesh_size)
+    sharded = unsharded = gathered = reduce_in = 0
+    for p in params:
+        local = p.sharded_param._local_tensor if hasattr(p.sharded_param, "_local_tensor") \
+            else p.sharded_param
+        sharded += local.numel() * local.element_size()
+        dtype = p.param_dtype or p.orig_dtype
+        item = torch.empty((), dtype=dtype).element_size()
+        unsharded += _numel(p._orig_size) * item
+        gathered += world * _numel(p.padded_sharded_param_size) * item
+        if p.sharded_param.requires_grad:
+            rdtype = p.reduce_dtype or dtype
+            reduce_in += world * _numel(p.padded_sharded_param_size) * \
+                torch.empty((), dtype=rdtype).element_size()
+    unit = name or "(root)"
+    rows = [
+        EngineMemory("fsdp_sharded", name, sharded, False,
+                     f"{len(params)} parameter(s) of {unit}: this rank's shard "
+                     f"(1/{world}), counted as parameter"),
+        EngineMemory("fsdp_unsharded", name, unsharded, True,
+                     f"{unit}'s parameters gathered whole while it runs forward or backward"),
+        EngineMemory("fsdp_all_gather", name, gathered, True,
+                     f"all-gather output of {unit}: {world} rank(s) x the padded shards"),
+    ]
+    if reduce_in:
+        rows.append(EngineMemory("fsdp_reduce_scatter", name, reduce_in, True,
+                                 f"reduce-scatter input of {unit}'s gradients "
+                                 f"({world} x the padded shards)"))
+    return rows
+
+
+def _numel(size: Any) -> int:
+    count = 1
+    for d in size:
+        count *= int(d)
+    return count
+
+
+__all__ = [
+    "EngineMemory",
+    "EngineWatch",
+    "RankInfo",
+    "describe",
+    "engine_memory",
+    "rank_from_env",
+    "rank_of_name",
+    "rank_path",
+]
