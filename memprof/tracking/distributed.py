@@ -122,9 +122,9 @@ class EngineWatch:
                 if name not in known and _is_engine(module):
                     self._engines.append((weakref.ref(module), name))
         for ref, name in self._engines:
-            module = ref()
-            if module is not None:
-                self._facts[name] = engine_memory(module, name)
+            engine = ref()
+            if engine is not None:
+                self._facts[name] = engine_memory(engine, name)
         self.backend = _process_group_backend() or self.backend
 
     def memory(self) -> list[EngineMemory]:
