@@ -99,9 +99,26 @@ def _apply_shard(stage: str, n: int) -> Callable[[SimState], None]:
     return apply
 
 
+def run_world(facts: Facts) -> tuple[int, bool]:
+    """The world size of the run the profile is one rank of (1 for a single process), and
+    whether its parameters are sharded already (FSDP2: the profile counts the local shards)."""
+    info = facts.profile.meta.get("distributed") or {}
+    world = int(info.get("world_size", 1) or 1)
+    sharded = any(e.get("kind") == "fsdp_sharded" for e in info.get("engine") or [])
+    return world, sharded
+
+
 def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("sharding", {}, TRAINING_ONLY_REASON, group="sharding")]
+    world, sharded = run_world(facts)
+    if sharded:
+        return [not_applicable(
+            "sharding", {"stage": "ZeRO-3 / FSDP", "ranks": world},
+            f"this rank's profile is already sharded by FSDP2 across {world} rank(s): its "
+            "parameters, gradients and optimizer state are the local shards", group="sharding")]
+    if world > 1:  # one rank of a data-parallel run: its own world size is the first row
+        ranks = (world, *(n for n in ranks if n != world))
     out = []
     why_not = unavailable_reason()
     for n in ranks:

@@ -31,15 +31,31 @@ from memprof.errors import MemprofError
     ),
     short_help="Write the HTML report of a saved profile.",
 )
-@click.argument("profile_path", metavar="PROFILE.json", type=click.Path(path_type=Path))
+@click.argument("profile_paths", metavar="PROFILE.json...", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="OUT.html",
-              help="Where to write the report [default: PROFILE with an .html suffix].")
+              help="Where to write the report [default: PROFILE with an .html suffix; for "
+              "several ranks NAME.ranks.html, or DIR/ranks.html for a folder].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing report.")
-@json_option(keys="profile, report, bytes, steps, peak_bytes")
+@json_option(keys="profile, report, bytes, steps, peak_bytes (several ranks: profiles, report, "
+             "bytes, ranks, imbalance)")
 @handle_errors
-def command(profile_path: Path, output: Path | None, force: bool, as_json: bool) -> None:
-    """Write the interactive HTML report (one file, works offline) of PROFILE.json."""
+def command(profile_paths: tuple[Path, ...], output: Path | None, force: bool,
+            as_json: bool) -> None:
+    """Write the interactive HTML report (one file, works offline) of PROFILE.json.
+
+    Several profiles (the ranks of a torchrun run: NAME.rank0.json NAME.rank1.json ...) or a
+    folder of them make one report: each rank's peak side by side, the imbalance and each
+    rank's categories.
+    """
     from memprof.profile import load
+
+    if len(profile_paths) > 1 or profile_paths[0].is_dir():
+        from memprof.commands.ranks import ranks_report
+
+        ranks_report(profile_paths, output, force=force, as_json=as_json)
+        return
+    profile_path = profile_paths[0]
 
     profile = load(profile_path)
     target = output if output is not None else profile_path.with_suffix(".html")
