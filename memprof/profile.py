@@ -286,6 +286,12 @@ class Profile:
             advice=data.get("advice"),
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the headline and the per-layer chart (memprof.report.notebook)."""
+        from memprof.report.notebook import profile_html
+
+        return profile_html(self)
+
     def report(
         self, path: str | os.PathLike[str], *, advice: Any = None, overwrite: bool = False
     ) -> Path:

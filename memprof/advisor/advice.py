@@ -80,6 +80,12 @@ class Advice:
             lines.append(f"plan: {self.plan.get('explanation', '')}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the recommendation table and the plan (memprof.report.notebook)."""
+        from memprof.report.notebook import advice_html
+
+        return advice_html(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": ADVICE_VERSION,

@@ -921,6 +921,10 @@ class Profiler:
         """Plain-text summary: see :meth:`memprof.profile.Profile.summary`."""
         return self.profile.summary(**kwargs)
 
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view of the finished profile (none while the block runs)."""
+        return self._result._repr_html_() if self._result is not None else None
+
 
 class _BackwardEnter:
     """A grad_fn pre-hook: the module's backward starts. Holds no tensor."""
