@@ -235,5 +235,11 @@ def test_ranks_report_renders_both_ranks_in_chromium(ddp_run: tuple[Path, Any],
                                   ".map(r => r.cells[2].textContent)")
             assert cells == [memprof.format_bytes(p.peak().total_bytes) for _, p in profiles]
             assert page.locator("#rank-engine").count() == 1
+            # each rank's ZeRO/FSDP rows, from the advice memprof run saved, at world size 2
+            sharding = [tuple(r) for r in page.evaluate(
+                "Array.from(document.querySelectorAll('#rank-sharding tbody tr'))"
+                ".map(r => [r.cells[0].textContent, r.cells[2].textContent])")]
+            assert {rank for rank, _ in sharding} == {"0", "1"}
+            assert ("0", "2") in sharding and ("1", "2") in sharding
         finally:
             b.close()

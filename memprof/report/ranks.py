@@ -108,6 +108,32 @@ def ranks_figure(rows: Sequence[RankRow]) -> dict[str, Any]:
     return {"data": traces, "layout": layout}
 
 
+def sharding_table(rows: Sequence[RankRow],
+                   profiles: Sequence[tuple[str, Profile]]) -> dict[str, Any] | None:
+    """The advisor's ZeRO/FSDP rows of each rank's saved advice (``memprof run`` saves it):
+    what each rank would hold per GPU under each stage. None when no profile has advice."""
+    by_label = dict(profiles)
+    table: list[list[str]] = []
+    for r in rows:
+        advice = by_label[r.label].advice or {}
+        for row in advice.get("recommendations") or []:
+            if row.get("technique") != "sharding":
+                continue
+            options = row.get("options") or {}
+            predicted = row.get("predicted_peak_bytes")
+            pct = row.get("saving_pct")
+            table.append([
+                str(r.rank), str(options.get("stage", "")), str(options.get("ranks", "")),
+                format_bytes(predicted) if isinstance(predicted, int | float) else "-",
+                f"{pct:+.1f}%" if isinstance(pct, int | float) else "-",
+                str(row.get("reason") or "") if not row.get("applicable", True) else "",
+            ])
+    if not table:
+        return None
+    return {"columns": ["rank", "stage", "ranks", "predicted peak per rank", "saving",
+                        "not applicable because"], "rows": table}
+
+
 def context(profiles: Sequence[tuple[str, Profile]]) -> dict[str, Any]:
     """Template variables for the ranks page."""
     rows = rank_rows(profiles)
@@ -143,6 +169,7 @@ def context(profiles: Sequence[tuple[str, Profile]]) -> dict[str, Any]:
                         "what it is"],
             "rows": engine_rows,
         } if engine_rows else None,
+        "sharding": sharding_table(rows, profiles),
         "payload": {"figures": [{"id": "chart-ranks", **ranks_figure(rows)}]},
         "device": profiles[0][1].device.name,
     }
