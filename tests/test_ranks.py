@@ -109,6 +109,9 @@ def test_ddp_ranks_write_their_own_files_with_exact_bytes(ddp_run: tuple[Path, A
         (bucket,) = meta["engine"]
         assert bucket["kind"] == "ddp_buckets" and bucket["extra"] is True
         assert bucket["nbytes"] == sum(_bytes(*d) for d in LAYERS.values())
+        # the bucket is alive at the peak (built in step 0), named by its size
+        named = [a for a in meta["at_peak"] if a["nbytes"] == bucket["nbytes"]]
+        assert named and named[0]["candidates"] == ["ddp_buckets of (root)"]
     assert not (cwd / "reports" / "train_ddp.json").exists()
 
 
@@ -185,6 +188,13 @@ def test_fsdp2_ranks_count_their_local_shards(fsdp_run: tuple[Path, Any]) -> Non
             assert kinds["fsdp_sharded"] == shard
             assert kinds["fsdp_unsharded"] == _bytes(fan_in, fan_out)
             assert kinds["fsdp_all_gather"] == 2 * shard  # no padding: the rows split evenly
+            assert kinds["fsdp_reduce_scatter"] == 2 * shard
+        # what is alive at the peak and has a unit's buffer size is named after that unit
+        named = profile.meta["distributed"]["at_peak"]
+        assert named
+        for found in named:
+            units = {c.rsplit(" of ", 1)[1] for c in found["candidates"]}
+            assert len(units) == 1 and found["nbytes"] == _bytes(*LAYERS[units.pop()])
         advice = memprof.advise(profile).table()
         sharding = advice[advice["technique"] == "sharding"]
         assert len(sharding) == 1 and "already sharded by FSDP2" in str(

@@ -27,7 +27,7 @@ def rank_files(paths: tuple[Path, ...]) -> list[Path]:
             tagged = [p for p in inside if rank_of_name(p) is not None]
             chosen = tagged or inside
             if not chosen:
-                raise CommandError(f"{path}: no profile (*.json) in this folder")
+                raise CommandError(f"{path} is a directory with no profile (*.json) in it")
             runs = sorted({RANK_TAG.sub("", p.stem) for p in tagged})
             if len(runs) > 1:
                 raise CommandError(

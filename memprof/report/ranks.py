@@ -38,6 +38,7 @@ class RankRow:
     module: str
     by_category: dict[str, int]
     engine: list[dict[str, Any]]
+    at_peak: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def rank_rows(profiles: Sequence[tuple[str, Profile]]) -> list[RankRow]:
             module=peak.module, by_category={c: int(peak.by_category.get(c, 0))
                                              for c in CATEGORIES},
             engine=list(info.get("engine") or []),
+            at_peak=list(info.get("at_peak") or []),
         ))
     ranks = [r.rank for r in rows]
     twice = sorted({r for r in ranks if ranks.count(r) > 1})
@@ -153,6 +155,11 @@ def context(profiles: Sequence[tuple[str, Profile]]) -> dict[str, Any]:
          str(e.get("detail", ""))]
         for r in rows for e in r.engine
     ]
+    at_peak_rows = [
+        [str(r.rank), format_bytes(int(a.get("nbytes", 0))), str(a.get("category", "")),
+         str(a.get("phase", "")), " or ".join(str(c) for c in a.get("candidates", []))]
+        for r in rows for a in r.at_peak
+    ]
     ratio = "-" if spread.ratio is None else f"{spread.ratio:.3f}"
     return {
         "rank_count": len(rows),
@@ -169,6 +176,10 @@ def context(profiles: Sequence[tuple[str, Profile]]) -> dict[str, Any]:
                         "what it is"],
             "rows": engine_rows,
         } if engine_rows else None,
+        "at_peak": {
+            "columns": ["rank", "bytes", "counted as", "phase", "engine buffer (by size)"],
+            "rows": at_peak_rows,
+        } if at_peak_rows else None,
         "sharding": sharding_table(rows, profiles),
         "payload": {"figures": [{"id": "chart-ranks", **ranks_figure(rows)}]},
         "device": profiles[0][1].device.name,

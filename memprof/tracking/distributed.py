@@ -145,9 +145,10 @@ def engine_memory(module: nn.Module, name: str) -> list[EngineMemory]:
         return []
 
 
-def describe(watch: EngineWatch, rank: RankInfo | None) -> dict[str, Any]:
-    """The profile's ``meta["distributed"]``: the rank, the process group's backend and the
-    engine memory the watch found (empty when there is neither a rank nor an engine)."""
+def describe(watch: EngineWatch, rank: RankInfo | None, peak: Any = None) -> dict[str, Any]:
+    """The profile's ``meta["distributed"]``: the rank, the process group's backend, the
+    engine memory the watch found and (``at_peak``) which storages alive at ``peak`` are
+    engine buffers; empty when there is neither a rank nor an engine."""
     info: dict[str, Any] = {}
     if rank is not None:
         info.update(rank=rank.rank, world_size=rank.world_size, local_rank=rank.local_rank)
@@ -157,11 +158,44 @@ def describe(watch: EngineWatch, rank: RankInfo | None) -> dict[str, Any]:
     engine = watch.memory()
     if engine:
         info["engine"] = [asdict(e) for e in sorted(engine, key=lambda e: (e.kind, e.module))]
+        at_peak = engine_at_peak(peak, engine)
+        if at_peak:
+            info["at_peak"] = at_peak
         info["engine_bytes"] = {
             kind: sum(e.nbytes for e in engine if e.kind == kind)
             for kind in sorted({e.kind for e in engine})
         }
     return info
+
+
+#: Which engine buffers can be alive in each phase (an all-gather runs again in backward).
+_PHASE_KINDS = {
+    "forward": ("fsdp_all_gather", "fsdp_unsharded"),
+    "backward": ("fsdp_all_gather", "fsdp_unsharded", "fsdp_reduce_scatter"),
+}
+
+
+def engine_at_peak(peak: Any, engine: list[EngineMemory]) -> list[dict[str, Any]]:
+    """The storages alive at ``peak`` (a :class:`~memprof.profile.Peak`) that are engine
+    buffers, matched by size: a flat temporary or other storage exactly the size of one of
+    ``engine``'s extra buffers, of a kind that can be alive in that tensor's phase (DDP's
+    buckets in any). Sizes can coincide (a unit's all-gather output, its unsharded parameters
+    and its reduce-scatter input are equal in fp32), so each match lists every candidate."""
+    if peak is None:
+        return []
+    extra = [e for e in engine if e.extra]
+    found: list[dict[str, Any]] = []
+    for t in peak.top_tensors:
+        if t.category not in ("temporary", "other") or len(t.shape) != 1:
+            continue
+        allowed = _PHASE_KINDS.get(t.phase, ())
+        names = sorted({f"{e.kind} of {e.module or '(root)'}" for e in extra
+                        if e.nbytes == t.nbytes
+                        and (e.kind == "ddp_buckets" or e.kind in allowed)})
+        if names:
+            found.append({"nbytes": t.nbytes, "category": t.category, "phase": t.phase,
+                          "module": t.module, "candidates": names})
+    return found
 
 
 def _process_group_backend() -> str | None:
@@ -244,6 +278,7 @@ __all__ = [
     "EngineWatch",
     "RankInfo",
     "describe",
+    "engine_at_peak",
     "engine_memory",
     "rank_from_env",
     "rank_of_name",

@@ -839,7 +839,7 @@ class Profiler:
         from memprof.tracking import distributed
 
         self._watch_engines()
-        info = distributed.describe(self._engines, distributed.rank_from_env())
+        info = distributed.describe(self._engines, distributed.rank_from_env(), self._peak)
         return {"distributed": info} if info else {}
 
     def _watch_engines(self) -> None:
