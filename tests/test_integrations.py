@@ -215,3 +215,18 @@ def test_lightning_exception_closes_the_profile_and_its_hooks(tmp_path: Path) ->
     with memprof.profile() as prof:
         nn.Linear(2, 2)(torch.ones(1, 2))
         prof.step()
+
+
+def test_callback_files_are_free_and_rank_tagged_under_torchrun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memprof.integrations._window import free_path
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    first = free_path(tmp_path, "memprof_steps1-3", (".json", ".html"))
+    assert first == {".json": tmp_path / "memprof_steps1-3.rank1.json",
+                     ".html": tmp_path / "memprof_steps1-3.rank1.html"}
+    first[".html"].write_text("taken")  # one of the pair taken: both move on
+    assert free_path(tmp_path, "memprof_steps1-3", (".json", ".html"))[".json"] == \
+        tmp_path / "memprof_steps1-3_2.rank1.json"

@@ -108,3 +108,11 @@ def test_profile_view_draws_in_chromium(mlp: memprof.Profile, tmp_path: Path,
             assert errors == []
         finally:
             browser.close()
+
+
+def test_a_profile_with_no_step_says_so() -> None:
+    with memprof.profile(schedule=lambda step: memprof.StepAction.SKIP) as prof:
+        torch.nn.Linear(2, 2)(torch.ones(1, 2))
+        prof.step()
+    html = prof.profile._repr_html_()
+    assert "no step profiled" in html and "memprof-layers" not in html

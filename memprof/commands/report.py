@@ -2,7 +2,8 @@
 
 ``--json`` prints one object on stdout with the keys ``profile`` (path read), ``report`` (path
 written), ``bytes`` (size of the HTML file), ``steps`` (profiled steps in the profile) and
-``peak_bytes`` (the profile's peak, null when it recorded no step).
+``peak_bytes`` (the profile's peak, null when it recorded no step). Several rank profiles or a
+folder make one ranks report (keys in :mod:`memprof.commands.ranks`).
 """
 
 from __future__ import annotations
