@@ -253,3 +253,31 @@ def test_ranks_report_renders_both_ranks_in_chromium(ddp_run: tuple[Path, Any],
             assert ("0", "2") in sharding and ("1", "2") in sharding
         finally:
             b.close()
+
+
+# ------------------------------------------------------------------ DDP options
+def test_ddp_gradient_as_bucket_view_is_flagged(tmp_path: Path) -> None:
+    # GIVEN DDP whose gradients are views of its buckets (one rank over gloo)
+    import torch
+    from torch import nn
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(
+            nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)),
+            gradient_as_bucket_view=True)
+        opt = torch.optim.AdamW(model.parameters())
+        with memprof.profile(model, opt) as prof:
+            for _ in range(2):
+                model(torch.randn(4, 64)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                prof.step()
+    finally:
+        dist.destroy_process_group()
+    # THEN the bucket is named, counted as gradient, and the profile says what it cannot show
+    (bucket,) = prof.profile.meta["distributed"]["engine"]
+    assert bucket["extra"] is False and bucket["nbytes"] == sum(
+        _bytes(*d) for d in LAYERS.values())
+    assert any("gradient_as_bucket_view=True" in w for w in prof.profile.warnings)

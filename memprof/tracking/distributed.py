@@ -131,6 +131,20 @@ class EngineWatch:
         """The engine memory last read, all modules."""
         return [e for rows in self._facts.values() for e in rows]
 
+    def warnings(self) -> list[str]:
+        """What the profile cannot show right about these engines."""
+        viewed = [e.module or "(root)" for e in self.memory()
+                  if e.kind == "ddp_buckets" and not e.extra]
+        if not viewed:
+            return []
+        return [
+            f"DDP with gradient_as_bucket_view=True ({', '.join(viewed)}): every gradient is a "
+            "view of one bucket storage, which memprof counts once and charges to a single "
+            "module, so the gradient column per module (and the gradient total, when the "
+            "buckets predate the profile) is not reliable; profile with the default "
+            "gradient_as_bucket_view=False for per-layer gradients"
+        ]
+
 
 def _is_engine(module: nn.Module) -> bool:
     return isinstance(module, nn.parallel.DistributedDataParallel) or hasattr(

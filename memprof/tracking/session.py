@@ -243,6 +243,7 @@ class Profiler:
             if self.ledger.logging and self.ledger.log and not trailing:
                 self._end_step(partial=exc_type is not None, device=_device_stats())
             self._result = self._build(interrupted=exc_type is not None)
+            self._result.warnings.extend(self._engines.warnings())
         finally:
             self._teardown()
 
