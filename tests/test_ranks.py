@@ -281,3 +281,13 @@ def test_ddp_gradient_as_bucket_view_is_flagged(tmp_path: Path) -> None:
     assert bucket["extra"] is False and bucket["nbytes"] == sum(
         _bytes(*d) for d in LAYERS.values())
     assert any("gradient_as_bucket_view=True" in w for w in prof.profile.warnings)
+
+
+def test_a_rank_report_names_its_rank_and_engine(ddp_run: tuple[Path, Any]) -> None:
+    from memprof.report import render_report
+
+    cwd, _ = ddp_run
+    profile = memprof.load(cwd / "reports" / "train_ddp.rank1.json")
+    html = render_report(profile)
+    assert "1 of 2 (gloo)" in html
+    assert "engine: ddp_buckets" in html and memprof.format_bytes(37408) in html

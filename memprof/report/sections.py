@@ -132,6 +132,12 @@ def environment(profile: Profile) -> list[tuple[str, str]]:
     inputs = profile.meta.get("inputs")
     if inputs:
         pairs.append(("inputs", cell(inputs, "inputs")))
+    ranks = profile.meta.get("distributed") or {}
+    if "rank" in ranks:
+        pairs.append(("rank", f"{ranks['rank']} of {ranks.get('world_size', '?')} "
+                              f"({ranks.get('backend', 'no process group')})"))
+    for kind, nbytes in (ranks.get("engine_bytes") or {}).items():
+        pairs.append((f"engine: {kind}", format_bytes(int(nbytes))))
     return pairs
 
 
