@@ -256,13 +256,13 @@ def _fsdp_memory(module: nn.Module, name: str) -> list[EngineMemory]:
             else p.sharded_param
         sharded += local.numel() * local.element_size()
         dtype = p.param_dtype or p.orig_dtype
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize  # no tensor is made: this runs inside profiled steps
         unsharded += _numel(p._orig_size) * item
         gathered += world * _numel(p.padded_sharded_param_size) * item
         if p.sharded_param.requires_grad:
             rdtype = p.reduce_dtype or dtype
             reduce_in += world * _numel(p.padded_sharded_param_size) * \
-                torch.empty((), dtype=rdtype).element_size()
+                rdtype.itemsize
     unit = name or "(root)"
     rows = [
         EngineMemory("fsdp_sharded", name, sharded, False,
