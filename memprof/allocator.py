@@ -87,7 +87,7 @@ class AllocatorConf:
     ignored: tuple[str, ...] = ()
 
     def with_options(self, extra: str) -> AllocatorConf:
-        """This configuration with ``extra`` options applied on top (``"expandable_segments:True"``)."""
+        """This configuration with ``extra`` options on top (``"expandable_segments:True"``)."""
         joined = ",".join(part for part in (self.text, extra) if part)
         return parse_conf(joined)
 
@@ -202,7 +202,8 @@ def _divisions(value: str) -> tuple[int, ...]:
         interval, sep, count_text = item.partition(":")
         if not sep:
             raise AllocatorConfError(
-                f"PYTORCH_CUDA_ALLOC_CONF: roundup_power2_divisions entry {item!r} is not size:count"
+                f"PYTORCH_CUDA_ALLOC_CONF: roundup_power2_divisions entry {item!r} is not "
+                "size:count"
             )
         count = _int("roundup_power2_divisions", count_text.strip())
         _power_of_two("roundup_power2_divisions", count)
@@ -225,8 +226,17 @@ def _divisions(value: str) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- the model
 class _Block:
-    __slots__ = ("addr", "size", "small", "segment", "prev", "next", "allocated", "mapped",
-                 "gc_base")
+    __slots__ = (
+        "addr",
+        "allocated",
+        "gc_base",
+        "mapped",
+        "next",
+        "prev",
+        "segment",
+        "size",
+        "small",
+    )
 
     def __init__(self, addr: int, size: int, small: bool, segment: _Segment) -> None:
         self.addr = addr
@@ -241,7 +251,7 @@ class _Block:
 
 
 class _Segment:
-    __slots__ = ("addr", "size", "expandable", "page")
+    __slots__ = ("addr", "expandable", "page", "size")
 
     def __init__(self, addr: int, size: int, expandable: bool, page: int) -> None:
         self.addr = addr
@@ -253,7 +263,7 @@ class _Segment:
 class _Pool:
     """Free mapped blocks in (size, address) order, as the native ``BlockPool.blocks`` set."""
 
-    __slots__ = ("small", "keys", "blocks", "free_calls")
+    __slots__ = ("blocks", "free_calls", "keys", "small")
 
     def __init__(self, small: bool) -> None:
         self.small = small
@@ -363,7 +373,8 @@ class CachingAllocatorModel:
         self._expandable_segments: list[_Segment | None] = [None, None]
         self._tails: list[_Block | None] = [None, None]  # an expandable segment's last block
         self._segments: dict[int, _Segment] = {}
-        self._live: dict[int, _Block] = {}
+        #: Request key -> its block, for every request not yet freed.
+        self.live: dict[int, _Block] = {}
         self._next_addr = 1 << 40
         self.reserved = 0
         self.allocated = 0
@@ -437,7 +448,7 @@ class CachingAllocatorModel:
         if block.size - size >= MIN_BLOCK:
             block = self._split(pool, block, size)
         block.allocated = True
-        self._live[key] = block
+        self.live[key] = block
         allocated = self.allocated + block.size
         self.allocated = allocated
         if allocated > self.allocated_peak:
@@ -450,7 +461,7 @@ class CachingAllocatorModel:
 
     def free(self, key: int) -> None:
         """Return the block of ``key`` to its pool; unknown keys are ignored."""
-        block = self._live.pop(key, None)
+        block = self.live.pop(key, None)
         if block is None:
             return
         self.events += 1
@@ -708,7 +719,7 @@ def replay(events: Iterable[tuple[str, int, int]], *, conf: str | AllocatorConf 
     malloc, free = model.malloc, model.free
     index = 0
     try:
-        for index, (action, key, nbytes) in enumerate(events):  # noqa: B007
+        for index, (action, key, nbytes) in enumerate(events):
             if action == "alloc":
                 malloc(key, nbytes)
             elif action == "free":
