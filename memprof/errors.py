@@ -44,3 +44,9 @@ class DeviceNotAvailableError(MemprofError):
     """NVML or CUDA cannot be reached (no driver, no permission)."""
 
     exit_code = 4
+
+
+class AllocatorConfError(MemprofError, ValueError):
+    """A ``PYTORCH_CUDA_ALLOC_CONF`` string the caching allocator would refuse."""
+
+    exit_code = 2

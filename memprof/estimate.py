@@ -18,7 +18,10 @@ What is *modelled* rather than measured is listed in ``profile.device.modelled``
 * on CUDA, torch's optimizers default to their ``foreach`` implementations, whose scratch is
   one tensor per parameter at once: the optimizer is built with ``foreach=True`` for
   ``device="cuda"`` and with the CPU default for ``device="cpu"``;
-* fragmentation (reserved minus allocated) is not modelled.
+* reserved memory: the step's allocations replay through a model of the CUDA caching allocator
+  (:mod:`memprof.allocator`); ``meta["estimate"]`` gives ``reserved_bytes`` and
+  ``fragmentation_bytes`` and the fit verdict counts what the allocator caches beyond the
+  tensors.
 
 Example::
 
@@ -55,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.errors import MemprofError
 from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
-from memprof.gpus import FRAGMENTATION_FRACTION, usable_bytes
+from memprof.gpus import FRAGMENTATION_FRACTION, replay_cached_bytes, usable_bytes
 from memprof.profile import Profile
 from memprof.units import format_bytes
 
@@ -721,9 +724,16 @@ def _annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype
         modelled.append("optimizer built with foreach=True, torch's default on CUDA")
         modelled.append("run on fake CPU tensors: CPU kernels choose the intermediates "
                         "(attention uses the CPU flash/sdpa kernel)")
-        modelled.append(
-            "fragmentation of the caching allocator is not in the tensor figures; a fit verdict "
-            f"keeps {FRAGMENTATION_FRACTION:.0%} of the memory left after the context for it")
+        if profile.allocator is not None:
+            modelled.append(
+                "reserved memory: the step's allocations replayed through a model of the CUDA "
+                "caching allocator (memprof.allocator; one stream, options "
+                f"{profile.allocator.get('conf') or 'default'}); the fit verdict counts it")
+        else:
+            modelled.append(
+                "fragmentation of the caching allocator is not in the tensor figures; a fit "
+                f"verdict keeps {FRAGMENTATION_FRACTION:.0%} of the memory left after the "
+                "context for it")
     if mixed_precision:
         modelled.append(f"mixed precision through CPU autocast to {mixed_precision}")
     profile.device = dataclasses.replace(profile.device, modelled=modelled)
@@ -745,8 +755,16 @@ def _annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype
         "device_total_bytes": peak + context,
         "modelled": modelled,
     }
+    cached = replay_cached_bytes(profile.allocator)
+    if cached is not None and profile.allocator is not None:
+        replay = profile.allocator["replay"]
+        info["reserved_bytes"] = replay["reserved_peak_bytes"]
+        info["fragmentation_bytes"] = replay["fragmentation_bytes"]
+        info["largest_free_block_bytes"] = replay["largest_free_block_bytes"]
+        if device == "cuda":
+            info["device_total_bytes"] = replay["reserved_peak_bytes"] + context
     if gpu is not None and budget is not None:
-        info["fit"] = fit_verdict(peak, gpu, budget=budget)
+        info["fit"] = fit_verdict(peak, gpu, budget=budget, cached_bytes=cached)
     profile.meta["estimate"] = info
     return profile
 
@@ -763,22 +781,27 @@ def _gpu_budget(gpu: str) -> tuple[int, str]:
     return int(budget), str(description)
 
 
-def fit_verdict(tensor_bytes: int, gpu: str, *, budget: tuple[int, str] | None = None
-                ) -> dict[str, Any]:
+def fit_verdict(tensor_bytes: int, gpu: str, *, budget: tuple[int, str] | None = None,
+                cached_bytes: int | None = None) -> dict[str, Any]:
     """Whether a step whose tensors peak at ``tensor_bytes`` fits ``gpu``.
 
     The device's memory (as its driver reports it) less memprof.gpus' reserve for the CUDA
     context and fragmentation is what tensors can use (``usable_bytes``); ``needed_bytes`` is
-    the tensors plus the context, ``headroom_bytes`` what is left of ``usable_bytes``.
+    the tensors plus the context, ``headroom_bytes`` what is left of ``usable_bytes``. With
+    ``cached_bytes`` (reserved minus allocated in the allocator replay) the reserve for
+    fragmentation is that replay's instead of a fixed share, and ``needed_bytes`` is the
+    predicted reserved memory plus the context.
     """
     capacity, description = budget if budget is not None else _gpu_budget(gpu)
-    usable = usable_bytes(capacity)
+    usable = usable_bytes(capacity, cached_bytes=cached_bytes)
     return {
         "gpu": gpu,
         "budget_bytes": capacity,
         "budget": description,
         "usable_bytes": usable,
-        "needed_bytes": tensor_bytes + CUDA_CONTEXT_BYTES,
+        "needed_bytes": tensor_bytes + (cached_bytes or 0) + CUDA_CONTEXT_BYTES,
+        "reserve": "allocator replay" if cached_bytes is not None
+        else f"{FRAGMENTATION_FRACTION:.0%} fragmentation share",
         "fits": tensor_bytes <= usable,
         "headroom_bytes": usable - tensor_bytes,
     }

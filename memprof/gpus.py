@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from memprof.errors import BudgetError, UnknownGPUError
 from memprof.units import format_bytes, parse_size
@@ -90,9 +91,32 @@ GPUS: tuple[GpuSpec, ...] = (
 )
 
 
-def usable_bytes(driver_bytes: int) -> int:
-    """Bytes a step's tensors can use on a device whose driver reports ``driver_bytes``."""
-    return max(0, int((driver_bytes - CUDA_CONTEXT_BYTES) * (1 - FRAGMENTATION_FRACTION)))
+def usable_bytes(driver_bytes: int, *, cached_bytes: int | None = None) -> int:
+    """Bytes a step's tensors can use on a device whose driver reports ``driver_bytes``.
+
+    ``cached_bytes``: what the caching allocator reserves beyond the live tensors at its peak,
+    as the profile's allocator replay predicts it (:func:`replay_cached_bytes`); without one,
+    the fixed :data:`FRAGMENTATION_FRACTION` of what the context leaves.
+    """
+    left = driver_bytes - CUDA_CONTEXT_BYTES
+    if cached_bytes is not None:
+        return max(0, left - cached_bytes)
+    return max(0, int(left * (1 - FRAGMENTATION_FRACTION)))
+
+
+def replay_cached_bytes(allocator: dict[str, Any] | None) -> int | None:
+    """Reserved minus allocated at the peaks of a profile's allocator replay
+    (``Profile.allocator``), or None when the profile has none."""
+    if not allocator:
+        return None
+    replay = allocator.get("replay")
+    if not isinstance(replay, dict):
+        return None
+    reserved = int(replay.get("reserved_peak_bytes") or 0)
+    allocated = int(replay.get("allocated_peak_bytes") or 0)
+    if reserved <= 0:
+        return None
+    return max(0, reserved - allocated)
 
 
 def _key(name: str) -> str:
@@ -172,6 +196,7 @@ __all__ = [
     "GPUS",
     "GpuSpec",
     "lookup",
+    "replay_cached_bytes",
     "resolve_budget",
     "usable_bytes",
 ]

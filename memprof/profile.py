@@ -117,6 +117,9 @@ class StepStats:
     duration_s: float
     device_max_allocated: int | None = None
     device_reserved: int | None = None
+    #: Reserved bytes at the step's end as the caching-allocator replay predicts them
+    #: (reserved only grows while nothing is freed back to the driver): see ``allocator``.
+    predicted_reserved: int | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,11 @@ class Profile:
     optimizers: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     advice: dict[str, Any] | None = None
+    #: The CUDA caching-allocator replay of the run's allocations (memprof.allocator): ``conf``,
+    #: ``replay`` (reserved_peak_bytes, allocated_peak_bytes, fragmentation_bytes, segments,
+    #: largest_free_block_bytes, ...) and ``what_if`` (the same under other options); None in
+    #: profiles that did not model it.
+    allocator: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ tables
     def modules(self) -> pd.DataFrame:
@@ -204,6 +212,9 @@ class Profile:
         data = dict(self.timeline_data)
         frame = pd.DataFrame({k: data.get(k, []) for k in _TIMELINE_COLUMNS})
         frame["total"] = frame[list(CATEGORIES)].sum(axis=1) if len(frame) else []
+        reserved = data.get("reserved")
+        if reserved is not None and len(reserved) == len(frame):
+            frame["reserved_predicted"] = reserved
         return frame
 
     def peak(self) -> Peak:
@@ -231,6 +242,14 @@ class Profile:
                 f"{c} {format_bytes(v)}" for c, v in p.by_category.items() if v > 0
             ]
             lines.append("  at the peak: " + ", ".join(parts))
+            replay = (self.allocator or {}).get("replay")
+            if isinstance(replay, dict):
+                lines.append(
+                    f"  reserved (caching-allocator replay): "
+                    f"{format_bytes(int(replay['reserved_peak_bytes']))}, of which "
+                    f"{format_bytes(int(replay['fragmentation_bytes']))} cached with no tensor "
+                    f"in {len(replay.get('segments') or [])} segment(s)"
+                )
         else:
             lines.append("memprof: no step was profiled")
         frame = self.modules()
@@ -260,6 +279,7 @@ class Profile:
             "warnings": self.warnings,
             "optimizers": self.optimizers,
             "advice": self.advice,
+            "allocator": self.allocator,
         }
 
     @classmethod
@@ -284,6 +304,7 @@ class Profile:
             optimizers=list(data.get("optimizers", [])),
             meta=dict(data.get("meta", {})),
             advice=data.get("advice"),
+            allocator=data.get("allocator"),
         )
 
     def _repr_html_(self) -> str:

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any, Protocol
 
 from memprof.advisor import (
+    allocator_conf,
     batch,
     checkpointing,
     master_weights,
@@ -34,8 +35,14 @@ from memprof.advisor import (
 from memprof.advisor.advice import Advice
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
-from memprof.gpus import FRAGMENTATION_FRACTION, resolve_budget, usable_bytes
+from memprof.gpus import (
+    FRAGMENTATION_FRACTION,
+    replay_cached_bytes,
+    resolve_budget,
+    usable_bytes,
+)
 from memprof.profile import Profile
+from memprof.units import format_bytes
 
 
 def changes_for(facts: Facts) -> list[Change]:
@@ -43,7 +50,7 @@ def changes_for(facts: Facts) -> list[Change]:
     out: list[Change] = []
     techniques = (
         mixed_precision, master_weights, quantization, pruning, checkpointing, optimizer,
-        zero_grad, sharding,
+        zero_grad, sharding, allocator_conf,
     )
     for module in techniques:
         out.extend(module.predict(facts))
@@ -53,19 +60,29 @@ def changes_for(facts: Facts) -> list[Change]:
     return out
 
 
-def read_budget(budget: int | str | None) -> tuple[int, str] | None:
-    """(usable bytes, description). A text budget (size or GPU) loses the CUDA context and the
-    fragmentation reserve; an int is taken as bytes already free of the context."""
+def read_budget(
+    budget: int | str | None, *, cached_bytes: int | None = None
+) -> tuple[int, str] | None:
+    """(usable bytes, description). A text budget (size or GPU) loses the CUDA context; both
+    lose the caching allocator's reserve: the profile's own (``cached_bytes``, reserved minus
+    allocated in its allocator replay) when it has one, else a fixed share."""
     if budget is None:
         return None
+    if cached_bytes is None:
+        reserve = f"{100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+    else:
+        reserve = (f"{format_bytes(cached_bytes)} the caching allocator keeps beyond the "
+                   "tensors (its replay of this run)")
     if isinstance(budget, str):
         total, text = resolve_budget(budget)
-        return usable_bytes(total), (
-            f"{text}; usable after the CUDA context and "
-            f"{100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+        return usable_bytes(total, cached_bytes=cached_bytes), (
+            f"{text}; usable after the CUDA context and {reserve}"
         )
-    usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
-    return usable, f"{budget} bytes less {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+    if cached_bytes is None:
+        usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
+    else:
+        usable = max(0, int(budget) - cached_bytes)
+    return usable, f"{budget} bytes less {reserve}"
 
 
 class Simulator(Protocol):
@@ -120,7 +137,7 @@ def advise(
             workload = dataclasses.replace(workload, set_to_none=False)
         simulator = WorkloadSimulator(workload)
     changes = changes_for(facts)
-    resolved = read_budget(budget)
+    resolved = read_budget(budget, cached_bytes=replay_cached_bytes(profile.allocator))
     base = facts.peak_bytes
     measured: dict[int, Measurement | str] = {}
     extra: dict[str, Any] = {}
@@ -170,6 +187,12 @@ def _row(
     if c.predicted_peak is not None:
         row["predicted_saving_bytes"] = base - c.predicted_peak
         row["saving_pct"] = 100.0 * (base - c.predicted_peak) / base if base else 0.0
+    if c.reserved is not None:
+        before, after = c.reserved["baseline"], c.reserved["predicted"]
+        row["baseline_reserved_bytes"] = before
+        row["predicted_reserved_bytes"] = after
+        row["predicted_saving_bytes"] = before - after
+        row["saving_pct"] = 100.0 * (before - after) / before if before else 0.0
     if isinstance(m, str):
         row["caveats"] = "; ".join([*c.caveats, m])
     elif m is not None and ref is not None:

@@ -228,6 +228,9 @@ class Change:
     training_only: bool = False
     group: str = ""  # changes of one group are alternatives (the planner picks at most one)
     predicted_peak: int | None = None  # set when the peak is not a timeline rewrite
+    #: For changes that act on reserved memory only (allocator options): the replay's
+    #: ``{"baseline": bytes, "predicted": bytes}``; the row's saving is then in reserved bytes.
+    reserved: dict[str, int] | None = None
 
 
 def predict_peak(facts: Facts, transforms: list[Transform]) -> int:

@@ -8,7 +8,9 @@ modelled rather than measured (512-byte allocator blocks, the CUDA context) is p
 (``training``/``inference``), ``optimizer``, ``dtype``, ``mixed_precision``, ``device``,
 ``batch_size``, ``seq_len``, ``steps``, ``context_len``, ``kv_cache_bytes``, ``elapsed_s``,
 ``num_parameters``, ``parameter_bytes``, ``peak_bytes`` (tensors at the peak),
-``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added), ``modelled`` (what
+``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added; on cuda the
+replay's reserved bytes plus the context), ``reserved_bytes``, ``fragmentation_bytes`` and
+``largest_free_block_bytes`` (the caching-allocator replay), ``modelled`` (what
 was modelled, as sentences), ``peak`` (``total_bytes``, ``step``, ``phase``, ``module``,
 ``by_category``), ``layers`` (the per-layer rows: ``module``, ``type``, ``parameter``,
 ``gradient``, ``optimizer_state``, ``activation``, ``peak_forward``, ``peak_backward``),
@@ -217,6 +219,9 @@ def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
     rows.append(["tensors at the peak", size(peak.total_bytes)])
     if info.get("kv_cache_bytes"):
         rows.append(["  of which KV cache", size(info["kv_cache_bytes"])])
+    if info.get("reserved_bytes") is not None:
+        rows.append(["reserved (allocator replay)", size(info["reserved_bytes"])])
+        rows.append(["  cached, no tensor in it", size(info["fragmentation_bytes"])])
     if info.get("cuda_context_bytes"):
         rows.append(["CUDA context (modelled)", size(info["cuda_context_bytes"])])
         rows.append(["device total", size(info["device_total_bytes"])])
@@ -239,7 +244,9 @@ def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
     if fit is not None:
         verdict = "fits" if fit["fits"] else "does NOT fit"
         lines += ["", f"{fit['budget']}: {verdict}: the tensors peak at "
-                      f"{size(peak.total_bytes)} of {size(fit['usable_bytes'])} usable, "
+                      f"{size(peak.total_bytes)} of {size(fit['usable_bytes'])} usable "
+                      f"(after the context and the {fit.get('reserve', 'fragmentation')} "
+                      "reserve), "
                       f"{size(abs(fit['headroom_bytes']))} "
                       f"{'to spare' if fit['fits'] else 'too much'}"]
     if advice is not None:

@@ -94,6 +94,19 @@ def timeline_figure(profile: Profile) -> Figure | None:
         "hovertemplate": "<b>%{text}</b> · step %{customdata[0]}, %{customdata[1]}"
                          "<br>module %{customdata[2]}",
     })
+    reserved = data.get("reserved")
+    if reserved is not None and len(reserved) == len(steps):
+        kept_reserved = [int(reserved[i]) for i in kept]
+        traces.append({
+            "type": "scatter", "mode": "lines", "name": "reserved (allocator replay)",
+            "x": xs, "y": kept_reserved, "line": {"width": 1.5, "color": "#7f7f7f",
+                                                  "dash": "dash", "shape": "hv"},
+            "text": [format_bytes(v) for v in kept_reserved],
+            "hovertemplate": "reserved %{text} (predicted)",
+        })
+        top = max(kept_reserved, default=0)
+    else:
+        top = 0
     peak_total = max(kept_totals)
     peak_at = kept_totals.index(peak_total)
     if profile.peak_info is not None:
@@ -117,7 +130,7 @@ def timeline_figure(profile: Profile) -> Figure | None:
         xaxis={"title": {"text": "profiled time (s), steps end to end" if use_time
                          else "sample"}, "showgrid": False, "zeroline": False},
         yaxis={"title": {"text": "live memory"}, "fixedrange": True, "gridcolor": "#eee",
-               **byte_axis(peak_total * 1.12)},
+               **byte_axis(max(peak_total, top) * 1.12)},
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
     )
     note = lead_in_note(profile) if use_time else None
@@ -504,3 +517,23 @@ def device_figure(profile: Profile) -> Figure | None:
         "marker": {"color": "#4c78a8"}, "hovertemplate": "%{x}: %{text}<extra></extra>",
     }], "layout": base_layout(height=340, yaxis={"gridcolor": "#eee", **byte_axis(top * 1.15)},
                               xaxis={"type": "category"})}
+
+
+def reserved_note(profile: Profile) -> str | None:
+    """The gap between reserved and allocated at the replay's peak, in one sentence."""
+    allocator = profile.allocator
+    if not allocator or not isinstance(allocator.get("replay"), dict):
+        return None
+    r = allocator["replay"]
+    segments = r.get("segments") or []
+    conf = allocator.get("conf") or "default options"
+    text = (
+        f"Reserved (the caching allocator's replay of this run, {conf}): "
+        f"{format_bytes(r['reserved_peak_bytes'])} at its peak = "
+        f"{format_bytes(r['allocated_at_reserved_peak_bytes'])} allocated + "
+        f"{format_bytes(r['fragmentation_bytes'])} cached in {len(segments)} segment(s) with no "
+        f"tensor in it; largest free block {format_bytes(r['largest_free_block_bytes'])}."
+    )
+    for other_conf, other in (allocator.get("what_if") or {}).items():
+        text += (f" With {other_conf}: {format_bytes(other['reserved_peak_bytes'])} reserved.")
+    return text

@@ -41,6 +41,7 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
         "steps_count": len(profile.steps_stats),
         "timeline_samples": len(profile.timeline_data.get("step", [])),
         "timeline_note": figures.lead_in_note(profile),
+        "reserved_note": figures.reserved_note(profile),
         "peak_categories": sections.peak_by_category(profile),
         "peak_modules": sections.peak_by_module(profile),
         "peak_tensors": sections.top_tensors(profile),

@@ -71,8 +71,13 @@ def steps_table(profile: Profile, *, limit: int = 50) -> Table | None:
          format_bytes(s.start_bytes), format_bytes(s.end_bytes), f"{s.duration_s * 1000:.1f} ms"]
         for s in profile.steps_stats[:limit]
     ]
-    return {"columns": ["step", "peak", "phase", "module", "live at start", "live at end",
-                        "duration"], "rows": rows}
+    columns = ["step", "peak", "phase", "module", "live at start", "live at end", "duration"]
+    if any(s.predicted_reserved is not None for s in profile.steps_stats):
+        columns.append("reserved (predicted)")
+        for row, s in zip(rows, profile.steps_stats[:limit], strict=True):
+            row.append(format_bytes(s.predicted_reserved) if s.predicted_reserved is not None
+                       else "–")
+    return {"columns": columns, "rows": rows}
 
 
 def device_facts(profile: Profile) -> dict[str, Any]:
@@ -81,6 +86,16 @@ def device_facts(profile: Profile) -> dict[str, Any]:
     facts: list[tuple[str, str]] = [("kind", dev.kind), ("name", dev.name)]
     if dev.allocation_rounding > 1:
         facts.append(("allocation rounding", f"{dev.allocation_rounding} B blocks"))
+    replay = (profile.allocator or {}).get("replay")
+    if isinstance(replay, dict):
+        facts.append(("reserved peak, predicted (allocator replay)",
+                      format_bytes(int(replay["reserved_peak_bytes"]))))
+        measured = [s.device_reserved for s in profile.steps_stats if s.device_reserved]
+        if measured:
+            real = max(measured)
+            facts.append(("reserved peak, measured (torch.cuda.max_memory_reserved)",
+                          f"{format_bytes(real)} (predicted / measured "
+                          f"{int(replay['reserved_peak_bytes']) / real:.3f})"))
     cuda = dev.cuda or {}
     nvml = dev.nvml or {}
     cuda_rows = [(k.replace("_", " "), cell(v, k if k == "device_index" or k == "name"

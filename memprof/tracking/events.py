@@ -364,6 +364,7 @@ class EventStream:
         transient = _transients(items)
         ledger = self.ledger
         entries = ledger.entries
+        allocator = ledger.allocator
         module_live, module_max = ledger.module_live, ledger.module_max
         offset = self.source.offset_s
         now = 0.0
@@ -410,6 +411,8 @@ class EventStream:
                     else:
                         live_transients[ptr] = value
                         extra += value
+                        if allocator is not None:
+                            allocator.malloc(ptr, value)
                     # The ledger's own maxima miss the live transients' bytes: add them.
                     total = ledger.total + extra
                     top = ledger.top
@@ -430,6 +433,8 @@ class EventStream:
                     size = live_transients.pop(ptr, 0)
                     if size:
                         extra -= size
+                        if allocator is not None:
+                            allocator.free(ptr)
                     else:
                         ledger.free(ptr)
         finally:

@@ -14,13 +14,16 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from memprof.categories import CATEGORIES, PHASES
 from memprof.units import round_up
+
+if TYPE_CHECKING:
+    from memprof.allocator import CachingAllocatorModel
 
 # Category and phase indices: the hot path works with ints, tables with names.
 PARAMETER, BUFFER, GRADIENT, OPTIMIZER_STATE, ACTIVATION, TEMPORARY, INPUT, OTHER = range(8)
@@ -108,6 +111,7 @@ class StepPeak:
     module: int = OUTSIDE
     time: float = 0.0
     by_category: tuple[int, ...] = (0,) * 8
+    reserved: int = 0  # the caching-allocator model's reserved bytes then (0 without one)
 
 
 class StorageLedger:
@@ -137,8 +141,11 @@ class StorageLedger:
         self.logging = False  # also keeping the step's log and timeline samples (active)
         self.seq = 0
         self.log: list[Entry | int] = []
-        self.samples: list[tuple[int, float, int, int, tuple[int, ...]]] = []
+        self.samples: list[tuple[int, float, int, int, tuple[int, ...], int]] = []
         self.peak = StepPeak()
+        #: The CUDA caching allocator's model (memprof.allocator), fed every storage's
+        #: allocation and free in order; None: reserved memory is not modelled.
+        self.allocator: CachingAllocatorModel | None = None
         self._free_callback = self._on_free
 
     # ----------------------------------------------------------------- hot path
@@ -188,6 +195,10 @@ class StorageLedger:
         key, nbytes, category, module = entry.key, entry.nbytes, entry.category, entry.module
         self.entries[key] = entry
         self.seq += 1
+        allocator = self.allocator
+        # (An events-backend transient promoted to an entry is already in the model.)
+        if allocator is not None and entry.raw_nbytes and key not in allocator.live:
+            allocator.malloc(key, entry.raw_nbytes)
         total = self.total + nbytes
         self.total = total
         self._charge(category, module, nbytes)
@@ -205,6 +216,7 @@ class StorageLedger:
                 peak.module = self.current_module
                 peak.time = self.clock()
                 peak.by_category = tuple(self.totals)
+                peak.reserved = allocator.reserved if allocator is not None else 0
         return entry
 
     def _on_free(self, ref: _StorageRef) -> None:
@@ -215,6 +227,8 @@ class StorageLedger:
         entry = self.entries.pop(key, None)
         if entry is None:
             return
+        if self.allocator is not None:
+            self.allocator.free(key)
         nbytes = entry.nbytes
         self.total -= nbytes
         self.totals[entry.category] -= nbytes
@@ -281,6 +295,8 @@ class StorageLedger:
         """A storage changed size in place: re-add it at its new size."""
         category, module = entry.category, entry.module
         self.entries.pop(entry.key, None)
+        if self.allocator is not None:
+            self.allocator.free(entry.key)
         self.total -= entry.nbytes
         self.totals[category] -= entry.nbytes
         self.module_live[module][category] -= entry.nbytes
@@ -324,7 +340,8 @@ class StorageLedger:
         """Record a timeline point (only in active steps)."""
         if self.logging:
             self.samples.append(
-                (self.seq, self.clock(), self.phase, self.current_module, tuple(self.totals))
+                (self.seq, self.clock(), self.phase, self.current_module, tuple(self.totals),
+                 self.allocator.reserved if self.allocator is not None else 0)
             )
 
     # ----------------------------------------------------------------- steps
@@ -334,7 +351,8 @@ class StorageLedger:
         self.samples = []
         self.peak = StepPeak(total=self.total, seq=0, order=self.seq, phase=self.phase,
                              module=self.current_module, time=self.clock(),
-                             by_category=tuple(self.totals))
+                             by_category=tuple(self.totals),
+                             reserved=self.allocator.reserved if self.allocator else 0)
         self.sample()
         return dict(self.entries)
 

@@ -71,6 +71,7 @@ from memprof.tracking.ledger import (
     storage_tensor,
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
+from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.timeline import decimate
 from memprof.units import round_up
@@ -152,6 +153,8 @@ class Profiler:
         max_steps: int | None = None,
         device_modelled: str | None = None,
         backend: Backend = "auto",
+        allocator_conf: str | None = None,
+        model_reserved: bool = True,
     ) -> None:
         if backend not in ("auto", "events", "dispatch"):
             raise ValueError(f"backend must be 'auto', 'events' or 'dispatch', not {backend!r}")
@@ -165,6 +168,10 @@ class Profiler:
         self._step_on_optimizer = step_on_optimizer
         self._max_steps = max_steps
         self._device_modelled = device_modelled
+        #: The caching allocator's options to replay with (None: this process's
+        #: PYTORCH_CUDA_ALLOC_CONF); ``model_reserved=False`` turns the replay off.
+        self._allocator_conf = allocator_conf
+        self._model_reserved = model_reserved
         self._result: Profile | None = None
         self._entered = False
 
@@ -190,6 +197,14 @@ class Profiler:
         #: The measurement backend in use: "events" or "dispatch".
         self.backend = backend
         self.ledger = StorageLedger(round_all_to=self._round_to, by_ptr=backend == "events")
+        self._reserved: ReservedModel | None = None
+        self._warnings: list[str] = []
+        if self._model_reserved:
+            self._reserved, problem = ReservedModel.create(self._allocator_conf)
+            if problem:
+                self._warnings.append(problem)
+            if self._reserved is not None:
+                self.ledger.allocator = self._reserved.model
         self._events: EventStream | None = None
         if backend == "events":
             self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node)
@@ -208,7 +223,6 @@ class Profiler:
         self._steps: list[StepStats] = []
         self._timeline_chunks: list[dict[str, list[Any]]] = []
         self._peak: Peak | None = None
-        self._warnings: list[str] = []
         self._optimizers: dict[int, dict[str, Any]] = {}
         self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int]]] = {}
         self._inputs_seen: list[dict[str, Any]] = []
@@ -390,6 +404,7 @@ class Profiler:
                 duration_s=ledger.clock() - self._step_started,
                 device_max_allocated=device_max,
                 device_reserved=device_reserved,
+                predicted_reserved=ledger.allocator.reserved if ledger.allocator else None,
             )
         )
         self._timeline_chunks.append(self._timeline_chunk())
@@ -435,12 +450,18 @@ class Profiler:
         ledger = self.ledger
         peak = ledger.peak
         samples = list(ledger.samples)
-        samples.append((peak.order, peak.time, peak.phase, peak.module, peak.by_category))
+        samples.append((peak.order, peak.time, peak.phase, peak.module, peak.by_category,
+                        peak.reserved))
         samples.sort(key=lambda s: (s[0], s[1]))
         kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
         chunk = empty_timeline()
         t0 = self._step_started
-        for seq, when, phase, module, totals in kept:
+        modelled = ledger.allocator is not None
+        if modelled:
+            chunk["reserved"] = []
+        for seq, when, phase, module, totals, reserved in kept:
+            if modelled:
+                chunk["reserved"].append(reserved)
             chunk["step"].append(self._applied_step)
             chunk["seq"].append(seq)
             chunk["time_s"].append(round(when - t0, 6))
@@ -800,7 +821,7 @@ class Profiler:
         timeline = empty_timeline()
         for chunk in self._timeline_chunks:
             for key, values in chunk.items():
-                timeline[key].extend(values)
+                timeline.setdefault(key, []).extend(values)
         warnings_ = list(self._warnings)
         compiled = [i.name for i in self.registry.infos if i.type == "OptimizedModule"]
         if compiled:
@@ -823,6 +844,7 @@ class Profiler:
             environment=environment(),
             warnings=warnings_,
             optimizers=list(self._optimizers.values()),
+            allocator=self._reserved.summary() if self._reserved is not None else None,
             meta={
                 "interrupted": interrupted,
                 "steps_seen": self._step + 1,

@@ -1,0 +1,77 @@
+"""Reserved memory during a profile: the run's allocations replayed through the caching
+allocator's model as they happen (see :mod:`memprof.allocator`).
+
+The ledger hands every tracked storage's allocation and free, in order, to one
+:class:`ReservedModel`. It replays them with the allocator options the run uses
+(``PYTORCH_CUDA_ALLOC_CONF`` unless told otherwise) and, alongside, with
+``expandable_segments`` switched the other way, so that the advisor can say what that option
+would change without the run's events being kept. On a CPU or under fake tensors the figures
+are what the CUDA allocator would reserve for the same requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memprof.allocator import (
+    NOT_MODELLED,
+    AllocatorConf,
+    CachingAllocatorModel,
+    conf_from_environment,
+    parse_conf,
+)
+from memprof.errors import AllocatorConfError
+
+#: What the replay of a profile leaves out, beyond the allocator model's own limits.
+PROFILE_NOT_MODELLED = [
+    "memory allocated before profiling started is replayed as allocated when first seen",
+    "kernel workspaces the allocator serves but no operator returns are seen only by the "
+    "events backend",
+]
+
+
+class _ShadowedModel(CachingAllocatorModel):
+    """The run's allocator model, feeding each request to a second model too."""
+
+    def __init__(self, conf: AllocatorConf, shadow: CachingAllocatorModel) -> None:
+        super().__init__(conf)
+        self.shadow = shadow
+
+    def malloc(self, key: int, nbytes: int) -> None:
+        super().malloc(key, nbytes)
+        self.shadow.malloc(key, nbytes)
+
+    def free(self, key: int) -> None:
+        super().free(key)
+        self.shadow.free(key)
+
+
+class ReservedModel:
+    """The allocator models of one profile and their summary for :class:`Profile`."""
+
+    def __init__(self, conf: AllocatorConf) -> None:
+        flipped = "False" if conf.expandable_segments else "True"
+        self.alternative = conf.with_options(f"expandable_segments:{flipped}")
+        self.shadow = CachingAllocatorModel(self.alternative)
+        self.model: CachingAllocatorModel = _ShadowedModel(conf, self.shadow)
+
+    @classmethod
+    def create(cls, conf: str | None) -> tuple[ReservedModel | None, str | None]:
+        """A model for ``conf`` (None: this process's); with a malformed configuration, no
+        model and the reason (the profile still runs: the option only matters on CUDA)."""
+        text = conf_from_environment() if conf is None else conf
+        try:
+            return cls(parse_conf(text)), None
+        except AllocatorConfError as exc:
+            return None, f"reserved memory not modelled: {exc}"
+
+    def summary(self) -> dict[str, Any]:
+        """The replay's figures as the profile stores them."""
+        main = self.model.result().to_dict()
+        other = self.shadow.result().to_dict()
+        return {
+            "conf": self.model.conf.text,
+            "replay": main,
+            "what_if": {self.alternative.text: other},
+            "not_modelled": [*NOT_MODELLED, *PROFILE_NOT_MODELLED],
+        }
