@@ -100,9 +100,9 @@ def parse_conf(text: str | None) -> AllocatorConf:
     for key, value in _options(text):
         if key == "max_split_size_mb":
             mb = _int(key, value)
-            if mb <= LARGE_BUFFER // MiB:
+            if mb < LARGE_BUFFER // MiB:  # torch 2.8+ (AcceleratorAllocatorConfig): >= 20
                 raise AllocatorConfError(
-                    f"PYTORCH_CUDA_ALLOC_CONF: max_split_size_mb too small, must be > "
+                    f"PYTORCH_CUDA_ALLOC_CONF: max_split_size_mb too small, must be >= "
                     f"{LARGE_BUFFER // MiB} (got {mb})"
                 )
             values["max_split_size"] = min(mb * MiB, _NO_LIMIT)

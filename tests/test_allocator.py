@@ -100,6 +100,7 @@ def test_max_split_size_keeps_oversize_blocks_for_oversize_requests() -> None:
     events = allocs(64 * MiB) + frees(0) + allocs(30 * MiB, start=1)
     assert allocator.replay(events).reserved_peak_bytes == 64 * MiB
     assert allocator.replay(events, conf="max_split_size_mb:40").reserved_peak_bytes == 94 * MiB
+    assert allocator.parse_conf("max_split_size_mb:20").max_split_size == 20 * MiB
     # An oversize request takes an oversize block up to 20 MiB larger, unsplit.
     near = allocs(64 * MiB) + frees(0) + allocs(50 * MiB, start=1)
     result = allocator.replay(near, conf="max_split_size_mb:40")
@@ -206,7 +207,7 @@ def test_conf_parsing() -> None:
     [
         ("expandable_segments", "expected option:value"),
         ("expandable_segments:yes", "True or False"),
-        ("max_split_size_mb:10", "too small"),
+        ("max_split_size_mb:19", "too small"),
         ("max_split_size_mb:abc", "integer"),
         ("garbage_collection_threshold:1.5", "between 0.0 and 1.0"),
         ("roundup_power2_divisions:3", "power of 2"),
