@@ -38,10 +38,13 @@ from memprof.errors import MemprofError
 @json_option(keys="profile, report, bytes, steps, peak_bytes")
 @handle_errors
 def command(profile_path: Path, output: Path | None, force: bool, as_json: bool) -> None:
-    """Write the interactive HTML report (one file, works offline) of PROFILE.json."""
+    """Write the interactive HTML report (one file, works offline) of PROFILE.json, or of a
+    PyTorch memory snapshot pickle (torch.cuda.memory._dump_snapshot)."""
     from memprof.profile import load
+    from memprof.snapshot.load import is_snapshot_file, load_snapshot
 
-    profile = load(profile_path)
+    # A PyTorch memory snapshot (torch.cuda.memory._dump_snapshot) reads as a profile too.
+    profile = load_snapshot(profile_path) if is_snapshot_file(profile_path) else load(profile_path)
     target = output if output is not None else profile_path.with_suffix(".html")
     if target.resolve() == profile_path.resolve():
         raise CommandError(f"the report would replace the profile {profile_path}: use -o")
