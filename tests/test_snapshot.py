@@ -287,3 +287,26 @@ def test_chrome_trace_has_counters_and_nested_slices(mlp_profile: memprof.Profil
     for child in children:
         assert any(r["ts"] <= child["ts"] and child["ts"] + child["dur"] <= r["ts"] + r["dur"]
                    + 1e-3 for r in roots)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_snapshot_from_dump_snapshot(tmp_path: Path) -> None:  # pragma: no cover
+    # GIVEN a snapshot torch itself recorded around one training step
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
+    try:
+        model = make_mlp().cuda()
+        optimizer = torch.optim.AdamW(model.parameters())
+        torch.cuda.reset_peak_memory_stats()
+        model(torch.randn(256, 64, device="cuda")).pow(2).mean().backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        path = tmp_path / "real.pickle"
+        torch.cuda.memory._dump_snapshot(str(path))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    # WHEN memprof reads it THEN its peak is the allocator's (block sizes) and forward frames
+    # of the user's file name modules only if there are any (nn.Sequential has none)
+    profile = memprof.load_snapshot(path)
+    assert profile.peak().total_bytes == peak
+    assert profile.meta["snapshot"]["events"] > 0
