@@ -31,6 +31,7 @@ from memprof.errors import (
 from memprof.estimate import EstimateError, estimate
 from memprof.profile import Peak, Profile, StepStats, load
 from memprof.report import write_report as report
+from memprof.snapshot.load import load_snapshot
 from memprof.tracking.schedule import Schedule, StepAction, schedule
 from memprof.tracking.session import MemoryLeakWarning, Profiler, profile
 from memprof.units import format_bytes, parse_size
@@ -60,6 +61,7 @@ __all__ = [
     "estimate",
     "format_bytes",
     "load",
+    "load_snapshot",
     "parse_size",
     "profile",
     "report",

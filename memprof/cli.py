@@ -19,6 +19,7 @@ from memprof import __version__
 COMMANDS: dict[str, str] = {
     "run": "run",
     "report": "report",
+    "export": "export",
     "advise": "advise",
     "estimate": "estimate",
     "gpus": "gpus",

@@ -83,6 +83,8 @@ class TensorAtPeak:
     shape: list[int]
     dtype: str
     phase: str
+    #: Where the user's code made it, ``file:line in function`` ("" when not recorded).
+    source: str = ""
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,15 @@ from memprof.errors import MemprofError
 @handle_errors
 def command(profile_paths: tuple[Path, ...], output: Path | None, force: bool,
             as_json: bool) -> None:
-    """Write the interactive HTML report (one file, works offline) of PROFILE.json.
+    """Write the interactive HTML report (one file, works offline) of PROFILE.json, or of a
+    PyTorch memory snapshot pickle (torch.cuda.memory._dump_snapshot).
 
     Several profiles (the ranks of a torchrun run: NAME.rank0.json NAME.rank1.json ...) or a
     folder of them make one report: each rank's peak side by side, the imbalance and each
     rank's categories.
     """
     from memprof.profile import load
+    from memprof.snapshot.load import is_snapshot_file, load_snapshot
 
     if len(profile_paths) > 1 or profile_paths[0].is_dir():
         from memprof.commands.ranks import ranks_report
@@ -58,7 +60,8 @@ def command(profile_paths: tuple[Path, ...], output: Path | None, force: bool,
         return
     profile_path = profile_paths[0]
 
-    profile = load(profile_path)
+    # A PyTorch memory snapshot (torch.cuda.memory._dump_snapshot) reads as a profile too.
+    profile = load_snapshot(profile_path) if is_snapshot_file(profile_path) else load(profile_path)
     target = output if output is not None else profile_path.with_suffix(".html")
     if target.resolve() == profile_path.resolve():
         raise CommandError(f"the report would replace the profile {profile_path}: use -o")

@@ -465,6 +465,30 @@ def _json_result(
     }
 
 
+def largest_tensors_text(profile: Any, *, top: int = 5) -> str:
+    """The largest tensors at the peak, one line each, with shape, dtype and source line."""
+    from memprof.units import format_bytes
+
+    if profile.peak_info is None or not profile.peak_info.top_tensors:
+        return ""
+    lines = ["Largest tensors at the peak:"]
+    for t in profile.peak_info.top_tensors[:top]:
+        shape = "x".join(str(d) for d in t.shape) or "scalar"
+        where = f"  {_short_path(t.source)}" if t.source else ""
+        lines.append(f"  {format_bytes(t.nbytes):>10}  {t.category:<15} {t.dtype} [{shape}] "
+                     f"in {t.module or '(root)'!r}{where}")
+    return "\n".join(lines)
+
+
+def _short_path(source: str) -> str:
+    """A source line's path relative to the working directory, or from site-packages on."""
+    cwd = os.getcwd() + os.sep
+    if source.startswith(cwd):
+        return source[len(cwd):]
+    marker = "site-packages" + os.sep
+    return source.split(marker, 1)[1] if marker in source else source
+
+
 def _print_text(
     target: Target,
     outcome: Outcome,
@@ -481,6 +505,10 @@ def _print_text(
         f"{steps} step(s) profiled"
     )
     click.echo(profile.summary(top=TOP_MODULES))
+    largest = largest_tensors_text(profile)
+    if largest:
+        click.echo("")
+        click.echo(largest)
     if advice is not None:
         click.echo("")
         click.echo("Top recommendations:")

@@ -55,11 +55,12 @@ def top_tensors(profile: Profile) -> Table | None:
         return None
     rows = [
         [format_bytes(t.nbytes), CATEGORY_LABELS.get(t.category, t.category),
-         module_label(t.module), "×".join(str(d) for d in t.shape) or "scalar", t.dtype, t.phase]
+         module_label(t.module), "×".join(str(d) for d in t.shape) or "scalar", t.dtype, t.phase,
+         t.source or "–"]
         for t in profile.peak_info.top_tensors
     ]
-    return {"columns": ["bytes", "category", "module", "shape", "dtype", "made in"],
-            "rows": rows}
+    return {"columns": ["bytes", "category", "module", "shape", "dtype", "made in",
+                        "source line"], "rows": rows}
 
 
 def steps_table(profile: Profile, *, limit: int = 50) -> Table | None:

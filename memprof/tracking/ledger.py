@@ -24,6 +24,7 @@ from memprof.units import round_up
 
 if TYPE_CHECKING:
     from memprof.allocator import CachingAllocatorModel
+    from memprof.tracking.source import SourceSampler
 
 # Category and phase indices: the hot path works with ints, tables with names.
 PARAMETER, BUFFER, GRADIENT, OPTIMIZER_STATE, ACTIVATION, TEMPORARY, INPUT, OTHER = range(8)
@@ -41,7 +42,7 @@ class Entry:
     """One tracked storage. ``nbytes`` is what the allocator is charged (rounded on CUDA)."""
 
     __slots__ = ("category", "dtype", "key", "module", "nbytes", "phase", "raw_nbytes", "ref",
-                 "shape")
+                 "shape", "source")
 
     def __init__(
         self, key: int, nbytes: int, raw_nbytes: int, category: int, module: int, phase: int,
@@ -56,6 +57,7 @@ class Entry:
         self.shape = shape
         self.dtype = dtype
         self.ref: _StorageRef | None = None
+        self.source = ""  # file:line in function, for the few storages worth it
 
 
 #: What a hook learned about a tensor, without holding it (events backend): ``(key, nbytes,
@@ -147,6 +149,9 @@ class StorageLedger:
         #: allocation and free in order; None: reserved memory is not modelled.
         self.allocator: CachingAllocatorModel | None = None
         self._free_callback = self._on_free
+        #: Source lines for the storages that may be among the largest (see tracking.source).
+        self.sources: SourceSampler | None = None
+        self.source_floor: int = 1 << 62
 
     # ----------------------------------------------------------------- hot path
     def see(self, tensor: torch.Tensor) -> None:
@@ -181,6 +186,9 @@ class StorageLedger:
         ref = _StorageRef(storage, self._free_callback)
         ref.key = key
         entry.ref = ref
+        if nbytes >= self.source_floor and self.sources is not None:
+            entry.source = self.sources.take(nbytes)
+            self.source_floor = self.sources.floor
         return self._insert(entry)
 
     def alloc(self, key: int, nbytes: int, category: int, module: int,
@@ -258,8 +266,7 @@ class StorageLedger:
             entry = self.entries.get(key)
             if entry is None:
                 return self.alloc(key, nbytes, category, module, shape, dtype)
-            if entry.dtype is RAW_DTYPE and entry.shape == (entry.nbytes,):
-                entry.shape, entry.dtype = shape, dtype
+            self.learn(entry, (key, nbytes, shape, dtype))
             self.reclassify(entry, category, module)
             return entry
         assert isinstance(tensor, torch.Tensor)
@@ -270,6 +277,20 @@ class StorageLedger:
             return self.add(storage, tensor, category, module)
         self.reclassify(entry, category, module)
         return entry
+
+    def learn(self, entry: Entry, facts: torch.Tensor | Facts, source: str = "") -> None:
+        """Give an entry known only from its allocation event (``uint8 [nbytes]``) the shape
+        and dtype of the tensor a hook saw in it, and a source line if it has none."""
+        if type(facts) is tuple and entry.dtype is RAW_DTYPE and entry.shape == (entry.nbytes,):
+            entry.shape, entry.dtype = facts[2], facts[3]
+        if source and not entry.source:
+            entry.source = source
+
+    def learn_facts(self, facts: Facts, source: str = "") -> None:
+        """:meth:`learn` for the entry at ``facts``' address, if one is live."""
+        entry = self.entries.get(facts[0])
+        if entry is not None:
+            self.learn(entry, facts, source)
 
     def reclassify(self, entry: Entry, category: int, module: int) -> None:
         """Move an entry's bytes to another category and owning module."""

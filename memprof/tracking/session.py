@@ -73,6 +73,7 @@ from memprof.tracking.ledger import (
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.schedule import StepAction, every_step
+from memprof.tracking.source import SourceSampler
 from memprof.tracking.timeline import decimate
 from memprof.units import round_up
 
@@ -155,6 +156,7 @@ class Profiler:
         backend: Backend = "auto",
         allocator_conf: str | None = None,
         model_reserved: bool = True,
+        source_lines_above: int | None = None,
     ) -> None:
         if backend not in ("auto", "events", "dispatch"):
             raise ValueError(f"backend must be 'auto', 'events' or 'dispatch', not {backend!r}")
@@ -172,6 +174,9 @@ class Profiler:
         #: PYTORCH_CUDA_ALLOC_CONF); ``model_reserved=False`` turns the replay off.
         self._allocator_conf = allocator_conf
         self._model_reserved = model_reserved
+        #: Also record the source line of every storage above this many bytes (None: only the
+        #: candidates for the largest at the peak).
+        self._source_lines_above = source_lines_above
         self._result: Profile | None = None
         self._entered = False
 
@@ -205,6 +210,9 @@ class Profiler:
                 self._warnings.append(problem)
             if self._reserved is not None:
                 self.ledger.allocator = self._reserved.model
+        self._sources = SourceSampler(self._top_tensors, self._source_lines_above)
+        self.ledger.sources = self._sources
+        self.ledger.source_floor = self._sources.floor
         self._events: EventStream | None = None
         if backend == "events":
             self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node)
@@ -441,6 +449,7 @@ class Profiler:
                     shape=[int(d) for d in e.shape],
                     dtype=str(e.dtype).replace("torch.", ""),
                     phase=PHASES[e.phase],
+                    source=e.source,
                 )
                 for e in largest
             ],
@@ -526,6 +535,11 @@ class Profiler:
             if not stack or stack[-1][0] != idx:
                 return  # hooks were installed in the middle of this forward
             _, token = stack.pop()
+            if type(output) is torch.Tensor and output.nbytes >= self._sources.floor:
+                # The events backend sees this storage only as bytes: name its shape and the
+                # line that called the module (it may be among the largest at a peak).
+                events.buffer(self.ledger.learn_facts, facts_of(output),
+                              self._sources.take(output.nbytes))
             events.exit(token, self._forward_apply, idx)
             forward = _graph_task_id() == -1
         if idx is not None and self.registry.infos[idx].geometry is None:
@@ -622,16 +636,19 @@ class Profiler:
                 self._pack_apply(tensor, self.ledger.current_module)
             else:
                 stack = self._live_stack
+                facts = facts_of(tensor)
+                sources = self._sources
+                source = sources.take(facts[1]) if facts[1] >= sources.floor else ""
                 if stack:  # alive until the module's next marker: the graph holds it
-                    events.buffer(self._pack_apply, facts_of(tensor), stack[-1][0])
+                    events.buffer(self._pack_apply, facts, stack[-1][0], source)
                 else:
                     # Outside modules (the loss) the next marker may come in backward, after
                     # the tensor is freed: the facts would then find no entry and make up an
                     # input that no longer exists. Mark the moment itself.
-                    events.point(self._pack_apply, facts_of(tensor), OUTSIDE)
+                    events.point(self._pack_apply, facts, OUTSIDE, source)
         return tensor
 
-    def _pack_apply(self, tensor: torch.Tensor | Facts, module: int) -> None:
+    def _pack_apply(self, tensor: torch.Tensor | Facts, module: int, source: str = "") -> None:
         """Autograd saved ``tensor`` during ``module``'s forward: an activation."""
         ledger = self.ledger
         if not ledger.recording:
@@ -639,7 +656,9 @@ class Profiler:
         entry = ledger.lookup(tensor)
         if entry is None:
             ledger.track(tensor, INPUT, OUTSIDE)
-        elif entry.category == TEMPORARY:
+            return
+        ledger.learn(entry, tensor, source)
+        if entry.category == TEMPORARY:
             ledger.reclassify(entry, ACTIVATION, module)
 
     def _mark_inputs(self, values: list[Any]) -> None:
@@ -1076,11 +1095,15 @@ def profile(
     timeline_points: int = 256,
     top_tensors: int = 20,
     backend: Backend = "auto",
+    source_lines_above: int | None = None,
 ) -> Profiler:
     """Profile the memory of the training steps run inside the ``with`` block.
 
     ``model`` and ``optimizer`` are optional: without them every module and optimizer that runs
     is tracked, and the first module to run is the root. Call ``prof.step()`` once per step.
+    The largest tensors at the peak carry the source line that made them where a hook or the
+    dispatch ledger saw them; ``source_lines_above=N`` also records it for every storage over
+    N bytes (dispatch backend; the events backend sees only saved tensors and module outputs).
 
     Example::
 
@@ -1098,4 +1121,5 @@ def profile(
         timeline_points=timeline_points,
         top_tensors=top_tensors,
         backend=backend,
+        source_lines_above=source_lines_above,
     )

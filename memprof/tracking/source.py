@@ -1,0 +1,61 @@
+"""Where in the user's code a storage was made: ``file:line in function``, captured cheaply.
+
+Walking the Python stack costs a few microseconds, far too much for every allocation. It is
+done only for storages that can still be among the largest at a peak: those larger than the
+smallest of the ``keep`` largest seen so far (a min-heap of sizes), or larger than a fixed
+threshold the user sets. The first frames outside torch and memprof are the user's (a model
+library such as transformers counts as user code: its line is where the tensor is made).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import sys
+
+import torch
+
+_SKIP = (os.path.dirname(torch.__file__) + os.sep,
+         os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+
+
+def user_source(skip: int = 1) -> str:
+    """``file:line in function`` of the innermost frame outside torch and memprof ("" if
+    none: the allocation came from torch itself, say the autograd engine in backward)."""
+    try:
+        frame = sys._getframe(skip + 1)
+    except ValueError:
+        return ""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIP) and not filename.startswith("<"):
+            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return ""
+
+
+class SourceSampler:
+    """Decides, in one comparison, whether an allocation's source line is worth capturing."""
+
+    __slots__ = ("_heap", "floor", "keep", "threshold")
+
+    def __init__(self, keep: int, threshold: int | None = None) -> None:
+        self.keep = keep
+        self.threshold = threshold
+        self._heap: list[int] = []
+        #: Allocations of at least this many bytes are captured (-1: all, until the heap fills).
+        self.floor = -1 if keep > 0 else (threshold if threshold is not None else 1 << 62)
+
+    def take(self, nbytes: int) -> str:
+        """Call only when ``nbytes >= floor``: the source line, and the floor moved up."""
+        heap = self._heap
+        if self.keep > 0:
+            if len(heap) < self.keep:
+                heapq.heappush(heap, nbytes)
+            elif nbytes > heap[0]:
+                heapq.heapreplace(heap, nbytes)
+            floor = heap[0] if len(heap) >= self.keep else -1
+            if self.threshold is not None:
+                floor = min(floor, self.threshold) if floor >= 0 else floor
+            self.floor = floor
+        return user_source(2)
