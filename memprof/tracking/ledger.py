@@ -140,6 +140,7 @@ class StorageLedger:
         self.samples: list[tuple[int, float, int, int, tuple[int, ...]]] = []
         self.peak = StepPeak()
         self._free_callback = self._on_free
+        self._spikes = 0  # keys of spikes: negative, never a storage's id or address
 
     # ----------------------------------------------------------------- hot path
     def see(self, tensor: torch.Tensor) -> None:
@@ -288,6 +289,22 @@ class StorageLedger:
             self.log.append(entry.key)
         entry.ref = None  # drop the old weak reference and its callback
         self.add(storage, tensor, category, module)
+
+    def recharge(self, entry: Entry, nbytes: int) -> None:
+        """Charge a tracked storage ``nbytes`` from now on (what the real kernel allocates where
+        a fake one allocated another size: see :mod:`memprof.tracking.kernel_corrections`)."""
+        ref = entry.ref
+        self.free(entry.key)
+        fixed = Entry(entry.key, nbytes, entry.raw_nbytes, entry.category, entry.module,
+                      entry.phase, entry.shape, entry.dtype)
+        fixed.ref = ref
+        self._insert(fixed)
+
+    def spike(self, nbytes: int) -> None:
+        """A moment's scratch of the running op: ``nbytes`` allocated and freed at once."""
+        self._spikes -= 1
+        self.alloc(self._spikes, nbytes, TEMPORARY, self.current_module, (nbytes,), RAW_DTYPE)
+        self.free(self._spikes)
 
     # ----------------------------------------------------------- modules, phases
     def new_module(self) -> int:
