@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.advisor.workload import SimState, StepFn, Workload, accepted_options, cast_floats
+from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
 
 #: Steps per fake run: the second has the optimizer state the first creates.
 FAKE_STEPS = 2
