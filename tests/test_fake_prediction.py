@@ -65,6 +65,7 @@ def test_a_fake_run_allocates_nothing_of_the_models_size() -> None:
     model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))  # 16 MiB
     w = memprof.advisor.Workload(model, torch.optim.AdamW(model.parameters()),
                                  (torch.randn(64, 512), torch.randn(64, 512)))
+    fake_peak(w)  # measures the kernels' scratch on real tensors once per shape (cached) ...
     source = default_source()
     source.start()
     try:
