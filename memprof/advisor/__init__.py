@@ -122,25 +122,51 @@ def advise(
     workload: Workload | None = None,
     simulator: Simulator | None = None,
     reference: Measurement | None = None,
+    prediction: str | None = None,
+    simulate: bool = True,
+    fake_model: Workload | None = None,
 ) -> Advice:
     """Recommendations for ``profile`` (see :class:`Advice` for the columns).
 
     With a ``workload`` (or any ``simulator``) every applicable change is also measured;
     ``reference`` is the simulator's unchanged run when the caller already has it.
+    ``simulate=False`` skips those measurements (the predictions stay).
+
+    ``prediction``: ``"fake"`` (the default when the model is at hand: a ``workload``, or
+    ``fake_model``, a Workload used only to predict) runs each change on fake tensors
+    (:mod:`memprof.advisor.fake_prediction`); ``"analytic"`` predicts from the profile alone.
+    Each row's ``predicted_by`` says which ("fake run", "analytic", "measured simulation"), and
+    ``analytic_peak_bytes`` keeps the analytic number; a failed fake run falls back to it with
+    the reason in ``caveats``.
     """
     if workload is not None and simulator is not None:
         raise ValueError("give a workload or a simulator, not both")
+    model_at_hand = fake_model or workload
+    if prediction is None:
+        prediction = "fake" if model_at_hand is not None else "analytic"
+    if prediction not in ("fake", "analytic"):
+        raise ValueError(f"prediction must be 'fake' or 'analytic', not {prediction!r}")
+    if prediction == "fake" and model_at_hand is None:
+        raise ValueError("prediction='fake' needs the model: pass a workload or fake_model")
     facts = read_facts(profile)
     if workload is not None:
         if workload.set_to_none and zero_grad.gradient_use(facts).kept:
             # the profiled loop keeps its gradients between steps: so do the simulations
             workload = dataclasses.replace(workload, set_to_none=False)
         simulator = WorkloadSimulator(workload)
+        if fake_model is None:
+            model_at_hand = workload
+    if not simulate:
+        simulator = None
     changes = changes_for(facts)
     resolved = read_budget(budget, cached_bytes=replay_cached_bytes(profile.allocator))
     base = facts.peak_bytes
     measured: dict[int, Measurement | str] = {}
     extra: dict[str, Any] = {}
+    analytic = {id(c): c.predicted_peak for c in changes}
+    faked: dict[int, str | None] = {}
+    if prediction == "fake" and model_at_hand is not None:
+        extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked)
     if simulator is not None:
         if reference is None:
             reference = simulator.reference()
@@ -151,6 +177,13 @@ def advise(
     else:
         reference = None
     rows = [_row(c, base, measured.get(id(c)), reference) for c in changes]
+    for c, row in zip(changes, rows, strict=True):
+        row["analytic_peak_bytes"] = analytic[id(c)]
+        failure = faked.get(id(c))
+        row["predicted_by"] = "fake run" if id(c) in faked and failure is None else (
+            "analytic" if c.predicted_peak is not None else None)
+        if failure is not None:
+            row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)
     if workload is not None and reference is not None and facts.has_optimizer:
         rows.extend(_batch_rows(workload, reference, base, resolved))
     rows.sort(key=_rank)
@@ -163,6 +196,31 @@ def advise(
         rows=rows, plan=plan, baseline_peak_bytes=base, simulated=simulator is not None,
         extra=extra,
     )
+
+
+def fake_predict(
+    model: Workload, changes: list[Change], faked: dict[int, str | None]
+) -> int | None:
+    """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
+    per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
+    (None when even that fails: every row then stays analytic)."""
+    from memprof.advisor.fake_prediction import FakeRunError, fake_peak
+
+    try:
+        with seeded():
+            reference = fake_peak(model)
+    except FakeRunError:
+        return None
+    for c in changes:
+        if not (c.applicable and c.apply is not None):
+            continue
+        try:
+            with seeded():
+                c.predicted_peak = fake_peak(model, [c.apply])
+            faked[id(c)] = None
+        except FakeRunError as exc:
+            faked[id(c)] = f"{exc}; predicted analytically"
+    return reference
 
 
 def _row(
@@ -253,6 +311,7 @@ def _batch_rows(
             "predicted_peak_bytes": predicted,
             "predicted_saving_bytes": base - predicted,
             "saving_pct": 100.0 * (base - predicted) / base if base else 0.0,
+            "predicted_by": "measured simulation",
             "caveats": (
                 "gradient accumulation keeps the effective batch; steps take about as long in total"
                 if "accumulation" in options
@@ -281,6 +340,7 @@ def _batch_rows(
                 "predicted_saving_bytes": base - fit.peak(largest) if largest else None,
                 "saving_pct": None,
                 "caveats": "extrapolated from the two-point fit",
+                "predicted_by": "measured simulation",
                 "how": how,
             }
         )

@@ -339,7 +339,12 @@ def _apply_autocast_fp16_scaler(state: SimState) -> None:
 
 
 def _apply_pure_bf16(state: SimState) -> None:
-    state.model.to(torch.bfloat16)
+    from memprof.advisor import fake_prediction
+
+    if fake_prediction.is_fake_model(state.model):  # fake tensors cannot be swapped in place
+        fake_prediction.cast_floating(state, torch.bfloat16)
+    else:
+        state.model.to(torch.bfloat16)
     state.cast_batch = torch.bfloat16
 
 

@@ -152,6 +152,7 @@ class StorageLedger:
         #: Source lines for the storages that may be among the largest (see tracking.source).
         self.sources: SourceSampler | None = None
         self.source_floor: int = 1 << 62
+        self._spikes = 0  # keys of spikes: negative, never a storage's id or address
 
     # ----------------------------------------------------------------- hot path
     def see(self, tensor: torch.Tensor) -> None:
@@ -325,6 +326,26 @@ class StorageLedger:
             self.log.append(entry.key)
         entry.ref = None  # drop the old weak reference and its callback
         self.add(storage, tensor, category, module)
+
+    def recharge(self, entry: Entry, nbytes: int) -> None:
+        """Charge a tracked storage ``nbytes`` from now on (what the real kernel allocates where
+        a fake one allocated another size: see :mod:`memprof.tracking.kernel_corrections`)."""
+        ref = entry.ref
+        self.free(entry.key)
+        fixed = Entry(entry.key, nbytes, entry.raw_nbytes, entry.category, entry.module,
+                      entry.phase, entry.shape, entry.dtype)
+        fixed.ref = ref
+        if self.allocator is not None and nbytes:
+            # The allocator model sees the real size (its raw size stays the fake one, which
+            # the storage keeps reporting); _insert then finds the key already modelled.
+            self.allocator.malloc(entry.key, nbytes)
+        self._insert(fixed)
+
+    def spike(self, nbytes: int) -> None:
+        """A moment's scratch of the running op: ``nbytes`` allocated and freed at once."""
+        self._spikes -= 1
+        self.alloc(self._spikes, nbytes, TEMPORARY, self.current_module, (nbytes,), RAW_DTYPE)
+        self.free(self._spikes)
 
     # ----------------------------------------------------------- modules, phases
     def new_module(self) -> int:

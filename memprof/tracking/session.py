@@ -47,7 +47,7 @@ from memprof.profile import (
     TensorAtPeak,
     empty_timeline,
 )
-from memprof.tracking import native
+from memprof.tracking import kernel_corrections, native
 from memprof.tracking.events import EventStream
 from memprof.tracking.ledger import (
     ACTIVATION,
@@ -103,9 +103,13 @@ _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 class _LedgerMode(TorchDispatchMode):
     """Shows each operator's outputs to the ledger. The per-op work is O(1)."""
 
-    def __init__(self, ledger: StorageLedger) -> None:
+    def __init__(self, ledger: StorageLedger, corrections: Any = None) -> None:
         super().__init__()
         self.see = ledger.see
+        self.ledger = ledger
+        #: Under fake tensors: the measured kernel memory the fake kernels lack (a
+        #: :class:`~memprof.tracking.kernel_corrections.KernelCorrections`), else None.
+        self.corrections = corrections
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -128,6 +132,8 @@ class _LedgerMode(TorchDispatchMode):
             for item in out:
                 if isinstance(item, torch.Tensor):
                     self.see(item)
+        if self.corrections is not None and func in kernel_corrections.CORRECTED_OPS:
+            kernel_corrections.apply(self.ledger, self.corrections, func, args, kwargs or {}, out)
         return out
 
 
@@ -223,7 +229,11 @@ class Profiler:
         self._replay_bwd = False
         self._since_flush = 0
         self.registry = ModuleRegistry(self.ledger)
-        self._mode = _LedgerMode(self.ledger)
+        self._corrections = (
+            kernel_corrections.for_profile()
+            if self._fake and self._device_modelled != "cuda" and self._round_to == 1 else None
+        )
+        self._mode = _LedgerMode(self.ledger, self._corrections)
         self._mode_entered = False
         self._handles: list[Any] = []
         self._grad_fn_handles: list[Any] = []
@@ -894,6 +904,9 @@ class Profiler:
             modelled = ["nothing was allocated: sizes come from FakeTensorMode"]
             if self._round_to > 1:
                 modelled.append(f"allocator rounding to {self._round_to}-byte blocks")
+            if self._corrections is not None:
+                modelled.extend(self._corrections.notes())
+            modelled.extend(kernel_corrections.modelled_notes(target))
             return DeviceInfo(
                 kind="fake",
                 name=f"fake {target}",

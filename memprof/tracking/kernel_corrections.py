@@ -1,0 +1,279 @@
+"""Kernel memory that fake tensors cannot see, measured on this machine and charged by the ledger.
+
+A fake (or meta) kernel returns outputs of the right shapes and allocates nothing else; the real
+CPU kernel may allocate more: oneDNN's RNN layer returns a workspace the fake one makes 0 bytes
+(and autograd saves it, so it stays live until the backward), a convolution and its backward
+take im2col/reorder scratch, batch norm's backward and 16-bit matmuls take oneDNN scratchpads.
+
+:class:`KernelCorrections` keeps, per *key* (aten op, each tensor argument's shape, strides and
+dtype, and the other arguments), what the real op does: the most bytes it holds beyond its
+outputs while it runs (a transient) and the storage size of each output. A key is measured the
+first time it is met, by running the real op once on zero-filled real tensors of those shapes
+under memprof's allocation recorder (cached for the process). The dispatch ledger then charges,
+under fake tensors, each output at its real size and the transient as a moment inside the op.
+
+Ops whose inputs exceed :data:`MEASURE_LIMIT_BYTES` are not run: their transient is extrapolated
+from the largest measured key of the same op (bytes of scratch per input byte) and reported as
+modelled. Only the CPU is measured; CUDA kernel workspaces (cuBLAS, cuDNN) are not, and a profile
+modelling CUDA names them as modelled instead (see :func:`modelled_notes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+aten = torch.ops.aten
+
+#: The ops whose real CPU kernels were found to allocate beyond their outputs (found by running
+#: models op by op against their fake kernels: RNN layers, convolutions and their backward, batch
+#: norm's backward, matmuls (16-bit scratchpads), attention and softmax, normalisation backward,
+#: the embedding backward's sort, reductions to fp32).
+_CORRECTED_NAMES = (
+    "mkldnn_rnn_layer.default", "mkldnn_rnn_layer_backward.default",
+    "convolution.default", "convolution_backward.default",
+    "native_batch_norm.default", "native_batch_norm_backward.default",
+    "_native_batch_norm_legit.default", "_native_batch_norm_legit_functional.default",
+    "mm.default", "addmm.default", "bmm.default", "baddbmm.default",
+    "_scaled_dot_product_flash_attention_for_cpu.default",
+    "_scaled_dot_product_flash_attention_for_cpu_backward.default",
+    "_safe_softmax.default", "_softmax.default", "_softmax_backward_data.default",
+    "native_layer_norm_backward.default", "embedding_dense_backward.default",
+    "mean.dim", "sum.dim_IntList",
+)
+
+
+def _ops(names: tuple[str, ...]) -> frozenset[Any]:
+    found = set()
+    for name in names:
+        packet, overload = name.split(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:  # an op this torch lacks is simply not corrected
+            found.add(op)
+    return frozenset(found)
+
+
+CORRECTED_OPS = _ops(_CORRECTED_NAMES)
+
+#: Keys whose inputs hold more than this are extrapolated, not run.
+MEASURE_LIMIT_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class OpMemory:
+    """What the real op allocates: bytes beyond its outputs at its busiest, and each output's
+    storage bytes (None for an output that is no new storage: a view or an input)."""
+
+    transient: int
+    outputs: tuple[int | None, ...]
+    measured: bool = True
+
+
+@dataclass
+class KernelCorrections:
+    """The measured table, and what was charged with it (for the profile's ``modelled``)."""
+
+    cache: dict[Any, OpMemory] = field(default_factory=dict)
+    #: Per op name: (measured keys, extrapolated keys).
+    used: dict[str, list[int]] = field(default_factory=dict)
+    #: Per op: (scratch bytes per input byte, input bytes) of its largest measured key.
+    ratio: dict[Any, tuple[float, int]] = field(default_factory=dict)
+
+    def memory(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               real_size: Callable[[torch.Tensor], int | None] = lambda t: None,
+               ) -> OpMemory | None:
+        """The real op's memory for these (fake) arguments; None when it cannot be had.
+        ``real_size`` gives an argument's real storage bytes where they are not its fake ones
+        (an RNN workspace, which the backward reads)."""
+        key = _key(func, args, kwargs)
+        if key is None:
+            return None
+        found = self.cache.get(key)
+        if found is None:
+            size = _input_bytes(args, kwargs)
+            if size > MEASURE_LIMIT_BYTES:
+                per_byte, _ = self.ratio.get(func, (0.0, 0))
+                found = OpMemory(round(per_byte * size), (), measured=False)
+            else:
+                measured = _measure(func, args, kwargs, real_size)
+                if measured is None:
+                    return None
+                found = measured
+                best = self.ratio.get(func)
+                if size and (best is None or size >= best[1]):
+                    self.ratio[func] = (found.transient / size, size)
+            self.cache[key] = found
+        return found
+
+    def count(self, func: Any, memory: OpMemory) -> None:
+        """Note that ``func``'s call was charged more than its fake kernel's outputs."""
+        counts = self.used.setdefault(str(func.overloadpacket.__name__), [0, 0])
+        counts[0 if memory.measured else 1] += 1
+
+    def notes(self) -> list[str]:
+        """One line per op corrected, for ``profile.device.modelled``."""
+        out = []
+        for name, (measured, guessed) in sorted(self.used.items()):
+            if measured:
+                out.append(f"kernel scratch of aten.{name} measured on this CPU "
+                           f"({measured} calls)")
+            if guessed:
+                out.append(f"kernel scratch of aten.{name} extrapolated from smaller measured "
+                           f"shapes ({guessed} calls above {MEASURE_LIMIT_BYTES >> 20} MiB)")
+        return out
+
+
+def modelled_notes(device: str) -> list[str]:
+    """What stays modelled about kernels for a fake run modelling ``device``."""
+    if device == "cuda":
+        return ["CUDA kernel workspaces (cuBLAS, cuDNN, attention) are not measured here: "
+                "modelled as the CPU kernels' outputs only"]
+    return []
+
+
+#: One table per process: the same shapes are measured once for every estimate and prediction.
+TABLE = KernelCorrections()
+
+
+_enabled = [True]
+
+
+def for_profile() -> KernelCorrections | None:
+    """A view of :data:`TABLE` that counts its own uses (one per profile); None inside
+    :func:`disabled`."""
+    return KernelCorrections(cache=TABLE.cache, ratio=TABLE.ratio) if _enabled[-1] else None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Fake runs inside charge the fake kernels' outputs only (as the dispatch ledger sees a
+    real run: operator outputs, no kernel scratch)."""
+    _enabled.append(False)
+    try:
+        yield
+    finally:
+        _enabled.pop()
+
+
+def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    flat, _ = tree_flatten((args, kwargs))
+    parts: list[Any] = [func]
+    for value in flat:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                return None
+            parts.append((tuple(value.shape), tuple(value.stride()), value.dtype))
+        elif isinstance(value, int | float | bool | str | torch.dtype | torch.device | None):
+            parts.append(value)
+        elif isinstance(value, torch.memory_format | torch.layout):
+            parts.append(str(value))
+        else:  # a generator, a symbolic size: not measurable
+            return None
+    return tuple(parts)
+
+
+def _input_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    flat, _ = tree_flatten((args, kwargs))
+    return sum(t.untyped_storage().nbytes() for t in flat if isinstance(t, torch.Tensor))
+
+
+def _measure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             real_size: Callable[[torch.Tensor], int | None]) -> OpMemory | None:
+    """Run ``func`` once on real zero-filled tensors of the arguments' layouts and record it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from memprof.tracking.events import default_source
+
+    def real(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        size = real_size(value)
+        if size is not None:  # a storage the fake kernel made another size: the real one
+            return torch.zeros(size // value.element_size(), dtype=value.dtype)
+        return torch.zeros(value.untyped_storage().nbytes() // value.element_size() or 1,
+                           dtype=value.dtype).as_strided(
+            value.shape, value.stride(), value.storage_offset())
+
+    try:
+        # grad mode stays as the run has it: the RNN kernel fills its workspace only with it on
+        with unset_fake_temporarily(), _no_autocast():
+            real_args, real_kwargs = tree_map(real, (args, kwargs))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten(
+                (real_args, real_kwargs))[0] if isinstance(t, torch.Tensor)}
+            source = default_source()
+            source.start()
+            try:
+                out = func(*real_args, **real_kwargs)
+            finally:
+                events = source.stop()
+            outs = [o for o in (out if isinstance(out, tuple | list) else [out])]
+            sizes: list[int | None] = []
+            total = 0
+            for o in outs:
+                if not isinstance(o, torch.Tensor):
+                    sizes.append(None)
+                    continue
+                storage = o.untyped_storage()
+                if storage.data_ptr() in inputs:
+                    sizes.append(None)
+                    continue
+                sizes.append(storage.nbytes())
+                total += storage.nbytes()
+            del out, outs, real_args, real_kwargs
+    except Exception:  # an op that cannot run on zeros here: leave it uncorrected
+        return None
+    return OpMemory(max(0, _peak(events) - total), tuple(sizes))
+
+
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    with torch.autocast("cpu", enabled=False):
+        yield
+
+
+def _peak(events: list[tuple[Any, int, int]]) -> int:
+    live: dict[int, int] = {}
+    now = peak = 0
+    for _when, ptr, size in events:
+        if ptr < 0:  # a marker
+            continue
+        if size > 0:
+            live[ptr] = size
+            now += size
+            peak = max(peak, now)
+        else:
+            now -= live.pop(ptr, 0)
+    return peak
+
+
+def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...],
+          kwargs: dict[str, Any], out: Any) -> None:
+    """Charge ``out`` (already seen by the ledger) at the real sizes, then the op's transient."""
+    def real_size(tensor: torch.Tensor) -> int | None:
+        entry = ledger.lookup(tensor)
+        if entry is None or entry.nbytes == entry.raw_nbytes or tensor.dim() != 1:
+            return None
+        return int(entry.nbytes)
+
+    memory = table.memory(func, args, kwargs, real_size)
+    if memory is None:
+        return
+    outs = out if isinstance(out, tuple | list) else [out]
+    changed = memory.transient > 0
+    for o, real in itertools.zip_longest(outs, memory.outputs):
+        if real is None or not isinstance(o, torch.Tensor):
+            continue
+        entry = ledger.lookup(o)
+        if entry is not None and entry.nbytes != real:
+            ledger.recharge(entry, real)
+            changed = True
+    if memory.transient > 0:
+        ledger.spike(memory.transient)
+    if changed:
+        table.count(func, memory)

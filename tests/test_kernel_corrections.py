@@ -1,0 +1,84 @@
+"""Kernel scratch fake tensors cannot see, measured per op and shape and charged by the ledger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import memprof
+from memprof.estimate import estimate
+from memprof.tracking import kernel_corrections
+
+
+class TiedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(500, 64)
+        self.lstm = nn.LSTM(64, 64, 2, batch_first=True)
+        self.dec = nn.Linear(64, 500)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.lstm(self.emb(x))[0])
+
+
+def bn_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+def _real_peak(make: Any, x: torch.Tensor) -> int:
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with memprof.profile(model, opt, backend="events") as prof:
+        for _ in range(2):
+            model(x).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            prof.step()
+    return int(prof.profile.peak().total_bytes)
+
+
+CASES = [
+    (TiedLSTM, lambda: torch.zeros(4, 24, dtype=torch.long), "mkldnn_rnn_layer"),
+    (bn_cnn, lambda: torch.zeros(8, 3, 24, 24), "convolution_backward"),
+]
+
+
+@pytest.mark.parametrize(("make", "batch", "op"), CASES)
+def test_estimate_equals_the_real_cpu_run(make: Any, batch: Any, op: str) -> None:
+    real = _real_peak(make, batch())
+    est = estimate(make, batch=batch, dtype="fp32", device="cpu", steps=2)
+    assert abs(est.peak().total_bytes - real) <= 0.01 * real
+    assert any(op in note and "measured" in note for note in est.device.modelled)
+    # without the corrections the fake kernels miss the workspace / scratch (LSTM -37%,
+    # BN ResNet -11.7% in the issue)
+    with kernel_corrections.disabled():
+        plain = estimate(make, batch=batch, dtype="fp32", device="cpu", steps=2)
+    assert plain.peak().total_bytes < 0.97 * real
+
+
+def test_rnn_workspace_is_saved_at_its_real_size() -> None:
+    # the fake mkldnn_rnn_layer returns a 0-byte workspace; the real one is saved by autograd
+    est = estimate(TiedLSTM, batch=lambda: torch.zeros(4, 24, dtype=torch.long),
+                   dtype="fp32", device="cpu", steps=1, optimizer="none")
+    with kernel_corrections.disabled():
+        plain = estimate(TiedLSTM, batch=lambda: torch.zeros(4, 24, dtype=torch.long),
+                         dtype="fp32", device="cpu", steps=1, optimizer="none")
+    lstm = est.modules().set_index("module").loc["lstm"]
+    lstm_plain = plain.modules().set_index("module").loc["lstm"]
+    assert lstm["activation"] > lstm_plain["activation"]
+
+
+def test_cuda_workspaces_are_named_as_modelled() -> None:
+    est = estimate(bn_cnn, batch=lambda: torch.zeros(2, 3, 16, 16), dtype="fp32",
+                   device="cuda", steps=1)
+    assert any("CUDA kernel workspaces" in note for note in est.device.modelled)
+    assert not any("measured on this CPU" in note for note in est.device.modelled)
