@@ -14,7 +14,7 @@ import memprof
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.zoo import ZOO, by_name  # noqa: E402
+from benchmarks.zoo import ZOO, by_name
 
 NAMES = [entry.name for entry in ZOO]
 
