@@ -334,6 +334,17 @@ def print_estimates(rows: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------ main
+def _write_json(path: Path, rows: list[dict[str, Any]], estimates: list[dict[str, Any]],
+                timings: dict[str, float], failures: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({
+        "rows": rows, "techniques": technique_summary(rows), "estimates": estimates,
+        "timings_s": timings, "failures": failures,
+    }, indent=1))
+    partial.replace(path)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
@@ -345,11 +356,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ask advise for this prediction kind (when it supports it)")
     parser.add_argument("--json", type=Path, help="write the rows and summaries here")
     parser.add_argument("--force", action="store_true", help="overwrite --json's file")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: print the summaries of earlier --json files together")
     return parser.parse_args(argv)
+
+
+def summarize(paths: list[Path]) -> int:
+    """The tables of earlier runs' --json files, merged (runs split over processes)."""
+    rows: list[dict[str, Any]] = []
+    estimates: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        rows.extend(data.get("rows", []))
+        estimates.extend(data.get("estimates", []))
+    print_summary(technique_summary(rows))
+    if estimates:
+        print()
+        print_estimates(estimates)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
     if args.json is not None and args.json.exists() and not args.force:
         print(f"error: {args.json} exists (pass --force to overwrite)", file=sys.stderr)
         return 2
@@ -392,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         timings[entry.name] = time.perf_counter() - start
         print(f"{entry.name}: {sum(r['model'] == entry.name for r in rows)} rows in "
               f"{timings[entry.name]:.1f}s", flush=True)
+        if args.json is not None:  # after every model, so an interrupted run keeps its rows
+            _write_json(args.json, rows, estimates, timings, failures)
 
     print()
     print_rows(rows)
@@ -408,11 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {sum(timings.values()):.0f}s; per model: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "rows": rows, "techniques": summary, "estimates": estimates,
-            "timings_s": timings, "failures": failures,
-        }, indent=1))
+        _write_json(args.json, rows, estimates, timings, failures)
         print(f"wrote {args.json}")
     return 1 if failures else 0
 
