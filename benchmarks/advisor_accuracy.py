@@ -140,9 +140,13 @@ def advise_rows(
     out: list[dict[str, Any]] = []
     for row in advice.rows:
         measured = row.get("measured_peak_bytes")
-        if not row.get("applicable") or measured is None:
-            continue
         if techniques is not None and row["technique"] not in techniques:
+            continue
+        if row.get("applicable") and measured is None and row.get("caveats"):
+            # applicable but its simulation failed: say so rather than drop it silently
+            print(f"{entry.name}: {row['technique']} {_options_text(row['options'])}: not "
+                  f"measured ({str(row['caveats'])[-160:]})", flush=True)
+        if not row.get("applicable") or measured is None:
             continue
         kinds: list[tuple[str, int]] = []
         predicted = row.get("predicted_peak_bytes")
