@@ -65,3 +65,12 @@ def test_a_zoo_model_trains_under_the_profiler_with_exact_persistent_bytes(name:
     peak = prof.profile.peak()
     assert peak.by_category["parameter"] == unique
     assert peak.total_bytes >= unique + _state_bytes(w.optimizer)
+
+
+@pytest.mark.parametrize("name", ["nn-transformer", "lstm-tied", "mha-checkpointed", "gru"])
+def test_a_plain_torch_zoo_model_gives_the_advisor_its_outputs(name: str) -> None:
+    # the advisor's drift check calls model(batch[0]); nn-transformer took two arguments
+    w = by_name(name).build()
+    with torch.no_grad():
+        out = w.outputs(w.model, w.batch)
+    assert out.shape[0] == 4 and torch.isfinite(out).all()
