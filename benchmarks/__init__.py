@@ -1,0 +1,1 @@
+"""Benchmarks and the model zoo (``benchmarks.zoo``); run each module as a script."""
