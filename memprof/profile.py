@@ -37,6 +37,7 @@ import pandas as pd
 
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import OutputExistsError, ProfileLoadError
+from memprof.oom import OOMReport
 from memprof.units import format_bytes
 
 SCHEMA_NAME = "memprof-profile"
@@ -151,6 +152,8 @@ class Profile:
     optimizers: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     advice: dict[str, Any] | None = None
+    #: Set when the profiled run ended in an out-of-memory error (see :mod:`memprof.oom`).
+    oom: OOMReport | None = None
 
     # ------------------------------------------------------------------ tables
     def modules(self) -> pd.DataFrame:
@@ -223,7 +226,7 @@ class Profile:
 
     def summary(self, *, top: int = 15) -> str:
         """A plain-text summary: the peak and the modules that hold the most memory."""
-        lines = []
+        lines = [f"memprof: {self.oom.describe()}"] if self.oom is not None else []
         if self.peak_info is not None:
             p = self.peak_info
             lines.append(f"memprof: {p.describe()} on {self.device.name}")
@@ -260,6 +263,7 @@ class Profile:
             "warnings": self.warnings,
             "optimizers": self.optimizers,
             "advice": self.advice,
+            "oom": self.oom.to_dict() if self.oom is not None else None,
         }
 
     @classmethod
@@ -284,6 +288,7 @@ class Profile:
             optimizers=list(data.get("optimizers", [])),
             meta=dict(data.get("meta", {})),
             advice=data.get("advice"),
+            oom=OOMReport.from_dict(data["oom"]) if data.get("oom") else None,
         )
 
     def report(

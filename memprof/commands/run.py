@@ -160,7 +160,12 @@ def command(
     }
 
     notes = list(outcome.notes)
-    advice, advice_note = run_advisor(profile, budget)
+    advised = profile
+    if profile.oom is not None:  # advise for the step that did not fit, not its partial peak
+        from memprof.oom import needed_profile
+
+        advised = needed_profile(profile, profile.oom)
+    advice, advice_note = run_advisor(advised, budget)
     if advice_note:
         notes.append(advice_note)
     if advice is not None:
