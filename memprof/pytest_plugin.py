@@ -1,6 +1,7 @@
 """A pytest plugin: ``@pytest.mark.memprof_limit("64 MiB")`` fails a test whose peak is higher.
 
-Registered through the ``pytest11`` entry point, so installing memprof is enough. The marked
+Registered through the ``pytest11`` entry point (the light hooks in :mod:`memprof_pytest`,
+which import this module only for marked tests), so installing memprof is enough. The marked
 test runs inside a global :func:`memprof.profile` (every module and optimizer that runs is
 tracked; the whole test is one step); when its peak exceeds the limit the test fails with the
 peak, where it happened, and the module and category that held the most at it::
@@ -21,7 +22,6 @@ and memprof (with torch) is only imported once a collected test carries the mark
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -33,22 +33,6 @@ MARKER = "memprof_limit"
 _BACKENDS = ("dispatch", "events", "auto")
 #: Holders named in the failure message.
 TOP_HOLDERS = 3
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{MARKER}(limit, *, backend='dispatch'): fail the test when memprof's measured peak "
-        "exceeds limit (a size such as '64 MiB', or bytes)",
-    )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Check every marker's arguments before any test runs: a bad limit is a usage error."""
-    for item in items:
-        marker = item.get_closest_marker(MARKER)
-        if marker is not None:
-            limit_of(marker, item.nodeid)
 
 
 def limit_of(marker: pytest.Mark, where: str) -> tuple[int, str]:
@@ -83,21 +67,11 @@ def limit_of(marker: pytest.Mark, where: str) -> tuple[int, str]:
     return nbytes, backend
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
-    marker = item.get_closest_marker(MARKER)
-    if marker is None:
-        return (yield)
-    limit, backend = limit_of(marker, item.nodeid)
+def profiler(backend: str) -> Any:
+    """The global profiler a marked test runs in."""
     from memprof.tracking.session import profile
 
-    prof = profile(backend=backend)  # type: ignore[arg-type]
-    with prof:
-        result = yield
-    failure = over_limit(prof.profile, limit)
-    if failure is not None:
-        pytest.fail(failure, pytrace=False)
-    return result
+    return profile(backend=backend)  # type: ignore[arg-type]
 
 
 def over_limit(profile: Profile, limit: int) -> str | None:

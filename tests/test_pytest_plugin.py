@@ -129,3 +129,16 @@ def test_marker_arguments() -> None:
         limit_of(pytest.mark.memprof_limit("1 MiB", backend="gpu").mark, "t")
     with pytest.raises(pytest.UsageError, match="takes one limit"):
         limit_of(pytest.mark.memprof_limit().mark, "t")
+
+
+def test_unmarked_tests_do_not_import_memprof_or_torch(pytester: pytest.Pytester) -> None:
+    # GIVEN a run with no marked test, in a fresh interpreter where the plugin is loaded
+    pytester.makepyfile(test_light="""
+import sys
+
+def test_nothing_heavy_was_imported():
+    assert "memprof" in str(sys.modules.get("memprof_pytest"))
+    assert "torch" not in sys.modules and "memprof" not in sys.modules
+""")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
