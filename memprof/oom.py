@@ -153,7 +153,9 @@ def attach_cuda_observer() -> None:
     import torch
 
     attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
-    if attach is None or not torch.cuda.is_available():
+    # The caching allocator hands the observer to its per-device allocators, which exist only
+    # once CUDA is initialised: attached earlier, it would be dropped.
+    if attach is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return
     try:
         attach(_observe)
@@ -179,21 +181,37 @@ def device_capacity(kind: str) -> tuple[int | None, str, int | None, int | None]
             cuda_free, cuda_total = torch.cuda.mem_get_info()
         except Exception:
             return None, "unknown", None, None
+        fraction = _memory_fraction()
+        if fraction < 1.0:  # set_per_process_memory_fraction caps the allocator below that
+            cap = int(cuda_total * fraction)
+            allocated = int(torch.cuda.memory_reserved())
+            return (cap, f"CUDA memory fraction {fraction:g} of {format_bytes(cuda_total)}",
+                    allocated, max(cap - allocated, 0))
         return (int(cuda_total), "CUDA device memory (mem_get_info)",
                 int(cuda_total - cuda_free), int(cuda_free))
     if kind != "cpu":
         return None, "unknown", None, None
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        used = _vm_size()
-        free = None if used is None else max(soft - used, 0)
-        return int(soft), "RLIMIT_AS (address-space limit)", used, free
+        mapped = _vm_size()
+        free = None if mapped is None else max(soft - mapped, 0)
+        return int(soft), "RLIMIT_AS (address-space limit)", mapped, free
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError):
         return None, "unknown", None, None
     return int(total), "physical memory", int(total - avail), int(avail)
+
+
+def _memory_fraction() -> float:
+    import torch
+
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    try:
+        return float(getter()) if getter is not None else 1.0
+    except Exception:
+        return 1.0
 
 
 def _vm_size() -> int | None:
@@ -230,7 +248,10 @@ def build_report(
     capacity, source, used, free = device_view or device_capacity(kind)
     notes: list[str] = []
     observed = take_cuda_oom() if kind == "cuda" else None
-    if observed is not None:
+    # The observer also fires for failures torch recovers from (cuDNN retrying with less
+    # workspace): use it only when it agrees with the error's own (2-decimal) figure.
+    if observed is not None and (requested is None
+                                 or abs(observed[1] - requested) <= 0.01 * requested):
         _device, asked, allocated, free_now = observed
         requested, used, free = asked, allocated, free_now
         notes.append("requested, allocated and free bytes from the CUDA allocator's OOM observer")

@@ -181,3 +181,35 @@ def test_memprof_profile_records_the_oom_on_both_backends(tmp_path: Path, backen
     # the activation ReLU saved (its 256 x 64 fp32 output) was alive
     assert profile.oom.by_module["1"]["activation"] == 256 * 64 * 4
     assert profile.summary().startswith("memprof: out of memory: asked for 1.0 GiB in '2.0'")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_oom_live_bytes_match_the_allocator() -> None:
+    transformers = pytest.importorskip("transformers")
+    # GIVEN GPT-2 on the GPU, capped to what it holds plus 256 MiB: its forward cannot fit
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1000,
+                                     n_positions=512)
+    model = transformers.GPT2LMHeadModel(config).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 1000, (64, 512), device="cuda")
+    torch.cuda.synchronize()
+    _free, total = torch.cuda.mem_get_info()
+    cap = torch.cuda.memory_allocated() + (256 << 20)
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        prof = memprof.profile(model, opt)
+        with pytest.raises(torch.cuda.OutOfMemoryError), prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    oom = prof.profile.oom
+    # THEN the allocator's own figures were kept, and memprof's live bytes agree with them
+    assert oom is not None and oom.device_allocated_bytes is not None
+    assert oom.requested_bytes is not None and oom.requested_bytes > 0
+    assert oom.live_bytes == pytest.approx(oom.device_allocated_bytes, rel=0.02)
+    assert oom.module.startswith("transformer") or oom.module == "lm_head"
+    assert oom.capacity_bytes is not None and oom.capacity_bytes <= total
+    assert oom.plan is not None

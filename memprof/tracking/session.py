@@ -226,6 +226,7 @@ class Profiler:
         self._oom_seen: int | None = None
         self._oom_where: tuple[str, str, dict[str, dict[str, int]]] | None = None
         oom_report.attach_cuda_observer()
+        oom_report.take_cuda_oom()  # forget failures from before this profile
         try:
             self._install()
             self._begin_step()
@@ -317,6 +318,7 @@ class Profiler:
         if Profiler._active is not self:
             raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
         device = _device_stats() if self._live_recording else None
+        oom_report.attach_cuda_observer()  # once CUDA is initialised; then a flag check
         self._step += 1
         self._forwards_in_step = 0
         # Keep the handles of grad_fn hooks only while their graph lives (to remove them at
