@@ -4,6 +4,7 @@ a training step that cannot fit under the cap."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -164,6 +165,12 @@ def test_memprof_run_keeps_the_error_and_names_the_request(
     again = _run(["-m", "memprof", "run", "train_oom.py", phase], tmp_path)
     assert again.returncode != 0 and "already exists" in again.stderr
     assert memprof.load(reports / "train_oom.json").oom == oom
+    # AND --json carries the post-mortem
+    as_json = _run(["-m", "memprof", "run", "--json", "-o", "reports/again.json", "--no-html",
+                    "train_oom.py", phase], tmp_path)
+    assert as_json.returncode == 1
+    found = json.loads(as_json.stdout)["oom"]
+    assert (found["module"], found["phase"], found["requested_bytes"]) == ("2.0", phase, asked)
 
 
 @pytest.mark.slow
