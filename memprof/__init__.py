@@ -19,6 +19,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from memprof.advisor import Advice, Workload, advise
 from memprof.categories import CATEGORIES, PHASES
+from memprof.compare import compare
 from memprof.errors import (
     BudgetError,
     DeviceNotAvailableError,
@@ -58,6 +59,7 @@ __all__ = [
     "Workload",
     "__version__",
     "advise",
+    "compare",
     "estimate",
     "format_bytes",
     "load",

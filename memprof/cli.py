@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "advise": "advise",
     "estimate": "estimate",
     "gpus": "gpus",
+    "diff": "diff",
 }
 #: Commands that may be absent without it being an error.
 OPTIONAL = frozenset({"advise", "estimate"})

@@ -37,6 +37,7 @@ import pandas as pd
 
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import OutputExistsError, ProfileLoadError
+from memprof.oom import OOMReport
 from memprof.units import format_bytes
 
 SCHEMA_NAME = "memprof-profile"
@@ -161,6 +162,8 @@ class Profile:
     #: largest_free_block_bytes, ...) and ``what_if`` (the same under other options); None in
     #: profiles that did not model it.
     allocator: dict[str, Any] | None = None
+    #: Set when the profiled run ended in an out-of-memory error (see :mod:`memprof.oom`).
+    oom: OOMReport | None = None
 
     # ------------------------------------------------------------------ tables
     def modules(self) -> pd.DataFrame:
@@ -236,7 +239,7 @@ class Profile:
 
     def summary(self, *, top: int = 15) -> str:
         """A plain-text summary: the peak and the modules that hold the most memory."""
-        lines = []
+        lines = [f"memprof: {self.oom.describe()}"] if self.oom is not None else []
         if self.peak_info is not None:
             p = self.peak_info
             lines.append(f"memprof: {p.describe()} on {self.device.name}")
@@ -282,6 +285,7 @@ class Profile:
             "optimizers": self.optimizers,
             "advice": self.advice,
             "allocator": self.allocator,
+            "oom": self.oom.to_dict() if self.oom is not None else None,
         }
 
     @classmethod
@@ -307,6 +311,7 @@ class Profile:
             meta=dict(data.get("meta", {})),
             advice=data.get("advice"),
             allocator=data.get("allocator"),
+            oom=OOMReport.from_dict(data["oom"]) if data.get("oom") else None,
         )
 
     def _repr_html_(self) -> str:

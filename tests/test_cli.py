@@ -41,7 +41,7 @@ HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 RUN_KEYS = {
     "target", "module", "argv", "exit_code", "error", "profile", "report", "steps",
     "optimizer_steps", "steps_seen", "interrupted", "peak", "modules", "advice", "notes",
-    "warnings",
+    "warnings", "oom",
 }
 F32 = 4
 

@@ -19,7 +19,9 @@ keys:
 - ``modules``: the largest modules, each ``module``, ``type``, ``parameter``, ``gradient``,
   ``optimizer_state``, ``activation``, ``temporary_peak``, ``held`` (bytes);
 - ``advice`` (the advisor's JSON, or null), ``notes`` (why something was skipped),
-  ``warnings`` (the profile's).
+  ``warnings`` (the profile's);
+- ``oom``: the out-of-memory post-mortem (:class:`memprof.oom.OOMReport` as an object) when
+  the script died of one, else null.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ class Outcome:
 @click.option("-m", "as_module", is_flag=True,
               help="Run a module as `python -m` would: memprof run -m package.module [args].")
 @json_option(keys="target, module, argv, exit_code, error, profile, report, steps, "
-             "optimizer_steps, steps_seen, interrupted, peak, modules, advice, notes, warnings")
+             "optimizer_steps, steps_seen, interrupted, peak, modules, advice, notes, warnings, "
+             "oom")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT.py [ARGS]...")
 @handle_errors
 def command(
@@ -165,7 +168,12 @@ def command(
     }
 
     notes = list(outcome.notes)
-    advice, advice_note = run_advisor(profile, budget)
+    advised = profile
+    if profile.oom is not None:  # advise for the step that did not fit, not its partial peak
+        from memprof.oom import needed_profile
+
+        advised = needed_profile(profile, profile.oom)
+    advice, advice_note = run_advisor(advised, budget)
     if advice_note:
         notes.append(advice_note)
     if advice is not None:
@@ -462,6 +470,7 @@ def _json_result(
         "advice": profile.advice if advice is not None else None,
         "notes": notes,
         "warnings": list(profile.warnings),
+        "oom": profile.oom.to_dict() if profile.oom is not None else None,
     }
 
 

@@ -31,6 +31,7 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
                  if advice_dict and advice_dict.get(k)), None)
     return {
         "head": headline.build(profile, advice_dict),
+        "oom": profile.oom.describe() if profile.oom is not None else None,
         "charts": {k: v for k, v in charts.items() if v is not None},
         "payload": {
             "figures": [{"id": k, **v} for k, v in charts.items() if v is not None],

@@ -34,6 +34,7 @@ from torch.optim.optimizer import (
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten
 
+from memprof import oom as oom_report
 from memprof.categories import CATEGORIES, PHASES
 from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
 from memprof.errors import ProfileActiveError
@@ -254,6 +255,13 @@ class Profiler:
         from memprof.tracking.distributed import EngineWatch
 
         self._engines = EngineWatch()  # DDP/FSDP2 modules, read at each step
+        #: The id of the out-of-memory error seen while it propagated (not the error: its
+        #: traceback holds tensors), and the (module, phase, live bytes by module) at its
+        #: innermost point; see :mod:`memprof.oom`.
+        self._oom_seen: int | None = None
+        self._oom_where: tuple[str, str, dict[str, dict[str, int]]] | None = None
+        oom_report.attach_cuda_observer()
+        oom_report.take_cuda_oom()  # forget failures from before this profile
         try:
             self._install()
             self._begin_step()
@@ -269,6 +277,11 @@ class Profiler:
         try:
             if self._events is not None:
                 self._events.flush(restart=False)
+            oom_error = oom_report.oom_in_chain(exc)
+            if oom_error is not None and self._oom_seen != id(oom_error):
+                # Failed outside a forward (backward, optimizer): the replayed stack is where.
+                self._oom_snapshot(self._name(self.ledger.current_module),
+                                   PHASES[self.ledger.phase])
             # Under step_on_optimizer, what runs after the last optimizer step (zero_grad, the
             # script's last lines) is no step of its own unless a forward ran in it.
             trailing = self._step_on_optimizer and self._step > 0 and not self._forwards_in_step
@@ -276,6 +289,8 @@ class Profiler:
                 self._end_step(partial=exc_type is not None, device=_device_stats())
             self._result = self._build(interrupted=exc_type is not None)
             self._result.warnings.extend(self._engines.warnings())
+            if oom_error is not None and self._oom_where is not None:
+                self._result.oom = self._oom_build(oom_error)
         finally:
             self._teardown()
 
@@ -341,6 +356,7 @@ class Profiler:
         device = _device_stats() if self._live_recording else None
         if self._live_recording:
             self._watch_engines()
+        oom_report.attach_cuda_observer()  # once CUDA is initialised; then a flag check
         self._step += 1
         self._forwards_in_step = 0
         # Keep the handles of grad_fn hooks only while their graph lives (to remove them at
@@ -536,6 +552,8 @@ class Profiler:
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._live_recording or _compiling():
             return
+        if output is None:
+            self._oom_check(module)  # always_call: the forward may have raised
         events = self._events
         idx = self.registry.index.get(module)
         if events is None:
@@ -582,6 +600,43 @@ class Profiler:
             ledger.phase = OTHER_PHASE
         ledger.sample()
         return forward
+
+    # ------------------------------------------------------------ out of memory
+    def _oom_check(self, module: nn.Module) -> None:
+        """In a forward hook run while an exception propagates (``always_call``): if it is an
+        out-of-memory error, this module is the innermost that asked."""
+        exc = sys.exc_info()[1]
+        if exc is None or id(exc) == self._oom_seen or not oom_report.is_oom(exc):
+            return  # no error, or the enclosing modules of the one that asked
+        self._oom_seen = id(exc)
+        idx = self.registry.index.get(module)
+        name = self.registry.infos[idx].name if idx is not None else ""
+        phase = "backward" if _graph_task_id() != -1 else "forward"
+        if self._events is None:
+            self._oom_snapshot(name, phase)
+        else:  # what was alive is known once the events before this moment are replayed
+            self._events.point(self._oom_snapshot, name, phase)
+
+    def _oom_snapshot(self, module: str, phase: str) -> None:
+        """Keep what the ledger has alive now, by module and category."""
+        by_module: dict[str, dict[str, int]] = {}
+        for entry in self.ledger.entries.values():
+            row = by_module.setdefault(self._name(entry.module), dict.fromkeys(CATEGORIES, 0))
+            row[CATEGORIES[entry.category]] += entry.nbytes
+        self._oom_where = (module, phase, by_module)
+
+    def _oom_build(self, error: BaseException) -> Any:
+        assert self._oom_where is not None and self._result is not None
+        module, phase, by_module = self._oom_where
+        try:
+            report = oom_report.build_report(
+                error=error, module=module, phase=phase, step=self._applied_step,
+                by_module=by_module, kind=self._result.device.kind,
+            )
+            return oom_report.with_plan(self._result, report)
+        except Exception as exc:  # the post-mortem must never hide the script's own error
+            self._result.warnings.append(f"out-of-memory post-mortem failed: {exc}")
+            return None
 
     def _on_backward_enter(self, idx: int) -> None:
         """A module's backward starts (live part of the grad_fn pre-hook)."""
