@@ -43,6 +43,16 @@ def module_geometry(module: nn.Module, args: Any, output: Any) -> dict[str, Any]
         if tensor is not None:
             with contextlib.suppress(TypeError, RuntimeError):  # symbolic sizes
                 geometry[key] = [int(d) for d in tensor.shape]
+    # its own parameters' bytes, shared ones included: the ``parameter`` column charges a tied
+    # weight to its first owner only, but a per-layer technique acts on it from every user
+    storages = {}
+    for param in module.parameters(recurse=False):
+        with contextlib.suppress(RuntimeError, TypeError, NotImplementedError):
+            storage = param.untyped_storage()
+            storages[(storage.data_ptr(), id(storage) if storage.data_ptr() == 0 else 0)] = (
+                int(storage.nbytes()))
+    if storages:
+        geometry["parameter_bytes"] = sum(storages.values())
     if isinstance(module, nn.modules.conv._ConvNd):
         padding = module.padding
         geometry.update(
