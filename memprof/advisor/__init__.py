@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from memprof.advisor import (
     batch,
     checkpointing,
+    cost,
     master_weights,
     mixed_precision,
     optimizer,
@@ -136,6 +137,8 @@ def advise(
     rows = [_row(c, base, measured.get(id(c)), reference) for c in changes]
     if workload is not None and reference is not None and facts.has_optimizer:
         rows.extend(_batch_rows(workload, reference, base, resolved))
+    for row in rows:
+        row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)
     plan = None
     if resolved is not None:
@@ -187,9 +190,11 @@ def _fill_measured(
     row["step_time_ratio"] = m.step_time_s / ref.step_time_s if ref.step_time_s else None
 
 
-def _rank(row: dict[str, Any]) -> tuple[int, float]:
+def _rank(row: dict[str, Any]) -> tuple[int, int, float]:
+    """Applicable rows first, then by what they cost the training, then by saving."""
     saving = row.get("predicted_saving_bytes")
-    return (0 if row["applicable"] else 1, -(saving if saving is not None else float("-inf")))
+    return (0 if row["applicable"] else 1, cost.rank(str(row.get("cost", ""))),
+            -(saving if saving is not None else float("-inf")))
 
 
 def _batch_rows(
