@@ -157,3 +157,110 @@ def test_gpt2_recompute_leaves_no_second_cache_copy_behind() -> None:
                    for k, v in peak.by_module.items())  # fmt: skip
     assert change.predicted_peak is not None
     assert abs(change.predicted_peak - m.peak_bytes) / m.peak_bytes <= 0.05
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+class _ResNet(nn.Module):
+    """A stem (conv, BatchNorm, ReLU: a Sequential of three lone layers) then residual blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1))
+        self.layers = nn.Sequential(*[_Residual(8) for _ in range(3)])
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
+
+
+def _resnet_workload() -> Workload:
+    torch.manual_seed(0)
+    model = _ResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return Workload(model, opt, (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), steps=2)
+
+
+def test_resnet_checkpoints_residual_blocks_never_a_lone_norm_and_no_duplicate_rows() -> None:
+    """On main the stem's Sequential (it saves more than the residual blocks, at full
+    resolution) was taken as the blocks and the rows checkpointed its lone layers, the
+    BatchNorm ``stem.1`` among them."""
+    w = _resnet_workload()
+    with seeded():
+        ref = baseline(w)
+    facts = read_facts(ref.profile)
+    rows = [c for c in changes_for(facts) if c.technique == "checkpointing" and c.applicable]
+    chosen = [tuple(c.options["modules"]) for c in rows]
+    assert len(chosen) == len(set(chosen)) >= 1
+    assert {m for c in chosen for m in c} <= {"layers.0", "layers.1", "layers.2"}
+    full = next(c for c in rows if len(c.options["modules"]) == 3)
+    assert any("BatchNorm" in caveat for caveat in full.caveats)
+    assert full.apply is not None and full.predicted_peak is not None
+    with seeded():
+        m = simulate(w, [full.apply], ref)
+    assert m.peak_bytes < ref.peak_bytes and full.predicted_peak < ref.peak_bytes
+
+
+def test_recomputed_batchnorm_updates_its_running_statistics_once() -> None:
+    """Recomputing a training-mode BatchNorm in backward must not update its statistics a
+    second time: the checkpointed step leaves exactly the buffers of the plain step."""
+    torch.manual_seed(0)
+    plain = _Residual(4)
+    checkpointed = _Residual(4)
+    checkpointed.load_state_dict(plain.state_dict())
+    wrap(checkpointed)
+    x = torch.randn(2, 4, 8, 8)
+    for model in (plain, checkpointed):
+        model(x.clone().requires_grad_()).sum().backward()
+    for name, buffer in plain.named_buffers():
+        assert torch.equal(buffer, dict(checkpointed.named_buffers())[name]), name
+    assert int(checkpointed.bn1.num_batches_tracked) == 1
+    for p, q in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+class _Rows:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def module_rows(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+def _r(module: str, type_: str, parent: str, total: int) -> dict[str, Any]:
+    return {"module": module, "type": type_, "parent": parent, "activation": total,
+            "activation_total": total, "forward_time_s": 1e-3}
+
+
+def test_blocks_are_subtrees_before_a_container_of_lone_layers() -> None:
+    """GIVEN a stem of lone layers that saves more than the residual blocks, THEN the blocks
+    are the residual blocks (on main: the stem's conv, BatchNorm and ReLU)."""
+    from memprof.advisor.checkpointing import find_blocks
+
+    rows = [
+        _r("stem", "Sequential", "", 2100), _r("stem.0", "Conv2d", "stem", 100),
+        _r("stem.1", "BatchNorm2d", "stem", 1000), _r("stem.2", "ReLU", "stem", 1000),
+        _r("layers", "Sequential", "", 600),
+        _r("layers.0", "Block", "layers", 300), _r("layers.0.conv", "Conv2d", "layers.0", 300),
+        _r("layers.1", "Block", "layers", 300), _r("layers.1.conv", "Conv2d", "layers.1", 300),
+    ]
+    assert [r["module"] for r in find_blocks(_Rows(rows))] == ["layers.0", "layers.1"]  # type: ignore[arg-type]
+    # a container of lone layers only: never the norm
+    mlp = [_r("net", "Sequential", "", 30), _r("net.0", "Linear", "net", 10),
+           _r("net.1", "LayerNorm", "net", 10), _r("net.2", "Linear", "net", 10)]
+    facts = _Rows(mlp)
+    names, *_ = plan_blocks(facts, 1.0)  # type: ignore[arg-type]
+    assert "net.1" not in names and set(names) <= {"net.0", "net.2"}

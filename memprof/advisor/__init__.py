@@ -23,6 +23,7 @@ from memprof.advisor import (
     allocator_conf,
     batch,
     checkpointing,
+    cost,
     master_weights,
     mixed_precision,
     optimizer,
@@ -186,6 +187,8 @@ def advise(
             row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)
     if workload is not None and reference is not None and facts.has_optimizer:
         rows.extend(_batch_rows(workload, reference, base, resolved))
+    for row in rows:
+        row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)
     plan = None
     if resolved is not None:
@@ -268,9 +271,11 @@ def _fill_measured(
     row["step_time_ratio"] = m.step_time_s / ref.step_time_s if ref.step_time_s else None
 
 
-def _rank(row: dict[str, Any]) -> tuple[int, float]:
+def _rank(row: dict[str, Any]) -> tuple[int, int, float]:
+    """Applicable rows first, then by what they cost the training, then by saving."""
     saving = row.get("predicted_saving_bytes")
-    return (0 if row["applicable"] else 1, -(saving if saving is not None else float("-inf")))
+    return (0 if row["applicable"] else 1, cost.rank(str(row.get("cost", ""))),
+            -(saving if saving is not None else float("-inf")))
 
 
 def _batch_rows(

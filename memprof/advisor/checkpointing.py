@@ -27,7 +27,9 @@ Recompute cost is the block's measured forward time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,18 +49,32 @@ from memprof.advisor.workload import SimState
 
 
 def find_blocks(facts: Facts) -> list[dict[str, Any]]:
-    """Rows of the repeated blocks, in forward order (empty when there is no container)."""
+    """Rows of the repeated blocks, in forward order (empty when there is no container).
+
+    Blocks are the children of the ``ModuleList``/``Sequential`` whose children save the most
+    activation. Containers of subtrees (transformer layers, residual blocks) come before
+    containers of single layers (a ResNet stem's conv, norm and ReLU): a lone layer is worth
+    recomputing only in a model made of nothing else (an MLP of Linear and ReLU)."""
     rows = facts.module_rows()
+    parents = {r["parent"] for r in rows}
     containers = [r for r in rows if r["type"] in ("ModuleList", "Sequential")]
     best: list[dict[str, Any]] = []
+    best_key = (False, 0.0)
     for c in containers:
         children = [r for r in rows if r["parent"] == c["module"]]
-        heavy = [r for r in children if r["activation_total"] > 0]
-        if len(heavy) >= 2 and sum(r["activation_total"] for r in heavy) > sum(
-            r["activation_total"] for r in best
-        ):
-            best = children
+        heavy = [r for r in children if r["activation_total"] > 0 and not _is_norm(r)]
+        if len(heavy) < 2:
+            continue
+        subtrees = any(r["module"] in parents for r in heavy)
+        key = (subtrees, float(sum(r["activation_total"] for r in heavy)))
+        if key > best_key:
+            best, best_key = children, key
     return best
+
+
+def _is_norm(row: dict[str, Any]) -> bool:
+    """A normalisation layer alone: recomputing it frees nothing worth its input."""
+    return str(row["type"]) in NORM_TYPES or "Norm" in str(row["type"])
 
 
 def _first_layer(rows: list[dict[str, Any]], block: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +128,7 @@ def plan_blocks(
     to_previous = [_input_charged_to_previous(rows, blocks, i) for i in range(len(blocks))]
     scored = []
     for i, b in enumerate(blocks):
-        if b["activation_total"] <= 0:
+        if b["activation_total"] <= 0 or _is_norm(b):
             continue
         # what stays live of the block's activations: its input when charged to it, and its
         # output when that is the next block's input charged to this block
@@ -191,6 +207,7 @@ def wrap(module: nn.Module) -> None:
     inputs alive to the end of backward (measured on GPT-2: +1 MiB, 13% of the peak)."""
     forward = module.forward
     keeps_cache = bool(getattr(module, "_can_checkpoint_with_cache", False))
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -198,9 +215,51 @@ def wrap(module: nn.Module) -> None:
         if not keeps_cache:
             args = tuple(None if _is_kv_cache(a) else a for a in args)
             kwargs = {k: None if _is_kv_cache(v) else v for k, v in kwargs.items()}
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if not norms:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        calls = [0]
+
+        def run(*a: Any, **k: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:  # the step's own forward updates the running statistics
+                return forward(*a, **k)
+            with running_stats_kept(norms):  # the recompute in backward must not
+                return forward(*a, **k)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     module.forward = checkpointed
+
+
+@contextlib.contextmanager
+def running_stats_kept(norms: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore the BatchNorms' running statistics (and batch counts) on exit: a training-mode
+    BatchNorm recomputed by checkpointing would otherwise update them twice per step."""
+    saved = [
+        [(b, b.clone()) for b in (getattr(m, n, None) for n in _STATS) if b is not None]
+        for m in norms
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for pairs in saved:
+                for live, kept in pairs:
+                    live.copy_(kept)
+
+
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def rows_of(facts: Facts, names: list[str]) -> list[dict[str, Any]]:
+    """The rows of the modules in ``names`` and of everything inside them."""
+    return [r for r in facts.module_rows()
+            if any(r["module"] == n or r["module"].startswith(n + ".") for n in names)]
+
+
+def _has_batchnorm(rows: list[dict[str, Any]]) -> bool:
+    return any(str(r["type"]).startswith("BatchNorm") or "BatchNorm" in str(r["type"])
+               for r in rows)
 
 
 def _is_kv_cache(value: Any) -> bool:
@@ -225,10 +284,12 @@ def predict(facts: Facts) -> list[Change]:
             )
         ]
     out = []
+    seen: set[frozenset[str]] = set()
     for fraction in (1.0, 0.5):
         names, dropped, kept, recompute, order = plan_blocks(facts, fraction)
-        if not names:
+        if not names or frozenset(names) in seen:  # one row per set of checkpointed blocks
             continue
+        seen.add(frozenset(names))
         label = f"{len(names)} of {len(blocks)} blocks"
         out.append(
             Change(
@@ -247,7 +308,10 @@ def predict(facts: Facts) -> list[Change]:
                     "a transformers key/value cache is not passed to checkpointed blocks (as "
                     "with model.gradient_checkpointing_enable()): the recompute would append "
                     "their keys and values to it a second time",
-                ],
+                ]
+                + (["training-mode BatchNorm inside: its running statistics are restored "
+                    "after the recompute, so they are updated once per step as without "
+                    "checkpointing"] if _has_batchnorm(rows_of(facts, names)) else []),
                 quality_cost=0.0,
                 speed_cost=0.33 * fraction,
                 training_only=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from memprof.advisor import cost as cost_tiers
 from memprof.advisor.core import Change, Facts, predict_peak
 
 
@@ -28,7 +29,24 @@ def cost(combo: tuple[Change, ...]) -> float:
 def plan(
     facts: Facts, changes: list[Change], usable: int
 ) -> tuple[tuple[Change, ...] | None, int, int]:
-    """(best combination or None, its predicted peak, number of combinations tried)."""
+    """(best combination or None, its predicted peak, number of combinations tried).
+
+    Tiers of training cost are tried in order (see :mod:`memprof.advisor.cost`): the first
+    tier whose changes (with those of the tiers before) reach the budget gives the plan."""
+    tried = 0
+    for level in range(len(cost_tiers.TIERS)):
+        allowed = [c for c in changes
+                   if cost_tiers.rank(cost_tiers.cost_of(c.technique, c.options)) <= level]
+        combo, peak, n = _plan_within(facts, allowed, usable)
+        tried += n
+        if combo is not None:
+            return combo, peak, tried
+    return None, 0, tried
+
+
+def _plan_within(
+    facts: Facts, changes: list[Change], usable: int
+) -> tuple[tuple[Change, ...] | None, int, int]:
     candidates = [
         c
         for c in changes

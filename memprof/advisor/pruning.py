@@ -57,7 +57,18 @@ PRUNABLE_TYPES = frozenset({"Linear", "Conv1D"}) | CONV_TYPES
 
 
 def _weight_rows(facts: Facts) -> list[dict[str, Any]]:
-    return [r for r in facts.module_rows() if r["type"] in PRUNABLE_TYPES and r["parameter"] > 0]
+    """Prunable layers, each with ``parameter`` set to all its own parameters' bytes: a tied
+    weight (an LM decoder sharing the embedding's) is charged to its first owner in the
+    profile, but pruning the layer acts on it all the same."""
+    own = {m.name: int(m.geometry.get("parameter_bytes", 0)) for m in facts.profile.modules_stats}
+    rows = []
+    for r in facts.module_rows():
+        if r["type"] not in PRUNABLE_TYPES:
+            continue
+        r = {**r, "parameter": max(float(r["parameter"]), float(own.get(r["module"], 0)))}
+        if r["parameter"] > 0:
+            rows.append(r)
+    return rows
 
 
 def prune_transform(extra: float) -> Transform:

@@ -47,6 +47,36 @@ class _DequantLinear(torch.autograd.Function):
         return grad @ w, None
 
 
+class WeightStandIn(torch.Tensor):
+    """Shape, dtype and device of a weight that is not stored: any operation on it raises."""
+
+    @staticmethod
+    def __new__(
+        cls, shape: torch.Size, dtype: torch.dtype, device: torch.device
+    ) -> WeightStandIn:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=device, requires_grad=False
+        )
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        raise RuntimeError(
+            f"{func}: a quantized layer's weight is not stored in floating point; "
+            "call layer.weight_fp() for its dequantized value"
+        )
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WeightStandIn:
+        return WeightStandIn(self.shape, self.dtype, self.device)
+
+
 class QuantLinear(nn.Module):
     """A frozen weight-only quantized Linear (symmetric; int4 packed two per byte)."""
 
@@ -75,6 +105,16 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", q[0::2] | (q[1::2] << 4))
             self.register_buffer("scale", scale.reshape(-1))
         self.bias = bias if isinstance(bias, nn.Parameter) else None
+        # not a buffer: owns no storage, is never moved or saved (see ``weight``)
+        self._weight_placeholder = WeightStandIn(weight.shape, weight.dtype, weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A storage-less stand-in with the replaced weight's shape, dtype and device, for
+        model code that reads ``layer.weight.dtype`` (T5 casts its hidden states to it).
+        Computing with it raises instead of using wrong values; the real weight is
+        :meth:`weight_fp`, built only inside this layer's forward and backward."""
+        return self._weight_placeholder
 
     def weight_fp(self) -> torch.Tensor:
         """The fp32 weight, built in place: its own bytes plus, for int4, one nibble plane

@@ -249,10 +249,12 @@ def render(data: dict[str, Any], *, top: int) -> str:
                 _drift(r.get("quality")),
                 f"{r['step_time_ratio']:.2f}x" if r.get("step_time_ratio") else "-",
                 (r.get("caveats") or "")[:50],
+                r.get("cost") or "-",
             ]
             for r in rows
         ]
-        align = "llrrrrrrl"
+        headers.append("cost to training")
+        align = "llrrrrrrll"
     else:
         headers = ["technique", "options", "predicted peak", "saving", "caveats"]
         body = [
@@ -262,10 +264,12 @@ def render(data: dict[str, Any], *, top: int) -> str:
                 size(r.get("predicted_peak_bytes")),
                 _pct(r.get("saving_pct")),
                 (r.get("caveats") or "")[:60],
+                r.get("cost") or "-",
             ]
             for r in rows
         ]
-        align = "llrrl"
+        headers.append("cost to training")
+        align = "llrrll"
     lines.append(table(headers, body, align=align))
     skipped = [r for r in data["recommendations"] if not r.get("applicable")]
     if skipped:

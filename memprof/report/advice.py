@@ -74,12 +74,27 @@ def saving(row: dict[str, Any]) -> tuple[int, str] | None:
 
 
 def best(advice: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The applicable row that saves the most (a measured saving beats a predicted one)."""
+    """The applicable row that saves the most (a measured saving beats a predicted one),
+    from the first tier of training cost (the rows' ``cost``) that reaches the advice's usable
+    budget; without a budget, or when no tier reaches it, the first tier with any saving."""
+    from memprof.advisor import cost as cost_tiers
+
     candidates = [(saving(r), r) for r in rows(advice) if is_applicable(r)]
     scored = [(s[0], r) for s, r in candidates if s is not None and s[0] > 0]
     if not scored:
         return None
-    return max(scored, key=lambda pair: pair[0])[1]
+    by_tier = sorted(scored, key=lambda pair: cost_tiers.rank(str(pair[1].get("cost", ""))))
+    usable = (advice or {}).get("usable_bytes")
+    if isinstance(usable, int):
+        for _amount, row in by_tier:
+            peak = row.get("measured_peak_bytes") or row.get("predicted_peak_bytes")
+            if isinstance(peak, int) and peak <= usable:
+                tier = cost_tiers.rank(str(row.get("cost", "")))
+                fits = [p for p in by_tier if cost_tiers.rank(str(p[1].get("cost", ""))) == tier]
+                return max(fits, key=lambda pair: pair[0])[1]
+    first = cost_tiers.rank(str(by_tier[0][1].get("cost", "")))
+    same = [p for p in by_tier if cost_tiers.rank(str(p[1].get("cost", ""))) == first]
+    return max(same, key=lambda pair: pair[0])[1]
 
 
 def describe(row: dict[str, Any]) -> str:

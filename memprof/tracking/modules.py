@@ -43,6 +43,16 @@ def module_geometry(module: nn.Module, args: Any, output: Any) -> dict[str, Any]
         if tensor is not None:
             with contextlib.suppress(TypeError, RuntimeError):  # symbolic sizes
                 geometry[key] = [int(d) for d in tensor.shape]
+    # its own parameters' bytes, shared ones included: the ``parameter`` column charges a tied
+    # weight to its first owner only, but a per-layer technique acts on it from every user
+    storages = {}
+    for param in module.parameters(recurse=False):
+        with contextlib.suppress(RuntimeError, TypeError, NotImplementedError):
+            storage = param.untyped_storage()
+            storages[(storage.data_ptr(), id(storage) if storage.data_ptr() == 0 else 0)] = (
+                int(storage.nbytes()))
+    if storages:
+        geometry["parameter_bytes"] = sum(storages.values())
     if isinstance(module, nn.modules.conv._ConvNd):
         padding = module.padding
         geometry.update(
@@ -87,6 +97,9 @@ class ModuleRegistry:
         self.by_name: dict[str, int] = {}
         self.grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._root_names: set[str] = set()
+        #: index -> the module it was registered for (weakly): a module built anew at each call
+        #: (a loss made inside forward) takes over the row of its dead predecessor of the name
+        self._holder: dict[int, weakref.ref[nn.Module]] = {}
         #: Where gradient hooks report (the profiler's backend-aware hook), if set.
         self.grad_sink: Callable[[torch.Tensor], None] | None = None
         #: Set by the events backend once it runs: the ledger lags behind the live hooks there,
@@ -112,9 +125,19 @@ class ModuleRegistry:
         base = "" if not self._root_names else type(module).__name__
         name, n = base, 1
         while name in self._root_names:
+            if self._vacant(name, module):
+                return name  # the same module path in a later step: the same row
             n += 1
             name = f"{base}#{n}"
         return name
+
+    def _vacant(self, name: str, module: nn.Module) -> bool:
+        """Whether the row ``name`` belonged to a module of this type that no longer exists."""
+        idx = self.by_name.get(name)
+        if idx is None or self.infos[idx].type != type(module).__name__:
+            return False
+        holder = self._holder.get(idx)
+        return holder is not None and holder() is None
 
     def register_tree(self, root: nn.Module, name: str, parent: int | None) -> int:
         """Register ``root`` as ``name`` and all its submodules, with their parameters."""
@@ -129,6 +152,13 @@ class ModuleRegistry:
         return root_idx
 
     def _register_one(self, module: nn.Module, name: str, parent: int | None) -> int:
+        if self._vacant(name, module):
+            idx = self.by_name[name]
+            self._holder[idx] = weakref.ref(module)
+            self.index[module] = idx
+            self.infos[idx].children = {id(c): n for n, c in module.named_children()}
+            self._register_tensors(module, idx)
+            return idx
         idx = self.ledger.new_module()
         depth = 0 if parent is None else self.infos[parent].depth + 1
         ancestors = frozenset() if parent is None else self.infos[parent].ancestors | {parent}
@@ -140,6 +170,11 @@ class ModuleRegistry:
         self.by_name.setdefault(name, idx)
         assert len(self.infos) - 1 == idx
         self.index[module] = idx
+        self._holder[idx] = weakref.ref(module)
+        self._register_tensors(module, idx)
+        return idx
+
+    def _register_tensors(self, module: nn.Module, idx: int) -> None:
         for param in module.parameters(recurse=False):
             self._register_param(param, idx)
         for buffer in module.buffers(recurse=False):
@@ -148,7 +183,6 @@ class ModuleRegistry:
                     self.defer(self.ledger.track, self.ledger.facts(buffer), BUFFER, idx)
                 else:
                     self.ledger.track(buffer.detach(), BUFFER, idx)
-        return idx
 
     def _register_param(self, param: nn.Parameter, idx: int) -> None:
         if param in self.param_owner:

@@ -307,6 +307,10 @@ class Profiler:
         self._handles.append(
             nn.modules.module.register_module_forward_hook(self._on_forward, always_call=True)
         )
+        if self._model is not None:  # global pre-hooks never see keyword arguments
+            self._handles.append(
+                self._model.register_forward_pre_hook(self._on_root_kwargs, with_kwargs=True)
+            )
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
         self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
@@ -529,6 +533,26 @@ class Profiler:
         if not recompute and not stack:
             facts = [facts_of(t) for t in _tensors(args)]
         stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts)))
+
+    def _on_root_kwargs(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """The profiled model's keyword arguments (``model(**batch)``: labels, attention
+        masks) are inputs too, saved for backward or not; runs just after the global pre-hook
+        opened the model's frame, so an outermost call has exactly one frame open."""
+        if not kwargs or not self._live_recording or _compiling() or _graph_task_id() != -1:
+            return
+        tensors = _tensors(kwargs)
+        if not tensors:
+            return
+        events = self._events
+        if events is None:
+            if len(self.ledger.frames) == 1:
+                self._kwargs_inputs_apply(tensors)
+        elif len(self._live_stack) == 1:
+            events.point(self._kwargs_inputs_apply, [facts_of(t) for t in tensors])
+
+    def _kwargs_inputs_apply(self, inputs: list[Any]) -> None:
+        if self.ledger.recording:
+            self._mark_inputs(inputs)
 
     def _forward_pre_apply(self, idx: int, recompute: bool, inputs: list[Any] | None) -> None:
         ledger = self.ledger
