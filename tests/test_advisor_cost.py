@@ -4,11 +4,10 @@ best fix take the first tier that reaches the budget, not the optimizer swap."""
 
 from __future__ import annotations
 
-from workloads import measured, mlp_workload
+from workloads import gpt2_workload, measured, mlp_workload
 
 from memprof.advisor import advise
 from memprof.advisor.cost import CHANGES_TRAINING, NO_CHANGE, SMALL, TIERS, cost_of, rank
-from memprof.gpus import replay_cached_bytes
 from memprof.report import advice as advice_view
 
 
@@ -38,17 +37,16 @@ def test_rows_carry_their_tier_and_are_ranked_by_it() -> None:
 
 
 def test_budget_is_met_from_the_first_tier_that_reaches_it() -> None:
-    _w, ref = measured("mlp", mlp_workload)
+    _w, ref = measured("gpt2", gpt2_workload)
     free = advise(ref.profile)
     rows = [r for r in free.rows if r["applicable"] and (r["predicted_saving_bytes"] or 0) > 0]
-    cheap = [r for r in rows if r["cost"] != CHANGES_TRAINING]
+    # sharding needs more GPUs: the planner tries it only when nothing else fits
+    cheap = [r for r in rows if r["cost"] != CHANGES_TRAINING and r["technique"] != "sharding"]
     dear = [r for r in rows if r["cost"] == CHANGES_TRAINING]
     assert cheap and dear
     # a budget the best small-or-free row reaches: the plan must not swap the optimizer
     budget_peak = min(r["predicted_peak_bytes"] for r in cheap)
-    cached = replay_cached_bytes(ref.profile.allocator)  # the budget keeps the allocator's cache
-    budget = budget_peak + cached + 1 if cached is not None else int(budget_peak / 0.9) + 1
-    advice = advise(ref.profile, budget=budget)
+    advice = advise(ref.profile, budget=int(budget_peak / 0.9) + 1)
     assert advice.plan is not None and advice.plan["fits"]
     for change in advice.plan["changes"]:
         assert cost_of(change["technique"], change["options"]) != CHANGES_TRAINING

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,21 @@ def test_the_profile_says_how_it_was_measured() -> None:
         assert prof.profile.meta["backend"] == said
         again = memprof.Profile.from_dict(prof.profile.to_dict())
         assert again.meta["backend"] == said
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    # GIVEN a lock a killed build left (torch's baton would wait on it forever)
+    import os as _os
+
+    from memprof.tracking import native
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = lock.stat().st_mtime
+    # WHEN it is younger than a build can take THEN it stays; once stale THEN it goes
+    assert not native.clear_stale_lock(tmp_path, now=old + 60)
+    assert lock.exists()
+    _os.utime(lock, (old - 2 * native.STALE_LOCK_S, old - 2 * native.STALE_LOCK_S))
+    assert native.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert not native.clear_stale_lock(tmp_path)  # nothing to clear

@@ -64,9 +64,10 @@ def changes_for(facts: Facts) -> list[Change]:
 def read_budget(
     budget: int | str | None, *, cached_bytes: int | None = None
 ) -> tuple[int, str] | None:
-    """(usable bytes, description). A text budget (size or GPU) loses the CUDA context; both
-    lose the caching allocator's reserve: the profile's own (``cached_bytes``, reserved minus
-    allocated in its allocator replay) when it has one, else a fixed share."""
+    """(usable bytes, description). A text budget (size or GPU) loses the CUDA context and the
+    caching allocator's reserve: the profile's own (``cached_bytes``, reserved minus allocated
+    in its allocator replay) when it has one, else a fixed share. An int is taken as bytes
+    already free of the context and loses the fixed share."""
     if budget is None:
         return None
     if cached_bytes is None:
@@ -79,11 +80,10 @@ def read_budget(
         return usable_bytes(total, cached_bytes=cached_bytes), (
             f"{text}; usable after the CUDA context and {reserve}"
         )
-    if cached_bytes is None:
-        usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
-    else:
-        usable = max(0, int(budget) - cached_bytes)
-    return usable, f"{budget} bytes less {reserve}"
+    # Bytes given as a number stay as they always were: less the fixed share (a tiny budget
+    # would otherwise be eaten by the replay's 2-20 MiB segment granularity).
+    usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
+    return usable, f"{budget} bytes less {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
 
 
 class Simulator(Protocol):

@@ -34,18 +34,20 @@ def plan(
     Tiers of training cost are tried in order (see :mod:`memprof.advisor.cost`): the first
     tier whose changes (with those of the tiers before) reach the budget gives the plan."""
     tried = 0
-    for level in range(len(cost_tiers.TIERS)):
-        allowed = [c for c in changes
-                   if cost_tiers.rank(cost_tiers.cost_of(c.technique, c.options)) <= level]
-        combo, peak, n = _plan_within(facts, allowed, usable)
-        tried += n
-        if combo is not None:
-            return combo, peak, tried
+    # Sharding needs more GPUs: every tier is tried without it first.
+    for allow_sharding in (False, True):
+        for level in range(len(cost_tiers.TIERS)):
+            allowed = [c for c in changes
+                       if cost_tiers.rank(cost_tiers.cost_of(c.technique, c.options)) <= level]
+            combo, peak, n = _plan_within(facts, allowed, usable, allow_sharding)
+            tried += n
+            if combo is not None:
+                return combo, peak, tried
     return None, 0, tried
 
 
 def _plan_within(
-    facts: Facts, changes: list[Change], usable: int
+    facts: Facts, changes: list[Change], usable: int, allow_sharding: bool
 ) -> tuple[tuple[Change, ...] | None, int, int]:
     candidates = [
         c
@@ -56,10 +58,10 @@ def _plan_within(
         and c.predicted_peak < facts.peak_bytes
     ]
     tried = 0
-    for allow_sharding in (False, True):
+    for sharding in sorted({False, allow_sharding}):
         groups: dict[str, list[Change]] = {}
         for c in candidates:
-            if c.group == "sharding" and not allow_sharding:
+            if c.group == "sharding" and not sharding:
                 continue
             groups.setdefault(c.group, []).append(c)
         options = [[None, *g] for g in groups.values()]

@@ -14,6 +14,7 @@ import io
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def load() -> Any:
 
         name = _name()
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        clear_stale_lock(build_dir)
         if not any(build_dir.glob(name + ".*")):
             print(f"memprof: building its C++ allocation recorder for torch {torch.__version__}"
                   f" (once, up to a minute; cached in {build_dir})", file=sys.stderr)
@@ -79,6 +81,24 @@ def _ninja_on_path() -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = old
+
+
+#: A build takes well under a minute; a lock file older than this was left by a killed build.
+STALE_LOCK_S = 600.0
+
+
+def clear_stale_lock(build_dir: Path, *, now: float | None = None) -> bool:
+    """Remove the build lock a killed build left behind (torch's file baton would otherwise
+    wait for it forever, hanging every later run); True when one was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def unavailable_reason() -> str:
