@@ -42,6 +42,7 @@ def test_geometry_is_recorded_saved_and_optional(tmp_path) -> None:  # type: ign
     assert conv.geometry == {
         "input": [2, 8, 8, 8], "output": [2, 8, 4, 4], "kernel_size": [3, 3],
         "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 1,
+        "parameter_bytes": (8 * 8 * 3 * 3 + 8) * 4,
     }
     relu = next(m for m in profile.modules_stats if m.name == "1")
     assert relu.geometry == {"input": [2, 8, 8, 8], "output": [2, 8, 8, 8]}
