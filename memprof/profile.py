@@ -350,11 +350,17 @@ def write_text_atomic(target: Path, text: str, *, overwrite: bool) -> None:
         raise OutputExistsError(f"{target} already exists (pass overwrite=True or --force)")
     if target.is_dir():
         raise OutputExistsError(f"{target} is a directory")
+    replace_atomically(target, text.encode("utf-8"))
+
+
+def replace_atomically(target: Path, data: bytes) -> None:
+    """Put ``data`` at ``target`` through a temporary file beside it (callers check first
+    whether ``target`` may be replaced)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         # mkstemp creates the file private (0600); give it the permissions open() would.
         mask = os.umask(0)
         os.umask(mask)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from memprof.advisor.core import CONV_TYPES, Facts
 from memprof.profile import ModuleStats
 from memprof.tracking.events import default_source
+from memprof.tracking.kernel_corrections import allocation_peak
 from memprof.tracking.session import Profiler
 
 #: Layers whose 16-bit kernels :func:`kernel_scratch` measures (Conv1D is transformers').
@@ -236,15 +237,4 @@ def _peak_during(fn: Callable[[], Any]) -> tuple[float, Any]:
         result = fn()
     finally:
         events = source.stop()
-    live: dict[int, int] = {}
-    now = peak = 0
-    for _when, ptr, size in events:
-        if ptr < 0:  # a marker
-            continue
-        if size > 0:
-            live[ptr] = size
-            now += size
-            peak = max(peak, now)
-        else:
-            now -= live.pop(ptr, 0)
-    return float(peak), result
+    return float(allocation_peak(events)), result

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from memprof.errors import OutputExistsError
+from memprof.profile import replace_atomically
 
 
 def write_bytes_atomic(target: Path, data: bytes, *, overwrite: bool) -> None:
@@ -15,15 +14,4 @@ def write_bytes_atomic(target: Path, data: bytes, *, overwrite: bool) -> None:
         raise OutputExistsError(f"{target} is a directory")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists (pass overwrite=True or --force)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(target, data)

@@ -228,7 +228,7 @@ def _measure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
             del out, outs, real_args, real_kwargs
     except Exception:  # an op that cannot run on zeros here: leave it uncorrected
         return None
-    return OpMemory(max(0, _peak(events) - total), tuple(sizes))
+    return OpMemory(max(0, allocation_peak(events) - total), tuple(sizes))
 
 
 @contextlib.contextmanager
@@ -237,7 +237,8 @@ def _no_autocast() -> Iterator[None]:
         yield
 
 
-def _peak(events: list[tuple[Any, int, int]]) -> int:
+def allocation_peak(events: list[tuple[Any, int, int]]) -> int:
+    """The most bytes live at once in a recorder's ``(time, ptr, ±bytes)`` events."""
     live: dict[int, int] = {}
     now = peak = 0
     for _when, ptr, size in events:
