@@ -8,6 +8,7 @@ may be missing from a partial install) are left out of the group rather than bre
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Any
 
@@ -27,6 +28,10 @@ COMMANDS: dict[str, str] = {
 }
 #: Commands that may be absent without it being an error.
 OPTIONAL = frozenset({"advise", "estimate"})
+#: Loggers of libraries that memprof (or transformers) may import, whose import-time warnings
+#: (torchao's CUDA-only kernels that a CPU build cannot load, torch's pytree deprecations) say
+#: nothing about the user's command: a command's stderr keeps to its own one-line errors.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class _OrderedGroup(click.Group):
@@ -38,6 +43,8 @@ class _OrderedGroup(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         try:
             result = super().main(*args, **kwargs)
         except click.UsageError as exc:
