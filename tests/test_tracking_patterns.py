@@ -3,6 +3,8 @@ steps interrupted by out-of-memory errors. Each runs on both measurement backend
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +136,41 @@ def test_estimate_names_a_sparse_gradient_it_cannot_size() -> None:
     assert int(rows.loc["head", "gradient"]) == (16 + 1) * 4
     assert any("not counted" in w and "sparse_coo" in w and "depends on values" in w
                for w in profile.warnings)
+
+
+class _DeadBranch(nn.Module):
+    """Mamba's slow path computes ``A = -torch.exp(self.A_log)`` and may never use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.randn(32, 32))
+        self.lin = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A = -torch.exp(self.A_log)  # noqa: F841 - the dead branch under test
+        return self.lin(x)
+
+
+def test_a_dead_graph_branch_is_freed_with_its_graph(backend: str) -> None:
+    """GIVEN a forward with a branch that never reaches backward, whose op saves its own
+    output (exp) WHEN profiled THEN that output is freed when the branch is dropped (live
+    bytes between steps stay the parameters and the batch: they grew 4,096 B per module per
+    step) and, the profile closed, the model dies with its last reference, without gc."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_DeadBranch(), _DeadBranch())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 32)
+    with memprof.profile(model, optimizer, backend=backend) as prof:
+        for _ in range(4):
+            model(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            prof.step()
+    persistent = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert [s.end_bytes for s in prof.profile.steps_stats] == [persistent + x.nbytes] * 4
+    param = weakref.ref(model[0].A_log)
+    module = weakref.ref(model)
+    del model, optimizer
+    assert module() is None
+    assert param() is None
+    assert prof.profile.peak().total_bytes > 0

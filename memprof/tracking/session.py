@@ -722,7 +722,16 @@ class Profiler:
         if self._live_recording and _graph_task_id() == -1:
             for part in self.ledger.parts(tensor):  # one, unless sparse
                 self._pack_part(part)
-        return tensor
+        if tensor.grad_fn is None:
+            return tensor
+        # Never give autograd back the tensor itself: a node that saves its own output (exp,
+        # sigmoid, softmax) would then hold, through the packed object, a tensor whose grad_fn
+        # is that node, a cycle of C++ references no collector breaks. Backward releases it;
+        # a branch that never reaches backward (``A = -torch.exp(self.A_log)`` left unused)
+        # would keep the output, the node and the parameters behind it alive for ever.
+        # Autograd saves outputs without their grad_fn for this reason, and reattaches it on
+        # unpacking, as it does to what :func:`_unpack` returns. Same storage, same values.
+        return tensor.detach()
 
     def _pack_part(self, tensor: torch.Tensor) -> None:
         events = self._events
