@@ -174,3 +174,49 @@ def test_a_dead_graph_branch_is_freed_with_its_graph(backend: str) -> None:
     assert module() is None
     assert param() is None
     assert prof.profile.peak().total_bytes > 0
+
+
+class _Hungry(nn.Module):
+    """Runs out of memory (as the CUDA allocator would say it) from batch 64 on, mid-forward,
+    with 16 MiB of the step's intermediates alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if x.shape[0] >= 64:
+            scratch = torch.empty(4, 1024, 1024)  # noqa: F841 - alive when the error comes
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return h
+
+
+def test_an_interrupted_step_is_no_between_step_growth(backend: str) -> None:
+    """GIVEN a loop whose batch grows (4, 8, 16, 32) and then runs out of memory mid-forward
+    WHEN profiled THEN no leak is reported: between the finished steps live memory grew by
+    the batch only, KiBs (the interrupted step's 16 MiB mid-forward were taken as
+    between-step bytes, and made it a leak)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Hungry()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError):
+        warnings.simplefilter("always")
+        with memprof.profile(model, optimizer, backend=backend) as prof:
+            for size in (4, 8, 16, 32, 64):
+                x = torch.randn(size, 64)
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                prof.step()  # the batch stays alive between steps: 1, 2, 4, 8 KiB
+    profile = prof.profile
+    assert [s.step for s in profile.steps_stats] == [0, 1, 2, 3, 4]
+    persistent = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert [s.end_bytes for s in profile.steps_stats[:4]] == [
+        persistent + size * 64 * 4 for size in (4, 8, 16, 32)]
+    assert profile.steps_stats[4].end_bytes >= persistent + 16 * 2**20
+    assert any("step 4 was interrupted" in w for w in profile.warnings)
+    assert not any("leak" in w for w in profile.warnings)
+    assert not any(issubclass(w.category, memprof.MemoryLeakWarning) for w in caught)

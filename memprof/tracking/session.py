@@ -239,6 +239,7 @@ class Profiler:
         self._grad_fn_handles: list[Any] = []
         self._forward_started: list[float] = []
         self._steps: list[StepStats] = []
+        self._interrupted: set[int] = set()  # steps an exception cut short
         self._timeline_chunks: list[dict[str, list[Any]]] = []
         self._peak: Peak | None = None
         self._optimizers: dict[int, dict[str, Any]] = {}
@@ -446,6 +447,7 @@ class Profiler:
         )
         self._timeline_chunks.append(self._timeline_chunk())
         if partial:
+            self._interrupted.add(self._applied_step)
             self._warnings.append(
                 f"step {self._applied_step} was interrupted: its figures are partial"
             )
@@ -960,7 +962,9 @@ class Profiler:
                 f"not counted: tensors whose memory cannot be read ({kinds}); their bytes are "
                 "missing from every figure"
             )
-        leak = _leak_warning(self._steps)
+        # An interrupted step ended mid-step (an out-of-memory error in a forward): its live
+        # bytes are no between-step bytes.
+        leak = _leak_warning([s for s in self._steps if s.step not in self._interrupted])
         if leak:
             warnings_.append(leak)
             warnings.warn(leak, MemoryLeakWarning, stacklevel=3)
