@@ -151,7 +151,7 @@ def advise(
         raise ValueError("prediction='fake' needs the model: pass a workload or fake_model")
     facts = read_facts(profile)
     if workload is not None:
-        if workload.set_to_none and zero_grad.gradient_use(facts).kept:
+        if workload.set_to_none and zero_grad.gradient_use(facts).zeroed_in_place:
             # the profiled loop keeps its gradients between steps: so do the simulations
             workload = dataclasses.replace(workload, set_to_none=False)
         simulator = WorkloadSimulator(workload)
