@@ -220,3 +220,40 @@ def test_an_interrupted_step_is_no_between_step_growth(backend: str) -> None:
     assert any("step 4 was interrupted" in w for w in profile.warnings)
     assert not any("leak" in w for w in profile.warnings)
     assert not any(issubclass(w.category, memprof.MemoryLeakWarning) for w in caught)
+
+
+@pytest.mark.slow
+def test_dynamo_never_compiles_or_traces_memprof_code(backend: str) -> None:
+    """GIVEN a compiled model run under the profile, with a graph break that runs operators
+    eagerly between compiled regions WHEN profiled THEN dynamo compiled none of memprof's
+    frames (it compiled the dispatch mode's ``__torch_dispatch__`` and traced the ledger,
+    until its recompile limit) and the results are bitwise those of the unprofiled run."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from memprof.tracking import ledger, session
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.gelu(self.a(x))
+            torch._dynamo.graph_break()
+            return self.b(h * 2)
+
+    torch.manual_seed(0)
+    model = Broken()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 16)
+    expected = compiled(x).detach().clone()
+    with memprof.profile(model, backend=backend) as prof:
+        for _ in range(2):
+            out = compiled(x)
+            out.sum().backward()
+            prof.step()
+    assert torch.equal(out.detach(), expected)
+    ours = [session._LedgerMode.__torch_dispatch__, ledger.StorageLedger.see,
+            session.Profiler._pack, session.Profiler._on_forward_pre]
+    assert [len(_debug_get_cache_entry_list(f.__code__)) for f in ours] == [0] * len(ours)
+    assert prof.profile.peak().total_bytes > 0

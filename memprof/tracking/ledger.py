@@ -151,6 +151,29 @@ def facts_of(tensor: torch.Tensor) -> Facts:
             tuple(tensor.shape), tensor.dtype)
 
 
+def keep_out_of_dynamo(*functions: Any) -> None:
+    """Make torch.compile's dynamo neither compile the frames of ``functions`` nor any frame
+    they call (the recursive skip of ``torch._dynamo.disable``), at no cost per call: the mark
+    is on the code objects, where the wrapper of ``torch._dynamo.disable`` would run at every
+    call (the ledger's dispatch mode sees every operator). Without it, an operator run eagerly
+    around a compiled region made dynamo compile the mode's ``__torch_dispatch__`` and trace
+    the ledger until its recompile limit. Calls that dynamo *inlines* while tracing a module
+    (the forward hooks) are not affected: they return at once while it compiles."""
+    try:
+        from torch._C._dynamo.eval_frame import (
+            _FrameAction,
+            _FrameExecStrategy,
+            set_code_exec_strategy,
+        )
+    except ImportError:  # pragma: no cover - a torch without dynamo's C side
+        return
+    skip = _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
+    for function in functions:
+        code = getattr(getattr(function, "__func__", function), "__code__", None)
+        if code is not None:
+            set_code_exec_strategy(code, skip)
+
+
 #: dtype of an entry known only from an allocation event (shape is then ``(nbytes,)``).
 RAW_DTYPE = torch.uint8
 
@@ -506,3 +529,6 @@ class StorageLedger:
         self.entries.clear()
         self.log = []
         self.samples = []
+
+
+keep_out_of_dynamo(StorageLedger.see, StorageLedger.free, StorageLedger._on_free, facts_of)

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memprof.tracking.ledger import BUFFER, GRADIENT, OUTSIDE, PARAMETER, StorageLedger
+from memprof.tracking.ledger import (
+    BUFFER,
+    GRADIENT,
+    OUTSIDE,
+    PARAMETER,
+    StorageLedger,
+    keep_out_of_dynamo,
+)
 
 
 @dataclass
@@ -231,3 +238,6 @@ class ModuleRegistry:
         for handle in self.grad_hooks:
             handle.remove()
         self.grad_hooks.clear()
+
+
+keep_out_of_dynamo(ModuleRegistry._on_grad)

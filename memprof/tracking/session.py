@@ -69,6 +69,7 @@ from memprof.tracking.ledger import (
     Facts,
     StorageLedger,
     facts_of,
+    keep_out_of_dynamo,
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.reserved import ReservedModel
@@ -1101,6 +1102,13 @@ class _BackwardEnter:
 
 class MemoryLeakWarning(UserWarning):
     """Live memory between steps kept growing."""
+
+
+keep_out_of_dynamo(
+    _LedgerMode.__torch_dispatch__, Profiler._pack, Profiler._on_grad, Profiler._on_forward_pre,
+    Profiler._on_forward, Profiler._on_root_kwargs, Profiler._on_optimizer_pre,
+    Profiler._on_optimizer_post, Profiler._on_backward_end, _BackwardEnter.__call__,
+)
 
 
 def _compiling() -> bool:
