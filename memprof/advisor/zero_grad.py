@@ -103,20 +103,20 @@ def gradient_use(facts: Facts) -> GradientUse:
         total = max(total, end)
         if not had and clean is None and len(starts) == 1 and end > 0:
             clean = [(m, g / end) for m, g in backward]
-    pattern = {"optimizer_steps": max(updates, 1), "passes_per_update": max(per_update, 1),
-               "freed": freed}
+    steps, per = max(updates, 1), max(per_update, 1)
     produced: dict[str, float] = {}
     if clean is not None:
         for module, fraction in clean:
             produced.setdefault(module, fraction)
         return GradientUse(kept, passes, total, produced, "the first step's backward",
-                           **pattern)
+                           steps, per, freed)
     owners = {str(r["module"]) for r in facts.module_rows() if r["gradient"]}
     before = gradients_before(facts, owners)
     all_own = sum(float(r["gradient"]) for r in facts.module_rows()) or 1.0
     produced = {module: done / all_own for module, done in before.items()}
     return GradientUse(kept, passes, total, produced, "the modules' own gradients in "
-                       "backward order (no profiled step started without gradients)", **pattern)
+                       "backward order (no profiled step started without gradients)",
+                       steps, per, freed)
 
 
 def free_gradients_transform(use: GradientUse) -> Any:
