@@ -394,6 +394,10 @@ def load(path: str | os.PathLike[str]) -> Profile:
         raise ProfileLoadError(
             f"{source}: {what} (line {exc.lineno}, column {exc.colno}): not a memprof profile"
         ) from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ProfileLoadError(
+            f"{source}: JSON nested too deeply to be a memprof profile"
+        ) from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
         raise ProfileLoadError(f"{source}: not a memprof profile (no '{SCHEMA_NAME}' header)")
     version = data.get("version")
@@ -406,8 +410,9 @@ def load(path: str | os.PathLike[str]) -> Profile:
         )
     try:
         return Profile.from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProfileLoadError(f"{source}: damaged profile ({type(exc).__name__}: {exc})") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise ProfileLoadError(
+            f"{source}: damaged profile ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _json_default(value: Any) -> Any:

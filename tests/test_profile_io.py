@@ -69,3 +69,27 @@ def test_load_errors_are_one_line(tmp_path: Path, content: str | None, message: 
 def test_load_a_directory(tmp_path: Path) -> None:
     with pytest.raises(memprof.ProfileLoadError, match="directory"):
         memprof.load(tmp_path)
+
+
+@pytest.mark.parametrize("inside_a_profile", [False, True])
+def test_deeply_nested_json_is_one_line_from_the_cli(tmp_path: Path,
+                                                     inside_a_profile: bool) -> None:
+    """GIVEN a file of deeply nested JSON arrays (alone, or as a field of a profile header)
+    WHEN ``memprof report`` reads it THEN one line says it is not a profile, with a non-zero
+    exit and no traceback (it ended with a RecursionError traceback)."""
+    import subprocess
+    import sys
+
+    nested = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.json"
+    path.write_text(nested if not inside_a_profile else
+                    f'{{"schema": "memprof-profile", "version": 1, "steps": {nested}}}')
+    with pytest.raises(memprof.ProfileLoadError) as info:
+        memprof.load(path)
+    assert "\n" not in str(info.value)
+    proc = subprocess.run([sys.executable, "-m", "memprof", "report", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "deep.json" in lines[0], proc.stderr[-500:]

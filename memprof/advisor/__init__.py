@@ -151,7 +151,7 @@ def advise(
         raise ValueError("prediction='fake' needs the model: pass a workload or fake_model")
     facts = read_facts(profile)
     if workload is not None:
-        if workload.set_to_none and zero_grad.gradient_use(facts).kept:
+        if workload.set_to_none and zero_grad.gradient_use(facts).zeroed_in_place:
             # the profiled loop keeps its gradients between steps: so do the simulations
             workload = dataclasses.replace(workload, set_to_none=False)
         simulator = WorkloadSimulator(workload)
@@ -186,7 +186,16 @@ def advise(
         if failure is not None:
             row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)
     if workload is not None and reference is not None and facts.has_optimizer:
-        rows.extend(_batch_rows(workload, reference, base, resolved))
+        try:
+            rows.extend(_batch_rows(workload, reference, base, resolved))
+        except Exception as exc:  # the batch rows' simulations fail alone, with their reason
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            rows.append({
+                "technique": "batch", "options": {}, "applicable": False,
+                "reason": f"simulation failed at another batch size: {type(exc).__name__}: "
+                          f"{first} (do all the batch's tensors lead with the batch dimension?)",
+                "baseline_peak_bytes": base, "how": "needs two measured batch sizes",
+            })
     for row in rows:
         row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)

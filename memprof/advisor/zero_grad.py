@@ -16,10 +16,19 @@ are temporaries in the profiled run (added into the kept ones, then freed), and 
 ``.grad`` themselves once set to None: the same bytes, counted once. Without a step that
 started from None (a schedule that skipped it), the fractions come from the modules' own
 gradient bytes in the backward's module order.
+
+Several optimizers in one step (a GAN: the discriminator's backward and step, then the
+generator's) are a pattern of their own, not gradient accumulation: each optimizer's gradients
+live from its backward to its own ``zero_grad``, which may come in the next step (the
+generator's, through the discriminator's forward) although every ``zero_grad`` frees them. The
+timeline tells them apart: accumulation runs several backward passes before one optimizer step;
+several optimizers step once per backward; and a loop whose gradients are zeroed in place never
+frees any (the gradient bytes never drop).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,16 +51,26 @@ class GradientUse:
     """How the profiled loop treats gradients between steps."""
 
     kept: bool  # gradients are live in a forward before that step's backward
-    backward_passes: int  # most backward passes in one step (2+: gradient accumulation)
+    backward_passes: int  # most backward passes in one step
     total: float  # G: the gradient bytes of a step once its backward is done
     produced: dict[str, float]  # module -> fraction of G produced when its backward starts
     source: str  # where the fractions come from
+    optimizer_steps: int = 1  # most optimizer steps in one step (2+: several optimizers)
+    passes_per_update: int = 1  # most backward passes before one optimizer step (accumulation)
+    freed: bool = True  # some gradient is freed inside a step (a zero_grad setting None)
+
+    @property
+    def zeroed_in_place(self) -> bool:
+        """Gradients outlive the step and are never freed: ``zero_grad(set_to_none=False)``
+        (what a simulation of the loop must then do too)."""
+        return self.kept and not self.freed
 
 
 def gradient_use(facts: Facts) -> GradientUse:
     """Read from the timeline: whether gradients outlive the step, and when they appear."""
     timeline = facts.profile.timeline().sort_values(["step", "seq"], kind="stable")
     kept, passes, total = False, 0, 0.0
+    updates, per_update, freed = 0, 0, False
     clean: list[tuple[str, float]] | None = None  # (module, gradient) of a step from None
     for _, rows in timeline.groupby("step", sort=True):
         phases = list(rows["phase"])
@@ -59,6 +78,16 @@ def gradient_use(facts: Facts) -> GradientUse:
         starts = [i for i, p in enumerate(phases) if p == "backward" and (
             i == 0 or phases[i - 1] != "backward")]
         passes = max(passes, len(starts))
+        freed = freed or any(b < a for a, b in itertools.pairwise(grads))
+        runs = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+        updates = max(updates, runs.count("optimizer"))
+        pending = 0
+        for phase in runs:
+            if phase == "backward":
+                pending += 1
+            elif phase == "optimizer":
+                per_update, pending = max(per_update, pending), 0
+        per_update = max(per_update, pending)
         if not starts:
             continue
         first = starts[0]
@@ -74,17 +103,20 @@ def gradient_use(facts: Facts) -> GradientUse:
         total = max(total, end)
         if not had and clean is None and len(starts) == 1 and end > 0:
             clean = [(m, g / end) for m, g in backward]
+    steps, per = max(updates, 1), max(per_update, 1)
     produced: dict[str, float] = {}
     if clean is not None:
         for module, fraction in clean:
             produced.setdefault(module, fraction)
-        return GradientUse(kept, passes, total, produced, "the first step's backward")
+        return GradientUse(kept, passes, total, produced, "the first step's backward",
+                           steps, per, freed)
     owners = {str(r["module"]) for r in facts.module_rows() if r["gradient"]}
     before = gradients_before(facts, owners)
     all_own = sum(float(r["gradient"]) for r in facts.module_rows()) or 1.0
     produced = {module: done / all_own for module, done in before.items()}
     return GradientUse(kept, passes, total, produced, "the modules' own gradients in "
-                       "backward order (no profiled step started without gradients)")
+                       "backward order (no profiled step started without gradients)",
+                       steps, per, freed)
 
 
 def free_gradients_transform(use: GradientUse) -> Any:
@@ -108,13 +140,24 @@ def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("optimizer", OPTIONS, TRAINING_ONLY_REASON, group=GROUP)]
     use = gradient_use(facts)
+    if use.optimizer_steps > 1:
+        how = ("zeroed in place, never freed" if use.zeroed_in_place else
+               "each freed only by its optimizer's own zero_grad, which may come in the next "
+               "step")
+        return [not_applicable(
+            "optimizer", OPTIONS, f"{use.optimizer_steps} optimizer steps after "
+            f"{use.backward_passes} backward passes in each step (several optimizers, as in a "
+            f"GAN): each optimizer's gradients live from its backward on, {how}; call each "
+            "optimizer's zero_grad(set_to_none=True) right after its own step to free them "
+            "for the rest of the step (not predicted: the rewrite models one optimizer)",
+            group=GROUP)]
     if not use.kept:
         return [not_applicable(
             "optimizer", OPTIONS, "the gradients are already freed between steps (none is "
             "live in a forward before its backward)", group=GROUP)]
-    if use.backward_passes > 1:
+    if use.passes_per_update > 1:
         return [not_applicable(
-            "optimizer", OPTIONS, f"the gradients accumulate over {use.backward_passes} "
+            "optimizer", OPTIONS, f"the gradients accumulate over {use.passes_per_update} "
             "backward passes per step: they must live between micro-batches, so freeing them "
             "helps only the first micro-batch (free them after the optimizer step)", group=GROUP)]
     return [Change(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from memprof.categories import CATEGORIES, PHASES
@@ -82,13 +83,95 @@ def storage_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+#: The accessors of a compressed sparse tensor's parts, by layout.
+_COMPRESSED_PARTS = {
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
+}
+_STRIDED = torch.strided
+
+
+def held_tensors(tensor: torch.Tensor, uncounted: dict[str, int] | None = None
+                 ) -> list[torch.Tensor]:
+    """The tensors with a readable storage that hold ``tensor``'s memory: itself for a plain
+    tensor; a sparse tensor's indices and values (COO: ``_indices``, ``_values``; CSR/CSC/BSR/
+    BSC: the compressed and plain indices and the values), which own no storage of their own;
+    every inner tensor of a wrapper subclass (a jagged nested tensor's values and offsets).
+
+    A tensor none of whose memory can be read (an MKL-DNN or other opaque tensor) is left out
+    and counted in ``uncounted`` under its kind, so that the profile can name what it missed:
+    the profiler must never raise out of the user's training step."""
+    if type(tensor) is torch.Tensor and tensor.layout is _STRIDED:
+        return [tensor]
+    found: list[torch.Tensor] = []
+    _collect_held(tensor, found, uncounted, 0)
+    return found
+
+
+def _collect_held(tensor: torch.Tensor, found: list[torch.Tensor],
+                  uncounted: dict[str, int] | None, depth: int) -> None:
+    try:
+        layout = tensor.layout
+        if layout is not _STRIDED and isinstance(tensor, FakeTensor):
+            # A fake sparse tensor holds no entries (how many depends on values): charging it
+            # its empty parts would pass 0 bytes off as an estimate.
+            raise NotImplementedError("a fake sparse tensor's size depends on values")
+        if layout is torch.sparse_coo:
+            parts = [tensor._indices(), tensor._values()]
+        elif layout in _COMPRESSED_PARTS:
+            parts = [getattr(tensor, name)() for name in _COMPRESSED_PARTS[layout]]
+        elif is_traceable_wrapper_subclass(tensor) and depth < 8:
+            attrs, _ = tensor.__tensor_flatten__()
+            parts = [x for x in (getattr(tensor, a) for a in attrs)
+                     if isinstance(x, torch.Tensor)]
+        else:
+            tensor.untyped_storage()
+            found.append(tensor)
+            return
+    except Exception:  # whatever the tensor kind, the step must go on
+        if uncounted is not None:
+            shown: Any = getattr(tensor, "layout", None)
+            kind = (f"fake {shown} tensor (its size depends on values)"
+                    if isinstance(tensor, FakeTensor) else f"{type(tensor).__name__} ({shown})")
+            uncounted[kind] = uncounted.get(kind, 0) + 1
+        return
+    for part in parts:
+        _collect_held(part, found, uncounted, depth + 1)
+
+
 def facts_of(tensor: torch.Tensor) -> Facts:
-    """The :data:`Facts` of ``tensor``."""
+    """The :data:`Facts` of ``tensor`` (one with a readable storage: see :func:`held_tensors`
+    for the others)."""
     tensor = storage_tensor(tensor)
     storage = tensor.untyped_storage()
     raw = storage.nbytes()
     return (storage.data_ptr(), round_up(raw, 512) if tensor.is_cuda else raw,
             tuple(tensor.shape), tensor.dtype)
+
+
+def keep_out_of_dynamo(*functions: Any) -> None:
+    """Make torch.compile's dynamo neither compile the frames of ``functions`` nor any frame
+    they call (the recursive skip of ``torch._dynamo.disable``), at no cost per call: the mark
+    is on the code objects, where the wrapper of ``torch._dynamo.disable`` would run at every
+    call (the ledger's dispatch mode sees every operator). Without it, an operator run eagerly
+    around a compiled region made dynamo compile the mode's ``__torch_dispatch__`` and trace
+    the ledger until its recompile limit. Calls that dynamo *inlines* while tracing a module
+    (the forward hooks) are not affected: they return at once while it compiles."""
+    try:
+        from torch._C._dynamo.eval_frame import (
+            _FrameAction,
+            _FrameExecStrategy,
+            set_code_exec_strategy,
+        )
+    except ImportError:  # pragma: no cover - a torch without dynamo's C side
+        return
+    skip = _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
+    for function in functions:
+        code = getattr(getattr(function, "__func__", function), "__code__", None)
+        if code is not None:
+            set_code_exec_strategy(code, skip)
 
 
 #: dtype of an entry known only from an allocation event (shape is then ``(nbytes,)``).
@@ -153,12 +236,19 @@ class StorageLedger:
         self.sources: SourceSampler | None = None
         self.source_floor: int = 1 << 62
         self._spikes = 0  # keys of spikes: negative, never a storage's id or address
+        #: Tensors seen whose memory could not be read, by kind (see :func:`held_tensors`).
+        self.uncounted: dict[str, int] = {}
 
     # ----------------------------------------------------------------- hot path
     def see(self, tensor: torch.Tensor) -> None:
         """Account an operator's output: a new storage is a temporary of the running module."""
         tensor = storage_tensor(tensor)
-        storage = tensor.untyped_storage()
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # sparse, opaque: free on the hot path
+            for part in self.parts(tensor):
+                self.see(part)
+            return
         entry = self.entries.get(id(storage))
         if entry is not None:
             if entry.raw_nbytes != storage.nbytes():  # resize_ or an out= op grew it
@@ -246,22 +336,45 @@ class StorageLedger:
             self.log.append(entry.key)
 
     # -------------------------------------------------------------- role changes
-    def facts(self, tensor: torch.Tensor) -> torch.Tensor | Facts:
-        """What to hand to :meth:`lookup` / :meth:`track` later: the tensor itself (dispatch,
+    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """:func:`held_tensors`, noting the tensors it cannot read in :attr:`uncounted`."""
+        return held_tensors(tensor, self.uncounted)
+
+    def facts(self, tensor: torch.Tensor) -> list[torch.Tensor | Facts]:
+        """What to hand to :meth:`lookup` / :meth:`track` later, one item per storage that
+        holds ``tensor``'s memory (a sparse tensor has several): the tensor itself (dispatch,
         applied at once) or its :class:`Facts` (events, applied at replay)."""
-        return facts_of(tensor) if self.by_ptr else tensor
+        parts = self.parts(tensor)
+        return [facts_of(p) for p in parts] if self.by_ptr else list(parts)
 
     def lookup(self, tensor: torch.Tensor | Facts) -> Entry | None:
-        """The entry of ``tensor``'s storage, if tracked."""
+        """The entry of ``tensor``'s storage (a sparse tensor's: its indices'), if tracked."""
         if isinstance(tensor, tuple):
             return self.entries.get(tensor[0])
         tensor = storage_tensor(tensor)
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            parts = self.parts(tensor)
+            if not parts:
+                return None
+            storage = parts[0].untyped_storage()
         if self.by_ptr:
-            return self.entries.get(tensor.untyped_storage().data_ptr())
-        return self.entries.get(id(tensor.untyped_storage()))
+            return self.entries.get(storage.data_ptr())
+        return self.entries.get(id(storage))
 
-    def track(self, tensor: torch.Tensor | Facts, category: int, module: int) -> Entry:
-        """Give ``tensor``'s storage a role, tracking it first if it is not yet."""
+    def track(self, tensor: torch.Tensor | Facts, category: int, module: int) -> Entry | None:
+        """Give ``tensor``'s storage a role, tracking it first if it is not yet. A tensor held
+        in several storages (sparse) gives each the role; one that holds none readable (see
+        :func:`held_tensors`) is left untracked (None)."""
+        if not isinstance(tensor, tuple) and not (type(tensor) is torch.Tensor
+                                                  and tensor.layout is _STRIDED):
+            parts = self.parts(tensor)
+            if len(parts) != 1 or parts[0] is not storage_tensor(tensor):
+                entry = None
+                for part in parts:
+                    entry = self.track(part, category, module)
+                return entry
         if self.by_ptr:
             key, nbytes, shape, dtype = tensor if isinstance(tensor, tuple) else facts_of(tensor)
             entry = self.entries.get(key)
@@ -416,3 +529,6 @@ class StorageLedger:
         self.entries.clear()
         self.log = []
         self.samples = []
+
+
+keep_out_of_dynamo(StorageLedger.see, StorageLedger.free, StorageLedger._on_free, facts_of)

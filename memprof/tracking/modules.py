@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memprof.tracking.ledger import BUFFER, GRADIENT, OUTSIDE, PARAMETER, StorageLedger
+from memprof.tracking.ledger import (
+    BUFFER,
+    GRADIENT,
+    OUTSIDE,
+    PARAMETER,
+    StorageLedger,
+    keep_out_of_dynamo,
+)
 
 
 @dataclass
@@ -179,35 +186,42 @@ class ModuleRegistry:
             self._register_param(param, idx)
         for buffer in module.buffers(recurse=False):
             if buffer is not None:
-                if self.defer is not None:
-                    self.defer(self.ledger.track, self.ledger.facts(buffer), BUFFER, idx)
-                else:
-                    self.ledger.track(buffer.detach(), BUFFER, idx)
+                for part in self.ledger.facts(buffer.detach()):  # one, unless sparse
+                    if self.defer is not None:
+                        self.defer(self.ledger.track, part, BUFFER, idx)
+                    else:
+                        self.ledger.track(part, BUFFER, idx)
 
     def _register_param(self, param: nn.Parameter, idx: int) -> None:
         if param in self.param_owner:
             return  # tied: counted once, under its first owner
         if self.defer is not None:
             self.param_owner[param] = idx
-            grad = None if param.grad is None else self.ledger.facts(param.grad)
-            self.defer(self._param_apply, self.ledger.facts(param), grad, idx)
+            grads = [] if param.grad is None else self.ledger.facts(param.grad)
+            for part in self.ledger.facts(param.detach()):  # one, unless sparse
+                self.defer(self._param_apply, part, grads, idx)
+                grads = []
         else:
             entry = self.ledger.lookup(param)
             if entry is not None and entry.category == PARAMETER:
                 self.param_owner[param] = entry.module  # another tensor sharing the storage
                 return
             self.param_owner[param] = idx
-            self._param_apply(param.detach(), param.grad, idx)
+            grads = [] if param.grad is None else self.ledger.facts(param.grad)
+            for part in self.ledger.parts(param.detach()):
+                self._param_apply(part, grads, idx)
+                grads = []
         if param.requires_grad:
             self.grad_hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
 
-    def _param_apply(self, param: Any, grad: Any, idx: int) -> None:
-        """Track a parameter's storage (and its gradient), unless a parameter already owns it."""
+    def _param_apply(self, param: Any, grads: list[Any], idx: int) -> None:
+        """Track a parameter's storage (and its gradient's), unless a parameter already owns
+        it."""
         entry = self.ledger.lookup(param)
         if entry is not None and entry.category == PARAMETER and entry.module != idx:
             return  # another tensor sharing the storage: counted once
         self.ledger.track(param, PARAMETER, idx)
-        if grad is not None:
+        for grad in grads:
             self.ledger.track(grad, GRADIENT, idx)
 
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -217,9 +231,13 @@ class ModuleRegistry:
         ledger = self.ledger
         if not ledger.recording or param.grad is None:
             return
-        ledger.track(param.grad, GRADIENT, self.param_owner.get(param, OUTSIDE))
+        for part in ledger.parts(param.grad):
+            ledger.track(part, GRADIENT, self.param_owner.get(param, OUTSIDE))
 
     def remove_hooks(self) -> None:
         for handle in self.grad_hooks:
             handle.remove()
         self.grad_hooks.clear()
+
+
+keep_out_of_dynamo(ModuleRegistry._on_grad)

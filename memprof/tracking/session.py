@@ -69,7 +69,7 @@ from memprof.tracking.ledger import (
     Facts,
     StorageLedger,
     facts_of,
-    storage_tensor,
+    keep_out_of_dynamo,
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.reserved import ReservedModel
@@ -240,6 +240,7 @@ class Profiler:
         self._grad_fn_handles: list[Any] = []
         self._forward_started: list[float] = []
         self._steps: list[StepStats] = []
+        self._interrupted: set[int] = set()  # steps an exception cut short
         self._timeline_chunks: list[dict[str, list[Any]]] = []
         self._peak: Peak | None = None
         self._optimizers: dict[int, dict[str, Any]] = {}
@@ -447,6 +448,7 @@ class Profiler:
         )
         self._timeline_chunks.append(self._timeline_chunk())
         if partial:
+            self._interrupted.add(self._applied_step)
             self._warnings.append(
                 f"step {self._applied_step} was interrupted: its figures are partial"
             )
@@ -524,14 +526,14 @@ class Profiler:
         if events is None:
             ledger = self.ledger
             idx = self.registry.index_of(module, ledger.current_module)
-            inputs = None if recompute or ledger.frames else _tensors(args)
+            inputs = None if recompute or ledger.frames else _held(ledger, _tensors(args))
             self._forward_pre_apply(idx, recompute, inputs)
             return
         stack = self._live_stack
         idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
         facts = None
         if not recompute and not stack:
-            facts = [facts_of(t) for t in _tensors(args)]
+            facts = [facts_of(t) for t in _held(self.ledger, _tensors(args))]
         stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts)))
 
     def _on_root_kwargs(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
@@ -540,7 +542,7 @@ class Profiler:
         opened the model's frame, so an outermost call has exactly one frame open."""
         if not kwargs or not self._live_recording or _compiling() or _graph_task_id() != -1:
             return
-        tensors = _tensors(kwargs)
+        tensors = _held(self.ledger, _tensors(kwargs))
         if not tensors:
             return
         events = self._events
@@ -587,7 +589,8 @@ class Profiler:
             if not stack or stack[-1][0] != idx:
                 return  # hooks were installed in the middle of this forward
             _, token = stack.pop()
-            if type(output) is torch.Tensor and output.nbytes >= self._sources.floor:
+            if (type(output) is torch.Tensor and output.layout is torch.strided
+                    and output.nbytes >= self._sources.floor):
                 # The events backend sees this storage only as bytes: name its shape and the
                 # line that called the module (it may be among the largest at a peak).
                 events.buffer(self.ledger.learn_facts, facts_of(output),
@@ -720,22 +723,35 @@ class Profiler:
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._live_recording and _graph_task_id() == -1:
-            events = self._events
-            if events is None:
-                self._pack_apply(tensor, self.ledger.current_module)
-            else:
-                stack = self._live_stack
-                facts = facts_of(tensor)
-                sources = self._sources
-                source = sources.take(facts[1]) if facts[1] >= sources.floor else ""
-                if stack:  # alive until the module's next marker: the graph holds it
-                    events.buffer(self._pack_apply, facts, stack[-1][0], source)
-                else:
-                    # Outside modules (the loss) the next marker may come in backward, after
-                    # the tensor is freed: the facts would then find no entry and make up an
-                    # input that no longer exists. Mark the moment itself.
-                    events.point(self._pack_apply, facts, OUTSIDE, source)
-        return tensor
+            for part in self.ledger.parts(tensor):  # one, unless sparse
+                self._pack_part(part)
+        if tensor.grad_fn is None:
+            return tensor
+        # Never give autograd back the tensor itself: a node that saves its own output (exp,
+        # sigmoid, softmax) would then hold, through the packed object, a tensor whose grad_fn
+        # is that node, a cycle of C++ references no collector breaks. Backward releases it;
+        # a branch that never reaches backward (``A = -torch.exp(self.A_log)`` left unused)
+        # would keep the output, the node and the parameters behind it alive for ever.
+        # Autograd saves outputs without their grad_fn for this reason, and reattaches it on
+        # unpacking, as it does to what :func:`_unpack` returns. Same storage, same values.
+        return tensor.detach()
+
+    def _pack_part(self, tensor: torch.Tensor) -> None:
+        events = self._events
+        if events is None:
+            self._pack_apply(tensor, self.ledger.current_module)
+            return
+        stack = self._live_stack
+        facts = facts_of(tensor)
+        sources = self._sources
+        source = sources.take(facts[1]) if facts[1] >= sources.floor else ""
+        if stack:  # alive until the module's next marker: the graph holds it
+            events.buffer(self._pack_apply, facts, stack[-1][0], source)
+        else:
+            # Outside modules (the loss) the next marker may come in backward, after the
+            # tensor is freed: the facts would then find no entry and make up an input that
+            # no longer exists. Mark the moment itself.
+            events.point(self._pack_apply, facts, OUTSIDE, source)
 
     def _pack_apply(self, tensor: torch.Tensor | Facts, module: int, source: str = "") -> None:
         """Autograd saved ``tensor`` during ``module``'s forward: an activation."""
@@ -772,10 +788,11 @@ class Profiler:
         if not self._live_recording or grad is None:
             return
         owner = self.registry.param_owner.get(param, OUTSIDE)
-        if self._events is None:
-            self._grad_apply(grad, owner)
-        else:
-            self._events.buffer(self._grad_apply, facts_of(grad), owner)
+        for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
+            if self._events is None:
+                self._grad_apply(part, owner)
+            else:
+                self._events.buffer(self._grad_apply, part, owner)
 
     def _grad_apply(self, grad: torch.Tensor | Facts, owner: int) -> None:
         if self.ledger.recording:
@@ -822,25 +839,26 @@ class Profiler:
         for param, values in optimizer.state.items():
             module = owner.get(param, OUTSIDE)
             for value in values.values():
-                if isinstance(value, torch.Tensor):
-                    value = storage_tensor(value)
+                if not isinstance(value, torch.Tensor):
+                    continue
+                for part in ledger.parts(value):  # one, unless the state is sparse
                     if cache is not None:
-                        ptr = value.data_ptr()
-                        hit = cache.get(id(value))
-                        if (hit is not None and hit[0]() is value and hit[1] == ptr
+                        ptr = part.data_ptr()
+                        hit = cache.get(id(part))
+                        if (hit is not None and hit[0]() is part and hit[1] == ptr
                                 and hit[2][1] == module):
-                            seen[id(value)] = hit
+                            seen[id(part)] = hit
                             state.append(hit[2])
                             state_bytes += hit[3]
                             continue
-                    item = (ledger.facts(value), module)
+                    item = (facts_of(part) if ledger.by_ptr else part, module)
                     state.append(item)
-                    raw = value.untyped_storage().nbytes()
-                    if round_to > 1 or value.is_cuda:
+                    raw = part.untyped_storage().nbytes()
+                    if round_to > 1 or part.is_cuda:
                         raw = round_up(raw, max(round_to, 512))
                     state_bytes += raw
                     if cache is not None:
-                        seen[id(value)] = (weakref.ref(value), ptr, item, raw)
+                        seen[id(part)] = (weakref.ref(part), ptr, item, raw)
         if cache is not None:
             self._state_facts[id(optimizer)] = seen
         summary = self._optimizers.get(id(optimizer))
@@ -850,8 +868,8 @@ class Profiler:
                 "class": type(optimizer).__name__,
                 "defaults": _json_safe(_hyperparameters(optimizer)),
                 "num_parameters": int(sum(p.numel() for p in params)),
-                "parameter_bytes": int(sum(storage_tensor(p).untyped_storage().nbytes()
-                                           for p in params)),
+                "parameter_bytes": int(sum(part.untyped_storage().nbytes()
+                                           for p in params for part in ledger.parts(p))),
                 # Per trained tensor: what optimizers with shape-dependent state (Adafactor's
                 # factored moments) or per-tensor scratch need to be predicted.
                 "parameter_shapes": [[int(d) for d in p.shape] for p in params],
@@ -939,7 +957,15 @@ class Profiler:
                 "no hooks, so they are not seen one by one). Profile without torch.compile for "
                 "per-layer numbers."
             )
-        leak = _leak_warning(self._steps)
+        if ledger.uncounted:
+            kinds = ", ".join(f"{n} x {kind}" for kind, n in sorted(ledger.uncounted.items()))
+            warnings_.append(
+                f"not counted: tensors whose memory cannot be read ({kinds}); their bytes are "
+                "missing from every figure"
+            )
+        # An interrupted step ended mid-step (an out-of-memory error in a forward): its live
+        # bytes are no between-step bytes.
+        leak = _leak_warning([s for s in self._steps if s.step not in self._interrupted])
         if leak:
             warnings_.append(leak)
             warnings.warn(leak, MemoryLeakWarning, stacklevel=3)
@@ -1078,6 +1104,13 @@ class MemoryLeakWarning(UserWarning):
     """Live memory between steps kept growing."""
 
 
+keep_out_of_dynamo(
+    _LedgerMode.__torch_dispatch__, Profiler._pack, Profiler._on_grad, Profiler._on_forward_pre,
+    Profiler._on_forward, Profiler._on_root_kwargs, Profiler._on_optimizer_pre,
+    Profiler._on_optimizer_post, Profiler._on_backward_end, _BackwardEnter.__call__,
+)
+
+
 def _compiling() -> bool:
     """Whether torch.compile is tracing this call. The hooks then leave nothing in the graph
     (no graph break either): the compiled region's memory goes to the module that called it."""
@@ -1099,6 +1132,11 @@ def _device_stats() -> tuple[int, int] | None:
 
 def _tensors(args: Any) -> list[torch.Tensor]:
     return [v for v in tree_flatten(args)[0] if isinstance(v, torch.Tensor)]
+
+
+def _held(ledger: StorageLedger, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The storage-holding parts of ``tensors`` (a sparse batch's indices and values)."""
+    return [part for tensor in tensors for part in ledger.parts(tensor)]
 
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""The advisor on training patterns outside the model zoo (issue #25)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import memprof
+from memprof.advisor import Workload, advise, changes_for, read_facts
+from memprof.advisor.workload import baseline, seeded
+from memprof.advisor.zero_grad import OPTIONS, gradient_use
+
+
+class _BagRecommender(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(500, 16, mode="mean")
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(self.emb(indices, offsets))
+        return {"logits": logits, "loss": logits.pow(2).mean()}
+
+
+def test_a_failing_batch_simulation_fails_its_rows_alone() -> None:
+    """GIVEN a recommender whose ``indices`` (64 lookups) and ``offsets`` (8 bags) do not lead
+    with the batch dimension, so that halving the "batch" cuts the indices under the offsets
+    WHEN advised THEN the batch rows say why they failed and every other row is still there
+    (the simulation's error used to raise out of ``advise``)."""
+    torch.manual_seed(0)
+    model = _BagRecommender()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    indices = torch.randint(0, 500, (64,))
+    offsets = torch.arange(0, 64, 8)
+    workload = Workload(model, optimizer, {"indices": indices, "offsets": offsets}, steps=2)
+    with seeded():
+        ref = baseline(workload)
+    advice = advise(ref.profile, workload=workload, prediction="analytic")
+    batch_rows = [r for r in advice.rows if r["technique"] == "batch"]
+    assert batch_rows and all(not r["applicable"] for r in batch_rows)
+    assert all("simulation failed" in r["reason"] for r in batch_rows)
+    others = [r for r in advice.rows if r["technique"] != "batch" and r["applicable"]]
+    assert sum(r["measured_peak_bytes"] is not None for r in others) >= 3
+
+
+def _gan_profile(*, set_to_none: bool) -> memprof.Profile:
+    """A GAN step: the discriminator's backward and Adam step, then the generator's."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32))
+    disc = nn.Sequential(nn.Linear(32, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4)
+    bce = nn.BCEWithLogitsLoss()
+    real, ones, zeros = torch.randn(8, 32), torch.ones(8, 1), torch.zeros(8, 1)
+    gan = nn.ModuleDict({"gen": gen, "disc": disc})
+    with memprof.profile(gan) as prof:
+        for _ in range(3):
+            opt_d.zero_grad(set_to_none=set_to_none)
+            fake = gen(torch.randn(8, 16))
+            (bce(disc(real), ones) + bce(disc(fake.detach()), zeros)).backward()
+            opt_d.step()
+            opt_g.zero_grad(set_to_none=set_to_none)
+            bce(disc(fake), ones).backward()
+            opt_g.step()
+            prof.step()
+    return prof.profile
+
+
+def test_several_optimizers_are_a_known_pattern_not_gradient_accumulation() -> None:
+    """GIVEN a GAN whose generator's gradients live, by the loop's order, from its backward to
+    its zero_grad in the next step WHEN advised THEN the loop is read as two optimizers (two
+    steps after two backward passes), whose gradients are freed: simulations keep
+    ``zero_grad(set_to_none=True)`` (they were forced to False, adding the generator's
+    gradients to every simulated step) and the row names the pattern, not accumulation."""
+    use = gradient_use(read_facts(_gan_profile(set_to_none=True)))
+    assert (use.optimizer_steps, use.backward_passes, use.passes_per_update) == (2, 2, 1)
+    assert use.kept and use.freed and not use.zeroed_in_place
+    row = next(c for c in changes_for(read_facts(_gan_profile(set_to_none=True)))
+               if c.options == OPTIONS)
+    assert not row.applicable
+    assert "2 optimizer steps after 2 backward passes" in row.reason
+    assert "accumulate" not in row.reason
+    # the same GAN zeroing in place never frees a gradient: simulations must do the same
+    assert gradient_use(read_facts(_gan_profile(set_to_none=False))).zeroed_in_place
+
+
+def test_gradient_accumulation_over_four_micro_batches_stays_accumulation() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(32, 32), torch.randint(0, 4, (32,))
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            for part in range(4):
+                rows = slice(8 * part, 8 * part + 8)
+                (nn.functional.cross_entropy(model(x[rows]), y[rows]) / 4).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            prof.step()
+    use = gradient_use(read_facts(prof.profile))
+    assert (use.optimizer_steps, use.backward_passes, use.passes_per_update) == (1, 4, 4)
+    assert not use.kept and not use.zeroed_in_place

@@ -1,0 +1,259 @@
+"""Training patterns outside the model zoo (issue #25): sparse gradients, dead graph branches,
+steps interrupted by out-of-memory errors. Each runs on both measurement backends."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import memprof
+
+
+@pytest.fixture(params=["dispatch", "events"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _held_bytes(tensor: torch.Tensor) -> int:
+    """A sparse COO tensor's bytes, counted by hand: its indices' and values' storages."""
+    return (tensor._indices().untyped_storage().nbytes()
+            + tensor._values().untyped_storage().nbytes())
+
+
+class _Recommender(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(1000, 16, mode="sum", sparse=True)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(indices, offsets))
+
+
+def _recommender_run(backend: str | None, steps: int = 3
+                     ) -> tuple[list[torch.Tensor], list[int], memprof.Profiler | None]:
+    torch.manual_seed(0)
+    model = _Recommender()
+    sparse_opt = torch.optim.SparseAdam(list(model.emb.parameters()), lr=1e-2)
+    dense_opt = torch.optim.Adam(list(model.head.parameters()), lr=1e-2)
+    grad_bytes = []
+    prof = memprof.profile(model, sparse_opt, backend=backend) if backend else None
+    if prof is not None:
+        prof.__enter__()
+    try:
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(step)
+            indices = torch.randint(0, 1000, (64,), generator=gen)
+            offsets = torch.arange(0, 64, 8)
+            model(indices, offsets).pow(2).mean().backward()
+            grad = model.emb.weight.grad
+            assert grad is not None and grad.layout is torch.sparse_coo
+            grad_bytes.append(_held_bytes(grad))
+            del grad
+            sparse_opt.step()
+            dense_opt.step()
+            sparse_opt.zero_grad(set_to_none=True)
+            dense_opt.zero_grad(set_to_none=True)
+            if prof is not None:
+                prof.step()
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    return [p.detach().clone() for p in model.parameters()], grad_bytes, prof
+
+
+def test_sparse_gradients_are_counted_by_what_they_hold(backend: str) -> None:
+    """GIVEN nn.EmbeddingBag(sparse=True) trained by SparseAdam (it used to raise "Cannot
+    access storage of SparseTensorImpl" in the first backward) WHEN profiled THEN the step
+    runs unchanged, and the embedding's gradient column is its sparse gradient's indices and
+    values, its optimizer state SparseAdam's two dense moments."""
+    expected, _, _ = _recommender_run(None)
+    params, grad_bytes, prof = _recommender_run(backend)
+    assert prof is not None
+    assert all(torch.equal(a, b) for a, b in zip(expected, params, strict=True))
+    rows = prof.modules().set_index("module")
+    # 64 looked-up rows of 16 fp32 values, and their int64 indices [1, 64].
+    assert max(grad_bytes) == 64 * 16 * 4 + 64 * 8
+    assert int(rows.loc["emb", "gradient"]) == max(grad_bytes)
+    assert int(rows.loc["emb", "optimizer_state"]) == 2 * 1000 * 16 * 4
+    assert int(rows.loc["head", "gradient"]) == (16 + 1) * 4
+    assert not any("not counted" in w for w in prof.profile.warnings)
+
+
+def test_sparse_inputs_and_saved_sparse_tensors_are_counted(backend: str) -> None:
+    """GIVEN a graph convolution whose adjacency is a sparse COO batch, saved by
+    ``torch.sparse.mm`` for backward WHEN profiled THEN the adjacency's indices and values
+    are the step's input bytes."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    adjacency = (torch.rand(32, 32) > 0.8).float().to_sparse()
+    features = torch.randn(32, 8)
+    with memprof.profile(layer, backend=backend) as prof:
+        torch.sparse.mm(adjacency, layer(features)).sum().backward()
+        prof.step()
+    inputs = prof.profile.peak().by_category["input"]
+    assert inputs == _held_bytes(adjacency) + features.untyped_storage().nbytes()
+
+
+def test_a_tensor_whose_memory_cannot_be_read_is_named_not_counted(backend: str) -> None:
+    """GIVEN an MKL-DNN tensor (opaque: no storage to read) handed to the model WHEN profiled
+    THEN nothing raises and the profile names what it did not count."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no MKL-DNN in this build")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    opaque = torch.randn(2, 4).to_mkldnn()
+
+    class Densify(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return model(x.to_dense())
+
+    wrapper = Densify()
+    with memprof.profile(wrapper, backend=backend) as prof:
+        wrapper(opaque).sum().backward()
+        prof.step()
+    assert any("not counted" in w and "mkldnn" in w for w in prof.profile.warnings)
+    assert int(prof.modules()["gradient"].sum()) == (16 + 4) * 4
+
+
+
+def test_estimate_names_a_sparse_gradient_it_cannot_size() -> None:
+    """GIVEN a sparse embedding estimated under fake tensors (whose sparse gradient's entries
+    depend on the indices' values) WHEN estimated THEN it runs, the dense parts are exact and
+    the profile names the sparse gradient as not counted instead of passing 0 bytes off."""
+    import importlib
+
+    estimate = importlib.import_module("memprof.estimate")
+    profile = estimate.estimate(
+        _Recommender, batch=lambda: (torch.randint(0, 1000, (64,)), torch.arange(0, 64, 8)),
+        optimizer="sgd", dtype="fp32", device="cpu",
+    )
+    rows = profile.modules().set_index("module")
+    assert int(rows.loc["emb", "parameter"]) == 1000 * 16 * 4
+    assert int(rows.loc["head", "gradient"]) == (16 + 1) * 4
+    assert any("not counted" in w and "sparse_coo" in w and "depends on values" in w
+               for w in profile.warnings)
+
+
+class _DeadBranch(nn.Module):
+    """Mamba's slow path computes ``A = -torch.exp(self.A_log)`` and may never use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.randn(32, 32))
+        self.lin = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A = -torch.exp(self.A_log)  # noqa: F841 - the dead branch under test
+        return self.lin(x)
+
+
+def test_a_dead_graph_branch_is_freed_with_its_graph(backend: str) -> None:
+    """GIVEN a forward with a branch that never reaches backward, whose op saves its own
+    output (exp) WHEN profiled THEN that output is freed when the branch is dropped (live
+    bytes between steps stay the parameters and the batch: they grew 4,096 B per module per
+    step) and, the profile closed, the model dies with its last reference, without gc."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_DeadBranch(), _DeadBranch())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 32)
+    with memprof.profile(model, optimizer, backend=backend) as prof:
+        for _ in range(4):
+            model(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            prof.step()
+    persistent = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert [s.end_bytes for s in prof.profile.steps_stats] == [persistent + x.nbytes] * 4
+    param = weakref.ref(model[0].A_log)
+    module = weakref.ref(model)
+    del model, optimizer
+    assert module() is None
+    assert param() is None
+    assert prof.profile.peak().total_bytes > 0
+
+
+class _Hungry(nn.Module):
+    """Runs out of memory (as the CUDA allocator would say it) from batch 64 on, mid-forward,
+    with 16 MiB of the step's intermediates alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if x.shape[0] >= 64:
+            scratch = torch.empty(4, 1024, 1024)  # noqa: F841 - alive when the error comes
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return h
+
+
+def test_an_interrupted_step_is_no_between_step_growth(backend: str) -> None:
+    """GIVEN a loop whose batch grows (4, 8, 16, 32) and then runs out of memory mid-forward
+    WHEN profiled THEN no leak is reported: between the finished steps live memory grew by
+    the batch only, KiBs (the interrupted step's 16 MiB mid-forward were taken as
+    between-step bytes, and made it a leak)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Hungry()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError):
+        warnings.simplefilter("always")
+        with memprof.profile(model, optimizer, backend=backend) as prof:
+            for size in (4, 8, 16, 32, 64):
+                x = torch.randn(size, 64)
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                prof.step()  # the batch stays alive between steps: 1, 2, 4, 8 KiB
+    profile = prof.profile
+    assert [s.step for s in profile.steps_stats] == [0, 1, 2, 3, 4]
+    persistent = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert [s.end_bytes for s in profile.steps_stats[:4]] == [
+        persistent + size * 64 * 4 for size in (4, 8, 16, 32)]
+    assert profile.steps_stats[4].end_bytes >= persistent + 16 * 2**20
+    assert any("step 4 was interrupted" in w for w in profile.warnings)
+    assert not any("leak" in w for w in profile.warnings)
+    assert not any(issubclass(w.category, memprof.MemoryLeakWarning) for w in caught)
+
+
+@pytest.mark.slow
+def test_dynamo_never_compiles_or_traces_memprof_code(backend: str) -> None:
+    """GIVEN a compiled model run under the profile, with a graph break that runs operators
+    eagerly between compiled regions WHEN profiled THEN dynamo compiled none of memprof's
+    frames (it compiled the dispatch mode's ``__torch_dispatch__`` and traced the ledger,
+    until its recompile limit) and the results are bitwise those of the unprofiled run."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from memprof.tracking import ledger, session
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.gelu(self.a(x))
+            torch._dynamo.graph_break()
+            return self.b(h * 2)
+
+    torch.manual_seed(0)
+    model = Broken()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 16)
+    expected = compiled(x).detach().clone()
+    with memprof.profile(model, backend=backend) as prof:
+        for _ in range(2):
+            out = compiled(x)
+            out.sum().backward()
+            prof.step()
+    assert torch.equal(out.detach(), expected)
+    ours = [session._LedgerMode.__torch_dispatch__, ledger.StorageLedger.see,
+            session.Profiler._pack, session.Profiler._on_forward_pre]
+    assert [len(_debug_get_cache_entry_list(f.__code__)) for f in ours] == [0] * len(ours)
+    assert prof.profile.peak().total_bytes > 0
