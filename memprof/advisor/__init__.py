@@ -24,6 +24,7 @@ from memprof.advisor import (
     batch,
     checkpointing,
     cost,
+    lora,
     master_weights,
     mixed_precision,
     optimizer,
@@ -51,7 +52,7 @@ def changes_for(facts: Facts) -> list[Change]:
     out: list[Change] = []
     techniques = (
         mixed_precision, master_weights, quantization, pruning, checkpointing, optimizer,
-        zero_grad, sharding, allocator_conf,
+        zero_grad, sharding, allocator_conf, lora,
     )
     for module in techniques:
         out.extend(module.predict(facts))
