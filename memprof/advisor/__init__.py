@@ -27,6 +27,7 @@ from memprof.advisor import (
     lora,
     master_weights,
     mixed_precision,
+    offload,
     optimizer,
     planner,
     pruning,
@@ -52,7 +53,7 @@ def changes_for(facts: Facts) -> list[Change]:
     out: list[Change] = []
     techniques = (
         mixed_precision, master_weights, quantization, pruning, checkpointing, optimizer,
-        zero_grad, sharding, allocator_conf, lora,
+        zero_grad, sharding, allocator_conf, lora, offload,
     )
     for module in techniques:
         out.extend(module.predict(facts))
