@@ -31,6 +31,7 @@ from memprof.advisor import (
     optimizer,
     planner,
     pruning,
+    qlora,
     quantization,
     sharding,
     zero_grad,
@@ -53,7 +54,7 @@ def changes_for(facts: Facts) -> list[Change]:
     out: list[Change] = []
     techniques = (
         mixed_precision, master_weights, quantization, pruning, checkpointing, optimizer,
-        zero_grad, sharding, allocator_conf, lora, offload,
+        zero_grad, sharding, allocator_conf, lora, qlora, offload,
     )
     for module in techniques:
         out.extend(module.predict(facts))

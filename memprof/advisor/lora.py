@@ -180,7 +180,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
+def lora_apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
+    """The row's ``apply``: adapters on ``names`` and the optimizer over them only."""
+
     def apply(state: SimState) -> None:
         state.model = apply_lora(state.model, rank, names)
         adapters = trainable_parameters(state.model)
@@ -223,7 +225,7 @@ def predict(facts: Facts) -> list[Change]:
             "adapter keep no input"
             + (f"; {guessed} layers without recorded geometry taken as square" if guessed else ""),
             transform=transform_for(facts, rank, names, shapes),
-            apply=_apply(rank, names) if can_simulate else None,
+            apply=lora_apply(rank, names) if can_simulate else None,
             caveats=caveats,
             quality_cost=0.7 - 0.1 * RANKS.index(rank),  # a higher rank trains more
             speed_cost=0.0,
