@@ -26,6 +26,7 @@ from memprof.advisor import (
     cost,
     lora,
     master_weights,
+    max_batch,
     mixed_precision,
     offload,
     optimizer,
@@ -190,6 +191,9 @@ def advise(
             row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)
     if workload is not None and reference is not None and facts.has_optimizer:
         rows.extend(_batch_rows(workload, reference, base, resolved))
+    if prediction == "fake" and model_at_hand is not None and resolved is not None and (
+            facts.has_optimizer):
+        rows.append(max_batch.advice_row(model_at_hand, resolved, base))
     for row in rows:
         row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)
