@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from workloads import gpt2_workload, mlp_workload
@@ -11,7 +13,8 @@ from memprof.advisor.core import Change, read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import Measurement, baseline, seeded, simulate
 
-pytest.importorskip("peft")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="needs memprof[finetune] (peft)")
 
 
 def lora_rows(ref: Measurement) -> dict[int, Change]:
@@ -32,6 +35,7 @@ def llama_workload() -> Workload:
     return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
 
 
+@needs_peft
 @pytest.mark.parametrize("rank", [8, 64])
 def test_gpt2_lora_fake_prediction_matches_the_simulation(rank: int) -> None:
     """GIVEN a small GPT-2 trained with AdamW, WHEN its LoRA row is run on fake tensors and
@@ -61,6 +65,7 @@ def test_gpt2_lora_fake_prediction_matches_the_simulation(rank: int) -> None:
     assert not any("lora_" in n for n, _ in workload.model.named_modules())
 
 
+@needs_peft
 def test_llama_lora_targets_attention_and_mlp_projections() -> None:
     workload = llama_workload()
     with seeded():
@@ -80,6 +85,7 @@ def test_llama_lora_targets_attention_and_mlp_projections() -> None:
     assert measured.peak_bytes < ref.peak_bytes
 
 
+@needs_peft
 def test_unknown_architecture_adapts_every_linear_but_the_head() -> None:
     workload = mlp_workload()
     with seeded():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from workloads import gpt2_workload
@@ -11,10 +13,12 @@ from memprof.advisor.core import read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, seeded, simulate
 
+needs_finetune = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("peft", "torchao")),
+    reason="needs memprof[finetune] (peft, torchao)")
+
 pytest.importorskip("peft")
-pytest.importorskip("torchao")
-
-
+@needs_finetune
 def test_conv1d_becomes_an_nf4_linear_computing_the_same_map() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -31,6 +35,7 @@ def test_conv1d_becomes_an_nf4_linear_computing_the_same_map() -> None:
     assert qlora.scaler_block(100) is None
 
 
+@needs_finetune
 def test_gpt2_qlora_fake_prediction_matches_the_simulation() -> None:
     """GIVEN a small GPT-2, WHEN its QLoRA row (rank 16) runs on fake tensors and for real with
     torchao's NF4 and peft, THEN the peaks agree within 3%, the adapters alone are optimized,
@@ -57,3 +62,19 @@ def test_gpt2_qlora_fake_prediction_matches_the_simulation() -> None:
     assert measured.loss_drift is not None and measured.loss_drift < 0.2
     assert change.predicted_peak is not None
     assert abs(change.predicted_peak - measured.peak_bytes) <= 0.05 * measured.peak_bytes
+
+
+def test_without_peft_or_torchao_qlora_predicts_and_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    workload = gpt2_workload()
+    with seeded():
+        ref = baseline(workload)
+    monkeypatch.setattr(qlora, "available", lambda: False)
+    rows = [c for c in changes_for(read_facts(ref.profile)) if c.technique == "qlora"]
+    assert [c.options["rank"] for c in rows] == list(qlora.RANKS)
+    for change in rows:
+        assert change.apply is None and change.predicted_peak is not None
+        if change.options["rank"] == 16:  # rank 64 adapters outweigh this 64-wide model
+            assert change.predicted_peak < ref.peak_bytes
+        assert any("memprof[finetune]" in c for c in change.caveats)
