@@ -12,6 +12,7 @@ from memprof.advisor import Workload, changes_for, lora
 from memprof.advisor.core import Change, read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import Measurement, baseline, seeded, simulate
+from memprof.units import format_bytes
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="needs memprof[finetune] (peft)")
@@ -58,6 +59,7 @@ def test_gpt2_lora_fake_prediction_matches_the_simulation(rank: int) -> None:
     # c_fc 64->256, mlp c_proj 256->64: rank * (256 + 128 + 320 + 320) fp32 elements
     adapters = 2 * rank * (256 + 128 + 320 + 320) * 4
     assert measured.profile.optimizers[0]["parameter_bytes"] == adapters
+    assert f"(adapters {format_bytes(adapters)})" in change.how  # the peak's breakdown
     # the analytic rewrite (the planner's) is close too
     assert change.predicted_peak is not None
     assert abs(change.predicted_peak - measured.peak_bytes) <= 0.05 * measured.peak_bytes

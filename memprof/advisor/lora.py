@@ -128,6 +128,27 @@ def transform_for(facts: Facts, rank: int, names: list[str],
     return transform
 
 
+def breakdown(facts: Facts, transform: Transform, adapters: int) -> str:
+    """What the analytic rewrite holds at its own peak, by category: the figures a fine-tuner
+    reads beside the peak (the adapters are inside the parameters)."""
+    from memprof.categories import CATEGORIES
+    from memprof.units import format_bytes
+
+    best: Sample | None = None
+    for sample in facts.samples:
+        s = transform(dict(sample))
+        if best is None or sum(s[c] for c in CATEGORIES) > sum(best[c] for c in CATEGORIES):
+            best = s
+    if best is None:
+        return ""
+    parts = [f"parameters {format_bytes(round(best['parameter']))} (adapters "
+             f"{format_bytes(adapters)})"]
+    for category, label in (("gradient", "gradients"), ("optimizer_state", "optimizer state"),
+                            ("activation", "activations"), ("temporary", "temporaries")):
+        parts.append(f"{label} {format_bytes(round(max(0.0, best[category])))}")
+    return f"at the predicted peak ({best['phase']}): " + ", ".join(parts)
+
+
 def apply_lora(model: nn.Module, rank: int, names: list[str]) -> nn.Module:
     """Inject LoRA adapters of ``rank`` into ``names`` with peft (in place) and freeze the rest.
 
@@ -208,6 +229,7 @@ def predict(facts: Facts) -> list[Change]:
     out = []
     for rank in RANKS:
         adapters = ADAPTER_BYTES_PER_ELEMENT * adapter_elements(shapes, rank)
+        transform = transform_for(facts, rank, names, shapes)
         caveats = [
             f"only the adapters train ({adapters} B, "
             f"{100 * adapters / max(1, facts.parameter_bytes):.2f}% of the parameter bytes): "
@@ -223,8 +245,9 @@ def predict(facts: Facts) -> list[Change]:
             "(in + out) elements each); the base is frozen: gradients, optimizer states and "
             "the step's scratch scale to the adapters' share; the frozen Linears without an "
             "adapter keep no input"
-            + (f"; {guessed} layers without recorded geometry taken as square" if guessed else ""),
-            transform=transform_for(facts, rank, names, shapes),
+            + (f"; {guessed} layers without recorded geometry taken as square" if guessed else "")
+            + f"; {breakdown(facts, transform, adapters)}",
+            transform=transform,
             apply=lora_apply(rank, names) if can_simulate else None,
             caveats=caveats,
             quality_cost=0.7 - 0.1 * RANKS.index(rank),  # a higher rank trains more

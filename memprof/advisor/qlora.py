@@ -144,6 +144,7 @@ def predict(facts: Facts) -> list[Change]:
     out = []
     for rank in RANKS:
         adapters = lora.ADAPTER_BYTES_PER_ELEMENT * lora.adapter_elements(shapes, rank)
+        transform = transform_for(facts, rank, names, shapes)
         caveats: list[Any] = [
             f"only the adapters train ({adapters} B) on a 4-bit frozen base: the base's "
             "rounding (NF4) changes the model the adapters learn on",
@@ -161,8 +162,9 @@ def predict(facts: Facts) -> list[Change]:
             f"{weights} target weight elements stored as NF4 "
             f"({NF4_BYTES_PER_ELEMENT:.3f} B each, torchao to_nf4), frozen; fp32 LoRA adapters "
             f"of rank {rank} ({adapters} B) trained; gradients, optimizer states and the "
-            "step's scratch scale to the adapters' share; one weight dequantized at a time",
-            transform=transform_for(facts, rank, names, shapes),
+            "step's scratch scale to the adapters' share; one weight dequantized at a time; "
+            + lora.breakdown(facts, transform, adapters),
+            transform=transform,
             apply=_apply(rank, names) if can_simulate else None,
             caveats=caveats,
             quality_cost=1.0 - 0.1 * RANKS.index(rank),
