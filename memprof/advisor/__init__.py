@@ -24,11 +24,15 @@ from memprof.advisor import (
     batch,
     checkpointing,
     cost,
+    lora,
     master_weights,
+    max_batch,
     mixed_precision,
+    offload,
     optimizer,
     planner,
     pruning,
+    qlora,
     quantization,
     sharding,
     zero_grad,
@@ -51,7 +55,7 @@ def changes_for(facts: Facts) -> list[Change]:
     out: list[Change] = []
     techniques = (
         mixed_precision, master_weights, quantization, pruning, checkpointing, optimizer,
-        zero_grad, sharding, allocator_conf,
+        zero_grad, sharding, allocator_conf, lora, qlora, offload,
     )
     for module in techniques:
         out.extend(module.predict(facts))
@@ -196,6 +200,9 @@ def advise(
                           f"{first} (do all the batch's tensors lead with the batch dimension?)",
                 "baseline_peak_bytes": base, "how": "needs two measured batch sizes",
             })
+    if prediction == "fake" and model_at_hand is not None and resolved is not None and (
+            facts.has_optimizer):
+        rows.append(max_batch.advice_row(model_at_hand, resolved, base))
     for row in rows:
         row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)

@@ -57,6 +57,7 @@ _LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
         "memprof estimate mistral-7b --inference --context-len 4096 --gpu L4",
         "memprof estimate path/to/config.json -o reports/mymodel-estimate.json",
         "memprof estimate mypkg.models:build_model --batch-size 8",
+        "memprof estimate gpt2 --seq-len 1024 --gpu RTX-4090 --max-batch",
     ),
     short_help="Estimate a step's memory without the GPU (fake tensors).",
 )
@@ -84,6 +85,10 @@ _LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Also write the full profile JSON here (for memprof report / advise).")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--max-batch", "largest", flag_value="batch", default=None,
+              help="With --gpu: find the largest batch that fits by fake runs, and estimate it.")
+@click.option("--max-seq-len", "largest", flag_value="sequence",
+              help="With --gpu: find the longest sequence that fits (at --batch-size).")
 @json_option
 @handle_errors
 def command(
@@ -100,6 +105,7 @@ def command(
     steps: int,
     output: Path | None,
     force: bool,
+    largest: str | None,
     as_json: bool,
 ) -> None:
     """Estimate the GPU memory of one training (or inference) step of MODEL, without a GPU.
@@ -118,6 +124,11 @@ def command(
     spec = build_spec(model)
     if context_len is not None and not inference:
         raise _usage("--context-len applies to --inference only")
+    found = None
+    if largest is not None:
+        found, batch_size, seq_len = _largest(
+            spec, largest, gpu, batch_size, seq_len, optimizer=optimizer, dtype=dtype,
+            mixed_precision=mixed_precision, device=device, steps=steps)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
@@ -143,11 +154,38 @@ def command(
         written = profile.save(output, overwrite=force)
 
     if as_json:
-        echo_json(_json_result(profile, info, advice, written, notes))
+        result = _json_result(profile, info, advice, written, notes)
+        if found is not None:
+            result["largest"] = {"along": largest, **to_jsonable(found)}
+        echo_json(result)
     else:
+        if found is not None:
+            click.echo(found.describe("batch" if largest == "batch" else "sequence length")
+                       + f" ({size(found.limit_bytes)} usable); estimated below\n")
         click.echo(render(profile, info, advice=advice, written=written))
         for line in notes:
             note(line)
+
+
+def _largest(spec: Any, along: str, gpu: str | None, batch_size: int, seq_len: int,
+             **options: Any) -> tuple[Any, int, int]:
+    """--max-batch / --max-seq-len: the largest size that fits ``gpu`` (bisected by fake runs,
+    :mod:`memprof.advisor.max_batch`), and the batch size and length to estimate then."""
+    from memprof.advisor.max_batch import largest_for_estimate
+
+    if gpu is None:
+        raise _usage(f"--max-{'batch' if along == 'batch' else 'seq-len'} needs --gpu "
+                     "(a GPU name or a size such as 24GiB)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found, _profile = largest_for_estimate(spec, gpu=gpu, batch_size=batch_size,
+                                               seq_len=seq_len, along=along, **options)
+    if found.size == 0:
+        raise _usage(f"{found.describe('batch' if along == 'batch' else 'sequence length')} "
+                     f"on {gpu}")
+    if along == "batch":
+        return found, found.size, seq_len
+    return found, batch_size, found.size
 
 
 def _usage(message: str) -> MemprofError:

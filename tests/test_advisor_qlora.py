@@ -1,0 +1,80 @@
+"""QLoRA rows: torchao NF4 frozen base plus peft adapters, on a copy and on the fake copy."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from workloads import gpt2_workload
+
+from memprof.advisor import changes_for, qlora
+from memprof.advisor.core import read_facts
+from memprof.advisor.fake_prediction import fake_peak
+from memprof.advisor.workload import baseline, seeded, simulate
+
+needs_finetune = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("peft", "torchao")),
+    reason="needs memprof[finetune] (peft, torchao)")
+
+pytest.importorskip("peft")
+@needs_finetune
+def test_conv1d_becomes_an_nf4_linear_computing_the_same_map() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    conv = transformers.pytorch_utils.Conv1D(192, 64)  # 64 -> 192, weight stored (64, 192)
+    layer = qlora.quantize_layer(conv)
+    assert isinstance(layer, torch.nn.Linear) and layer.bias is conv.bias
+    assert not layer.weight.requires_grad and type(layer.weight).__name__ == "NF4Tensor"
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        exact, approx = conv(x), layer(x)
+    assert approx.shape == exact.shape
+    assert float((approx - exact).norm() / exact.norm()) < 0.2  # 4-bit rounding, not a transpose
+    assert qlora.scaler_block(64 * 192) == 64  # 192 blocks of 64: 256 does not divide them
+    assert qlora.scaler_block(100) is None
+
+
+@needs_finetune
+def test_gpt2_qlora_fake_prediction_matches_the_simulation() -> None:
+    """GIVEN a small GPT-2, WHEN its QLoRA row (rank 16) runs on fake tensors and for real with
+    torchao's NF4 and peft, THEN the peaks agree within 3%, the adapters alone are optimized,
+    and the targets' weights are held as 4-bit data (hand count)."""
+    workload = gpt2_workload()
+    with seeded():
+        ref = baseline(workload)
+    change = next(c for c in changes_for(read_facts(ref.profile))
+                  if c.technique == "qlora" and c.options["rank"] == 16)
+    plain = next(c for c in changes_for(read_facts(ref.profile))
+                 if c.technique == "lora" and c.options["rank"] == 16)
+    assert change.apply is not None and plain.apply is not None
+    with seeded():
+        predicted = fake_peak(workload, [change.apply])
+        measured = simulate(workload, [change.apply], ref)
+        with_lora = simulate(workload, [plain.apply], ref)
+    assert abs(predicted - measured.peak_bytes) <= 0.03 * measured.peak_bytes
+    assert measured.profile.optimizers[0]["parameter_bytes"] == 2 * 16 * 1024 * 4
+    # per block: c_attn 64x192, attn c_proj 64x64, c_fc 64x256, mlp c_proj 256x64
+    elements = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)
+    params = measured.profile.peak().by_category["parameter"]
+    lora_params = with_lora.profile.peak().by_category["parameter"]
+    assert lora_params - params == elements * 4 - elements // 2  # fp32 -> 4-bit data
+    assert measured.loss_drift is not None and measured.loss_drift < 0.2
+    assert change.predicted_peak is not None
+    assert abs(change.predicted_peak - measured.peak_bytes) <= 0.05 * measured.peak_bytes
+
+
+def test_without_peft_or_torchao_qlora_predicts_and_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    workload = gpt2_workload()
+    with seeded():
+        ref = baseline(workload)
+    monkeypatch.setattr(qlora, "available", lambda: False)
+    rows = [c for c in changes_for(read_facts(ref.profile)) if c.technique == "qlora"]
+    assert [c.options["rank"] for c in rows] == list(qlora.RANKS)
+    for change in rows:
+        assert change.apply is None and change.predicted_peak is not None
+        if change.options["rank"] == 16:  # rank 64 adapters outweigh this 64-wide model
+            assert change.predicted_peak < ref.peak_bytes
+        assert any("memprof[finetune]" in c for c in change.caveats)
