@@ -95,9 +95,9 @@ def _fake_matmul_args(dtype: torch.dtype) -> tuple[Any, ...]:
 
 
 def test_a_slow_16_bit_matmul_is_measured_on_fewer_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN a 16-bit addmm this CPU (as told) has no fast kernel for, costing 64 rows x 9216
+    # GIVEN a 16-bit addmm this CPU (as told) has no oneDNN kernel for, costing 64 rows x 9216
     # flops, and a budget of 3 rows
-    monkeypatch.setattr(kernel_corrections, "_fast_kernel", lambda dtype: False)
+    monkeypatch.setattr(kernel_corrections, "_onednn_16_bit", lambda dtype: False)
     monkeypatch.setattr(kernel_corrections, "MEASURE_FLOPS", 3 * 2 * 48 * 96)
     seen: list[list[tuple[int, ...]]] = []
     measure = kernel_corrections._measure
@@ -122,14 +122,15 @@ def test_a_slow_16_bit_matmul_is_measured_on_fewer_rows(monkeypatch: pytest.Monk
     assert whole is not None and whole.measured and whole.outputs == (64 * 96 * 2,)
 
 
-@pytest.mark.skipif(kernel_corrections._fast_kernel(torch.float16),
-                    reason="this CPU has fast fp16 kernels: no reference loop to check")
-def test_the_reference_fp16_matmul_takes_no_scratch_at_any_row_count(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_matmul_cut_to_fewer_rows_takes_the_whole_ops_scratch(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
 ) -> None:
     # the claim the row cut rests on: the scratch measured on a few rows is the whole op's
+    if kernel_corrections._onednn_16_bit(dtype):
+        pytest.skip("oneDNN runs this dtype here: measured whole")
     monkeypatch.setattr(kernel_corrections, "MEASURE_FLOPS", 2 * 2 * 48 * 96)  # 2 of 64 rows
-    args = _fake_matmul_args(torch.float16)
+    args = _fake_matmul_args(dtype)
     op = torch.ops.aten.addmm.default
     cut = kernel_corrections._measure_rows(op, args, {}, lambda t: None)
     whole = kernel_corrections._measure(op, args, {}, lambda t: None)

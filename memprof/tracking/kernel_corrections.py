@@ -14,14 +14,15 @@ under fake tensors, each output at its real size and the transient as a moment i
 
 Ops whose inputs exceed :data:`MEASURE_LIMIT_BYTES` are not run: their transient is extrapolated
 from the largest measured key of the same op (bytes of scratch per input byte) and reported as
-modelled. A 16-bit matmul (mm, addmm, bmm, baddbmm) that this CPU has no fast kernel for
-(oneDNN's bf16 or fp16) runs a reference loop, at about 0.35 GFLOP/s here (126 s for GPT-2's
-512 x 768 x 50257 head in fp16), and allocates nothing beyond its output at any size (measured
-at 16 to 512 rows): it is measured on as many rows of its first operand (entries of a bmm's
-batch) as :data:`MEASURE_FLOPS` allows, at least one, and that stands for the whole op (reported
-as extrapolated). Fast kernels (fp32's MKL, oneDNN's) are measured whole: their scratch grows
-with the rows up to a block (oneDNN's bf16 addmm with 768 x 2304 weights: 140,928 B at 16
-rows, 198,272 B at 128, 263,808 B at 512).
+modelled. A matmul (mm, addmm, bmm, baddbmm) is measured on as many rows of its first operand
+(entries of a bmm's batch) as :data:`MEASURE_FLOPS` allows, at least one, and that stands for
+the whole op (reported as extrapolated), unless oneDNN runs it in 16 bits: fp32 goes to MKL's
+sgemm, which takes nothing from PyTorch's allocator at any size, and a 16-bit matmul this CPU
+has no oneDNN kernel for runs a reference loop (about 0.35 GFLOP/s here: 126 s for GPT-2's 512 x
+768 x 50257 head in fp16) that allocates nothing beyond its output either (measured at 16 to 512
+rows). oneDNN's 16-bit kernels are measured whole: their scratchpad grows with the rows up to a
+block (bf16 addmm with 768 x 2304 weights: 140,928 B at 16 rows, 198,272 B at 128, 263,808 B
+at 512).
 Only the CPU is measured; CUDA kernel workspaces (cuBLAS, cuDNN) are not, and a profile
 modelling CUDA names them as modelled instead (see :func:`modelled_notes`).
 """
@@ -71,7 +72,7 @@ CORRECTED_OPS = _ops(_CORRECTED_NAMES)
 
 #: Keys whose inputs hold more than this are extrapolated, not run.
 MEASURE_LIMIT_BYTES = 256 * 2**20
-#: A slow 16-bit matmul is measured on rows that cost at most this many floating-point ops.
+#: A matmul (but oneDNN's 16-bit ones) is measured on rows costing at most this many flops.
 MEASURE_FLOPS = 50_000_000
 #: Which operand's leading dimension the row cut narrows, per matmul op (for the batched ones,
 #: every operand with that leading size).
@@ -141,7 +142,7 @@ class KernelCorrections:
             if guessed:
                 out.append(f"kernel scratch of aten.{name} extrapolated from smaller measured "
                            f"shapes ({guessed} calls above {MEASURE_LIMIT_BYTES >> 20} MiB, or "
-                           f"16-bit matmuls without a fast kernel here, run on fewer rows)")
+                           f"matmuls run on fewer rows)")
         return out
 
 
@@ -222,10 +223,10 @@ def _narrowed(func: Any, args: tuple[Any, ...], rows: int) -> tuple[Any, ...] | 
     return tuple(out)
 
 
-def _fast_kernel(dtype: torch.dtype) -> bool:
-    """Whether this CPU's PyTorch runs ``dtype`` matmuls through a fast library (MKL, oneDNN)."""
+def _onednn_16_bit(dtype: torch.dtype) -> bool:
+    """Whether this CPU's PyTorch runs ``dtype`` matmuls through oneDNN's 16-bit kernels."""
     if dtype not in (torch.float16, torch.bfloat16):
-        return True
+        return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
@@ -244,13 +245,14 @@ def _flops_per_row(func: Any, args: tuple[Any, ...]) -> int:
 
 def _measure_rows(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                   real_size: Callable[[torch.Tensor], int | None]) -> OpMemory | None:
-    """:func:`_measure`, on fewer rows for a slow 16-bit matmul (see the module docstring)."""
+    """:func:`_measure`, on fewer rows for a matmul but oneDNN's 16-bit ones (see the module
+    docstring)."""
     index = ROW_OPS.get(func)
     operands = args[index:index + 2] if index is not None else ()
     if (index is None or len(operands) != 2
             or not all(isinstance(t, torch.Tensor) for t in operands)
             or operands[0].dim() != operands[1].dim() or operands[0].dim() not in (2, 3)
-            or _fast_kernel(operands[0].dtype)):
+            or _onednn_16_bit(operands[0].dtype)):
         return _measure(func, args, kwargs, real_size)
     full = int(operands[0].shape[0])
     rows = max(1, MEASURE_FLOPS // max(1, _flops_per_row(func, args)))
