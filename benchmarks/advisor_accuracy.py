@@ -26,6 +26,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import statistics
@@ -122,6 +123,19 @@ def advise_rows(
     kwargs: dict[str, Any] = {}
     if prediction is not None and "prediction" in inspect.signature(memprof.advise).parameters:
         kwargs["prediction"] = prediction
+    # the model is at hand: the analytic rows may measure this CPU's 16-bit layer scratch
+    # (advice from a profile alone runs no kernel)
+    from memprof.advisor import cpu_kernels
+
+    measuring = getattr(cpu_kernels, "measuring", contextlib.nullcontext)
+    with measuring():
+        return _advise_rows(entry, workload, ref, techniques=techniques, kwargs=kwargs)
+
+
+def _advise_rows(
+    entry: ZooModel, workload: Workload, ref: Measurement, *, techniques: set[str] | None,
+    kwargs: dict[str, Any],
+) -> list[dict[str, Any]]:
     if techniques is None:
         advice = memprof.advise(ref.profile, workload=workload, reference=ref, **kwargs)
     else:

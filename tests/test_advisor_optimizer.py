@@ -99,3 +99,77 @@ def test_per_tensor_loop_row_is_not_applicable_where_it_already_runs() -> None:
     change = _row(ref, "AdamW foreach=False")
     assert not change.applicable
     assert change.reason is not None and "per-tensor loop" in change.reason
+
+
+def _lowbit_workload() -> Workload:
+    """Tensors of every kind the 8-bit layout tells apart: several chunks (1024 x 512), one
+    chunk, under 4096 elements (biases) and not a whole number of blocks (300 x 30)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 300),
+        torch.nn.ReLU(), torch.nn.Linear(300, 30),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return Workload(model, opt, (torch.randn(8, 512), torch.randn(8, 30)), steps=2)
+
+
+def test_8bit_state_has_torchaos_layout_in_bytes() -> None:
+    # GIVEN the 8-bit row applied to a real copy, WHEN its steps run
+    from memprof.advisor.optimizer import BLOCK, CHUNK, QMAP_ENTRIES, AdamW8bit
+
+    w = _lowbit_workload()
+    big = w.model[0].weight
+    assert big.numel() == 8 * CHUNK
+    opt = AdamW8bit(w.model.parameters())
+    w.loss(w.model, w.batch).backward()
+    opt.step()
+    # THEN each tensor's state is torchao's: 1 B codes + a 4 B scale per 256 elements + a
+    # 1 KiB map per moment where quantized, two fp32 moments otherwise, and a 4 B step
+    for p in w.model.parameters():
+        state = opt.state[p]
+        nbytes = sum(t.untyped_storage().nbytes() for t in state.values())
+        n = p.numel()
+        if n >= 4096 and n % BLOCK == 0:
+            expected = 2 * (n + 4 * n // BLOCK + 4 * QMAP_ENTRIES) + 4
+        else:
+            expected = 2 * 4 * n + 4
+        assert nbytes == expected, tuple(p.shape)
+    assert not all(n % BLOCK == 0 for n in (p.numel() for p in w.model.parameters()))
+
+
+def test_8bit_state_bytes_match_torchaos_own_buffers() -> None:
+    torchao_optim = pytest.importorskip("torchao.optim")
+    from memprof.advisor.optimizer import lowbit_layout
+
+    w = _lowbit_workload()
+    opt = torchao_optim.AdamW8bit(w.model.parameters())
+    for p in w.model.parameters():
+        ours = lowbit_layout(p)
+        theirs = [opt._new_buffer(p, True), opt._new_buffer(p, False)]
+        theirs_bytes = sum(
+            sum(getattr(t, a).untyped_storage().nbytes() for a in ("codes", "scale", "qmap"))
+            if hasattr(t, "codes") else t.untyped_storage().nbytes() for t in theirs
+        )
+        ours_bytes = sum(t.untyped_storage().nbytes() for k, t in ours.items() if k != "step")
+        assert ours_bytes == theirs_bytes, tuple(p.shape)
+
+
+def test_8bit_fake_run_equals_its_simulation_and_runs_one_chunk_per_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memprof.advisor import fake_prediction
+    from memprof.advisor.fake_prediction import fake_peak
+
+    w, reference = measured("lowbit", _lowbit_workload)
+    [change] = [c for c in changes_for(read_facts(reference.profile))
+                if c.options.get("to") == "AdamW8bit"]
+    assert change.apply is not None
+    with seeded():
+        predicted = fake_peak(w, [change.apply])
+    with seeded():
+        real = simulate(w, [change.apply], reference)
+    assert abs(predicted - real.peak_bytes) / real.peak_bytes < 0.001
+    # the fake step runs one chunk of the eight-chunk weight: the same peak as every chunk
+    monkeypatch.setattr(fake_prediction, "is_fake", lambda t: False)
+    with seeded():
+        assert fake_peak(w, [change.apply]) == predicted

@@ -132,10 +132,18 @@ def test_kernel_scratch_is_the_16_bit_excess_over_half_the_fp32_run(
         return (1000.0, 3000.0) if dtype == torch.float32 else (900.0, 1000.0)
 
     monkeypatch.setattr(cpu_kernels, "_peaks", peaks)
-    cpu_kernels._measured_scratch.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_MEASURED", {})
     facts = read_facts(linear_profile())
-    scratch = cpu_kernels.kernel_scratch(facts, torch.bfloat16)
-    cpu_kernels._measured_scratch.cache_clear()
+    # from a profile alone no kernel runs: the scratch is left out, and counted as such
+    assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}
+    assert cpu_kernels.unmeasured(facts, torch.bfloat16) == 2
+    assert calls == []
+    with cpu_kernels.measuring():
+        scratch = cpu_kernels.kernel_scratch(facts, torch.bfloat16)
+    # measured once, the layers' scratch serves later calls without running anything
+    assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == scratch
+    assert cpu_kernels.unmeasured(facts, torch.bfloat16) == 0
+    assert len(calls) == 4
     # forward 900 - 1000/2; backward 1000 - 3000/2 < 0 counts as none
     assert scratch == {
         "0": cpu_kernels.KernelScratch(forward=400.0, backward=0.0),
@@ -158,8 +166,12 @@ def test_no_kernel_scratch_off_cpu_or_for_layers_too_large(
 ) -> None:
     facts = read_facts(linear_profile())
     monkeypatch.setattr(cpu_kernels, "PROBE_LIMIT_BYTES", 1000)
-    assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}
+    with cpu_kernels.measuring():
+        assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}
+    assert cpu_kernels.unmeasured(facts, torch.bfloat16) == 0
     monkeypatch.undo()
     gpu = dataclasses.replace(facts.profile.device, kind="cuda", name="NVIDIA H100")
     monkeypatch.setattr(facts.profile, "device", gpu)
-    assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}
+    with cpu_kernels.measuring():
+        assert cpu_kernels.kernel_scratch(facts, torch.bfloat16) == {}
+    assert cpu_kernels.unmeasured(facts, torch.bfloat16) == 0

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
+import pytest
 import torch
 from torch import nn
-from workloads import cnn_workload, mlp_workload
+from workloads import cnn_workload, gpt2_workload, mlp_workload
 
 import memprof
-from memprof.advisor import advise
+from memprof.advisor import advise, changes_for, fake_prediction, read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline
 from memprof.tracking.events import default_source
@@ -76,3 +78,60 @@ def test_a_fake_run_allocates_nothing_of_the_models_size() -> None:
     params = sum(p.numel() * 4 for p in model.parameters())
     assert peak > 3 * params  # weights, gradients, two Adam states: all counted ...
     assert largest < params // 8  # ... none allocated (a weight matrix alone is 4 MiB)
+
+
+def _two_step_peak(monkeypatch: pytest.MonkeyPatch, w: Any, applies: list[Any]) -> int:
+    """The old way: two profiled steps, the first making the optimizer state."""
+    with monkeypatch.context() as m:
+        m.setattr(fake_prediction, "_warm_optimizer", lambda workload, state: None)
+        return fake_peak(w, applies)
+
+
+def test_one_profiled_step_after_a_warm_up_equals_two_profiled_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a small GPT-2 and the changes that act on the optimizer and its state
+    w = gpt2_workload()
+    changes = changes_for(read_facts(baseline(w).profile))
+    picked = [c for c in changes if c.applicable and c.apply is not None and (
+        c.options.get("to") in ("SGD", "AdamW8bit", "Adafactor")
+        or c.options.get("grad_scaler"))]
+    assert len(picked) == 4
+    steps: list[int] = []
+    real_steps = fake_prediction._steps
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        steps.append(kwargs["steps"])
+        return bool(real_steps(*args, **kwargs))
+
+    monkeypatch.setattr(fake_prediction, "_steps", counting)
+    # WHEN each is predicted by one profiled step (state made by the warm-up) and by two
+    for applies in ([], *([c.apply] for c in picked)):
+        one = fake_peak(w, applies)
+        assert steps[-1] == 1
+        # THEN the peaks are the same bytes
+        assert one == _two_step_peak(monkeypatch, w, applies)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(64, 64)
+        self.unused = nn.Linear(64, 1024)  # never called: a real run gives it no state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_parameter_without_gradient_falls_back_to_two_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = _WithUnused()
+    w = memprof.advisor.Workload(model, torch.optim.AdamW(model.parameters()),
+                                 (torch.randn(8, 64), torch.randn(8, 64)), steps=2)
+    real = baseline(w).peak_bytes
+    fake = fake_peak(w)
+    # the warm-up's state for the unused layer (512 KiB) is not counted: the run is redone
+    assert fake == _two_step_peak(monkeypatch, w, [])
+    assert abs(fake - real) / real < 0.01

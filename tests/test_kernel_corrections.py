@@ -82,3 +82,57 @@ def test_cuda_workspaces_are_named_as_modelled() -> None:
                    device="cuda", steps=1)
     assert any("CUDA kernel workspaces" in note for note in est.device.modelled)
     assert not any("measured on this CPU" in note for note in est.device.modelled)
+
+
+def _fake_matmul_args(dtype: torch.dtype) -> tuple[Any, ...]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        bias = torch.empty(96, dtype=dtype)
+        x = torch.empty(64, 48, dtype=dtype)
+        w = torch.empty(96, 48, dtype=dtype).t()  # F.linear's transposed weight
+        return bias, x, w
+
+
+def test_a_slow_16_bit_matmul_is_measured_on_fewer_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a 16-bit addmm this CPU (as told) has no oneDNN kernel for, costing 64 rows x 9216
+    # flops, and a budget of 3 rows
+    monkeypatch.setattr(kernel_corrections, "_onednn_16_bit", lambda dtype: False)
+    monkeypatch.setattr(kernel_corrections, "MEASURE_FLOPS", 3 * 2 * 48 * 96)
+    seen: list[list[tuple[int, ...]]] = []
+    measure = kernel_corrections._measure
+
+    def spy(func: Any, args: Any, kwargs: Any, real_size: Any) -> Any:
+        seen.append([tuple(a.shape) for a in args])
+        return measure(func, args, kwargs, real_size)
+
+    monkeypatch.setattr(kernel_corrections, "_measure", spy)
+    args = _fake_matmul_args(torch.bfloat16)
+    # WHEN its memory is measured
+    cut = kernel_corrections._measure_rows(torch.ops.aten.addmm.default, args, {}, lambda t: None)
+    # THEN the real op ran once, on 3 rows of the input (the weight and bias whole), and the
+    # result is labelled as standing for the whole op (no output sizes from the cut run)
+    assert seen == [[(96,), (3, 48), (48, 96)]]
+    assert cut is not None and not cut.measured and cut.outputs == ()
+    # a budget above the op's cost measures it whole, outputs and all
+    monkeypatch.setattr(kernel_corrections, "MEASURE_FLOPS", 64 * 2 * 48 * 96)
+    whole = kernel_corrections._measure_rows(torch.ops.aten.addmm.default, args, {},
+                                             lambda t: None)
+    assert seen[-1] == [(96,), (64, 48), (48, 96)]
+    assert whole is not None and whole.measured and whole.outputs == (64 * 96 * 2,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_matmul_cut_to_fewer_rows_takes_the_whole_ops_scratch(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+) -> None:
+    # the claim the row cut rests on: the scratch measured on a few rows is the whole op's
+    if kernel_corrections._onednn_16_bit(dtype):
+        pytest.skip("oneDNN runs this dtype here: measured whole")
+    monkeypatch.setattr(kernel_corrections, "MEASURE_FLOPS", 2 * 2 * 48 * 96)  # 2 of 64 rows
+    args = _fake_matmul_args(dtype)
+    op = torch.ops.aten.addmm.default
+    cut = kernel_corrections._measure_rows(op, args, {}, lambda t: None)
+    whole = kernel_corrections._measure(op, args, {}, lambda t: None)
+    assert cut is not None and whole is not None and not cut.measured
+    assert cut.transient == whole.transient

@@ -20,13 +20,19 @@ for this CPU and shape (measured: a 256x64 by 64x4 bf16 backward on an AMX CPU t
 bytes for a 32,768-byte result), so it is not computed but *measured*: :func:`kernel_scratch`
 runs each layer's op on zeros of the shapes the profile recorded, in fp32 and in 16 bits, and
 keeps what the 16-bit run allocates beyond half of the fp32 one. Again this machine's answer.
+
+Measuring runs real kernels at the profile's full sizes (30 s for GPT-2 small's fp16 layers on
+a 2-core CPU without fp16 oneDNN), so it happens only inside :func:`measuring`; advice from a
+profile alone runs no kernel and leaves this scratch out, saying so (:func:`unmeasured`): with
+the model at hand, the fake runs measure each op's scratch themselves
+(:mod:`memprof.tracking.kernel_corrections`, on fewer rows where a kernel is slow).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,17 +133,53 @@ class KernelScratch:
         return self.forward if phase == "forward" else self.backward if phase == "backward" else 0.0
 
 
+#: A layer to measure: (type, input shape, output shape, has bias, conv settings, input needs
+#: a gradient, weight needs a gradient); hashable, so each distinct layer is measured once.
+LayerSpec = tuple[str, tuple[int, ...], tuple[int, ...], bool, tuple[Any, ...], bool, bool]
+
+_measuring = [False]
+#: Layers measured in this process: (spec, dtype, oneDNN switch) -> scratch.
+_MEASURED: dict[tuple[LayerSpec, torch.dtype, bool], KernelScratch] = {}
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """Inside, :func:`kernel_scratch` runs the layers' kernels it has not measured yet."""
+    _measuring.append(True)
+    try:
+        yield
+    finally:
+        _measuring.pop()
+
+
 def kernel_scratch(facts: Facts, dtype: torch.dtype) -> dict[str, KernelScratch]:
     """Per matmul layer (and convolution, where oneDNN runs ``dtype`` here), its 16-bit kernel
-    scratch measured on this machine; empty unless the profile ran on this kind of device (a
-    real CPU). Layers without recorded geometry or larger than :data:`PROBE_LIMIT_BYTES` are
-    left out, and so is everything while a memprof profile runs (its recorder is in use)."""
+    scratch measured on this machine: inside :func:`measuring`, or earlier in this process;
+    empty unless the profile ran on this kind of device (a real CPU). Layers without recorded
+    geometry or larger than :data:`PROBE_LIMIT_BYTES` are left out, and so is everything while
+    a memprof profile runs (its recorder is in use)."""
+    out: dict[str, KernelScratch] = {}
+    for name, _spec, scratch in _layers(facts, dtype):
+        if scratch is not None and (scratch.forward > 0 or scratch.backward > 0):
+            out[name] = scratch
+    return out
+
+
+def unmeasured(facts: Facts, dtype: torch.dtype) -> int:
+    """How many layers' 16-bit kernel scratch :func:`kernel_scratch` left out because no kernel
+    runs outside :func:`measuring` (advice from a profile alone)."""
+    return sum(1 for _name, _spec, scratch in _layers(facts, dtype) if scratch is None)
+
+
+def _layers(
+    facts: Facts, dtype: torch.dtype
+) -> Iterator[tuple[str, LayerSpec, KernelScratch | None]]:
+    """Each layer to measure, with its scratch (None: not measured, and not allowed to)."""
     if facts.profile.device.kind != "cpu" or Profiler._active is not None:
-        return {}
+        return
     convs_fast = mkldnn_runs(dtype)
     training = any(m.own.get("gradient", 0) for m in facts.profile.modules_stats)
     model_inputs = [list(i.get("shape", [])) for i in facts.profile.meta.get("inputs") or []]
-    out: dict[str, KernelScratch] = {}
     for m in facts.profile.modules_stats:
         if m.type not in PROBED_MATMUL_TYPES and not (m.type in CONV_TYPES and convs_fast):
             continue
@@ -145,10 +187,11 @@ def kernel_scratch(facts: Facts, dtype: torch.dtype) -> dict[str, KernelScratch]
                            weight_grad=training)
         if spec is None:
             continue
-        scratch = _measured_scratch(spec, dtype, onednn=torch.backends.mkldnn.enabled)
-        if scratch.forward > 0 or scratch.backward > 0:
-            out[m.name] = scratch
-    return out
+        key = (spec, dtype, bool(torch.backends.mkldnn.enabled))
+        scratch = _MEASURED.get(key)
+        if scratch is None and _measuring[-1]:
+            scratch = _MEASURED[key] = _measured_scratch(spec, dtype)
+        yield m.name, spec, scratch
 
 
 def kernel_extra(scratch: dict[str, KernelScratch], sample: dict[str, object]) -> float:
@@ -158,11 +201,6 @@ def kernel_extra(scratch: dict[str, KernelScratch], sample: dict[str, object]) -
     if layer is None or not (sample.get("entry") or sample.get("transient")):
         return 0.0
     return layer.at(sample["phase"])
-
-
-#: A layer to measure: (type, input shape, output shape, has bias, conv settings, input needs
-#: a gradient, weight needs a gradient); hashable, so each distinct layer is measured once.
-LayerSpec = tuple[str, tuple[int, ...], tuple[int, ...], bool, tuple[Any, ...], bool, bool]
 
 
 def _layer_spec(m: ModuleStats, *, input_grad: bool, weight_grad: bool) -> LayerSpec | None:
@@ -186,9 +224,8 @@ def _layer_spec(m: ModuleStats, *, input_grad: bool, weight_grad: bool) -> Layer
     return (m.type, x, y, has_bias, conv, input_grad, weight_grad)
 
 
-@functools.lru_cache(maxsize=1024)
-def _measured_scratch(spec: LayerSpec, dtype: torch.dtype, *, onednn: bool) -> KernelScratch:
-    """Measured once per layer, dtype and oneDNN switch (``onednn`` keys the cache only)."""
+def _measured_scratch(spec: LayerSpec, dtype: torch.dtype) -> KernelScratch:
+    """The layer's 16-bit scratch, from one fp32 and one 16-bit run."""
     fp32 = _peaks(spec, torch.float32)
     low = _peaks(spec, dtype)
     return KernelScratch(*(max(0.0, a - 0.5 * b) for a, b in zip(low, fp32, strict=True)))

@@ -9,6 +9,15 @@ step (forward under the change's autocast, backward, optimizer step, ``zero_grad
 :data:`FAKE_STEPS` steps under memprof's profiler, whose dispatch ledger works on fake tensors
 and charges the real CPU kernels' scratch (:mod:`memprof.tracking.kernel_corrections`).
 
+One profiled step, not two, where the optimizer state can be made without one (every fake op
+costs about 0.15 ms in FakeTensor's dispatch; the forward and backward are most of a step's
+ops): before the profiler starts, :func:`_warm_optimizer` gives every trained parameter a zero
+gradient and steps the optimizer once (its state now exists, as after a first step), then drops
+the gradients; the profiled step is the run's second. That holds only when every trained
+parameter gets a gradient (a parameter the loss never reaches gets no state in a real run), so
+the profiled backward is checked, and a run where one did not, or whose gradients are kept
+between steps (``zero_grad(set_to_none=False)``), is run again the old way: two profiled steps.
+
 What a fake run cannot do raises :class:`FakeRunError` with the reason, and the advisor keeps the
 analytic prediction for that row: sharded runs (several processes), code that reads tensor
 values (``.item()`` in the model, data-dependent shapes).
@@ -96,9 +105,19 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None) -> int:
                 apply(state)
             if state.shard is not None:
                 raise FakeRunError("a sharded run needs several processes: not run on fake tensors")
+            one_step = _warm_optimizer(workload, state)
+            if one_step is not None:
+                optimizer, warm = one_step
+                with Profiler(state.model, optimizer, device_modelled="cpu") as prof:
+                    missed = _steps(workload, state, optimizer, prof, steps=1, warm=warm)
+                if not missed:
+                    return int(prof.profile.peak().total_bytes)
+                state = fake_state(workload, mode)  # the warm-up's state is not the real one's
+                for apply in applies or []:
+                    apply(state)
             optimizer = _optimizer(state)
             with Profiler(state.model, optimizer, device_modelled="cpu") as prof:
-                _steps(workload, state, optimizer, prof)
+                _steps(workload, state, optimizer, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
     except FakeRunError:
         raise
@@ -133,9 +152,35 @@ def _optimizer(state: SimState) -> torch.optim.Optimizer | None:
     return state.build_optimizer()
 
 
+def _warm_optimizer(
+    workload: Workload, state: SimState
+) -> tuple[torch.optim.Optimizer | None, list[torch.Tensor]] | None:
+    """The optimizer with its state made by one step on zero gradients (see the module
+    docstring), and the parameters it stepped; None where one profiled step cannot stand for
+    the run's second (gradients kept between steps)."""
+    from memprof.estimate import _ScalarStandIns
+
+    optimizer = _optimizer(state)
+    if optimizer is None:
+        return None, []
+    free = workload.set_to_none if state.free_gradients is None else state.free_gradients
+    if not free:
+        return None
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    with _ScalarStandIns():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer, params
+
+
 def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer | None,
-           prof: Any) -> None:
-    """The step :func:`memprof.advisor.workload.run` profiles, without reading any value."""
+           prof: Any, *, steps: int, warm: list[torch.Tensor] | None = None) -> bool:
+    """The step :func:`memprof.advisor.workload.run` profiles, without reading any value;
+    ``steps`` times. Returns whether a parameter of ``warm`` (given state by the warm-up) got
+    no gradient in the backward: then the warm-up made state a real run does not."""
     from memprof.estimate import _ScalarStandIns
 
     model = state.model
@@ -151,7 +196,12 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
 
     model.train()
     scaler = torch.amp.GradScaler("cpu") if state.grad_scaler and optimizer else None
-    for _ in range(FAKE_STEPS):
+    missed = False
+    if scaler is not None and warm is not None:
+        # a first step would have made the scaler's scale and growth tracker: so does this
+        # (update() then leaves them as they are; sizes are what matter here)
+        scaler.scale(torch.zeros(()))
+    for _ in range(steps):
         if optimizer is None:
             with torch.no_grad(), autocast():
                 loss = loss_of(model, batch)
@@ -163,6 +213,8 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
             else:  # scaler.step reads found_inf: unscale, then step as it would
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
+            if warm and any(p.grad is None for p in warm):
+                missed = True
             with _ScalarStandIns():  # an optimizer reading a value (Adafactor) gets a stand-in
                 optimizer.step()
             if scaler is not None:
@@ -171,6 +223,7 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
             optimizer.zero_grad(set_to_none=workload.set_to_none if free is None else free)
         del loss
         prof.step()
+    return missed
 
 
 def is_fake_model(model: nn.Module) -> bool:

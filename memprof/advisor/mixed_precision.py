@@ -57,7 +57,13 @@ from typing import Any
 import torch
 
 from memprof.advisor.core import MATMUL_TYPES, Change, Facts, Sample, Transform, _nbytes
-from memprof.advisor.cpu_kernels import conv_scratch, kernel_extra, kernel_scratch, slow_conv_work
+from memprof.advisor.cpu_kernels import (
+    conv_scratch,
+    kernel_extra,
+    kernel_scratch,
+    slow_conv_work,
+    unmeasured,
+)
 from memprof.advisor.workload import SimState
 
 #: Norms whose saved input stays fp32 under autocast (the fp32 residual stream; CUDA's fp32
@@ -374,6 +380,12 @@ def cpu_kernel_caveats(facts: Facts, dtype: torch.dtype) -> list[str]:
             f"this CPU's {name} kernels take scratch that fp32's do not (measured here by "
             f"running each layer's shapes: largest {max(scratch.forward, scratch.backward):.0f} B"
             f", in {layer!r}), counted inside each layer; a GPU's kernels differ"
+        )
+    left_out = unmeasured(facts, dtype)
+    if left_out:
+        out.append(
+            f"this CPU's {name} kernel scratch of {left_out} layers is not counted: advice from "
+            "a profile alone runs no kernel (fake runs measure it when the model is at hand)"
         )
     return out
 

@@ -19,10 +19,18 @@ Foreach vs per-tensor loop: torch's foreach Adam/AdamW runs each elementwise sta
 tensors at once, so its scratch is about the size of all parameters; the per-tensor loop's is
 that of the largest tensor, twice (``exp_avg_sq.sqrt()`` and its division live together).
 
-8-bit AdamW here is an *emulation* of bitsandbytes' AdamW8bit: moments are stored as int8
-(first moment, signed) and uint8 (second moment) with one fp32 absmax scale per 2048-element
-block, dequantized to fp32 for each tensor's update and quantized back. Its memory is that of
-the real thing; its numerics use linear rather than dynamic-tree quantization.
+8-bit AdamW is torchao's ``torchao.optim.AdamW8bit`` (``pip install memprof[lowbit]``): its
+state layout is reproduced exactly (:func:`lowbit_layout`): per quantized moment, uint8 codes of
+the parameter's shape, one fp32 scale per 256-element block and a 256-entry fp32 lookup table;
+tensors under 4096 elements (or not a multiple of the block) keep fp32 moments; a 0-d fp32 step
+per parameter. The step that moves those states is written here (:class:`AdamW8bit`), because
+torchao's cannot serve a simulation or a prediction on this machine: it compiles
+one kernel per parameter shape (measured: 232 s for the first step of a two-matrix MLP on a
+2-core CPU, 37 s once cached) and a compiled step cannot run on fake tensors. The emulation
+updates chunk by chunk in fp32 (linear blockwise absmax codes instead of torchao's dynamic
+map: the same bytes, slightly different numerics); on fake tensors it builds the states with
+whole-tensor ops and runs one chunk per tensor, whose scratch is the step's peak (each chunk's
+scratch is freed before the next).
 """
 
 from __future__ import annotations
@@ -43,8 +51,12 @@ from memprof.advisor.core import (
 )
 from memprof.advisor.workload import SimState
 
-BLOCK = 2048
-CHUNK = 8 * BLOCK  # elements updated at once by the 8-bit step
+#: torchao's AdamW8bit: 256-element blocks; tensors of at least 4096 elements (and a whole
+#: number of blocks) are quantized, others keep fp32 moments.
+BLOCK = 256
+MIN_QUANTIZED = 4096
+QMAP_ENTRIES = 256
+CHUNK = 256 * BLOCK  # elements updated at once by the 8-bit step
 STATE_BYTES_PER_ELEMENT = {
     "AdamW": 8.0,
     "Adam": 8.0,
@@ -52,10 +64,44 @@ STATE_BYTES_PER_ELEMENT = {
     "SGD": 0.0,
     "AdamW8bit": 2.0 + 2 * 4.0 / BLOCK,
 }
+#: What to install for the library whose optimizer the 8-bit row stands for.
+LOWBIT_EXTRA = "pip install memprof[lowbit]"
+
+
+def torchao_available() -> bool:
+    """Whether torchao's low-bit optimizers import here (looked up, not imported: it is slow)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+def quantized(numel: int) -> bool:
+    """Whether torchao's AdamW8bit keeps a tensor of ``numel`` elements in 8 bits."""
+    return numel >= MIN_QUANTIZED and numel % BLOCK == 0
+
+
+def lowbit_layout(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state torchao's AdamW8bit makes for ``p`` (``_new_buffer`` for both moments): 8-bit
+    codes of ``p``'s shape, an fp32 scale per block and a 256-entry fp32 map each, or fp32
+    moments for a small tensor; a 0-d fp32 step. Whole-tensor ops only (cheap on fake tensors).
+    The first moment's codes are int8 here (signed linear codes), torchao's uint8: same bytes."""
+    state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32)}
+    n = p.numel()
+    if not quantized(n):
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+    for name, dtype in (("exp_avg", torch.int8), ("exp_avg_sq", torch.uint8)):
+        state[name] = torch.zeros(n, dtype=dtype)
+        state[f"{name}_scale"] = torch.zeros(n // BLOCK, dtype=torch.float32)
+        state[f"{name}_qmap"] = torch.zeros(QMAP_ENTRIES, dtype=torch.float32)
+    return state
 
 
 class AdamW8bit(torch.optim.Optimizer):
-    """AdamW with 8-bit blockwise-quantized moments (an emulation; see the module docstring)."""
+    """AdamW with torchao's 8-bit state layout, stepped by an emulation written here: torchao's
+    own step is compiled per parameter shape (minutes on a CPU) and cannot run on fake tensors
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -68,9 +114,12 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(
             params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         )
+        self._count: dict[int, int] = {}  # steps taken per parameter (the step tensor's value)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        from memprof.advisor.fake_prediction import is_fake
+
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -78,37 +127,49 @@ class AdamW8bit(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                n = p.numel()
-                blocks = math.ceil(n / BLOCK)
                 if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros(n, dtype=torch.int8)
-                    state["v"] = torch.zeros(n, dtype=torch.uint8)
-                    state["m_scale"] = torch.zeros(blocks, dtype=torch.float32)
-                    state["v_scale"] = torch.zeros(blocks, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"]
-                flat = p.view(-1)
-                grad = p.grad.reshape(-1)
-                flat.mul_(1 - group["lr"] * group["weight_decay"])
-                # chunk by chunk, so the fp32 scratch stays a few chunks, not the tensor
-                for start in range(0, n, CHUNK):
-                    end = min(n, start + CHUNK)
-                    blocks_ = slice(start // BLOCK, -(-end // BLOCK))
-                    g = grad[start:end].float()
-                    m = _dequant(state["m"][start:end], state["m_scale"][blocks_], signed=True)
-                    v = _dequant(state["v"][start:end], state["v_scale"][blocks_], signed=False)
-                    v.square_()
+                    state.update(lowbit_layout(p))
+                state["step"].add_(1)
+                t = self._count[id(p)] = self._count.get(id(p), 0) + 1
+                lr, eps = group["lr"], group["eps"]
+                p.mul_(1 - lr * group["weight_decay"])
+                if not quantized(p.numel()):
+                    m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
                     m.mul_(beta1).add_(g, alpha=1 - beta1)
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    denom = v.div(1 - beta2**t).sqrt_().add_(group["eps"])
-                    flat[start:end].addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
+                    denom = v.div(1 - beta2**t).sqrt_().add_(eps)
+                    p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
                     del denom
-                    _quant(m, state["m"][start:end], state["m_scale"][blocks_], signed=True)
-                    _quant(
-                        v.sqrt_(), state["v"][start:end], state["v_scale"][blocks_], signed=False
-                    )
+                    continue
+                n = p.numel()
+                # On fake tensors one chunk stands for all: each chunk's scratch is freed
+                # before the next, so the first (a full chunk) holds the step's peak.
+                last = min(n, CHUNK) if is_fake(p) else n
+                grad = p.grad.reshape(-1)
+                for start in range(0, last, CHUNK):
+                    self._chunk(p, grad, state, start, min(n, start + CHUNK), t, group)
         return loss
+
+    @staticmethod
+    def _chunk(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], start: int,
+               end: int, t: int, group: dict[str, Any]) -> None:
+        """Update elements ``start:end`` in fp32; every scratch tensor is freed on return."""
+        beta1, beta2 = group["betas"]
+        blocks = slice(start // BLOCK, -(-end // BLOCK))
+        flat = p.view(-1)
+        g = grad[start:end].float()
+        m = _dequant(state["exp_avg"][start:end], state["exp_avg_scale"][blocks], signed=True)
+        v = _dequant(state["exp_avg_sq"][start:end], state["exp_avg_sq_scale"][blocks],
+                     signed=False)
+        v.square_()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.div(1 - beta2**t).sqrt_().add_(group["eps"])
+        flat[start:end].addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
+        del denom
+        _quant(m, state["exp_avg"][start:end], state["exp_avg_scale"][blocks], signed=True)
+        _quant(v.sqrt_(), state["exp_avg_sq"][start:end], state["exp_avg_sq_scale"][blocks],
+               signed=False)
 
 
 def _dequant(q: torch.Tensor, scale: torch.Tensor, *, signed: bool) -> torch.Tensor:
@@ -125,6 +186,18 @@ def _quant(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, signed: boo
     scale.copy_(absmax)
     levels = 127.0 if signed else 255.0
     q.copy_(blocks.div_(absmax.view(-1, 1)).mul_(levels).round_().view(-1)[:n].to(q.dtype))
+
+
+def lowbit_caveats() -> list[str]:
+    """What the 8-bit row's numbers stand for, and what to install where torchao is missing."""
+    out = [
+        "torchao.optim.AdamW8bit's state layout (256-element blocks, fp32 moments for tensors "
+        "under 4096 elements); simulated and predicted with a step written here (torchao's is "
+        "compiled per shape): linear codes instead of its dynamic map, same memory"
+    ]
+    if not torchao_available():
+        out.append(f"torchao is not installed here: {LOWBIT_EXTRA} to train with it")
+    return out
 
 
 def current_kind(facts: Facts) -> str:
@@ -326,7 +399,7 @@ def predict(facts: Facts) -> list[Change]:
     targets = [
         ("SGD_momentum", "SGD with momentum 0.9", 0.5),
         ("SGD", "plain SGD", 0.8),
-        ("AdamW8bit", "8-bit AdamW states (emulated)", 0.05),
+        ("AdamW8bit", "torchao's 8-bit AdamW states", 0.05),
     ]
     if not facts.has_optimizer:
         return [
@@ -360,10 +433,7 @@ def predict(facts: Facts) -> list[Change]:
                 transform=optimizer_transform(facts, target),
                 apply=_make(target, facts.optimizer_defaults),
                 caveats=(
-                    [
-                        "emulated 8-bit states (linear blockwise absmax), bitsandbytes uses "
-                        "dynamic quantization: same memory, slightly different numerics"
-                    ]
+                    lowbit_caveats()
                     if target == "AdamW8bit"
                     else ["changes training dynamics: retune the learning rate"]
                 ),

@@ -14,7 +14,16 @@ under fake tensors, each output at its real size and the transient as a moment i
 
 Ops whose inputs exceed :data:`MEASURE_LIMIT_BYTES` are not run: their transient is extrapolated
 from the largest measured key of the same op (bytes of scratch per input byte) and reported as
-modelled. Only the CPU is measured; CUDA kernel workspaces (cuBLAS, cuDNN) are not, and a profile
+modelled. A matmul (mm, addmm, bmm, baddbmm) is measured on as many rows of its first operand
+(entries of a bmm's batch) as :data:`MEASURE_FLOPS` allows, at least one, and that stands for
+the whole op (reported as extrapolated), unless oneDNN runs it in 16 bits: fp32 goes to MKL's
+sgemm, which takes nothing from PyTorch's allocator at any size, and a 16-bit matmul this CPU
+has no oneDNN kernel for runs a reference loop (about 0.35 GFLOP/s here: 126 s for GPT-2's 512 x
+768 x 50257 head in fp16) that allocates nothing beyond its output either (measured at 16 to 512
+rows). oneDNN's 16-bit kernels are measured whole: their scratchpad grows with the rows up to a
+block (bf16 addmm with 768 x 2304 weights: 140,928 B at 16 rows, 198,272 B at 128, 263,808 B
+at 512).
+Only the CPU is measured; CUDA kernel workspaces (cuBLAS, cuDNN) are not, and a profile
 modelling CUDA names them as modelled instead (see :func:`modelled_notes`).
 """
 
@@ -63,6 +72,13 @@ CORRECTED_OPS = _ops(_CORRECTED_NAMES)
 
 #: Keys whose inputs hold more than this are extrapolated, not run.
 MEASURE_LIMIT_BYTES = 256 * 2**20
+#: A matmul (but oneDNN's 16-bit ones) is measured on rows costing at most this many flops.
+MEASURE_FLOPS = 50_000_000
+#: Which operand's leading dimension the row cut narrows, per matmul op (for the batched ones,
+#: every operand with that leading size).
+ROW_OPS = {aten.mm.default: 0, aten.addmm.default: 1, aten.bmm.default: 0,
+           aten.baddbmm.default: 1}
+_BATCHED = frozenset({aten.bmm.default, aten.baddbmm.default})
 
 
 @dataclass(frozen=True)
@@ -101,12 +117,12 @@ class KernelCorrections:
                 per_byte, _ = self.ratio.get(func, (0.0, 0))
                 found = OpMemory(round(per_byte * size), (), measured=False)
             else:
-                measured = _measure(func, args, kwargs, real_size)
+                measured = _measure_rows(func, args, kwargs, real_size)
                 if measured is None:
                     return None
                 found = measured
                 best = self.ratio.get(func)
-                if size and (best is None or size >= best[1]):
+                if found.measured and size and (best is None or size >= best[1]):
                     self.ratio[func] = (found.transient / size, size)
             self.cache[key] = found
         return found
@@ -125,7 +141,8 @@ class KernelCorrections:
                            f"({measured} calls)")
             if guessed:
                 out.append(f"kernel scratch of aten.{name} extrapolated from smaller measured "
-                           f"shapes ({guessed} calls above {MEASURE_LIMIT_BYTES >> 20} MiB)")
+                           f"shapes ({guessed} calls above {MEASURE_LIMIT_BYTES >> 20} MiB, or "
+                           f"matmuls run on fewer rows)")
         return out
 
 
@@ -181,6 +198,71 @@ def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def _input_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     flat, _ = tree_flatten((args, kwargs))
     return sum(t.untyped_storage().nbytes() for t in flat if isinstance(t, torch.Tensor))
+
+
+def _narrowed(func: Any, args: tuple[Any, ...], rows: int) -> tuple[Any, ...] | None:
+    """``args`` with the matmul's rows (a bmm's batch) cut to ``rows``: views of the same fake
+    storages (the measurement makes real tensors of those layouts). None where an operand
+    broadcasts in a way a cut would break."""
+    index = ROW_OPS[func]
+    full = args[index].shape[0]
+    out = list(args)
+    if func in _BATCHED:
+        for i, a in enumerate(args[:3]):
+            if isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[0] == full:
+                out[i] = a.narrow(0, 0, rows)
+            elif isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[0] != 1:
+                return None
+        return tuple(out)
+    out[index] = args[index].narrow(0, 0, rows)
+    if func is aten.addmm.default and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+        if args[0].shape[0] == full:
+            out[0] = args[0].narrow(0, 0, rows)
+        elif args[0].shape[0] != 1:
+            return None
+    return tuple(out)
+
+
+def _onednn_16_bit(dtype: torch.dtype) -> bool:
+    """Whether this CPU's PyTorch runs ``dtype`` matmuls through oneDNN's 16-bit kernels."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    probe = getattr(torch.ops.mkldnn, name, None)
+    return bool(probe()) if probe is not None else False
+
+
+def _flops_per_row(func: Any, args: tuple[Any, ...]) -> int:
+    """Floating-point ops per row of the cut operand (per batch entry of a bmm)."""
+    index = ROW_OPS[func]
+    a, b = args[index], args[index + 1]
+    if func in _BATCHED:
+        return 2 * int(a.shape[1]) * int(a.shape[2]) * int(b.shape[2])
+    return 2 * int(a.shape[1]) * int(b.shape[1])
+
+
+def _measure_rows(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  real_size: Callable[[torch.Tensor], int | None]) -> OpMemory | None:
+    """:func:`_measure`, on fewer rows for a matmul but oneDNN's 16-bit ones (see the module
+    docstring)."""
+    index = ROW_OPS.get(func)
+    operands = args[index:index + 2] if index is not None else ()
+    if (index is None or len(operands) != 2
+            or not all(isinstance(t, torch.Tensor) for t in operands)
+            or operands[0].dim() != operands[1].dim() or operands[0].dim() not in (2, 3)
+            or _onednn_16_bit(operands[0].dtype)):
+        return _measure(func, args, kwargs, real_size)
+    full = int(operands[0].shape[0])
+    rows = max(1, MEASURE_FLOPS // max(1, _flops_per_row(func, args)))
+    if rows >= full:
+        return _measure(func, args, kwargs, real_size)
+    cut = _narrowed(func, args, rows)
+    if cut is None:
+        return _measure(func, args, kwargs, real_size)
+    measured = _measure(func, cut, kwargs, real_size)
+    return None if measured is None else OpMemory(measured.transient, (), measured=False)
 
 
 def _measure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -1,0 +1,191 @@
+"""How long the advisor's fake-run predictions take, against the unchanged step they predict.
+
+Builds GPT-2 small (transformers' default ``GPT2Config``: 124M parameters, batch 2 x 256,
+AdamW) or a zoo model (``--model``), runs its real step a few times (the unchanged step time
+every figure is divided by), profiles it under memprof, then times:
+
+- the analytic predictions from the profile (``changes_for``: what ``memprof advise FILE``
+  computes, kernel measurements included);
+- the fake run of the unchanged step and of every applicable change, one row each;
+- ``advise(profile, workload=w, simulate=False)`` as a user calls it (all rows by fake runs);
+- ``memprof advise FILE`` on the saved profile, in a subprocess (imports included).
+
+Every time is printed with its ratio to the unchanged real step measured in the same run.
+``--quick`` uses a 2-layer GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N``
+prints the N most expensive functions of the all-rows ``advise`` call.
+
+Example::
+
+    python benchmarks/fake_speed.py --quick
+    python benchmarks/fake_speed.py                 # GPT-2 small (minutes on a 2-core CPU)
+    python benchmarks/fake_speed.py --model llama-gqa --cprofile 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memprof.advisor import Workload, advise, changes_for, read_facts
+from memprof.advisor.fake_prediction import FakeRunError, fake_peak
+from memprof.advisor.workload import baseline, seeded
+
+
+def gpt2_small(*, quick: bool) -> Workload:
+    """GPT-2 small (default config) at batch 2 x 256, or a 2-layer d=128 one with ``quick``."""
+    import transformers
+
+    torch.manual_seed(0)
+    if quick:
+        config = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=2048,
+                                         n_positions=128, bos_token_id=0, eos_token_id=0)
+        batch, seq = 2, 128
+    else:
+        config = transformers.GPT2Config()
+        batch, seq = 2, 256
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return Workload(model, optimizer, {"input_ids": ids, "labels": ids}, steps=2)
+
+
+def real_step_seconds(w: Workload, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` unchanged steps on a copy (no profiler), after one warm-up."""
+    import copy
+
+    model = copy.deepcopy(w.model)
+    assert w.optimizer is not None
+    opt = type(w.optimizer)(model.parameters())
+    opt.param_groups[0].update({k: v for k, v in w.optimizer.defaults.items()})
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        w.loss(model, w.batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _label(change: Any) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in change.options.items())
+    return f"{change.technique}[{opts}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 2-layer GPT-2 (seconds)")
+    parser.add_argument("--model", help="a zoo model (benchmarks/zoo.py) instead of GPT-2")
+    parser.add_argument("--no-rows", action="store_true", help="skip the per-row fake runs")
+    parser.add_argument("--no-advise", action="store_true", help="skip the all-rows advise call")
+    parser.add_argument("--no-cli", action="store_true", help="skip `memprof advise FILE`")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="print the N costliest functions of the all-rows advise call")
+    args = parser.parse_args(argv)
+
+    if args.model:
+        from benchmarks import zoo
+
+        w = zoo.by_name(args.model).build()
+        name = args.model
+    else:
+        w = gpt2_small(quick=args.quick)
+        name = "gpt2 (2 layers, d=128)" if args.quick else "gpt2 small (124M)"
+    params = sum(p.numel() for p in w.model.parameters())
+    print(f"model: {name}, {params / 1e6:.1f}M parameters, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    step = real_step_seconds(w)
+    print(f"{'unchanged real step (no profiler)':<58} {step:8.2f} s   1.00x")
+
+    def report(what: str, seconds: float, note: str = "") -> None:
+        print(f"{what:<58} {seconds:8.2f} s {seconds / step:6.2f}x {note}")
+
+    start = time.perf_counter()
+    with seeded():
+        profile = baseline(w).profile
+    report(f"real profile ({w.steps} steps under memprof)", time.perf_counter() - start)
+
+    start = time.perf_counter()
+    facts = read_facts(profile)
+    changes = changes_for(facts)
+    report("analytic predictions (changes_for)", time.perf_counter() - start)
+
+    if not args.no_rows:
+        start = time.perf_counter()
+        with seeded():
+            ref = fake_peak(w)
+        report("fake run: unchanged", time.perf_counter() - start,
+               f"peak {ref / 2**20:.1f} MiB (real {profile.peak().total_bytes / 2**20:.1f})")
+        for c in changes:
+            if not (c.applicable and c.apply is not None):
+                continue
+            start = time.perf_counter()
+            try:
+                with seeded():
+                    peak: int | str = fake_peak(w, [c.apply])
+            except FakeRunError as exc:
+                peak = str(exc)[:60]
+            seconds = time.perf_counter() - start
+            shown = f"peak {peak / 2**20:.1f} MiB" if isinstance(peak, int) else peak
+            report(f"fake run: {_label(c)}"[:58], seconds, shown)
+
+    if not args.no_advise:
+        _time_advise(profile, w, report, args.cprofile)
+    if not args.no_cli:
+        _time_cli(profile, report)
+    return 0
+
+
+def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> None:
+    prof = cProfile.Profile() if top else None
+    start = time.perf_counter()
+    if prof is not None:
+        prof.enable()
+    advice = advise(profile, workload=w, simulate=False)
+    if prof is not None:
+        prof.disable()
+    faked = sum(1 for r in advice.rows if r.get("predicted_by") == "fake run")
+    report("advise(profile, workload=w, simulate=False)", time.perf_counter() - start,
+           f"{faked} rows by fake runs")
+    if prof is not None:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+        print(out.getvalue())
+
+
+def _time_cli(profile: Any, report: Any) -> None:
+    if True:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "profile.json"
+            profile.save(path)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import memprof.advisor, memprof.cli"],
+                           check=True, env=env)
+            imports = time.perf_counter() - start
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "memprof", "advise", str(path)],
+                                  env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode:
+                print(done.stderr[-2000:])
+            report("`memprof advise FILE` (subprocess)", seconds,
+                   f"of which {imports:.2f} s importing; rc {done.returncode}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
