@@ -71,6 +71,10 @@ def rows_for(base: int) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def oom_profile(profile: Profile) -> Profile:
+    return with_oom(profile)
+
+
+def with_oom(profile: Profile) -> Profile:
     """The profile as a run that died of an out-of-memory error: its post-mortem's plan (the
     cheapest combination that fits the capacity) is checkpointing 2 of 4 blocks."""
     base = 100 * MIB

@@ -265,10 +265,13 @@ def options_text(options: Any) -> str:
     return "" if options in (None, "", [], {}) else str(options)
 
 
-def recommendation_table(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+def recommendation_table(
+    records: list[dict[str, Any]], chosen: Recommendation | None = None
+) -> dict[str, Any] | None:
     """The applicable rows as a table with the columns a person would write, sizes in
     units, in :func:`display_order`; ``how`` per row (how it was predicted) goes under the
-    row's caveats. Not-applicable rows become ``skipped``: one line each, with the reason."""
+    row's caveats, and ``chosen`` marks the row of the one recommendation (when it is a single
+    row). Not-applicable rows become ``skipped``: one line each, with the reason."""
     ordered = display_order(records)
     usable = [r for r in ordered if is_applicable(r)]
     skipped = sorted({f"{r.get('technique')}: {r.get('reason') or 'not applicable'}"
@@ -299,7 +302,8 @@ def recommendation_table(records: list[dict[str, Any]]) -> dict[str, Any] | None
                       "–" if not _is_number(drift) else f"{100 * drift:.2g}%",
                       "–" if not _is_number(ratio) else f"{ratio:.2f}×"]
         cells += [str(r.get("cost") or "–"), str(r.get("caveats") or "")]
-        body.append({"cells": cells, "how": str(r.get("how") or "")})
+        body.append({"cells": cells, "how": str(r.get("how") or ""),
+                     "chosen": chosen is not None and describe(r) == chosen.change})
     return {"columns": columns, "numeric": numeric, "rows": body, "skipped": skipped}
 
 

@@ -45,7 +45,7 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
         "peak_tensors": sections.top_tensors(profile),
         "steps": sections.steps_table(profile),
         "advice": advice_dict,
-        "advice_table": advice_view.recommendation_table(rows),
+        "advice_table": advice_view.recommendation_table(rows, recommendation),
         "advice_plan": advice_view.plan_view((advice_dict or {}).get("plan")),
         "advice_facts": _advice_facts(advice_dict),
         "device": sections.device_facts(profile),
