@@ -185,7 +185,7 @@ def test_a_cut_table_says_how_many_rows_were_left_out_and_how_to_see_them() -> N
 def test_report_advisor_table_reads_as_a_person_writes(oom_profile: Profile) -> None:
     html = render_report(oom_profile)
     advisor = html[html.index('<section id="advisor">'):html.index('<section id="device">')]
-    text = re.sub(r"<[^>]+>", " ", advisor)
+    text = re.sub(r"<[^>]+>", " ", advisor).replace("\u00a0", " ")
     for key in INTERNAL_KEYS:
         assert key not in text, key
     assert "Details" not in text
@@ -215,3 +215,25 @@ def test_advise_cli_all_shows_every_row(profile: Profile, tmp_path: Path) -> Non
     assert f"{applicable - 3} more row(s) not shown (of {applicable})" in cut
     assert "not shown" not in every
     assert every.splitlines()[1].startswith("It fits on T4 (16.0 GiB)")
+
+
+def test_when_nothing_fits_every_output_names_the_change_that_comes_closest(
+    oom_profile: Profile, tmp_path: Path
+) -> None:
+    # GIVEN a post-mortem whose planner found no combination that fits 50 MiB
+    plan = {"budget": "50.0 MiB", "usable_bytes": 50 * MIB, "baseline_peak_bytes": 100 * MIB,
+            "fits": False, "changes": [], "predicted_peak_bytes": None,
+            "explanation": "no combination of the techniques fits 50.0 MiB; the lowest single "
+                           "prediction is sharding (stage=ZeRO-1, ranks=8)"}
+    assert oom_profile.oom is not None
+    profile = dataclasses.replace(oom_profile,
+                                  oom=dataclasses.replace(oom_profile.oom, plan=plan))
+    # WHEN the report and memprof run's text are made
+    ctx = context(profile)
+    run_text = recommendation_text(profile.advice, profile, tmp_path / "x.json")
+    # THEN all say nothing fits and name the lowest predicted peak, as the planner does
+    said = ("nothing memprof tries fits 50.0 MiB usable; the closest: sharding (stage=ZeRO-1, "
+            "ranks=8) saves about 40.0 MiB (predicted), to a peak of 60.0 MiB")
+    assert dict(ctx["oom"].items)["fix"] == said
+    assert said in ctx["head"].sentence
+    assert said in run_text.splitlines()[0]

@@ -136,8 +136,9 @@ class Recommendation:
     ``change`` names it (``checkpointing (blocks=2 of 4 blocks)``, or a combination joined by
     `` + ``); ``saving_bytes`` is what it takes off the step's peak and ``how`` whether that is
     ``measured`` or ``predicted``; ``source`` says where it came from: ``"plan"`` (the cheapest
-    combination that fits the budget, the post-mortem's capacity first) or ``"best row"`` (the
-    most saving row of the cheapest cost tier, when there is no plan that fits).
+    combination that fits the budget, the post-mortem's capacity first), ``"closest"`` (nothing
+    fits the budget: the single change with the lowest predicted peak, as the planner says) or
+    ``"best row"`` (the most saving row of the cheapest cost tier, when there is no budget).
     """
 
     change: str
@@ -151,21 +152,30 @@ class Recommendation:
     def text(self) -> str:
         """``checkpointing (blocks=2 of 4 blocks) saves about 106.0 MiB (predicted)``."""
         if self.saving_bytes is None:
-            return self.change
-        verb = "saved" if self.how == "measured" else "saves about"
-        text = f"{self.change} {verb} {format_bytes(self.saving_bytes)} ({self.how})"
-        if self.source == "plan" and self.peak_bytes is not None and self.usable_bytes:
+            text = self.change
+        else:
+            verb = "saved" if self.how == "measured" else "saves about"
+            text = f"{self.change} {verb} {format_bytes(self.saving_bytes)} ({self.how})"
+        if self.peak_bytes is None or not self.usable_bytes:
+            return text
+        if self.source == "plan":
             text += (f": peak {format_bytes(self.peak_bytes)}, within "
                      f"{format_bytes(self.usable_bytes)} usable")
+        elif self.source == "closest":
+            text = (f"nothing memprof tries fits {format_bytes(self.usable_bytes)} usable; the "
+                    f"closest: {text}, to a peak of {format_bytes(self.peak_bytes)}")
         return text
 
 
 def recommend(advice: dict[str, Any] | None, oom: Any = None) -> Recommendation | None:
     """The one recommendation for a profile: the plan that fits (the out-of-memory
-    post-mortem's plan, for the capacity that failed, before the advice's own plan); without
-    a plan that needs a change, the :func:`best` row. None when nothing saves memory."""
+    post-mortem's plan, for the capacity that failed, before the advice's own plan); when the
+    plan says nothing fits, the change that comes closest; without a plan that needs a change,
+    the :func:`best` row. None when nothing saves memory."""
     plans = [getattr(oom, "plan", None), (advice or {}).get("plan")]
     for plan in plans:
+        if isinstance(plan, dict) and plan.get("fits") is False:
+            return _closest(advice, plan)
         if not isinstance(plan, dict) or not plan.get("fits") or not plan.get("changes"):
             continue
         base = plan.get("baseline_peak_bytes")
@@ -183,6 +193,22 @@ def recommend(advice: dict[str, Any] | None, oom: Any = None) -> Recommendation 
         return None
     return Recommendation(change=describe(row), saving_bytes=found[0], how=found[1],
                           source="best row")
+
+
+def _closest(advice: dict[str, Any] | None, plan: dict[str, Any]) -> Recommendation | None:
+    """When nothing fits the plan's budget: the single change with the lowest predicted peak
+    (the planner's own "lowest single prediction"), said as the closest."""
+    usable = plan.get("usable_bytes")
+    candidates = [r for r in rows(advice)
+                  if is_applicable(r) and _is_number(r.get("predicted_peak_bytes"))]
+    if not candidates:
+        return None
+    row = min(candidates, key=lambda r: r["predicted_peak_bytes"])
+    found = saving(row)
+    return Recommendation(change=describe(row), saving_bytes=found[0] if found else None,
+                          how=found[1] if found else "predicted", source="closest",
+                          peak_bytes=int(row["predicted_peak_bytes"]),
+                          usable_bytes=int(usable) if _is_number(usable) else None)
 
 
 @dataclass(frozen=True)
@@ -289,15 +315,15 @@ def recommendation_table(
     body = []
     for r in usable:
         pct = r.get("saving_pct")
-        saved = cell(r.get("predicted_saving_bytes"), "bytes")
+        saved = _size(r.get("predicted_saving_bytes"))
         if _is_number(pct):
             saved += f" ({pct:.0f}%)"
         cells = [f"{r.get('technique')} ({options_text(r.get('options'))})".replace(" ()", ""),
-                 cell(r.get("predicted_peak_bytes"), "bytes"), saved]
+                 _size(r.get("predicted_peak_bytes")), saved]
         if measured:
             drift = (r.get("quality") or {}).get("loss_drift")
             ratio = r.get("step_time_ratio")
-            cells += [cell(r.get("measured_peak_bytes"), "bytes"),
+            cells += [_size(r.get("measured_peak_bytes")),
                       cell(r.get("error_pct"), "error_pct"),
                       "–" if not _is_number(drift) else f"{100 * drift:.2g}%",
                       "–" if not _is_number(ratio) else f"{ratio:.2f}×"]
@@ -305,6 +331,11 @@ def recommendation_table(
         body.append({"cells": cells, "how": str(r.get("how") or ""),
                      "chosen": chosen is not None and describe(r) == chosen.change})
     return {"columns": columns, "numeric": numeric, "rows": body, "skipped": skipped}
+
+
+def _size(value: Any) -> str:
+    """A size whose number and unit stay on one line (a no-break space between them)."""
+    return cell(value, "bytes").replace(" ", "\u00a0")
 
 
 def plan_view(plan: dict[str, Any] | None) -> dict[str, Any] | None:
