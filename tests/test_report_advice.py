@@ -55,14 +55,16 @@ def profile() -> Profile:
 
 
 def rows_for(base: int) -> list[dict[str, Any]]:
-    """Sharding saves the most and checkpointing every block more than half of them: the
-    advisor's ranking puts sharding first; the best single-GPU row is 4 of 4 blocks."""
+    """Savings as shares of ``base``: sharding saves the most and checkpointing every block
+    the most of the single-GPU changes: the advisor's ranking puts sharding first; the best
+    single-GPU row is 4 of 4 blocks."""
     no_change = "no change to the maths"
     return [
-        row("sharding", {"stage": "ZeRO-1", "ranks": 8}, 40 * MIB, no_change, base),
-        row("checkpointing", checkpoint(4), 30 * MIB, no_change, base),
-        row("checkpointing", checkpoint(2), 16 * MIB, no_change, base),
-        row("mixed_precision", {"mode": "autocast", "dtype": "bf16"}, 20 * MIB, "small", base),
+        row("sharding", {"stage": "ZeRO-1", "ranks": 8}, base * 40 // 100, no_change, base),
+        row("checkpointing", checkpoint(4), base * 30 // 100, no_change, base),
+        row("checkpointing", checkpoint(2), base * 16 // 100, no_change, base),
+        row("mixed_precision", {"mode": "autocast", "dtype": "bf16"}, base * 20 // 100, "small",
+            base),
         {"technique": "optimizer", "options": {"to": "foreach=False"}, "applicable": False,
          "reason": "the step already runs the per-tensor loop", "baseline_peak_bytes": base,
          "cost": no_change},
@@ -145,7 +147,7 @@ def test_best_row_needs_no_more_gpus_when_a_single_one_can_save() -> None:
 def fitting_advice(base: int, usable: int, largest: int | None = None) -> dict[str, Any]:
     rows = rows_for(base)
     if largest is not None:
-        rows.append(row("batch", {"largest_batch_that_fits": largest}, -300 * MIB,
+        rows.append(row("batch", {"largest_batch_that_fits": largest}, -3 * base,
                         "changes the training", base))
     plan = {"budget": "T4 (16.0 GiB; 14.2 GiB usable by tensors); usable after the CUDA context",
             "usable_bytes": usable, "baseline_peak_bytes": base, "fits": True, "changes": [],
