@@ -437,9 +437,10 @@ def recommendation_text(advice: Any, profile: Any, json_path: Path, *, top: int 
     chosen = advice_view.recommend(data, profile.oom)
     if chosen is not None:
         lines.append(f"{'To save more' if fits is not None else 'Recommended'}: {chosen.text}")
-    others = [r for r in advice_view.display_order(advice_view.rows(data))
-              if advice_view.is_applicable(r) and (r.get("predicted_saving_bytes") or 0) > 0
-              and (chosen is None or advice_view.describe(r) != chosen.change)]
+    others = advice_view.display_order([
+        r for r in advice_view.rows(data)
+        if advice_view.is_applicable(r) and (r.get("predicted_saving_bytes") or 0) > 0
+        and (chosen is None or advice_view.describe(r) != chosen.change)])
     if others:
         lines.append(f"Other changes ({len(others)}; all of them: memprof advise {json_path} "
                      "--all):")

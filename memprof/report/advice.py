@@ -75,12 +75,11 @@ def best(advice: dict[str, Any] | None) -> dict[str, Any] | None:
     among the changes a single GPU can make (:data:`MORE_HARDWARE` only when there are none),
     from the first tier of training cost (the rows' ``cost``) that reaches the advice's usable
     budget; without a budget, or when no tier reaches it, the first tier with any saving."""
-    from memprof.advisor import cost as cost_tiers
-
     candidates = [(saving(r), r) for r in rows(advice) if is_applicable(r)]
     scored = [(s[0], r) for s, r in candidates if s is not None and s[0] > 0]
     if not scored:
         return None
+    from memprof.advisor import cost as cost_tiers
     one_gpu = [p for p in scored if p[1].get("technique") not in MORE_HARDWARE]
     scored = one_gpu or scored  # more GPUs only when a single one can do nothing
     by_tier = sorted(scored, key=lambda pair: cost_tiers.rank(str(pair[1].get("cost", ""))))
@@ -272,6 +271,8 @@ MORE_HARDWARE = frozenset({"sharding"})
 def display_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Applicable rows first; among them what a single GPU can do before what needs more
     hardware; then by cost to the training (cheapest first); then by saving (largest first)."""
+    if not records:
+        return []
     from memprof.advisor import cost as cost_tiers
 
     def key(r: dict[str, Any]) -> tuple[int, int, int, float]:
