@@ -84,7 +84,8 @@ class _AdviseCommand(click.Command):
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--budget", default=None, help='Memory budget: "24GiB", "80GB" or a GPU name.')
 @click.option("--gpu", default=None, help='GPU to fit, from the catalog ("A100 40GB", "T4").')
-@click.option("--top", default=12, show_default=True, help="Rows shown in the text table.")
+@click.option("--top", default=12, show_default=True,
+              help="Rows shown in the text table (0 or --all: every row).")
 @click.option("--all", "show_all", is_flag=True, help="Show every row of the text table.")
 @click.option("--save", is_flag=True, help="Store the advice in PROFILE.json (for the report).")
 @json_option(keys="profile, script, baseline_peak_bytes, measured_baseline_peak_bytes, budget, "
