@@ -139,9 +139,13 @@ def test_best_row_needs_no_more_gpus_when_a_single_one_can_save() -> None:
     assert advice_view.best(advice)["technique"] == "checkpointing"
     only = {"recommendations": [rows_for(100 * MIB)[0]]}
     assert advice_view.best(only)["technique"] == "sharding"
-    order = [r["technique"] for r in advice_view.display_order(advice["recommendations"])]
-    assert order == ["checkpointing", "checkpointing", "mixed_precision", "sharding",
-                     "optimizer"]
+    # a single-GPU change that saves nothing goes after every change that saves
+    idle = row("mixed_precision", {"mode": "pure"}, -MIB, "small", 100 * MIB)
+    order = [(r["technique"], r["options"].get("mode")) for r in
+             advice_view.display_order([*advice["recommendations"], idle])]
+    assert order == [("checkpointing", None), ("checkpointing", None),
+                     ("mixed_precision", "autocast"), ("sharding", None),
+                     ("mixed_precision", "pure"), ("optimizer", None)]
 
 
 def fitting_advice(base: int, usable: int, largest: int | None = None) -> dict[str, Any]:

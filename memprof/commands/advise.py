@@ -233,8 +233,9 @@ def _show(advice: Advice, *, as_json: bool, top: int, profile: str | None,
 
 def render(data: dict[str, Any], *, top: int) -> str:
     """The advice as text: first whether the step fits its budget (and with how much room),
-    then the one recommendation, then a table of the applicable rows (what a single GPU can do
-    first, cheapest to the training first; with the measured columns when simulated), the
+    then the one recommendation, then a table of the applicable rows (those that save memory
+    first: what a single GPU can do, cheapest to the training first, then what needs more
+    GPUs; with the measured columns when simulated), the
     reasons for the others, and the plan. ``top`` cuts the table (0: every row), and the
     text says how many rows were left out and how to see them."""
     from memprof.report import advice as advice_view

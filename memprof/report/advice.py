@@ -269,18 +269,21 @@ MORE_HARDWARE = frozenset({"sharding"})
 
 
 def display_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Applicable rows first; among them what a single GPU can do before what needs more
-    hardware; then by cost to the training (cheapest first); then by saving (largest first)."""
+    """Applicable rows first, and among them those that save memory; of those, what a single
+    GPU can do before what needs more hardware; then by cost to the training (cheapest
+    first); then by saving (largest first)."""
     if not records:
         return []
     from memprof.advisor import cost as cost_tiers
 
-    def key(r: dict[str, Any]) -> tuple[int, int, int, float]:
+    def key(r: dict[str, Any]) -> tuple[int, int, int, int, float]:
         found = saving(r)
+        amount = found[0] if found is not None else float("-inf")
         return (0 if is_applicable(r) else 1,
+                0 if amount > 0 else 1,
                 1 if r.get("technique") in MORE_HARDWARE else 0,
                 cost_tiers.rank(str(r.get("cost", ""))),
-                -(found[0] if found is not None else float("-inf")))
+                -amount)
 
     return sorted(records, key=key)
 
