@@ -159,7 +159,8 @@ def test_memprof_run_keeps_the_error_and_names_the_request(
     assert oom.budget_bytes is not None and oom.budget_bytes < oom.capacity_bytes
     assert oom.plan is not None and "explanation" in oom.plan
     html = (reports / "train_oom.html").read_text()
-    assert 'id="headline-oom"' in html and "out of memory: asked for" in html
+    assert 'id="headline-oom"' in html and "<dt>asked for</dt>" in html
+    assert "<dt>fix</dt>" in html  # the card ends with the same fix as the headline
     assert mine.read_text() == "mine"
     # AND a second run refuses to replace the profile it wrote
     again = _run(["-m", "memprof", "run", "train_oom.py", phase], tmp_path)

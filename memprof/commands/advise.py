@@ -84,7 +84,9 @@ class _AdviseCommand(click.Command):
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--budget", default=None, help='Memory budget: "24GiB", "80GB" or a GPU name.')
 @click.option("--gpu", default=None, help='GPU to fit, from the catalog ("A100 40GB", "T4").')
-@click.option("--top", default=12, show_default=True, help="Rows shown in the text table.")
+@click.option("--top", default=12, show_default=True,
+              help="Rows shown in the text table (0 or --all: every row).")
+@click.option("--all", "show_all", is_flag=True, help="Show every row of the text table.")
 @click.option("--save", is_flag=True, help="Store the advice in PROFILE.json (for the report).")
 @json_option(keys="profile, script, baseline_peak_bytes, measured_baseline_peak_bytes, budget, "
              "usable_bytes, recommendations, plan")
@@ -99,6 +101,7 @@ def command(
     budget: str | None,
     gpu: str | None,
     top: int,
+    show_all: bool,
     save: bool,
     as_json: bool,
     args: tuple[str, ...],
@@ -112,6 +115,8 @@ def command(
     if gpu is not None:
         lookup(gpu)  # an unknown name suggests close ones
     target_budget = gpu if gpu is not None else budget
+    if show_all:
+        top = 0  # no limit
     if simulate:
         if save:
             raise CommandError("--save stores advice in a profile file: with --simulate use -o")
@@ -227,14 +232,29 @@ def _show(advice: Advice, *, as_json: bool, top: int, profile: str | None,
 
 
 def render(data: dict[str, Any], *, top: int) -> str:
-    """The advice as text: a table of the applicable rows (with the measured columns when
-    simulated), the reasons for the others, and the plan."""
+    """The advice as text: first whether the step fits its budget (and with how much room),
+    then the one recommendation, then a table of the applicable rows (those that save memory
+    first: what a single GPU can do, cheapest to the training first, then what needs more
+    GPUs; with the measured columns when simulated), the
+    reasons for the others, and the plan. ``top`` cuts the table (0: every row), and the
+    text says how many rows were left out and how to see them."""
+    from memprof.report import advice as advice_view
+
     lines = [f"baseline step peak {size(data['baseline_peak_bytes'])}"]
     remeasured = data.get("measured_baseline_peak_bytes")
     if remeasured is not None and remeasured != data["baseline_peak_bytes"]:
         lines[0] += f" (measured again: {size(remeasured)})"
+    fits = advice_view.fit(data)
+    if fits is not None:
+        lines.append(fits.text)
+    recommendation = advice_view.recommend(data)
+    if recommendation is not None:
+        lead = "to save more" if fits is not None else "recommended"
+        lines.append(f"{lead}: {recommendation.text}")
     lines.append("")
-    rows = [r for r in data["recommendations"] if r.get("applicable")][:top]
+    applicable = [r for r in advice_view.display_order(data["recommendations"])
+                  if r.get("applicable")]
+    rows = applicable[:top] if top > 0 else applicable
     if data.get("simulated"):
         headers = ["technique", "options", "predicted", "measured", "error", "saving",
                    "loss drift", "time", "caveats"]
@@ -248,7 +268,7 @@ def render(data: dict[str, Any], *, top: int) -> str:
                 _pct(r.get("saving_pct")),
                 _drift(r.get("quality")),
                 f"{r['step_time_ratio']:.2f}x" if r.get("step_time_ratio") else "-",
-                (r.get("caveats") or "")[:50],
+                _clip(r.get("caveats"), 50),
                 r.get("cost") or "-",
             ]
             for r in rows
@@ -263,7 +283,7 @@ def render(data: dict[str, Any], *, top: int) -> str:
                 _options(r.get("options") or {}),
                 size(r.get("predicted_peak_bytes")),
                 _pct(r.get("saving_pct")),
-                (r.get("caveats") or "")[:60],
+                _clip(r.get("caveats"), 60),
                 r.get("cost") or "-",
             ]
             for r in rows
@@ -271,6 +291,10 @@ def render(data: dict[str, Any], *, top: int) -> str:
         headers.append("cost to training")
         align = "llrrll"
     lines.append(table(headers, body, align=align))
+    left_out = len(applicable) - len(rows)
+    if left_out:
+        lines.append(f"... {left_out} more row(s) not shown (of {len(applicable)}): --all shows "
+                     "them all, --top N the first N, --json every column")
     skipped = [r for r in data["recommendations"] if not r.get("applicable")]
     if skipped:
         lines.append("")
@@ -285,6 +309,12 @@ def render(data: dict[str, Any], *, top: int) -> str:
         elif plan.get("simulation"):
             lines.append(f"plan: {plan['simulation']}")
     return "\n".join(lines)
+
+
+def _clip(text: str | None, limit: int) -> str:
+    """A caveat cut to ``limit`` characters, marked when cut (--json has the whole text)."""
+    text = text or ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _pct(value: float | None, *, sign: bool = True) -> str:

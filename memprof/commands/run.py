@@ -424,6 +424,33 @@ def advice_text(advice: Any, *, top: int = 3) -> str:
     return str(advice)
 
 
+def recommendation_text(advice: Any, profile: Any, json_path: Path, *, top: int = 3) -> str:
+    """The one recommendation (the same the report's headline and out-of-memory card give:
+    :func:`memprof.report.advice.recommend`), then the next few changes that save memory."""
+    from memprof.report import advice as advice_view
+
+    data = advice_view.normalise(to_jsonable(advice)) or {}
+    lines = []
+    fits = advice_view.fit(data)
+    if fits is not None:
+        lines.append(fits.text)
+    chosen = advice_view.recommend(data, profile.oom)
+    if chosen is not None:
+        lines.append(f"{'To save more' if fits is not None else 'Recommended'}: {chosen.text}")
+    others = advice_view.display_order([
+        r for r in advice_view.rows(data)
+        if advice_view.is_applicable(r) and (r.get("predicted_saving_bytes") or 0) > 0
+        and (chosen is None or advice_view.describe(r) != chosen.change)])
+    if others:
+        lines.append(f"Other changes ({len(others)}; all of them: memprof advise {json_path} "
+                     "--all):")
+        for r in others[:top]:
+            lines.append(f"  {advice_view.describe(r)}: saves about "
+                         f"{advice_view.cell(r['predicted_saving_bytes'], 'bytes')} "
+                         f"({r.get('cost') or 'cost unknown'})")
+    return "\n".join(lines) if lines else advice_text(advice, top=top)
+
+
 # ------------------------------------------------------------------ output
 def top_modules(profile: Any, top: int = TOP_MODULES) -> list[dict[str, Any]]:
     """The modules holding the most memory (parameters + grads + optimizer state +
@@ -520,8 +547,7 @@ def _print_text(
         click.echo(largest)
     if advice is not None:
         click.echo("")
-        click.echo("Top recommendations:")
-        click.echo(advice_text(advice))
+        click.echo(recommendation_text(advice, profile, json_path))
         simulate = ["memprof", "advise", "--simulate", *(["-m"] if target.is_module else [])]
         simulate += [target.name, *target.argv[1:]]
         click.echo("Measure them on this script: " + shlex.join(simulate))

@@ -409,8 +409,10 @@ def hierarchy_figure(profile: Profile, *, limit: int = HIERARCHY_NODES) -> Figur
         "type": "icicle", "ids": ids, "parents": parents, "labels": labels, "values": values,
         "branchvalues": "total", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
         "maxdepth": 3, "tiling": {"orientation": "v"}, "root": {"color": "#f4f4f4"},
-        "marker": {"colorscale": "Blues", "reversescale": True, "colors": values,
-                   "line": {"width": 0.5}},
+        # light fills so dark labels stay readable at every depth; larger boxes a little deeper
+        "marker": {"colorscale": [[0, "#f4f8fc"], [1, "#a9cbe8"]], "colors": values,
+                   "line": {"width": 1, "color": "white"}},
+        "textfont": {"color": "#1b2733", "size": 13},
         "text": [format_bytes(v) for v in values], "textinfo": "label+text",
     }
     return {"data": [trace], "layout": base_layout(height=480, margin={"l": 5, "r": 5,

@@ -65,14 +65,16 @@ def build(profile: Profile, advice: dict[str, Any] | None) -> Headline:
     label = CATEGORY_LABELS[dominant]
     verb = "is" if dominant in ("optimizer_state", "other") else "are"
     opening = f"{label[0].upper()}{label[1:]} {verb} {pct:.0f}% of the peak"
-    row = advice_view.best(advice)
-    if row is not None:
-        found = advice_view.saving(row)
-        assert found is not None  # best() only returns rows with a saving
-        amount, how = found
-        verb_saves = "saved" if how == "measured" else "saves about"
-        sentence = (f"{opening}; {advice_view.describe(row)} {verb_saves} "
-                    f"{format_bytes(amount)} ({how}).")
+    recommendation = advice_view.recommend(advice, profile.oom)
+    fits = advice_view.fit(advice)
+    if recommendation is not None:
+        if fits is not None:
+            sentence = f"{fits.text} {opening}; to save more, {recommendation.text}."
+        else:
+            sentence = f"{opening}; {recommendation.text}."
+        source = "advice"
+    elif fits is not None:
+        sentence = f"{fits.text} {opening}."
         source = "advice"
     else:
         holder = _largest_holder(peak.by_module, dominant)
@@ -88,3 +90,41 @@ def _largest_holder(by_module: dict[str, dict[str, int]], category: str) -> str 
     if best is None or best[1].get(category, 0) <= 0:
         return None
     return f"{module_label(best[0])!r}, {format_bytes(best[1][category])}"
+
+
+@dataclass(frozen=True)
+class OOMCard:
+    """The out-of-memory post-mortem as a short card: (label, text) pairs, in reading order,
+    and the allocator's own message for whoever wants it."""
+
+    items: list[tuple[str, str]]
+    error: str
+
+
+def oom_card(profile: Profile, recommendation: advice_view.Recommendation | None) -> OOMCard | None:
+    """What was asked, where, what was alive, the capacity, and the fix (the same
+    recommendation as the headline's)."""
+    oom = profile.oom
+    if oom is None:
+        return None
+    asked = format_bytes(oom.requested_bytes) if oom.requested_bytes else "an unknown size"
+    where = f"{module_label(oom.module)!r}" if oom.module else "outside any module"
+    held = sorted(((v, c) for c, v in oom.by_category.items() if v > 0), reverse=True)
+    alive = format_bytes(oom.live_bytes)
+    if held:
+        alive += ": " + ", ".join(f"{CATEGORY_LABELS.get(c, c)} {format_bytes(v)}"
+                                  for v, c in held[:3])
+    items = [("asked for", asked), ("where", f"{where}, {oom.phase}, step {oom.step}"),
+             ("alive", alive)]
+    if oom.capacity_bytes is not None:
+        capacity = f"{format_bytes(oom.capacity_bytes)} ({oom.capacity_source})"
+        if oom.budget_bytes is not None and oom.budget_bytes != oom.capacity_bytes:
+            capacity += f"; {format_bytes(oom.budget_bytes)} of it usable by tensors"
+        items.append(("capacity", capacity))
+    if recommendation is not None:
+        items.append(("fix", recommendation.text))
+    elif oom.plan and oom.plan.get("explanation"):
+        items.append(("fix", str(oom.plan["explanation"])))
+    else:
+        items.append(("fix", "run memprof advise on this profile for what would fit"))
+    return OOMCard(items=items, error=oom.error)

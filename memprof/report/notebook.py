@@ -24,9 +24,12 @@ from memprof.units import format_bytes
 
 #: When plotly.js goes into a chart's HTML: "once" per process, "always", or "never".
 PLOTLYJS: Literal["once", "always", "never"] = "once"
-#: The columns of the advice table, in order (those a row has).
-ADVICE_COLUMNS = ("technique", "options", "applicable", "predicted_peak_bytes", "saving_pct",
-                  "measured_peak_bytes", "error_pct", "reason")
+#: The columns of the advice table, in order (those a row has), and the header a reader sees.
+ADVICE_COLUMNS = {"technique": "technique", "options": "options", "applicable": "applies",
+                  "predicted_peak_bytes": "peak after (predicted)", "saving_pct": "saves",
+                  "measured_peak_bytes": "peak after (measured)",
+                  "error_pct": "prediction off by", "cost": "cost to training",
+                  "reason": "why not"}
 
 _ids = itertools.count(1)
 _plotly_sent = False
@@ -63,8 +66,9 @@ def advice_html(advice: Any) -> str:
     rows = advice_view.rows(data)
     present = [c for c in ADVICE_COLUMNS if any(c in r for r in rows)]
     table = {
-        "columns": present,
-        "rows": [[advice_view.cell(r.get(c), c) for c in present] for r in rows],
+        "columns": [ADVICE_COLUMNS[c] for c in present],
+        "rows": [[advice_view.options_text(r.get(c)) if c == "options"
+                  else advice_view.cell(r.get(c), c) for c in present] for r in rows],
     } if rows else None
     plan = data.get("plan")
     plan_text = None

@@ -18,20 +18,17 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
         "chart-timeline": figures.timeline_figure(profile),
         "chart-layers": figures.layers_figure(profile),
         "chart-hierarchy": figures.hierarchy_figure(profile),
-        "chart-advice": figures.advice_figure(rows),
+        "chart-advice": figures.advice_figure(
+            [r for r in advice_view.display_order(rows) if advice_view.is_applicable(r)]),
         "chart-device": figures.device_figure(profile),
     }
     drawn, total_modules = figures.hierarchy_counts(profile, charts["chart-hierarchy"])
-    extra = {
-        k: advice_view.display(v, k)
-        for k, v in (advice_dict or {}).items()
-        if k not in advice_view.ROW_KEYS and k not in advice_view.PLAN_KEYS
-    }
-    plan = next(((k, advice_dict[k]) for k in advice_view.PLAN_KEYS
-                 if advice_dict and advice_dict.get(k)), None)
+    recommendation = advice_view.recommend(advice_dict, profile.oom)
     return {
         "head": headline.build(profile, advice_dict),
-        "oom": profile.oom.describe() if profile.oom is not None else None,
+        "oom": headline.oom_card(profile, recommendation),
+        "recommendation": recommendation,
+        "fit": advice_view.fit(advice_dict),
         "charts": {k: v for k, v in charts.items() if v is not None},
         "payload": {
             "figures": [{"id": k, **v} for k, v in charts.items() if v is not None],
@@ -48,10 +45,9 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
         "peak_tensors": sections.top_tensors(profile),
         "steps": sections.steps_table(profile),
         "advice": advice_dict,
-        "advice_rows": advice_view.display(rows, "recommendations") if rows else None,
-        "advice_best": _best_text(advice_dict),
-        "advice_plan": advice_view.display(plan[1], plan[0]) if plan else None,
-        "advice_extra": extra,
+        "advice_table": advice_view.recommendation_table(rows, recommendation),
+        "advice_plan": advice_view.plan_view((advice_dict or {}).get("plan")),
+        "advice_facts": _advice_facts(advice_dict),
         "device": sections.device_facts(profile),
         "environment": sections.environment(profile),
         "optimizers": sections.optimizers(profile),
@@ -60,9 +56,19 @@ def context(profile: Profile, *, advice: Any = None) -> dict[str, Any]:
     }
 
 
-def _best_text(advice: dict[str, Any] | None) -> str | None:
-    row = advice_view.best(advice)
-    found = advice_view.saving(row) if row is not None else None
-    if row is None or found is None:
-        return None
-    return f"{advice_view.describe(row)}: {advice_view.cell(found[0], 'bytes')} ({found[1]})"
+def _advice_facts(advice: dict[str, Any] | None) -> list[str]:
+    """What the advice was computed against, as sentences (the file's own keys stay out)."""
+    if not advice:
+        return []
+    facts = []
+    base = advice.get("baseline_peak_bytes")
+    if isinstance(base, int):
+        text = f"Predicted from a step peak of {advice_view.cell(base, 'bytes')}"
+        again = advice.get("measured_baseline_peak_bytes")
+        if isinstance(again, int) and again != base:
+            text += f" (measured again unchanged: {advice_view.cell(again, 'bytes')})"
+        facts.append(text + ".")
+    facts.append("Each change was simulated on a copy of the model and measured."
+                 if advice.get("simulated") else
+                 "Predictions only: `memprof advise --simulate` measures each change.")
+    return facts
