@@ -15,7 +15,8 @@ is the figure the advisor reports when the model is at hand. Without it the anal
 of the timeline adds the adapters to the parameters, scales gradients, optimizer states and the
 optimizer step's scratch by ``adapter bytes / parameter bytes`` and drops the saved inputs of
 the frozen Linears that get no adapter (a frozen Linear needs only its weight to pass the
-gradient back: the output head's input goes). It keeps everything else the model saves: an
+gradient back: the output head's input goes) and half of what an RMSNorm saves (its normalized
+input, kept only for its frozen weight's gradient). It keeps everything else the model saves: an
 adapted layer's input is saved by its ``lora_A`` instead of by the base layer.
 
 Simulation: peft's ``inject_adapter_in_model`` on the deep copy, then the steps as measured.
@@ -110,6 +111,9 @@ def transform_for(facts: Facts, rank: int, names: list[str],
     # frozen Linears without an adapter keep no input for a weight gradient
     dropped = sum(float(r["activation"]) for r in rows
                   if str(r["type"]) in LINEAR_TYPES and str(r["module"]) not in adapted)
+    # an RMSNorm written in elementary ops (Llama's) saves its normalized input for its
+    # weight's gradient, about half of what it saves: frozen, it does not
+    dropped += sum(0.5 * float(r["activation"]) for r in rows if "RMSNorm" in str(r["type"]))
     # each adapter saves its rank-wide hidden state for lora_B's gradient
     hidden = sum(ADAPTER_BYTES_PER_ELEMENT * rank * t for _, _, t in shapes.values())
     most = max((s["activation"] for s in facts.samples), default=0.0)
