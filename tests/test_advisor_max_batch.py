@@ -32,7 +32,8 @@ def test_search_doubles_then_bisects_and_stops_on_failures() -> None:
     found = max_batch.search(lambda n: (100 * n + 50 <= 1000, 100 * n + 50), 1000, start=4)
     assert found.size == 9 and found.peak_bytes == 950
     assert sorted(found.tried) == [4, 8, 9, 10, 12, 16]
-    assert max_batch.search(lambda n: (False, n), 0).size == 0
+    none = max_batch.search(lambda n: (False, n), 0)
+    assert none.size == 0 and none.describe() == "batch 1 does not fit"
 
     def failing(n: int) -> tuple[bool, int]:
         if n > 20:

@@ -28,6 +28,7 @@ def test_offload_rows_fake_run_matches_the_cpu_simulation() -> None:
             measured = simulate(workload, [change.apply], ref)
         assert abs(predicted - measured.peak_bytes) <= 0.03 * measured.peak_bytes
     assert "host and device are one memory" in rows[0].how
+    assert "a step over PCIe" in rows[0].how and "pinned" in rows[0].how  # transfer, host
     assert measured.peak_bytes < ref.peak_bytes  # with checkpointing: fewer saved tensors
 
 

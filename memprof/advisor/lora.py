@@ -15,8 +15,10 @@ is the figure the advisor reports when the model is at hand. Without it the anal
 of the timeline adds the adapters to the parameters, scales gradients, optimizer states and the
 optimizer step's scratch by ``adapter bytes / parameter bytes`` and drops the saved inputs of
 the frozen Linears that get no adapter (a frozen Linear needs only its weight to pass the
-gradient back: the output head's input goes). It keeps everything else the model saves: an
-adapted layer's input is saved by its ``lora_A`` instead of by the base layer.
+gradient back: the output head's input goes) and half of what an RMSNorm saves (its normalized
+input, kept only for its frozen weight's gradient); on a 16-bit base each adapted layer's
+input is saved as the fp32 copy peft casts for the adapter. It keeps everything else the model
+saves: an adapted layer's input is saved by its ``lora_A`` instead of by the base layer.
 
 Simulation: peft's ``inject_adapter_in_model`` on the deep copy, then the steps as measured.
 peft is an optional dependency (``pip install memprof[finetune]``); without it the row is
@@ -110,8 +112,18 @@ def transform_for(facts: Facts, rank: int, names: list[str],
     # frozen Linears without an adapter keep no input for a weight gradient
     dropped = sum(float(r["activation"]) for r in rows
                   if str(r["type"]) in LINEAR_TYPES and str(r["module"]) not in adapted)
+    # an RMSNorm written in elementary ops (Llama's) saves its normalized input for its
+    # weight's gradient, about half of what it saves: frozen, it does not
+    dropped += sum(0.5 * float(r["activation"]) for r in rows if "RMSNorm" in str(r["type"]))
     # each adapter saves its rank-wide hidden state for lora_B's gradient
-    hidden = sum(ADAPTER_BYTES_PER_ELEMENT * rank * t for _, _, t in shapes.values())
+    hidden = float(sum(ADAPTER_BYTES_PER_ELEMENT * rank * t for _, _, t in shapes.values()))
+    # on a 16-bit base peft casts each adapted layer's input to the adapters' fp32 and lora_A
+    # saves that copy, where the base layer saved the 16-bit input
+    own = {str(r["module"]): r for r in rows}
+    for name, (i, o, t) in shapes.items():
+        row = own.get(name)
+        if row is not None and 0 < float(row["parameter"]) < 3 * i * o:  # 16-bit weights
+            hidden += ADAPTER_BYTES_PER_ELEMENT * t * i - float(row["activation"])
     most = max((s["activation"] for s in facts.samples), default=0.0)
     keep = 1.0 - (dropped - hidden) / most if most else 1.0
 

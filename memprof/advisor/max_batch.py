@@ -47,7 +47,8 @@ class Largest:
 
     def describe(self, what: str = "batch") -> str:
         if self.size == 0:
-            return f"{what} 1 does not fit"
+            return f"{what} 1 failed to run: {self.stopped}" if self.stopped else (
+                f"{what} 1 does not fit")
         text = f"largest {what} that fits: {self.size}"
         if self.capped:
             text = f"{what} {self.size} fits (the search stops there)"

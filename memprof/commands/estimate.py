@@ -128,7 +128,8 @@ def command(
     if largest is not None:
         found, batch_size, seq_len = _largest(
             spec, largest, gpu, batch_size, seq_len, optimizer=optimizer, dtype=dtype,
-            mixed_precision=mixed_precision, device=device, steps=steps)
+            mixed_precision=mixed_precision, device=device, steps=steps, inference=inference,
+            context_len=context_len)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
