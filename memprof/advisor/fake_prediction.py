@@ -84,8 +84,12 @@ def _fake_batch(mode: Any, batch: Any) -> Any:
     return copy.deepcopy(batch)
 
 
-def fake_peak(workload: Workload, applies: list[Any] | None = None) -> int:
-    """The step peak of ``workload`` with ``applies`` (changes' ``apply``) run on fake copies."""
+def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to: int = 1,
+              device: str = "cpu") -> int:
+    """The step peak of ``workload`` with ``applies`` (changes' ``apply``) run on fake copies.
+
+    ``round_to`` and ``device`` are the profiler's (a ``memprof estimate`` of a CUDA step
+    charges 512-byte blocks and models ``cuda``), so the run compares with the profile."""
     from memprof.tracking.session import Profiler
 
     mode = fake_mode()
@@ -97,7 +101,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None) -> int:
             if state.shard is not None:
                 raise FakeRunError("a sharded run needs several processes: not run on fake tensors")
             optimizer = _optimizer(state)
-            with Profiler(state.model, optimizer, device_modelled="cpu") as prof:
+            with Profiler(state.model, optimizer, round_to=round_to,
+                          device_modelled=device) as prof:
                 _steps(workload, state, optimizer, prof)
             return int(prof.profile.peak().total_bytes)
     except FakeRunError:

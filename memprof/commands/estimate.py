@@ -109,7 +109,7 @@ def command(
     module:factory naming a function that returns an nn.Module (with make_batch(batch_size,
     seq_len) in the same module unless it is a transformers model).
     """
-    from memprof.estimate import build_spec, estimate
+    from memprof.estimate import build_spec, estimate_step
 
     if output is not None:
         output_path(output, force=force, what="profile")
@@ -121,11 +121,12 @@ def command(
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
-        profile = estimate(
+        step = estimate_step(
             spec, batch=lambda: spec.make_batch(batch_size, seq_len), optimizer=optimizer,
             dtype=dtype, mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
             inference=inference, context_len=context_len,
         )
+    profile = step.profile
     elapsed = time.perf_counter() - started
     info = profile.meta["estimate"]
     info.update(batch_size=batch_size, seq_len=seq_len, elapsed_s=round(elapsed, 3))
@@ -133,7 +134,11 @@ def command(
     notes: list[str] = []
     advice = None
     if gpu is not None:
-        advice, advice_note = _advise(profile, info)
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            advice, advice_note = _advise(profile, info, step)
+        info["advice_elapsed_s"] = round(time.perf_counter() - started, 3)
         if advice_note:
             notes.append(advice_note)
         if advice is not None:
@@ -156,18 +161,24 @@ def _usage(message: str) -> MemprofError:
     return EstimateError(message)
 
 
-def _advise(profile: Any, info: dict[str, Any]) -> tuple[Any, str | None]:
-    """The advisor's plan for the GPU's memory, or None and a note saying why there is none."""
+def _advise(profile: Any, info: dict[str, Any], step: Any) -> tuple[Any, str | None]:
+    """The advisor's rows and plan for the GPU's memory, predicted by fake runs of the model the
+    estimate built (a training step; inference rows stay analytic), or None and a note saying
+    why there is none. The budget is the GPU's text, so the plan's usable bytes are the fit
+    verdict's (memprof.gpus.budget_of, with this estimate's allocator replay)."""
     fit = info.get("fit")
     if fit is None:
         return None, None
     try:
-        from memprof.advisor import advise
+        from memprof.advisor import Workload, advise
     except ImportError as exc:
         return None, f"no plan: the advisor (memprof.advisor) is not available ({one_line(exc)})"
-    budget = int(fit["budget_bytes"])  # the advisor keeps memprof.gpus' reserve, as for `run`
+    fake_model = None
+    if not step.inference and step.optimizer is not None:
+        fake_model = Workload(model=step.model, optimizer=step.optimizer, batch=step.batch,
+                              step_fn=step.loss)
     try:
-        return advise(profile, budget=budget), None
+        return advise(profile, budget=str(fit["gpu"]), fake_model=fake_model), None
     except MemprofError as exc:
         return None, f"no plan: {one_line(exc)}"
     except Exception as exc:  # the estimate stands without a plan
