@@ -10,7 +10,8 @@ modelled rather than measured (512-byte allocator blocks, the CUDA context) is p
 ``num_parameters``, ``parameter_bytes``, ``peak_bytes`` (tensors at the peak),
 ``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added; on cuda the
 replay's reserved bytes plus the context), ``reserved_bytes``, ``fragmentation_bytes`` and
-``largest_free_block_bytes`` (the caching-allocator replay), ``modelled`` (what
+``largest_free_block_bytes`` (the caching-allocator replay), ``advice_elapsed_s`` (with
+``--gpu``: the advisor's time, fake runs included), ``modelled`` (what
 was modelled, as sentences), ``peak`` (``total_bytes``, ``step``, ``phase``, ``module``,
 ``by_category``), ``layers`` (the per-layer rows: ``module``, ``type``, ``parameter``,
 ``gradient``, ``optimizer_state``, ``activation``, ``peak_forward``, ``peak_backward``),
@@ -81,6 +82,9 @@ _LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
               help="Say whether it fits this GPU (see memprof.gpus) and plan what would.")
 @click.option("--steps", type=click.IntRange(min=1), default=2, show_default=True,
               help="Steps to run (the second has the optimizer state).")
+@click.option("--analytic", is_flag=True,
+              help="With --gpu: predict the advice from the profile alone (fast) instead of "
+                   "fake runs of the model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Also write the full profile JSON here (for memprof report / advise).")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
@@ -98,6 +102,7 @@ def command(
     device: str,
     gpu: str | None,
     steps: int,
+    analytic: bool,
     output: Path | None,
     force: bool,
     as_json: bool,
@@ -137,7 +142,7 @@ def command(
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            advice, advice_note = _advise(profile, info, step)
+            advice, advice_note = _advise(profile, info, None if analytic else step)
         info["advice_elapsed_s"] = round(time.perf_counter() - started, 3)
         if advice_note:
             notes.append(advice_note)
@@ -163,9 +168,10 @@ def _usage(message: str) -> MemprofError:
 
 def _advise(profile: Any, info: dict[str, Any], step: Any) -> tuple[Any, str | None]:
     """The advisor's rows and plan for the GPU's memory, predicted by fake runs of the model the
-    estimate built (a training step; inference rows stay analytic), or None and a note saying
-    why there is none. The budget is the GPU's text, so the plan's usable bytes are the fit
-    verdict's (memprof.gpus.budget_of, with this estimate's allocator replay)."""
+    estimate built (``step``: a training step; inference rows, and ``step=None``, stay
+    analytic), or None and a note saying why there is none. The budget is the GPU's text, so
+    the plan's usable bytes are the fit verdict's (memprof.gpus.budget_of, with this
+    estimate's allocator replay)."""
     fit = info.get("fit")
     if fit is None:
         return None, None
@@ -174,7 +180,7 @@ def _advise(profile: Any, info: dict[str, Any], step: Any) -> tuple[Any, str | N
     except ImportError as exc:
         return None, f"no plan: the advisor (memprof.advisor) is not available ({one_line(exc)})"
     fake_model = None
-    if not step.inference and step.optimizer is not None:
+    if step is not None and not step.inference and step.optimizer is not None:
         fake_model = Workload(model=step.model, optimizer=step.optimizer, batch=step.batch,
                               step_fn=step.loss)
     try:
@@ -262,6 +268,11 @@ def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
                       f"{'to spare' if fit['fits'] else 'too much'}"]
     if advice is not None:
         lines += ["", _advice_text(advice)]
+        if info.get("advice_elapsed_s") is not None:
+            rows_by = sorted({str(r.get("predicted_by")) for r in getattr(advice, "rows", [])
+                              if r.get("predicted_by")})
+            lines.append(f"advice took {info['advice_elapsed_s']:.1f} s (rows predicted by: "
+                         f"{', '.join(rows_by) or 'none'}; --analytic skips the fake runs)")
     if written is not None:
         lines += ["", f"profile written to {written} (memprof report {written})"]
     return "\n".join(lines)
