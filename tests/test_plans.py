@@ -184,3 +184,44 @@ def test_batch_row_of_a_quadratic_loss_is_within_3pct_of_the_simulation() -> Non
     assert double["error_pct"] is not None and double["error_pct"] <= 3.0, double
     accumulate = rows[str({"batch": 256, "micro_batch": 128, "accumulation": 2})]
     assert accumulate["error_pct"] is not None and accumulate["error_pct"] <= 3.0
+
+
+def test_cli_estimate_predicts_its_rows_by_fake_runs_and_checks_its_plan(tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "tinyllama.py").write_text(textwrap.dedent("""
+        import transformers
+
+        def build():
+            return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                max_position_embeddings=64))
+    """))
+    probe = estimate_step(_tiny_llama, batch=_ids, dtype="bf16", device="cuda")
+    replay = probe.profile.allocator["replay"]
+    cached = replay["reserved_peak_bytes"] - replay["allocated_peak_bytes"]
+    gpu = _size_text(gpus.CUDA_CONTEXT_BYTES + cached + int(0.7 * probe.profile.peak().total_bytes))
+    result = subprocess.run(
+        [sys.executable, "-m", "memprof.cli", "estimate", "tinyllama:build", "--batch-size", "4",
+         "--seq-len", "32", "--gpu", gpu, "--json"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["peak_bytes"] == probe.profile.peak().total_bytes
+    advice = data["advice"]
+    faked = [r for r in advice["recommendations"] if r.get("predicted_by") == "fake run"]
+    assert faked, "no row was predicted by a fake run"
+    assert any(r["technique"] == "batch" and r.get("predicted_by") == "fake run"
+               for r in advice["recommendations"])
+    plan = advice["plan"]
+    assert data["fit"]["usable_bytes"] == advice["usable_bytes"] == plan["usable_bytes"]
+    if plan["fits"]:
+        assert plan["checked_by"] == "fake run"
+        assert plan["predicted_peak_bytes"] <= plan["usable_bytes"]
+        assert plan["runs"][-1]["fits"] is True
+    assert data["advice_elapsed_s"] > 0
