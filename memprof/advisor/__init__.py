@@ -437,7 +437,9 @@ def _largest_batch_row(
         "technique": "batch",
         "options": {"largest_batch_that_fits": largest},
         "applicable": largest > 0,
-        "reason": None if largest else "no batch found whose run fits (batch 1 may not)",
+        "reason": None if largest else (
+            f"no batch found that fits {format_bytes(usable)} usable (batch {size} peaks at "
+            f"{format_bytes(base)})"),
         "baseline_peak_bytes": base,
         "predicted_peak_bytes": predicted,
         "predicted_saving_bytes": base - predicted if predicted is not None else None,
