@@ -472,8 +472,9 @@ def _plan(
     With a ``runner`` (the model is at hand) the planner's preferred combinations are run as a
     whole on fake tensors, in its order, up to :data:`MAX_PLAN_RUNS`; the plan is the first whose
     run fits, and ``fits`` is that run's verdict, never the composed prediction's. ``runs`` lists
-    each combination run (its composed prediction, the run's peak, whether it fit, or why it
-    could not run). Without a runner the plan is the composed prediction, ``checked_by``
+    each combination run (``predicted_bytes``: the planner's prediction, see
+    :func:`planner.candidates`; the run's peak, whether it fit, or why it could not run).
+    Without a runner the plan is the first prediction that fits, ``checked_by``
     ``"analytic"``."""
     from memprof.advisor.fake_prediction import FakeRunError
 
@@ -492,13 +493,15 @@ def _plan(
             chosen = (combo, facts.peak_bytes, "the profile")
             break
         if runner is None:
-            chosen = (combo, predicted, "analytic")
-            break
+            if predicted <= usable:
+                chosen = (combo, predicted, "analytic")
+                break
+            continue
         if len(runs) >= MAX_PLAN_RUNS:
             break
         record: dict[str, Any] = {
             "changes": [planner.to_row(c) for c in combo],
-            "composed_prediction_bytes": predicted,
+            "predicted_bytes": predicted,
         }
         runs.append(record)
         try:
@@ -574,7 +577,7 @@ def _no_plan(
         parts.append(
             f"{len(ran)} predicted to fit were run as a whole on fake tensors and did not "
             f"(lowest: {names} at {format_bytes(low['fake_run_peak_bytes'])}, predicted "
-            f"{format_bytes(low['composed_prediction_bytes'])})")
+            f"{format_bytes(low['predicted_bytes'])})")
     if unrunnable is not None:
         combo, predicted, why = unrunnable
         parts.append(

@@ -51,8 +51,14 @@ def plan(
 def candidates(
     facts: Facts, changes: list[Change], usable: int, *, tried: list[int] | None = None
 ) -> Iterator[tuple[tuple[Change, ...], int]]:
-    """Combinations whose predicted peak fits ``usable``, in the order the planner prefers them,
-    each once, with that predicted peak.
+    """Combinations predicted to fit ``usable``, in the order the planner prefers them, each
+    once, with their predicted peak.
+
+    A combination's peak is predicted by composing its changes' rewrites of the timeline
+    (analytic), corrected by each change's own error: its row's prediction (a fake run when the
+    model was at hand) less what its rewrite alone predicts. A single change is so predicted
+    exactly as its row; a combination is a candidate when the composed or the corrected figure
+    fits (the advisor's ``_plan`` runs it to find out which is right).
 
     Tiers of training cost are taken in order (see :mod:`memprof.advisor.cost`), each with the
     changes of the tiers before; within a tier the least quality/speed cost comes first, then
@@ -66,6 +72,8 @@ def candidates(
         if c.applicable and c.transform is not None and c.predicted_peak is not None
         and c.predicted_peak < facts.peak_bytes
     ]
+    offsets = {id(c): int(c.predicted_peak or 0) - predict_peak(facts, [c.transform])
+               for c in usable_changes if c.transform is not None}
     for allow_sharding in (False, True):
         for level in range(len(cost_tiers.TIERS)):
             allowed = [
@@ -87,8 +95,10 @@ def candidates(
                 seen.add(key)
                 if tried is not None:
                     tried[0] += 1
-                peak = predict_peak(facts, [c.transform for c in combo if c.transform is not None])
-                if peak <= usable:
+                composed = predict_peak(
+                    facts, [c.transform for c in combo if c.transform is not None])
+                peak = max(0, composed + sum(offsets[id(c)] for c in combo))
+                if min(composed, peak) <= usable:
                     fitting.append((cost(combo), peak, combo))
             fitting.sort(key=lambda f: (f[0], f[1], len(f[2])))
             for _, peak, combo in fitting:
