@@ -4,7 +4,10 @@
 give, from the profile's own numbers (see :mod:`memprof.advisor.core`). With a ``workload``
 it also applies each change to deep copies of the model and optimizer, runs a few steps under
 :func:`memprof.profile` and fills the measured columns. With a ``budget`` it plans the
-cheapest combination that fits (and, with a workload, simulates it).
+cheapest combination that fits: with the model at hand the combination is run as a whole on
+fake tensors and said to fit only when that run fits (and, with a workload, it is simulated).
+The budget's usable bytes come from :func:`memprof.gpus.budget_of`, the figure a ``memprof
+estimate`` fit verdict prints too.
 
 Example::
 
