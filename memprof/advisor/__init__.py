@@ -300,25 +300,20 @@ def _resize_apply(target: int, size: int) -> Callable[[Any], None]:
     return apply
 
 
-#: Fake runs the largest-batch row may take to step down to a batch whose run fits.
-MAX_BATCH_CHECKS = 3
-
-
 def _batch_rows(
     workload: Workload, ref: Measurement | None, base: int, resolved: tuple[int, str] | None,
     *, fake: dict[str, Any] | None = None, model: Workload | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for twice the batch, for half the batch with two accumulation steps, and (with a
-    budget) the largest batch that fits.
+    """Rows for twice the batch and for half the batch with two accumulation steps.
 
     With ``fake`` (fake_peak's options: the model is at hand) each row is predicted by a fake
-    run of the step at its own batch, so a peak that is not linear in the batch (attention's
-    scores, an LSTM's sequence, T5's relative positions) is what the model's own code makes;
-    the largest batch comes from a line through the fake runs at the batch and at twice it,
-    checked by a fake run at the batch it finds. Without it (no fake runs) the rows come from
-    per-phase lines through the peaks measured at half the batch and at the batch
-    (:class:`batch.BatchFit`). With ``ref`` (a simulation's unchanged run) each row is also
-    measured (on ``workload``; the fake runs use ``model`` when given, else ``workload``)."""
+    run of the step at its own batch, so a peak that is not linear in the batch (a contrastive
+    loss's batch x batch logits, attention, an LSTM) is what the model's own code makes.
+    Without it (no fake runs) the rows come from per-phase lines through the peaks measured at
+    half the batch and at the batch (:class:`batch.BatchFit`), and with a budget a row gives
+    the largest batch that line fits (with fake runs that is the bisection's row, #26). With
+    ``ref`` (a simulation's unchanged run) each row is also measured (on ``workload``; the
+    fake runs use ``model`` when given, else ``workload``)."""
     model = model or workload
     size = batch.batch_size(model.batch)
     if size is None or (size < 2 and fake is None):
@@ -398,57 +393,29 @@ def _batch_rows(
             else:
                 _fill_measured(row, predicted, measure(target), ref)
         rows.append(row)
-    if resolved is not None:
-        rows.append(_largest_batch_row(resolved[0], base, size, fit, peaks, fake_run
-                                       if fake is not None else None, how))
+    if resolved is not None and fit is not None:
+        # with fake runs the largest batch is found by bisection of fake runs elsewhere (the
+        # max_batch row, #26); here only the simulated two-point fit gives one
+        rows.append(_largest_batch_row(resolved[0], base, fit, how))
     return rows
 
 
 def _largest_batch_row(
-    usable: int, base: int, size: int, fit: batch.BatchFit | None, peaks: dict[int, int],
-    fake_run: Callable[[int], int] | None, how: str,
+    usable: int, base: int, fit: batch.BatchFit, how: str
 ) -> dict[str, Any]:
-    if fit is not None:
-        largest = fit.largest_fitting(usable)
-        predicted = fit.peak(largest) if largest else None
-        caveats = "extrapolated from the two-point fit"
-    else:
-        assert fake_run is not None
-        # a line through the fake runs at the batch and at twice it, then checked by a fake
-        # run at the batch it gives (stepping down while that run does not fit)
-        slope = max(1.0, (peaks[2 * size] - base) / size)
-        largest = max(0, int(size + (usable - base) // slope))
-        predicted = None
-        checks = 0
-        from memprof.advisor.fake_prediction import FakeRunError
-
-        while largest > 0 and checks < MAX_BATCH_CHECKS:
-            checks += 1
-            try:
-                peak = base if largest == size else fake_run(largest)
-            except FakeRunError:
-                break
-            if peak <= usable:
-                predicted = peak
-                break
-            largest = max(0, largest - max(1, int((peak - usable) // slope) + 1))
-        if predicted is None:
-            largest = 0
-        caveats = (f"a line through the fake runs at batch {size} and {2 * size}, checked by a "
-                   f"fake run at the batch it gives ({checks} run(s))")
+    largest = fit.largest_fitting(usable)
+    predicted = fit.peak(largest) if largest else None
     return {
         "technique": "batch",
         "options": {"largest_batch_that_fits": largest},
         "applicable": largest > 0,
-        "reason": None if largest else (
-            f"no batch found that fits {format_bytes(usable)} usable (batch {size} peaks at "
-            f"{format_bytes(base)})"),
+        "reason": None if largest else "batch 1 does not fit",
         "baseline_peak_bytes": base,
         "predicted_peak_bytes": predicted,
         "predicted_saving_bytes": base - predicted if predicted is not None else None,
         "saving_pct": None,
-        "caveats": caveats,
-        "predicted_by": "fake run" if fit is None else "measured simulation",
+        "caveats": "extrapolated from the two-point fit",
+        "predicted_by": "measured simulation",
         "how": how,
     }
 
