@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.errors import MemprofError
 from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
-from memprof.gpus import FRAGMENTATION_FRACTION, replay_cached_bytes, usable_bytes
+from memprof.gpus import FRAGMENTATION_FRACTION, budget_of, replay_cached_bytes
 from memprof.profile import Profile
 from memprof.units import format_bytes
 
@@ -68,9 +68,11 @@ __all__ = [
     "KNOWN_MODELS",
     "OPTIMIZERS",
     "EstimateError",
+    "EstimatedStep",
     "ModelSpec",
     "build_spec",
     "estimate",
+    "estimate_step",
     "synthetic_batch",
 ]
 
@@ -368,6 +370,25 @@ def _spec_from_factory(target: str) -> ModelSpec:
 
 
 # --------------------------------------------------------------------------- estimate
+@dataclass(frozen=True)
+class EstimatedStep:
+    """An estimate's profile and the fake objects that made it, kept so that the advisor can
+    run changes on fake copies of the same model (:func:`estimate_step`).
+
+    ``model`` and ``optimizer`` hold fake tensors only (nothing allocated); ``batch`` is the
+    fake batch; ``loss(model, batch)`` is the step's forward and loss (under the estimate's
+    autocast), to which a training step adds backward, the optimizer step and ``zero_grad``.
+    ``optimizer`` is None for inference and for ``optimizer="none"``.
+    """
+
+    profile: Profile
+    model: nn.Module = dataclasses.field(repr=False)
+    optimizer: torch.optim.Optimizer | None = dataclasses.field(repr=False)
+    batch: Any = dataclasses.field(repr=False)
+    loss: Callable[[nn.Module, Any], torch.Tensor] = dataclasses.field(repr=False)
+    inference: bool = False
+
+
 def estimate(
     model_factory: Callable[[], nn.Module] | ModelSpec,
     *,
@@ -382,7 +403,30 @@ def estimate(
     context_len: int | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> Profile:
-    """Profile ``steps`` steps of a model that is never allocated, and return the Profile.
+    """:func:`estimate_step`'s profile (see there for the arguments)."""
+    return estimate_step(
+        model_factory, batch=batch, optimizer=optimizer, dtype=dtype,
+        mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
+        inference=inference, context_len=context_len, loss_fn=loss_fn,
+    ).profile
+
+
+def estimate_step(
+    model_factory: Callable[[], nn.Module] | ModelSpec,
+    *,
+    batch: Any,
+    optimizer: str = "adamw",
+    dtype: str = "bf16",
+    mixed_precision: str | None = None,
+    device: str = "cuda",
+    gpu: str | None = None,
+    steps: int = 2,
+    inference: bool = False,
+    context_len: int | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> EstimatedStep:
+    """Profile ``steps`` steps of a model that is never allocated: the Profile, and the fake
+    model, optimizer and batch that made it.
 
     ``model_factory`` builds the model (inside FakeTensorMode, with ``dtype`` as the default
     dtype; floating parameters it made in another dtype are cast). ``batch`` is a dict of
@@ -449,14 +493,23 @@ def estimate(
                 prof.step()
         profile = prof.profile
         num_params, param_bytes = _count_parameters(model)
-        del model, opt, data
 
-    return _annotate(
+    profile = _annotate(
         profile, spec=spec, optimizer="none" if inference else optimizer, dtype=dtype,
         mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
         inference=inference, context_len=context_len, kv_cache_bytes=kv_cache_bytes,
         num_params=num_params, param_bytes=param_bytes, budget=budget,
     )
+    autocast_dtype = DTYPES[mixed_precision] if mixed_precision else None
+
+    def step_loss(model: nn.Module, data: Any) -> torch.Tensor:
+        with (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
+              else contextlib.nullcontext()):
+            output = _call(model, data)
+        return _loss(output, loss_fn)
+
+    return EstimatedStep(profile=profile, model=model, optimizer=opt, batch=data,
+                         loss=step_loss, inference=inference)
 
 
 @contextlib.contextmanager
@@ -785,25 +838,27 @@ def fit_verdict(tensor_bytes: int, gpu: str, *, budget: tuple[int, str] | None =
                 cached_bytes: int | None = None) -> dict[str, Any]:
     """Whether a step whose tensors peak at ``tensor_bytes`` fits ``gpu``.
 
-    The device's memory (as its driver reports it) less memprof.gpus' reserve for the CUDA
-    context and fragmentation is what tensors can use (``usable_bytes``); ``needed_bytes`` is
-    the tensors plus the context, ``headroom_bytes`` what is left of ``usable_bytes``. With
-    ``cached_bytes`` (reserved minus allocated in the allocator replay) the reserve for
-    fragmentation is that replay's instead of a fixed share, and ``needed_bytes`` is the
-    predicted reserved memory plus the context.
+    ``usable_bytes`` comes from :func:`memprof.gpus.budget_of`, the one budget function the
+    advisor's plan uses too: the device's memory (as its driver reports it) less the CUDA
+    context and the allocator's reserve: with ``cached_bytes`` (reserved minus allocated in
+    the allocator replay) that replay's, else a fixed share. ``needed_bytes`` is the tensors
+    plus that reserve plus the context, ``headroom_bytes`` what is left of ``usable_bytes``.
+    ``budget`` (total bytes and label, from :func:`_gpu_budget`) is only a name check already
+    made; the figures are budget_of's.
     """
-    capacity, description = budget if budget is not None else _gpu_budget(gpu)
-    usable = usable_bytes(capacity, cached_bytes=cached_bytes)
+    del budget
+    b = budget_of(gpu, cached_bytes=cached_bytes)
     return {
         "gpu": gpu,
-        "budget_bytes": capacity,
-        "budget": description,
-        "usable_bytes": usable,
+        "budget_bytes": b.total_bytes,
+        "budget": b.label,
+        "usable_bytes": b.usable_bytes,
+        "usable": b.describe(),
         "needed_bytes": tensor_bytes + (cached_bytes or 0) + CUDA_CONTEXT_BYTES,
         "reserve": "allocator replay" if cached_bytes is not None
         else f"{FRAGMENTATION_FRACTION:.0%} fragmentation share",
-        "fits": tensor_bytes <= usable,
-        "headroom_bytes": usable - tensor_bytes,
+        "fits": tensor_bytes <= b.usable_bytes,
+        "headroom_bytes": b.usable_bytes - tensor_bytes,
     }
 
 

@@ -104,6 +104,57 @@ def usable_bytes(driver_bytes: int, *, cached_bytes: int | None = None) -> int:
     return max(0, int(left * (1 - FRAGMENTATION_FRACTION)))
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a step's tensors may use, and why: the one figure the fit verdict, the planner and
+    every line of text print.
+
+    ``total_bytes`` is the budget as given (a size, or the GPU's driver-reported memory);
+    ``usable_bytes`` what is left after ``reserve`` (the CUDA context and the caching
+    allocator's share); ``label`` names the budget without any usable figure, so no text can
+    print a second one.
+    """
+
+    total_bytes: int
+    usable_bytes: int
+    label: str
+    reserve: str
+
+    def describe(self) -> str:
+        return f"{self.label}: {format_bytes(self.usable_bytes)} usable after {self.reserve}"
+
+    def __repr__(self) -> str:
+        return f"Budget({format_bytes(self.usable_bytes)} usable of {self.label})"
+
+
+def budget_of(spec: int | str, *, cached_bytes: int | None = None) -> Budget:
+    """The one budget function: usable bytes of a text budget (a size such as ``"24GiB"`` or a
+    GPU name) or of a number of bytes.
+
+    A text budget loses the CUDA context and the caching allocator's reserve: ``cached_bytes``
+    (reserved minus allocated in the profile's allocator replay, :func:`replay_cached_bytes`)
+    when there is one, else :data:`FRAGMENTATION_FRACTION` of what the context leaves. A number
+    is taken as bytes already free of the context and loses the fixed share only (a tiny test
+    budget would otherwise be eaten by the replay's 2-20 MiB segment granularity). Raises
+    :class:`BudgetError` / :class:`UnknownGPUError` for text that is neither.
+    """
+    if cached_bytes is None:
+        share = f"a {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+    else:
+        share = (f"{format_bytes(cached_bytes)} the caching allocator keeps beyond the tensors "
+                 "(its replay of this run)")
+    if isinstance(spec, str):
+        total, label = resolve_budget(spec)
+        return Budget(int(total), usable_bytes(total, cached_bytes=cached_bytes), label,
+                      f"the CUDA context ({format_bytes(CUDA_CONTEXT_BYTES)}) and {share}")
+    total = int(spec)
+    if total <= 0:
+        raise BudgetError(f"a budget must be positive (got {spec} bytes)")
+    usable = int(total * (1 - FRAGMENTATION_FRACTION))
+    return Budget(total, usable, f"{total} bytes",
+                  f"a {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve")
+
+
 def replay_cached_bytes(allocator: dict[str, Any] | None) -> int | None:
     """Reserved minus allocated at the peaks of a profile's allocator replay
     (``Profile.allocator``), or None when the profile has none."""
@@ -165,14 +216,14 @@ def resolve_budget(text: str) -> tuple[int, str]:
         except BudgetError:
             if _key(stripped) in _INDEX:  # "3090", "4090"
                 spec = _INDEX[_key(stripped)]
-                return spec.driver_bytes, spec.describe()
+                return spec.driver_bytes, _label(spec)
             raise BudgetError(
                 f"cannot read {text!r} as a budget: write a size such as 24GiB, 80GB or "
                 f"512MiB, or a GPU name such as 'A100 40GB' (see memprof.gpus.GPUS)"
             ) from None
         if _key(stripped) in _INDEX and not re.search(r"[a-zA-Z]", stripped):
             spec = _INDEX[_key(stripped)]
-            return spec.driver_bytes, spec.describe()
+            return spec.driver_bytes, _label(spec)
         return total, format_bytes(total)
     if not re.search(r"\d", stripped) or re.search(r"[a-zA-Z]", stripped[:1]):
         return _gpu(stripped)
@@ -187,14 +238,21 @@ def resolve_budget(text: str) -> tuple[int, str]:
 
 def _gpu(name: str) -> tuple[int, str]:
     spec = lookup(name)
-    return spec.driver_bytes, spec.describe()
+    return spec.driver_bytes, _label(spec)
+
+
+def _label(spec: GpuSpec) -> str:
+    # no usable figure here: that depends on the run (its allocator replay), see Budget
+    return f"{spec.name} ({format_bytes(spec.memory_bytes)})"
 
 
 __all__ = [
     "CUDA_CONTEXT_BYTES",
     "FRAGMENTATION_FRACTION",
     "GPUS",
+    "Budget",
     "GpuSpec",
+    "budget_of",
     "lookup",
     "replay_cached_bytes",
     "resolve_budget",

@@ -4,7 +4,10 @@
 give, from the profile's own numbers (see :mod:`memprof.advisor.core`). With a ``workload``
 it also applies each change to deep copies of the model and optimizer, runs a few steps under
 :func:`memprof.profile` and fills the measured columns. With a ``budget`` it plans the
-cheapest combination that fits (and, with a workload, simulates it).
+cheapest combination that fits: with the model at hand the combination is run as a whole on
+fake tensors and said to fit only when that run fits (and, with a workload, it is simulated).
+The budget's usable bytes come from :func:`memprof.gpus.budget_of`, the figure a ``memprof
+estimate`` fit verdict prints too.
 
 Example::
 
@@ -17,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from memprof.advisor import (
@@ -40,12 +44,7 @@ from memprof.advisor import (
 from memprof.advisor.advice import Advice
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
-from memprof.gpus import (
-    FRAGMENTATION_FRACTION,
-    replay_cached_bytes,
-    resolve_budget,
-    usable_bytes,
-)
+from memprof.gpus import budget_of, replay_cached_bytes
 from memprof.profile import Profile
 from memprof.units import format_bytes
 
@@ -68,26 +67,12 @@ def changes_for(facts: Facts) -> list[Change]:
 def read_budget(
     budget: int | str | None, *, cached_bytes: int | None = None
 ) -> tuple[int, str] | None:
-    """(usable bytes, description). A text budget (size or GPU) loses the CUDA context and the
-    caching allocator's reserve: the profile's own (``cached_bytes``, reserved minus allocated
-    in its allocator replay) when it has one, else a fixed share. An int is taken as bytes
-    already free of the context and loses the fixed share."""
+    """(usable bytes, description) of :func:`memprof.gpus.budget_of`, the one budget function
+    the fit verdict and the text use too."""
     if budget is None:
         return None
-    if cached_bytes is None:
-        reserve = f"{100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
-    else:
-        reserve = (f"{format_bytes(cached_bytes)} the caching allocator keeps beyond the "
-                   "tensors (its replay of this run)")
-    if isinstance(budget, str):
-        total, text = resolve_budget(budget)
-        return usable_bytes(total, cached_bytes=cached_bytes), (
-            f"{text}; usable after the CUDA context and {reserve}"
-        )
-    # Bytes given as a number stay as they always were: less the fixed share (a tiny budget
-    # would otherwise be eaten by the replay's 2-20 MiB segment granularity).
-    usable = int(int(budget) * (1 - FRAGMENTATION_FRACTION))
-    return usable, f"{budget} bytes less {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve"
+    b = budget_of(budget, cached_bytes=cached_bytes)
+    return b.usable_bytes, b.describe()
 
 
 class Simulator(Protocol):
@@ -170,8 +155,13 @@ def advise(
     extra: dict[str, Any] = {}
     analytic = {id(c): c.predicted_peak for c in changes}
     faked: dict[int, str | None] = {}
+    runner: PlanRunner | None = None
+    options: dict[str, Any] = {}
     if prediction == "fake" and model_at_hand is not None:
-        extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked)
+        options = fake_options(profile)
+        extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked,
+                                                         **options)
+        runner = _plan_runner(model_at_hand, options)
     if simulator is not None:
         if reference is None:
             reference = simulator.reference()
@@ -189,9 +179,14 @@ def advise(
             "analytic" if c.predicted_peak is not None else None)
         if failure is not None:
             row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)
-    if workload is not None and reference is not None and facts.has_optimizer:
+    if facts.has_optimizer and (runner is not None or (workload is not None
+                                                       and reference is not None)):
+        real = workload if workload is not None else model_at_hand
+        assert real is not None
         try:
-            rows.extend(_batch_rows(workload, reference, base, resolved))
+            rows.extend(_batch_rows(real, reference if workload is not None else None, base,
+                                    resolved, model=model_at_hand,
+                                    fake=options if runner is not None else None))
         except Exception as exc:  # the batch rows' simulations fail alone, with their reason
             first = str(exc).splitlines()[0] if str(exc) else ""
             rows.append({
@@ -202,13 +197,22 @@ def advise(
             })
     if prediction == "fake" and model_at_hand is not None and resolved is not None and (
             facts.has_optimizer):
-        rows.append(max_batch.advice_row(model_at_hand, resolved, base))
+        try:
+            rows.append(max_batch.advice_row(model_at_hand, resolved, base))
+        except Exception as exc:  # the search fails alone, with its reason
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            rows.append({
+                "technique": "batch", "options": {"largest_batch_that_fits": None},
+                "applicable": False, "baseline_peak_bytes": base, "predicted_by": "fake run",
+                "reason": f"the largest-batch search failed: {type(exc).__name__}: {first}",
+                "how": "fake runs at doubling batch sizes, then bisection",
+            })
     for row in rows:
         row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)
     plan = None
     if resolved is not None:
-        plan = _plan(facts, changes, resolved, simulator, reference)
+        plan = _plan(facts, changes, resolved, simulator, reference, runner)
         extra["budget"] = resolved[1]
         extra["usable_bytes"] = resolved[0]
     return Advice(
@@ -217,8 +221,28 @@ def advise(
     )
 
 
+def fake_options(profile: Profile) -> dict[str, Any]:
+    """How fake runs must profile to compare with ``profile``: a ``memprof estimate`` of a CUDA
+    step charges 512-byte blocks and models ``cuda``; a measured profile needs nothing."""
+    device = profile.device
+    if device.kind != "fake":
+        return {}
+    return {"round_to": max(1, int(device.allocation_rounding or 1)),
+            "device": "cuda" if "cuda" in device.name else "cpu"}
+
+
+def _plan_runner(model: Workload, options: dict[str, Any]) -> PlanRunner:
+    from memprof.advisor.fake_prediction import fake_peak
+
+    def run(combo: tuple[Change, ...]) -> int:
+        with seeded():
+            return fake_peak(model, [c.apply for c in combo if c.apply is not None], **options)
+
+    return run
+
+
 def fake_predict(
-    model: Workload, changes: list[Change], faked: dict[int, str | None]
+    model: Workload, changes: list[Change], faked: dict[int, str | None], **options: Any
 ) -> int | None:
     """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
@@ -227,7 +251,7 @@ def fake_predict(
 
     try:
         with seeded():
-            reference = fake_peak(model)
+            reference = fake_peak(model, **options)
     except FakeRunError:
         return None
     for c in changes:
@@ -235,7 +259,7 @@ def fake_predict(
             continue
         try:
             with seeded():
-                c.predicted_peak = fake_peak(model, [c.apply])
+                c.predicted_peak = fake_peak(model, [c.apply], **options)
             faked[id(c)] = None
         except FakeRunError as exc:
             faked[id(c)] = f"{exc}; predicted analytically"
@@ -294,35 +318,82 @@ def _rank(row: dict[str, Any]) -> tuple[int, int, float]:
             -(saving if saving is not None else float("-inf")))
 
 
+def _resize_apply(target: int, size: int) -> Callable[[Any], None]:
+    def apply(state: Any) -> None:
+        state.batch = batch.resize(state.batch, target, size)
+
+    return apply
+
+
 def _batch_rows(
-    workload: Workload, ref: Measurement, base: int, resolved: tuple[int, str] | None
+    workload: Workload, ref: Measurement | None, base: int, resolved: tuple[int, str] | None,
+    *, fake: dict[str, Any] | None = None, model: Workload | None = None,
 ) -> list[dict[str, Any]]:
-    size = batch.batch_size(workload.batch)
-    if size is None or size < 2:
-        return [
-            {
-                "technique": "batch",
-                "options": {},
-                "applicable": False,
-                "reason": "the batch has no leading batch dimension of 2 or more to fit from",
-                "baseline_peak_bytes": base,
-                "how": "needs two measured batch sizes",
-            }
-        ]
+    """Rows for twice the batch and for half the batch with two accumulation steps.
+
+    With ``fake`` (fake_peak's options: the model is at hand) each row is predicted by a fake
+    run of the step at its own batch, so a peak that is not linear in the batch (a contrastive
+    loss's batch x batch logits, attention, an LSTM) is what the model's own code makes.
+    Without it (no fake runs) the rows come from per-phase lines through the peaks measured at
+    half the batch and at the batch (:class:`batch.BatchFit`), and with a budget a row gives
+    the largest batch that line fits (with fake runs that is the bisection's row, #26). With
+    ``ref`` (a simulation's unchanged run) each row is also measured (on ``workload``; the
+    fake runs use ``model`` when given, else ``workload``)."""
+    model = model or workload
+    size = batch.batch_size(model.batch)
+    if size is None or (size < 2 and fake is None):
+        return [{
+            "technique": "batch", "options": {}, "applicable": False,
+            "reason": ("the batch has no leading batch dimension" if size is None else
+                       "the batch has no leading batch dimension of 2 or more to fit from"),
+            "baseline_peak_bytes": base, "how": "needs two batch sizes",
+        }]
+    targets: list[tuple[int, dict[str, Any]]] = [(2 * size, {"batch": 2 * size})]
     half = size // 2
-    with seeded():
-        small = simulate(workload, [], ref, batch=batch.resize(workload.batch, half, size))
-    fit = batch.BatchFit.from_profiles((half, small.profile), (size, ref.profile))
-    how = (
-        f"per-phase lines through the peaks measured at batch {half} and {size}: "
-        f"{fit.to_dict()['per_sample_bytes']} bytes per sample"
-    )
+    if half >= 1:
+        targets.append((half, {"batch": size, "micro_batch": half, "accumulation": 2}))
+
+    def fake_run(target: int) -> int:
+        from memprof.advisor.fake_prediction import fake_peak
+
+        with seeded():
+            return fake_peak(model, [_resize_apply(target, size)], **(fake or {}))
+
+    def measure(target: int) -> Measurement:
+        assert ref is not None
+        with seeded():
+            return simulate(workload, [], ref, batch=batch.resize(workload.batch, target, size))
+
+    fit: batch.BatchFit | None = None
+    small: Measurement | None = None
+    peaks: dict[int, int] = {}
+    if fake is not None:
+        from memprof.advisor.fake_prediction import FakeRunError
+
+        try:
+            for target, _ in targets:
+                peaks[target] = fake_run(target)
+            how = "a fake run of the step at this batch (the model's own code, nothing allocated)"
+            by = "fake run"
+        except FakeRunError as exc:
+            if ref is None or size < 2:
+                return [{
+                    "technique": "batch", "options": {}, "applicable": False,
+                    "reason": f"the batch rows are predicted by fake runs: {exc}",
+                    "baseline_peak_bytes": base, "how": "a fake run at each batch",
+                }]
+            fake, peaks = None, {}
+    if fake is None:
+        assert ref is not None
+        small = measure(half)
+        fit = batch.BatchFit.from_profiles((half, small.profile), (size, ref.profile))
+        peaks = {target: fit.peak(target) for target, _ in targets}
+        how = (f"per-phase lines through the peaks measured at batch {half} and {size}: "
+               f"{fit.to_dict()['per_sample_bytes']} bytes per sample")
+        by = "measured simulation"
     rows = []
-    for target, options in (
-        (2 * size, {"batch": 2 * size}),
-        (half, {"batch": size, "micro_batch": half, "accumulation": 2}),
-    ):
-        predicted = fit.peak(target)
+    for target, options in targets:
+        predicted = peaks[target]
         row: dict[str, Any] = {
             "technique": "batch",
             "options": options,
@@ -332,7 +403,7 @@ def _batch_rows(
             "predicted_peak_bytes": predicted,
             "predicted_saving_bytes": base - predicted,
             "saving_pct": 100.0 * (base - predicted) / base if base else 0.0,
-            "predicted_by": "measured simulation",
+            "predicted_by": by,
             "caveats": (
                 "gradient accumulation keeps the effective batch; steps take about as long in total"
                 if "accumulation" in options
@@ -340,32 +411,47 @@ def _batch_rows(
             ),
             "how": how,
         }
-        if target == half:
-            _fill_measured(row, predicted, small, ref)
-            row["caveats"] = f"{row['caveats']}; measured at the fit's own point (not independent)"
-        else:
-            with seeded():
-                m = simulate(workload, [], ref, batch=batch.resize(workload.batch, target, size))
-            _fill_measured(row, predicted, m, ref)
+        if ref is not None:
+            if target == half and small is not None:
+                _fill_measured(row, predicted, small, ref)
+                row["caveats"] += "; measured at the fit's own point (not independent)"
+            else:
+                _fill_measured(row, predicted, measure(target), ref)
         rows.append(row)
-    if resolved is not None:
-        largest = fit.largest_fitting(resolved[0])
-        rows.append(
-            {
-                "technique": "batch",
-                "options": {"largest_batch_that_fits": largest},
-                "applicable": largest > 0,
-                "reason": None if largest else "batch 1 does not fit",
-                "baseline_peak_bytes": base,
-                "predicted_peak_bytes": fit.peak(largest) if largest else None,
-                "predicted_saving_bytes": base - fit.peak(largest) if largest else None,
-                "saving_pct": None,
-                "caveats": "extrapolated from the two-point fit",
-                "predicted_by": "measured simulation",
-                "how": how,
-            }
-        )
+    if resolved is not None and fit is not None:
+        # with fake runs the largest batch is found by bisection of fake runs elsewhere (the
+        # max_batch row, #26); here only the simulated two-point fit gives one
+        rows.append(_largest_batch_row(resolved[0], base, fit, how))
     return rows
+
+
+def _largest_batch_row(
+    usable: int, base: int, fit: batch.BatchFit, how: str
+) -> dict[str, Any]:
+    largest = fit.largest_fitting(usable)
+    predicted = fit.peak(largest) if largest else None
+    return {
+        "technique": "batch",
+        "options": {"largest_batch_that_fits": largest},
+        "applicable": largest > 0,
+        "reason": None if largest else "batch 1 does not fit",
+        "baseline_peak_bytes": base,
+        "predicted_peak_bytes": predicted,
+        "predicted_saving_bytes": base - predicted if predicted is not None else None,
+        "saving_pct": None,
+        "caveats": "extrapolated from the two-point fit",
+        "predicted_by": "measured simulation",
+        "how": how,
+    }
+
+
+#: Combinations the planner runs as a whole on fake tensors before it gives up: each run of a
+#: 7B-shaped model costs seconds.
+MAX_PLAN_RUNS = 4
+
+#: Runs a combination of changes on fake tensors and returns its step peak (raises
+#: :class:`~memprof.advisor.fake_prediction.FakeRunError` when it cannot run).
+PlanRunner = Callable[[tuple[Change, ...]], int]
 
 
 def _plan(
@@ -374,39 +460,78 @@ def _plan(
     resolved: tuple[int, str],
     simulator: Simulator | None,
     ref: Measurement | None,
+    runner: PlanRunner | None = None,
 ) -> dict[str, Any]:
+    """The cheapest combination that fits ``resolved``'s usable bytes.
+
+    With a ``runner`` (the model is at hand) the planner's preferred combinations are run as a
+    whole on fake tensors, in its order, up to :data:`MAX_PLAN_RUNS`; the plan is the first whose
+    run fits, and ``fits`` is that run's verdict, never the composed prediction's. ``runs`` lists
+    each combination run (``predicted_bytes``: the planner's prediction, see
+    :func:`planner.candidates`; the run's peak, whether it fit, or why it could not run).
+    Without a runner the plan is the first prediction that fits, ``checked_by``
+    ``"analytic"``."""
+    from memprof.advisor.fake_prediction import FakeRunError
+
     usable, text = resolved
-    combo, peak, tried = planner.plan(facts, changes, usable)
+    counter = [0]
     result: dict[str, Any] = {
         "budget": text,
         "usable_bytes": usable,
         "baseline_peak_bytes": facts.peak_bytes,
-        "combinations_tried": tried,
     }
-    if combo is None:
-        best = min(
-            (c for c in changes if c.predicted_peak is not None),
-            key=lambda c: c.predicted_peak or 0,
-            default=None,
-        )
-        result.update(
-            fits=False,
-            changes=[],
-            predicted_peak_bytes=None,
-            explanation=(
-                "no combination of the techniques fits "
-                f"{text}; the lowest single prediction is "
-                f"{planner.describe(best) if best else 'none'}"
-            ),
-        )
+    runs: list[dict[str, Any]] = []
+    chosen: tuple[tuple[Change, ...], int, str] | None = None
+    unrunnable: tuple[tuple[Change, ...], int, str] | None = None
+    for combo, predicted in planner.candidates(facts, changes, usable, tried=counter):
+        if not combo:  # the profiled step itself fits: it is its own run
+            chosen = (combo, facts.peak_bytes, "the profile")
+            break
+        if runner is None:
+            if predicted <= usable:
+                chosen = (combo, predicted, "analytic")
+                break
+            continue
+        if len(runs) >= MAX_PLAN_RUNS:
+            break
+        record: dict[str, Any] = {
+            "changes": [planner.to_row(c) for c in combo],
+            "predicted_bytes": predicted,
+        }
+        runs.append(record)
+        try:
+            if any(c.apply is None for c in combo):
+                raise FakeRunError(", ".join(planner.describe(c) for c in combo if c.apply is None)
+                                   + " cannot be applied to a copy")
+            peak = runner(combo)
+        except FakeRunError as exc:
+            record["error"] = str(exc)
+            if unrunnable is None:
+                unrunnable = (combo, predicted, str(exc))
+            continue
+        record["fake_run_peak_bytes"] = peak
+        record["fits"] = peak <= usable
+        if peak <= usable:
+            chosen = (combo, peak, "fake run")
+            break
+    result["combinations_tried"] = counter[0]
+    if runner is not None:
+        result["runs"] = runs
+    if chosen is None:
+        result.update(fits=False, changes=[], predicted_peak_bytes=None,
+                      explanation=_no_plan(facts, changes, text, runs, unrunnable))
         return result
-    if not combo:
-        peak = facts.peak_bytes
+    combo, peak, checked_by = chosen
     result.update(
         fits=True,
+        checked_by=checked_by,
         changes=[planner.to_row(c) for c in combo],
         predicted_peak_bytes=peak,
-        explanation=planner.explain(combo, peak, usable, facts.peak_bytes),
+        explanation=planner.explain(combo, peak, usable, facts.peak_bytes)
+        + ("" if checked_by != "fake run"
+           else "; the combination was run as a whole on fake tensors")
+        + ("; composed from the rows' predictions, not run (no model at hand)"
+           if checked_by == "analytic" else ""),
     )
     if simulator is not None and ref is not None and combo:
         if all(c.apply is not None for c in combo):
@@ -427,6 +552,36 @@ def _plan(
                 + " cannot run here"
             )
     return result
+
+
+def _no_plan(
+    facts: Facts, changes: list[Change], text: str, runs: list[dict[str, Any]],
+    unrunnable: tuple[tuple[Change, ...], int, str] | None,
+) -> str:
+    best = min(
+        (c for c in changes if c.applicable and c.predicted_peak is not None),
+        key=lambda c: c.predicted_peak or 0,
+        default=None,
+    )
+    parts = [f"no combination of the techniques fits {text}"]
+    ran = [r for r in runs if "fake_run_peak_bytes" in r]
+    if ran:
+        low = min(ran, key=lambda r: r["fake_run_peak_bytes"])
+        names = " + ".join(
+            planner.describe_row(r) for r in low["changes"]) or "the unchanged step"
+        parts.append(
+            f"{len(ran)} predicted to fit were run as a whole on fake tensors and did not "
+            f"(lowest: {names} at {format_bytes(low['fake_run_peak_bytes'])}, predicted "
+            f"{format_bytes(low['predicted_bytes'])})")
+    if unrunnable is not None:
+        combo, predicted, why = unrunnable
+        parts.append(
+            f"{' + '.join(planner.describe(c) for c in combo)} is predicted at "
+            f"{format_bytes(predicted)} but was not run ({why}), so it is not a plan that fits")
+    parts.append(
+        f"the lowest single prediction is {planner.describe(best) if best else 'none'}"
+        + (f" at {format_bytes(best.predicted_peak)}" if best and best.predicted_peak else ""))
+    return "; ".join(parts)
 
 
 __all__ = ["Advice", "Simulator", "Workload", "WorkloadSimulator", "advise"]

@@ -93,8 +93,12 @@ def _fake_batch(mode: Any, batch: Any) -> Any:
     return copy.deepcopy(batch)
 
 
-def fake_peak(workload: Workload, applies: list[Any] | None = None) -> int:
-    """The step peak of ``workload`` with ``applies`` (changes' ``apply``) run on fake copies."""
+def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to: int = 1,
+              device: str = "cpu") -> int:
+    """The step peak of ``workload`` with ``applies`` (changes' ``apply``) run on fake copies.
+
+    ``round_to`` and ``device`` are the profiler's (a ``memprof estimate`` of a CUDA step
+    charges 512-byte blocks and models ``cuda``), so the run compares with the profile."""
     from memprof.tracking.session import Profiler
 
     mode = fake_mode()
@@ -108,7 +112,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None) -> int:
             one_step = _warm_optimizer(workload, state)
             if one_step is not None:
                 optimizer, warm = one_step
-                with Profiler(state.model, optimizer, device_modelled="cpu") as prof:
+                with Profiler(state.model, optimizer, round_to=round_to,
+                              device_modelled=device) as prof:
                     missed = _steps(workload, state, optimizer, prof, steps=1, warm=warm)
                 if not missed:
                     return int(prof.profile.peak().total_bytes)
@@ -116,7 +121,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None) -> int:
                 for apply in applies or []:
                     apply(state)
             optimizer = _optimizer(state)
-            with Profiler(state.model, optimizer, device_modelled="cpu") as prof:
+            with Profiler(state.model, optimizer, round_to=round_to,
+                          device_modelled=device) as prof:
                 _steps(workload, state, optimizer, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
     except FakeRunError:

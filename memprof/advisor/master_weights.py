@@ -21,6 +21,7 @@ import torch
 from memprof.advisor.core import TRAINING_ONLY_REASON, Change, Facts, Sample, Transform
 from memprof.advisor.mixed_precision import (
     _apply_pure_bf16,
+    already_16_bit,
     cpu_kernel_caveats,
     pure_bf16_transform,
 )
@@ -55,6 +56,12 @@ def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [Change("mixed_precision", dict(OPTIONS), TRAINING_ONLY_REASON, applicable=False,
                        reason=TRAINING_ONLY_REASON, group="precision")]
+    sixteen = already_16_bit(facts)
+    if sixteen is not None:
+        reason = (f"the parameters are already {sixteen}: fp32 master weights would add "
+                  "memory, not save it")
+        return [Change("mixed_precision", dict(OPTIONS), reason, applicable=False, reason=reason,
+                       group="precision")]
     opt = facts.profile.optimizers[0]
     if not float(opt.get("state_bytes", 0) or 0):
         reason = (f"{facts.optimizer_class} keeps no state here: fp32 master weights would be "

@@ -390,8 +390,53 @@ def cpu_kernel_caveats(facts: Facts, dtype: torch.dtype) -> list[str]:
     return out
 
 
+def parameter_dtypes(facts: Facts) -> set[str]:
+    """The floating dtypes of the profiled model's parameters ("bfloat16", "float32", ...):
+    the optimizer's record of what it trained, else an estimate's dtype; empty when unknown."""
+    names: set[str] = set()
+    for opt in facts.profile.optimizers:
+        names.update(str(d) for d in opt.get("parameter_dtypes") or [])
+    if not names:
+        info = facts.profile.meta.get("estimate") or {}
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
+            str(info.get("dtype")))
+        if dtype is not None:
+            names.add(dtype)
+    return {n for n in names if "float" in n}
+
+
+def already_16_bit(facts: Facts) -> str | None:
+    """The 16-bit dtype every floating parameter already has (None if any is wider or the
+    profile does not say): a change to 16 bits would change nothing there."""
+    names = parameter_dtypes(facts)
+    if names and names <= {"bfloat16", "float16"}:
+        return " and ".join(sorted(names))
+    return None
+
+
+def _unchanged(facts: Facts, dtype: str) -> list[Change]:
+    """Rows that would change nothing on a model whose parameters are already 16-bit."""
+    rows = []
+    for options, why in (
+        ({"mode": "autocast", "dtype": "bf16"},
+         "autocast casts fp32 weights and inputs to 16 bits: there is none to cast"),
+        ({"mode": "autocast", "dtype": "fp16", "grad_scaler": True},
+         "autocast casts fp32 weights and inputs to 16 bits: there is none to cast"),
+        ({"mode": "pure", "dtype": "bf16", "master_weights": False},
+         "pure bf16 halves fp32 weights, gradients and states: they are 16-bit already"),
+    ):
+        reason = f"the parameters are already {dtype}: {why}, so it would change nothing"
+        rows.append(Change("mixed_precision", options, reason, applicable=False, reason=reason,
+                           group="precision"))
+    return rows
+
+
 def predict(facts: Facts) -> list[Change]:
-    """Autocast bf16, autocast fp16 + GradScaler, and pure bf16 (weights and states)."""
+    """Autocast bf16, autocast fp16 + GradScaler, and pure bf16 (weights and states); none of
+    them on a model whose parameters are already 16-bit (they would change nothing)."""
+    sixteen = already_16_bit(facts)
+    if sixteen is not None:
+        return _unchanged(facts, sixteen)
     device = target_device(facts)
     lay = autocast_layout(facts, device)
     loss = lay.loss_bytes

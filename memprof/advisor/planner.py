@@ -6,11 +6,16 @@ in turn to the profile's timeline); among those that fit, the one with the least
 cost = 3 x quality cost + speed cost (priors per change: lossless and free changes first, then
 precision, then those that alter training or the model). Sharding (it needs more GPUs) is only
 considered when nothing else fits.
+
+The predicted peak of a combination is analytic (the rewrites composed); the advisor's ``_plan``
+runs the preferred combinations as a whole on fake tensors when the model is at hand and keeps
+the first whose run fits (:func:`candidates` gives them in order).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from memprof.advisor import cost as cost_tiers
@@ -22,6 +27,12 @@ def describe(change: Change) -> str:
     return f"{change.technique} ({opts})" if opts else change.technique
 
 
+def describe_row(row: dict[str, Any]) -> str:
+    """:func:`describe` of a plan row (:func:`to_row`)."""
+    opts = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k != "modules")
+    return f"{row['technique']} ({opts})" if opts else str(row["technique"])
+
+
 def cost(combo: tuple[Change, ...]) -> float:
     return sum(3 * c.quality_cost + c.speed_cost for c in combo)
 
@@ -29,54 +40,69 @@ def cost(combo: tuple[Change, ...]) -> float:
 def plan(
     facts: Facts, changes: list[Change], usable: int
 ) -> tuple[tuple[Change, ...] | None, int, int]:
-    """(best combination or None, its predicted peak, number of combinations tried).
-
-    Tiers of training cost are tried in order (see :mod:`memprof.advisor.cost`): the first
-    tier whose changes (with those of the tiers before) reach the budget gives the plan."""
-    tried = 0
-    # Sharding needs more GPUs: every tier is tried without it first.
-    for allow_sharding in (False, True):
-        for level in range(len(cost_tiers.TIERS)):
-            allowed = [c for c in changes
-                       if cost_tiers.rank(cost_tiers.cost_of(c.technique, c.options)) <= level]
-            combo, peak, n = _plan_within(facts, allowed, usable, allow_sharding)
-            tried += n
-            if combo is not None:
-                return combo, peak, tried
-    return None, 0, tried
+    """(best combination or None, its predicted peak, number of combinations tried): the first
+    of :func:`candidates`, unchecked (the advisor's ``_plan`` runs them)."""
+    counter = [0]
+    for combo, peak in candidates(facts, changes, usable, tried=counter):
+        return combo, peak, counter[0]
+    return None, 0, counter[0]
 
 
-def _plan_within(
-    facts: Facts, changes: list[Change], usable: int, allow_sharding: bool
-) -> tuple[tuple[Change, ...] | None, int, int]:
-    candidates = [
-        c
-        for c in changes
-        if c.applicable
-        and c.transform is not None
-        and c.predicted_peak is not None
+def candidates(
+    facts: Facts, changes: list[Change], usable: int, *, tried: list[int] | None = None
+) -> Iterator[tuple[tuple[Change, ...], int]]:
+    """Combinations predicted to fit ``usable``, in the order the planner prefers them, each
+    once, with their predicted peak.
+
+    A combination's peak is predicted by composing its changes' rewrites of the timeline
+    (analytic), corrected by each change's own error: its row's prediction (a fake run when the
+    model was at hand) less what its rewrite alone predicts. A single change is so predicted
+    exactly as its row; a combination is a candidate when the composed or the corrected figure
+    fits (the advisor's ``_plan`` runs it to find out which is right).
+
+    Tiers of training cost are taken in order (see :mod:`memprof.advisor.cost`), each with the
+    changes of the tiers before; within a tier the least quality/speed cost comes first, then
+    the lower peak. Changes that need more GPUs (group ``sharding``) come only after every tier
+    without them. The rows are generic: any technique's changes take part through their
+    ``group``, cost tier and ``transform``. ``tried`` (a one-item list) counts the combinations
+    scored."""
+    seen: set[tuple[int, ...]] = set()
+    usable_changes = [
+        c for c in changes
+        if c.applicable and c.transform is not None and c.predicted_peak is not None
         and c.predicted_peak < facts.peak_bytes
     ]
-    tried = 0
-    for sharding in sorted({False, allow_sharding}):
-        groups: dict[str, list[Change]] = {}
-        for c in candidates:
-            if c.group == "sharding" and not sharding:
+    offsets = {id(c): int(c.predicted_peak or 0) - predict_peak(facts, [c.transform])
+               for c in usable_changes if c.transform is not None}
+    for allow_sharding in (False, True):
+        for level in range(len(cost_tiers.TIERS)):
+            allowed = [
+                c for c in usable_changes
+                if cost_tiers.rank(cost_tiers.cost_of(c.technique, c.options)) <= level
+                and (allow_sharding or c.group != "sharding")
+            ]
+            if allow_sharding and not any(c.group == "sharding" for c in allowed):
                 continue
-            groups.setdefault(c.group, []).append(c)
-        options = [[None, *g] for g in groups.values()]
-        best: tuple[float, tuple[Change, ...], int] | None = None
-        for pick in itertools.product(*options):
-            combo = tuple(c for c in pick if c is not None)
-            tried += 1
-            peak = predict_peak(facts, [c.transform for c in combo if c.transform is not None])
-            if peak <= usable:
-                key = cost(combo)
-                if best is None or key < best[0] or (key == best[0] and peak < best[2]):
-                    best = (key, combo, peak)
-        if best is not None:
-            return best[1], best[2], tried
-    return None, 0, tried
+            groups: dict[str, list[Change]] = {}
+            for c in allowed:
+                groups.setdefault(c.group, []).append(c)
+            fitting: list[tuple[float, int, tuple[Change, ...]]] = []
+            for pick in itertools.product(*([None, *g] for g in groups.values())):
+                combo = tuple(c for c in pick if c is not None)
+                key = tuple(id(c) for c in combo)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if tried is not None:
+                    tried[0] += 1
+                composed = predict_peak(
+                    facts, [c.transform for c in combo if c.transform is not None])
+                peak = max(0, composed + sum(offsets[id(c)] for c in combo))
+                if min(composed, peak) <= usable:
+                    fitting.append((cost(combo), peak, combo))
+            fitting.sort(key=lambda f: (f[0], f[1], len(f[2])))
+            for _, peak, combo in fitting:
+                yield combo, peak
 
 
 def explain(combo: tuple[Change, ...], peak: int, usable: int, baseline: int) -> str:

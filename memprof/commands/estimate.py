@@ -10,7 +10,8 @@ modelled rather than measured (512-byte allocator blocks, the CUDA context) is p
 ``num_parameters``, ``parameter_bytes``, ``peak_bytes`` (tensors at the peak),
 ``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added; on cuda the
 replay's reserved bytes plus the context), ``reserved_bytes``, ``fragmentation_bytes`` and
-``largest_free_block_bytes`` (the caching-allocator replay), ``modelled`` (what
+``largest_free_block_bytes`` (the caching-allocator replay), ``advice_elapsed_s`` (with
+``--gpu``: the advisor's time, fake runs included), ``modelled`` (what
 was modelled, as sentences), ``peak`` (``total_bytes``, ``step``, ``phase``, ``module``,
 ``by_category``), ``layers`` (the per-layer rows: ``module``, ``type``, ``parameter``,
 ``gradient``, ``optimizer_state``, ``activation``, ``peak_forward``, ``peak_backward``),
@@ -82,6 +83,9 @@ _LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
               help="Say whether it fits this GPU (see memprof.gpus) and plan what would.")
 @click.option("--steps", type=click.IntRange(min=1), default=2, show_default=True,
               help="Steps to run (the second has the optimizer state).")
+@click.option("--analytic", is_flag=True,
+              help="With --gpu: predict the advice from the profile alone (fast) instead of "
+                   "fake runs of the model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Also write the full profile JSON here (for memprof report / advise).")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
@@ -103,6 +107,7 @@ def command(
     device: str,
     gpu: str | None,
     steps: int,
+    analytic: bool,
     output: Path | None,
     force: bool,
     largest: str | None,
@@ -115,7 +120,7 @@ def command(
     module:factory naming a function that returns an nn.Module (with make_batch(batch_size,
     seq_len) in the same module unless it is a transformers model).
     """
-    from memprof.estimate import build_spec, estimate
+    from memprof.estimate import build_spec, estimate_step
 
     if output is not None:
         output_path(output, force=force, what="profile")
@@ -133,11 +138,12 @@ def command(
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
-        profile = estimate(
+        step = estimate_step(
             spec, batch=lambda: spec.make_batch(batch_size, seq_len), optimizer=optimizer,
             dtype=dtype, mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
             inference=inference, context_len=context_len,
         )
+    profile = step.profile
     elapsed = time.perf_counter() - started
     info = profile.meta["estimate"]
     info.update(batch_size=batch_size, seq_len=seq_len, elapsed_s=round(elapsed, 3))
@@ -145,7 +151,11 @@ def command(
     notes: list[str] = []
     advice = None
     if gpu is not None:
-        advice, advice_note = _advise(profile, info)
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            advice, advice_note = _advise(profile, info, None if analytic else step)
+        info["advice_elapsed_s"] = round(time.perf_counter() - started, 3)
         if advice_note:
             notes.append(advice_note)
         if advice is not None:
@@ -195,18 +205,25 @@ def _usage(message: str) -> MemprofError:
     return EstimateError(message)
 
 
-def _advise(profile: Any, info: dict[str, Any]) -> tuple[Any, str | None]:
-    """The advisor's plan for the GPU's memory, or None and a note saying why there is none."""
+def _advise(profile: Any, info: dict[str, Any], step: Any) -> tuple[Any, str | None]:
+    """The advisor's rows and plan for the GPU's memory, predicted by fake runs of the model the
+    estimate built (``step``: a training step; inference rows, and ``step=None``, stay
+    analytic), or None and a note saying why there is none. The budget is the GPU's text, so
+    the plan's usable bytes are the fit verdict's (memprof.gpus.budget_of, with this
+    estimate's allocator replay)."""
     fit = info.get("fit")
     if fit is None:
         return None, None
     try:
-        from memprof.advisor import advise
+        from memprof.advisor import Workload, advise
     except ImportError as exc:
         return None, f"no plan: the advisor (memprof.advisor) is not available ({one_line(exc)})"
-    budget = int(fit["budget_bytes"])  # the advisor keeps memprof.gpus' reserve, as for `run`
+    fake_model = None
+    if step is not None and not step.inference and step.optimizer is not None:
+        fake_model = Workload(model=step.model, optimizer=step.optimizer, batch=step.batch,
+                              step_fn=step.loss)
     try:
-        return advise(profile, budget=budget), None
+        return advise(profile, budget=str(fit["gpu"]), fake_model=fake_model), None
     except MemprofError as exc:
         return None, f"no plan: {one_line(exc)}"
     except Exception as exc:  # the estimate stands without a plan
@@ -290,6 +307,11 @@ def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
                       f"{'to spare' if fit['fits'] else 'too much'}"]
     if advice is not None:
         lines += ["", _advice_text(advice)]
+        if info.get("advice_elapsed_s") is not None:
+            rows_by = sorted({str(r.get("predicted_by")) for r in getattr(advice, "rows", [])
+                              if r.get("predicted_by")})
+            lines.append(f"advice took {info['advice_elapsed_s']:.1f} s (rows predicted by: "
+                         f"{', '.join(rows_by) or 'none'}; --analytic skips the fake runs)")
     if written is not None:
         lines += ["", f"profile written to {written} (memprof report {written})"]
     return "\n".join(lines)
