@@ -40,7 +40,8 @@ def test_fake_predictions_equal_the_simulated_peaks() -> None:
             predicted, measured = row["predicted_peak_bytes"], row["measured_peak_bytes"]
             errors.append(abs(predicted - measured) / measured)
             techniques.add(row["technique"])
-            assert row["analytic_peak_bytes"] is not None  # the analytic number stays visible
+            if row["technique"] != "batch":  # batch rows have no analytic model beside them
+                assert row["analytic_peak_bytes"] is not None  # the analytic number stays visible
     assert {"mixed_precision", "quantization", "optimizer", "checkpointing"} <= techniques
     assert len(errors) >= 15
     assert max(errors) < 0.03

@@ -208,6 +208,8 @@ def advise(
                 "how": "fake runs at doubling batch sizes, then bisection",
             })
     for row in rows:
+        for key in ROW_KEYS:  # rows made outside _row (batch, largest batch) have every column
+            row.setdefault(key, None)
         row["cost"] = cost.cost_of(row["technique"], row.get("options"))
     rows.sort(key=_rank)
     plan = None
@@ -264,6 +266,15 @@ def fake_predict(
         except FakeRunError as exc:
             faked[id(c)] = f"{exc}; predicted analytically"
     return reference
+
+
+#: The columns every advice row has (None where a row has nothing to say).
+ROW_KEYS = (
+    "technique", "options", "applicable", "reason", "baseline_peak_bytes",
+    "predicted_peak_bytes", "predicted_saving_bytes", "saving_pct", "measured_peak_bytes",
+    "error_pct", "quality", "step_time_ratio", "caveats", "how", "analytic_peak_bytes",
+    "predicted_by",
+)
 
 
 def _row(
