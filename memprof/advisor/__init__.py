@@ -161,7 +161,8 @@ def advise(
         options = fake_options(profile)
         extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked,
                                                          **options)
-        runner = _plan_runner(model_at_hand, options)
+        if extra["fake_baseline_peak_bytes"] is not None:  # fake runs work for this model
+            runner = _plan_runner(model_at_hand, options)
     if simulator is not None:
         if reference is None:
             reference = simulator.reference()

@@ -58,14 +58,15 @@ def candidates(
     (analytic), corrected by each change's own error: its row's prediction (a fake run when the
     model was at hand) less what its rewrite alone predicts. A single change is so predicted
     exactly as its row; a combination is a candidate when the composed or the corrected figure
-    fits (the advisor's ``_plan`` runs it to find out which is right).
+    fits (the advisor's ``_plan`` runs it to find out which is right), and within a tier those
+    whose corrected figure fits come first.
 
     Tiers of training cost are taken in order (see :mod:`memprof.advisor.cost`), each with the
     changes of the tiers before; within a tier the least quality/speed cost comes first, then
-    the lower peak. Changes that need more GPUs (group ``sharding``) come only after every tier
-    without them. The rows are generic: any technique's changes take part through their
-    ``group``, cost tier and ``transform``. ``tried`` (a one-item list) counts the combinations
-    scored."""
+    the lower peak (after the rule above). Changes that need more GPUs (group ``sharding``)
+    come only after every tier without them. The rows are generic: any technique's changes
+    take part through their ``group``, cost tier and ``transform``. ``tried`` (a one-item
+    list) counts the combinations scored."""
     seen: set[tuple[int, ...]] = set()
     usable_changes = [
         c for c in changes
@@ -100,7 +101,8 @@ def candidates(
                 peak = max(0, composed + sum(offsets[id(c)] for c in combo))
                 if min(composed, peak) <= usable:
                     fitting.append((cost(combo), peak, combo))
-            fitting.sort(key=lambda f: (f[0], f[1], len(f[2])))
+            # within a tier, those the corrected figure says fit are run first
+            fitting.sort(key=lambda f: (f[1] > usable, f[0], f[1], len(f[2])))
             for _, peak, combo in fitting:
                 yield combo, peak
 
