@@ -10,6 +10,7 @@ from memprof.advisor import advise
 from memprof.advisor.cost import (
     ADAPTERS,
     CHANGES_TRAINING,
+    FROZEN,
     MORE_GPUS,
     NO_CHANGE,
     SMALL,
@@ -31,14 +32,16 @@ def test_tiers_of_known_changes() -> None:
                                        "master_weights": False}) == CHANGES_TRAINING
     assert cost_of("optimizer", {"from": "AdamW", "to": "SGD"}) == CHANGES_TRAINING
     assert cost_of("pruning", {"keep": 0.5}) == CHANGES_TRAINING
-    assert cost_of("quantization", {"weights": "int8"}) == CHANGES_TRAINING
+    # a quantized frozen base with no adapter trained on it: after LoRA/QLoRA
+    assert cost_of("quantization", {"weights": "int8"}) == FROZEN
+    assert cost_of("quantization", {"from": "AdamW", "to": "AdamW8bit"}) == SMALL
     assert cost_of("offload", {"activations": "to pinned host memory"}) == NO_CHANGE
     assert cost_of("lora", {"rank": 16}) == ADAPTERS
     assert cost_of("qlora", {"rank": 16, "base": "nf4"}) == ADAPTERS
     assert cost_of("sharding", {"stage": "ZeRO-3 / FSDP", "ranks": 8}) == MORE_GPUS
     assert cost_of("sharding", {"stage": "CPU offload of optimizer state", "ranks": 1}) == NO_CHANGE
     # adapters only when full training cannot fit; more GPUs after every single-GPU plan
-    assert rank(CHANGES_TRAINING) < rank(ADAPTERS) < rank(MORE_GPUS)
+    assert rank(CHANGES_TRAINING) < rank(ADAPTERS) < rank(FROZEN) < rank(MORE_GPUS)
 
 
 def test_rows_carry_their_tier_and_are_ranked_by_it() -> None:

@@ -1,6 +1,6 @@
 """What a change costs the training, for ranking advice as a practitioner would.
 
-Five tiers, in the order a change should be considered:
+Six tiers, in the order a change should be considered:
 
 - ``"no change to the maths"``: the same updates, computed with less memory held
   (``zero_grad(set_to_none=True)``, ``foreach=False``, checkpointing, gradient accumulation,
@@ -8,10 +8,13 @@ Five tiers, in the order a change should be considered:
 - ``"small"``: rounding changes that practice accepts (autocast, bf16 weights with fp32
   master weights, 8-bit optimizer states);
 - ``"changes the training"``: another optimizer, pure bf16 without master weights, pruning,
-  quantized (frozen) weights, a larger batch;
+  a larger batch;
 - ``"only adapters train"``: LoRA and QLoRA, the fine-tuner's first move when full training
   does not fit one GPU: the base model is frozen (QLoRA: in 4 bits) and only small adapters
   learn, which suits fine-tuning and not training from scratch;
+- ``"freezes layers"``: weight-only quantization in training: the quantized Linear weights
+  stop learning and no adapter learns in their place (a frozen base with nothing trained on
+  it suits inference, not fine-tuning: LoRA/QLoRA come first);
 - ``"needs more GPUs"``: ZeRO/FSDP sharding over several ranks (the same maths, but the
   hardware of N GPUs): after every single-GPU plan.
 """
@@ -24,9 +27,10 @@ NO_CHANGE = "no change to the maths"
 SMALL = "small"
 CHANGES_TRAINING = "changes the training"
 ADAPTERS = "only adapters train"
+FROZEN = "freezes layers"
 MORE_GPUS = "needs more GPUs"
 #: The tiers in the order advice is taken.
-TIERS = (NO_CHANGE, SMALL, CHANGES_TRAINING, ADAPTERS, MORE_GPUS)
+TIERS = (NO_CHANGE, SMALL, CHANGES_TRAINING, ADAPTERS, FROZEN, MORE_GPUS)
 
 
 def cost_of(technique: str, options: dict[str, Any] | None) -> str:
@@ -39,6 +43,8 @@ def cost_of(technique: str, options: dict[str, Any] | None) -> str:
         return MORE_GPUS if int(opts.get("ranks", 2) or 2) > 1 else NO_CHANGE
     if technique in ("lora", "qlora"):
         return ADAPTERS
+    if technique == "quantization":  # weights (frozen in training), or 8-bit optimizer states
+        return FROZEN if "weights" in opts else SMALL
     if technique == "batch":
         return NO_CHANGE if "accumulation" in opts else CHANGES_TRAINING
     if technique == "optimizer":

@@ -90,7 +90,7 @@ def candidates(
             fitting: list[tuple[float, int, tuple[Change, ...]]] = []
             for pick in itertools.product(*([None, *g] for g in groups.values())):
                 combo = tuple(c for c in pick if c is not None)
-                key = tuple(id(c) for c in combo)
+                key = tuple(sorted(id(c) for c in combo))  # the same set, whatever the order
                 if key in seen:
                     continue
                 seen.add(key)
