@@ -257,3 +257,37 @@ def test_dynamo_never_compiles_or_traces_memprof_code(backend: str) -> None:
             session.Profiler._pack, session.Profiler._on_forward_pre]
     assert [len(_debug_get_cache_entry_list(f.__code__)) for f in ours] == [0] * len(ours)
     assert prof.profile.peak().total_bytes > 0
+
+
+def _mixtral() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    options = {"attn_implementation": "eager"}
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32, **options)
+    return transformers.MixtralForCausalLM(config)
+
+
+def test_estimate_refuses_in_one_line_naming_the_cause_and_what_to_do() -> None:
+    """GIVEN models the fake run cannot execute (a built, compiled model's real parameters; the
+    MoE kernel whose fake version takes bf16 only) WHEN estimated THEN one line names the
+    cause and what to do, and the way it names works (the MoE estimated in bf16)."""
+    import importlib
+
+    estimate = importlib.import_module("memprof.estimate")
+    built = torch.compile(nn.Linear(4, 4), backend="eager")
+    with pytest.raises(estimate.EstimateError, match="pass a factory that builds it") as info:
+        estimate.estimate(lambda: built, batch=lambda: torch.randn(2, 4), dtype="fp32",
+                          device="cpu")
+    assert "\n" not in str(info.value)
+
+    def ids() -> dict[str, torch.Tensor]:
+        tokens = torch.randint(0, 128, (2, 16))
+        return {"input_ids": tokens, "labels": tokens}
+
+    with pytest.raises(estimate.EstimateError, match="estimate with dtype='bf16'") as info:
+        estimate.estimate(_mixtral, batch=ids, dtype="fp32", device="cpu")
+    assert "\n" not in str(info.value)
+    profile = estimate.estimate(_mixtral, batch=ids, dtype="bf16", device="cpu")
+    assert profile.peak().total_bytes > 0
