@@ -291,3 +291,38 @@ def test_estimate_refuses_in_one_line_naming_the_cause_and_what_to_do() -> None:
     assert "\n" not in str(info.value)
     profile = estimate.estimate(_mixtral, batch=ids, dtype="bf16", device="cpu")
     assert profile.peak().total_bytes > 0
+
+
+def _gradient_penalty_run(backend: str | None) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(critic.parameters())
+    x = torch.randn(16, 8)
+    prof = memprof.profile(critic, optimizer, backend=backend) if backend else None
+    if prof is not None:
+        prof.__enter__()
+    try:
+        for _ in range(3):
+            xi = x.clone().requires_grad_(True)
+            out = critic(xi)
+            (grad,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+            loss = out.mean() + ((grad.norm(2, dim=1) - 1) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if prof is not None:
+                prof.step()
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    return [p.detach().clone() for p in critic.parameters()]
+
+
+def test_double_backward_through_saved_tensors_is_unchanged(backend: str) -> None:
+    """GIVEN a WGAN-GP critic step (a gradient penalty: backward through the saved tensors of
+    a first backward, create_graph=True) WHEN profiled THEN the parameters are bitwise those
+    of the unprofiled run: the pack hook hands autograd detached aliases of the saved tensors,
+    and autograd reattaches their graph on unpacking."""
+    expected = _gradient_penalty_run(None)
+    assert all(torch.equal(a, b)
+               for a, b in zip(expected, _gradient_penalty_run(backend), strict=True))
