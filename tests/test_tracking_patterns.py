@@ -326,3 +326,20 @@ def test_double_backward_through_saved_tensors_is_unchanged(backend: str) -> Non
     expected = _gradient_penalty_run(None)
     assert all(torch.equal(a, b)
                for a, b in zip(expected, _gradient_penalty_run(backend), strict=True))
+
+
+@pytest.mark.slow
+def test_the_profile_says_whether_a_compiled_model_ran_compiled(backend: str) -> None:
+    """GIVEN a torch.compile'd model WHEN profiled THEN the profile says how it ran: compiled
+    under the events backend; eagerly under the dispatch backend, whose dispatch mode dynamo
+    does not compile under (results and memory are then eager's, which it must say)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    compiled = torch.compile(model, backend="eager")
+    with memprof.profile(backend=backend) as prof:
+        compiled(torch.randn(8, 16)).sum().backward()
+        prof.step()
+    said = [w for w in prof.profile.warnings if w.startswith("torch.compile")]
+    assert len(said) == 1
+    assert ("ran eagerly" in said[0]) == (backend == "dispatch")
+    assert ("ran compiled" in said[0]) == (backend == "events")
