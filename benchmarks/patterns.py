@@ -5,7 +5,8 @@
 Each pattern is a small real workload run for a few CPU steps (sparse embeddings with
 SparseAdam, a dead graph branch, a tiny Mamba and Mixtral from transformers, a GAN with two
 optimizers, gradient accumulation, torch.compile with inductor, a UNet with GroupNorm and skip
-concatenations, CTC speech, a peft LoRA model, a loss computed in chunks). Per pattern and
+concatenations, CTC speech, a peft LoRA model, DDP's ``no_sync`` in one gloo process, a loss
+computed in chunks). Per pattern and
 backend it prints:
 
 * ``crash``: whether profiling raised (the unprofiled run must not);
@@ -62,6 +63,9 @@ class Loop:
     step: Callable[[int], torch.Tensor]
     kept: Callable[[], list[torch.Tensor]] = field(default=lambda: [])
     losses: list[torch.Tensor] = field(default_factory=list)  # what the runner keeps
+    #: Bytes kept where no Python reference reaches them, counted by hand from what holds them
+    #: (DDP's reducer: one flat bucket the size of the gradients).
+    hidden: Callable[[], int] = field(default=lambda: 0)
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,38 @@ def _accumulation() -> Loop:
     return Loop([model], [optimizer], step, lambda: list(batch))
 
 
+def _ddp_no_sync() -> Loop:
+    """DDP (one process, gloo) accumulating over 2 micro-batches under ``no_sync``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0,
+                                world_size=1)
+    inner = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+    model = DistributedDataParallel(inner)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch: list[torch.Tensor] = []
+
+    def step(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(i)
+        batch[:] = [torch.randn(32, 64, generator=g), torch.randint(0, 8, (32,), generator=g)]
+        x, y = batch
+        with model.no_sync():
+            first = F.cross_entropy(model(x[:16]), y[:16]) / 2
+            first.backward()
+        second = F.cross_entropy(model(x[16:]), y[16:]) / 2
+        second.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return first.detach() + second.detach()
+
+    def buckets() -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+    return Loop([model], [optimizer], step, lambda: list(batch), hidden=buckets)
+
+
 def _compiled() -> Loop:
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(),
                           nn.Linear(64, 8))
@@ -314,6 +350,7 @@ PATTERNS = [
     Pattern("mixtral-moe", _mixtral, "transformers"),
     Pattern("gan-two-optimizers", _gan),
     Pattern("grad-accumulation", _accumulation),
+    Pattern("ddp-no-sync", _ddp_no_sync),
     Pattern("torch-compile", _compiled),
     Pattern("unet-groupnorm", _unet),
     Pattern("ctc-speech", _ctc, "transformers"),
@@ -344,7 +381,7 @@ def hand_count(loop: Loop) -> int:
             tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
     tensors.extend(loop.kept())
     tensors.extend(loop.losses)
-    return _storage_bytes(tensors)
+    return _storage_bytes(tensors) + loop.hidden()
 
 
 def allocator_steps(pattern: Pattern, steps: int) -> list[int]:
