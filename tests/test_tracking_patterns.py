@@ -1,5 +1,6 @@
 """Training patterns outside the model zoo (issue #25): sparse gradients, dead graph branches,
-steps interrupted by out-of-memory errors. Each runs on both measurement backends."""
+steps interrupted by out-of-memory errors, torch.compile, double backward, and the estimates
+that cannot run. Each profiled one runs on both measurement backends."""
 
 from __future__ import annotations
 
