@@ -520,11 +520,26 @@ def _user_code(what: str) -> Iterator[None]:
     except MemprofError:
         raise
     except Exception as exc:
-        hint = ""
-        if "DataDependent" in type(exc).__name__:
-            hint = (" (the model branches on tensor values, which fake tensors do not have; "
-                    "such code cannot be estimated without running it)")
-        raise EstimateError(f"{what} failed: {_one_line(exc)}{hint}") from exc
+        raise EstimateError(f"{what} failed: {_one_line(exc)}{_refusal_hint(exc)}") from exc
+
+
+def _refusal_hint(exc: BaseException) -> str:
+    """Why a fake run failed, and what to do instead, for the failures known to be no bug of
+    the model: an estimate that cannot run says so in one line."""
+    text = str(exc)
+    if "DataDependent" in type(exc).__name__:
+        return (" (the model branches on tensor values, such as a CTC loss checking "
+                "labels.max(), which fake tensors do not have; such code cannot be estimated "
+                "without running it: profile one real step with memprof.profile or memprof run)")
+    if "convert all Tensors to FakeTensors" in text:
+        return (" (the model holds real tensors made outside the estimate, as a model built or "
+                "compiled beforehand does: pass a factory that builds it, such as "
+                "lambda: Model(config), and compile it inside the factory if at all)")
+    if "_grouped_mm" in text or ("Expected inputs of BF16 type" in text and "mat_a" in text):
+        return (" (the mixture-of-experts kernel torch._grouped_mm has a fake kernel for bf16 "
+                "only, where the real CPU kernel also runs fp32: estimate with dtype='bf16', or "
+                "profile one real step with memprof.profile or memprof run)")
+    return ""
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,5 +1,6 @@
 """Training patterns outside the model zoo (issue #25): sparse gradients, dead graph branches,
-steps interrupted by out-of-memory errors. Each runs on both measurement backends."""
+steps interrupted by out-of-memory errors, torch.compile, double backward, and the estimates
+that cannot run. Each profiled one runs on both measurement backends."""
 
 from __future__ import annotations
 
@@ -257,3 +258,89 @@ def test_dynamo_never_compiles_or_traces_memprof_code(backend: str) -> None:
             session.Profiler._pack, session.Profiler._on_forward_pre]
     assert [len(_debug_get_cache_entry_list(f.__code__)) for f in ours] == [0] * len(ours)
     assert prof.profile.peak().total_bytes > 0
+
+
+def _mixtral() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    options = {"attn_implementation": "eager"}
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32, **options)
+    return transformers.MixtralForCausalLM(config)
+
+
+def test_estimate_refuses_in_one_line_naming_the_cause_and_what_to_do() -> None:
+    """GIVEN models the fake run cannot execute (a built, compiled model's real parameters; the
+    MoE kernel whose fake version takes bf16 only) WHEN estimated THEN one line names the
+    cause and what to do, and the way it names works (the MoE estimated in bf16)."""
+    import importlib
+
+    estimate = importlib.import_module("memprof.estimate")
+    built = torch.compile(nn.Linear(4, 4), backend="eager")
+    with pytest.raises(estimate.EstimateError, match="pass a factory that builds it") as info:
+        estimate.estimate(lambda: built, batch=lambda: torch.randn(2, 4), dtype="fp32",
+                          device="cpu")
+    assert "\n" not in str(info.value)
+
+    def ids() -> dict[str, torch.Tensor]:
+        tokens = torch.randint(0, 128, (2, 16))
+        return {"input_ids": tokens, "labels": tokens}
+
+    with pytest.raises(estimate.EstimateError, match="estimate with dtype='bf16'") as info:
+        estimate.estimate(_mixtral, batch=ids, dtype="fp32", device="cpu")
+    assert "\n" not in str(info.value)
+    profile = estimate.estimate(_mixtral, batch=ids, dtype="bf16", device="cpu")
+    assert profile.peak().total_bytes > 0
+
+
+def _gradient_penalty_run(backend: str | None) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(critic.parameters())
+    x = torch.randn(16, 8)
+    prof = memprof.profile(critic, optimizer, backend=backend) if backend else None
+    if prof is not None:
+        prof.__enter__()
+    try:
+        for _ in range(3):
+            xi = x.clone().requires_grad_(True)
+            out = critic(xi)
+            (grad,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+            loss = out.mean() + ((grad.norm(2, dim=1) - 1) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if prof is not None:
+                prof.step()
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    return [p.detach().clone() for p in critic.parameters()]
+
+
+def test_double_backward_through_saved_tensors_is_unchanged(backend: str) -> None:
+    """GIVEN a WGAN-GP critic step (a gradient penalty: backward through the saved tensors of
+    a first backward, create_graph=True) WHEN profiled THEN the parameters are bitwise those
+    of the unprofiled run: the pack hook hands autograd detached aliases of the saved tensors,
+    and autograd reattaches their graph on unpacking."""
+    expected = _gradient_penalty_run(None)
+    assert all(torch.equal(a, b)
+               for a, b in zip(expected, _gradient_penalty_run(backend), strict=True))
+
+
+@pytest.mark.slow
+def test_the_profile_says_whether_a_compiled_model_ran_compiled(backend: str) -> None:
+    """GIVEN a torch.compile'd model WHEN profiled THEN the profile says how it ran: compiled
+    under the events backend; eagerly under the dispatch backend, whose dispatch mode dynamo
+    does not compile under (results and memory are then eager's, which it must say)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    compiled = torch.compile(model, backend="eager")
+    with memprof.profile(backend=backend) as prof:
+        compiled(torch.randn(8, 16)).sum().backward()
+        prof.step()
+    said = [w for w in prof.profile.warnings if w.startswith("torch.compile")]
+    assert len(said) == 1
+    assert ("ran eagerly" in said[0]) == (backend == "dispatch")
+    assert ("ran compiled" in said[0]) == (backend == "events")

@@ -950,7 +950,16 @@ class Profiler:
                 timeline.setdefault(key, []).extend(values)
         warnings_ = list(self._warnings)
         compiled = [i.name for i in self.registry.infos if i.type == "OptimizedModule"]
-        if compiled:
+        if compiled and self._events is None and not self._fake:
+            # dynamo compiles nothing while a Python dispatch mode is active ("non-infra torch
+            # dispatch mode present"): the profiled steps ran eagerly, with eager's numerics
+            warnings_.append(
+                f"torch.compile: {', '.join(repr(n) for n in compiled)} ran eagerly, not "
+                "compiled: dynamo does not compile under the dispatch backend's dispatch mode, "
+                "so its results and memory are eager's (profile with backend='events' to "
+                "measure the compiled model)"
+            )
+        elif compiled:
             warnings_.append(
                 f"torch.compile: {', '.join(repr(n) for n in compiled)} ran compiled; the memory "
                 "of its compiled regions is charged to that row (the modules inside them run "

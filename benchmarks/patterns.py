@@ -1,0 +1,539 @@
+"""A pattern zoo beside the model zoo: training patterns that break naive memory profilers.
+
+    python benchmarks/patterns.py [--only NAME ...] [--steps 3] [--backends events dispatch]
+
+Each pattern is a small real workload run for a few CPU steps (sparse embeddings with
+SparseAdam, a dead graph branch, a tiny Mamba and Mixtral from transformers, a GAN with two
+optimizers, gradient accumulation, torch.compile with inductor, a UNet with GroupNorm and skip
+concatenations, CTC speech, a peft LoRA model, DDP's ``no_sync`` in one gloo process, a loss
+computed in chunks). Per pattern and
+backend it prints:
+
+* ``crash``: whether profiling raised (the unprofiled run must not);
+* ``peak``: memprof's peak above the step's start against the allocator's own events (memprof's
+  C++ recorder, or torch.profiler's allocation events, read in a separate run with no memprof
+  hook installed), as the error over the step's peak (target: within 0.1%);
+* ``persistent``: memprof's live bytes at the last step's end against a hand count of what the
+  loop keeps (parameters, buffers, ``.grad``, optimizer state, the batch), storage by storage;
+* ``bitwise``: losses and final parameters equal to the unprofiled run's;
+* ``freed``: the model dies with its last reference once the profile is dropped (weak
+  references, no ``gc``; ``gc`` named where the model has reference cycles of its own, which
+  the unprofiled run needs collected as well);
+* ``hooks``: no global module or optimizer hook, saved-tensor hook, dispatch mode or gradient
+  hook left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import memprof
+from memprof.tracking.events import default_source
+from memprof.tracking.ledger import held_tensors
+
+SEED = 0
+
+
+@dataclass
+class Loop:
+    """One pattern's objects and its step: ``step(i)`` runs training step ``i`` and returns
+    its loss; ``kept()`` the tensors the loop keeps between steps besides the models' and
+    optimizers' own (the last batch)."""
+
+    models: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+    step: Callable[[int], torch.Tensor]
+    kept: Callable[[], list[torch.Tensor]] = field(default=lambda: [])
+    losses: list[torch.Tensor] = field(default_factory=list)  # what the runner keeps
+    #: Bytes kept where no Python reference reaches them, counted by hand from what holds them
+    #: (DDP's reducer: one flat bucket the size of the gradients).
+    hidden: Callable[[], int] = field(default=lambda: 0)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    build: Callable[[], Loop]
+    needs: str | None = None
+
+
+# ------------------------------------------------------------------ patterns
+def _sparse_embeddings() -> Loop:
+    class Recommender(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.EmbeddingBag(5000, 32, mode="sum", sparse=True)
+            self.head = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+
+        def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(indices, offsets))
+
+    model = Recommender()
+    sparse = torch.optim.SparseAdam(list(model.emb.parameters()), lr=1e-2)
+    dense = torch.optim.Adam(list(model.head.parameters()), lr=1e-3)
+    batch: list[torch.Tensor] = []
+
+    def step(i: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(i)
+        batch[:] = [torch.randint(0, 5000, (256,), generator=gen), torch.arange(0, 256, 8)]
+        loss = model(*batch).pow(2).mean()
+        loss.backward()
+        sparse.step()
+        dense.step()
+        sparse.zero_grad()
+        dense.zero_grad()
+        return loss.detach()
+
+    return Loop([model], [sparse, dense], step, lambda: list(batch))
+
+
+def _dead_branch() -> Loop:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.A_log = nn.Parameter(torch.randn(64, 64))
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            A = -torch.exp(self.A_log)  # noqa: F841 - never used, as in Mamba's slow path
+            return torch.relu(self.lin(x)) + x
+
+    model = nn.Sequential(*[Block() for _ in range(4)])
+    return _simple(model, torch.optim.AdamW(model.parameters()), lambda g: torch.randn(16, 64,
+                                                                                      generator=g))
+
+
+def _simple(model: nn.Module, optimizer: torch.optim.Optimizer,
+            make: Callable[[torch.Generator], Any],
+            loss_of: Callable[[Any], torch.Tensor] | None = None) -> Loop:
+    batch: list[Any] = [None]
+
+    def step(i: int) -> torch.Tensor:
+        batch[0] = make(torch.Generator().manual_seed(i))
+        if loss_of is not None:
+            loss = loss_of(batch[0])
+        elif isinstance(batch[0], dict):
+            loss = model(**batch[0]).loss
+        else:
+            loss = model(batch[0]).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def kept() -> list[torch.Tensor]:
+        value = batch[0]
+        if isinstance(value, dict):
+            return [v for v in value.values() if isinstance(v, torch.Tensor)]
+        return [value] if isinstance(value, torch.Tensor) else []
+
+    return Loop([model], [optimizer], step, kept)
+
+
+def _lm_batch(vocab: int, seq: int = 32) -> Callable[[torch.Generator], dict[str, Any]]:
+    def make(gen: torch.Generator) -> dict[str, Any]:
+        ids = torch.randint(0, vocab, (2, seq), generator=gen)
+        return {"input_ids": ids, "labels": ids}
+
+    return make
+
+
+def _mamba() -> Loop:
+    import transformers
+
+    config = transformers.MambaConfig(vocab_size=256, hidden_size=64, state_size=8,
+                                      num_hidden_layers=2, expand=2, conv_kernel=4)
+    model = transformers.MambaForCausalLM(config)
+    return _simple(model, torch.optim.AdamW(model.parameters()), _lm_batch(256))
+
+
+def _mixtral() -> Loop:
+    import transformers
+
+    options: dict[str, Any] = {"attn_implementation": "eager"}
+    config = transformers.MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64, **options)
+    model = transformers.MixtralForCausalLM(config)
+    return _simple(model, torch.optim.AdamW(model.parameters()), _lm_batch(256))
+
+
+def _gan() -> Loop:
+    gen = nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 64))
+    disc = nn.Sequential(nn.Linear(64, 128), nn.LeakyReLU(0.2), nn.Linear(128, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4)
+    bce = nn.BCEWithLogitsLoss()
+    batch: list[torch.Tensor] = []
+
+    def step(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(i)
+        batch[:] = [torch.randn(32, 64, generator=g), torch.randn(32, 16, generator=g)]
+        real, z = batch
+        ones, zeros = torch.ones(32, 1), torch.zeros(32, 1)
+        opt_d.zero_grad()
+        fake = gen(z)
+        (bce(disc(real), ones) + bce(disc(fake.detach()), zeros)).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        loss = bce(disc(fake), ones)
+        loss.backward()
+        opt_g.step()
+        return loss.detach()
+
+    return Loop([gen, disc], [opt_g, opt_d], step, lambda: list(batch))
+
+
+def _accumulation() -> Loop:
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.LayerNorm(256), nn.Linear(256, 8))
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch: list[torch.Tensor] = []
+
+    def step(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(i)
+        batch[:] = [torch.randn(64, 64, generator=g), torch.randint(0, 8, (64,), generator=g)]
+        x, y = batch
+        total = torch.zeros(())
+        for part in range(4):
+            rows = slice(16 * part, 16 * part + 16)
+            loss = F.cross_entropy(model(x[rows]), y[rows]) / 4
+            loss.backward()
+            total += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    return Loop([model], [optimizer], step, lambda: list(batch))
+
+
+def _ddp_no_sync() -> Loop:
+    """DDP (one process, gloo) accumulating over 2 micro-batches under ``no_sync``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0,
+                                world_size=1)
+    inner = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+    model = DistributedDataParallel(inner)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch: list[torch.Tensor] = []
+
+    def step(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(i)
+        batch[:] = [torch.randn(32, 64, generator=g), torch.randint(0, 8, (32,), generator=g)]
+        x, y = batch
+        with model.no_sync():
+            first = F.cross_entropy(model(x[:16]), y[:16]) / 2
+            first.backward()
+        second = F.cross_entropy(model(x[16:]), y[16:]) / 2
+        second.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return first.detach() + second.detach()
+
+    def buckets() -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+    return Loop([model], [optimizer], step, lambda: list(batch), hidden=buckets)
+
+
+def _compiled() -> Loop:
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(),
+                          nn.Linear(64, 8))
+    compiled = torch.compile(model, backend="inductor")
+    optimizer = torch.optim.AdamW(model.parameters())
+    return _simple(model, optimizer, lambda g: torch.randn(32, 64, generator=g),
+                   loss_of=lambda x: compiled(x).pow(2).mean())
+
+
+class _UNet(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(4, o), nn.SiLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(4, o), nn.SiLU())
+
+        self.down1, self.down2 = block(3, c), block(c, 2 * c)
+        self.mid = block(2 * c, 2 * c)
+        self.up2, self.up1 = block(4 * c, c), block(2 * c, c)
+        self.out = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d1 = self.down1(x)
+        d2 = self.down2(F.max_pool2d(d1, 2))
+        m = self.mid(F.max_pool2d(d2, 2))
+        u2 = self.up2(torch.cat([F.interpolate(m, scale_factor=2.0), d2], dim=1))
+        u1 = self.up1(torch.cat([F.interpolate(u2, scale_factor=2.0), d1], dim=1))
+        return self.out(u1)
+
+
+def _unet() -> Loop:
+    model = _UNet()
+    return _simple(model, torch.optim.AdamW(model.parameters()),
+                   lambda g: torch.randn(2, 3, 32, 32, generator=g))
+
+
+def _ctc() -> Loop:
+    import transformers
+
+    config = transformers.Wav2Vec2Config(
+        vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        ctc_loss_reduction="mean", pad_token_id=0, do_stable_layer_norm=True,
+        feat_extract_norm="layer", mask_time_prob=0.0)
+    model = transformers.Wav2Vec2ForCTC(config)
+
+    def make(gen: torch.Generator) -> dict[str, Any]:
+        return {"input_values": torch.randn(2, 4000, generator=gen),
+                "labels": torch.randint(1, 32, (2, 12), generator=gen)}
+
+    return _simple(model, torch.optim.AdamW(model.parameters()), make)
+
+
+def _lora() -> Loop:
+    import peft
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256,
+                                     n_positions=64, bos_token_id=0, eos_token_id=0)
+    base = transformers.GPT2LMHeadModel(config)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                      fan_in_fan_out=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _simple(model, torch.optim.AdamW(params), _lm_batch(256))
+
+
+def _chunked_loss() -> Loop:
+    body = nn.Sequential(nn.Embedding(512, 64), nn.Linear(64, 64), nn.GELU())
+    head = nn.Linear(64, 512, bias=False)
+    model = nn.ModuleDict({"body": body, "head": head})
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        hidden = body(ids[:, :-1]).flatten(0, 1)
+        targets = ids[:, 1:].flatten()
+        total = torch.zeros(())
+        for rows in torch.split(torch.arange(hidden.shape[0]), 32):  # never all logits at once
+            logits = head(hidden[rows])
+            total = total + F.cross_entropy(logits, targets[rows], reduction="sum")
+        return total / targets.numel()
+
+    return _simple(model, torch.optim.AdamW(model.parameters()),
+                   lambda g: torch.randint(0, 512, (4, 65), generator=g), loss_of=loss_of)
+
+
+PATTERNS = [
+    Pattern("sparse-embedding", _sparse_embeddings),
+    Pattern("dead-branch", _dead_branch),
+    Pattern("mamba", _mamba, "transformers"),
+    Pattern("mixtral-moe", _mixtral, "transformers"),
+    Pattern("gan-two-optimizers", _gan),
+    Pattern("grad-accumulation", _accumulation),
+    Pattern("ddp-no-sync", _ddp_no_sync),
+    Pattern("torch-compile", _compiled),
+    Pattern("unet-groupnorm", _unet),
+    Pattern("ctc-speech", _ctc, "transformers"),
+    Pattern("peft-lora", _lora, "peft"),
+    Pattern("chunked-loss", _chunked_loss),
+]
+
+
+# ----------------------------------------------------------------- measures
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        for part in held_tensors(tensor):
+            storage = part.untyped_storage()
+            seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def hand_count(loop: Loop) -> int:
+    """What the loop keeps between steps, storage by storage."""
+    tensors: list[torch.Tensor] = []
+    for model in loop.models:
+        tensors.extend(model.parameters())
+        tensors.extend(b for b in model.buffers() if b is not None)
+        tensors.extend(p.grad for p in model.parameters() if p.grad is not None)
+    for optimizer in loop.optimizers:
+        for state in optimizer.state.values():
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    tensors.extend(loop.kept())
+    tensors.extend(loop.losses)
+    return _storage_bytes(tensors) + loop.hidden()
+
+
+def allocator_steps(pattern: Pattern, steps: int) -> list[int]:
+    """Per step, the most bytes allocated above the step's start, from the allocator's own
+    events (no memprof hook installed)."""
+    torch.manual_seed(SEED)
+    loop = pattern.build()
+    source = default_source()
+    source.start()
+    for i in range(steps):
+        loop.step(i)
+        source.mark(i)
+    items = source.stop()
+    peaks, live, start, most, open_ = [], 0, 0, 0, {}
+    for _when, ptr, value in items:
+        if ptr == -1:
+            peaks.append(most - start)
+            start = most = live
+            continue
+        if ptr < 0:
+            continue
+        if value > 0:
+            open_[ptr] = value
+            live += value
+            most = max(most, live)
+        elif ptr in open_:
+            live -= open_.pop(ptr)
+    return peaks
+
+
+def _hooks() -> tuple[Any, ...]:
+    from torch.nn.modules import module as m
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (len(m._global_forward_pre_hooks), len(m._global_forward_hooks),
+            len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks),
+            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None,
+            _get_current_dispatch_mode() is not None)
+
+
+def _run(pattern: Pattern, steps: int, backend: str | None
+         ) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, Loop]:
+    torch.manual_seed(SEED)
+    loop = pattern.build()
+    losses = loop.losses
+    prof = memprof.profile(backend=backend) if backend else None  # type: ignore[arg-type]
+    with prof if prof is not None else contextlib.nullcontext():
+        for i in range(steps):
+            losses.append(loop.step(i))
+            if prof is not None:
+                prof.step()
+    params = [p.detach().clone() for m in loop.models for p in m.parameters()]
+    return losses, params, prof, loop
+
+
+def _freed(loop: Loop) -> Callable[[], str]:
+    """Drop the loop and say whether its models died (no gc, or only with gc)."""
+    refs: list[weakref.ref[Any]] = [weakref.ref(p) for m in loop.models for p in m.parameters()]
+    refs.append(weakref.ref(loop.models[0]))
+
+    def verdict() -> str:
+        if all(r() is None for r in refs):
+            return "yes"
+        gc.collect()
+        return "gc" if all(r() is None for r in refs) else "ALIVE"
+
+    return verdict
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def check(pattern: Pattern, steps: int, backends: list[str]) -> list[dict[str, Any]]:
+    with _quiet():
+        expected_losses, expected_params, _, loop = _run(pattern, steps, None)
+        plain = _freed(loop)
+        del loop
+        plain_freed = plain()
+        truth = allocator_steps(pattern, steps)
+    rows = []
+    for backend in backends:
+        row: dict[str, Any] = {"pattern": pattern.name, "backend": backend}
+        hooks_before = _hooks()
+        started = time.perf_counter()
+        try:
+            with _quiet():
+                losses, params, prof, loop = _run(pattern, steps, backend)
+        except Exception as exc:  # the benchmark reports it, the user's run would have died
+            row["crash"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            rows.append(row)
+            continue
+        row["seconds"] = time.perf_counter() - started
+        row["crash"] = "no"
+        profile = prof.profile
+        stats = profile.steps_stats
+        ours = [s.peak_bytes - s.start_bytes for s in stats]
+        # step 0 starts before memprof has seen the models (no model is passed): from step 1 on
+        # each step's start is known, and its peak is compared above that start
+        worst = max(range(1, len(stats)),
+                    key=lambda i: abs(ours[i] - truth[i]) / stats[i].peak_bytes)
+        row["peak"] = stats[worst].peak_bytes
+        row["peak_err_pct"] = 100.0 * (ours[worst] - truth[worst]) / stats[worst].peak_bytes
+        row["persistent"] = stats[-1].end_bytes
+        row["hand"] = hand_count(loop)
+        row["bitwise"] = all(torch.equal(a, b) for a, b in zip(losses, expected_losses,
+                                                                strict=True)) and all(
+            torch.equal(a, b) for a, b in zip(params, expected_params, strict=True))
+        row["warnings"] = [w for w in profile.warnings if "torch.compile" not in w]
+        params_hooked = any(p._post_accumulate_grad_hooks for m in loop.models
+                            for p in m.parameters())
+        freed = _freed(loop)
+        del loop, prof, profile
+        row["freed"] = freed()
+        if row["freed"] == "gc" and plain_freed == "gc":
+            row["freed"] = "gc (as unprofiled)"
+        row["hooks_left"] = _hooks() != hooks_before or params_hooked
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="pattern names")
+    parser.add_argument("--steps", type=int, default=3, help="at least 2")
+    parser.add_argument("--backends", nargs="*", default=["events", "dispatch"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    chosen = [p for p in PATTERNS if not args.only or p.name in args.only]
+    header = (f"{'pattern':20} {'backend':8} {'crash':6} {'peak':>10} {'err%':>8} "
+              f"{'persistent':>10} {'hand':>10} {'bitwise':7} {'freed':18} {'hooks':5} {'s':>5}")
+    print(header)
+    for pattern in chosen:
+        if pattern.needs and importlib.util.find_spec(pattern.needs) is None:
+            print(f"{pattern.name:20} skipped: needs {pattern.needs}")
+            continue
+        for r in check(pattern, args.steps, args.backends):
+            if r["crash"] != "no":
+                print(f"{r['pattern']:20} {r['backend']:8} CRASH  {r['crash']}")
+                continue
+            print(f"{r['pattern']:20} {r['backend']:8} {'no':6} {r['peak']:>10} "
+                  f"{r['peak_err_pct']:>+8.3f} {r['persistent']:>10} {r['hand']:>10} "
+                  f"{'yes' if r['bitwise'] else 'NO':7} {r['freed']:18} "
+                  f"{'LEFT' if r['hooks_left'] else 'none':5} {r['seconds']:>5.1f}")
+            for w in r["warnings"]:
+                print(f"{'':29}warning: {w[:150]}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
