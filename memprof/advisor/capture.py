@@ -11,11 +11,13 @@ tensors:
 - the **batch**: the root's first call's positional and keyword arguments, as fake tensors;
 - the **optimizer**: at its first step, its class, defaults and param groups (over the fake
   copies of its parameters);
-- the **loss**: the ATen ops from the root's outputs to the first scalar ``.backward()``
-  (recorded by a dispatch mode between the two moments and pruned to the ops the loss depends
-  on), replayed on the fake run's outputs. Outside tensors these ops read (the targets) are
-  kept as shapes and dtypes only. The ops are recorded below autocast, so they replay as the
-  script ran them, whatever autocast a change puts around the model.
+- the **loss**: the torch calls from the root's outputs to the first scalar ``.backward()``
+  (recorded by a :class:`~torch.overrides.TorchFunctionMode` between the two moments and
+  pruned to the calls the loss depends on), replayed on the fake run's outputs, each under the
+  autocast the script had around it (a change's autocast stays on the model, as when the
+  script itself is simulated). Outside tensors these calls read (the targets) are kept as
+  shapes and dtypes only. What the script still holds after its backward (a ``logits``
+  variable) is held by the replay until its next step, as the script's variables are.
 
 :meth:`ScriptCapture.workload` turns that into a :class:`~memprof.advisor.workload.Workload` for
 :func:`memprof.advisor.advise` (``fake_model=``), or says why it cannot (the model was called
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import sys
 import weakref
 from collections.abc import Callable
@@ -38,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
 
 from memprof.advisor.workload import Workload
 
@@ -83,24 +88,20 @@ class _Op:
     leaves: list[Any]  # args and kwargs flattened, tensors as _Ref
     spec: Any
     outputs: list[int | None]  # op slot per output leaf (None: not a tensor)
+    autocast: torch.dtype | None  # the script's autocast around this call
 
 
-def _key(t: torch.Tensor) -> tuple[Any, ...]:
-    """A tensor's identity by what it is (storage, offset, layout): the Python object a script
-    holds is not always the one the dispatcher returned (autograd's view wrappers)."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-            tuple(t.stride()), t.dtype, t.device)
+class _LossTrace(TorchFunctionMode):
+    """Records the torch calls from the root's outputs on (see the module docstring).
 
+    At this level a call the script makes is seen even when it does nothing on this run
+    (``logits.float()`` on fp32 logits returns them unchanged, but casts a change's bf16 ones),
+    and a tensor is the very object the script holds."""
 
-class _LossTrace(TorchDispatchMode):
-    """Records the ops from the root's outputs on (see the module docstring)."""
-
-    def __init__(self, outputs: list[torch.Tensor | None]) -> None:
+    def __init__(self, outputs: list[torch.Tensor | None], device: str) -> None:
         super().__init__()
-        self.slots: dict[tuple[Any, ...], _Ref] = {}
-        for i, t in enumerate(outputs):
-            if t is not None:
-                self.slots[_key(t)] = _Ref("root", i)
+        self.device = device
+        self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.ops: list[_Op] = []
         self.externals: list[_TensorMeta] = []
         self.failed: str | None = None
@@ -109,6 +110,7 @@ class _LossTrace(TorchDispatchMode):
         self.storages: dict[_Ref, weakref.ref[Any]] = {}
         for i, t in enumerate(outputs):
             if t is not None:
+                self.slots[t] = _Ref("root", i)
                 self._watch(_Ref("root", i), t)
 
     def _watch(self, ref: _Ref, t: torch.Tensor) -> None:
@@ -119,11 +121,7 @@ class _LossTrace(TorchDispatchMode):
         """The recorded tensors whose storage is still alive (call it after the backward)."""
         return [ref for ref, storage in self.storages.items() if storage() is not None]
 
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-    def __torch_dispatch__(  # type: ignore[no-untyped-def]
+    def __torch_function__(  # type: ignore[no-untyped-def]
         self, func, types, args=(), kwargs=None
     ):
         out = func(*args, **(kwargs or {}))
@@ -135,42 +133,40 @@ class _LossTrace(TorchDispatchMode):
         return out
 
     def _record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        out_leaves = pytree.tree_leaves(out)
+        if not any(isinstance(leaf, torch.Tensor) for leaf in out_leaves):
+            return  # .item(), .shape, .data_ptr(): a constant for what follows
+        if len(out_leaves) >= 1000:
+            raise ValueError("a call with 1000 outputs or more")
         leaves, spec = pytree.tree_flatten((args, kwargs))
         refs: list[Any] = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
-                ref = self.slots.get(_key(leaf))
+                ref = self.slots.get(leaf)
                 if ref is None:
                     ref = _Ref("ext", len(self.externals))
                     self.externals.append(_TensorMeta.of(leaf))
-                    self.slots[_key(leaf)] = ref
+                    self.slots[leaf] = ref
                 refs.append(ref)
             else:
                 refs.append(leaf)
         index = len(self.ops)
-        out_leaves = pytree.tree_leaves(out)
         outputs: list[int | None] = []
-        mutates = func._schema.is_mutable
         for j, leaf in enumerate(out_leaves):
             if isinstance(leaf, torch.Tensor):
-                key = _key(leaf)
-                # An alias laid out as its source (detach, a no-op view) holds the same
-                # values: the source stays the one found, unless the op wrote to it.
-                if mutates or key not in self.slots:
-                    self.slots[key] = _Ref("op", index * 1000 + j)
-                    self._watch(_Ref("op", index * 1000 + j), leaf)
-                outputs.append(index * 1000 + j)
+                ref = _Ref("op", index * 1000 + j)
+                self.slots[leaf] = ref  # the same object again (x.float(), x.add_()): its
+                self._watch(ref, leaf)  # value is this call's from now on
+                outputs.append(ref.index)
             else:
                 outputs.append(None)
-        if len(out_leaves) >= 1000:
-            raise ValueError("an op with 1000 outputs or more")
-        self.ops.append(_Op(func, refs, spec, outputs))
+        self.ops.append(_Op(func, refs, spec, outputs, _autocast_dtype(self.device)))
 
     def loss_of(self, loss: torch.Tensor) -> Loss:
         """The pruned ops that compute ``loss`` (raises :class:`CaptureError`)."""
         if self.failed is not None:
             raise CaptureError(self.failed)
-        ref = self.slots.get(_key(loss))
+        ref = self.slots.get(loss)
         if ref is None:
             raise CaptureError("the loss was not computed from the model's outputs")
         needed = {ref}
@@ -197,7 +193,9 @@ class Loss:
     #: lives on until the next step replaces it.
     held: list[_Ref] = field(default_factory=list)
 
-    def replay(self, outputs: list[torch.Tensor | None]) -> dict[_Ref, torch.Tensor]:
+    def replay(
+        self, outputs: list[torch.Tensor | None], device: str
+    ) -> dict[_Ref, torch.Tensor]:
         """Every recorded tensor, recomputed from ``outputs`` (the loss is ``[self.result]``)."""
         env: dict[_Ref, torch.Tensor] = {}
         for i, t in enumerate(outputs):
@@ -210,7 +208,9 @@ class Loss:
         for op in self.ops:
             leaves = [env[x] if isinstance(x, _Ref) else x for x in op.leaves]
             args, kwargs = pytree.tree_unflatten(leaves, op.spec)
-            out_leaves = pytree.tree_leaves(op.func(*args, **kwargs))
+            # the script's own autocast, if any, else none (a change's stays on the model)
+            with torch.autocast(device, dtype=op.autocast, enabled=op.autocast is not None):
+                out_leaves = pytree.tree_leaves(op.func(*args, **kwargs))
             if len(out_leaves) != len(op.outputs):
                 raise RuntimeError(f"{op.func} gave {len(out_leaves)} outputs, not "
                                    f"{len(op.outputs)}")
@@ -281,9 +281,10 @@ class ScriptCapture:
         trace, self._trace = self._trace, None
         if trace is None:
             return
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
+        from torch.overrides import _get_current_function_mode_stack
 
-        if _get_current_dispatch_mode() is trace:
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is trace:
             trace.__exit__(None, None, None)
         else:  # another mode went on top and stays: leave the stack to its owner
             self._fail("the loss trace could not be closed in order")
@@ -323,7 +324,7 @@ class ScriptCapture:
         try:
             leaves = pytree.tree_leaves(output)
             tensors = [t if isinstance(t, torch.Tensor) else None for t in leaves]
-            trace = _LossTrace(tensors)
+            trace = _LossTrace(tensors, _device_of(module))
         except Exception as exc:
             self._fail(f"the model's outputs could not be read: {_first_line(exc)}")
             return
@@ -403,6 +404,16 @@ class ScriptCapture:
             tree,
         )
 
+    def release(self) -> None:
+        """Drop the fake copies (and, through the model's class, the script's globals)."""
+        self.model = None
+        self.batch = None
+        self.loss = None
+        self.optimizer = None
+        self._fakes.clear()
+        self._trace_done = None
+        self._fail("released")
+
     # ------------------------------------------------------------------ the result
     def workload(self) -> Workload:
         """The captured run as a Workload of fake tensors (raises :class:`CaptureError`)."""
@@ -464,8 +475,7 @@ class _ReplayStep:
         held = set(self.loss.held)
         self._held_outputs = [t for i, t in enumerate(tensors)
                               if t is not None and _Ref("root", i) in held]
-        with torch.autocast(device, enabled=False):
-            env = self.loss.replay(tensors)
+        env = self.loss.replay(tensors, device)
         self._held = [t for ref, t in env.items() if ref in held and ref.kind == "op"]
         return env[self.loss.result]
 
@@ -499,14 +509,46 @@ def predict(
     with warnings.catch_warnings():
         # memprof's ledger reads fake storages' (null) pointers on purpose
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-        advice = advise(profile, budget=budget, simulator=simulator, reference=reference,
-                        fake_model=workload, prediction="fake" if workload else "analytic")
+        advice = advise(profile, budget=budget, simulator=None if workload else simulator,
+                        reference=reference, fake_model=workload,
+                        prediction="fake" if workload else "analytic")
     if workload is not None:
         advice.extra["fake_prediction_s"] = round(time.perf_counter() - started, 3)
         if advice.extra.get("fake_baseline_peak_bytes") is None:
             skipped = "the unchanged step failed on fake tensors"
+        if simulator is not None:
+            # The fake copy's class keeps the script's globals (its real model and optimizer
+            # state) alive: let them go before the script runs again with each change, then
+            # measure with the predictions made (as a saved profile carries them).
+            del workload
+            assert capture is not None
+            capture.release()
+            gc.collect()
+            advice = _measured(profile, advice, budget=budget, simulator=simulator,
+                               reference=reference)
     if skipped is not None:
         advice.extra["fake_prediction_skipped"] = skipped
+    return advice
+
+
+def _measured(profile: Profile, predicted: Advice, **options: Any) -> Advice:
+    """``predicted`` (fake runs) again, each row measured by ``options["simulator"]``."""
+    import dataclasses
+
+    from memprof.advisor import advise
+    from memprof.advisor.advice import row_key
+
+    data = predicted.to_dict()
+    advice = advise(dataclasses.replace(profile, advice=data), **options)
+    advice.extra.pop("fake_prediction_stored", None)
+    for key in ("fake_baseline_peak_bytes", "fake_prediction_s"):
+        advice.extra[key] = data.get(key)
+    caveats = {row_key(r["technique"], r["options"]): r.get("caveats")
+               for r in predicted.rows if r.get("predicted_by") == "analytic"}
+    for row in advice.rows:  # why a fake run could not predict a row
+        why = caveats.get(row_key(row["technique"], row.get("options") or {}))
+        if why and why not in (row.get("caveats") or ""):
+            row["caveats"] = why
     return advice
 
 
@@ -522,6 +564,10 @@ def _call_kwargs() -> dict[str, Any]:
                                                                  dict):
             return dict(frame.f_locals["kwargs"])
     return {}
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _device_of(module: nn.Module) -> str:
