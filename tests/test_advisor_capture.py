@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.nn.modules import module as module_hooks
-from torch.optim.optimizer import _global_optimizer_pre_hooks
+from torch.optim.optimizer import _global_optimizer_post_hooks
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from memprof.advisor.capture import CaptureError, ScriptCapture
@@ -38,7 +38,7 @@ def runner(*argv: str) -> Callable[[], None]:
 @pytest.fixture(scope="module")
 def captured() -> tuple[ScriptCapture, int]:
     hooks = (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks),
-             len(_global_optimizer_pre_hooks))
+             len(_global_optimizer_post_hooks))
     backward = torch.Tensor.backward
     capture = ScriptCapture()
     reference = ScriptSimulator(runner(), steps=2).reference(capture=capture)
@@ -46,7 +46,7 @@ def captured() -> tuple[ScriptCapture, int]:
     assert torch.Tensor.backward is backward
     assert _get_current_dispatch_mode() is None
     assert hooks == (len(module_hooks._global_forward_pre_hooks),
-                     len(module_hooks._global_forward_hooks), len(_global_optimizer_pre_hooks))
+                     len(module_hooks._global_forward_hooks), len(_global_optimizer_post_hooks))
     return capture, reference.peak_bytes
 
 

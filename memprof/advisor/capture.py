@@ -9,8 +9,8 @@ tensors:
   metadata (nothing real is copied: fake tensors live on the meta device), in one
   :class:`~torch._subclasses.fake_tensor.FakeTensorMode` that every later fake run reuses;
 - the **batch**: the root's first call's positional and keyword arguments, as fake tensors;
-- the **optimizer**: at its first step, its class, defaults and param groups (over the fake
-  copies of its parameters);
+- the **optimizer**: at its first step (or the first backward, should that step never come),
+  its class, defaults and param groups (over the fake copies of its parameters);
 - the **loss**: the torch calls from the root's outputs to the first scalar ``.backward()``
   (recorded by a :class:`~torch.overrides.TorchFunctionMode` between the two moments and
   pruned to the calls the loss depends on), replayed on the fake run's outputs, each under the
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
@@ -254,7 +254,7 @@ class ScriptCapture:
         self._handles = [
             reg.register_module_forward_pre_hook(self._pre),
             reg.register_module_forward_hook(self._post, always_call=True),
-            register_optimizer_step_pre_hook(self._optimizer_pre),
+            register_optimizer_step_post_hook(self._optimizer_post),
         ]
         original = torch.Tensor.backward
         capture = self
@@ -352,9 +352,11 @@ class ScriptCapture:
         if optimizer is not None:
             self._take_optimizer(optimizer)
 
-    def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # After the step, not before: Lightning runs the forward and backward inside
+        # optimizer.step(closure).
         self.stop()
-        if self._stepped:
+        if self._stepped or self._root is None:
             return
         self._stepped = True
         for handle in self._handles[:2]:  # the module hooks: their work is done
@@ -385,6 +387,12 @@ class ScriptCapture:
     def _fake_copy(self, module: nn.Module) -> nn.Module:
         memo: dict[int, Any] = {}
         for sub in module.modules():
+            # the copy runs no one's hooks (a profiler's per-module hooks would drag the
+            # profiler itself, and all it holds, into the copy)
+            for name, value in vars(sub).items():
+                if name.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) \
+                        and isinstance(value, dict):
+                    memo[id(value)] = type(value)()
             tables = (sub._parameters, sub._buffers,
                       {k: v for k, v in vars(sub).items() if isinstance(v, torch.Tensor)})
             for table in tables:
