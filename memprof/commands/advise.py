@@ -275,6 +275,8 @@ def _show(advice: Advice, *, as_json: bool, top: int, profile: str | None,
         )
         return
     click.echo(render(data, top=top))
+    from memprof.commands.run import prediction_note
+
     click.echo(prediction_note(data))
     if profile is not None and script is not None:
         click.echo(f"\nprofile: {profile} (memprof report {profile})")
@@ -344,27 +346,6 @@ def render(data: dict[str, Any], *, top: int) -> str:
 #: How the predictions were made (see :func:`predict`), in ``--json`` when known.
 _PREDICTION_KEYS = ("fake_baseline_peak_bytes", "fake_prediction_s", "fake_prediction_skipped",
                     "fake_prediction_stored")
-
-
-def prediction_note(data: dict[str, Any]) -> str:
-    """One line: how the predicted column was made (fake runs, and how long they took, or
-    the profile alone), and for how many rows."""
-    rows = [r for r in data["recommendations"] if r.get("applicable")]
-    by = [r.get("predicted_by") for r in rows]
-    fake, analytic = by.count("fake run"), by.count("analytic")
-    seconds = data.get("fake_prediction_s")
-    if fake and seconds is not None:
-        text = f"predicted by fake runs of the model in {seconds:.1f} s: {fake} rows"
-    elif fake:
-        text = f"predicted by fake runs of the model (stored in the profile): {fake} rows"
-    else:
-        text = "predicted from the profile alone (analytic)"
-    if fake and analytic:
-        text += f"; {analytic} analytic (see caveats)"
-    skipped = data.get("fake_prediction_skipped")
-    if skipped:
-        text += f"; no fake runs: {skipped}"
-    return text
 
 
 def _pct(value: float | None, *, sign: bool = True) -> str:

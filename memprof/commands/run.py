@@ -426,11 +426,12 @@ def run_advisor(
         return None, "no advice: no step was profiled"
     try:
         from memprof.advisor import advise
-        from memprof.advisor.capture import predict
     except ImportError as exc:
         return None, f"advice skipped: memprof.advisor cannot be imported ({one_line(exc)})"
     try:
-        if fake:
+        if fake and capture is not None:
+            from memprof.advisor.capture import predict
+
             return predict(profile, capture, budget=budget), None
         return advise(profile, budget=budget), None
     except MemprofError as exc:
@@ -456,6 +457,27 @@ def _oom_plan_by_fake_runs(profile: Any, capture: Any, notes: list[str]) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         return with_plan(profile, report, fake_model=workload)
+
+
+def prediction_note(data: dict[str, Any]) -> str:
+    """One line: how the predicted column was made (fake runs, and how long they took, or
+    the profile alone), and for how many rows."""
+    rows = [r for r in data["recommendations"] if r.get("applicable")]
+    by = [r.get("predicted_by") for r in rows]
+    fake, analytic = by.count("fake run"), by.count("analytic")
+    seconds = data.get("fake_prediction_s")
+    if fake and seconds is not None:
+        text = f"predicted by fake runs of the model in {seconds:.1f} s: {fake} rows"
+    elif fake:
+        text = f"predicted by fake runs of the model (stored in the profile): {fake} rows"
+    else:
+        text = "predicted from the profile alone (analytic)"
+    if fake and analytic:
+        text += f"; {analytic} analytic (see caveats)"
+    skipped = data.get("fake_prediction_skipped")
+    if skipped:
+        text += f"; no fake runs: {skipped}"
+    return text
 
 
 def advice_text(advice: Any, *, top: int = 3) -> str:
@@ -573,8 +595,6 @@ def _print_text(
         click.echo(advice_text(advice))
         data = advice.to_dict() if hasattr(advice, "to_dict") else None
         if isinstance(data, dict) and "recommendations" in data:
-            from memprof.commands.advise import prediction_note
-
             click.echo(prediction_note(data))
         simulate = ["memprof", "advise", "--simulate", *(["-m"] if target.is_module else [])]
         simulate += [target.name, *target.argv[1:]]
