@@ -128,3 +128,22 @@ def test_gradient_accumulation_falls_back_with_the_reason(tmp_path: Path) -> Non
     data = json.loads(result.stdout)
     assert "2 times before its first optimizer step" in data["fake_prediction_skipped"]
     assert {r.get("predicted_by") for r in rows(data).values()} == {"analytic"}
+
+
+@pytest.mark.slow
+def test_the_out_of_memory_plan_is_predicted_by_fake_runs(tmp_path: Path) -> None:
+    from test_oom import TRAIN_SCRIPT
+
+    import memprof as api
+
+    # GIVEN a script whose backward cannot fit under its address-space cap
+    (tmp_path / "train_oom.py").write_text(TRAIN_SCRIPT)
+    # WHEN memprof runs it
+    result = memprof("run", "--no-html", "train_oom.py", "backward", cwd=tmp_path)
+    assert result.returncode == 1 and "can't allocate memory" in result.stderr
+    # THEN the post-mortem's plan was made from fake runs of the model it had in hand (which
+    # do not run out of memory: nothing is allocated)
+    oom = api.load(tmp_path / "reports" / "train_oom.json").oom
+    assert oom is not None and oom.plan is not None
+    assert oom.plan["predicted_by"] == "fake run"
+    assert "explanation" in oom.plan
