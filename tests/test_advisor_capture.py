@@ -103,3 +103,29 @@ def test_logits_of_a_model_output_without_logits() -> None:
     out = clip.CLIPOutput(loss=torch.ones(()), logits_per_image=torch.ones(2, 3),
                           logits_per_text=torch.ones(3, 2))
     assert _logits(out).shape == (2, 3)
+
+
+def test_zero_grad_between_forward_and_backward_is_replayed() -> None:
+    # GIVEN examples/train_cnn.py, which calls zero_grad(set_to_none=True) after its forward:
+    # the gradients are alive in the next forward, gone in its backward
+    script = Path(__file__).parent.parent / "examples" / "train_cnn.py"
+
+    def run() -> None:
+        saved = sys.argv[:]
+        sys.argv = [str(script)]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = saved
+
+    capture = ScriptCapture()
+    reference = ScriptSimulator(run, steps=2).reference(capture=capture)
+    assert capture.grads_at_backward is False
+    # WHEN the unchanged step runs on fake tensors (gradients kept between steps, as the
+    # profile says, and freed where the script frees them)
+    from memprof.advisor import advise
+
+    advice = advise(reference.profile, fake_model=capture.workload(), simulate=False)
+    # THEN it peaks where the script did
+    fake = advice.extra["fake_baseline_peak_bytes"]
+    assert abs(fake - reference.peak_bytes) / reference.peak_bytes < 0.005

@@ -248,6 +248,10 @@ class ScriptCapture:
         self._stepped = False
         self._traced = False
         self._trace_done: _LossTrace | None = None
+        #: Whether the parameters had gradients when the second step's backward began (None:
+        #: not seen); False with gradients kept between steps means the script frees them
+        #: after its forward, which the fake step then does too.
+        self.grads_at_backward: bool | None = None
 
     def __enter__(self) -> ScriptCapture:
         reg = nn.modules.module
@@ -333,6 +337,12 @@ class ScriptCapture:
         self._traced = True
 
     def _on_backward(self, tensor: torch.Tensor) -> None:
+        if self._stepped and self.grads_at_backward is None and tensor.numel() == 1:
+            # The second step's backward: a script that calls zero_grad between its forward
+            # and its backward (gradients alive in the forward, gone in the backward)
+            root = self._root() if self._root is not None else None
+            if root is not None:
+                self.grads_at_backward = any(p.grad is not None for p in root.parameters())
         trace = self._trace
         if trace is None or tensor.numel() != 1:
             return
@@ -449,7 +459,8 @@ class ScriptCapture:
         if optimizer is not None and self.loss is None:
             raise CaptureError("no scalar .backward() followed the model's first call")
         return Workload(self.model, optimizer, self.batch,
-                        step_fn=_ReplayStep(self.loss, self.autocast))
+                        step_fn=_ReplayStep(self.loss, self.autocast,
+                                            free_grads=self.grads_at_backward is False))
 
 
 class _ReplayStep:
@@ -457,9 +468,11 @@ class _ReplayStep:
     autocast, if it had one), then the recorded loss with autocast off (as the script computed
     it, outside the model)."""
 
-    def __init__(self, loss: Loss | None, autocast: torch.dtype | None) -> None:
+    def __init__(self, loss: Loss | None, autocast: torch.dtype | None, *,
+                 free_grads: bool = False) -> None:
         self.loss = loss
         self.autocast = autocast
+        self.free_grads = free_grads  # zero_grad(set_to_none=True) after the loss, as the script
         # what the script's variables held from the last step, as the script holds it: its
         # outputs until the next forward returns, the rest until the next loss is computed
         self._model: weakref.ref[nn.Module] | None = None
@@ -485,6 +498,9 @@ class _ReplayStep:
                               if t is not None and _Ref("root", i) in held]
         env = self.loss.replay(tensors, device)
         self._held = [t for ref, t in env.items() if ref in held and ref.kind == "op"]
+        if self.free_grads:
+            for p in model.parameters():
+                p.grad = None
         return env[self.loss.result]
 
 
