@@ -141,6 +141,8 @@ def _advise_rows(
     else:
         from memprof import advisor
 
+        if kwargs.get("prediction") != ANALYTIC:
+            kwargs["fake_model"] = workload  # the model is at hand: predict by fake runs
         advice = memprof.advise(
             ref.profile, simulator=_SelectiveSimulator(workload, techniques), reference=ref,
             **kwargs,

@@ -307,18 +307,26 @@ def needed_profile(profile: Profile, report: OOMReport) -> Profile:
     return replace(profile, peak_info=peak)
 
 
-def with_plan(profile: Profile, report: OOMReport) -> OOMReport:
+def with_plan(profile: Profile, report: OOMReport, *, fake_model: Any = None) -> OOMReport:
     """``report`` with the advisor's plan for its budget (unchanged when there is no budget or
-    the advisor cannot plan: the post-mortem never fails over advice)."""
+    the advisor cannot plan: the post-mortem never fails over advice). With ``fake_model`` (a
+    :class:`~memprof.advisor.workload.Workload`, the model at hand) each change is predicted
+    by a fake run of it, which does not run out of memory; the plan's ``predicted_by`` says
+    which way it was made."""
     if report.budget_bytes is None:
         return report
     try:
         from memprof.advisor import advise
 
-        advice = advise(needed_profile(profile, report), budget=report.budget_bytes)
+        advice = advise(needed_profile(profile, report), budget=report.budget_bytes,
+                        fake_model=fake_model)
     except Exception as exc:  # advice is a bonus
         return replace(report, notes=[*report.notes, f"no plan: {type(exc).__name__}: {exc}"])
-    return replace(report, plan=advice.plan)
+    plan = advice.plan
+    if plan is not None:
+        faked = advice.extra.get("fake_baseline_peak_bytes") is not None
+        plan = {**plan, "predicted_by": "fake run" if faked else "analytic"}
+    return replace(report, plan=plan)
 
 
 __all__ = ["OOMReport", "attach_cuda_observer", "build_report", "is_oom", "requested_bytes"]

@@ -112,9 +112,10 @@ def test_simulate_an_inference_script_marks_training_rows() -> None:
     ("args", "needle"),
     [
         (["--simulate", TINY, "--raise-at", "0"], "failed in its unchanged run"),
-        (["--simulate", "--save", TINY], "with --simulate use -o"),
+        (["--simulate", "--save", TINY], "with a script use -o"),
         (["--simulate", "no_such_script.py"], "no such script"),
-        (["-m", "json"], "-m goes with --simulate"),
+        (["-m", "no_such_module_here"], "no module named no_such_module_here"),
+        (["--no-fake-predictions", "profile.json"], "--no-fake-predictions goes with a script"),
         ([], "give one PROFILE.json"),
     ],
 )

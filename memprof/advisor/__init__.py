@@ -41,7 +41,7 @@ from memprof.advisor import (
     sharding,
     zero_grad,
 )
-from memprof.advisor.advice import Advice
+from memprof.advisor.advice import Advice, row_key, stored_fake_peaks
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
 from memprof.gpus import budget_of, replay_cached_bytes
@@ -127,11 +127,14 @@ def advise(
     (:mod:`memprof.advisor.fake_prediction`); ``"analytic"`` predicts from the profile alone.
     Each row's ``predicted_by`` says which ("fake run", "analytic", "measured simulation"), and
     ``analytic_peak_bytes`` keeps the analytic number; a failed fake run falls back to it with
-    the reason in ``caveats``.
+    the reason in ``caveats``. With neither given and no model at hand, the fake-run
+    predictions a saved profile carries (``profile.advice``) are used for their rows (and by
+    the plan), the others are analytic.
     """
     if workload is not None and simulator is not None:
         raise ValueError("give a workload or a simulator, not both")
     model_at_hand = fake_model or workload
+    prediction_given = prediction
     if prediction is None:
         prediction = "fake" if model_at_hand is not None else "analytic"
     if prediction not in ("fake", "analytic"):
@@ -139,13 +142,16 @@ def advise(
     if prediction == "fake" and model_at_hand is None:
         raise ValueError("prediction='fake' needs the model: pass a workload or fake_model")
     facts = read_facts(profile)
+    kept = zero_grad.gradient_use(facts).zeroed_in_place  # gradients never freed
     if workload is not None:
-        if workload.set_to_none and zero_grad.gradient_use(facts).zeroed_in_place:
+        if workload.set_to_none and kept:
             # the profiled loop keeps its gradients between steps: so do the simulations
             workload = dataclasses.replace(workload, set_to_none=False)
         simulator = WorkloadSimulator(workload)
         if fake_model is None:
             model_at_hand = workload
+    elif model_at_hand is not None and model_at_hand.set_to_none and kept:
+        model_at_hand = dataclasses.replace(model_at_hand, set_to_none=False)  # and fake runs
     if not simulate:
         simulator = None
     changes = changes_for(facts)
@@ -163,6 +169,16 @@ def advise(
                                                          **options)
         if extra["fake_baseline_peak_bytes"] is not None:  # fake runs work for this model
             runner = _plan_runner(model_at_hand, options)
+    elif prediction_given is None:  # a saved profile: its fake-run predictions, if it has them
+        stored = stored_fake_peaks(profile.advice)
+        for c in changes:
+            peak = stored.get(row_key(c.technique, c.options)) if c.applicable else None
+            if peak is not None:
+                c.predicted_peak, faked[id(c)] = peak, None
+        if faked:
+            extra["fake_prediction_stored"] = True
+            extra["fake_baseline_peak_bytes"] = (profile.advice or {}).get(
+                "fake_baseline_peak_bytes")
     if simulator is not None:
         if reference is None:
             reference = simulator.reference()

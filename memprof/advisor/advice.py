@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,3 +107,19 @@ class Advice:
             simulated=bool(data.get("simulated", False)),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def row_key(technique: str, options: dict[str, Any]) -> tuple[str, str]:
+    """A row's identity across a save and a load (options as their JSON text)."""
+    return technique, json.dumps(options, sort_keys=True, default=str)
+
+
+def stored_fake_peaks(data: dict[str, Any] | None) -> dict[tuple[str, str], int]:
+    """The peaks a saved advice (:meth:`Advice.to_dict`) predicted by fake runs, by
+    :func:`row_key`: what a profile file carries from when its model was at hand."""
+    out: dict[tuple[str, str], int] = {}
+    for row in (data or {}).get("recommendations") or []:
+        peak = row.get("predicted_peak_bytes")
+        if row.get("predicted_by") == "fake run" and row.get("applicable") and peak is not None:
+            out[row_key(str(row.get("technique")), dict(row.get("options") or {}))] = int(peak)
+    return out

@@ -101,7 +101,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     charges 512-byte blocks and models ``cuda``), so the run compares with the profile."""
     from memprof.tracking.session import Profiler
 
-    mode = fake_mode()
+    mode = _mode_of(workload.model) or fake_mode()
     try:
         with mode:
             state = fake_state(workload, mode)
@@ -130,6 +130,15 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise FakeRunError(f"the fake run failed: {type(exc).__name__}: {first}"[:300]) from exc
+
+
+def _mode_of(model: nn.Module) -> Any:
+    """The fake mode of a model already on fake tensors (a script's captured copy, see
+    :mod:`memprof.advisor.capture`): its runs stay in it, as fake modes cannot mix."""
+    for t in model.parameters():
+        if is_fake(t):
+            return t.fake_mode  # type: ignore[attr-defined]
+    return None
 
 
 def cast_floating(state: SimState, dtype: torch.dtype) -> None:

@@ -41,6 +41,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils._python_dispatch import _disable_current_modes
 
+from memprof.advisor.capture import ScriptCapture
 from memprof.advisor.core import Change
 from memprof.advisor.workload import (
     Measurement,
@@ -90,9 +91,12 @@ class ScriptSimulator:
         self.seed = seed
         self.output_log = ""  # the script's stdout and stderr in the last run
 
-    def reference(self, progress: Progress | None = None) -> Measurement:
-        """The unchanged script, profiled the way every change is."""
-        measured = self._run([], None, progress)
+    def reference(
+        self, progress: Progress | None = None, *, capture: ScriptCapture | None = None
+    ) -> Measurement:
+        """The unchanged script, profiled the way every change is; ``capture`` (installed
+        for this run) takes what fake runs need from it."""
+        measured = self._run([], None, progress, capture)
         if isinstance(measured, str):
             raise ScriptFailed(measured)
         return measured
@@ -108,7 +112,11 @@ class ScriptSimulator:
 
     # ------------------------------------------------------------------ one run
     def _run(
-        self, changes: list[Change], reference: Measurement | None, progress: Progress | None
+        self,
+        changes: list[Change],
+        reference: Measurement | None,
+        progress: Progress | None,
+        capture: ScriptCapture | None = None,
     ) -> Measurement | str:
         from memprof.tracking.session import MemoryLeakWarning, Profiler
 
@@ -136,6 +144,8 @@ class ScriptSimulator:
             stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore", MemoryLeakWarning)
             stack.enter_context(_record_losses(seen, patcher))
+            if capture is not None:
+                stack.enter_context(capture)
             # The patcher's hooks run before the profiler's: a model edited at its first call
             # is registered by the profiler as edited (a bf16 weight is a parameter).
             stack.enter_context(patcher)
@@ -149,6 +159,9 @@ class ScriptSimulator:
                     except SystemExit as exc:
                         if exc.code not in (None, 0):
                             seen.error = f"the script exited with {exc.code!r}"
+                    finally:
+                        if capture is not None:  # its trace closes inside the profiler's mode
+                            capture.stop()
             except _Enough:
                 pass
             except Exception as exc:
@@ -240,7 +253,9 @@ class _Patcher:
         if self.autocast_stack:
             self.autocast_stack.pop().__exit__(None, None, None)
         if self.seen.outputs is None:
-            with contextlib.suppress(TypeError):
+            # memprof's copy (for the drift) is no part of the script's step: out of the
+            # profiler's sight, or its measured peak holds the logits twice
+            with _disable_current_modes(), contextlib.suppress(TypeError):
                 self.seen.outputs = _logits(output).detach().float().cpu().clone()
 
     def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import inspect
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,10 @@ import memprof
 from memprof.profile import Profile
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
+
+#: Steps a GradScaler may skip (its scaled gradients overflowed, so the optimizer never stepped
+#: and holds no state) before a simulation counts them: the peak a user sees is the steady one.
+MAX_SKIPPED_STEPS = 24
 
 
 @dataclass
@@ -87,8 +91,12 @@ def _logits(out: Any) -> torch.Tensor:
         return logits
     if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
+    if isinstance(out, Mapping):  # a dict, or transformers' ModelOutput (CLIP's logits_per_image)
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        for key, value in out.items():
+            if key != "loss" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
     raise TypeError(f"cannot read outputs from a {type(out).__name__}: pass step_fn")
 
 
@@ -284,7 +292,9 @@ def run(
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
     with memprof.profile(model, optimizer) as prof:
-        for _ in range(workload.steps):
+        stepped = attempts = 0
+        while stepped < workload.steps:
+            attempts += 1
             if optimizer is None:
                 with torch.no_grad(), autocast():
                     loss = loss_of(model, batch)
@@ -295,14 +305,18 @@ def run(
                     loss.backward()
                     optimizer.step()
                 else:  # skips the step when the scaled gradients overflowed
+                    scale = scaler.get_scale()
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
+                    if scaler.get_scale() < scale and attempts < workload.steps + MAX_SKIPPED_STEPS:
+                        stepped -= 1  # skipped: not the steady state (no optimizer state yet)
                 free = state.free_gradients
                 optimizer.zero_grad(set_to_none=workload.set_to_none if free is None else free)
             last = float(loss.detach().float())
             del loss
             prof.step()
+            stepped += 1
     profile = prof.profile
     durations = [float(d) for d in profile.steps()["duration_s"]]
     step_time = statistics.median(durations[1:] or durations)

@@ -1,23 +1,32 @@
 """``memprof advise``: what to change so the step fits, predicted from a profile, or measured
 by re-running a script with each change.
 
-``memprof advise PROFILE.json`` predicts from a saved profile. ``memprof advise --simulate
-SCRIPT.py [ARGS]...`` (or ``--simulate -m MODULE``) runs the unchanged script under memprof
-(``--steps`` optimizer steps, then the rest of the script is skipped), predicts from that
-profile, and runs the script again once per applicable change with the change applied to the
-script's own model and optimizer (see :mod:`memprof.advisor.script`), with a progress bar per
-run; the measured peak, the prediction's error, the output and loss drift and the step-time
-ratio fill the table. Options go before the script; what follows it is the script's.
+``memprof advise SCRIPT.py [ARGS]...`` (or ``-m MODULE``) runs the unchanged script under
+memprof (``--steps`` optimizer steps, then the rest of the script is skipped), takes its model,
+optimizer, batch and loss as it runs (:mod:`memprof.advisor.capture`) and predicts each change
+by a fake run of them (nothing allocated; ``--no-fake-predictions``: from the profile alone).
+``--simulate`` then runs the script again once per applicable change with the change applied
+to the script's own model and optimizer (see :mod:`memprof.advisor.script`), with a progress
+bar per run; the measured peak, the prediction's error, the output and loss drift and the
+step-time ratio fill the table. Options go before the script; what follows it is the script's.
+
+``memprof advise PROFILE.json`` shows the fake-run predictions the profile carries (saved by
+``memprof run`` or ``-o``) and predicts the other rows from the profile alone (analytic); the
+plan is made from those same numbers.
 
 ``--budget`` takes a size ("24GiB", "80GB") or a GPU name ("A100 40GB"); ``--gpu`` takes a
 GPU name only. The CUDA context and a fragmentation reserve are kept off the budget (see
 :mod:`memprof.gpus`). ``--save`` stores the advice in the profile file (the report shows it);
-with ``--simulate``, ``--output`` writes the unchanged run's profile with the simulated advice.
+with a script, ``--output`` writes its unchanged run's profile with the advice.
 
-``--json`` prints one object: ``profile`` (path, or null), ``script`` (with ``--simulate``,
+``--json`` prints one object: ``profile`` (path, or null), ``script`` (with a script,
 else null), ``baseline_peak_bytes``, ``measured_baseline_peak_bytes`` (with ``--simulate``),
 ``budget`` (text or null), ``usable_bytes`` (or null), ``recommendations`` (rows with the
-columns of ``Advice.table()``) and ``plan`` (or null).
+columns of ``Advice.table()``, each with ``predicted_by``: "fake run", "analytic" or
+"measured simulation") and ``plan`` (or null); with fake runs, ``fake_baseline_peak_bytes``
+(the unchanged step's fake peak) and ``fake_prediction_s`` (the time they took), or
+``fake_prediction_stored`` (from the profile file); ``fake_prediction_skipped`` says why none
+ran.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -46,6 +55,9 @@ from memprof.errors import BudgetError
 from memprof.gpus import lookup
 from memprof.profile import load
 
+if TYPE_CHECKING:
+    from memprof.advisor.capture import ScriptCapture
+
 #: Optimizer steps measured per run with --simulate.
 DEFAULT_SIMULATE_STEPS = 3
 
@@ -55,8 +67,28 @@ class _AdviseCommand(click.Command):
     ``memprof run``); without it, options may follow PROFILE.json."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.allow_interspersed_args = "--simulate" not in args
+        ctx.allow_interspersed_args = not (
+            "--simulate" in args or "-m" in args or _names_a_script(args)
+        )
         return super().parse_args(ctx, args)
+
+
+#: Options of ``memprof advise`` that take a value (the next word is not the target).
+_VALUE_OPTIONS = frozenset({"--steps", "-o", "--output", "--budget", "--gpu", "--top"})
+_SCRIPT_SUFFIXES = (".py", ".pyw")
+
+
+def _names_a_script(args: list[str]) -> bool:
+    """Whether the first word that is no option (nor an option's value) is a Python script."""
+    skip = False
+    for word in args:
+        if skip:
+            skip = False
+        elif word in _VALUE_OPTIONS:
+            skip = True
+        elif not word.startswith("-"):
+            return Path(word).suffix.lower() in _SCRIPT_SUFFIXES
+    return False
 
 
 @click.command(
@@ -65,6 +97,7 @@ class _AdviseCommand(click.Command):
     epilog=examples(
         "memprof advise reports/train.json --budget 24GiB",
         'memprof advise reports/train.json --gpu "A100 40GB" --json',
+        "memprof advise examples/train_mlp.py --batch 32",
         "memprof advise --simulate examples/train_mlp.py --batch 32",
         "memprof advise --simulate --steps 2 --budget 8GiB -o reports/mlp.json "
         "examples/train_mlp.py",
@@ -75,12 +108,15 @@ class _AdviseCommand(click.Command):
               help="Re-run SCRIPT.py once per technique and measure it (options go before "
               "the script; what follows it is the script's).")
 @click.option("-m", "as_module", is_flag=True,
-              help="With --simulate: run a module as `python -m` would.")
+              help="Run a module as `python -m` would (instead of SCRIPT.py).")
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULT_SIMULATE_STEPS,
-              show_default=True, help="With --simulate: optimizer steps measured per run.")
+              show_default=True, help="With a script: optimizer steps measured per run.")
+@click.option("--no-fake-predictions", "no_fake", is_flag=True,
+              help="With a script: predict from its profile alone (analytic), not by fake "
+              "runs of its model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="PATH",
-              help="With --simulate: write the unchanged run's profile, with the simulated "
-              "advice, to PATH (for memprof report).")
+              help="With a script: write its unchanged run's profile, with the advice, to "
+              "PATH (memprof advise PATH and memprof report show that advice).")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--budget", default=None, help='Memory budget: "24GiB", "80GB" or a GPU name.')
 @click.option("--gpu", default=None, help='GPU to fit, from the catalog ("A100 40GB", "T4").')
@@ -96,6 +132,7 @@ def command(
     simulate: bool,
     as_module: bool,
     steps: int,
+    no_fake: bool,
     output: Path | None,
     force: bool,
     budget: str | None,
@@ -107,9 +144,12 @@ def command(
     args: tuple[str, ...],
 ) -> None:
     """Predict what each technique (mixed precision, quantization, pruning, checkpointing,
-    optimizer, sharding) does to the step's peak in PROFILE.json, and with a budget, the
-    cheapest combination that fits. With --simulate, SCRIPT.py is run unchanged and then once
-    per technique with it applied, and the measured peaks sit next to the predictions."""
+    optimizer, sharding) does to the step's peak, and with a budget, the cheapest combination
+    that fits. Given SCRIPT.py, the script runs unchanged to its first optimizer steps and
+    each technique is predicted by a fake run of its model (nothing allocated); with
+    --simulate it then runs once per technique with it applied, and the measured peaks sit
+    next to the predictions. Given PROFILE.json, the predictions it carries (from a fake run)
+    are shown, the others are computed from the profile alone."""
     if budget is not None and gpu is not None:
         raise BudgetError("give --budget or --gpu, not both")
     if gpu is not None:
@@ -117,14 +157,16 @@ def command(
     target_budget = gpu if gpu is not None else budget
     if show_all:
         top = 0  # no limit
-    if simulate:
+    if simulate or as_module or (args and Path(args[0]).suffix.lower() in _SCRIPT_SUFFIXES):
         if save:
-            raise CommandError("--save stores advice in a profile file: with --simulate use -o")
-        _simulate(args, as_module, steps, output, force, target_budget, top, as_json)
+            raise CommandError("--save stores advice in a profile file: with a script use -o")
+        _advise_script(args, as_module, steps, output, force, target_budget, top, as_json,
+                       simulate=simulate, fake=not no_fake)
         return
-    for flag, given in (("-m", as_module), ("-o/--output", output is not None)):
+    for flag, given in (("-o/--output", output is not None),
+                        ("--no-fake-predictions", no_fake)):
         if given:
-            raise CommandError(f"{flag} goes with --simulate")
+            raise CommandError(f"{flag} goes with a script (SCRIPT.py or -m MODULE)")
     if len(args) != 1:
         raise CommandError(
             "give one PROFILE.json (or --simulate SCRIPT.py [ARGS]... to measure a script)"
@@ -139,7 +181,7 @@ def command(
     _show(advice, as_json=as_json, top=top, profile=str(profile_path), script=None)
 
 
-def _simulate(
+def _advise_script(
     args: tuple[str, ...],
     as_module: bool,
     steps: int,
@@ -148,7 +190,13 @@ def _simulate(
     budget: str | None,
     top: int,
     as_json: bool,
+    *,
+    simulate: bool,
+    fake: bool,
 ) -> None:
+    """Run the script unchanged for ``steps`` optimizer steps, predict every change by a fake
+    run of what it captured (``fake``), and with ``simulate`` measure each change."""
+    from memprof.advisor.capture import ScriptCapture, predict
     from memprof.advisor.script import ScriptFailed, ScriptSimulator
     from memprof.commands.run import parse_budget, resolve_target, run_target, script_environment
 
@@ -162,19 +210,21 @@ def _simulate(
             run_target(target)
 
     simulator = _WithProgress(ScriptSimulator(run_script, steps=steps), steps)
+    capture = ScriptCapture() if fake else None
     try:
-        reference = simulator.reference()
+        reference = simulator.reference(capture)
     except ScriptFailed as exc:
         tail = simulator.inner.output_log.strip().splitlines()[-15:]
         if tail:
             click.echo("\n".join(tail), err=True)
         raise CommandError(f"{target.name} failed in its unchanged run: {exc}") from None
-    advice = advise(reference.profile, budget=budget, simulator=simulator, reference=reference)
+    advice = predict(reference.profile, capture, budget=budget,
+                     simulator=simulator if simulate else None, reference=reference)
     if output is not None:
         profile = reference.profile
         profile.advice = advice.to_dict()
-        profile.meta["simulated_script"] = {"target": target.name, "argv": target.argv,
-                                            "steps": steps}
+        profile.meta["advised_script"] = {"target": target.name, "argv": target.argv,
+                                          "steps": steps, "simulated": simulate}
         profile.save(output, overwrite=force)
     _show(advice, as_json=as_json, top=top, profile=None if output is None else str(output),
           script=target.name)
@@ -187,8 +237,10 @@ class _WithProgress:
         self.inner = inner
         self.steps = steps
 
-    def reference(self) -> Measurement:
-        return self._with_bar("unchanged", lambda tick: self.inner.reference(progress=tick))
+    def reference(self, capture: ScriptCapture | None = None) -> Measurement:
+        return self._with_bar(
+            "unchanged", lambda tick: self.inner.reference(progress=tick, capture=capture)
+        )
 
     def measure(self, changes: list[Change], reference: Measurement) -> Measurement | str:
         label = " + ".join(f"{c.technique} ({_options(c.options)})" for c in changes)
@@ -223,10 +275,14 @@ def _show(advice: Advice, *, as_json: bool, top: int, profile: str | None,
                 "usable_bytes": data.get("usable_bytes"),
                 "recommendations": data["recommendations"],
                 "plan": data["plan"],
+                **{k: data[k] for k in _PREDICTION_KEYS if k in data},
             }
         )
         return
     click.echo(render(data, top=top))
+    from memprof.commands.run import prediction_note
+
+    click.echo(prediction_note(data))
     if profile is not None and script is not None:
         click.echo(f"\nprofile: {profile} (memprof report {profile})")
 
@@ -315,6 +371,11 @@ def _clip(text: str | None, limit: int) -> str:
     """A caveat cut to ``limit`` characters, marked when cut (--json has the whole text)."""
     text = text or ""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+#: How the predictions were made (see :func:`predict`), in ``--json`` when known.
+_PREDICTION_KEYS = ("fake_baseline_peak_bytes", "fake_prediction_s", "fake_prediction_skipped",
+                    "fake_prediction_stored")
 
 
 def _pct(value: float | None, *, sign: bool = True) -> str:

@@ -113,6 +113,9 @@ class Outcome:
               help='Memory budget the advice aims for: "24GiB", "80GB" or a GPU name.')
 @click.option("-m", "as_module", is_flag=True,
               help="Run a module as `python -m` would: memprof run -m package.module [args].")
+@click.option("--no-fake-predictions", "no_fake", is_flag=True,
+              help="Predict the recommendations from the profile alone (analytic), not by "
+              "fake runs of the script's model.")
 @json_option(keys="target, module, argv, exit_code, error, profile, report, steps, "
              "optimizer_steps, steps_seen, interrupted, peak, modules, advice, notes, warnings, "
              "oom")
@@ -125,6 +128,7 @@ def command(
     force: bool,
     budget: str | None,
     as_module: bool,
+    no_fake: bool,
     as_json: bool,
     args: tuple[str, ...],
 ) -> None:
@@ -156,7 +160,8 @@ def command(
     from memprof.tracking.session import Profiler
 
     profiler = Profiler(step_on_optimizer=True, max_steps=steps)
-    outcome = execute(target, profiler, quiet_stdout=as_json)
+    capture = None if no_fake else _capture()
+    outcome = execute(target, profiler, quiet_stdout=as_json, capture=capture)
     profile = profiler.profile
     profile.meta["run"] = {
         "target": target.name,
@@ -173,11 +178,13 @@ def command(
         from memprof.oom import needed_profile
 
         advised = needed_profile(profile, profile.oom)
-    advice, advice_note = run_advisor(advised, budget)
+    advice, advice_note = run_advisor(advised, budget, capture=capture, fake=not no_fake)
     if advice_note:
         notes.append(advice_note)
     if advice is not None:
         profile.advice = to_jsonable(advice)
+    if profile.oom is not None and capture is not None:
+        profile.oom = _oom_plan_by_fake_runs(profile, capture, notes)
 
     exit_code = outcome.exit_code
     profile.save(json_path, overwrite=force)
@@ -286,9 +293,12 @@ def parse_budget(text: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------ execution
-def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Outcome:
+def execute(
+    target: Target, profiler: Any, *, quiet_stdout: bool = False, capture: Any = None
+) -> Outcome:
     """Run the target as ``__main__`` inside ``profiler``; never raises for the script's
-    errors (they are printed as Python prints them and become exit code 1)."""
+    errors (they are printed as Python prints them and become exit code 1). ``capture`` (a
+    :class:`~memprof.advisor.capture.ScriptCapture`) takes what fake runs need meanwhile."""
     outcome = Outcome()
     redirect = (
         contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext()
@@ -301,7 +311,8 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
 
     counter = register_optimizer_step_post_hook(count_step)
     try:
-        with script_environment(target), redirect, warnings.catch_warnings():
+        with script_environment(target), redirect, warnings.catch_warnings(), \
+                capture if capture is not None else contextlib.nullcontext():
             from memprof.tracking.session import MemoryLeakWarning
 
             warnings.simplefilter("ignore", MemoryLeakWarning)  # it is in the summary
@@ -311,6 +322,9 @@ def execute(target: Target, profiler: Any, *, quiet_stdout: bool = False) -> Out
                         run_target(target)
                     except SystemExit as exc:  # a deliberate exit is not an interruption
                         outcome.exit_code = _exit_status(exc.code)
+                    finally:
+                        if capture is not None:  # its loss trace closes inside the profiler
+                            capture.stop()
             except KeyboardInterrupt:
                 outcome.exit_code = 130
                 outcome.error = "KeyboardInterrupt"
@@ -393,8 +407,21 @@ _MEMPROF_DIR = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ advice
-def run_advisor(profile: Any, budget: str | None) -> tuple[Any, str | None]:
-    """The advisor's recommendations, or None and a one-line note saying why there are none."""
+def _capture() -> Any:
+    """A :class:`~memprof.advisor.capture.ScriptCapture`, or None without the advisor."""
+    try:
+        from memprof.advisor.capture import ScriptCapture
+    except ImportError:
+        return None
+    return ScriptCapture()
+
+
+def run_advisor(
+    profile: Any, budget: str | None, *, capture: Any = None, fake: bool = False
+) -> tuple[Any, str | None]:
+    """The advisor's recommendations, or None and a one-line note saying why there are none.
+    With ``fake``, each is predicted by a fake run of what ``capture`` took from the script
+    (see :func:`memprof.advisor.capture.predict`); else from the profile alone."""
     if profile.peak_info is None:
         return None, "no advice: no step was profiled"
     try:
@@ -402,11 +429,55 @@ def run_advisor(profile: Any, budget: str | None) -> tuple[Any, str | None]:
     except ImportError as exc:
         return None, f"advice skipped: memprof.advisor cannot be imported ({one_line(exc)})"
     try:
+        if fake and capture is not None:
+            from memprof.advisor.capture import predict
+
+            return predict(profile, capture, budget=budget), None
         return advise(profile, budget=budget), None
     except MemprofError as exc:
         return None, f"advice skipped: {one_line(exc)}"
     except Exception as exc:  # advice is a bonus: never lose the profile over it
         return None, f"advice skipped: the advisor failed ({type(exc).__name__}: {one_line(exc)})"
+
+
+def _oom_plan_by_fake_runs(profile: Any, capture: Any, notes: list[str]) -> Any:
+    """The post-mortem's plan again, its changes predicted by fake runs of the captured model
+    (the one made at the error, inside the profiler, predicted from the profile alone)."""
+    from memprof.advisor.capture import CaptureError
+    from memprof.oom import with_plan
+
+    report = profile.oom
+    if report.budget_bytes is None:
+        return report
+    try:
+        workload = capture.workload()
+    except CaptureError as exc:
+        notes.append(f"out-of-memory plan predicted from the profile alone: {exc}")
+        return report
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        return with_plan(profile, report, fake_model=workload)
+
+
+def prediction_note(data: dict[str, Any]) -> str:
+    """One line: how the predicted column was made (fake runs, and how long they took, or
+    the profile alone), and for how many rows."""
+    rows = [r for r in data["recommendations"] if r.get("applicable")]
+    by = [r.get("predicted_by") for r in rows]
+    fake, analytic = by.count("fake run"), by.count("analytic")
+    seconds = data.get("fake_prediction_s")
+    if fake and seconds is not None:
+        text = f"predicted by fake runs of the model in {seconds:.1f} s: {fake} rows"
+    elif fake:
+        text = f"predicted by fake runs of the model (stored in the profile): {fake} rows"
+    else:
+        text = "predicted from the profile alone (analytic)"
+    if fake and analytic:
+        text += f"; {analytic} analytic (see caveats)"
+    skipped = data.get("fake_prediction_skipped")
+    if skipped:
+        text += f"; no fake runs: {skipped}"
+    return text
 
 
 def advice_text(advice: Any, *, top: int = 3) -> str:
@@ -548,6 +619,9 @@ def _print_text(
     if advice is not None:
         click.echo("")
         click.echo(recommendation_text(advice, profile, json_path))
+        data = advice.to_dict() if hasattr(advice, "to_dict") else None
+        if isinstance(data, dict) and "recommendations" in data:
+            click.echo(prediction_note(data))
         simulate = ["memprof", "advise", "--simulate", *(["-m"] if target.is_module else [])]
         simulate += [target.name, *target.argv[1:]]
         click.echo("Measure them on this script: " + shlex.join(simulate))

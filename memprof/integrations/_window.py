@@ -91,13 +91,19 @@ class StepWindow:
     chosen run unprofiled (the schedule skips them)."""
 
     def __init__(self, steps: int | Iterable[int], *, framework: str, html: bool = True,
-                 advise: bool = True, name: str = "memprof") -> None:
+                 advise: bool = True, name: str = "memprof", prediction: str = "fake") -> None:
+        if prediction not in ("fake", "analytic"):
+            raise ValueError(f"prediction must be 'fake' or 'analytic', not {prediction!r}")
         self.chosen = chosen_steps(steps)
         self.framework = framework
         self.html = html
         self.advise = advise
         self.name = name
         self._profiler: Any = None
+        self._capture: Any = None
+        #: Predict the advice by fake runs of the model, batch and loss taken from the first
+        #: profiled step (False: from the profile alone).
+        self.fake_predictions = prediction == "fake"
         self._first = 0
         #: The finished profile, and where it was written ({".json": path, ".html": path}).
         self.profile: Profile | None = None
@@ -126,6 +132,12 @@ class StepWindow:
         profiler = Profiler(model, unwrap_optimizer(optimizer), schedule=schedule)
         profiler.__enter__()
         self._profiler = profiler
+        if self.advise and self.fake_predictions:
+            try:
+                from memprof.advisor.capture import ScriptCapture
+            except ImportError:
+                return
+            self._capture = ScriptCapture().__enter__()  # inside the profiler: it leaves first
 
     def end(self, step: int) -> bool:
         """Step ``step`` has finished. True when it was the last chosen one (the profile is
@@ -148,6 +160,8 @@ class StepWindow:
 
     def _close(self, error: BaseException | None) -> None:
         profiler, self._profiler = self._profiler, None
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
         if error is None:
             profiler.__exit__(None, None, None)
         else:
@@ -172,9 +186,10 @@ class StepWindow:
         advice = None
         if self.advise and profile.peak_info is not None:
             try:
-                from memprof.advisor import advise
+                from memprof.advisor.capture import predict
 
-                advice = advise(profile)
+                advice = predict(profile, self._capture, budget=None)
+                self._capture = None  # its fake copies are no longer needed
                 from memprof.commands.common import to_jsonable
 
                 profile.advice = to_jsonable(advice)

@@ -36,12 +36,18 @@ class MemprofCallback(Callback):
 
     ``steps``: how many steps from the first (``3``: steps 1-3) or which steps (``[5, 6]``).
     ``output_dir``: where the profile and report go [default: the Trainer's default_root_dir].
-    ``html``: write the HTML report too; ``advise``: run the advisor (predictions only).
+    ``html``: write the HTML report too; ``advise``: run the advisor (predictions only);
+    ``prediction``: ``"fake"`` predicts each change by a fake run of the model, batch and loss
+    taken from the first profiled step (the first module ``training_step`` calls must hold
+    every parameter the optimizer steps, else it falls back with the reason), ``"analytic"``
+    from the profile alone.
     """
 
     def __init__(self, steps: int | Iterable[int] = 3, output_dir: str | os.PathLike[str] |
-                 None = None, *, html: bool = True, advise: bool = True) -> None:
-        self._window = StepWindow(steps, framework="lightning", html=html, advise=advise)
+                 None = None, *, html: bool = True, advise: bool = True,
+                 prediction: str = "fake") -> None:
+        self._window = StepWindow(steps, framework="lightning", html=html, advise=advise,
+                                  prediction=prediction)
         self.output_dir = None if output_dir is None else Path(output_dir)
         #: The files written: {".json": path, ".html": path}.
         self.paths: dict[str, Path] = {}

@@ -41,12 +41,17 @@ class MemprofCallback(TrainerCallback):
     ``steps``: how many steps from the first (``3``: steps 1-3) or which steps (``[5, 6]``).
     ``output_dir``: where the profile and report go [default: the Trainer's output_dir].
     ``html``: write the HTML report too; ``advise``: run the advisor (predictions only, so
-    the report has its recommendations).
+    the report has its recommendations); ``prediction``: ``"fake"`` predicts each change by a
+    fake run of the model, batch and loss taken from the first profiled step (a step of
+    several forwards, gradient accumulation, falls back with the reason), ``"analytic"`` from
+    the profile alone.
     """
 
     def __init__(self, steps: int | Iterable[int] = 3, output_dir: str | os.PathLike[str] |
-                 None = None, *, html: bool = True, advise: bool = True) -> None:
-        self._window = StepWindow(steps, framework="transformers", html=html, advise=advise)
+                 None = None, *, html: bool = True, advise: bool = True,
+                 prediction: str = "fake") -> None:
+        self._window = StepWindow(steps, framework="transformers", html=html, advise=advise,
+                                  prediction=prediction)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self._pending: dict[str, float] = {}
         #: The files written: {".json": path, ".html": path}.
