@@ -41,7 +41,7 @@ from memprof.advisor import (
     sharding,
     zero_grad,
 )
-from memprof.advisor.advice import Advice, row_key, stored_fake_peaks
+from memprof.advisor.advice import Advice, row_key, stored_fake_peaks, stored_search_rows
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
 from memprof.gpus import budget_of, replay_cached_bytes
@@ -224,6 +224,8 @@ def advise(
                 "reason": f"the largest-batch search failed: {type(exc).__name__}: {first}",
                 "how": "fake runs at doubling batch sizes, then bisection",
             })
+    if extra.get("fake_prediction_stored"):
+        rows.extend(stored_search_rows(profile.advice))
     for row in rows:
         for key in ROW_KEYS:  # rows made outside _row (batch, largest batch) have every column
             row.setdefault(key, None)

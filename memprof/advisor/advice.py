@@ -123,3 +123,11 @@ def stored_fake_peaks(data: dict[str, Any] | None) -> dict[tuple[str, str], int]
         if row.get("predicted_by") == "fake run" and row.get("applicable") and peak is not None:
             out[row_key(str(row.get("technique")), dict(row.get("options") or {}))] = int(peak)
     return out
+
+
+def stored_search_rows(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The rows of a saved advice that fake runs made without a change of their own (the batch
+    rows: a fake run at another batch, the largest batch that fits): a file alone cannot
+    make them again, so they are carried over as they were."""
+    return [dict(row) for row in (data or {}).get("recommendations") or []
+            if row.get("technique") == "batch" and row.get("predicted_by") == "fake run"]
