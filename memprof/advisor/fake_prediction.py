@@ -35,7 +35,8 @@ from torch import nn
 
 from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
 
-#: Steps per fake run: the second has the optimizer state the first creates.
+#: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
+#: :func:`_warm_optimizer`): the second has the optimizer state the first creates.
 FAKE_STEPS = 2
 
 
@@ -170,9 +171,13 @@ def _warm_optimizer(
     with torch.no_grad():
         for p in params:
             p.grad = torch.zeros_like(p)
-    with _ScalarStandIns():
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    try:
+        with _ScalarStandIns():
+            optimizer.step()
+    except Exception:  # an optimizer that cannot step on zeros: two profiled steps will tell
+        return None
+    finally:
+        optimizer.zero_grad(set_to_none=True)
     return optimizer, params
 
 
