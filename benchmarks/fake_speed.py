@@ -10,7 +10,9 @@ every figure is divided by), profiles it under memprof, then times:
 - ``advise(profile, workload=w, simulate=False)`` as a user calls it (all rows by fake runs);
 - ``memprof advise FILE`` on the saved profile, in a subprocess (imports included).
 
-Every time is printed with its ratio to the unchanged real step measured in the same run.
+Every time is printed with its ratio to the unchanged real step measured in the same run: wall
+time, and CPU time (this process's threads and its children), which a machine shared with other
+work inflates less.
 ``--quick`` uses a 2-layer GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N``
 prints the N most expensive functions of the all-rows ``advise`` call.
 
@@ -28,6 +30,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,22 +63,38 @@ def gpt2_small(*, quick: bool) -> Workload:
     return Workload(model, optimizer, {"input_ids": ids, "labels": ids}, steps=2)
 
 
-def real_step_seconds(w: Workload, repeats: int = 3) -> float:
-    """The fastest of ``repeats`` unchanged steps on a copy (no profiler), after one warm-up."""
+class Clock:
+    """Wall and CPU seconds since it was made (CPU: all threads, and children that ended)."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), _cpu()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, _cpu() - self.cpu
+
+
+def _cpu() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def real_step_seconds(w: Workload, repeats: int = 3) -> tuple[float, float]:
+    """Wall and CPU seconds of the fastest of ``repeats`` unchanged steps on a copy (no
+    profiler), after one warm-up."""
     import copy
 
     model = copy.deepcopy(w.model)
     assert w.optimizer is not None
     opt = type(w.optimizer)(model.parameters())
     opt.param_groups[0].update({k: v for k, v in w.optimizer.defaults.items()})
-    best = float("inf")
+    best = (float("inf"), float("inf"))
     for i in range(repeats + 1):
-        start = time.perf_counter()
+        clock = Clock()
         w.loss(model, w.batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:
-            best = min(best, time.perf_counter() - start)
+            best = min(best, clock.read())
     return best
 
 
@@ -107,40 +126,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {name}, {params / 1e6:.1f}M parameters, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
 
-    step = real_step_seconds(w)
-    print(f"{'unchanged real step (no profiler)':<58} {step:8.2f} s   1.00x")
+    step, step_cpu = real_step_seconds(w)
+    print(f"{'':<58} {'wall':>8}   {'ratio':>6} {'cpu':>8}   {'ratio':>6}")
+    print(f"{'unchanged real step (no profiler)':<58} {step:8.2f} s   1.00x {step_cpu:8.2f} s"
+          "   1.00x")
 
-    def report(what: str, seconds: float, note: str = "") -> None:
-        print(f"{what:<58} {seconds:8.2f} s {seconds / step:6.2f}x {note}")
+    def report(what: str, clock: Clock, note: str = "") -> None:
+        wall, cpu = clock.read()
+        print(f"{what:<58} {wall:8.2f} s {wall / step:6.2f}x {cpu:8.2f} s {cpu / step_cpu:6.2f}x"
+              f" {note}", flush=True)
 
-    start = time.perf_counter()
+    clock = Clock()
     with seeded():
         profile = baseline(w).profile
-    report(f"real profile ({w.steps} steps under memprof)", time.perf_counter() - start)
+    report(f"real profile ({w.steps} steps under memprof)", clock)
 
-    start = time.perf_counter()
+    clock = Clock()
     facts = read_facts(profile)
     changes = changes_for(facts)
-    report("analytic predictions (changes_for)", time.perf_counter() - start)
+    report("analytic predictions (changes_for)", clock)
 
     if not args.no_rows:
-        start = time.perf_counter()
+        clock = Clock()
         with seeded():
             ref = fake_peak(w)
-        report("fake run: unchanged", time.perf_counter() - start,
+        report("fake run: unchanged", clock,
                f"peak {ref / 2**20:.1f} MiB (real {profile.peak().total_bytes / 2**20:.1f})")
         for c in changes:
             if not (c.applicable and c.apply is not None):
                 continue
-            start = time.perf_counter()
+            clock = Clock()
             try:
                 with seeded():
                     peak: int | str = fake_peak(w, [c.apply])
             except FakeRunError as exc:
                 peak = str(exc)[:60]
-            seconds = time.perf_counter() - start
             shown = f"peak {peak / 2**20:.1f} MiB" if isinstance(peak, int) else peak
-            report(f"fake run: {_label(c)}"[:58], seconds, shown)
+            report(f"fake run: {_label(c)}"[:58], clock, shown)
 
     if not args.no_advise:
         _time_advise(profile, w, report, args.cprofile)
@@ -151,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> None:
     prof = cProfile.Profile() if top else None
-    start = time.perf_counter()
+    clock = Clock()
     if prof is not None:
         prof.enable()
     advice = advise(profile, workload=w, simulate=False)
     if prof is not None:
         prof.disable()
     faked = sum(1 for r in advice.rows if r.get("predicted_by") == "fake run")
-    report("advise(profile, workload=w, simulate=False)", time.perf_counter() - start,
+    report("advise(profile, workload=w, simulate=False)", clock,
            f"{faked} rows by fake runs")
     if prof is not None:
         out = io.StringIO()
@@ -167,24 +189,22 @@ def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> None:
 
 
 def _time_cli(profile: Any, report: Any) -> None:
-    if True:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "profile.json"
-            profile.save(path)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "import memprof.advisor, memprof.cli"],
-                           check=True, env=env)
-            imports = time.perf_counter() - start
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "memprof", "advise", str(path)],
-                                  env=env, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            if done.returncode:
-                print(done.stderr[-2000:])
-            report("`memprof advise FILE` (subprocess)", seconds,
-                   f"of which {imports:.2f} s importing; rc {done.returncode}")
+    """``memprof advise FILE`` in a fresh process, and the same process's imports alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "profile.json"
+        profile.save(path)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        clock = Clock()
+        subprocess.run([sys.executable, "-c", "import memprof.advisor, memprof.cli"],
+                       check=True, env=env)
+        report("  imports alone (memprof.advisor, memprof.cli)", clock)
+        clock = Clock()
+        done = subprocess.run([sys.executable, "-m", "memprof", "advise", str(path)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-2000:])
+        report("`memprof advise FILE` (subprocess)", clock, f"rc {done.returncode}")
 
 
 if __name__ == "__main__":

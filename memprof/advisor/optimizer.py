@@ -214,11 +214,16 @@ def current_kind(facts: Facts) -> str:
 def optimizer_transform(facts: Facts, target: str) -> Transform:
     current = STATE_BYTES_PER_ELEMENT.get(current_kind(facts))
     state_ratio = (STATE_BYTES_PER_ELEMENT[target] / current) if current else 1.0
+    shapes = parameter_shapes(facts)
+    measured_state = float(facts.profile.optimizers[0].get("state_bytes", 0) or 0)
+    if target == "AdamW8bit" and shapes and measured_state:
+        state_ratio = lowbit_state_bytes(shapes) / measured_state
     adam_like = current_kind(facts) in ("Adam", "AdamW")
     # foreach Adam's scratch goes; the others keep about one tensor (taken as 0 here)
     scratch = 0.0 if adam_like else 1.0
-    # the 8-bit step's fp32 chunk scratch: gradient, two moments, denominator and a cast
-    extra = 5.0 * 4 * CHUNK if target == "AdamW8bit" else 0.0
+    # the 8-bit step's fp32 chunk scratch: gradient, two moments, denominator and a cast, for
+    # the largest chunk (a tensor smaller than a chunk is its own)
+    extra = 5.0 * 4 * lowbit_chunk(shapes) if target == "AdamW8bit" else 0.0
     if target in ("SGD", "SGD_momentum") and adam_like:
         extra += sgd_decay_scratch(facts)
 
@@ -230,6 +235,26 @@ def optimizer_transform(facts: Facts, target: str) -> Transform:
         return out
 
     return transform
+
+
+def lowbit_state_bytes(shapes: list[list[int]]) -> float:
+    """The bytes of :func:`lowbit_layout`'s state for parameters of these shapes (fp32)."""
+    total = 0.0
+    for shape in shapes:
+        n = math.prod(shape)
+        if quantized(n):
+            total += 2 * (n + 4 * n // BLOCK + 4 * QMAP_ENTRIES)
+        else:
+            total += 2 * 4 * n
+        total += 4  # the step
+    return total
+
+
+def lowbit_chunk(shapes: list[list[int]] | None) -> int:
+    """Elements of the largest chunk the 8-bit step updates at once."""
+    if shapes is None:
+        return CHUNK
+    return min(CHUNK, max((math.prod(s) for s in shapes if quantized(math.prod(s))), default=0))
 
 
 def sgd_decay_scratch(facts: Facts) -> float:
