@@ -415,6 +415,27 @@ def load(path: str | os.PathLike[str]) -> Profile:
             f"{source}: damaged profile ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
+def as_profile(value: Any, *, argument: str = "profile") -> Profile:
+    """``value`` as a :class:`Profile`: a Profile itself, or the finished ``.profile`` of the
+    Profiler that ``with memprof.profile(...) as prof`` gives.
+
+    The Profiler is recognised by its ``profile`` property (it lives in :mod:`memprof.tracking`,
+    above this module, so it is not imported here). Inside the ``with`` block its property
+    raises the RuntimeError that says the profile is not ready yet. Anything else is a
+    :class:`TypeError` naming ``argument``.
+    """
+    if isinstance(value, Profile):
+        return value
+    if isinstance(getattr(type(value), "profile", None), property):
+        inner = value.profile
+        if isinstance(inner, Profile):
+            return inner
+    raise TypeError(
+        f"{argument} must be a memprof Profile (or the Profiler of `with memprof.profile(...) "
+        f"as prof`), not {type(value).__name__}"
+    )
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
@@ -466,5 +487,6 @@ __all__ = [
     "Profile",
     "StepStats",
     "TensorAtPeak",
+    "as_profile",
     "load",
 ]
