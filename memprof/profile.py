@@ -30,15 +30,17 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import OutputExistsError, ProfileLoadError
 from memprof.oom import OOMReport
 from memprof.units import format_bytes
+
+if TYPE_CHECKING:  # pandas loads with the first table, not with `import memprof`
+    import pandas as pd
 
 SCHEMA_NAME = "memprof-profile"
 SCHEMA_VERSION = 1
@@ -168,6 +170,8 @@ class Profile:
     # ------------------------------------------------------------------ tables
     def modules(self) -> pd.DataFrame:
         """One row per module; see the module docstring for the columns."""
+        import pandas as pd
+
         rows = []
         for m in self.modules_stats:
             row: dict[str, Any] = {
@@ -204,6 +208,8 @@ class Profile:
 
     def steps(self) -> pd.DataFrame:
         """One row per profiled step."""
+        import pandas as pd
+
         rows = []
         for s in self.steps_stats:
             row = asdict(s)
@@ -214,6 +220,8 @@ class Profile:
 
     def timeline(self) -> pd.DataFrame:
         """Live bytes per category over time, one row per sample."""
+        import pandas as pd
+
         data = dict(self.timeline_data)
         frame = pd.DataFrame({k: data.get(k, []) for k in _TIMELINE_COLUMNS})
         frame["total"] = frame[list(CATEGORIES)].sum(axis=1) if len(frame) else []

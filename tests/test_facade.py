@@ -87,3 +87,67 @@ def test_inside_the_block_the_profile_is_not_ready() -> None:
         model(torch.randn(2, 4)).sum().backward()
         with pytest.raises(RuntimeError, match="ready when"):
             memprof.advise(prof)
+
+
+LIGHT_IMPORT = """
+import json, sys
+import memprof
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "memprof")
+print(json.dumps({"loaded": loaded, "pandas": "pandas" in sys.modules}))
+"""
+
+FIRST_USE = """
+import json, sys
+import memprof
+import memprof.report, memprof.compare, memprof.estimate  # the submodules, by their names
+from memprof.advisor import advise
+print(json.dumps({
+    "report": memprof.report.__name__, "compare": memprof.compare.__name__,
+    "estimate": memprof.estimate.__name__, "advise": memprof.advise is advise,
+    "profile": memprof.profile.__name__, "load_snapshot": memprof.load_snapshot.__module__,
+    "classes": [memprof.Advice.__name__, memprof.Workload.__name__, memprof.EstimateError.__name__],
+    "all_in_dir": sorted(set(memprof.__all__) - set(dir(memprof))),
+    "advisor": memprof.advisor.__name__, "gpus": memprof.gpus.__name__,
+}))
+"""
+
+
+def _python(code: str) -> dict[str, object]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=300).stdout
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_import_memprof_loads_only_the_measurement() -> None:
+    result = _python(LIGHT_IMPORT)
+    loaded = result["loaded"]
+    assert isinstance(loaded, list)
+    for heavy in ("memprof.advisor", "memprof.report", "memprof.estimate", "memprof.compare",
+                  "memprof.snapshot"):
+        assert not [m for m in loaded if m == heavy or m.startswith(heavy + ".")], heavy
+    assert "memprof.tracking.session" in loaded
+    assert result["pandas"] is False
+
+
+def test_public_names_resolve_on_first_use() -> None:
+    result = _python(FIRST_USE)
+    # The functions keep their names even once their namesake submodules are loaded.
+    assert result["report"] == "write_report"
+    assert result["compare"] == "compare"
+    assert result["estimate"] == "estimate"
+    assert result["profile"] == "profile"
+    assert result["advise"] is True
+    assert result["load_snapshot"] == "memprof.snapshot.load"
+    assert result["classes"] == ["Advice", "Workload", "EstimateError"]
+    assert result["all_in_dir"] == []
+    assert result["advisor"] == "memprof.advisor"
+    assert result["gpus"] == "memprof.gpus"
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        memprof.nothing_here  # noqa: B018
