@@ -20,6 +20,7 @@ from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import (
     BudgetError,
     DeviceNotAvailableError,
+    EstimateError,
     MemprofError,
     OutputExistsError,
     ProfileActiveError,
@@ -34,7 +35,7 @@ from memprof.units import format_bytes, parse_size
 if TYPE_CHECKING:
     from memprof.advisor import Advice, Workload, advise
     from memprof.compare import compare
-    from memprof.estimate import EstimateError, estimate
+    from memprof.estimate import estimate
     from memprof.report import write_report as report
     from memprof.snapshot.load import load_snapshot
 
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 #: name -> (module, attribute).
 _LAZY: dict[str, tuple[str, str]] = {
     "Advice": ("memprof.advisor", "Advice"),
-    "EstimateError": ("memprof.estimate", "EstimateError"),
     "Workload": ("memprof.advisor", "Workload"),
     "advise": ("memprof.advisor", "advise"),
     "compare": ("memprof.compare", "compare"),

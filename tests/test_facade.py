@@ -151,3 +151,22 @@ def test_public_names_resolve_on_first_use() -> None:
 def test_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         memprof.nothing_here  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("old_home", "name", "exit_code"),
+    [("memprof.estimate", "EstimateError", 2), ("memprof.snapshot.memory_viz", "ExportError", 2),
+     ("memprof.report.ranks", "RanksError", 1), ("memprof.commands.common", "CommandError", 2)],
+)
+def test_errors_live_in_one_module_and_keep_their_old_names(old_home: str, name: str,
+                                                             exit_code: int) -> None:
+    import importlib
+
+    import memprof.errors
+
+    error = getattr(memprof.errors, name)
+    assert getattr(importlib.import_module(old_home), name) is error
+    assert issubclass(error, memprof.MemprofError)
+    assert error.exit_code == exit_code
+    assert memprof.EstimateError is memprof.errors.EstimateError
+    assert issubclass(memprof.EstimateError, ValueError)

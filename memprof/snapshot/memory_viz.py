@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memprof.categories import CATEGORIES
-from memprof.errors import MemprofError
+from memprof.errors import ExportError
 from memprof.profile import Peak, Profile, TensorAtPeak, as_profile
 from memprof.snapshot.frames import Frame, frames_for
 
@@ -37,12 +37,6 @@ ALIGNMENT = 512
 #: replay only during the peak's step (parameters and optimizer state from the start).
 _TRANSIENT = frozenset({"activation", "temporary", "input", "other"})
 _PHASE_RANK = {"forward": 1, "backward": 2, "optimizer": 3}
-
-
-class ExportError(MemprofError):
-    """A profile that cannot be exported (it recorded no step)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
