@@ -29,12 +29,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from memprof.categories import CATEGORIES, PHASES
-from memprof.profile import OUTSIDE_MODULES, OWN_COLUMNS, Profile
+from memprof.profile import OUTSIDE_MODULES, OWN_COLUMNS, Profile, as_profile
 from memprof.units import format_bytes, parse_size
 
 COLUMNS = ("section", "name", "category", "a_bytes", "b_bytes", "delta_bytes", "delta_pct",
@@ -42,9 +42,17 @@ COLUMNS = ("section", "name", "category", "a_bytes", "b_bytes", "delta_bytes", "
 SECTIONS = ("peak", "peak_module", "module", "phase", "step")
 TOTAL = "total"
 
+if TYPE_CHECKING:
+    from memprof.tracking.session import Profiler
 
-def compare(a: Profile, b: Profile) -> pd.DataFrame:
-    """B against A, one row per (section, name, category); see the module docstring."""
+
+def compare(a: Profile | Profiler, b: Profile | Profiler) -> pd.DataFrame:
+    """B against A, one row per (section, name, category); see the module docstring.
+
+    Each side is a :class:`~memprof.profile.Profile` or the Profiler of a finished
+    ``with memprof.profile(...) as prof`` block.
+    """
+    a, b = as_profile(a, argument="a"), as_profile(b, argument="b")
     rows: list[tuple[str, str, str, int, int, str]] = []
     rows.extend(_peak_rows(a, b))
     rows.extend(_peak_module_rows(a, b))

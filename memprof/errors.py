@@ -50,3 +50,25 @@ class AllocatorConfError(MemprofError, ValueError):
     """A ``PYTORCH_CUDA_ALLOC_CONF`` string the caching allocator would refuse."""
 
     exit_code = 2
+
+
+class EstimateError(MemprofError, ValueError):
+    """An estimate that cannot run: unknown model, unbuildable config, failing factory."""
+
+    exit_code = 2
+
+
+class ExportError(MemprofError):
+    """A profile that cannot be exported (it recorded no step)."""
+
+    exit_code = 2
+
+
+class RanksError(MemprofError):
+    """The profiles given cannot be merged into one ranks report."""
+
+
+class CommandError(MemprofError):
+    """A bad command line argument the user can fix (missing script, not Python, ...)."""
+
+    exit_code = 2  # click's usage errors exit with 2 too

@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memprof.devices import CUDA_BLOCK_BYTES
-from memprof.errors import MemprofError
+from memprof.errors import EstimateError, MemprofError
 from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
 from memprof.gpus import FRAGMENTATION_FRACTION, budget_of, replay_cached_bytes
 from memprof.profile import Profile
@@ -91,12 +91,6 @@ DEVICES = ("cuda", "cpu")
 
 #: Batch kinds :func:`synthetic_batch` can make.
 BATCH_KINDS = ("causal-lm", "masked-lm", "image-classification", "base")
-
-
-class EstimateError(MemprofError, ValueError):
-    """An estimate that cannot run: unknown model, unbuildable config, failing factory."""
-
-    exit_code = 2
 
 
 # --------------------------------------------------------------------------- catalog

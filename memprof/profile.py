@@ -30,15 +30,17 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import OutputExistsError, ProfileLoadError
 from memprof.oom import OOMReport
 from memprof.units import format_bytes
+
+if TYPE_CHECKING:  # pandas loads with the first table, not with `import memprof`
+    import pandas as pd
 
 SCHEMA_NAME = "memprof-profile"
 SCHEMA_VERSION = 1
@@ -168,6 +170,8 @@ class Profile:
     # ------------------------------------------------------------------ tables
     def modules(self) -> pd.DataFrame:
         """One row per module; see the module docstring for the columns."""
+        import pandas as pd
+
         rows = []
         for m in self.modules_stats:
             row: dict[str, Any] = {
@@ -204,6 +208,8 @@ class Profile:
 
     def steps(self) -> pd.DataFrame:
         """One row per profiled step."""
+        import pandas as pd
+
         rows = []
         for s in self.steps_stats:
             row = asdict(s)
@@ -214,6 +220,8 @@ class Profile:
 
     def timeline(self) -> pd.DataFrame:
         """Live bytes per category over time, one row per sample."""
+        import pandas as pd
+
         data = dict(self.timeline_data)
         frame = pd.DataFrame({k: data.get(k, []) for k in _TIMELINE_COLUMNS})
         frame["total"] = frame[list(CATEGORIES)].sum(axis=1) if len(frame) else []
@@ -415,6 +423,27 @@ def load(path: str | os.PathLike[str]) -> Profile:
             f"{source}: damaged profile ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
+def as_profile(value: Any, *, argument: str = "profile") -> Profile:
+    """``value`` as a :class:`Profile`: a Profile itself, or the finished ``.profile`` of the
+    Profiler that ``with memprof.profile(...) as prof`` gives.
+
+    The Profiler is recognised by its ``profile`` property (it lives in :mod:`memprof.tracking`,
+    above this module, so it is not imported here). Inside the ``with`` block its property
+    raises the RuntimeError that says the profile is not ready yet. Anything else is a
+    :class:`TypeError` naming ``argument``.
+    """
+    if isinstance(value, Profile):
+        return value
+    if isinstance(getattr(type(value), "profile", None), property):
+        inner = value.profile
+        if isinstance(inner, Profile):
+            return inner
+    raise TypeError(
+        f"{argument} must be a memprof Profile (or the Profiler of `with memprof.profile(...) "
+        f"as prof`), not {type(value).__name__}"
+    )
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
@@ -466,5 +495,6 @@ __all__ = [
     "Profile",
     "StepStats",
     "TensorAtPeak",
+    "as_profile",
     "load",
 ]

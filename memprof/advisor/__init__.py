@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memprof.advisor import (
     allocator_conf,
@@ -45,8 +45,11 @@ from memprof.advisor.advice import Advice, row_key, stored_fake_peaks, stored_se
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
 from memprof.gpus import budget_of, replay_cached_bytes
-from memprof.profile import Profile
+from memprof.profile import Profile, as_profile
 from memprof.units import format_bytes
+
+if TYPE_CHECKING:
+    from memprof.tracking.session import Profiler
 
 
 def changes_for(facts: Facts) -> list[Change]:
@@ -106,7 +109,7 @@ class WorkloadSimulator:
 
 
 def advise(
-    profile: Profile,
+    profile: Profile | Profiler,
     *,
     budget: int | str | None = None,
     workload: Workload | None = None,
@@ -130,7 +133,10 @@ def advise(
     the reason in ``caveats``. With neither given and no model at hand, the fake-run
     predictions a saved profile carries (``profile.advice``) are used for their rows (and by
     the plan), the others are analytic.
+
+    ``profile`` may be the Profiler of a finished ``with memprof.profile(...) as prof`` block.
     """
+    profile = as_profile(profile)
     if workload is not None and simulator is not None:
         raise ValueError("give a workload or a simulator, not both")
     model_at_hand = fake_model or workload

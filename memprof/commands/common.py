@@ -20,20 +20,14 @@ from typing import Any, TypeVar, overload
 
 import click
 
-from memprof.errors import MemprofError
+from memprof.errors import CommandError, MemprofError
 from memprof.units import format_bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 #: Exit code for a command line that cannot be acted on (as click uses for usage errors).
-USAGE_EXIT_CODE = 2
-
-
-class CommandError(MemprofError):
-    """A bad command line argument the user can fix (missing script, not Python, ...)."""
-
-    exit_code = USAGE_EXIT_CODE
+USAGE_EXIT_CODE = CommandError.exit_code
 
 
 def fail(message: str, exit_code: int = 1) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from memprof.profile import Profile, write_text_atomic
+from memprof.profile import Profile, as_profile, write_text_atomic
+
+if TYPE_CHECKING:
+    from memprof.tracking.session import Profiler
 
 
 def write_report(
-    profile: Profile,
+    profile: Profile | Profiler,
     path: str | os.PathLike[str],
     *,
     advice: Any = None,
@@ -29,8 +32,10 @@ def write_report(
 
     ``advice`` (an ``Advice`` or its dict) is shown in the advisor section; without it the
     profile's saved ``advice`` is used. Raises :class:`~memprof.errors.OutputExistsError` if
-    ``path`` exists and ``overwrite`` is false.
+    ``path`` exists and ``overwrite`` is false. ``profile`` may be the Profiler of a finished
+    ``with memprof.profile(...) as prof`` block.
     """
+    profile = as_profile(profile)
     target = Path(path)
     if target.exists() and not overwrite:  # fail before the (slow) rendering
         write_text_atomic(target, "", overwrite=False)
@@ -38,8 +43,9 @@ def write_report(
     return target
 
 
-def render_report(profile: Profile, *, advice: Any = None) -> str:
+def render_report(profile: Profile | Profiler, *, advice: Any = None) -> str:
     """The report as one HTML string."""
+    profile = as_profile(profile)
     from memprof.report.page import context
 
     template = _environment().get_template("report.html.j2")

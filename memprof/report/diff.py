@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from memprof.compare import TOTAL, compare, peak_line, signed_bytes, signed_pct
-from memprof.profile import Profile, write_text_atomic
+from memprof.profile import Profile, as_profile, write_text_atomic
 from memprof.report.style import CATEGORY_COLORS, CATEGORY_LABELS, FONT, module_label
 from memprof.units import format_bytes
+
+if TYPE_CHECKING:
+    from memprof.tracking.session import Profiler
 
 #: Rows of the per-module tables: the largest changes first.
 TOP_ROWS = 40
 
 
 def write_diff_report(
-    a: Profile,
-    b: Profile,
+    a: Profile | Profiler,
+    b: Profile | Profiler,
     path: str | os.PathLike[str],
     *,
     names: tuple[str, str] = ("A", "B"),
@@ -40,8 +43,10 @@ def write_diff_report(
     return target
 
 
-def render_diff(a: Profile, b: Profile, *, names: tuple[str, str] = ("A", "B")) -> str:
+def render_diff(a: Profile | Profiler, b: Profile | Profiler, *,
+                names: tuple[str, str] = ("A", "B")) -> str:
     """The comparison as one HTML string."""
+    a, b = as_profile(a, argument="a"), as_profile(b, argument="b")
     from memprof.report import _environment, _plotlyjs
 
     frame = compare(a, b)

@@ -17,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from memprof.categories import CATEGORIES
-from memprof.errors import MemprofError
+from memprof.errors import RanksError
 from memprof.profile import Profile, write_text_atomic
 from memprof.report.style import CATEGORY_COLORS, CATEGORY_LABELS, base_layout, byte_axis
 from memprof.units import format_bytes
-
-
-class RanksError(MemprofError):
-    """The profiles given cannot be merged into one ranks report."""
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memprof.categories import CATEGORIES
-from memprof.profile import OUTSIDE_MODULES, Profile
+from memprof.profile import OUTSIDE_MODULES, Profile, as_profile
+
+if TYPE_CHECKING:
+    from memprof.tracking.session import Profiler
 
 PID = 1
 STEP_TID, PHASE_TID, MODULE_TID = 1, 2, 3
 
 
-def to_trace(profile: Profile) -> dict[str, Any]:
+def to_trace(profile: Profile | Profiler) -> dict[str, Any]:
     """The trace as a JSON-ready dict (``traceEvents``, ``displayTimeUnit``)."""
+    profile = as_profile(profile)
     events: list[dict[str, Any]] = [
         _meta("process_name", 0, {"name": f"memprof: {profile.device.name}"}),
         _meta("thread_name", STEP_TID, {"name": "steps"}),
@@ -48,7 +52,7 @@ def to_trace(profile: Profile) -> dict[str, Any]:
             "otherData": {"exported_from": "memprof", "device": profile.device.name}}
 
 
-def write_trace(profile: Profile, path: str | os.PathLike[str], *,
+def write_trace(profile: Profile | Profiler, path: str | os.PathLike[str], *,
                 overwrite: bool = False) -> Path:
     """Write :func:`to_trace` as JSON to ``path`` atomically."""
     from memprof.snapshot.files import write_bytes_atomic

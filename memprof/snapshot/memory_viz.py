@@ -20,12 +20,15 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memprof.categories import CATEGORIES
-from memprof.errors import MemprofError
-from memprof.profile import Peak, Profile, TensorAtPeak
+from memprof.errors import ExportError
+from memprof.profile import Peak, Profile, TensorAtPeak, as_profile
 from memprof.snapshot.frames import Frame, frames_for
+
+if TYPE_CHECKING:
+    from memprof.tracking.session import Profiler
 
 #: Where the made-up arena starts (any plausible device address).
 ARENA_BASE = 0x7F0000000000
@@ -34,12 +37,6 @@ ALIGNMENT = 512
 #: replay only during the peak's step (parameters and optimizer state from the start).
 _TRANSIENT = frozenset({"activation", "temporary", "input", "other"})
 _PHASE_RANK = {"forward": 1, "backward": 2, "optimizer": 3}
-
-
-class ExportError(MemprofError):
-    """A profile that cannot be exported (it recorded no step)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -121,8 +118,9 @@ class _Replay:
         self.events.append(_event("free_completed", block, time_us))
 
 
-def to_snapshot(profile: Profile) -> dict[str, Any]:
+def to_snapshot(profile: Profile | Profiler) -> dict[str, Any]:
     """The snapshot dict (``segments``, ``device_traces``) of ``profile`` at its peak."""
+    profile = as_profile(profile)
     if profile.peak_info is None:
         raise ExportError("this profile recorded no step: there is no peak to export")
     peak = profile.peak_info
@@ -176,7 +174,7 @@ def to_snapshot(profile: Profile) -> dict[str, Any]:
     }
 
 
-def write_snapshot(profile: Profile, path: str | os.PathLike[str], *,
+def write_snapshot(profile: Profile | Profiler, path: str | os.PathLike[str], *,
                    overwrite: bool = False) -> Path:
     """Pickle :func:`to_snapshot` to ``path`` atomically (refuses to replace a file unless
     ``overwrite``)."""

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_flatten
 
 from memprof import oom as oom_report
+from memprof._version import __version__
 from memprof.categories import CATEGORIES, PHASES
 from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
 from memprof.errors import ProfileActiveError
@@ -1214,8 +1215,6 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
 
 def environment() -> dict[str, str]:
     """Versions that explain a profile: memprof, torch, Python, CUDA, the command line."""
-    from memprof import __version__
-
     return {
         "memprof": __version__,
         "torch": torch.__version__,
