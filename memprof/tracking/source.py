@@ -48,6 +48,12 @@ class SourceSampler:
 
     def take(self, nbytes: int) -> str:
         """Call only when ``nbytes >= floor``: the source line, and the floor moved up."""
+        self.admit(nbytes)
+        return user_source(2)
+
+    def admit(self, nbytes: int) -> None:
+        """Move the floor up for a storage of ``nbytes`` whose line is known otherwise (a
+        backward temporary: its node's forward line)."""
         heap = self._heap
         if self.keep > 0:
             if len(heap) < self.keep:
@@ -58,4 +64,3 @@ class SourceSampler:
             if self.threshold is not None:
                 floor = min(floor, self.threshold) if floor >= 0 else floor
             self.floor = floor
-        return user_source(2)
