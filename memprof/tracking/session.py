@@ -1256,8 +1256,10 @@ def profile(
     ``model`` and ``optimizer`` are optional: without them every module and optimizer that runs
     is tracked, and the first module to run is the root. Call ``prof.step()`` once per step.
     The largest tensors at the peak carry the source line that made them where a hook or the
-    dispatch ledger saw them; ``source_lines_above=N`` also records it for every storage over
-    N bytes (dispatch backend; the events backend sees only saved tensors and module outputs).
+    dispatch ledger saw them (a temporary made in backward: the line of the forward op whose
+    autograd node made it, where that node saved a large tensor); ``source_lines_above=N`` also
+    records it for every storage over N bytes (dispatch backend; the events backend sees only
+    saved tensors, module outputs and backward temporaries).
 
     Example::
 
