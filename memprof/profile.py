@@ -28,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,8 +87,18 @@ class TensorAtPeak:
     shape: list[int]
     dtype: str
     phase: str
-    #: Where the user's code made it, ``file:line in function`` ("" when not recorded).
+    #: Where the user's code made it, ``file:line in function`` ("" when not recorded); for a
+    #: temporary made in backward, the line of the forward op whose autograd node made it.
     source: str = ""
+
+    def source_text(self, path: Callable[[str], str] = str) -> str:
+        """:attr:`source` as shown (``path`` shortens the file name): a backward temporary's
+        reads ``backward of file:line in function``; "" when not recorded."""
+        if not self.source:
+            return ""
+        if self.phase == "backward" and self.category == "temporary":
+            return f"backward of {path(self.source)}"
+        return path(self.source)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,21 @@ def test_recorder_marks_backward_nodes_once_per_run_of_nodes() -> None:
     assert -2 in kinds[marker:]
     # Nodes with no allocation between them are one event: backward has begun, nothing more.
     assert all(not (a == b == -2) for a, b in itertools.pairwise(kinds))
+    # Each carries the sequence number of the node running at the next allocation (its forward
+    # op's: the replay names the forward line of backward temporaries by it), or -1 (none).
+    numbers = {node._sequence_nr() for node in _nodes(loss.grad_fn)}
+    values = [value for _, ptr, value in items if ptr == -2]
+    assert values and all(value in numbers or value == -1 for value in values)
+    assert any(value in numbers for value in values)
+
+
+def _nodes(root: torch.autograd.graph.Node) -> list[torch.autograd.graph.Node]:
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found
 
 
 @needs_recorder

@@ -581,7 +581,7 @@ def largest_tensors_text(profile: Any, *, top: int = 5) -> str:
     lines = ["Largest tensors at the peak:"]
     for t in profile.peak_info.top_tensors[:top]:
         shape = "x".join(str(d) for d in t.shape) or "scalar"
-        where = f"  {_short_path(t.source)}" if t.source else ""
+        where = f"  {t.source_text(_short_path)}" if t.source else ""
         lines.append(f"  {format_bytes(t.nbytes):>10}  {t.category:<15} {t.dtype} [{shape}] "
                      f"in {t.module or '(root)'!r}{where}")
     return "\n".join(lines)

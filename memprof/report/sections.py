@@ -56,7 +56,7 @@ def top_tensors(profile: Profile) -> Table | None:
     rows = [
         [format_bytes(t.nbytes), CATEGORY_LABELS.get(t.category, t.category),
          module_label(t.module), "×".join(str(d) for d in t.shape) or "scalar", t.dtype, t.phase,
-         t.source or "–"]
+         t.source_text() or "–"]
         for t in profile.peak_info.top_tensors
     ]
     return {"columns": ["bytes", "category", "module", "shape", "dtype", "made in",

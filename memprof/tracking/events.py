@@ -65,7 +65,8 @@ class EventSource(Protocol):
     """Where the events come from: the allocations, markers and autograd-node starts of the
     program, as ``(time_ns, ptr, value)`` triples in order. ``ptr > 0``: an allocation
     (``value`` = +bytes) or a free (-bytes); ``ptr == -1``: marker ``value``; ``ptr == -2``:
-    an autograd node started (backward is running)."""
+    an autograd node started (backward is running), ``value`` its sequence number (the one its
+    forward op had; -1 where none, as for AccumulateGrad)."""
 
     name: str
     offset_s: float  # perf_counter seconds minus the source's clock in seconds
@@ -178,8 +179,9 @@ class ProfilerSource:
     @staticmethod
     def _items(roots: list[Any]) -> list[tuple[int, int, int, int, int]]:
         """The events as ``(time, rank, seq, ptr, value)`` in time order: allocations (ptr, signed
-        size), markers (-1, payload index) and autograd nodes (-2, 0). The tree is walked in
-        order, so ``seq`` keeps a thread's order between events with equal times."""
+        size), markers (-1, payload index) and autograd nodes (-2, sequence number). The tree
+        is walked in order, so ``seq`` keeps a thread's order between events with equal
+        times."""
         items: list[tuple[int, int, int, int, int]] = []
         append = items.append
         seq = 0
@@ -201,7 +203,7 @@ class ProfilerSource:
                     if name.startswith(INTERVAL):
                         append((node.end_time_ns, _EXIT, seq, -1, index + 1))
                 elif fields.scope == _BACKWARD_SCOPE:
-                    append((node.start_time_ns, _ENTER, seq, -2, 0))
+                    append((node.start_time_ns, _ENTER, seq, -2, fields.sequence_number))
             children = node.children
             if children:
                 children.reverse()
@@ -231,7 +233,7 @@ class EventStream:
     """Keeps the C++ profiler running and turns its events back into ledger updates."""
 
     def __init__(self, ledger: StorageLedger, alloc_phase: Callable[[], None],
-                 on_backward_node: Callable[[], None],
+                 on_backward_node: Callable[[int], None],
                  source: EventSource | None = None) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
@@ -392,7 +394,7 @@ class EventStream:
                     if ptr == -1:
                         self._apply(value)
                     else:
-                        self._on_backward_node()
+                        self._on_backward_node(value)
                     continue
                 if value > 0:
                     if not ledger.recording:

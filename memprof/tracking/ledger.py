@@ -37,6 +37,7 @@ OUTSIDE = 0  # module index of "no module running"
 FRAME_FORWARD, FRAME_BACKWARD, FRAME_RECOMPUTE = 0, 1, 2
 
 _graph_task_id = torch._C._current_graph_task_id
+_current_node = torch._C._current_autograd_node
 
 
 class Entry:
@@ -235,6 +236,15 @@ class StorageLedger:
         #: Source lines for the storages that may be among the largest (see tracking.source).
         self.sources: SourceSampler | None = None
         self.source_floor: int = 1 << 62
+        #: The forward source line of autograd nodes, by sequence number (a node's number is its
+        #: forward op's): noted where the pack hook took the line of a large saved tensor, so a
+        #: backward temporary made while that node runs is charged to the user's forward line.
+        #: This step's and the last one's (a graph may outlive one step boundary); ints and
+        #: strings only: no node or tensor is kept.
+        self.node_sources: dict[int, str] = {}
+        self.node_sources_before: dict[int, str] = {}
+        #: The sequence number of the autograd node running, as the events replay last saw one.
+        self.node = -1
         self._spikes = 0  # keys of spikes: negative, never a storage's id or address
         #: Tensors seen whose memory could not be read, by kind (see :func:`held_tensors`).
         self.uncounted: dict[str, int] = {}
@@ -278,7 +288,13 @@ class StorageLedger:
         ref.key = key
         entry.ref = ref
         if nbytes >= self.source_floor and self.sources is not None:
-            entry.source = self.sources.take(nbytes)
+            backward = self.phase == BACKWARD and category == TEMPORARY
+            source = self.backward_source() if backward else ""
+            if source:
+                self.sources.admit(nbytes)
+            else:
+                source = self.sources.take(nbytes)
+            entry.source = source
             self.source_floor = self.sources.floor
         return self._insert(entry)
 
@@ -288,6 +304,8 @@ class StorageLedger:
         if key in self.entries:  # its free was missed (allocated before a gap): replace it
             self.free(key)
         entry = Entry(key, nbytes, nbytes, category, module, self.phase, shape, dtype)
+        if self.phase == BACKWARD and category == TEMPORARY and self.node >= 0:
+            entry.source = self.node_source(self.node)
         return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
@@ -399,6 +417,28 @@ class StorageLedger:
             entry.shape, entry.dtype = facts[2], facts[3]
         if source and not entry.source:
             entry.source = source
+
+    def note_node(self, node: int, source: str) -> None:
+        """The autograd node numbered ``node`` was made by the forward op at ``source``."""
+        if node >= 0 and source:
+            self.node_sources[node] = source
+
+    def node_source(self, node: int) -> str:
+        """The forward source line of the node numbered ``node`` ("" if not noted)."""
+        return self.node_sources.get(node) or self.node_sources_before.get(node, "")
+
+    def backward_source(self) -> str:
+        """The forward source line of the autograd node running now ("" outside backward,
+        or for a node whose line was not noted)."""
+        if not self.node_sources and not self.node_sources_before:
+            return ""
+        node = _current_node()
+        return "" if node is None else self.node_source(node._sequence_nr())
+
+    def rotate_node_sources(self) -> None:
+        """A step ends: forget the node lines of the step before it."""
+        self.node_sources_before = self.node_sources
+        self.node_sources = {}
 
     def learn_facts(self, facts: Facts, source: str = "") -> None:
         """:meth:`learn` for the entry at ``facts``' address, if one is live."""

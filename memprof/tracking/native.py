@@ -1,15 +1,17 @@
 """memprof's C++ allocation recorder (recorder.cpp), compiled for the installed torch on first use.
 
 The recorder is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) against the
-torch that is running, so it always matches its ABI; the build is cached per torch version (a few
-seconds to half a minute, once). Where it cannot be built, :func:`load` returns None with the
-reason in :func:`unavailable_reason`, and the events backend reads the PyTorch profiler's events
-instead (slower, same results). ``MEMPROF_NATIVE=0`` turns the recorder off.
+torch that is running, so it always matches its ABI; the build is cached per torch version and
+recorder source (a few seconds to half a minute, once). Where it cannot be built, :func:`load`
+returns None with the reason in :func:`unavailable_reason`, and the events backend reads the
+PyTorch profiler's events instead (slower, same results). ``MEMPROF_NATIVE=0`` turns the
+recorder off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -28,8 +30,12 @@ _reason = ""
 
 
 def _name() -> str:
+    """Per torch version and per recorder source: a build of another recorder.cpp (an older
+    memprof, another checkout sharing the cache) is never loaded in its place, where its events
+    would mean something else (the node events' value, say)."""
     version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    return f"memprof_recorder_{version}"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    return f"memprof_recorder_{version}_{digest}"
 
 
 def load() -> Any:

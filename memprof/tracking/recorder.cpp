@@ -12,11 +12,14 @@
 //
 // Besides allocations, the stream holds memprof's markers (``mark``: a Python hook's index,
 // placed in time between the allocations) and the start of autograd nodes (a RecordFunction
-// callback on the BACKWARD_FUNCTION scope only: backward has begun).
+// callback on the BACKWARD_FUNCTION scope only: backward has begun; the node's sequence number,
+// which its forward op had, lets the replay name the forward source line of backward
+// temporaries).
 //
 // Events are int64 triples (time_ns, ptr, value): an allocation (ptr > 0, value = +bytes), a
-// free (ptr > 0, value = -bytes), a marker (-1, index), an autograd node (-2, 0; consecutive
-// ones are merged).
+// free (ptr > 0, value = -bytes), a marker (-1, index), an autograd node (-2, its sequence
+// number; consecutive ones are merged into one event holding the last one's number: the node
+// running at the next allocation).
 
 #include <ATen/record_function.h>
 #include <c10/util/Logging.h>
@@ -74,6 +77,7 @@ class Recorder final : public ProfilerStateBase {
     std::lock_guard<std::mutex> guard(mutex_);
     if (what == kNode) {
       if (last_was_node_) {
+        events_.back() = value;
         return;
       }
       last_was_node_ = true;
@@ -123,9 +127,9 @@ int g_saved_log_level = 0;
 std::atomic<Recorder*> g_active{nullptr};        // what the callbacks read, from any thread
 at::CallbackHandle g_node_callback = 0;
 
-std::unique_ptr<at::ObserverContext> on_node(const at::RecordFunction&) {
+std::unique_ptr<at::ObserverContext> on_node(const at::RecordFunction& fn) {
   if (Recorder* recorder = g_active.load(std::memory_order_acquire)) {
-    recorder->append(kNode, 0);
+    recorder->append(kNode, fn.seqNr());
   }
   return nullptr;
 }

@@ -75,11 +75,13 @@ from memprof.tracking.ledger import (
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.schedule import StepAction, every_step
-from memprof.tracking.source import SourceSampler
+from memprof.tracking.source import SourceSampler, user_source
 from memprof.tracking.timeline import decimate
 from memprof.units import round_up
 
 _graph_task_id = torch._C._current_graph_task_id
+#: The autograd sequence counter: inside a pack hook, the number of the node being made, plus 1.
+_sequence_nr = torch._C._autograd._get_sequence_nr
 
 #: A leak is reported when live memory between steps grew this many steps in a row...
 LEAK_MIN_GROWTHS = 3
@@ -396,6 +398,7 @@ class Profiler:
 
     def _step_apply(self, device: tuple[int, int] | None, step: int, action: StepAction) -> None:
         self._replay_bwd = False
+        self.ledger.rotate_node_sources()
         if self.ledger.recording:
             self._end_step(partial=False, device=device)
         self._applied_step = step
@@ -716,6 +719,7 @@ class Profiler:
     def _backward_end_apply(self) -> None:
         ledger = self.ledger
         self._replay_bwd = False
+        ledger.node = -1
         if not ledger.recording:
             return
         while ledger.frames and ledger.frames[-1][2] == FRAME_BACKWARD:
@@ -738,27 +742,37 @@ class Profiler:
         return tensor.detach()
 
     def _pack_part(self, tensor: torch.Tensor) -> None:
+        # A large saved tensor's line is the line of the forward op whose node saves it: noted
+        # under the node's sequence number, it names the backward temporaries that node makes
+        # (where the events backend sees only bytes). Small ones cost nothing more.
         events = self._events
+        sources = self._sources
         if events is None:
-            self._pack_apply(tensor, self.ledger.current_module)
+            ledger = self.ledger
+            self._pack_apply(tensor, ledger.current_module)
+            if tensor.untyped_storage().nbytes() >= sources.floor:
+                ledger.note_node(_sequence_nr() - 1, user_source())
             return
         stack = self._live_stack
         facts = facts_of(tensor)
-        sources = self._sources
         source = sources.take(facts[1]) if facts[1] >= sources.floor else ""
+        node = _sequence_nr() - 1 if source else -1
         if stack:  # alive until the module's next marker: the graph holds it
-            events.buffer(self._pack_apply, facts, stack[-1][0], source)
+            events.buffer(self._pack_apply, facts, stack[-1][0], source, node)
         else:
             # Outside modules (the loss) the next marker may come in backward, after the
             # tensor is freed: the facts would then find no entry and make up an input that
             # no longer exists. Mark the moment itself.
-            events.point(self._pack_apply, facts, OUTSIDE, source)
+            events.point(self._pack_apply, facts, OUTSIDE, source, node)
 
-    def _pack_apply(self, tensor: torch.Tensor | Facts, module: int, source: str = "") -> None:
-        """Autograd saved ``tensor`` during ``module``'s forward: an activation."""
+    def _pack_apply(self, tensor: torch.Tensor | Facts, module: int, source: str = "",
+                    node: int = -1) -> None:
+        """Autograd saved ``tensor`` during ``module``'s forward: an activation (and the node
+        numbered ``node``, which saved it, was made at ``source``)."""
         ledger = self.ledger
         if not ledger.recording:
             return
+        ledger.note_node(node, source)
         entry = ledger.lookup(tensor)
         if entry is None:
             ledger.track(tensor, INPUT, OUTSIDE)
@@ -906,9 +920,10 @@ class Profiler:
         if phase != ledger.phase:
             ledger.set_phase(phase)
 
-    def _on_backward_node(self) -> None:
-        """An autograd node ran (replay): backward has started."""
+    def _on_backward_node(self, node: int) -> None:
+        """The autograd node numbered ``node`` started (replay): backward is running."""
         self._replay_bwd = True
+        self.ledger.node = node
 
     # ---------------------------------------------------------------- results
     def _name(self, module: int) -> str:
@@ -1240,8 +1255,10 @@ def profile(
     ``model`` and ``optimizer`` are optional: without them every module and optimizer that runs
     is tracked, and the first module to run is the root. Call ``prof.step()`` once per step.
     The largest tensors at the peak carry the source line that made them where a hook or the
-    dispatch ledger saw them; ``source_lines_above=N`` also records it for every storage over
-    N bytes (dispatch backend; the events backend sees only saved tensors and module outputs).
+    dispatch ledger saw them (a temporary made in backward: the line of the forward op whose
+    autograd node made it, where that node saved a large tensor); ``source_lines_above=N`` also
+    records it for every storage over N bytes (dispatch backend; the events backend sees only
+    saved tensors, module outputs and backward temporaries).
 
     Example::
 

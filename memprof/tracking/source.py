@@ -5,6 +5,14 @@ done only for storages that can still be among the largest at a peak: those larg
 smallest of the ``keep`` largest seen so far (a min-heap of sizes), or larger than a fixed
 threshold the user sets. The first frames outside torch and memprof are the user's (a model
 library such as transformers counts as user code: its line is where the tensor is made).
+
+Backward has no user frame (the engine runs it, on CUDA in a thread of its own), so a backward
+temporary is given the line of the forward op whose autograd node made it: the pack hook, which
+takes the line of a large saved tensor anyway, notes it under the saving node's sequence number
+(``_get_sequence_nr() - 1`` there: the node is made just before it saves), and the node running
+in backward carries that number (``_current_autograd_node()`` for the dispatch backend, the
+recorder's or the profiler's node events for the events backend). Only ints and strings are
+kept, for two steps (:meth:`~memprof.tracking.ledger.StorageLedger.rotate_node_sources`).
 """
 
 from __future__ import annotations
@@ -48,6 +56,12 @@ class SourceSampler:
 
     def take(self, nbytes: int) -> str:
         """Call only when ``nbytes >= floor``: the source line, and the floor moved up."""
+        self.admit(nbytes)
+        return user_source(2)
+
+    def admit(self, nbytes: int) -> None:
+        """Move the floor up for a storage of ``nbytes`` whose line is known otherwise (a
+        backward temporary: its node's forward line)."""
         heap = self._heap
         if self.keep > 0:
             if len(heap) < self.keep:
@@ -58,4 +72,3 @@ class SourceSampler:
             if self.threshold is not None:
                 floor = min(floor, self.threshold) if floor >= 0 else floor
             self.floor = floor
-        return user_source(2)
