@@ -139,7 +139,7 @@ def _advice_text(data: dict[str, Any], profile: memprof.Profile) -> str:
         lead = "To save more" if fits is not None else "Recommended"
         lines.append(f"{lead}: {recommendation.text}.")
     ordered = [r for r in advice_view.display_order(advice_view.rows(data))
-               if advice_view.is_applicable(r) and (r.get("predicted_saving_bytes") or 0) > 0]
+               if advice_view.is_applicable(r) and advice_view.saves_memory(r)]
     if ordered:
         lines.append(f"Top {min(TOP, len(ordered))} of {len(ordered)} changes that save memory, "
                      "cheapest to the training first:")

@@ -510,7 +510,7 @@ def recommendation_text(advice: Any, profile: Any, json_path: Path, *, top: int 
         lines.append(f"{'To save more' if fits is not None else 'Recommended'}: {chosen.text}")
     others = advice_view.display_order([
         r for r in advice_view.rows(data)
-        if advice_view.is_applicable(r) and (r.get("predicted_saving_bytes") or 0) > 0
+        if advice_view.is_applicable(r) and advice_view.saves_memory(r)
         and (chosen is None or advice_view.describe(r) != chosen.change)])
     if others:
         lines.append(f"Other changes ({len(others)}; all of them: memprof advise {json_path} "

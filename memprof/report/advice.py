@@ -70,13 +70,29 @@ def saving(row: dict[str, Any]) -> tuple[int, str] | None:
     return None
 
 
+#: A change "saves memory" when it saves at least this fraction of the step's peak: below it
+#: the difference is bookkeeping (a few bytes of a scalar, a rounding), not a recommendation.
+MATERIAL_FRACTION = 0.01
+
+
+def saves_memory(row: dict[str, Any]) -> bool:
+    """Whether the row's (measured, else predicted) saving is material: over
+    :data:`MATERIAL_FRACTION` of its baseline peak."""
+    found = saving(row)
+    if found is None or found[0] <= 0:
+        return False
+    base = row.get("baseline_peak_bytes")
+    return not (isinstance(base, int | float) and _is_number(base)
+                and found[0] < MATERIAL_FRACTION * base)
+
+
 def best(advice: dict[str, Any] | None) -> dict[str, Any] | None:
     """The applicable row that saves the most (a measured saving beats a predicted one),
     among the changes a single GPU can make (:data:`MORE_HARDWARE` only when there are none),
     from the first tier of training cost (the rows' ``cost``) that reaches the advice's usable
     budget; without a budget, or when no tier reaches it, the first tier with any saving."""
     candidates = [(saving(r), r) for r in rows(advice) if is_applicable(r)]
-    scored = [(s[0], r) for s, r in candidates if s is not None and s[0] > 0]
+    scored = [(s[0], r) for s, r in candidates if s is not None and saves_memory(r)]
     if not scored:
         return None
     from memprof.advisor import cost as cost_tiers
@@ -280,7 +296,7 @@ def display_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         found = saving(r)
         amount = found[0] if found is not None else float("-inf")
         return (0 if is_applicable(r) else 1,
-                0 if amount > 0 else 1,
+                0 if saves_memory(r) else 1,
                 1 if r.get("technique") in MORE_HARDWARE else 0,
                 cost_tiers.rank(str(r.get("cost", ""))),
                 -amount)
