@@ -10,6 +10,11 @@ every figure is divided by), profiles it under memprof, then times:
 - ``advise(profile, workload=w, simulate=False)`` as a user calls it (all rows by fake runs);
 - ``memprof advise FILE`` on the saved profile, in a subprocess (imports included).
 
+``--estimate NAME`` (a built-in shape of ``memprof estimate``, e.g. ``llama-2-7b``) times
+instead ``memprof estimate NAME --batch-size 1 --seq-len 512 --gpu "RTX 4090"`` (its advice
+rows and plan by fake runs) in a subprocess, as a ratio against the same estimate without
+``--gpu`` (the unchanged fake step alone, no advice) timed in the same run.
+
 Every time is printed with its ratio to the unchanged real step measured in the same run: wall
 time, and CPU time (this process's threads and its children), which a machine shared with other
 work inflates less.
@@ -21,6 +26,7 @@ Example::
     python benchmarks/fake_speed.py --quick
     python benchmarks/fake_speed.py                 # GPT-2 small (minutes on a 2-core CPU)
     python benchmarks/fake_speed.py --model llama-gqa --cprofile 25
+    python benchmarks/fake_speed.py --estimate llama-2-7b
 """
 
 from __future__ import annotations
@@ -112,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip `memprof advise FILE`")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="print the N costliest functions of the all-rows advise call")
+    parser.add_argument("--estimate", metavar="NAME",
+                        help="time `memprof estimate NAME --gpu \"RTX 4090\"` (advice by fake "
+                             "runs) against the unchanged fake step, instead of the above")
     args = parser.parse_args(argv)
 
+    if args.estimate:
+        return _time_estimate(args.estimate)
     if args.model:
         from benchmarks import zoo
 
@@ -186,6 +197,35 @@ def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
         print(out.getvalue())
+
+
+def _time_estimate(name: str, gpu: str = "RTX 4090") -> int:
+    """``memprof estimate NAME`` at batch 1 x 512 with ``--gpu`` (every advice row and the plan by
+    fake runs), as a ratio against the same estimate without ``--gpu``: the unchanged fake step
+    alone, in the same run (both subprocesses, imports included)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    base = [sys.executable, "-m", "memprof", "estimate", name, "--batch-size", "1",
+            "--seq-len", "512"]
+    print(f"estimate: {name}, batch 1 x 512, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'':<58} {'wall':>8}   {'ratio':>6} {'cpu':>8}   {'ratio':>6}")
+    step = step_cpu = 0.0
+    for what, extra in (("unchanged fake step (memprof estimate, no --gpu)", []),
+                        (f"estimate --gpu {gpu!r} (rows + plan by fake runs)", ["--gpu", gpu])):
+        clock = Clock()
+        done = subprocess.run([*base, *extra], env=env, capture_output=True, text=True)
+        wall, cpu = clock.read()
+        if done.returncode:
+            print(done.stderr[-2000:])
+            return done.returncode
+        if not extra:
+            step, step_cpu = wall, cpu
+        last = [line for line in done.stdout.splitlines() if line.strip()]
+        note = next((line.strip() for line in reversed(last) if "plan" in line), "")
+        print(f"{what:<58} {wall:8.2f} s {wall / step:6.2f}x {cpu:8.2f} s {cpu / step_cpu:6.2f}x"
+              f" {note[:80]}", flush=True)
+    return 0
 
 
 def _time_cli(profile: Any, report: Any) -> None:

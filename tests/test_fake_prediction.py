@@ -136,3 +136,19 @@ def test_a_parameter_without_gradient_falls_back_to_two_steps(
     # the warm-up's state for the unused layer (512 KiB) is not counted: the run is redone
     assert fake == _two_step_peak(monkeypatch, w, [])
     assert abs(fake - real) / real < 0.01
+
+
+def test_the_warm_up_skips_only_updates_that_keep_their_tensors_shapes() -> None:
+    # GIVEN the ops an optimizer's warm-up step may issue
+    aten = torch.ops.aten
+    # WHEN the warm-up's mode classifies them
+    kinds = {op: fake_prediction._skippable(op) for op in (
+        aten._foreach_lerp_.Scalar, aten.addcdiv_.default, aten.mul_.Tensor,
+        aten._foreach_sqrt.default, aten.zeros_like.default, aten.copy_.default,
+        aten.resize_.default, aten.t_.default, aten.add.Tensor)}
+    # THEN in-place pointwise and _foreach_*_ updates are skipped (values are never read), and
+    # ops that make tensors or may change a tensor's shape run
+    assert kinds == {
+        aten._foreach_lerp_.Scalar: 1, aten.addcdiv_.default: 2, aten.mul_.Tensor: 2,
+        aten._foreach_sqrt.default: 0, aten.zeros_like.default: 0, aten.copy_.default: 0,
+        aten.resize_.default: 0, aten.t_.default: 0, aten.add.Tensor: 0}

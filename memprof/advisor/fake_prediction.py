@@ -175,8 +175,6 @@ def _warm_optimizer(
     """The optimizer with its state made by one step on zero gradients (see the module
     docstring), and the parameters it stepped; None where one profiled step cannot stand for
     the run's second (gradients kept between steps)."""
-    from memprof.estimate import _ScalarStandIns
-
     optimizer = _optimizer(state)
     if optimizer is None:
         return None, []
@@ -195,7 +193,7 @@ def _warm_optimizer(
     for g in switched:
         g["foreach"] = True
     try:
-        with _ScalarStandIns():
+        with _state_only():
             optimizer.step()
     except Exception:  # an optimizer that cannot step on zeros: two profiled steps will tell
         return None
@@ -204,6 +202,60 @@ def _warm_optimizer(
             g["foreach"] = value
         optimizer.zero_grad(set_to_none=True)
     return optimizer, params
+
+
+def _state_only_mode() -> type:
+    from memprof.estimate import _ScalarStandIns
+
+    class StateOnly(_ScalarStandIns):
+        """The warm-up's step on fake tensors: values are never read, so an update in place
+        that keeps its tensors' shapes (a pointwise ``add_``, a ``_foreach_*_`` op) is skipped.
+        The optimizer state the step makes (``zeros_like`` in ``_init_group``, a step count)
+        is made as before; skipping its updates saves most of the warm-up's fake ops (each
+        ``_foreach_*`` one runs its fake kernel once per parameter)."""
+
+        def __torch_dispatch__(  # type: ignore[no-untyped-def]
+            self, func, types, args=(), kwargs=None
+        ):
+            skip = _SKIPPED.get(func)
+            if skip is None:
+                skip = _SKIPPED[func] = _skippable(func)
+            if skip == 1:  # a _foreach_*_ op: returns nothing
+                return None
+            if skip == 2:  # a pointwise update of its first argument: returns it
+                return args[0]
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return StateOnly
+
+
+#: Per op: 0 run it, 1 skip it and return None, 2 skip it and return its first argument.
+_SKIPPED: dict[Any, int] = {}
+
+
+def _skippable(func: Any) -> int:
+    name = func.overloadpacket.__name__
+    schema = func._schema
+    if not (name.endswith("_") and not name.endswith("__") and schema.is_mutable):
+        return 0
+    if name.startswith("_foreach_") and not schema.returns:
+        return 1
+    if torch.Tag.pointwise in func.tags and len(schema.returns) == 1 and schema.arguments \
+            and schema.arguments[0].alias_info is not None \
+            and schema.arguments[0].alias_info.is_write:
+        return 2
+    return 0
+
+
+def _state_only() -> Any:
+    """A new warm-up mode (its class is made on first use: memprof.estimate loads late)."""
+    global _STATE_ONLY
+    if _STATE_ONLY is None:
+        _STATE_ONLY = _state_only_mode()
+    return _STATE_ONLY()
+
+
+_STATE_ONLY: type | None = None
 
 
 def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer | None,
