@@ -141,3 +141,22 @@ def test_bf16_base_trains_fp32_adapters_and_saves_their_fp32_inputs() -> None:
     assert abs(predicted - measured.peak_bytes) <= 0.03 * measured.peak_bytes
     assert abs(change.predicted_peak - measured.peak_bytes) <= 0.05 * measured.peak_bytes
     assert measured.profile.optimizers[0]["parameter_bytes"] == 2 * 16 * 1024 * 4
+
+
+def test_the_plan_prints_what_a_lora_rows_peak_holds() -> None:
+    """GIVEN a plan made of a LoRA row, THEN the summary prints that row's breakdown of its peak
+    (parameters with the adapters, gradients, optimizer state, activations) beside the plan."""
+    from memprof.advisor.advice import Advice
+
+    options = {"rank": 16, "targets": "2 layers"}
+    how = ("2 layers get adapters; at the predicted peak (forward): parameters 1.0 MiB "
+           "(adapters 64.0 KiB), gradients 64.0 KiB, optimizer state 128.0 KiB, "
+           "activations 2.0 MiB, temporaries 0 B")
+    row = {"technique": "lora", "options": options, "applicable": True, "how": how,
+           "predicted_peak_bytes": 3 << 20, "predicted_saving_bytes": 1 << 20, "saving_pct": 25.0}
+    other = {**row, "options": {"rank": 64, "targets": "2 layers"}, "how": "rank 64"}
+    plan = {"changes": [{"technique": "lora", "options": options}], "explanation": "lora fits"}
+    text = Advice(rows=[other, row], plan=plan, baseline_peak_bytes=4 << 20).summary()
+    lines = text.splitlines()
+    assert lines[-2] == "plan: lora fits"
+    assert lines[-1] == "  lora (analytic breakdown) " + how[how.index("at the predicted"):]

@@ -79,7 +79,23 @@ class Advice:
             lines.append(line)
         if self.plan:
             lines.append(f"plan: {self.plan.get('explanation', '')}")
+            lines.extend(f"  {part}" for part in self._plan_breakdowns())
         return "\n".join(lines)
+
+    def _plan_breakdowns(self) -> list[str]:
+        """What the plan's rows say their peak holds (LoRA/QLoRA: parameters with the adapters,
+        gradients, optimizer state, activations), as the analytic rewrite of each row sees it."""
+        marker = "at the predicted peak"
+        out = []
+        for change in (self.plan or {}).get("changes") or []:
+            for r in self.rows:
+                how = str(r.get("how") or "")
+                if (r["technique"], r["options"]) == (change.get("technique"),
+                                                      change.get("options")) and marker in how:
+                    out.append(f"{r['technique']} (analytic breakdown) "
+                               f"{how[how.index(marker):]}")
+                    break
+        return out
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the recommendation table and the plan (memprof.report.notebook)."""
