@@ -72,3 +72,10 @@ class CommandError(MemprofError):
     """A bad command line argument the user can fix (missing script, not Python, ...)."""
 
     exit_code = 2  # click's usage errors exit with 2 too
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what a row's caveat or a
+    one-line refusal quotes of it."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""

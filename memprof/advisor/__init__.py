@@ -44,6 +44,7 @@ from memprof.advisor import (
 from memprof.advisor.advice import Advice, row_key, stored_fake_peaks, stored_search_rows
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
+from memprof.errors import first_line
 from memprof.gpus import budget_of, replay_cached_bytes
 from memprof.profile import Profile, as_profile
 from memprof.units import format_bytes
@@ -104,7 +105,7 @@ class WorkloadSimulator:
                 applies = [c.apply for c in changes if c.apply is not None]
                 return simulate(self.workload, applies, reference)
         except Exception as exc:  # one failing technique must not lose the others
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = first_line(exc)
             return f"simulation failed: {type(exc).__name__}: {first}"
 
 
@@ -211,7 +212,7 @@ def advise(
                                     resolved, model=model_at_hand,
                                     fake=options if runner is not None else None))
         except Exception as exc:  # the batch rows' simulations fail alone, with their reason
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = first_line(exc)
             rows.append({
                 "technique": "batch", "options": {}, "applicable": False,
                 "reason": f"simulation failed at another batch size: {type(exc).__name__}: "
@@ -223,7 +224,7 @@ def advise(
         try:
             rows.append(max_batch.advice_row(model_at_hand, resolved, base))
         except Exception as exc:  # the search fails alone, with its reason
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = first_line(exc)
             rows.append({
                 "technique": "batch", "options": {"largest_batch_that_fits": None},
                 "applicable": False, "baseline_peak_bytes": base, "predicted_by": "fake run",

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from memprof.advisor.core import model_tree
+from memprof.errors import first_line
 
 if TYPE_CHECKING:  # workload.run imports this module when a state is sharded
     from memprof.advisor.workload import Measurement, SimState, Workload
@@ -169,7 +170,7 @@ def _rank(rank: int, folder: Path, workload: Workload, state: SimState,
         }))
         code = 0
     except BaseException as exc:  # reported by the parent, which has the terminal
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = first_line(exc)
         (folder / f"rank{rank}.error").write_text(f"rank {rank}: {type(exc).__name__}: {first}")
     finally:
         os._exit(code)

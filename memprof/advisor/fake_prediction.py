@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
+from memprof.errors import first_line
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
 #: :func:`_warm_optimizer`): the second has the optimizer state the first creates.
@@ -130,7 +131,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     except FakeRunError:
         raise
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = first_line(exc)
         raise FakeRunError(f"the fake run failed: {type(exc).__name__}: {first}"[:300]) from exc
 
 

@@ -24,6 +24,7 @@ import torch
 
 from memprof.advisor import batch as batch_sizes
 from memprof.advisor.workload import Workload
+from memprof.errors import first_line
 
 #: The search stops here (a size this large that still fits is reported as "at least").
 DEFAULT_CAP = 1 << 16
@@ -72,7 +73,7 @@ def search(measure: Callable[[int], tuple[bool, int]], limit: int, *,
             ok, tried[n] = measure(n)
         except Exception as exc:  # not memory: a size the model cannot run
             tried[n] = None
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = first_line(exc)
             stopped = f"size {n}: {type(exc).__name__}: {first}"[:300]
             return False
         return ok
