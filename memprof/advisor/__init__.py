@@ -222,7 +222,7 @@ def advise(
     if prediction == "fake" and model_at_hand is not None and resolved is not None and (
             facts.has_optimizer):
         try:
-            rows.append(max_batch.advice_row(model_at_hand, resolved, base))
+            rows.append(max_batch.advice_row(model_at_hand, resolved, base, **options))
         except Exception as exc:  # the search fails alone, with its reason
             first = first_line(exc)
             rows.append({

@@ -143,10 +143,12 @@ def resized(workload: Workload, n: int, *, along: str = "batch") -> Workload:
 
 def largest_for_workload(
     workload: Workload, limit: int, *, along: str = "batch", start: int = 1,
-    cap: int = DEFAULT_CAP, applies: list[Any] | None = None,
+    cap: int = DEFAULT_CAP, applies: list[Any] | None = None, **fake_options: Any,
 ) -> Largest:
     """The largest batch (or sequence length) of ``workload`` whose fake-run peak is at most
-    ``limit`` bytes (``applies``: changes' ``apply`` run on each fake copy, e.g. LoRA)."""
+    ``limit`` bytes (``applies``: changes' ``apply`` run on each fake copy, e.g. LoRA;
+    ``fake_options``: :func:`~memprof.advisor.fake_prediction.fake_peak`'s rounding and device,
+    as the advisor's other fake runs use them)."""
     from memprof.advisor.fake_prediction import fake_peak
     from memprof.advisor.workload import seeded
 
@@ -154,7 +156,7 @@ def largest_for_workload(
 
     def measure(n: int) -> tuple[bool, int]:
         with seeded():
-            peak = fake_peak(resized(workload, n, along=along), applies)
+            peak = fake_peak(resized(workload, n, along=along), applies, **fake_options)
         return peak <= limit, peak
 
     return search(measure, limit, start=start, cap=cap)
@@ -190,9 +192,10 @@ def largest_for_estimate(
     return dataclasses.replace(result, limit_bytes=int(usable)), fitting.get("profile")
 
 
-def advice_row(workload: Workload, resolved: tuple[int, str], baseline: int) -> dict[str, Any]:
+def advice_row(workload: Workload, resolved: tuple[int, str], baseline: int,
+               **fake_options: Any) -> dict[str, Any]:
     """The advisor's row: the largest batch whose fake run fits the budget's usable bytes,
-    searched from the workload's own batch size."""
+    searched from the workload's own batch size (``fake_options`` as the other rows' runs)."""
     usable, text = resolved
     size = batch_sizes.batch_size(workload.batch)
     row: dict[str, Any] = {
@@ -202,7 +205,8 @@ def advice_row(workload: Workload, resolved: tuple[int, str], baseline: int) -> 
     if size is None:
         return {**row, "options": {"largest_batch_that_fits": None},
                 "reason": "the batch has no leading batch dimension to resize"}
-    found = largest_for_workload(workload, usable, start=size, cap=max(64 * size, 1024))
+    found = largest_for_workload(workload, usable, start=size, cap=max(64 * size, 1024),
+                                 **fake_options)
     peak = found.peak_bytes
     return {
         **row,
