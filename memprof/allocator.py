@@ -45,7 +45,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from memprof.errors import AllocatorConfError
+from memprof.errors import AllocatorConfError, AllocatorOOM
 
 MiB = 1024 * 1024
 #: Constants of CUDACachingAllocator.cpp.
@@ -337,10 +337,6 @@ NOT_MODELLED = [
     "one stream only (record_stream and cross-stream frees are not replayed)",
     "no CUDA graph pools, no cudaMallocAsync backend",
 ]
-
-
-class AllocatorOOM(Exception):
-    """Raised inside the model when a request cannot be served within the capacity."""
 
 
 class CachingAllocatorModel:

@@ -74,6 +74,23 @@ class CommandError(MemprofError):
     exit_code = 2  # click's usage errors exit with 2 too
 
 
+class AllocatorOOM(MemprofError):
+    """The caching-allocator model cannot serve a request within its capacity (``args[0]``:
+    the bytes requested); :func:`memprof.allocator.replay` turns it into its ``oom`` record."""
+
+
+class FakeRunError(MemprofError, RuntimeError):
+    """A change that cannot be predicted by a fake run (the message says why)."""
+
+
+class ScriptFailed(MemprofError):
+    """The script raised (or exited non-zero) before its steps were measured."""
+
+
+class CaptureError(MemprofError):
+    """The script ran, but what a fake run needs could not be taken from it."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message ("" when it has none): what a row's caveat or a
     one-line refusal quotes of it."""

@@ -47,14 +47,11 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memprof.advisor.workload import Workload
+from memprof.errors import CaptureError
 
 if TYPE_CHECKING:
     from memprof.advisor.advice import Advice
     from memprof.profile import Profile
-
-
-class CaptureError(Exception):
-    """The script ran, but what a fake run needs could not be taken from it."""
 
 
 @dataclass(frozen=True)

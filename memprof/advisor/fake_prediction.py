@@ -35,15 +35,11 @@ import torch
 from torch import nn
 
 from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
-from memprof.errors import first_line
+from memprof.errors import FakeRunError, first_line
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
 #: :func:`_warm_optimizer`): the second has the optimizer state the first creates.
 FAKE_STEPS = 2
-
-
-class FakeRunError(RuntimeError):
-    """A change that cannot be predicted by a fake run (the message says why)."""
 
 
 def fake_mode() -> Any:

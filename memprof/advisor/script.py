@@ -50,13 +50,10 @@ from memprof.advisor.workload import (
     _rel,
     cast_floats,
 )
+from memprof.errors import ScriptFailed
 
 #: Called after each profiled optimizer step with the number of steps done.
 Progress = Callable[[int], None]
-
-
-class ScriptFailed(Exception):
-    """The script raised (or exited non-zero) before its steps were measured."""
 
 
 class _Enough(BaseException):
