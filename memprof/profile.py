@@ -178,6 +178,15 @@ class Profile:
     #: Set when the profiled run ended in an out-of-memory error (see :mod:`memprof.oom`).
     oom: OOMReport | None = None
 
+    def __repr__(self) -> str:
+        """One line: ``Profile(model=GPT2LMHeadModel, device='CPU (x86_64)', peak=..., steps=2)``
+        (the dataclass's own repr spelled out every record: thousands of characters)."""
+        roots = [m.type for m in self.modules_stats if m.depth == 0 and m.name != OUTSIDE_MODULES]
+        peak = self.peak_info.describe().removeprefix("peak ") if self.peak_info else "none"
+        ended = ", out of memory" if self.oom is not None else ""
+        return (f"Profile(model={'+'.join(roots) or 'none'}, device={self.device.name!r}, "
+                f"peak={peak}, steps={len(self.steps_stats)}{ended})")
+
     # ------------------------------------------------------------------ tables
     def modules(self) -> pd.DataFrame:
         """One row per module; see the module docstring for the columns."""

@@ -93,3 +93,15 @@ def test_deeply_nested_json_is_one_line_from_the_cli(tmp_path: Path,
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "deep.json" in lines[0], proc.stderr[-500:]
+
+
+def test_repr_is_one_short_line(profile: memprof.Profile, tmp_path: Path) -> None:
+    text = repr(profile)
+    peak = profile.peak()
+    assert "\n" not in text and len(text) < 200
+    assert text == (
+        f"Profile(model=Sequential, device={profile.device.name!r}, peak="
+        f"{memprof.format_bytes(peak.total_bytes)} at step {peak.step}, {peak.phase} in "
+        f"{peak.module!r}, steps=2)"
+    )
+    assert repr(memprof.load(profile.save(tmp_path / "run.json"))) == text
