@@ -15,6 +15,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from memprof._plug_in import plug_in
 from memprof._version import __version__
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import (
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from memprof.estimate import estimate
     from memprof.report import write_report as report
     from memprof.snapshot.load import load_snapshot
+
+plug_in()  # the report and the advisor, for the rooms below them (memprof.hooks)
 
 #: Public names loaded on first use, so that ``import memprof`` costs only the measurement:
 #: name -> (module, attribute).

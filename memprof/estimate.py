@@ -53,10 +53,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.errors import EstimateError, MemprofError
+from memprof.fake_scalars import ScalarStandIns
 from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
 from memprof.gpus import FRAGMENTATION_FRACTION, budget_of, replay_cached_bytes
 from memprof.profile import Profile
@@ -624,30 +624,6 @@ _VALUE_READING_OPTIMIZERS: tuple[type, ...] = tuple(
 )
 
 
-class _ScalarStandIns(TorchDispatchMode):
-    """Answers ``.item()`` with a stand-in (1) inside an optimizer step on fake tensors.
-
-    Fake tensors have no values, so an optimizer that reads one (Adafactor's relative step
-    size) would fail. The value only scales the update; reading it allocates nothing, so a
-    stand-in changes no byte of the estimate. Models are not given stand-ins: a forward that
-    branches on values fails with a clear message instead of silently taking one branch.
-    """
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-    def __torch_dispatch__(  # type: ignore[no-untyped-def]
-        self, func, types, args=(), kwargs=None
-    ):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            tensor = args[0]
-            if tensor.dtype == torch.bool:
-                return True
-            return 1.0 if tensor.is_floating_point() else 1
-        return func(*args, **(kwargs or {}))
-
-
 def _to_fake(mode: Any, data: Any) -> Any:
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -702,7 +678,7 @@ def _training_step(
     loss.backward()
     del loss
     if optimizer is not None:
-        with _ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
+        with ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
             contextlib.nullcontext()
         ):
             optimizer.step()

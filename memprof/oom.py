@@ -1,4 +1,5 @@
-"""The out-of-memory post-mortem: what was asked for, by whom, with what alive, and what fits.
+"""The out-of-memory post-mortem: what was asked for, by whom, with what alive (the plan to fit
+is the advisor's: :mod:`memprof.advisor.oom_plan`).
 
 A step that dies of an out-of-memory error (``torch.cuda.OutOfMemoryError``, or on the CPU the
 allocator's ``RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate N
@@ -22,14 +23,13 @@ from __future__ import annotations
 import os
 import re
 import resource
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from memprof.categories import ACTIVATION, CATEGORIES, TEMPORARY
+from memprof import hooks
+from memprof.categories import CATEGORIES
+from memprof.hooks import plugged
 from memprof.units import format_bytes
-
-if TYPE_CHECKING:
-    from memprof.profile import Profile
 
 #: The CPU allocator's message: the exact size in bytes.
 _CPU_SIZE = re.compile(r"you tried to allocate (\d+) bytes")
@@ -283,50 +283,11 @@ def build_report(
     )
 
 
-def needed_profile(profile: Profile, report: OOMReport) -> Profile:
-    """``profile`` with its peak raised to what the failed step needed at least: what was live
-    plus the failed request (charged as an activation of the module in forward, else as a
-    temporary), so the advisor plans for the step that did not fit."""
-    from memprof.profile import Peak
-
-    asked = report.requested_bytes or 0
-    category = ACTIVATION if report.phase == "forward" else TEMPORARY
-    by_category = dict.fromkeys(CATEGORIES, 0)
-    by_category.update(report.by_category)
-    by_category[category] += asked
-    by_module = {k: dict(v) for k, v in report.by_module.items()}
-    row = by_module.setdefault(report.module, {})
-    row[category] = row.get(category, 0) + asked
-    total = report.live_bytes + asked
-    old = profile.peak_info
-    if old is not None and old.total_bytes >= total:
-        return profile
-    peak = Peak(total_bytes=total, step=report.step, phase=report.phase, module=report.module,
-                by_category=by_category, by_module=by_module,
-                top_tensors=list(old.top_tensors) if old is not None else [])
-    return replace(profile, peak_info=peak)
-
-
-def with_plan(profile: Profile, report: OOMReport, *, fake_model: Any = None) -> OOMReport:
-    """``report`` with the advisor's plan for its budget (unchanged when there is no budget or
-    the advisor cannot plan: the post-mortem never fails over advice). With ``fake_model`` (a
-    :class:`~memprof.advisor.workload.Workload`, the model at hand) each change is predicted
-    by a fake run of it, which does not run out of memory; the plan's ``predicted_by`` says
-    which way it was made."""
-    if report.budget_bytes is None:
-        return report
-    try:
-        from memprof.advisor import advise
-
-        advice = advise(needed_profile(profile, report), budget=report.budget_bytes,
-                        fake_model=fake_model)
-    except Exception as exc:  # advice is a bonus
-        return replace(report, notes=[*report.notes, f"no plan: {type(exc).__name__}: {exc}"])
-    plan = advice.plan
-    if plan is not None:
-        faked = advice.extra.get("fake_baseline_peak_bytes") is not None
-        plan = {**plan, "predicted_by": "fake run" if faked else "analytic"}
-    return replace(report, plan=plan)
+def with_plan(profile: Any, report: OOMReport) -> OOMReport:
+    """``report`` with the advisor's plan to fit its budget
+    (:func:`memprof.advisor.oom_plan.with_plan`, through :data:`memprof.hooks.oom_plan`: the
+    advisor sits above this module)."""
+    return plugged(hooks.oom_plan, "oom_plan")(profile, report)
 
 
 __all__ = ["OOMReport", "attach_cuda_observer", "build_report", "is_oom", "requested_bytes"]

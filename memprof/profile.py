@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from memprof import hooks
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import OutputExistsError, ProfileLoadError
+from memprof.hooks import plugged
 from memprof.oom import OOMReport
 from memprof.units import format_bytes
 
@@ -344,16 +346,13 @@ class Profile:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the headline and the per-layer chart (memprof.report.notebook)."""
-        from memprof.report.notebook import profile_html
-
-        return profile_html(self)
+        return plugged(hooks.profile_html, "profile_html")(self)
 
     def report(
         self, path: str | os.PathLike[str], *, advice: Any = None, overwrite: bool = False
     ) -> Path:
         """Write the interactive HTML report (one offline file); see :func:`memprof.report`."""
-        from memprof.report import write_report
-
+        write_report = plugged(hooks.write_report, "write_report")
         return write_report(self, path, advice=advice, overwrite=overwrite)
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

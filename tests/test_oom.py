@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import memprof
-from memprof.oom import OOMReport, is_oom, needed_profile, requested_bytes
+from memprof.advisor.oom_plan import needed_profile
+from memprof.oom import OOMReport, is_oom, requested_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="RLIMIT_AS and /proc/self/status are Linux's")

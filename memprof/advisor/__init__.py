@@ -23,11 +23,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from memprof import cost_tiers as cost
 from memprof.advisor import (
     allocator_conf,
     batch,
     checkpointing,
-    cost,
     lora,
     master_weights,
     max_batch,

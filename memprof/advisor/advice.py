@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from memprof import hooks
+from memprof.hooks import plugged
 from memprof.units import format_bytes
 
 #: Columns of :meth:`Advice.table`, in order.
@@ -99,9 +101,7 @@ class Advice:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the recommendation table and the plan (memprof.report.notebook)."""
-        from memprof.report.notebook import advice_html
-
-        return advice_html(self)
+        return plugged(hooks.advice_html, "advice_html")(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

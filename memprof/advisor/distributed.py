@@ -109,8 +109,8 @@ def run_ranks(workload: Workload, state: SimState, *,
               reference: Measurement | None) -> Measurement:
     """Run ``state`` (sharded as ``state.shard`` says) on ``state.ranks`` forked CPU ranks and
     return the measurement of the rank whose peak is largest."""
-    import memprof
     from memprof.advisor.workload import Measurement
+    from memprof.profile import load
 
     reason = unavailable_reason()
     if reason is not None:
@@ -138,7 +138,7 @@ def run_ranks(workload: Workload, state: SimState, *,
         results = [json.loads((folder / f"rank{r}.json").read_text())
                    for r in range(state.ranks)]
         worst = max(range(state.ranks), key=lambda r: results[r]["peak_bytes"])
-        profile = memprof.load(folder / f"rank{worst}.profile.json")
+        profile = load(folder / f"rank{worst}.profile.json")
     r = results[worst]
     return Measurement(r["peak_bytes"], r["step_time_s"], r["output_drift"], r["loss_drift"],
                        r["final_loss"], profile)

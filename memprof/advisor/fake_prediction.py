@@ -202,9 +202,9 @@ def _warm_optimizer(
 
 
 def _state_only_mode() -> type:
-    from memprof.estimate import _ScalarStandIns
+    from memprof.fake_scalars import ScalarStandIns
 
-    class StateOnly(_ScalarStandIns):
+    class StateOnly(ScalarStandIns):
         """The warm-up's step on fake tensors: values are never read, so an update in place
         that keeps its tensors' shapes (a pointwise ``add_``, a ``_foreach_*_`` op) is skipped.
         The optimizer state the step makes (``zeros_like`` in ``_init_group``, a step count)
@@ -260,7 +260,7 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
     """The step :func:`memprof.advisor.workload.run` profiles, without reading any value;
     ``steps`` times. Returns whether a parameter of ``warm`` (given state by the warm-up) got
     no gradient in the backward: then the warm-up made state a real run does not."""
-    from memprof.estimate import _ScalarStandIns
+    from memprof.fake_scalars import ScalarStandIns
 
     model = state.model
     batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
@@ -294,7 +294,7 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
                 scaler.unscale_(optimizer)
             if warm and any(p.grad is None for p in warm):
                 missed = True
-            with _ScalarStandIns():  # an optimizer reading a value (Adafactor) gets a stand-in
+            with ScalarStandIns():  # an optimizer reading a value (Adafactor) gets a stand-in
                 optimizer.step()
             if scaler is not None:
                 scaler.update()

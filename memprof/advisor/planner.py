@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from memprof.advisor import cost as cost_tiers
+from memprof import cost_tiers
 from memprof.advisor.core import Change, Facts, predict_peak
 
 
@@ -61,7 +61,7 @@ def candidates(
     fits (the advisor's ``_plan`` runs it to find out which is right), and within a tier those
     whose corrected figure fits come first.
 
-    Tiers of training cost are taken in order (see :mod:`memprof.advisor.cost`), each with the
+    Tiers of training cost are taken in order (see :mod:`memprof.cost_tiers`), each with the
     changes of the tiers before; within a tier the least quality/speed cost comes first, then
     the lower peak (after the rule above). Changes that need more GPUs (group ``sharding``)
     come only after every tier without them. The rows are generic: any technique's changes

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import memprof
 from memprof.profile import Profile
+from memprof.tracking import session
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -291,7 +291,7 @@ def run(
     optimizer = state.build_optimizer() if training else None
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
-    with memprof.profile(model, optimizer) as prof:
+    with session.profile(model, optimizer) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1

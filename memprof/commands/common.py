@@ -8,10 +8,8 @@ are documented in each command's docstring and only ever grow.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ from typing import Any, TypeVar, overload
 import click
 
 from memprof.errors import CommandError, MemprofError
+from memprof.jsonable import to_jsonable
 from memprof.units import format_bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,34 +63,6 @@ def handle_errors(func: F) -> F:
 
 
 # ------------------------------------------------------------------ JSON
-def to_jsonable(value: Any) -> Any:
-    """Make numpy scalars, paths, dataclass-like objects and NaNs safe for ``json.dumps``."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            return to_jsonable(item())
-        except (TypeError, ValueError):
-            pass
-    to_dict = getattr(value, "to_dict", None)
-    if callable(to_dict):
-        return to_jsonable(to_dict())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    return str(value)
-
-
 def echo_json(data: dict[str, Any]) -> None:
     """Write ``data`` as one indented JSON object on stdout."""
     click.echo(json.dumps(to_jsonable(data), indent=2, sort_keys=False))

@@ -175,7 +175,7 @@ def command(
     notes = list(outcome.notes)
     advised = profile
     if profile.oom is not None:  # advise for the step that did not fit, not its partial peak
-        from memprof.oom import needed_profile
+        from memprof.advisor.oom_plan import needed_profile
 
         advised = needed_profile(profile, profile.oom)
     advice, advice_note = run_advisor(advised, budget, capture=capture, fake=not no_fake)
@@ -444,7 +444,7 @@ def _oom_plan_by_fake_runs(profile: Any, capture: Any, notes: list[str]) -> Any:
     """The post-mortem's plan again, its changes predicted by fake runs of the captured model
     (the one made at the error, inside the profiler, predicted from the profile alone)."""
     from memprof.advisor.capture import CaptureError
-    from memprof.oom import with_plan
+    from memprof.advisor.oom_plan import with_plan
 
     report = profile.oom
     if report.budget_bytes is None:

@@ -190,7 +190,7 @@ class StepWindow:
 
                 advice = predict(profile, self._capture, budget=None)
                 self._capture = None  # its fake copies are no longer needed
-                from memprof.commands.common import to_jsonable
+                from memprof.jsonable import to_jsonable
 
                 profile.advice = to_jsonable(advice)
             except Exception as exc:  # advice is a bonus: never lose the profile over it

@@ -95,7 +95,7 @@ def best(advice: dict[str, Any] | None) -> dict[str, Any] | None:
     scored = [(s[0], r) for s, r in candidates if s is not None and saves_memory(r)]
     if not scored:
         return None
-    from memprof.advisor import cost as cost_tiers
+    from memprof import cost_tiers
     one_gpu = [p for p in scored if p[1].get("technique") not in MORE_HARDWARE]
     scored = one_gpu or scored  # more GPUs only when a single one can do nothing
     by_tier = sorted(scored, key=lambda pair: cost_tiers.rank(str(pair[1].get("cost", ""))))
@@ -290,7 +290,7 @@ def display_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     first); then by saving (largest first)."""
     if not records:
         return []
-    from memprof.advisor import cost as cost_tiers
+    from memprof import cost_tiers
 
     def key(r: dict[str, Any]) -> tuple[int, int, int, int, float]:
         found = saving(r)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.categories import CATEGORIES
+from memprof.decimate import decimate
 from memprof.profile import Profile
 from memprof.report import advice
 from memprof.report.style import (
@@ -25,7 +26,6 @@ from memprof.report.style import (
     module_label,
     ptext,
 )
-from memprof.tracking.timeline import decimate
 from memprof.units import format_bytes
 
 Figure = dict[str, Any]

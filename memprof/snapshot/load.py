@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from memprof.categories import CATEGORIES
+from memprof.decimate import decimate
 from memprof.errors import ProfileLoadError
 from memprof.profile import (
     OUTSIDE_MODULES,
@@ -41,7 +42,6 @@ from memprof.profile import (
     TensorAtPeak,
 )
 from memprof.snapshot.frames import read_memprof_frames
-from memprof.tracking.timeline import decimate
 
 #: How many timeline samples a snapshot's trace is reduced to.
 TIMELINE_POINTS = 2000

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from memprof import oom as oom_report
 from memprof._version import __version__
 from memprof.categories import CATEGORIES, PHASES
+from memprof.decimate import decimate
 from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
 from memprof.errors import ProfileActiveError
 from memprof.profile import (
@@ -76,7 +77,6 @@ from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
-from memprof.tracking.timeline import decimate
 from memprof.units import round_up
 
 _graph_task_id = torch._C._current_graph_task_id

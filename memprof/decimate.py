@@ -1,4 +1,5 @@
-"""Keeping a timeline small without losing its shape."""
+"""Keeping a timeline small without losing its shape: shared by the tracking, the report's figures
+and the snapshot import, below all three."""
 
 from __future__ import annotations
 
