@@ -7,7 +7,7 @@ from __future__ import annotations
 from workloads import gpt2_workload, measured, mlp_workload
 
 from memprof.advisor import advise
-from memprof.advisor.cost import (
+from memprof.cost_tiers import (
     ADAPTERS,
     CHANGES_TRAINING,
     FROZEN,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import make_cnn, make_gpt2, make_mlp, train_step
+from models import make_cnn, make_gpt2, make_mlp, train_step
 from torch import nn
 
 import memprof

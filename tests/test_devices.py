@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_mlp, train_step
+from models import make_mlp, train_step
 
 import memprof
 from memprof import devices
@@ -111,7 +111,7 @@ def test_cpu_profile_records_why_cuda_is_missing() -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_tracked_peak_matches_the_allocator() -> None:
-    from conftest import make_gpt2
+    from models import make_gpt2
 
     model = make_gpt2().cuda()
     optimizer = torch.optim.AdamW(model.parameters())

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_gpt2, make_mlp
+from models import make_gpt2, make_mlp
 from torch import nn
 
 import memprof

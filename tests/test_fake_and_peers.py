@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_gpt2, make_mlp, train_step
+from models import make_gpt2, make_mlp, train_step
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memprof

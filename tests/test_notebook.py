@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import make_mlp
 
 import memprof
 from memprof.report import notebook
 from memprof.units import format_bytes
-from tests.conftest import make_mlp
 from tests.test_report import XSS, Evil, profile_of
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_gpt2
+from models import make_gpt2
 from torch import nn
 
 from memprof import gpus
@@ -147,7 +147,7 @@ def test_candidates_come_cheapest_tier_first_and_once_each() -> None:
     step = estimate_step(make_gpt2, batch=_ids, dtype="fp32", device="cpu")
     facts = read_facts(step.profile)
     changes = changes_for(facts)
-    from memprof.advisor import cost as tiers
+    from memprof import cost_tiers as tiers
 
     combos = [c for c, _ in planner.candidates(facts, changes, facts.peak_bytes)]
     keys = [tuple(sorted(id(c) for c in combo)) for combo in combos]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_mlp, train_step
+from models import make_mlp, train_step
 
 import memprof
 from memprof.profile import SCHEMA_VERSION

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_mlp
+from models import make_mlp
 from test_backends import _run as run_model
 
 import memprof

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from models import make_mlp
 
 import memprof
 from memprof.categories import CATEGORIES
 from memprof.errors import ProfileLoadError
 from memprof.snapshot.chrome_trace import to_trace
 from memprof.snapshot.memory_viz import to_snapshot, write_snapshot
-from tests.conftest import make_mlp
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import make_cnn, make_gpt2, make_mlp, storage_bytes, train_step
+from models import make_cnn, make_gpt2, make_mlp, storage_bytes, train_step
 from torch import nn
 
 import memprof
@@ -241,6 +241,7 @@ def test_leak_warning_for_a_loss_kept_with_its_graph() -> None:
             prof.step()
     assert any("leak" in w for w in prof.profile.warnings)
     ends = [s.end_bytes for s in prof.profile.steps_stats]
+    assert len(ends) == 6  # pairwise of fewer than two steps would compare nothing
     assert all(b > a for a, b in itertools.pairwise(ends))
 
 

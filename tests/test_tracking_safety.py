@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_gpt2, make_mlp, train_step
+from models import make_gpt2, make_mlp, train_step
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
@@ -63,10 +63,13 @@ def test_results_are_bitwise_equal_with_and_without_profiling() -> None:
                 ctx.__exit__(None, None, None)
         runs.append((losses, grads, [p.detach().clone() for p in model.parameters()]))
     (l0, g0, p0), (l1, g1, p1) = runs
-    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=False))
+    n_params = len(list(make_gpt2(seed=1).parameters()))
+    assert len(l0) == len(g0) == 2 and len(p0) == n_params > 0  # nothing compared is empty
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
     for ga, gb in zip(g0, g1, strict=True):
+        assert len(ga) == n_params
         assert all(torch.equal(a, b) for a, b in zip(ga, gb, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
 
 
 def test_keeps_no_tensor_alive() -> None:

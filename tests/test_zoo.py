@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import storage_bytes
+from models import storage_bytes
 
 import memprof
 

@@ -1,8 +1,7 @@
-"""Shared test models: small enough for CPU, with memory that can be worked out by hand."""
+"""Shared test models: small enough for CPU, with memory that can be worked out by hand.
+(A plain module, not conftest.py: test files import these by name.)"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -55,12 +54,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out.detach()
-
-
-@pytest.fixture
-def mlp_setup() -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
-    model = make_mlp()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.randn(32, 64)
-
-
-StepFn = Callable[[], None]
