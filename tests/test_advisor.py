@@ -29,6 +29,8 @@ from memprof.advisor.core import Change
 from memprof.advisor.workload import Measurement, baseline, seeded, simulate
 from memprof.errors import BudgetError, UnknownGPUError
 
+pytestmark = pytest.mark.slow  # each prediction is checked by simulating the change on real models
+
 
 def pick(changes: list[Change], technique: str, **options: Any) -> Change:
     for c in changes:

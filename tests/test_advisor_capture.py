@@ -20,6 +20,8 @@ from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.script import ScriptSimulator
 from memprof.advisor.workload import _logits
 
+pytestmark = pytest.mark.slow  # runs scripts and fake runs of what they captured
+
 SCRIPT = Path(__file__).parent / "data" / "train_lm.py"
 
 

@@ -23,6 +23,8 @@ from memprof.advisor import changes_for, read_facts
 from memprof.advisor.checkpointing import plan_blocks, wrap
 from memprof.advisor.workload import Workload, baseline, seeded, simulate
 
+pytestmark = pytest.mark.slow  # simulations of checkpointed real models
+
 
 def _measured(name: str) -> Any:
     return measured(name, {"cnn": cnn_workload, "wide": wide_mlp_workload}[name])

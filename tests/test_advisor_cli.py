@@ -13,6 +13,8 @@ from torch import nn
 
 import memprof
 
+pytestmark = pytest.mark.slow  # memprof advise runs in subprocesses
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:

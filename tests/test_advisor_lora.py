@@ -14,6 +14,8 @@ from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import Measurement, baseline, copy_state, seeded, simulate
 from memprof.units import format_bytes
 
+pytestmark = pytest.mark.slow  # peft LoRA on transformers models, simulated and faked
+
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="needs memprof[finetune] (peft)")
 

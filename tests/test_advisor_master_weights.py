@@ -15,6 +15,8 @@ from memprof.advisor.core import Change
 from memprof.advisor.master_weights import OPTIONS
 from memprof.advisor.workload import baseline, seeded, simulate, with_master_weights
 
+pytestmark = pytest.mark.slow  # simulations of real models in 16 bits
+
 
 def master_row(changes: list[Change]) -> Change:
     return next(c for c in changes if c.options == OPTIONS)

@@ -15,6 +15,8 @@ from workloads import gpt2_workload, mlp_workload
 from memprof.advisor import Workload, advise, max_batch
 from memprof.advisor.workload import baseline, seeded
 
+pytestmark = pytest.mark.slow  # bisections of the batch size by simulation
+
 
 def real_largest(workload: Workload, limit: int, *, along: str, start: int,
                  cap: int) -> max_batch.Largest:

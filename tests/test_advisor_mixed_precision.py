@@ -24,6 +24,8 @@ from memprof.advisor.core import Change, Facts
 from memprof.advisor.script import ScriptSimulator
 from memprof.advisor.workload import Measurement, baseline, seeded, simulate
 
+pytestmark = pytest.mark.slow  # simulations of every precision change
+
 SCRIPT = Path(__file__).parent / "data" / "train_tiny.py"
 
 

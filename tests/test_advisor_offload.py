@@ -3,12 +3,15 @@ the GPU device model's host ledger against the real hooks' ledger."""
 
 from __future__ import annotations
 
+import pytest
 from workloads import gpt2_workload
 
 from memprof.advisor import changes_for, offload
 from memprof.advisor.core import Change, predict_peak, read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, seeded, simulate
+
+pytestmark = pytest.mark.slow  # simulations with activations and states offloaded
 
 
 def test_offload_rows_fake_run_matches_the_cpu_simulation() -> None:

@@ -17,6 +17,8 @@ from memprof.advisor.core import Change
 from memprof.advisor.optimizer import adafactor_state_bytes
 from memprof.advisor.workload import Measurement, seeded, simulate
 
+pytestmark = pytest.mark.slow  # simulations of every optimizer change
+
 
 def params_workload() -> Workload:
     """Parameter-heavy (batch 4): the step's peak stays in the optimizer phase, where these

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -9,6 +10,8 @@ import memprof
 from memprof.advisor import Workload, advise, changes_for, read_facts
 from memprof.advisor.workload import baseline, seeded
 from memprof.advisor.zero_grad import OPTIONS, gradient_use
+
+pytestmark = pytest.mark.slow  # the pattern zoo's models through the advisor
 
 
 class _BagRecommender(nn.Module):

@@ -3,12 +3,15 @@ sees the decoder's tied weight (the profile charges it to the embedding)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from memprof.advisor import changes_for
 from memprof.advisor.core import read_facts
 from memprof.advisor.workload import Workload, baseline, seeded, simulate
+
+pytestmark = pytest.mark.slow  # simulations of pruning on a tied transformers model
 
 
 class _TiedLM(nn.Module):

@@ -13,6 +13,8 @@ from memprof.advisor.core import read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, seeded, simulate
 
+pytestmark = pytest.mark.slow  # torchao NF4 bases with LoRA, simulated and faked
+
 needs_finetune = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("peft", "torchao")),
     reason="needs memprof[finetune] (peft, torchao)")

@@ -12,6 +12,8 @@ from memprof.advisor.core import read_facts
 from memprof.advisor.quantization import QuantLinear
 from memprof.advisor.workload import baseline, seeded, simulate
 
+pytestmark = pytest.mark.slow  # simulations of quantized real models
+
 
 def t5_workload() -> Workload:
     transformers = pytest.importorskip("transformers")

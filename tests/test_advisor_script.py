@@ -18,6 +18,8 @@ from memprof.advisor import Workload, WorkloadSimulator, advise, changes_for
 from memprof.advisor.core import Change, read_facts
 from memprof.advisor.script import ScriptFailed, ScriptSimulator
 
+pytestmark = pytest.mark.slow  # runs of a training script, unchanged and per change
+
 SCRIPT = Path(__file__).parent / "data" / "train_tiny.py"
 
 

@@ -18,6 +18,8 @@ from memprof.advisor import Workload, changes_for, distributed, read_facts
 from memprof.advisor.core import Change, model_tree
 from memprof.advisor.workload import Measurement, SimState, seeded, simulate
 
+pytestmark = pytest.mark.slow  # forked ranks for ZeRO and FSDP
+
 if distributed.unavailable_reason() is not None:
     pytest.skip(str(distributed.unavailable_reason()), allow_module_level=True)
 

@@ -25,6 +25,8 @@ from memprof.advisor.workload import baseline, seeded
 from memprof.advisor.zero_grad import OPTIONS, free_gradients_transform, gradient_use
 from memprof.categories import CATEGORIES
 
+pytestmark = pytest.mark.slow  # runs of a training script per change
+
 
 def params_workload() -> Workload:
     """Parameter-heavy, small batch: the forward's peak carries the kept gradients."""

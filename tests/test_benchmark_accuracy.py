@@ -16,6 +16,8 @@ from benchmarks import gpu_check
 from benchmarks.zoo import by_name
 from memprof.advisor.workload import baseline, seeded
 
+pytestmark = pytest.mark.slow  # the accuracy benchmark's models, profiled and simulated
+
 
 def _row(technique: str, by: str, error: float, sign: bool = True) -> dict[str, object]:
     return {"technique": technique, "predicted_by": by, "error_pct": error, "sign_right": sign,

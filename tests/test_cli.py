@@ -20,6 +20,8 @@ import memprof
 from memprof.commands.gpus import render
 from memprof.devices import GpuInfo, GpuProcess, nvml
 
+pytestmark = pytest.mark.slow  # memprof run, report and gpus in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DATA = Path(__file__).resolve().parent / "data"

@@ -25,6 +25,8 @@ from memprof.estimate import (
 )
 from memprof.tracking import kernel_corrections
 
+pytestmark = pytest.mark.slow  # fake runs of transformers models, and the CLI in subprocesses
+
 COMPARED = ["module", "type", "parameter", "buffer", "gradient", "optimizer_state", "activation",
             "temporary_peak", "peak_forward", "peak_backward", "forward_calls"]
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fake runs from the CLI, in subprocesses
+
 SCRIPT = Path(__file__).parent / "data" / "train_lm.py"
 TIMEOUT = 1500
 

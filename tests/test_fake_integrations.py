@@ -9,6 +9,8 @@ import pytest
 from test_integrations import hf_trainer, lightning_fit
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+pytestmark = pytest.mark.slow  # HF Trainer and Lightning runs with fake-run advice
+
 
 def fake_rows(advice: dict) -> list[dict]:
     return [r for r in advice["recommendations"]

@@ -16,6 +16,8 @@ from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline
 from memprof.tracking.events import default_source
 
+pytestmark = pytest.mark.slow  # fake runs of every change, checked against simulations
+
 
 def _fake_rows(workload_factory: object) -> tuple[list[dict[str, object]], nn.Module]:
     w = workload_factory()  # type: ignore[operator]

@@ -19,6 +19,8 @@ from torch import nn
 
 import memprof
 
+pytestmark = pytest.mark.slow  # HF Trainer and Lightning runs
+
 
 def adamw_state_bytes(params: list[torch.Tensor]) -> int:
     """AdamW's state by hand: exp_avg and exp_avg_sq the size of each fp32 parameter, and one

@@ -83,6 +83,7 @@ def test_advice_view_is_its_table(mlp: memprof.Profile) -> None:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_profile_view_draws_in_chromium(mlp: memprof.Profile, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.patterns import PATTERNS, check
 
+pytestmark = pytest.mark.slow  # the pattern zoo, profiled on both backends
+
 FAST = ["sparse-embedding", "dead-branch", "gan-two-optimizers", "grad-accumulation",
         "chunked-loss"]
 

@@ -21,6 +21,8 @@ from memprof.advisor.workload import baseline, seeded
 from memprof.estimate import EstimatedStep, estimate_step
 from memprof.units import format_bytes
 
+pytestmark = pytest.mark.slow  # plans run as a whole on fake tensors
+
 
 def _ids() -> dict[str, torch.Tensor]:
     ids = torch.zeros(4, 32, dtype=torch.long)

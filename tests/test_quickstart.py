@@ -11,6 +11,8 @@ import pytest
 
 import memprof
 
+pytestmark = pytest.mark.slow  # the quick start, run in a subprocess
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
 
 

@@ -19,6 +19,8 @@ import memprof
 from memprof.report.ranks import RanksError, imbalance, rank_rows
 from memprof.tracking.distributed import RankInfo, rank_from_env, rank_of_name, rank_path
 
+pytestmark = pytest.mark.slow  # torchrun with 2 ranks (about 20 s each run)
+
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)

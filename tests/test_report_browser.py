@@ -20,7 +20,7 @@ from tests.test_report import XSS, Evil, profile_of
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # reports opened in headless Chromium
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,7 @@ def test_export_blocks_at_the_peak_add_up_to_the_profile(mlp_profile: memprof.Pr
         assert (t.category, f"{t.module} ({t.phase})") in names
 
 
+@pytest.mark.slow  # torch's reader runs in a subprocess
 def test_torchs_reader_accepts_the_export(mlp_profile: memprof.Profile, tmp_path: Path) -> None:
     # GIVEN the pickle memprof writes WHEN torch's own reader runs on it (a subprocess)
     path = write_snapshot(mlp_profile, tmp_path / "snap.pickle")
@@ -144,6 +145,7 @@ def test_torchs_reader_accepts_the_export(mlp_profile: memprof.Profile, tmp_path
     assert int(proc.stdout.split()[-1]) == mlp_profile.peak().total_bytes
 
 
+@pytest.mark.slow  # memprof export runs in subprocesses
 def test_export_cli_refuses_to_overwrite_and_reports_bad_input(
         mlp_profile: memprof.Profile, tmp_path: Path) -> None:
     profile_path = mlp_profile.save(tmp_path / "p.json")

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.zoo import ZOO, by_name
 
+pytestmark = pytest.mark.slow  # the model zoo, profiled against hand counts
+
 NAMES = [entry.name for entry in ZOO]
 
 
