@@ -4,13 +4,9 @@ nothing behind."""
 
 from __future__ import annotations
 
-import runpy
-import sys
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 import torch
+from script_runs import runner
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
@@ -19,20 +15,6 @@ from memprof.advisor.core import Change, read_facts
 from memprof.advisor.script import ScriptFailed, ScriptSimulator
 
 pytestmark = pytest.mark.slow  # runs of a training script, unchanged and per change
-
-SCRIPT = Path(__file__).parent / "data" / "train_tiny.py"
-
-
-def runner(*argv: str) -> Callable[[], None]:
-    def run() -> None:
-        saved = sys.argv[:]
-        sys.argv = [str(SCRIPT), *argv]
-        try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-        finally:
-            sys.argv = saved
-
-    return run
 
 
 def tiny_workload() -> Workload:

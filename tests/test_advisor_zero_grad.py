@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from test_advisor_script import runner
+from script_runs import runner
 from torch import nn
 from workloads import cnn_workload, gpt2_workload, mlp_workload
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.utils.checkpoint
-from models import make_cnn, make_gpt2, make_mlp, train_step
+from models import make_cnn, make_mlp, profile_model, train_step
 from torch import nn
 
 import memprof
@@ -33,49 +33,10 @@ EXACT = ["parameter", "buffer", "gradient", "optimizer_state", "activation"]
 SCRATCH_TOLERANCE = 128 * 1024  # the CNN's convolutions on CPU: up to ~70 KB of im2col scratch
 
 
-class _Blocks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(3)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return x
-
-
-def _run(make: str, backend: str, steps: int = 3) -> memprof.Profile:
-    if make == "gpt2":
-        model = make_gpt2()
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters())
-        ids = torch.randint(0, 128, (2, 16))
-        with memprof.profile(model, optimizer, backend=backend) as prof:  # type: ignore[arg-type]
-            for _ in range(steps):
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                prof.step()
-        return prof.profile
-    model, x = {
-        "mlp": (lambda: (make_mlp(), torch.randn(32, 64))),
-        "cnn": (lambda: (make_cnn(), torch.randn(4, 3, 16, 16))),
-        "checkpoint": (lambda: (_Blocks(), torch.randn(32, 64))),
-    }[make]()
-    optimizer = torch.optim.AdamW(model.parameters())
-    with memprof.profile(model, optimizer, backend=backend) as prof:  # type: ignore[arg-type]
-        for _ in range(steps):
-            train_step(model, optimizer, x)
-            prof.step()
-    return prof.profile
-
-
 @pytest.mark.parametrize("make", ["mlp", "cnn", "gpt2", "checkpoint"])
 def test_events_backend_matches_dispatch(make: str) -> None:
-    dispatch = _run(make, "dispatch")
-    events = _run(make, "events")
+    dispatch = profile_model(make, "dispatch")
+    events = profile_model(make, "events")
     d, e = dispatch.modules(), events.modules()
     assert list(d["module"]) == list(e["module"])
     if make == "gpt2":

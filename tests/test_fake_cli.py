@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from script_runs import OOM_SCRIPT
 
 pytestmark = pytest.mark.slow  # fake runs from the CLI, in subprocesses
 
@@ -134,12 +135,10 @@ def test_gradient_accumulation_falls_back_with_the_reason(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_the_out_of_memory_plan_is_predicted_by_fake_runs(tmp_path: Path) -> None:
-    from test_oom import TRAIN_SCRIPT
-
     import memprof as api
 
     # GIVEN a script whose backward cannot fit under its address-space cap
-    (tmp_path / "train_oom.py").write_text(TRAIN_SCRIPT)
+    (tmp_path / "train_oom.py").write_text(OOM_SCRIPT)
     # WHEN memprof runs it
     result = memprof("run", "--no-html", "train_oom.py", "backward", cwd=tmp_path)
     assert result.returncode == 1 and "can't allocate memory" in result.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_integrations import hf_trainer, lightning_fit
+from frameworks import hf_trainer, lightning_fit
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 pytestmark = pytest.mark.slow  # HF Trainer and Lightning runs with fake-run advice

@@ -148,3 +148,24 @@ def test_a_lower_room_calls_up_through_its_hook(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(hooks, "oom_plan", None)
     with pytest.raises(RuntimeError, match="oom_plan is not plugged in"):
         oom.with_plan("profile", "report")
+
+
+def test_no_test_file_imports_another_test_file_or_conftest() -> None:
+    """Shared helpers live in plain modules (models, workloads, report_inputs, ...)."""
+    tests = Path(__file__).parent
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            found += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.split(".")[0] in ("conftest", "tests") or n.startswith("test_")
+            ]
+    assert found == []

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from models import make_mlp
+from report_inputs import XSS, Evil, profile_of
 
 import memprof
 from memprof.report import notebook
 from memprof.units import format_bytes
-from tests.test_report import XSS, Evil, profile_of
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_advice_view_is_its_table(mlp: memprof.Profile) -> None:
 def test_profile_view_draws_in_chromium(mlp: memprof.Profile, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    from tests.test_report_browser import ARGS, CHROMIUM
+    from browser import ARGS, CHROMIUM
 
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (apt-get install chromium)")

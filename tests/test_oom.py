@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_runs import OOM_SCRIPT
 
 import memprof
 from memprof.advisor.oom_plan import needed_profile
@@ -21,32 +22,6 @@ from memprof.oom import OOMReport, is_oom, requested_bytes
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="RLIMIT_AS and /proc/self/status are Linux's")
 
-#: A model whose last Linear has 64 x 2^20 fp32 weights (256 MiB): its output for a batch of
-#: 256 is 1 GiB (the forward request), its weight gradient 256 MiB (the backward request).
-TRAIN_SCRIPT = textwrap.dedent("""
-    import resource, sys
-    import torch
-    from torch import nn
-
-    phase = sys.argv[1]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 1 << 20)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(256 if phase == "forward" else 1, 64)
-
-    def vm_size():
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-
-    # Room for the forward's small tensors but not for the request that must fail.
-    headroom = (512 << 20) if phase == "forward" else (128 << 20)
-    resource.setrlimit(resource.RLIMIT_AS, (vm_size() + headroom, resource.RLIM_INFINITY))
-    loss = model(x).sum()
-    loss.backward()
-    opt.step()
-""")
 
 API_SCRIPT = textwrap.dedent("""
     import resource, sys
@@ -134,7 +109,7 @@ def test_memprof_run_keeps_the_error_and_names_the_request(
 ) -> None:
     # GIVEN a script whose step cannot fit under its address-space cap, and a file of the user's
     script = tmp_path / "train_oom.py"
-    script.write_text(TRAIN_SCRIPT)
+    script.write_text(OOM_SCRIPT)
     reports = tmp_path / "reports"
     reports.mkdir()
     mine = reports / "notes.txt"

@@ -223,7 +223,7 @@ def test_a_rank_that_exits_early_keeps_its_exit_code(tmp_path: Path) -> None:
 def test_ranks_report_renders_both_ranks_in_chromium(ddp_run: tuple[Path, Any],
                                                       tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    from tests.test_report_browser import ARGS, CHROMIUM, Opened
+    from browser import ARGS, CHROMIUM, Opened
 
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (apt-get install chromium)")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import make_mlp
-from test_backends import _run as run_model
+from models import make_mlp, profile_model
 
 import memprof
 from memprof.tracking import events, native, session
@@ -107,7 +106,7 @@ def test_recorder_and_torch_profiler_sources_give_the_same_profile(
     profiles = {}
     for source in ("recorder", "torch.profiler"):
         monkeypatch.setattr(events, "PREFERRED_SOURCE", source)
-        profiles[source] = run_model(make, "events")
+        profiles[source] = profile_model(make, "events")
     a, b = profiles["recorder"], profiles["torch.profiler"]
     columns = ["parameter", "buffer", "gradient", "optimizer_state", "activation",
                "temporary_peak"]

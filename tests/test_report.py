@@ -9,6 +9,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import pytest
 import torch
+from report_inputs import XSS, Evil, profile_of
 from torch import nn
 
 import memprof
@@ -18,33 +19,6 @@ from memprof.profile import DeviceInfo, ModuleStats, Peak, Profile, StepStats
 from memprof.report import figures, headline, render_report, write_report
 from memprof.report.page import context
 from memprof.units import format_bytes
-
-XSS = "<script>alert(1)</script>"
-
-
-class Evil(nn.Module):
-    """A model with a module whose name is markup."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_module(XSS, nn.Linear(16, 32))
-        self.add_module("<img src=x onerror=alert(2)>", nn.Linear(32, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for child in self.children():
-            x = torch.relu(child(x))
-        return x
-
-
-def profile_of(model: nn.Module, x: torch.Tensor, steps: int = 2) -> Profile:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(steps):
-            model(x).pow(2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return prof.profile
 
 
 @pytest.fixture(scope="module")

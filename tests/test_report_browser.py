@@ -10,15 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from browser import ARGS, CHROMIUM, Opened
+from report_inputs import XSS, Evil, fitting_advice, profile_of, with_oom
 from torch import nn
 
 from memprof.profile import Profile
 from memprof.report import write_report
 from memprof.units import format_bytes
-from tests.test_report import XSS, Evil, profile_of
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # reports opened in headless Chromium
 
@@ -33,36 +31,6 @@ def browser() -> Iterator[Any]:
                               else shutil.which("chromium"), args=ARGS)
         yield b
         b.close()
-
-
-class Opened:
-    """A report opened with every request routed: only the file itself may load."""
-
-    def __init__(self, browser: Any, path: Path) -> None:
-        self.url = path.resolve().as_uri()
-        self.page = browser.new_page()
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.dialogs: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error"
-                     else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", self._dialog)
-        self.page.route("**/*", self._route)
-        self.page.goto(self.url)
-        self.page.wait_for_function("document.body.dataset.chartsReady !== undefined",
-                                    timeout=30_000)
-
-    def _dialog(self, dialog: Any) -> None:
-        self.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    def _route(self, route: Any) -> None:
-        self.requests.append(route.request.url)
-        if route.request.url == self.url:
-            route.continue_()
-        else:
-            route.abort()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +135,6 @@ def test_oom_report_gives_one_recommendation_in_words_within_the_window(
     browser: Any, mlp_profile: Profile, tmp_path: Path, width: int
 ) -> None:
     from memprof.report.advice import recommend
-    from tests.test_report_advice import with_oom
 
     # GIVEN a run that died of an out-of-memory error: the post-mortem's plan is checkpointing
     # 2 of 4 blocks, while the advice's largest single-GPU saving is 4 of 4 blocks
@@ -214,7 +181,6 @@ def test_oom_report_gives_one_recommendation_in_words_within_the_window(
 def test_a_step_that_fits_opens_the_advisor_with_its_headroom(
     browser: Any, mlp_profile: Profile, tmp_path: Path
 ) -> None:
-    from tests.test_report_advice import fitting_advice
 
     base = mlp_profile.peak().total_bytes
     path = write_report(mlp_profile, tmp_path / "fits.html",
