@@ -151,10 +151,14 @@ SOURCES: dict[str, str] = {}  # the events backend's source, by label
 
 
 def _replay(ctx: Any) -> None:
-    """Replay what memprof's events backend deferred (nothing for any other context)."""
+    """Replay what memprof's events backend deferred, and run the requests its what-if
+    allocator model batches (nothing for any other context)."""
     events = getattr(ctx, "_events", None)
     if events is not None:
         events.flush(restart=True)
+    reserved = getattr(ctx, "_reserved", None)
+    if reserved is not None:
+        reserved.model.settle()
 
 
 def time_step(

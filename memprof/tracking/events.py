@@ -53,12 +53,14 @@ _BACKWARD_SCOPE = RecordScope.BACKWARD_FUNCTION
 # ~30 us a marker in Python (the exit op scans its arguments for fake script objects), this
 # ~3.5 us. No exit call is needed: the RecordFunction ends when its handle is dropped, so a
 # point marker drops it at once and an interval marker when :meth:`EventStream.exit` runs.
-_enter = getattr(torch.ops.profiler._record_function_enter_new.default, "_op",
-                 torch.ops.profiler._record_function_enter_new)
+_enter = getattr(
+    torch.ops.profiler._record_function_enter_new.default,
+    "_op",
+    torch.ops.profiler._record_function_enter_new,
+)
 
 # Ranks at equal times: enters, then allocations, then exits.
 _ENTER, _ALLOC, _EXIT = 0, 1, 2
-
 
 
 class EventSource(Protocol):
@@ -232,9 +234,13 @@ def default_source() -> EventSource:
 class EventStream:
     """Keeps the C++ profiler running and turns its events back into ledger updates."""
 
-    def __init__(self, ledger: StorageLedger, alloc_phase: Callable[[], None],
-                 on_backward_node: Callable[[int], None],
-                 source: EventSource | None = None) -> None:
+    def __init__(
+        self,
+        ledger: StorageLedger,
+        alloc_phase: Callable[[], None],
+        on_backward_node: Callable[[int], None],
+        source: EventSource | None = None,
+    ) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
         self._on_backward_node = on_backward_node
@@ -336,7 +342,7 @@ class EventStream:
         calls, fns = self.calls, self._fns
         while j < end:
             n = calls[j + 1]
-            fns[calls[j]](*calls[j + 2:j + 2 + n])
+            fns[calls[j]](*calls[j + 2 : j + 2 + n])
             j += 2 + n
 
     # ----------------------------------------------------------------- replay
@@ -386,8 +392,9 @@ class EventStream:
                     now = when / 1e9 + offset
                     if live_transients:  # cannot happen: transients end before a marker
                         for key, size in live_transients.items():
-                            ledger.alloc(key, size, TEMPORARY, ledger.current_module, (size,),
-                                         RAW_DTYPE)
+                            ledger.alloc(
+                                key, size, TEMPORARY, ledger.current_module, (size,), RAW_DTYPE
+                            )
                         live_transients.clear()
                     extra = 0
                     phase_set = False
@@ -404,17 +411,26 @@ class EventStream:
                         self._alloc_phase()
                         phase_set = True
                     fast = transient[i] and ptr not in entries
+                    # A transient freed by the very next event reaches the allocator model as
+                    # one malloc_free, once it is sure not to become an entry.
+                    paired = False
                     if not fast:
                         now = when / 1e9 + offset
-                        ledger.alloc(ptr, value, TEMPORARY, ledger.current_module, (value,),
-                                     RAW_DTYPE)
+                        ledger.alloc(
+                            ptr, value, TEMPORARY, ledger.current_module, (value,), RAW_DTYPE
+                        )
                         if not extra:
                             continue
                     else:
                         live_transients[ptr] = value
                         extra += value
                         if allocator is not None:
-                            allocator.malloc(ptr, value)
+                            after = items[i + 1]  # (a transient's free follows it)
+                            paired = (
+                                after[1] == ptr and after[2] == -value and ptr not in allocator.live
+                            )
+                            if not paired:
+                                allocator.malloc(ptr, value)
                     # The ledger's own maxima miss the live transients' bytes: add them.
                     total = ledger.total + extra
                     top = ledger.top
@@ -427,10 +443,15 @@ class EventStream:
                         most[TEMPORARY] = live
                     if ledger.logging and total > ledger.peak.total:
                         now = when / 1e9 + offset
+                        if paired:
+                            allocator.malloc(ptr, value)  # type: ignore[union-attr]
+                            paired = False
                         for key, size in live_transients.items():
                             ledger.alloc(key, size, TEMPORARY, module, (size,), RAW_DTYPE)
                         live_transients.clear()
                         extra = 0
+                    if paired:
+                        allocator.malloc_free(value)  # type: ignore[union-attr]
                 else:
                     size = live_transients.pop(ptr, 0)
                     if size:
@@ -445,7 +466,7 @@ class EventStream:
         for slot in range(len(self.starts)):
             self._apply(self.base + slot)
         # Keep the calls still waiting for a marker; an interval open now exits as a point.
-        self.calls = self.calls[self.mark:]
+        self.calls = self.calls[self.mark :]
         self.mark = 0
         self.base += len(self.starts)
         self.starts, self.ends = [], []
