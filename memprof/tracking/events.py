@@ -383,6 +383,7 @@ class EventStream:
         # breakdown lists them; their frees then go through the ledger).
         live_transients: dict[int, int] = {}
         extra = 0
+        served = 0  # a transient the allocator model served as malloc_free (0: none)
         # The phase depends only on what the markers' calls set: once an interval is enough.
         phase_set = False
         ledger.clock = lambda: now
@@ -452,11 +453,14 @@ class EventStream:
                         extra = 0
                     if paired:
                         allocator.malloc_free(value)  # type: ignore[union-attr]
+                        served = ptr  # its free, next, is done
                 else:
                     size = live_transients.pop(ptr, 0)
                     if size:
                         extra -= size
-                        if allocator is not None:
+                        if ptr == served:
+                            served = 0
+                        elif allocator is not None:
                             allocator.free(ptr)
                     else:
                         ledger.free(ptr)

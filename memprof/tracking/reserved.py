@@ -51,9 +51,10 @@ class _ShadowedModel(CachingAllocatorModel):
             self.settle()
 
     def free(self, key: int) -> None:
-        super().free(key)
-        self.waiting.append(key)
-        self.waiting.append(_FREE)
+        if key in self.live:  # (the shadow has the same keys live: it ignores the others too)
+            super().free(key)
+            self.waiting.append(key)
+            self.waiting.append(_FREE)
 
     def malloc_free(self, nbytes: int) -> None:
         super().malloc_free(nbytes)
