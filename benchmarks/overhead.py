@@ -6,7 +6,8 @@
 NAME is ``gpt2-4l`` (GPT-2 from a config: 4 layers, d=384, 6 heads, vocab 8192, batch 4 x
 256), ``mlp-600`` (300 Linear(32, 32) + ReLU pairs, 600 small modules, batch 16), any model of
 the zoo (benchmarks/zoo.py) or any pattern (benchmarks/patterns.py); ``--all`` sweeps them all.
-One thread (``torch.set_num_threads(1)``), so other work on the machine disturbs it less.
+One thread (``torch.set_num_threads(1)``), timed by the process's CPU time (``--clock wall``:
+wall time), so other work on the machine disturbs it less.
 
 Per model it times one training step with no profiler, memprof and
 torch.profiler(profile_memory=True) (and, asked for, memprof's other backends and torch's
@@ -144,6 +145,10 @@ def workloads() -> dict[str, tuple[Callable[[], Workload], str | None]]:
 
 
 # ------------------------------------------------------------------------------ timing
+#: What the steps are timed by: the process's CPU time (default; on a machine others share, it
+#: counts only what this process runs, its threads included) or wall time (``--clock wall``).
+CLOCK: list[Callable[[], float]] = [time.process_time]
+
 #: Per label: the events backend's flush time per step (reading the events, all), best of the
 #: repeats.
 FLUSH: dict[str, tuple[float, float]] = {}
@@ -156,9 +161,10 @@ def _replay(ctx: Any) -> None:
     events = getattr(ctx, "_events", None)
     if events is not None:
         events.flush(restart=True)
-    reserved = getattr(ctx, "_reserved", None)
-    if reserved is not None:
-        reserved.model.settle()
+    settle = getattr(getattr(ctx, "_reserved", None), "model", None)
+    settle = getattr(settle, "settle", None)  # (a memprof before #25 runs the what-if at once)
+    if settle is not None:
+        settle()
 
 
 def time_step(
@@ -180,16 +186,16 @@ def time_step(
             per_step(ctx)
         _replay(ctx)
         replayed = _flush_seconds(ctx)
-        start = time.perf_counter()
+        start = CLOCK[0]()
         for _ in range(steps):
             step()
             if per_step:
                 per_step(ctx)
         _replay(ctx)
-        elapsed = time.perf_counter() - start
+        elapsed = CLOCK[0]() - start
     finally:
         ctx_manager.__exit__(None, None, None)
-    with_exit = time.perf_counter() - start
+    with_exit = CLOCK[0]() - start
     events = getattr(ctx, "_events", None)
     if events is not None:
         done = _flush_seconds(ctx)
@@ -392,6 +398,12 @@ def main() -> None:
     parser.add_argument("--memtracker", action="store_true", help="also time torch's MemTracker")
     parser.add_argument("--no-bookkeeping", action="store_true")
     parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="time the steps by this process's CPU time (default) or by wall time",
+    )
+    parser.add_argument(
         "--backend",
         choices=["auto", "events", "dispatch", "all"],
         default="auto",
@@ -403,7 +415,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(found)}")
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU; {steady_malloc()}")
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU; {steady_malloc()};"
+        f" {args.clock} time"
+    )
     if args.all:
         sweep(list(found), found, steps=args.steps, repeats=args.repeats)
         return
