@@ -14,8 +14,10 @@ allocations and markers in order and drives the same ledger and the same hook bo
 dispatch backend uses, keyed by data pointer.
 
 The events are read and replayed only every few steps and at exit. Where the time goes (600
-small modules on CPU, benchmarks/overhead.py (b), recorder source): the hooks' Python ~1.9x the
-step; the replay ~0.5x a step. With the PyTorch profiler as source, reading its events costs
+small modules on CPU, ``benchmarks/overhead.py --only mlp-600``, CPU time, one thread, recorder
+source): the hooks ~0.9x the step; the replay ~1.6x a step, about half of it the caching
+allocator's model, which sees every allocation (a transient freed by the very next event goes to
+it as one ``malloc_free``). With the PyTorch profiler as source, reading its events costs
 another ~2.7x a step (torch post-processes every event, ~5 us each, holding the GIL, and its
 event tree is read through pybind, ~3 us an event).
 """
