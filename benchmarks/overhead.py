@@ -1,34 +1,53 @@
 """Step-time overhead of memprof against its peers, measured side by side in one run.
 
-    python benchmarks/overhead.py [--repeats 5] [--steps 3] [--only gpt2|mlp]
+    python benchmarks/overhead.py [--repeats 3] [--steps 3] [--only NAME ...] [--all]
+                                  [--backend auto|events|dispatch|all] [--memtracker]
 
-Times one training step (forward, backward, AdamW step, zero_grad) of
-(a) GPT-2 from a config (4 layers, d=384, 6 heads, vocab 8192, batch 4, seq 256) and
-(b) 300 Linear(32, 32) + ReLU pairs (600 small modules, batch 16),
-with no profiler, memprof, torch's MemTracker, and torch.profiler(profile_memory=True), and
-prints each as a ratio to the unprofiled step (best of --repeats, taken round-robin). For
-memprof's events backend it also prints its replay per step (reading the events: a copy from
-memprof's C++ recorder, or the PyTorch profiler's stop; and the Python replay). Also prints
-memprof's own
-bookkeeping for a 1000-step run.
+NAME is ``gpt2-4l`` (GPT-2 from a config: 4 layers, d=384, 6 heads, vocab 8192, batch 4 x
+256), ``mlp-600`` (300 Linear(32, 32) + ReLU pairs, 600 small modules, batch 16), any model of
+the zoo (benchmarks/zoo.py) or any pattern (benchmarks/patterns.py); ``--all`` sweeps them all.
+One thread (``torch.set_num_threads(1)``), timed by the process's CPU time (``--clock wall``:
+wall time), so other work on the machine disturbs it less.
+
+Per model it times one training step with no profiler, memprof and
+torch.profiler(profile_memory=True) (and, asked for, memprof's other backends and torch's
+MemTracker), best of ``--repeats`` taken round-robin, and prints each as a ratio to the
+unprofiled step. memprof's events backend defers its work: its replay of the timed steps'
+events runs inside the timed region (as its flush every few steps would), so memprof's ratio is
+its whole per-step cost. torch.profiler's ratio is its steps alone: its post-processing at exit
+(several times a step) is not counted, which makes the comparison strict for memprof. Single
+models also print the replay's share, and memprof's own bookkeeping for a 1000-step run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import importlib.util
+import io
+import sys
 import time
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import memprof
+from benchmarks import patterns, zoo
 from memprof.tracking import events as events_backend
+
+#: A workload: the model memprof is given (None: let it find the modules that run) and a step.
+Workload = tuple[nn.Module | None, Callable[[], None]]
 
 
 def steady_malloc() -> str:
@@ -46,7 +65,8 @@ def steady_malloc() -> str:
     return "allocator thresholds left as they are (mallopt refused)"
 
 
-def gpt2_workload() -> tuple[nn.Module, Callable[[], None]]:
+# ---------------------------------------------------------------------------- workloads
+def gpt2_workload() -> Workload:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -63,7 +83,7 @@ def gpt2_workload() -> tuple[nn.Module, Callable[[], None]]:
     return model, step
 
 
-def mlp_workload() -> tuple[nn.Module, Callable[[], None]]:
+def mlp_workload() -> Workload:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(300):
@@ -80,108 +100,267 @@ def mlp_workload() -> tuple[nn.Module, Callable[[], None]]:
     return model, step
 
 
-#: Per label: the events backend's flush time per step (C++ part, all), best of the repeats.
+def zoo_workload(entry: zoo.ZooModel) -> Callable[[], Workload]:
+    def build() -> Workload:
+        work = entry.build()
+        optimizer = work.optimizer
+        assert optimizer is not None
+
+        def step() -> None:
+            work.loss(work.model, work.batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return work.model, step
+
+    return build
+
+
+def pattern_workload(pattern: patterns.Pattern) -> Callable[[], Workload]:
+    def build() -> Workload:
+        torch.manual_seed(patterns.SEED)
+        loop = pattern.build()
+        count = [0]
+
+        def step() -> None:
+            loop.step(count[0])
+            count[0] += 1
+
+        return (loop.models[0] if len(loop.models) == 1 else None), step
+
+    return build
+
+
+def workloads() -> dict[str, tuple[Callable[[], Workload], str | None]]:
+    """Every workload by name, with the package it needs (None: torch alone)."""
+    found: dict[str, tuple[Callable[[], Workload], str | None]] = {
+        "gpt2-4l": (gpt2_workload, "transformers"),
+        "mlp-600": (mlp_workload, None),
+    }
+    for entry in zoo.ZOO:
+        found[entry.name] = (zoo_workload(entry), entry.needs)
+    for pattern in patterns.PATTERNS:
+        found[pattern.name] = (pattern_workload(pattern), pattern.needs)
+    return found
+
+
+# ------------------------------------------------------------------------------ timing
+#: What the steps are timed by: the process's CPU time (default; on a machine others share, it
+#: counts only what this process runs, its threads included) or wall time (``--clock wall``).
+CLOCK: list[Callable[[], float]] = [time.process_time]
+
+#: Per label: the events backend's flush time per step (reading the events, all), best of the
+#: repeats.
 FLUSH: dict[str, tuple[float, float]] = {}
+#: Per label: the replay of the timed steps, per step, by :data:`CLOCK`, best of the repeats.
+REPLAY: dict[str, float] = {}
 SOURCES: dict[str, str] = {}  # the events backend's source, by label
 
 
-def time_step(step: Callable[[], None], make_ctx: Callable[[], AbstractContextManager[Any]],
-              *, steps: int, repeats: int,
-              per_step: Callable[[Any], None] | None = None,
-              label: str = "") -> tuple[float, float]:
-    """Best-of-``repeats`` mean seconds per step, each repeat in a fresh context: the steps
-    alone, and the steps plus the context's exit (memprof's events backend replays the last
-    events there; its mid-run replays, every few steps, fall inside the timed steps)."""
-    best = best_exit = float("inf")
-    for _ in range(repeats):
-        gc.collect()
-        ctx_manager = make_ctx()
-        ctx = ctx_manager.__enter__()
-        try:
-            step()  # warm: first step creates optimizer state
+def _replay(ctx: Any) -> None:
+    """Replay what memprof's events backend deferred, and run the requests its what-if
+    allocator model batches (nothing for any other context)."""
+    events = getattr(ctx, "_events", None)
+    if events is not None:
+        events.flush(restart=True)
+    settle = getattr(getattr(ctx, "_reserved", None), "model", None)
+    settle = getattr(settle, "settle", None)  # (a memprof before #25 runs the what-if at once)
+    if settle is not None:
+        settle()
+
+
+def time_step(
+    step: Callable[[], None],
+    make_ctx: Callable[[], AbstractContextManager[Any]],
+    *,
+    steps: int,
+    per_step: Callable[[Any], None] | None = None,
+    label: str = "",
+) -> tuple[float, float]:
+    """Mean seconds per step in a fresh context: the steps with memprof's replay of them, and
+    the same plus the context's exit."""
+    gc.collect()
+    ctx_manager = make_ctx()
+    ctx = ctx_manager.__enter__()
+    try:
+        step()  # warm: the first step creates optimizer state
+        if per_step:
+            per_step(ctx)
+        _replay(ctx)
+        replayed = _flush_seconds(ctx)
+        start = CLOCK[0]()
+        for _ in range(steps):
+            step()
             if per_step:
                 per_step(ctx)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-                if per_step:
-                    per_step(ctx)
-            elapsed = time.perf_counter() - start
-        finally:
-            ctx_manager.__exit__(None, None, None)
-        with_exit = time.perf_counter() - start
-        best = min(best, elapsed / steps)
-        best_exit = min(best_exit, with_exit / steps)
-        events = getattr(ctx, "_events", None)
-        if events is not None:  # its flushes replay the warm-up step too
-            flush = (events.stop_s / (steps + 1), events.replay_s / (steps + 1))
-            FLUSH[label] = min(FLUSH.get(label, flush), flush, key=lambda f: f[1])
-            SOURCES[label] = events.source.name
-    return best, best_exit
+        replay_start = CLOCK[0]()
+        _replay(ctx)
+        elapsed = CLOCK[0]() - start
+        replay = (CLOCK[0]() - replay_start) / steps
+    finally:
+        ctx_manager.__exit__(None, None, None)
+    with_exit = CLOCK[0]() - start
+    events = getattr(ctx, "_events", None)
+    if events is not None:
+        REPLAY[label] = min(REPLAY.get(label, replay), replay)
+        done = _flush_seconds(ctx)
+        flush = ((done[0] - replayed[0]) / steps, (done[1] - replayed[1]) / steps)
+        FLUSH[label] = min(FLUSH.get(label, flush), flush, key=lambda f: f[1])
+        SOURCES[label] = events.source.name
+    return elapsed / steps, with_exit / steps
 
 
-def _memprof_ctx(model: nn.Module, backend: str, source: str = "auto") -> Callable[[], Any]:
+def _flush_seconds(ctx: Any) -> tuple[float, float]:
+    events = getattr(ctx, "_events", None)
+    return (events.stop_s, events.replay_s) if events is not None else (0.0, 0.0)
+
+
+def _memprof_ctx(model: nn.Module | None, backend: str, source: str = "auto") -> Callable[[], Any]:
     def make() -> Any:
         events_backend.PREFERRED_SOURCE = source  # read when the profile is entered
         return memprof.profile(model, backend=backend)  # type: ignore[arg-type]
+
     return make
 
 
-def run(name: str, workload: Callable[[], tuple[nn.Module, Callable[[], None]]], *,
-        steps: int, repeats: int, memtracker: bool, backend: str = "auto") -> None:
-    from torch.distributed._tools.mem_tracker import MemTracker
+TORCH_PROFILER = "torch.profiler(profile_memory)"
+
+
+def contexts_for(
+    model: nn.Module | None, backend: str, memtracker: bool
+) -> dict[str, tuple[Callable[[], Any], Callable[[Any], None] | None]]:
+    """The contexts to time, by label."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    model, step = workload()
-    step()
     contexts: dict[str, tuple[Callable[[], Any], Callable[[Any], None] | None]] = {
         "no profiler": (nullcontext, None),
-        "memprof": (lambda: memprof.profile(model), lambda p: p.step()),
-        "torch.profiler(profile_memory)": (
+        "memprof": (_memprof_ctx(model, "auto"), lambda p: p.step()),
+        TORCH_PROFILER: (
             lambda: torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True),
             lambda p: p.step(),
         ),
     }
     if backend == "all":
-        del contexts["memprof"]
-        contexts["memprof backend=dispatch"] = (_memprof_ctx(model, "dispatch"),
-                                                lambda p: p.step())
+        contexts["memprof backend=dispatch"] = (_memprof_ctx(model, "dispatch"), lambda p: p.step())
         for source in ("recorder", "torch.profiler"):
             contexts[f"memprof events from {source}"] = (
-                _memprof_ctx(model, "events", source), lambda p: p.step())
+                _memprof_ctx(model, "events", source),
+                lambda p: p.step(),
+            )
     elif backend != "auto":
         contexts["memprof"] = (_memprof_ctx(model, backend), lambda p: p.step())
-    if memtracker:
+    if memtracker and model is not None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
         def make_tracker() -> Any:
             tracker = MemTracker()
             tracker.track_external(model)
             return tracker
+
         # MemTracker refuses a second iteration unless its module stats are reset in between.
         contexts["MemTracker"] = (make_tracker, lambda tracker: tracker.reset_mod_stats())
+    return contexts
+
+
+def measure(
+    build: Callable[[], Workload],
+    *,
+    steps: int,
+    repeats: int,
+    backend: str = "auto",
+    memtracker: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """Best seconds per step (steps with memprof's replay; plus the exit) by context label."""
+    model, step = build()
+    step()
+    contexts = contexts_for(model, backend, memtracker)
     # Repeats go round-robin over the contexts, so a machine whose load changes during the run
     # slows every context alike; each keeps its best.
     times: dict[str, tuple[float, float]] = {}
     for round_ in range(repeats):
         for label, (make_ctx, per_step) in contexts.items():
-            slow = label == "MemTracker" and name.startswith("(b)")
+            slow = label == "MemTracker"
             if slow and round_ > 0:
-                continue  # minutes a step: once is enough
-            seconds, with_exit = time_step(step, make_ctx, steps=1 if slow else steps,
-                                           repeats=1, per_step=per_step, label=label)
+                continue  # seconds to minutes a step: once is enough
+            seconds, with_exit = time_step(
+                step, make_ctx, steps=1 if slow else steps, per_step=per_step, label=label
+            )
             best = times.get(label, (float("inf"), float("inf")))
             times[label] = (min(best[0], seconds), min(best[1], with_exit))
+    events_backend.PREFERRED_SOURCE = "auto"
+    return times
+
+
+def print_detail(name: str, steps: int, times: dict[str, tuple[float, float]]) -> None:
     base = times["no profiler"][0]
-    print(f"\n{name}  ({steps} timed steps; ratio of the steps alone | of steps + exit)")
+    print(
+        f"\n{name}  ({steps} timed steps; ratio of the steps (memprof: with its replay) |"
+        f" of steps + exit)"
+    )
     for label, (seconds, with_exit) in times.items():
-        print(f"  {label:32s} {seconds * 1e3:9.1f} ms/step   {seconds / base:7.2f}x"
-              f"   | {with_exit * 1e3:9.1f} ms/step {with_exit / base:7.2f}x")
+        print(
+            f"  {label:32s} {seconds * 1e3:9.1f} ms/step   {seconds / base:7.2f}x"
+            f"   | {with_exit * 1e3:9.1f} ms/step {with_exit / base:7.2f}x"
+        )
         if label in FLUSH:
             cpp, flush = FLUSH.pop(label)
-            print(f"  {'':32s} its replay per step: {flush * 1e3:.1f} ms = {flush / base:.2f}x"
-                  f" ({cpp * 1e3:.1f} ms = {cpp / base:.2f}x reading the events"
-                  f" from {SOURCES.pop(label)}; {(flush - cpp) * 1e3:.1f} ms ="
-                  f" {(flush - cpp) / base:.2f}x replaying them in Python)")
+            replay = REPLAY.pop(label)
+            print(
+                f"  {'':32s} its replay per step: {replay * 1e3:.1f} ms = {replay / base:.2f}x"
+                f" (in wall time {flush * 1e3:.1f} ms, {cpp * 1e3:.1f} ms of it reading the"
+                f" events from {SOURCES.pop(label)})"
+            )
+
+
+def sweep(
+    names: list[str],
+    found: dict[str, tuple[Callable[[], Workload], str | None]],
+    *,
+    steps: int,
+    repeats: int,
+) -> None:
+    """One line per model: the unprofiled step, memprof's and torch.profiler's ratios."""
+    print(
+        f"\n{'model':20} {'step ms':>9} {'memprof':>8} {'torch.prof':>10} {'replay':>7}  "
+        f"memprof <= torch.profiler"
+    )
+    worse = []
+    for name in names:
+        build, needs = found[name]
+        if needs and importlib.util.find_spec(needs) is None:
+            print(f"{name:20} skipped: needs {needs}")
+            continue
+        try:
+            with _quiet():
+                times = measure(build, steps=steps, repeats=repeats)
+        except Exception as exc:  # a model that cannot run here is reported, not fatal
+            print(f"{name:20} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            continue
+        base = times["no profiler"][0]
+        ours, theirs = times["memprof"][0] / base, times[TORCH_PROFILER][0] / base
+        FLUSH.pop("memprof", None)
+        replay = REPLAY.pop("memprof", 0.0) / base
+        ok = ours <= theirs
+        if not ok:
+            worse.append(name)
+        print(
+            f"{name:20} {base * 1e3:9.1f} {ours:7.2f}x {theirs:9.2f}x {replay:6.2f}x  "
+            f"{'yes' if ok else 'NO'}"
+        )
+        sys.stdout.flush()
+    print(
+        f"\nmemprof above torch.profiler on {len(worse)} of {len(names)}"
+        + (f": {', '.join(worse)}" if worse else "")
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Warnings and the models' own prints (torch.profiler's, transformers') kept out."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def bookkeeping(steps: int = 1000) -> None:
@@ -202,31 +381,64 @@ def bookkeeping(steps: int = 1000) -> None:
     native = 0
     if prof._events is not None:
         native = getattr(prof._events.source, "buffer_bytes", 0)
-    print(f"\nmemprof bookkeeping for {steps} steps: peak {peak / 2**20:.1f} MiB of Python "
-          f"memory (tracemalloc) + {native / 2**20:.1f} MiB of event buffer in C++"
-          f" ({prof.backend} backend), target < 50 MB")
+    print(
+        f"\nmemprof bookkeeping for {steps} steps: peak {peak / 2**20:.1f} MiB of Python "
+        f"memory (tracemalloc) + {native / 2**20:.1f} MiB of event buffer in C++"
+        f" ({prof.backend} backend), target < 50 MB"
+    )
 
 
 def main() -> None:
+    found = workloads()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--only", choices=["gpt2", "mlp"], default=None)
-    parser.add_argument("--no-memtracker", action="store_true")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help=f"models to time: {', '.join(found)}"
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="one line per model (every model, or those of --only), memprof's default backend",
+    )
+    parser.add_argument("--memtracker", action="store_true", help="also time torch's MemTracker")
     parser.add_argument("--no-bookkeeping", action="store_true")
-    parser.add_argument("--backend", choices=["auto", "events", "dispatch", "all"],
-                        default="all",
-                        help="memprof's measurement backend(s) to time (all: dispatch, and the"
-                             " events backend from its recorder and from torch.profiler)")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="time the steps by this process's CPU time (default) or by wall time",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "events", "dispatch", "all"],
+        default="auto",
+        help="memprof's measurement backend(s) to time (all: dispatch, and the"
+        " events backend from its recorder and from torch.profiler)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {steady_malloc()}")
-    if args.only in (None, "gpt2"):
-        run("(a) GPT-2 4L d384 vocab 8192, batch 4 x 256", gpt2_workload, steps=args.steps,
-            repeats=args.repeats, memtracker=not args.no_memtracker, backend=args.backend)
-    if args.only in (None, "mlp"):
-        run("(b) 300 x (Linear(32,32) + ReLU), batch 16", mlp_workload, steps=args.steps * 3,
-            repeats=args.repeats, memtracker=not args.no_memtracker, backend=args.backend)
+    unknown = [name for name in args.only or [] if name not in found]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(found)}")
+    torch.set_num_threads(1)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU; {steady_malloc()};"
+        f" {args.clock} time"
+    )
+    if args.all:
+        sweep(args.only or list(found), found, steps=args.steps, repeats=args.repeats)
+        return
+    for name in args.only or ["gpt2-4l", "mlp-600"]:
+        build, _needs = found[name]
+        times = measure(
+            build,
+            steps=args.steps,
+            repeats=args.repeats,
+            backend=args.backend,
+            memtracker=args.memtracker,
+        )
+        print_detail(name, args.steps, times)
     if not args.no_bookkeeping:
         bookkeeping()
 

@@ -62,16 +62,20 @@ _NO_LIMIT = 2**63 - 1
 #: An expandable segment reserves address space for 1 1/8 of the device; with no capacity known
 #: its unmapped tail is taken as unbounded.
 _UNBOUNDED = 2**62
+#: The key :meth:`CachingAllocatorModel.malloc_free` serves its request under when it must.
+_TEMPORARY_KEY = -(2**63)
 
 #: Options the native allocator reads but that do not change reserved memory on one stream.
-_IGNORED_OPTIONS = frozenset({
-    "release_lock_on_cudamalloc",
-    "pinned_use_cuda_host_register",
-    "pinned_num_register_threads",
-    "pinned_use_background_threads",
-    "pinned_reserve_segment_size_mb",
-    "graph_capture_record_stream_reuse",
-})
+_IGNORED_OPTIONS = frozenset(
+    {
+        "release_lock_on_cudamalloc",
+        "pinned_use_cuda_host_register",
+        "pinned_num_register_threads",
+        "pinned_use_background_threads",
+        "pinned_reserve_segment_size_mb",
+        "graph_capture_record_stream_reuse",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -347,8 +351,13 @@ class CachingAllocatorModel:
     ``garbage_collection_threshold``).
     """
 
-    def __init__(self, conf: str | AllocatorConf = "", *, capacity: int | None = None,
-                 memory_fraction: float | None = None) -> None:
+    def __init__(
+        self,
+        conf: str | AllocatorConf = "",
+        *,
+        capacity: int | None = None,
+        memory_fraction: float | None = None,
+    ) -> None:
         self.conf = conf if isinstance(conf, AllocatorConf) else parse_conf(conf)
         self.capacity = capacity
         limit = capacity if capacity is not None else _NO_LIMIT
@@ -400,6 +409,7 @@ class CachingAllocatorModel:
     def malloc(self, key: int, nbytes: int) -> None:
         """Serve a request; :class:`AllocatorOOM` when it cannot fit within the capacity."""
         self.events += 1
+        # _size and _best_fit, inlined: this is the hot path of a replay.
         if nbytes < MIN_BLOCK:
             size = MIN_BLOCK
         else:
@@ -411,7 +421,6 @@ class CachingAllocatorModel:
                     size = _next_division(nbytes, divisions)
         large = size > SMALL_SIZE
         pool = self._pools[large]
-        # Best fit (get_free_block), inlined: this is the hot path of a replay.
         if self._gc:
             pool.free_calls += 1
         keys = pool.keys
@@ -420,14 +429,12 @@ class CachingAllocatorModel:
         if i < len(keys):
             block = pool.blocks[keys[i][1]]
             if block is self._tails[large] and i + 1 < len(keys):
-                # The growing end of an expandable segment counts as its size plus what it
-                # can still map: best fit prefers any other block that is large enough.
                 i += 1
                 block = pool.blocks[keys[i][1]]
             if (size < self._max_split <= block.size) or (
                 size >= self._max_split and block.size >= size + self._non_split_rounding
             ):
-                block = None  # oversize blocks serve only oversize requests of about their size
+                block = None
             else:
                 del keys[i]
                 del pool.blocks[block.addr]
@@ -454,6 +461,58 @@ class CachingAllocatorModel:
             self.allocated_at_reserved_peak = allocated
             small, large_pool = self._pools
             self.largest_free_at_peak = max(small.largest(), large_pool.largest())
+
+    def malloc_free(self, nbytes: int) -> None:
+        """A request freed again before any other request (a temporary). Served from a cached
+        block, it leaves the pools as they were (the block is split, then merged back: free
+        neighbours are always merged), so only its bytes are charged; otherwise it runs as a
+        malloc and a free."""
+        size = self._size(nbytes)
+        pool = self._pools[size > SMALL_SIZE]
+        if not self._gc:  # (garbage collection ages blocks by their frees: no shortcut)
+            _i, block = self._best_fit(pool, size)
+            if block is not None:
+                self.events += 2
+                charged = size if self._splits(pool, block.size, size) else block.size
+                if self.allocated + charged > self.allocated_peak:
+                    self.allocated_peak = self.allocated + charged
+                return
+        # This model's own malloc and free (a subclass's would see the request twice).
+        CachingAllocatorModel.malloc(self, _TEMPORARY_KEY, nbytes)
+        CachingAllocatorModel.free(self, _TEMPORARY_KEY)
+
+    def _size(self, nbytes: int) -> int:
+        """The rounded size of a request (:meth:`round_size`, inlined: the hot path)."""
+        if nbytes < MIN_BLOCK:
+            return MIN_BLOCK
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK
+        if self._any_divisions:
+            index = nbytes.bit_length() - 1 - _ROUNDUP_START_LOG2
+            divisions = self._divisions[min(max(index, 0), _ROUNDUP_INTERVALS - 1)]
+            if divisions > 1 and nbytes > MIN_BLOCK * divisions:
+                size = _next_division(nbytes, divisions)
+        return size
+
+    def _best_fit(self, pool: _Pool, size: int) -> tuple[int, _Block | None]:
+        """``get_free_block``: the cached block that serves ``size`` and its index in the
+        pool's keys (the block stays in the pool), or no block."""
+        if self._gc:
+            pool.free_calls += 1
+        keys = pool.keys
+        i = bisect_left(keys, (size, 0))
+        if i == len(keys):
+            return i, None
+        block = pool.blocks[keys[i][1]]
+        if block is self._tails[not pool.small] and i + 1 < len(keys):
+            # The growing end of an expandable segment counts as its size plus what it
+            # can still map: best fit prefers any other block that is large enough.
+            i += 1
+            block = pool.blocks[keys[i][1]]
+        if (size < self._max_split <= block.size) or (
+            size >= self._max_split and block.size >= size + self._non_split_rounding
+        ):
+            return i, None  # oversize blocks serve only oversize requests of about their size
+        return i, block
 
     def free(self, key: int) -> None:
         """Return the block of ``key`` to its pool; unknown keys are ignored."""
@@ -532,14 +591,17 @@ class CachingAllocatorModel:
             self._peak_segments = None  # taken when the segments next shrink, or at the end
             self._peak_pending = True
 
-    def _split(self, pool: _Pool, block: _Block, size: int) -> _Block:
-        remaining = block.size - size
+    def _splits(self, pool: _Pool, block_size: int, size: int) -> bool:
+        """Whether a free block of ``block_size`` serving ``size`` is split."""
+        remaining = block_size - size
         if pool.small or self._expandable:
-            split = remaining >= MIN_BLOCK
-        else:
-            split = size < self._max_split and remaining > SMALL_SIZE
-        if not split:
+            return remaining >= MIN_BLOCK
+        return size < self._max_split and remaining > SMALL_SIZE
+
+    def _split(self, pool: _Pool, block: _Block, size: int) -> _Block:
+        if not self._splits(pool, block.size, size):
             return block
+        remaining = block.size - size
         front = _Block(block.addr, size, pool.small, block.segment)
         front.prev = block.prev
         if front.prev is not None:
@@ -645,8 +707,9 @@ class CachingAllocatorModel:
         target = self.reserved - threshold
         pool = self._pools[1]
         candidates = [pool.blocks[a] for _s, a in pool.keys]
-        freeable = [b for b in candidates if b.prev is None and b.next is None
-                    and not b.segment.expandable]
+        freeable = [
+            b for b in candidates if b.prev is None and b.next is None and not b.segment.expandable
+        ]
         if not freeable:
             return
         total_age = sum(pool.free_calls - b.gc_base for b in freeable)
@@ -703,8 +766,13 @@ def _next_division(size: int, divisions: int) -> int:
     return size if rounded == size else rounded + step
 
 
-def replay(events: Iterable[tuple[str, int, int]], *, conf: str | AllocatorConf = "",
-           capacity: int | None = None, memory_fraction: float | None = None) -> Replay:
+def replay(
+    events: Iterable[tuple[str, int, int]],
+    *,
+    conf: str | AllocatorConf = "",
+    capacity: int | None = None,
+    memory_fraction: float | None = None,
+) -> Replay:
     """Run ``("alloc", key, nbytes)`` / ``("free", key, nbytes)`` events, in order, through the
     caching allocator model; see the module docstring for what is modelled.
 
@@ -723,12 +791,14 @@ def replay(events: Iterable[tuple[str, int, int]], *, conf: str | AllocatorConf 
             else:
                 raise ValueError(f"event {index}: action must be 'alloc' or 'free', not {action!r}")
     except AllocatorOOM as exc:
-        return model.result(oom={
-            "event": index,
-            "requested_bytes": int(exc.args[0]),
-            "reserved_bytes": model.reserved,
-            "allocated_bytes": model.allocated,
-        })
+        return model.result(
+            oom={
+                "event": index,
+                "requested_bytes": int(exc.args[0]),
+                "reserved_bytes": model.reserved,
+                "allocated_bytes": model.allocated,
+            }
+        )
     return model.result()
 
 

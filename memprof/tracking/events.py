@@ -14,8 +14,10 @@ allocations and markers in order and drives the same ledger and the same hook bo
 dispatch backend uses, keyed by data pointer.
 
 The events are read and replayed only every few steps and at exit. Where the time goes (600
-small modules on CPU, benchmarks/overhead.py (b), recorder source): the hooks' Python ~1.9x the
-step; the replay ~0.5x a step. With the PyTorch profiler as source, reading its events costs
+small modules on CPU, ``benchmarks/overhead.py --only mlp-600``, CPU time, one thread, recorder
+source): the hooks ~0.9x the step; the replay ~1.6x a step, about half of it the caching
+allocator's model, which sees every allocation (a transient freed by the very next event goes to
+it as one ``malloc_free``). With the PyTorch profiler as source, reading its events costs
 another ~2.7x a step (torch post-processes every event, ~5 us each, holding the GIL, and its
 event tree is read through pybind, ~3 us an event).
 """
@@ -53,12 +55,14 @@ _BACKWARD_SCOPE = RecordScope.BACKWARD_FUNCTION
 # ~30 us a marker in Python (the exit op scans its arguments for fake script objects), this
 # ~3.5 us. No exit call is needed: the RecordFunction ends when its handle is dropped, so a
 # point marker drops it at once and an interval marker when :meth:`EventStream.exit` runs.
-_enter = getattr(torch.ops.profiler._record_function_enter_new.default, "_op",
-                 torch.ops.profiler._record_function_enter_new)
+_enter = getattr(
+    torch.ops.profiler._record_function_enter_new.default,
+    "_op",
+    torch.ops.profiler._record_function_enter_new,
+)
 
 # Ranks at equal times: enters, then allocations, then exits.
 _ENTER, _ALLOC, _EXIT = 0, 1, 2
-
 
 
 class EventSource(Protocol):
@@ -232,9 +236,13 @@ def default_source() -> EventSource:
 class EventStream:
     """Keeps the C++ profiler running and turns its events back into ledger updates."""
 
-    def __init__(self, ledger: StorageLedger, alloc_phase: Callable[[], None],
-                 on_backward_node: Callable[[int], None],
-                 source: EventSource | None = None) -> None:
+    def __init__(
+        self,
+        ledger: StorageLedger,
+        alloc_phase: Callable[[], None],
+        on_backward_node: Callable[[int], None],
+        source: EventSource | None = None,
+    ) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
         self._on_backward_node = on_backward_node
@@ -336,7 +344,7 @@ class EventStream:
         calls, fns = self.calls, self._fns
         while j < end:
             n = calls[j + 1]
-            fns[calls[j]](*calls[j + 2:j + 2 + n])
+            fns[calls[j]](*calls[j + 2 : j + 2 + n])
             j += 2 + n
 
     # ----------------------------------------------------------------- replay
@@ -377,6 +385,7 @@ class EventStream:
         # breakdown lists them; their frees then go through the ledger).
         live_transients: dict[int, int] = {}
         extra = 0
+        served = 0  # a transient the allocator model served as malloc_free (0: none)
         # The phase depends only on what the markers' calls set: once an interval is enough.
         phase_set = False
         ledger.clock = lambda: now
@@ -386,8 +395,9 @@ class EventStream:
                     now = when / 1e9 + offset
                     if live_transients:  # cannot happen: transients end before a marker
                         for key, size in live_transients.items():
-                            ledger.alloc(key, size, TEMPORARY, ledger.current_module, (size,),
-                                         RAW_DTYPE)
+                            ledger.alloc(
+                                key, size, TEMPORARY, ledger.current_module, (size,), RAW_DTYPE
+                            )
                         live_transients.clear()
                     extra = 0
                     phase_set = False
@@ -404,17 +414,26 @@ class EventStream:
                         self._alloc_phase()
                         phase_set = True
                     fast = transient[i] and ptr not in entries
+                    # A transient freed by the very next event reaches the allocator model as
+                    # one malloc_free, once it is sure not to become an entry.
+                    paired = False
                     if not fast:
                         now = when / 1e9 + offset
-                        ledger.alloc(ptr, value, TEMPORARY, ledger.current_module, (value,),
-                                     RAW_DTYPE)
+                        ledger.alloc(
+                            ptr, value, TEMPORARY, ledger.current_module, (value,), RAW_DTYPE
+                        )
                         if not extra:
                             continue
                     else:
                         live_transients[ptr] = value
                         extra += value
                         if allocator is not None:
-                            allocator.malloc(ptr, value)
+                            after = items[i + 1]  # (a transient's free follows it)
+                            paired = (
+                                after[1] == ptr and after[2] == -value and ptr not in allocator.live
+                            )
+                            if not paired:
+                                allocator.malloc(ptr, value)
                     # The ledger's own maxima miss the live transients' bytes: add them.
                     total = ledger.total + extra
                     top = ledger.top
@@ -427,15 +446,23 @@ class EventStream:
                         most[TEMPORARY] = live
                     if ledger.logging and total > ledger.peak.total:
                         now = when / 1e9 + offset
+                        if paired:
+                            allocator.malloc(ptr, value)  # type: ignore[union-attr]
+                            paired = False
                         for key, size in live_transients.items():
                             ledger.alloc(key, size, TEMPORARY, module, (size,), RAW_DTYPE)
                         live_transients.clear()
                         extra = 0
+                    if paired:
+                        allocator.malloc_free(value)  # type: ignore[union-attr]
+                        served = ptr  # its free, next, is done
                 else:
                     size = live_transients.pop(ptr, 0)
                     if size:
                         extra -= size
-                        if allocator is not None:
+                        if ptr == served:
+                            served = 0
+                        elif allocator is not None:
                             allocator.free(ptr)
                     else:
                         ledger.free(ptr)
@@ -445,7 +472,7 @@ class EventStream:
         for slot in range(len(self.starts)):
             self._apply(self.base + slot)
         # Keep the calls still waiting for a marker; an interval open now exits as a point.
-        self.calls = self.calls[self.mark:]
+        self.calls = self.calls[self.mark :]
         self.mark = 0
         self.base += len(self.starts)
         self.starts, self.ends = [], []

@@ -31,19 +31,55 @@ PROFILE_NOT_MODELLED = [
 
 
 class _ShadowedModel(CachingAllocatorModel):
-    """The run's allocator model, feeding each request to a second model too."""
+    """The run's allocator model, handing each request to a second model too. The second one
+    (the what-if) is read only for the profile's summary: its requests wait in a flat list and
+    run in batches, off the replay's path."""
 
     def __init__(self, conf: AllocatorConf, shadow: CachingAllocatorModel) -> None:
         super().__init__(conf)
         self.shadow = shadow
+        #: Requests for the shadow, two ints each: (key, bytes) a malloc, (key, FREE) a free,
+        #: (bytes, MALLOC_FREE) a malloc_free.
+        self.waiting: list[int] = []
 
     def malloc(self, key: int, nbytes: int) -> None:
         super().malloc(key, nbytes)
-        self.shadow.malloc(key, nbytes)
+        waiting = self.waiting
+        waiting.append(key)
+        waiting.append(nbytes)
+        if len(waiting) > SHADOW_BATCH:
+            self.settle()
 
     def free(self, key: int) -> None:
-        super().free(key)
-        self.shadow.free(key)
+        if key in self.live:  # (the shadow has the same keys live: it ignores the others too)
+            super().free(key)
+            self.waiting.append(key)
+            self.waiting.append(_FREE)
+
+    def malloc_free(self, nbytes: int) -> None:
+        super().malloc_free(nbytes)
+        self.waiting.append(nbytes)
+        self.waiting.append(_MALLOC_FREE)
+
+    def settle(self) -> CachingAllocatorModel:
+        """Run the waiting requests through the shadow; returns it."""
+        waiting, self.waiting = self.waiting, []
+        shadow = self.shadow
+        malloc, free, malloc_free = shadow.malloc, shadow.free, shadow.malloc_free
+        it = iter(waiting)
+        for first, second in zip(it, it, strict=True):
+            if second >= 0:
+                malloc(first, second)
+            elif second == _FREE:
+                free(first)
+            else:
+                malloc_free(first)
+        return shadow
+
+
+#: Requests the shadow model lets wait (two ints each) before it runs them.
+SHADOW_BATCH = 1 << 17
+_FREE, _MALLOC_FREE = -1, -2
 
 
 class ReservedModel:
@@ -52,8 +88,7 @@ class ReservedModel:
     def __init__(self, conf: AllocatorConf) -> None:
         flipped = "False" if conf.expandable_segments else "True"
         self.alternative = conf.with_options(f"expandable_segments:{flipped}")
-        self.shadow = CachingAllocatorModel(self.alternative)
-        self.model: CachingAllocatorModel = _ShadowedModel(conf, self.shadow)
+        self.model = _ShadowedModel(conf, CachingAllocatorModel(self.alternative))
 
     @classmethod
     def create(cls, conf: str | None) -> tuple[ReservedModel | None, str | None]:
@@ -68,7 +103,7 @@ class ReservedModel:
     def summary(self) -> dict[str, Any]:
         """The replay's figures as the profile stores them."""
         main = self.model.result().to_dict()
-        other = self.shadow.result().to_dict()
+        other = self.model.settle().result().to_dict()
         return {
             "conf": self.model.conf.text,
             "replay": main,

@@ -1171,7 +1171,11 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
 def _first_grad_fn(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output.grad_fn
-    for value in tree_flatten(output)[0]:
+    if type(output) is tuple and all(isinstance(v, torch.Tensor) for v in output):
+        values: Any = output  # a module's positional arguments, mostly: no pytree walk needed
+    else:
+        values = tree_flatten(output)[0]
+    for value in values:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
             return value.grad_fn
     return None
