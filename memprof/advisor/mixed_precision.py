@@ -64,6 +64,7 @@ from memprof.advisor.cpu_kernels import (
     slow_conv_work,
     unmeasured,
 )
+from memprof.advisor.trace_replay import has_trace, replay_autocast
 from memprof.advisor.workload import SimState
 
 #: Norms whose saved input stays fp32 under autocast (the fp32 residual stream; CUDA's fp32
@@ -509,4 +510,21 @@ def predict(facts: Facts) -> list[Change]:
             group="precision",
         ),
     ]
+    _replay_trace(facts, changes)
     return changes
+
+
+def _replay_trace(facts: Facts, changes: list[Change]) -> None:
+    """Set the autocast rows' ``trace_peak`` from the profile's operator trace, if it has
+    one: the profile's peak less the saving the replayed step shows."""
+    profile = facts.profile
+    if not has_trace(profile) or profile.op_trace is None:
+        return
+    trace = profile.op_trace
+    for change in changes:
+        if change.options.get("mode") != "autocast":
+            continue
+        dtype = str(change.options["dtype"])
+        saving = replay_autocast(trace, dtype).saving
+        scaler = sum(GRAD_SCALER_BYTES.values()) if change.options.get("grad_scaler") else 0
+        change.trace_peak = max(0, facts.peak_bytes - saving + scaler)
