@@ -166,3 +166,22 @@ def test_file_only_autocast_prediction_within_5_points(tmp_path):
     actual = 100.0 * (base - measured.peak_bytes) / base
     analytic = 100.0 * (base - row["analytic_peak_bytes"]) / base
     assert abs(predicted - actual) <= 5.0, (predicted, actual, analytic)
+
+
+def test_a_storage_at_a_freed_ones_address_is_a_new_storage():
+    # CPython reuses a freed object's address at once: the trace must not take the new storage
+    # for the old one (it would record no output, and the step's bytes would be missed)
+    x = torch.randn(64, 64)
+    with memprof.profile(record_ops=True) as prof:
+        for i in range(40):
+            y = x * float(i)
+            del y
+        prof.step()
+    trace = prof.profile.op_trace
+    assert trace is not None
+    made = [
+        len(out)
+        for name, out in zip(trace["ops"]["name"], trace["ops"]["outputs"], strict=True)
+        if trace["names"][name] == "mul"
+    ]
+    assert made == [1] * 40

@@ -178,7 +178,9 @@ class _AutocastReplay:
         self.kind: list[int] = st["kind"]
         self.made: list[int] = st["made"]
         self.freed: list[int] = st["freed"]
-        self.scalar = [not shape for shape in st["shape"]]
+        #: 0-dim and empty tensors take no part in type promotion (an empty cache that a
+        #: 16-bit run would have made 16-bit)
+        self.scalar = [not shape or 0 in shape for shape in st["shape"]]
         self.grad = [bool(g) for g in st["grad"]]
         self.start = int(trace.get("start_bytes") or 0)
         self.rounding = 512 if self.device == "cuda" else 1
@@ -253,7 +255,7 @@ class _AutocastReplay:
             seen = {j: (low if phase == BACKWARD and j in saved_low else dtype[j]) for j in floats}
             before, after = 2.0 * k + 0.5, 2.0 * k + 1.5
             out_dtype: str | None = None
-            if phase == FORWARD and name in LOW_OPS:
+            if phase == FORWARD and name in LOW_OPS and k not in self.fp32_region:
                 for j in floats:
                     if seen[j] != "float32":
                         continue

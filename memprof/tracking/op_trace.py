@@ -32,8 +32,9 @@ _sequence_nr = torch._C._autograd._get_sequence_nr
 
 
 class _Ref(weakref.ref):  # type: ignore[type-arg,unused-ignore]
-    __slots__ = ("index",)
+    __slots__ = ("index", "key")
     index: int
+    key: int
 
 
 class OpTrace:
@@ -96,12 +97,16 @@ class OpTrace:
         self.grad.append(False)
         ref = _Ref(storage, self._on_free)
         ref.index = index
+        ref.key = key
         self._refs.append(ref)
         return index
 
     def _on_free(self, ref: _Ref) -> None:
         if not self.closed:
             self.freed[ref.index] = len(self.op_name)
+            # the next storage at this address is another one
+            if self._index.get(ref.key) == ref.index:
+                del self._index[ref.key]
 
     def record(self, func: Any, args: tuple[Any, ...], out: Any) -> None:
         """One operator call: what it read and what new storages it made (views make none
