@@ -55,6 +55,10 @@ def test_trace_is_recorded_and_keeps_nothing_alive():
     # autograd saved the first layer's output's ReLU result (read by threshold_backward)
     assert trace["saves"] and all(0 <= s < len(st["nbytes"]) for s, _, _ in trace["saves"])
     assert sum(st["grad"]) == 4  # four .grad tensors
+    # replayed unchanged, the trace gives its step's measured peak (the optimizer's in-place
+    # updates of its state are no new storages)
+    step_peak = {s.step: s.peak_bytes for s in profile.steps_stats}[trace["step"]]
+    assert replay_autocast(trace).baseline_peak == pytest.approx(step_peak, rel=0.001)
 
 
 def test_no_trace_when_turned_off_and_old_files_load(tmp_path):
@@ -185,3 +189,49 @@ def test_a_storage_at_a_freed_ones_address_is_a_new_storage():
         if trace["names"][name] == "mul"
     ]
     assert made == [1] * 40
+
+
+def _cnn() -> Workload:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
+    return Workload(model, opt, batch, steps=2)
+
+
+@pytest.mark.parametrize("factory", [_cnn, _small_gpt2], ids=["cnn-batchnorm", "gpt2-dropout"])
+def test_replay_matches_the_trace_of_the_autocast_run(factory):
+    """The rules, without kernel scratch: the fp32 trace replayed under autocast gives the
+    live operator outputs that the autocast run's own trace shows."""
+    workload = factory()
+    with seeded():
+        ref = baseline(workload)
+    with seeded():
+        run = simulate(workload, [_apply_autocast(torch.bfloat16)], ref)
+    fp32, bf16 = ref.profile.op_trace, run.profile.op_trace
+    assert fp32 is not None and bf16 is not None and fp32["step"] == bf16["step"]
+    predicted = replay_autocast(fp32).changed_peak
+    actual = replay_autocast(bf16).baseline_peak  # the autocast run as it ran
+    assert predicted == pytest.approx(actual, rel=0.01)
+    assert replay_autocast(fp32).saving > 0
+
+
+def test_a_trace_that_misses_the_peak_leaves_the_row_analytic():
+    profile, _ = _mlp_step()
+    assert profile.op_trace is not None
+    rows = [r for r in memprof.advise(profile).rows if r["options"] == AUTOCAST_BF16]
+    assert rows[0]["predicted_by"] == "trace replay"
+    profile.op_trace["start_bytes"] -= profile.peak().total_bytes // 10  # 10% unexplained
+    rows = [r for r in memprof.advise(profile).rows if r["options"] == AUTOCAST_BF16]
+    assert rows[0]["predicted_by"] == "analytic"
+    assert "not replayed from the operator trace" in rows[0]["caveats"]

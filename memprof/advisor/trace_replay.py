@@ -13,6 +13,8 @@ No kernel runs: each storage the traced step made is given the dtype it would ha
   outputs; on a CPU, scaled-dot-product attention's math path (the operators around
   ``_safe_softmax``) does too. Any other operator's output takes its inputs' promoted dtype
   (0-dim tensors do not promote); an output whose dtype was chosen explicitly keeps it.
+  A normalization's output takes its input's dtype (batch norm with fp32 statistics and
+  weights on a 16-bit input stays 16-bit), its statistics keep theirs.
 - **Backward.** Matmul and convolution backwards fed a 16-bit tensor make 16-bit outputs
   (their fp32 gradient input cast down first); a gradient that lands in a parameter's ``.grad``
   stays fp32, its 16-bit value held while it is cast. Other backward operators promote, and
@@ -135,6 +137,23 @@ FP32_OPS = {
         }
     ),
 }
+#: Normalizations whose output takes the dtype of the tensor they normalize.
+NORM_OPS = frozenset(
+    {
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_batch_norm_with_update",
+        "native_layer_norm",
+        "native_group_norm",
+        "native_batch_norm_backward",
+        "batch_norm_backward",
+        "native_layer_norm_backward",
+        "native_group_norm_backward",
+        "_fused_rms_norm",
+        "_fused_rms_norm_backward",
+    }
+)
 FLOAT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOW_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -194,6 +213,9 @@ class _AutocastReplay:
         for j, count, output in trace.get("saves") or []:
             self.savers[j].add(self.made[j] if output else self._reader(j, count))
         self.backward_start = next((k for k, p in enumerate(self.phase) if p == BACKWARD), n_ops)
+        self.backward_end = 1 + max(
+            (k for k, p in enumerate(self.phase) if p == BACKWARD), default=n_ops - 1
+        )
         self.fp32_region = self._cpu_attention_math() if self.device == "cpu" else set()
 
     def _reader(self, j: int, count: int) -> int:
@@ -292,6 +314,17 @@ class _AutocastReplay:
                     if seen[j] == "float32" and self.kind[j] == MADE:
                         extra.append((before, after, self._size(j, low)))
                 out_dtype = low
+            elif name in NORM_OPS and floats:
+                # the normalized output takes its input's dtype (16-bit input, fp32 affine
+                # weights and statistics); the statistics and weight gradients keep theirs
+                follow = self.inputs[k][1 if phase == BACKWARD else 0]
+                if follow >= 0 and self.orig[follow] in FLOAT_SIZES:
+                    norm_dtype = seen.get(follow, dtype[follow])
+                    if phase == BACKWARD and seen.get(floats[0]) not in (None, norm_dtype):
+                        extra.append((before, after, self._size(floats[0], norm_dtype)))
+                    first = self.outputs[k][:1]
+                    if first and not self.grad[first[0]]:
+                        dtype[first[0]] = norm_dtype
             else:
                 kinds = {seen[j] for j in floats}
                 if "float32" in kinds and low in kinds and phase == BACKWARD:
@@ -320,18 +353,23 @@ class _AutocastReplay:
         self, j: int, k: int, nbytes: int, free_at: list[float | None]
     ) -> tuple[float, float, int]:
         """A cast of input ``j`` made for operator ``k``: saved in ``j``'s place when ``k``
-        saved ``j`` (``j`` is then freed after its last forward reader), else freed after
-        ``k``."""
+        saved ``j`` (freed after backward last reads it; ``j`` is then freed after its last
+        forward reader), else freed after ``k``."""
         before, after = 2.0 * k + 0.5, 2.0 * k + 1.5
         if k not in self.savers[j]:
             return before, after, nbytes
-        end = free_at[j]
+        reads = [r for r in self.readers[j] if self.phase[r] == BACKWARD]
+        if reads:
+            end = 2.0 * max(reads) + 1.5
+        else:
+            end = 2.0 * self.freed[j] if self.freed[j] >= 0 else 2.0 * self.backward_end
         if self.kind[j] == MADE and self.savers[j] <= set(self._casting_savers(j)):
             forward = [r for r in self.readers[j] if self.phase[r] == FORWARD]
             last = 2.0 * max(forward or [self.made[j]]) + 1.5
-            if end is None or last < end:
+            held = free_at[j]
+            if held is None or last < held:
                 free_at[j] = last
-        return before, end if end is not None else float("inf"), nbytes
+        return before, end, nbytes
 
     def _casting_savers(self, j: int) -> list[int]:
         """The operators that save ``j`` and cast it (so save a copy instead)."""

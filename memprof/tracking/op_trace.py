@@ -114,15 +114,15 @@ class OpTrace:
         if func.is_view and func is not _LIFT_FRESH:
             return
         inputs: list[int] = []
+        for arg in args:  # first: an in-place operator's output is one of these
+            if isinstance(arg, torch.Tensor):
+                inputs.append(self._storage(arg, -1))
+            elif isinstance(arg, (list, tuple)):
+                inputs.extend(self._storage(a, -1) for a in arg if isinstance(a, torch.Tensor))
         if self.in_optimizer:  # the optimizer's reads change under no rule here
-            phase = OPTIMIZER
+            phase, inputs = OPTIMIZER, []
         else:
             phase = BACKWARD if _graph_task_id() != -1 else FORWARD
-            for arg in args:
-                if isinstance(arg, torch.Tensor):
-                    inputs.append(self._storage(arg, -1))
-                elif isinstance(arg, (list, tuple)):
-                    inputs.extend(self._storage(a, -1) for a in arg if isinstance(a, torch.Tensor))
         op = len(self.op_name)
         outputs = []
         before = len(self.nbytes)
