@@ -179,6 +179,9 @@ class Profile:
     allocator: dict[str, Any] | None = None
     #: Set when the profiled run ended in an out-of-memory error (see :mod:`memprof.oom`).
     oom: OOMReport | None = None
+    #: The operator trace of one profiled step (:mod:`memprof.tracking.op_trace`), for
+    #: replaying the step under a change's rules from the file alone; None when not recorded.
+    op_trace: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         """One line: ``Profile(model=GPT2LMHeadModel, device='CPU (x86_64)', peak=..., steps=2)``
@@ -316,6 +319,7 @@ class Profile:
             "advice": self.advice,
             "allocator": self.allocator,
             "oom": self.oom.to_dict() if self.oom is not None else None,
+            "op_trace": self.op_trace,
         }
 
     @classmethod
@@ -342,6 +346,7 @@ class Profile:
             advice=data.get("advice"),
             allocator=data.get("allocator"),
             oom=OOMReport.from_dict(data["oom"]) if data.get("oom") else None,
+            op_trace=data.get("op_trace") if isinstance(data.get("op_trace"), dict) else None,
         )
 
     def _repr_html_(self) -> str:

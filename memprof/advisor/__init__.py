@@ -144,8 +144,9 @@ def advise(
     prediction_given = prediction
     if prediction is None:
         prediction = "fake" if model_at_hand is not None else "analytic"
-    if prediction not in ("fake", "analytic"):
-        raise ValueError(f"prediction must be 'fake' or 'analytic', not {prediction!r}")
+    if prediction not in ("fake", "analytic", "trace"):
+        raise ValueError(
+            f"prediction must be 'fake', 'analytic' or 'trace', not {prediction!r}")
     if prediction == "fake" and model_at_hand is None:
         raise ValueError("prediction='fake' needs the model: pass a workload or fake_model")
     facts = read_facts(profile)
@@ -186,6 +187,12 @@ def advise(
             extra["fake_prediction_stored"] = True
             extra["fake_baseline_peak_bytes"] = (profile.advice or {}).get(
                 "fake_baseline_peak_bytes")
+    traced = set()
+    if prediction == "trace" or (prediction_given is None and prediction == "analytic"):
+        for c in changes:  # replayed from the profile's operator trace, where it has one
+            if c.applicable and c.trace_peak is not None and id(c) not in faked:
+                c.predicted_peak = c.trace_peak
+                traced.add(id(c))
     if simulator is not None:
         if reference is None:
             reference = simulator.reference()
@@ -200,6 +207,7 @@ def advise(
         row["analytic_peak_bytes"] = analytic[id(c)]
         failure = faked.get(id(c))
         row["predicted_by"] = "fake run" if id(c) in faked and failure is None else (
+            "trace replay" if id(c) in traced else
             "analytic" if c.predicted_peak is not None else None)
         if failure is not None:
             row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)

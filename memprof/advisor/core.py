@@ -231,6 +231,9 @@ class Change:
     #: For changes that act on reserved memory only (allocator options): the replay's
     #: ``{"baseline": bytes, "predicted": bytes}``; the row's saving is then in reserved bytes.
     reserved: dict[str, int] | None = None
+    #: The peak replayed from the profile's operator trace under the change
+    #: (:mod:`memprof.advisor.trace_replay`), when the profile carries one.
+    trace_peak: int | None = None
 
 
 def predict_peak(facts: Facts, transforms: list[Transform]) -> int:

@@ -64,6 +64,7 @@ from memprof.advisor.cpu_kernels import (
     slow_conv_work,
     unmeasured,
 )
+from memprof.advisor.trace_replay import has_trace, replay_autocast
 from memprof.advisor.workload import SimState
 
 #: Norms whose saved input stays fp32 under autocast (the fp32 residual stream; CUDA's fp32
@@ -80,6 +81,9 @@ MM_TYPES = frozenset({"Linear", "Conv1D", "Bilinear"})
 #: step on; the scaled loss (fp32 scalar) through backward; the inf flag (fp32, one device)
 #: from the unscale to the update. The unscale itself is in place.
 GRAD_SCALER_BYTES = {"always": 8, "backward": 4, "optimizer": 4}
+#: The share of its step's measured peak an operator trace may leave unexplained and still
+#: predict the autocast rows (see :func:`_replay_trace`).
+TRACE_UNSEEN_LIMIT = 0.02
 
 
 @dataclass(frozen=True)
@@ -509,4 +513,31 @@ def predict(facts: Facts) -> list[Change]:
             group="precision",
         ),
     ]
+    _replay_trace(facts, changes)
     return changes
+
+
+def _replay_trace(facts: Facts, changes: list[Change]) -> None:
+    """Set the autocast rows' ``trace_peak`` from the profile's operator trace, if it has
+    one: the profile's peak less the saving the replayed step shows. A trace whose unchanged
+    replay misses more than :data:`TRACE_UNSEEN_LIMIT` of its step's measured peak (kernel
+    scratch, which no operator returns, e.g. a CPU's oneDNN convolutions) leaves the row
+    analytic, saying so."""
+    profile = facts.profile
+    if not has_trace(profile) or profile.op_trace is None:
+        return
+    trace = profile.op_trace
+    step_peak = {s.step: s.peak_bytes for s in profile.steps_stats}.get(int(trace["step"]))
+    for change in changes:
+        if change.options.get("mode") != "autocast" or not change.applicable:
+            continue
+        replay = replay_autocast(trace, str(change.options["dtype"]))
+        if step_peak and abs(step_peak - replay.baseline_peak) > TRACE_UNSEEN_LIMIT * step_peak:
+            change.caveats.append(
+                f"analytic, not replayed from the operator trace: the trace shows "
+                f"{replay.baseline_peak:.0f} B of its step's {step_peak:.0f} B peak (the rest "
+                "is kernel scratch no operator returns)"
+            )
+            continue
+        scaler = sum(GRAD_SCALER_BYTES.values()) if change.options.get("grad_scaler") else 0
+        change.trace_peak = max(0, facts.peak_bytes - replay.saving + scaler)

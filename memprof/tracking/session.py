@@ -74,6 +74,7 @@ from memprof.tracking.ledger import (
     keep_out_of_dynamo,
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
+from memprof.tracking.op_trace import OpTraces
 from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
@@ -167,6 +168,7 @@ class Profiler:
         allocator_conf: str | None = None,
         model_reserved: bool = True,
         source_lines_above: int | None = None,
+        record_ops: bool = True,
     ) -> None:
         if backend not in ("auto", "events", "dispatch"):
             raise ValueError(f"backend must be 'auto', 'events' or 'dispatch', not {backend!r}")
@@ -187,6 +189,9 @@ class Profiler:
         #: Also record the source line of every storage above this many bytes (None: only the
         #: candidates for the largest at the peak).
         self._source_lines_above = source_lines_above
+        #: Record the operator trace of the first two active steps (see
+        #: :mod:`memprof.tracking.op_trace`; never under fake tensors).
+        self._record_ops = record_ops
         self._result: Profile | None = None
         self._entered = False
 
@@ -239,6 +244,8 @@ class Profiler:
         )
         self._mode = _LedgerMode(self.ledger, self._corrections)
         self._mode_entered = False
+        self._op_traces = OpTraces(self._record_ops and not self._fake, self._trace_parameters,
+                                   self._trace_module)
         self._handles: list[Any] = []
         self._grad_fn_handles: list[Any] = []
         self._forward_started: list[float] = []
@@ -291,6 +298,7 @@ class Profiler:
             trailing = self._step_on_optimizer and self._step > 0 and not self._forwards_in_step
             if self.ledger.logging and self.ledger.log and not trailing:
                 self._end_step(partial=exc_type is not None, device=_device_stats())
+            self._op_traces.stop(self._step)
             self._result = self._build(interrupted=exc_type is not None)
             self._result.warnings.extend(self._engines.warnings())
             if oom_error is not None and self._oom_where is not None:
@@ -322,6 +330,9 @@ class Profiler:
         del ledger
 
     def _teardown(self) -> None:
+        traces = getattr(self, "_op_traces", None)
+        if traces is not None:
+            traces.stop(None)
         self._model = self._optimizer = None  # the profile must not keep them alive
         self._set_mode(False)
         events = getattr(self, "_events", None)
@@ -393,7 +404,10 @@ class Profiler:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
         self._live_recording = action is not StepAction.SKIP
+        self._op_traces.stop(self._step - 1)
         self._set_mode(self._live_recording)
+        if action is StepAction.ACTIVE:
+            self._op_traces.start()
         return action
 
     def _step_apply(self, device: tuple[int, int] | None, step: int, action: StepAction) -> None:
@@ -730,6 +744,8 @@ class Profiler:
         if self._live_recording and _graph_task_id() == -1:
             for part in self.ledger.parts(tensor):  # one, unless sparse
                 self._pack_part(part)
+            if self._op_traces.trace is not None:
+                self._op_traces.trace.saved_tensor(tensor)
         if tensor.grad_fn is None:
             return tensor
         # Never give autograd back the tensor itself: a node that saves its own output (exp,
@@ -803,6 +819,8 @@ class Profiler:
         if not self._live_recording or grad is None:
             return
         owner = self.registry.param_owner.get(param, OUTSIDE)
+        if self._op_traces.trace is not None:
+            self._op_traces.trace.gradient(grad)
         for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
             if self._events is None:
                 self._grad_apply(part, owner)
@@ -816,6 +834,7 @@ class Profiler:
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
         if not self._live_recording:
             return
+        self._op_traces.in_optimizer(True)
         if self._events is None:
             self._optimizer_pre_apply()
         else:
@@ -830,6 +849,7 @@ class Profiler:
         ledger.set_phase(OPTIMIZER)
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        self._op_traces.in_optimizer(False)
         if self._live_recording:
             state = self._optimizer_state(optimizer)
             if self._events is None:
@@ -925,6 +945,14 @@ class Profiler:
         self._replay_bwd = True
         self.ledger.node = node
 
+    def _trace_parameters(self) -> set[int]:
+        return {id(p.untyped_storage()) for p in list(self.registry.param_owner)}
+
+    def _trace_module(self) -> int:
+        if self._events is None:
+            return self.ledger.current_module
+        return self._live_stack[-1][0] if self._live_stack else OUTSIDE
+
     # ---------------------------------------------------------------- results
     def _name(self, module: int) -> str:
         return OUTSIDE_MODULES if module == OUTSIDE else self.registry.infos[module].name
@@ -1004,6 +1032,7 @@ class Profiler:
             warnings=warnings_,
             optimizers=list(self._optimizers.values()),
             allocator=self._reserved.summary() if self._reserved is not None else None,
+            op_trace=self._op_traces.result(self._steps, self._device_info().kind, self._name),
             meta={
                 "interrupted": interrupted,
                 "steps_seen": self._step + 1,
@@ -1253,6 +1282,7 @@ def profile(
     top_tensors: int = 20,
     backend: Backend = "auto",
     source_lines_above: int | None = None,
+    record_ops: bool = True,
 ) -> Profiler:
     """Profile the memory of the training steps run inside the ``with`` block.
 
@@ -1262,7 +1292,9 @@ def profile(
     dispatch ledger saw them (a temporary made in backward: the line of the forward op whose
     autograd node made it, where that node saved a large tensor); ``source_lines_above=N`` also
     records it for every storage over N bytes (dispatch backend; the events backend sees only
-    saved tensors, module outputs and backward temporaries).
+    saved tensors, module outputs and backward temporaries). ``record_ops`` records the
+    operator trace of one of the first two steps (:mod:`memprof.tracking.op_trace`) so that a
+    saved profile can replay its step under autocast's rules.
 
     Example::
 
@@ -1281,4 +1313,5 @@ def profile(
         top_tensors=top_tensors,
         backend=backend,
         source_lines_above=source_lines_above,
+        record_ops=record_ops,
     )
