@@ -1,6 +1,7 @@
 """A pattern zoo beside the model zoo: training patterns that break naive memory profilers.
 
     python benchmarks/patterns.py [--only NAME ...] [--steps 3] [--backends events dispatch]
+                                  [--estimate]
 
 Each pattern is a small real workload run for a few CPU steps (sparse embeddings with
 SparseAdam, a dead graph branch, a tiny Mamba and Mixtral from transformers, a GAN with two
@@ -21,6 +22,8 @@ backend it prints:
   the unprofiled run needs collected as well);
 * ``hooks``: no global module or optimizer hook, saved-tensor hook, dispatch mode or gradient
   hook left behind;
+* with ``--estimate``, under the events row: ``memprof.estimate`` of the same step (fake
+  tensors, fp32, CPU, AdamW) against the real run's peak, or the one line why it cannot run;
 * ``mode%`` (dispatch rows): the allocator's own peak of the same step when a no-op Python
   dispatch mode is active, against the unprofiled one: what the dispatch backend's mode does
   to the run itself.
@@ -45,6 +48,7 @@ import argparse
 import contextlib
 import gc
 import importlib.util
+import logging
 import sys
 import time
 import warnings
@@ -83,6 +87,9 @@ class Loop:
     #: Bytes kept where no Python reference reaches them, counted by hand from what holds them
     #: (DDP's reducer: one flat bucket the size of the gradients).
     hidden: Callable[[], int] = field(default=lambda: 0)
+    #: What ``memprof.estimate`` needs to run the same step on fake tensors: the batch maker
+    #: and the loss of the model's output (None: the step is not one ``estimate`` can run).
+    estimate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,13 @@ def _simple(model: nn.Module, optimizer: torch.optim.Optimizer,
             return [v for v in value.values() if isinstance(v, torch.Tensor)]
         return [value] if isinstance(value, torch.Tensor) else []
 
-    return Loop([model], [optimizer], step, kept)
+    # estimate's step: forward, ``output.loss`` or ``loss_fn(output)``, backward, AdamW over
+    # every parameter, zero_grad(set_to_none=True): the same as this one's, or not estimable
+    trains_all = sum(len(g["params"]) for g in optimizer.param_groups) == len(
+        list(model.parameters()))
+    same = loss_of is None and isinstance(optimizer, torch.optim.AdamW) and trains_all
+    estimate = {"make": make, "loss_fn": lambda out: out.float().pow(2).mean()} if same else None
+    return Loop([model], [optimizer], step, kept, estimate=estimate)
 
 
 def _lm_batch(vocab: int, seq: int = 32) -> Callable[[torch.Generator], dict[str, Any]]:
@@ -438,6 +451,30 @@ def allocator_steps(pattern: Pattern, steps: int, *, under_mode: bool = False) -
     return peaks
 
 
+def estimated_peak(pattern: Pattern, loop: Loop) -> int | str:
+    """``memprof.estimate``'s peak for the pattern's step (2 steps, fake tensors, fp32, CPU),
+    or the one line saying why it cannot run."""
+    from memprof.errors import MemprofError
+    from memprof.estimate import estimate
+
+    if loop.estimate is None:
+        return "not estimable: the loop's step is not estimate's (see _simple)"
+    make, loss_fn = loop.estimate["make"], loop.estimate["loss_fn"]
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level, fake_log.level = fake_log.level, logging.CRITICAL  # its traceback of a refusal
+    try:
+        with _quiet():
+            profile = estimate(lambda: pattern.build().models[0],
+                               batch=lambda: make(torch.Generator().manual_seed(1)),
+                               optimizer="adamw", dtype="fp32", device="cpu", steps=2,
+                               loss_fn=loss_fn)
+    except MemprofError as exc:
+        return f"refused: {str(exc).splitlines()[0][:120]}"
+    finally:
+        fake_log.setLevel(level)
+    return profile.peak().total_bytes
+
+
 def _hooks() -> tuple[Any, ...]:
     from torch.nn.modules import module as m
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -485,14 +522,14 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def check(pattern: Pattern, steps: int, backends: list[str]) -> list[dict[str, Any]]:
+def check(pattern: Pattern, steps: int, backends: list[str], *, estimates: bool = False
+          ) -> list[dict[str, Any]]:
     with _quiet():
         expected_losses, expected_params, _, loop = _run(pattern, steps, None)
         plain = _freed(loop)
         del loop
         plain_freed = plain()
         truth = allocator_steps(pattern, steps)
-        moded = allocator_steps(pattern, steps, under_mode=True) if "dispatch" in backends else []
     rows = []
     for backend in backends:
         row: dict[str, Any] = {"pattern": pattern.name, "backend": backend}
@@ -516,9 +553,11 @@ def check(pattern: Pattern, steps: int, backends: list[str]) -> list[dict[str, A
                     key=lambda i: abs(ours[i] - truth[i]) / stats[i].peak_bytes)
         row["peak"] = stats[worst].peak_bytes
         row["peak_err_pct"] = 100.0 * (ours[worst] - truth[worst]) / stats[worst].peak_bytes
-        if backend == "dispatch":  # the same step's real peak when a no-op mode is active
-            row["mode_pct"] = 100.0 * (moded[worst] - truth[worst]) / stats[worst].peak_bytes
+        row["worst"] = worst
         row["persistent"] = stats[-1].end_bytes
+        row["peak_total"] = max(s.peak_bytes for s in stats[1:])  # what estimate's peak is
+        if backend == "events" and estimates:
+            row["estimate"] = estimated_peak(pattern, loop)
         row["hand"] = hand_count(loop)
         row["bitwise"] = all(torch.equal(a, b) for a, b in zip(losses, expected_losses,
                                                                 strict=True)) and all(
@@ -533,7 +572,31 @@ def check(pattern: Pattern, steps: int, backends: list[str]) -> list[dict[str, A
             row["freed"] = "gc (as unprofiled)"
         row["hooks_left"] = _hooks() != hooks_before or params_hooked
         rows.append(row)
+    # Last: a run under a mode leaves dynamo's state changed for the runs after it (a compiled
+    # pattern's profiled run was no longer bitwise equal when this ran first).
+    if any(r["backend"] == "dispatch" and "worst" in r for r in rows):
+        with _quiet():
+            moded = allocator_steps(pattern, steps, under_mode=True)
+        for r in rows:
+            if r["backend"] == "dispatch" and "worst" in r:
+                i = r["worst"]  # the same step's real peak when a no-op mode is active
+                r["mode_pct"] = 100.0 * (moded[i] - truth[i]) / r["peak"]
     return rows
+
+
+def _estimate_text(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The estimate against the real run; where it is off, also against the real run under a
+    dispatch mode (the dispatch backend's row: the estimate runs under one too)."""
+    est = row["estimate"]
+    if isinstance(est, str):
+        return est
+    text = f"{100.0 * (est - row['peak_total']) / row['peak_total']:+.3f}%"
+    moded = [r for r in rows if r["backend"] == "dispatch" and "peak_total" in r]
+    if moded and abs(est - row["peak_total"]) > row["peak_total"] // 100:
+        under = moded[0]["peak_total"]
+        text += (f" (vs the run under a dispatch mode, as the estimate's: "
+                 f"{100.0 * (est - under) / under:+.3f}%)")
+    return text
 
 
 def main() -> None:
@@ -541,6 +604,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="pattern names")
     parser.add_argument("--steps", type=int, default=3, help="at least 2")
     parser.add_argument("--backends", nargs="*", default=["events", "dispatch"])
+    parser.add_argument("--estimate", action="store_true",
+                        help="also memprof.estimate each pattern against the real run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     chosen = [p for p in PATTERNS if not args.only or p.name in args.only]
@@ -552,7 +617,8 @@ def main() -> None:
         if pattern.needs and importlib.util.find_spec(pattern.needs) is None:
             print(f"{pattern.name:20} skipped: needs {pattern.needs}")
             continue
-        for r in check(pattern, args.steps, args.backends):
+        rows = check(pattern, args.steps, args.backends, estimates=args.estimate)
+        for r in rows:
             if r["crash"] != "no":
                 print(f"{r['pattern']:20} {r['backend']:8} CRASH  {r['crash']}")
                 continue
@@ -561,6 +627,8 @@ def main() -> None:
                   f"{'yes' if r['bitwise'] else 'NO':7} {r['freed']:18} "
                   f"{'LEFT' if r['hooks_left'] else 'none':5} {r['seconds']:>5.1f} "
                   + (f"{r['mode_pct']:>+8.3f}" if "mode_pct" in r else ""))
+            if "estimate" in r:
+                print(f"{'':29}estimate vs real run: {_estimate_text(r, rows)}")
             for w in r["warnings"]:
                 print(f"{'':29}warning: {w[:150]}")
         sys.stdout.flush()

@@ -232,7 +232,7 @@ class Profiler:
         #: Compiled modules (by index), and the saved tensors' facts packed while one of them
         #: runs, held back until its forward ends tells whose code made each (events backend).
         self._compiled_modules: set[int] = set()
-        self._compiled_packs: list[tuple[Facts, str, int]] = []
+        self._compiled_packs: list[tuple[Facts, int, str, int]] = []
         self._compiled_attributed = 0  # saved tensors given their source module
         self._compiled_seen = 0  # id of the last compiled forward's output node read
         self._live_active = 0
@@ -389,6 +389,9 @@ class Profiler:
         if events is None:
             self._step_apply(device, self._step, action)
             return
+        for facts, module, source, node in self._compiled_packs:  # a compiled forward cut short
+            events.buffer(self._pack_apply, facts, module, source, node)
+        self._compiled_packs.clear()
         events.point(self._step_apply, device, self._step, action)
         self._since_flush += 1
         waiting = events.source.pending()
@@ -776,7 +779,7 @@ class Profiler:
         source = sources.take(facts[1]) if facts[1] >= sources.floor else ""
         node = _sequence_nr() - 1 if source else -1
         if stack and stack[-1][0] in self._compiled_modules:
-            self._compiled_packs.append((facts, source, node))  # see _compiled_owners
+            self._compiled_packs.append((facts, stack[-1][0], source, node))  # _compiled_owners
         elif stack:  # alive until the module's next marker: the graph holds it
             events.buffer(self._pack_apply, facts, stack[-1][0], source, node)
         else:
@@ -823,8 +826,8 @@ class Profiler:
         self._compiled_attributed += len(owners)
         events = self._events
         assert events is not None
-        for facts, source, node in packs:
-            events.buffer(self._pack_apply, facts, owners.pop(facts[0], idx), source, node)
+        for facts, packed_in, source, node in packs:
+            events.buffer(self._pack_apply, facts, owners.pop(facts[0], packed_in), source, node)
         if owners:  # saved without a pack (AOT autograd's no-version-check tensors)
             events.buffer(self._compiled_apply, list(owners.items()))
 
