@@ -51,6 +51,7 @@ from memprof.profile import (
     empty_timeline,
 )
 from memprof.tracking import kernel_corrections, native
+from memprof.tracking.compiled import CompiledOwners, compiled_inner, is_compiled
 from memprof.tracking.events import EventStream
 from memprof.tracking.ledger import (
     ACTIVATION,
@@ -233,6 +234,12 @@ class Profiler:
             self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node)
         self._live_recording = False
         self._live_stack: list[tuple[int, Any]] = []
+        #: Compiled modules (by index), and the saved tensors' facts packed while one of them
+        #: runs, held back until its forward ends tells whose code made each (events backend).
+        self._compiled_modules: set[int] = set()
+        self._compiled_packs: list[tuple[Facts, int, str, int]] = []
+        self._compiled_attributed = 0  # saved tensors given their source module
+        self._compiled_seen = 0  # id of the last compiled forward's output node read
         self._live_active = 0
         self._applied_step = 0
         self._replay_bwd = False
@@ -327,6 +334,9 @@ class Profiler:
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
         self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
+        self._compiled = CompiledOwners()
+        if self._events is not None:  # under the dispatch backend nothing is compiled
+            self._compiled.install()
         del ledger
 
     def _teardown(self) -> None:
@@ -339,6 +349,9 @@ class Profiler:
         if events is not None:
             events.stop()
             events.clear()
+        compiled = getattr(self, "_compiled", None)
+        if compiled is not None:
+            compiled.remove()
         saved = getattr(self, "_saved_hooks", None)
         if saved is not None:
             saved.__exit__(None, None, None)
@@ -387,6 +400,9 @@ class Profiler:
         if events is None:
             self._step_apply(device, self._step, action)
             return
+        for facts, module, source, node in self._compiled_packs:  # a compiled forward cut short
+            events.buffer(self._pack_apply, facts, module, source, node)
+        self._compiled_packs.clear()
         events.point(self._step_apply, device, self._step, action)
         self._since_flush += 1
         waiting = events.source.pending()
@@ -549,6 +565,9 @@ class Profiler:
             return
         stack = self._live_stack
         idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
+        if is_compiled(module):  # with the module it runs (whose hooks may run outside it)
+            self._compiled_modules.add(idx)
+            self._compiled_modules.add(self.registry.index_of(compiled_inner(module), idx))
         facts = None
         if not recompute and not stack:
             facts = [facts_of(t) for t in _held(self.ledger, _tensors(args))]
@@ -613,6 +632,8 @@ class Profiler:
                 # line that called the module (it may be among the largest at a peak).
                 events.buffer(self.ledger.learn_facts, facts_of(output),
                               self._sources.take(output.nbytes))
+            if idx in self._compiled_modules:
+                self._compiled_owners(module, idx, output)
             events.exit(token, self._forward_apply, idx)
             forward = _graph_task_id() == -1
         if idx is not None and self.registry.infos[idx].geometry is None:
@@ -773,7 +794,9 @@ class Profiler:
         facts = facts_of(tensor)
         source = sources.take(facts[1]) if facts[1] >= sources.floor else ""
         node = _sequence_nr() - 1 if source else -1
-        if stack:  # alive until the module's next marker: the graph holds it
+        if stack and stack[-1][0] in self._compiled_modules:
+            self._compiled_packs.append((facts, stack[-1][0], source, node))  # _compiled_owners
+        elif stack:  # alive until the module's next marker: the graph holds it
             events.buffer(self._pack_apply, facts, stack[-1][0], source, node)
         else:
             # Outside modules (the loss) the next marker may come in backward, after the
@@ -796,6 +819,42 @@ class Profiler:
         ledger.learn(entry, tensor, source)
         if entry.category == TEMPORARY:
             ledger.reclassify(entry, ACTIVATION, module)
+
+    def _compiled_owners(self, module: nn.Module, idx: int, output: Any) -> None:
+        """A compiled module's forward ended: the tensors its compiled regions saved go to the
+        modules whose code made them (see :mod:`memprof.tracking.compiled`), the others to
+        the compiled module, as the packs would have."""
+        packs, self._compiled_packs = self._compiled_packs, []
+        owners: dict[int, int] = {}
+        grad_fn = _first_grad_fn(output) if _graph_task_id() == -1 else None
+        if not packs and id(grad_fn) == self._compiled_seen:
+            return  # the enclosing OptimizedModule's exit, just after its inner module's
+        self._compiled_seen = id(grad_fn)
+        if grad_fn is not None:
+            inner = self.registry.index.get(compiled_inner(module), idx)
+            name = self.registry.infos[inner].name
+            prefix = f"{name}." if name else ""
+            for tensor, path in self._compiled.saved(grad_fn):
+                owner = self.registry.by_name.get(prefix + path)
+                if owner is not None:
+                    for part in self.ledger.parts(tensor):
+                        owners[facts_of(part)[0]] = owner
+        self._compiled_attributed += len(owners)
+        events = self._events
+        assert events is not None
+        for facts, packed_in, source, node in packs:
+            events.buffer(self._pack_apply, facts, owners.pop(facts[0], packed_in), source, node)
+        if owners:  # saved without a pack (AOT autograd's no-version-check tensors)
+            events.buffer(self._compiled_apply, list(owners.items()))
+
+    def _compiled_apply(self, owners: list[tuple[int, int]]) -> None:
+        ledger = self.ledger
+        if not ledger.recording:
+            return
+        for key, owner in owners:
+            entry = ledger.entries.get(key)
+            if entry is not None and entry.category in (TEMPORARY, ACTIVATION):
+                ledger.reclassify(entry, ACTIVATION, owner)
 
     def _mark_inputs(self, values: list[Any]) -> None:
         """Tensors handed to the outermost module: batch data, unless they have a role."""
@@ -1003,12 +1062,20 @@ class Profiler:
                 "so its results and memory are eager's (profile with backend='events' to "
                 "measure the compiled model)"
             )
+        elif compiled and self._compiled_attributed:
+            warnings_.append(
+                f"torch.compile: {', '.join(repr(n) for n in compiled)} ran compiled; each "
+                "tensor its compiled regions save for backward is charged to the module whose "
+                "code made it (eager charges the module whose op saved it), and the regions' "
+                "temporaries to that row (the modules inside them run no hooks)"
+            )
         elif compiled:
             warnings_.append(
                 f"torch.compile: {', '.join(repr(n) for n in compiled)} ran compiled; the memory "
                 "of its compiled regions is charged to that row (the modules inside them run "
-                "no hooks, so they are not seen one by one). Profile without torch.compile for "
-                "per-layer numbers."
+                "no hooks, and their graphs were compiled before the profile or with a "
+                "post-grad pass of the user's, so their source modules are unknown). Compile "
+                "inside the profile, or profile without torch.compile, for per-layer numbers."
             )
         if ledger.uncounted:
             kinds = ", ".join(f"{n} x {kind}" for kind, n in sorted(ledger.uncounted.items()))
