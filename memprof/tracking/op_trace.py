@@ -268,6 +268,13 @@ class OpTraces:
         if step is not None and trace.op_name:
             self._done.append((step, trace))
 
+    def abandon(self) -> None:
+        """Record no more: a compiled module runs (dynamo compiles nothing while a dispatch mode
+        is active, so tracing would make it run eagerly) -- the file then carries no trace."""
+        self.stop(None)
+        self._enabled = False
+        self._done.clear()
+
     def in_optimizer(self, on: bool) -> None:
         if self.trace is not None:
             self.trace.in_optimizer = on

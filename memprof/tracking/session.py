@@ -566,6 +566,7 @@ class Profiler:
         stack = self._live_stack
         idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
         if is_compiled(module):  # with the module it runs (whose hooks may run outside it)
+            self._op_traces.abandon()  # before dynamo sees the frame: it must run compiled
             self._compiled_modules.add(idx)
             self._compiled_modules.add(self.registry.index_of(compiled_inner(module), idx))
         facts = None
