@@ -524,3 +524,31 @@ def test_the_dispatch_backends_gap_on_a_scan_is_its_mode_changing_the_run() -> N
     assert moded - plain == x.nbytes - x[:, :, 0].nbytes  # 135,280 -> 196,720 B here
     # the dispatch backend sees the run under its mode, within 0.1% (a few scalars' bytes)
     assert abs(stats.peak_bytes - stats.start_bytes - moded) <= moded // 1000
+
+
+@pytest.mark.slow
+def test_backward_work_moved_into_a_compiled_forward_goes_to_its_module() -> None:
+    """GIVEN a compiled GPT-2 block, whose partitioner moves backward work into the forward
+    (the attention probabilities transposed, layer norm's ``rstd / n``: nodes with no module
+    stack of their own) WHEN its saved tensors are read THEN each goes to the module whose
+    forward op that backward belongs to (the same autograd ``seq_nr``), not to the root."""
+    transformers = pytest.importorskip("transformers")
+    from memprof.tracking.compiled import CompiledOwners
+
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=64, n_head=2, vocab_size=256, n_positions=64, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 256, (2, 32))
+    owners = CompiledOwners()
+    assert owners.install()
+    try:
+        loss = torch.compile(model)(input_ids=ids, labels=ids).loss
+    finally:
+        owners.remove()
+    saved = owners.saved(loss.grad_fn)
+    probs = {path for t, path in saved if tuple(t.shape) == (4, 32, 32)}
+    rstd = {path for t, path in saved if tuple(t.shape) == (2, 32, 1)}
+    assert probs == {"transformer.h.0.attn"}
+    assert rstd == {"transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.ln_f"}

@@ -67,6 +67,28 @@ def _output_names(args: Any) -> tuple[str, ...]:
     )
 
 
+def _output_paths(graph: torch.fx.Graph, outputs: Any) -> list[str | None]:
+    """The module of each graph output. A node the partitioner moved from backward into the
+    forward (a weight's transpose, layer norm's ``rstd / n``) has no module stack: it belongs
+    to the module whose forward op made that backward (the same autograd ``seq_nr``)."""
+    by_seq: dict[int, str] = {}
+    for node in graph.nodes:
+        path = module_path(node.meta.get("nn_module_stack"))
+        seq = node.meta.get("seq_nr")
+        if path is not None and isinstance(seq, int):
+            by_seq.setdefault(seq, path)
+    paths: list[str | None] = []
+    for a in outputs:
+        if not isinstance(a, torch.fx.Node) or a.op == "placeholder":
+            paths.append(None)
+            continue
+        path = module_path(a.meta.get("nn_module_stack"))
+        if path is None and a.meta.get("partitioner_tag") == "is_backward":
+            path = by_seq.get(a.meta.get("seq_nr", -1))
+        paths.append(path)
+    return paths
+
+
 class _OwnersPass(CustomGraphPass):
     """Reads each post-grad graph's outputs' modules into ``owners``; changes nothing."""
 
@@ -77,12 +99,7 @@ class _OwnersPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         try:
             outputs: Any = graph.output_node().args[0]
-            paths = [
-                module_path(a.meta.get("nn_module_stack"))
-                if isinstance(a, torch.fx.Node) and a.op != "placeholder"
-                else None
-                for a in outputs
-            ]
+            paths = _output_paths(graph, outputs)
             key = _output_names(outputs)
         except Exception:  # reading must never break the user's compile
             return
