@@ -231,6 +231,8 @@ class Change:
     #: For changes that act on reserved memory only (allocator options): the replay's
     #: ``{"baseline": bytes, "predicted": bytes}``; the row's saving is then in reserved bytes.
     reserved: dict[str, int] | None = None
+    #: Why an applicable change is never simulated (its row's ``not_simulated``), "" otherwise.
+    not_simulated: str = ""
 
 
 def predict_peak(facts: Facts, transforms: list[Transform]) -> int:
