@@ -1,12 +1,15 @@
-"""Sharding simulated with real ranks (memprof.advisor.distributed): 2 CPU processes over gloo.
+"""Sharding rows (memprof.advisor.distributed): rank 0 of a world of N over a fake process group.
 
-GIVEN a workload profiled on one process, WHEN ZeRO-1 (ZeroRedundancyOptimizer) or ZeRO-3 /
-FSDP (FSDP2's fully_shard) runs it on 2 forked ranks, THEN the largest rank's peak is measured,
-the shards are where the prediction puts them, and the user's objects are untouched.
+GIVEN a workload profiled on one process, WHEN ZeRO-1 (ZeroRedundancyOptimizer), ZeRO-2 (FSDP2
+without resharding after forward) or ZeRO-3 / FSDP (FSDP2) runs it as rank 0 of N in this
+process, THEN the measured peak is the same on every repeat, the fake-run prediction matches
+it, the shards are where the prediction puts them, and the user's objects, the process group
+and FSDP2's functions are left as they were.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -14,8 +17,9 @@ import torch
 from torch import nn
 from workloads import cnn_workload, gpt2_workload, measured, mlp_workload, wide_mlp_workload
 
-from memprof.advisor import Workload, changes_for, distributed, read_facts
+from memprof.advisor import Workload, advise, changes_for, distributed, read_facts
 from memprof.advisor.core import Change, model_tree
+from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import Measurement, SimState, seeded, simulate
 
 pytestmark = pytest.mark.slow  # forked ranks for ZeRO and FSDP
@@ -24,68 +28,131 @@ if distributed.unavailable_reason() is not None:
     pytest.skip(str(distributed.unavailable_reason()), allow_module_level=True)
 
 
-def row(name: str, factory: Callable[[], Workload], stage: str
-        ) -> tuple[Change, Measurement, Measurement]:
-    w, ref = measured(name, factory)
-    change = next(c for c in changes_for(read_facts(ref.profile))
-                  if c.technique == "sharding" and c.options == {"stage": stage, "ranks": 2})
+def change_of(ref: Measurement, stage: str, ranks: int = 2) -> Change:
+    change = next(
+        c
+        for c in changes_for(read_facts(ref.profile))
+        if c.technique == "sharding" and c.options == {"stage": stage, "ranks": ranks}
+    )
     assert change.apply is not None and change.predicted_peak is not None
+    return change
+
+
+def row(
+    name: str, factory: Callable[[], Workload], stage: str, ranks: int = 2
+) -> tuple[Change, Measurement, Measurement]:
+    w, ref = measured(name, factory)
+    change = change_of(ref, stage, ranks)
     with seeded():
-        m = simulate(w, [change.apply], ref)
+        m = simulate(w, [change.apply], ref)  # type: ignore[list-item]
     return change, m, ref
 
 
-def test_zero1_keeps_half_the_optimizer_state_per_rank_and_the_same_results() -> None:
-    change, m, ref = row("mlp", mlp_workload, "ZeRO-1")
+def test_a_sharded_simulation_measures_the_same_bytes_on_every_repeat() -> None:
+    # forked gloo ranks measured 10,276,008 to 10,475,688 B for one FSDP row (when a buffer
+    # was freed depended on the other rank); in one process, the events backend applied what
+    # hooks learned of a storage FSDP2 had already resized to 0 to whatever took its address
+    w, ref = measured("gpt2", gpt2_workload)
+    assert distributed.SIMULATION_BACKEND["zero3"] == "auto"  # the events backend, here
+    for stage in ("ZeRO-3 / FSDP", "ZeRO-1", "ZeRO-2"):
+        change = change_of(ref, stage)
+        peaks = []
+        for _ in range(5):
+            with seeded():
+                peaks.append(simulate(w, [change.apply], ref).peak_bytes)  # type: ignore[list-item]
+        assert len(set(peaks)) == 1, (stage, peaks)
+        assert peaks[0] < ref.peak_bytes
+
+
+def test_zero1_keeps_half_the_optimizer_state_per_rank() -> None:
+    _, m, ref = row("mlp", mlp_workload, "ZeRO-1")
     full = ref.profile.peak().by_category["optimizer_state"]
-    # ZeroRedundancyOptimizer splits by whole tensors: the larger share is 1/2 and a bit
+    # ZeroRedundancyOptimizer splits by whole tensors: rank 0's share is 1/2 and a bit
     half = m.profile.peak().by_category["optimizer_state"]
     assert 0.5 * full <= half <= 0.6 * full
-    assert change.predicted_peak is not None
-    assert abs(change.predicted_peak - m.peak_bytes) <= 0.05 * m.peak_bytes
-    assert m.loss_drift is not None and m.loss_drift < 1e-6
+    assert m.loss_drift is None  # the fake collectives compute nothing: no quality measured
 
 
-@pytest.mark.parametrize(("name", "factory", "tolerance"), [
-    ("wide", wide_mlp_workload, 0.05),
-    ("cnn", cnn_workload, 0.05),
-    ("gpt2", gpt2_workload, 0.05),
-    # a Sequential of Linears: the unit prefetched in backward is the small first layer, where
-    # the prediction takes the largest unit
-    ("mlp", mlp_workload, 0.15),
-])
-def test_fsdp_shards_parameters_and_states_within_tolerance(
-    name: str, factory: Callable[[], Workload], tolerance: float
+@pytest.mark.parametrize(
+    ("name", "factory"),
+    [
+        ("wide", wide_mlp_workload),
+        ("cnn", cnn_workload),
+        ("gpt2", gpt2_workload),
+        ("mlp", mlp_workload),
+    ],
+)
+@pytest.mark.parametrize("stage", ["ZeRO-1", "ZeRO-2", "ZeRO-3 / FSDP"])
+def test_the_fake_run_predicts_the_sharded_simulation_within_one_percent(
+    name: str, factory: Callable[[], Workload], stage: str
 ) -> None:
-    change, m, ref = row(name, factory, "ZeRO-3 / FSDP")
-    assert change.predicted_peak is not None
-    assert abs(change.predicted_peak - m.peak_bytes) <= tolerance * m.peak_bytes
-    assert m.loss_drift is not None and m.loss_drift < 1e-5
-    if name == "mlp":  # every dim 0 is even: each rank holds exactly half of every tensor
-        params = ref.profile.optimizers[0]["parameter_bytes"]
-        assert m.profile.optimizers[0]["parameter_bytes"] * 2 == params
-        assert m.profile.peak().by_category["parameter"] * 2 == params
+    change, m, _ = row(name, factory, stage)
+    w, _ = measured(name, factory)
+    with seeded():
+        predicted = fake_peak(w, [change.apply])
+    assert abs(predicted - m.peak_bytes) <= 0.01 * m.peak_bytes, (predicted, m.peak_bytes)
 
 
-def test_the_users_model_stays_unsharded() -> None:
+def test_fsdp_at_four_ranks_holds_rank_0s_chunk_of_every_tensor() -> None:
+    change, m, _ = row("mlp", mlp_workload, "ZeRO-3 / FSDP", ranks=4)
     w, _ = measured("mlp", mlp_workload)
+    # torch.chunk along dim 0: rank 0 holds ceil(rows / 4) rows of each tensor (3 of the head's 10)
+    chunks = sum(
+        -(-p.shape[0] // 4) * (p.numel() // p.shape[0]) * p.element_size()
+        for p in w.model.parameters()
+    )
+    assert m.profile.optimizers[0]["parameter_bytes"] == chunks
+    with seeded():
+        assert fake_peak(w, [change.apply]) == pytest.approx(m.peak_bytes, rel=0.01)
+
+
+def test_the_users_model_the_process_group_and_fsdp2_are_left_as_they_were() -> None:
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    before = (
+        _fsdp_param.alloc_storage,
+        _fsdp_param.free_storage,
+        _fsdp_param_group.alloc_storage,
+        sys.excepthook,  # init_process_group leaves a "[rank0]:" prefix on it
+    )
+    w, ref = measured("mlp", mlp_workload)
+    weights = [p.detach().clone() for p in w.model.parameters()]
     row("mlp", mlp_workload, "ZeRO-3 / FSDP")
+    with seeded():
+        fake_peak(w, [change_of(ref, "ZeRO-1").apply])
     assert all(type(p) is nn.Parameter for p in w.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights, w.model.parameters(), strict=True))
     assert not torch.distributed.is_initialized()
+    assert (
+        _fsdp_param.alloc_storage,
+        _fsdp_param.free_storage,
+        _fsdp_param_group.alloc_storage,
+        sys.excepthook,
+    ) == before
 
 
-def units_of(model: nn.Module) -> list[str]:
-    modules = dict(model.named_modules())
-    return distributed.fsdp_units(model_tree(model), lambda n: type(modules[n]).__name__,
-                                  lambda n: any(True for _ in modules[n].parameters()))
+def test_advise_predicts_the_sharding_rows_by_fake_runs_and_analytic_from_a_file() -> None:
+    w, ref = measured("mlp", mlp_workload)
+    rows = advise(ref.profile, fake_model=w, simulate=False).rows
+    sharded = [r for r in rows if r["technique"] == "sharding" and r["options"].get("ranks", 1) > 1]
+    assert sharded and all(r["predicted_by"] == "fake run" for r in sharded)
+    from_file = advise(ref.profile).rows
+    assert all(r["predicted_by"] == "analytic" for r in from_file if r["technique"] == "sharding")
 
 
-def test_fsdp_units_are_the_blocks_else_the_roots_children_with_parameters() -> None:
-    assert units_of(gpt2_workload().model) == ["transformer.h.0", "transformer.h.1"]
-    assert units_of(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == ["0", "2"]
+def test_a_process_group_already_initialized_is_one_clear_error(tmp_path: object) -> None:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    w, ref = measured("mlp", mlp_workload)
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with pytest.raises(RuntimeError, match="already initialized"), seeded():
+            simulate(w, [change_of(ref, "ZeRO-3 / FSDP").apply], ref)  # type: ignore[list-item]
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-def test_a_failing_rank_is_one_clear_error_not_a_hang() -> None:
+def test_a_failing_sharded_step_raises_its_own_error_and_cleans_up() -> None:
     w, ref = measured("mlp", mlp_workload)
 
     def boom(model: nn.Module, batch: object) -> torch.Tensor:
@@ -96,5 +163,30 @@ def test_a_failing_rank_is_one_clear_error_not_a_hang() -> None:
     def shard(state: SimState) -> None:
         state.shard, state.ranks = "zero1", 2
 
-    with pytest.raises(RuntimeError, match=r"rank \d: ValueError: the step failed"):
+    with pytest.raises(ValueError, match="the step failed"):
         simulate(broken, [shard], ref)
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_offload_row_says_why_it_is_not_simulated() -> None:
+    _, ref = measured("mlp", mlp_workload)
+    offload = next(
+        c
+        for c in changes_for(read_facts(ref.profile))
+        if c.technique == "sharding" and c.options["ranks"] == 1
+    )
+    assert offload.apply is None and "not implemented here" in offload.not_simulated
+
+
+def units_of(model: nn.Module) -> list[str]:
+    modules = dict(model.named_modules())
+    return distributed.fsdp_units(
+        model_tree(model),
+        lambda n: type(modules[n]).__name__,
+        lambda n: any(True for _ in modules[n].parameters()),
+    )
+
+
+def test_fsdp_units_are_the_blocks_else_the_roots_children_with_parameters() -> None:
+    assert units_of(gpt2_workload().model) == ["transformer.h.0", "transformer.h.1"]
+    assert units_of(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == ["0", "2"]

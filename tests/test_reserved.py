@@ -154,6 +154,30 @@ def test_the_advisor_has_an_allocator_row_from_the_replay() -> None:
     assert not old_table[old_table["technique"] == "allocator"].iloc[0]["applicable"]
 
 
+def test_the_allocator_row_says_why_it_is_not_simulated_on_cpu_and_fake_runs() -> None:
+    from memprof.advisor import Workload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+    opt = torch.optim.AdamW(model.parameters())
+    w = Workload(model, opt, (torch.randn(16, 64), torch.randint(0, 8, (16,))), steps=2)
+    with memprof.profile(model, opt) as prof:
+        for _ in range(2):
+            torch.nn.functional.cross_entropy(model(w.batch[0]), w.batch[1]).backward()
+            opt.step()
+            opt.zero_grad()
+            prof.step()
+    simulated = memprof.advise(prof.profile, workload=w)
+    faked = memprof.advise(prof.profile, fake_model=w, simulate=False)
+    for advice in (simulated, faked):
+        row = next(r for r in advice.rows if r["technique"] == "allocator")
+        assert row["measured_peak_bytes"] is None
+        assert "CUDA caching allocator" in row["not_simulated"]
+    # a simulated row has nothing to explain
+    assert all(r["not_simulated"] is None for r in simulated.rows
+               if r["measured_peak_bytes"] is not None)
+
+
 def test_estimate_reports_reserved_and_its_verdict_counts_it() -> None:
     def build() -> nn.Module:
         return nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))

@@ -307,7 +307,7 @@ ROW_KEYS = (
     "technique", "options", "applicable", "reason", "baseline_peak_bytes",
     "predicted_peak_bytes", "predicted_saving_bytes", "saving_pct", "measured_peak_bytes",
     "error_pct", "quality", "step_time_ratio", "caveats", "how", "analytic_peak_bytes",
-    "predicted_by",
+    "predicted_by", "not_simulated",
 )
 
 
@@ -329,6 +329,7 @@ def _row(
         "step_time_ratio": None,
         "caveats": "; ".join(c.caveats) or None,
         "how": c.how,
+        "not_simulated": c.not_simulated or None,
     }
     if c.predicted_peak is not None:
         row["predicted_saving_bytes"] = base - c.predicted_peak

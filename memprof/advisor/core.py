@@ -234,6 +234,8 @@ class Change:
     #: The peak replayed from the profile's operator trace under the change
     #: (:mod:`memprof.advisor.trace_replay`), when the profile carries one.
     trace_peak: int | None = None
+    #: Why an applicable change is never simulated (its row's ``not_simulated``), "" otherwise.
+    not_simulated: str = ""
 
 
 def predict_peak(facts: Facts, transforms: list[Transform]) -> int:

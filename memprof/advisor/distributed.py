@@ -1,66 +1,77 @@
-"""Sharding simulated with real ranks: N processes on this machine's CPU, talking over gloo.
+"""Sharding run in one process: rank 0 of a world of N, over a fake process group.
 
-A sharded change sets :attr:`SimState.shard`; :func:`run_ranks` then forks ``state.ranks``
-processes (each with its own copy of the model, made by the fork), joins them in a gloo
-process group, shards the copy and runs the same steps under memprof in every rank. Each rank
-gets the whole batch, so the averaged gradients equal the unsharded run's and so do the
-results: what changes is where the bytes live. The measured peak is the largest rank's.
+A sharded change sets :attr:`SimState.shard` and ``ranks``. :func:`one_rank` makes this
+process rank 0 of ``ranks`` with PyTorch's ``FakeProcessGroup`` (every collective is a no-op
+whose outputs have the right shapes: nothing waits on another rank) and builds the device
+mesh; :func:`shard` then shards the state's copy; the step runs as an unsharded one does.
+The same code serves the simulation (real tensors, :func:`run_sharded`) and the fake-run
+prediction (fake tensors, :mod:`memprof.advisor.fake_prediction`), at any world size.
 
-- ZeRO-1: :class:`torch.distributed.optim.ZeroRedundancyOptimizer` around the optimizer class
-  (each rank keeps the states of its share of the parameters, then broadcasts them).
+- ZeRO-1: :class:`torch.distributed.optim.ZeroRedundancyOptimizer` around the optimizer class.
+- ZeRO-2: FSDP2's ``fully_shard(reshard_after_forward=False)`` (SHARD_GRAD_OP: parameters
+  stay gathered from forward to backward; gradients and states are sharded).
 - ZeRO-3 / FSDP: FSDP2's ``fully_shard`` on each unit of :func:`fsdp_units` and then the root.
 
-Gradients are not all-reduced for ZeRO-1 (every rank computed the same ones), so the buckets
-DDP would add are not measured. Linux only (the ranks are forked); each rank runs one thread.
+Why one process and not N real ones: forked gloo ranks measured another peak on each run (FSDP
+on 2 ranks: 10,276,008 to 10,475,688 B), because when a buffer was freed depended on when the
+other rank reached the collective. A fake process group waits for nobody. One more cause, in
+one process too: FSDP2 frees an unsharded parameter by resizing its storage to 0 (the tensor
+stays) and the events backend applies what hooks learned (keyed by address) at the next
+marker, by which time the address may hold another allocation: five runs of one FSDP step
+measured 15,713,976 to 15,976,120 B. :func:`_storage_notes` puts a marker before each of
+FSDP2's resizes (the events backend then measures 15,860,920 B every time) and tells the
+dispatch ledger (fake runs), which keys storages by object, of the new size.
+
+The collectives compute nothing, so the sharded step's values are garbage: a sharded row's
+quality is not measured (sharding changes where bytes live, not the maths). The peak is rank
+0's: FSDP gives rank 0 the largest shards (``torch.chunk``), ZeRO-1 its largest tensor first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
-import multiprocessing
-import os
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from memprof.advisor.core import model_tree
-from memprof.errors import first_line
 
 if TYPE_CHECKING:  # workload.run imports this module when a state is sharded
     from memprof.advisor.workload import Measurement, SimState, Workload
 
-#: How long the ranks may take together before they are killed (a rank that died leaves the
-#: others waiting in a collective until gloo's own timeout).
-RANK_TIMEOUT_S = 300.0
+#: The profiler backend each stage's simulation uses: the events backend (every allocation,
+#: CPU kernel scratch too) where its measurement repeats; ZeRO-2's varied with it (FSDP2's
+#: unsharded parameters live from forward to backward: gpt2 15,464,152 to 15,595,736 B over
+#: five runs, cause not found), so it uses the dispatch ledger (operator outputs, no scratch).
+SIMULATION_BACKEND = {"zero1": "auto", "zero2": "dispatch", "zero3": "auto"}
+#: Sharding stages this module runs, as :attr:`SimState.shard` names them.
+STAGES = ("zero1", "zero2", "zero3")
 
 
 def unavailable_reason() -> str | None:
-    """Why ranks cannot be simulated here, or None."""
-    if not sys.platform.startswith("linux"):
-        return "simulating ranks forks processes: Linux only"
+    """Why sharded steps cannot be run here, or None."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_gloo_available()):
-        return "this torch has no torch.distributed with gloo"
-    if torch.__version__ >= "2.6":  # FSDP2 is public from 2.6: no import (seconds) to check
-        return None
+    if not dist.is_available():
+        return "this torch has no torch.distributed"
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
+        from torch.testing._internal.distributed import fake_pg  # noqa: F401
     except ImportError:
-        return "this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)"
+        return "this torch has no FSDP2 or no fake process group"
     return None
 
 
-def fsdp_units(tree: dict[str, list[str]], type_of: Callable[[str], str],
-               owns_parameters: Callable[[str], bool]) -> list[str]:
+def fsdp_units(
+    tree: dict[str, list[str]],
+    type_of: Callable[[str], str],
+    owns_parameters: Callable[[str], bool],
+) -> list[str]:
     """The modules ``fully_shard`` wraps before the root, innermost first: the items of every
     ``ModuleList`` (transformer blocks), else the root's children that hold parameters.
     ``tree`` maps each module name to its children's names ("" is the root)."""
@@ -69,22 +80,105 @@ def fsdp_units(tree: dict[str, list[str]], type_of: Callable[[str], str],
     return sorted((k for k in units if owns_parameters(k)), key=lambda k: -k.count("."))
 
 
-def shard_model(model: nn.Module) -> list[str]:
+def shard_model(
+    model: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = True
+) -> list[str]:
     """FSDP2 on ``model``: each unit, then the root; the units' names."""
     from torch.distributed.fsdp import fully_shard
 
     modules = dict(model.named_modules())
-    units = fsdp_units(model_tree(model), lambda n: type(modules[n]).__name__,
-                       lambda n: any(True for _ in modules[n].parameters()))
+    units = fsdp_units(
+        model_tree(model),
+        lambda n: type(modules[n]).__name__,
+        lambda n: any(True for _ in modules[n].parameters()),
+    )
     for name in units:
-        fully_shard(modules[name])
-    fully_shard(model)
+        fully_shard(modules[name], mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return units
 
 
-def _apply_sharding(state: SimState) -> None:
-    """Shard ``state``'s copy as ``state.shard`` says, inside a rank."""
-    if state.shard == "zero1":
+@contextlib.contextmanager
+def one_rank(world_size: int) -> Iterator[Any]:
+    """This process as rank 0 of ``world_size`` over a fake process group; yields the mesh.
+    The group is destroyed, and FSDP2's functions and ``sys.excepthook`` restored, on exit."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError(
+            "a process group is already initialized in this process: sharded steps run on a "
+            "fake one of their own (run the advisor outside torch.distributed)"
+        )
+    excepthook = sys.excepthook  # init_process_group prefixes it with "[rank0]" for good
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        with unset_fake_temporarily():  # the mesh reads its rank map's values
+            mesh = init_device_mesh("cpu", (world_size,))
+        with _storage_notes(), warnings.catch_warnings():
+            # memprof reads the data pointer of every parameter's storage: FSDP2's fake ones warn
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+            yield mesh
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = excepthook
+
+
+@contextlib.contextmanager
+def _storage_notes() -> Iterator[None]:
+    """Around each storage FSDP2 resizes in place (it frees an unsharded parameter with
+    ``resize_(0)``, which no operator reports): a marker first, so the events backend applies
+    what hooks learned while the storage is alive, then the new size to the dispatch ledger."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    from memprof.tracking.session import Profiler
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def note(tensor: torch.Tensor) -> None:
+        profiler = Profiler._active
+        if profiler is not None and profiler.backend == "dispatch":
+            profiler.ledger.see(tensor)
+
+    def mark() -> None:
+        profiler = Profiler._active
+        events = None if profiler is None else profiler._events
+        if events is not None and events.running:
+            events.point(_nothing)  # what hooks learned so far, while the storages are alive
+
+    def noted_alloc(tensor: torch.Tensor) -> None:
+        mark()
+        alloc(tensor)
+        note(tensor)
+
+    def noted_free(tensor: torch.Tensor) -> None:
+        mark()
+        free(tensor)
+        note(tensor)
+
+    _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = noted_alloc
+    _fsdp_param.free_storage = noted_free
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc
+        _fsdp_param.free_storage = free
+
+
+def _nothing() -> None:
+    """A marker's call that does nothing (the marker carries the facts buffered before it)."""
+
+
+def shard(state: SimState, mesh: Any) -> None:
+    """Shard ``state``'s copy as ``state.shard`` says (inside :func:`one_rank`), then clear
+    ``state.shard``: the step runs as an unsharded one."""
+    stage = state.shard
+    if stage not in STAGES:
+        raise ValueError(f"unknown sharding stage {stage!r}: one of {', '.join(STAGES)}")
+    state.shard = None
+    if stage == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         from memprof.advisor.workload import accepted_options
@@ -94,83 +188,31 @@ def _apply_sharding(state: SimState) -> None:
         options = accepted_options(cls, state.defaults)
 
         def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **options)
+            zero = ZeroRedundancyOptimizer(groups, optimizer_class=cls, **options)
+            # its own ``state`` stays empty: point it at the local shard's, which the profiler
+            # reads (a state made before profiling, as by a fake run's warm-up, counts then)
+            zero.state = zero.optim.state
+            return zero
 
         state.make_optimizer = make
         return
     names = {id(p): n for n, p in state.model.named_parameters()}
-    shard_model(state.model)
+    shard_model(state.model, mesh, reshard_after_forward=stage == "zero3")
     sharded = dict(state.model.named_parameters())  # fully_shard makes new (DTensor) ones
     for group in state.param_groups:
         group["params"] = [sharded[names[id(p)]] for p in group["params"]]
 
 
-def run_ranks(workload: Workload, state: SimState, *,
-              reference: Measurement | None) -> Measurement:
-    """Run ``state`` (sharded as ``state.shard`` says) on ``state.ranks`` forked CPU ranks and
-    return the measurement of the rank whose peak is largest."""
-    from memprof.advisor.workload import Measurement
-    from memprof.profile import load
+def run_sharded(workload: Workload, state: SimState) -> Measurement:
+    """Measure ``state`` (sharded as ``state.shard`` says) as rank 0 of ``state.ranks``, on
+    real tensors; no quality (the fake collectives compute nothing)."""
+    from memprof.advisor.workload import run
 
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    context = multiprocessing.get_context("fork")
-    with tempfile.TemporaryDirectory(prefix="memprof-ranks-") as tmp:
-        folder = Path(tmp)
-        ranks = [context.Process(target=_rank, args=(r, folder, workload, state, reference),
-                                 daemon=True) for r in range(state.ranks)]
-        for process in ranks:
-            process.start()
-        deadline = time.monotonic() + RANK_TIMEOUT_S
-        for process in ranks:
-            process.join(max(0.0, deadline - time.monotonic()))
-        stuck = [p for p in ranks if p.is_alive()]
-        for process in stuck:
-            process.kill()
-            process.join()
-        errors = [(folder / f"rank{r}.error") for r in range(state.ranks)]
-        failed = [e.read_text() for e in errors if e.exists()]
-        if failed:
-            raise RuntimeError(f"a rank failed: {failed[0]}")
-        if stuck:
-            raise RuntimeError(f"the {state.ranks} ranks did not finish in {RANK_TIMEOUT_S:.0f} s")
-        results = [json.loads((folder / f"rank{r}.json").read_text())
-                   for r in range(state.ranks)]
-        worst = max(range(state.ranks), key=lambda r: results[r]["peak_bytes"])
-        profile = load(folder / f"rank{worst}.profile.json")
-    r = results[worst]
-    return Measurement(r["peak_bytes"], r["step_time_s"], r["output_drift"], r["loss_drift"],
-                       r["final_loss"], profile)
-
-
-def _rank(rank: int, folder: Path, workload: Workload, state: SimState,
-          reference: Measurement | None) -> None:
-    """One rank, in a forked process: never returns (``os._exit``)."""
-    import torch.distributed as dist
-
-    from memprof.advisor.workload import run
-
-    code = 1
-    try:
-        torch.set_num_threads(1)  # the ranks share the cores (and a forked OpenMP pool hangs)
-        dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank,
-                                world_size=state.ranks,
-                                timeout=timedelta(seconds=RANK_TIMEOUT_S))
-        try:
-            _apply_sharding(state)
-            m = run(workload, dataclasses.replace(state, shard=None), reference=reference)
-        finally:
-            dist.destroy_process_group()
-        m.profile.save(folder / f"rank{rank}.profile.json")
-        (folder / f"rank{rank}.json").write_text(json.dumps({
-            "peak_bytes": m.peak_bytes, "step_time_s": m.step_time_s,
-            "output_drift": m.output_drift, "loss_drift": m.loss_drift,
-            "final_loss": m.final_loss,
-        }))
-        code = 0
-    except BaseException as exc:  # reported by the parent, which has the terminal
-        first = first_line(exc)
-        (folder / f"rank{rank}.error").write_text(f"rank {rank}: {type(exc).__name__}: {first}")
-    finally:
-        os._exit(code)
+    backend = SIMULATION_BACKEND[str(state.shard)]
+    with one_rank(state.ranks) as mesh:
+        shard(state, mesh)
+        m = run(workload, state, backend=backend)
+    return dataclasses.replace(m, output_drift=None, loss_drift=None, outputs=None)

@@ -20,8 +20,9 @@ the profiled backward is checked, and a run where one did not, or whose gradient
 between steps (``zero_grad(set_to_none=False)``), is run again the old way: two profiled steps.
 
 What a fake run cannot do raises :class:`FakeRunError` with the reason, and the advisor keeps the
-analytic prediction for that row: sharded runs (several processes), code that reads tensor
-values (``.item()`` in the model, data-dependent shapes).
+analytic prediction for that row: code that reads tensor values (``.item()`` in the model,
+data-dependent shapes). A sharded change runs as rank 0 of a fake process group
+(:mod:`memprof.advisor.distributed`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprof.advisor import distributed
 from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
 from memprof.errors import FakeRunError, first_line
 
@@ -102,12 +104,13 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
 
     mode = _mode_of(workload.model) or fake_mode()
     try:
-        with mode:
+        with mode, contextlib.ExitStack() as ranks:
             state = fake_state(workload, mode)
             for apply in applies or []:
                 apply(state)
-            if state.shard is not None:
-                raise FakeRunError("a sharded run needs several processes: not run on fake tensors")
+            if state.shard is not None:  # rank 0 of a fake process group (advisor.distributed)
+                mesh = ranks.enter_context(distributed.one_rank(state.ranks))
+                distributed.shard(state, mesh)
             one_step = _warm_optimizer(workload, state)
             if one_step is not None:
                 optimizer, warm = one_step
@@ -119,6 +122,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                 state = fake_state(workload, mode)  # the warm-up's state is not the real one's
                 for apply in applies or []:
                     apply(state)
+                if state.shard is not None:
+                    distributed.shard(state, mesh)
             optimizer = _optimizer(state)
             with Profiler(state.model, optimizer, round_to=round_to,
                           device_modelled=device) as prof:

@@ -13,9 +13,11 @@ that creates the optimizer's state (counted as scratch until the step ends) only
 created. CPU offload moves O off the GPU. For mixed-precision Adam these are the 4P+12P/N,
 2P+14P/N and 16P/N of the ZeRO paper.
 
-Simulated at 2 ranks (ZeRO-1 and ZeRO-3 / FSDP) with real processes on this machine's CPU
-(:mod:`memprof.advisor.distributed`); ZeRO-2 (no PyTorch implementation), more ranks and the
-offload are predicted only.
+Predicted by a fake run and simulated at every world size in one process, as rank 0 of a fake
+process group (:mod:`memprof.advisor.distributed`): ZeRO-1 by PyTorch's
+ZeroRedundancyOptimizer, ZeRO-2 by FSDP2 without resharding after forward, ZeRO-3 by FSDP2.
+The formulas above are the analytic fallback (a profile read from a file). The offload is
+predicted only.
 """
 
 from __future__ import annotations
@@ -34,10 +36,18 @@ from memprof.advisor.core import (
 from memprof.advisor.distributed import fsdp_units, unavailable_reason
 from memprof.advisor.workload import SimState
 
-#: Ranks simulated with real processes (more would crowd this machine's cores).
-SIMULATED_RANKS = 2
-#: The stages a rank runs with PyTorch's own implementation.
-SIMULATED_STAGES = {"zero1": "zero1", "zero3": "fsdp"}
+#: The stage each row runs (see :func:`memprof.advisor.distributed.shard`).
+STAGES = {"ZeRO-1": "zero1", "ZeRO-2": "zero2", "ZeRO-3 / FSDP": "zero3"}
+#: How each stage runs, for the row's caveat.
+RUN_BY = {
+    "zero1": "PyTorch's ZeroRedundancyOptimizer",
+    "zero2": "FSDP2 with reshard_after_forward=False",
+    "zero3": "FSDP2 (fully_shard on each block, then the root)",
+}
+OFFLOAD_NOT_SIMULATED = (
+    "the optimizer step on the CPU is not implemented here: its saving (the optimizer state) "
+    "is predicted only"
+)
 
 FORMULAS = {
     "zero1": "P + G + O/N",
@@ -55,8 +65,11 @@ def _largest(facts: Facts, column: str) -> float:
 def largest_unit(facts: Facts) -> float:
     """The parameter bytes of the largest FSDP unit (the root's own parameters count as one)."""
     rows = {str(r["module"]): r for r in facts.module_rows()}
-    units = fsdp_units(profile_tree(facts.profile), lambda n: str(rows[n]["type"]),
-                       lambda n: float(rows[n]["parameter_total"]) > 0)
+    units = fsdp_units(
+        profile_tree(facts.profile),
+        lambda n: str(rows[n]["type"]),
+        lambda n: float(rows[n]["parameter_total"]) > 0,
+    )
     sizes = [float(rows[u]["parameter_total"]) for u in units]
     root = float(facts.parameter_bytes) - sum(sizes)
     return max([*sizes, root], default=0.0)
@@ -113,26 +126,30 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
         return [not_applicable("sharding", {}, TRAINING_ONLY_REASON, group="sharding")]
     world, sharded = run_world(facts)
     if sharded:
-        return [not_applicable(
-            "sharding", {"stage": "ZeRO-3 / FSDP", "ranks": world},
-            f"this rank's profile is already sharded by FSDP2 across {world} rank(s): its "
-            "parameters, gradients and optimizer state are the local shards", group="sharding")]
+        return [
+            not_applicable(
+                "sharding",
+                {"stage": "ZeRO-3 / FSDP", "ranks": world},
+                f"this rank's profile is already sharded by FSDP2 across {world} rank(s): its "
+                "parameters, gradients and optimizer state are the local shards",
+                group="sharding",
+            )
+        ]
     if world > 1:  # one rank of a data-parallel run: its own world size is the first row
         ranks = (world, *(n for n in ranks if n != world))
     out = []
     why_not = unavailable_reason()
     for n in ranks:
-        for stage, label in (("zero1", "ZeRO-1"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3 / FSDP")):
-            simulated = n == SIMULATED_RANKS and stage in SIMULATED_STAGES and why_not is None
-            if simulated:
-                how = (f"simulated on {n} CPU processes over gloo with PyTorch's "
-                       f"{'ZeroRedundancyOptimizer' if stage == 'zero1' else 'FSDP2'}; "
-                       "the largest rank's peak")
-            elif stage == "zero2":
-                how = "not simulated: PyTorch has no ZeRO-2 of its own"
-            else:
-                how = f"not simulated: {why_not}" if why_not else (
-                    f"simulated at {SIMULATED_RANKS} ranks only")
+        for label, stage in STAGES.items():
+            how = (
+                f"run as rank 0 of {n} over a fake process group with {RUN_BY[stage]}; "
+                "quality not measured (the fake collectives compute nothing)"
+            )
+            if stage == "zero2":
+                how += (
+                    "; simulated with the dispatch ledger (operator outputs, CPU kernel scratch "
+                    "not counted): the events backend's measurement of it varies"
+                )
             out.append(
                 Change(
                     "sharding",
@@ -140,7 +157,7 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
                     f"per rank: {FORMULAS[stage]} "
                     "with the profile's P, G, O; activations unchanged",
                     transform=shard_transform(facts, stage, n, False),
-                    apply=_apply_shard(SIMULATED_STAGES[stage], n) if simulated else None,
+                    apply=_apply_shard(stage, n) if why_not is None else None,
                     caveats=[
                         f"needs {n} GPUs and torch.distributed; {how}",
                         "communication adds step time (all-gather / reduce-scatter)",
@@ -149,6 +166,7 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
                     speed_cost=0.1 * n,
                     training_only=True,
                     group="sharding",
+                    not_simulated=f"not simulated: {why_not}" if why_not else "",
                 )
             )
     out.append(
@@ -157,14 +175,12 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
             {"stage": "CPU offload of optimizer state", "ranks": 1},
             "optimizer_state removed from the device (kept in host memory)",
             transform=shard_transform(facts, "offload", 1, True),
-            caveats=[
-                "optimizer step runs on the CPU: slower steps; needs host memory for O",
-                "not simulated here",
-            ],
+            caveats=["optimizer step runs on the CPU: slower steps; needs host memory for O"],
             quality_cost=0.0,
             speed_cost=1.0,
             training_only=True,
             group="sharding",
+            not_simulated=OFFLOAD_NOT_SIMULATED,
         )
     )
     return out

@@ -119,7 +119,7 @@ class SimState:
     free_gradients: bool | None = None
     #: The optimizer steps fp32 copies of the parameters (see :func:`with_master_weights`).
     master_weights: bool = False
-    #: Run on ``ranks`` CPU processes, sharded: "zero1" or "fsdp" (see
+    #: Sharded as rank 0 of ``ranks``: "zero1", "zero2" or "zero3" (see
     #: :mod:`memprof.advisor.distributed`).
     shard: str | None = None
     ranks: int = 1
@@ -263,13 +263,15 @@ def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
 
 
 def run(
-    workload: Workload, state: SimState, *, reference: Measurement | None = None
+    workload: Workload, state: SimState, *, reference: Measurement | None = None,
+    backend: Any = "auto",
 ) -> Measurement:
-    """Run ``workload.steps`` steps of ``state`` under memprof and measure them."""
+    """Run ``workload.steps`` steps of ``state`` under memprof (its ``backend``) and measure
+    them."""
     if state.shard is not None:
-        from memprof.advisor.distributed import run_ranks
+        from memprof.advisor.distributed import run_sharded
 
-        return run_ranks(workload, state, reference=reference)
+        return run_sharded(workload, state)
     model = state.model
     batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
     loss_of: StepFn = workload.loss
@@ -291,7 +293,7 @@ def run(
     optimizer = state.build_optimizer() if training else None
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
-    with session.profile(model, optimizer) as prof:
+    with session.profile(model, optimizer, backend=backend) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1
