@@ -241,9 +241,9 @@ class _Patcher:
         if self.root is None:
             self.root = weakref.ref(module)
             # What the edit itself allocates (a weight being quantized) is no part of the
-            # step: a dispatch mode does not see it (the events backend does, one weight at a
-            # time before the first forward), and the storages that stay (new weights) are
-            # tracked when the profiler registers the edited model right after.
+            # step: a dispatch mode does not see it (the events backend does: a run whose
+            # edit made new weights is measured again by dispatch), and the storages that stay
+            # (new weights) are tracked when the profiler registers the edited model right after.
             with _disable_current_modes():
                 self._apply_changes(module)
         if module is not self._root():
