@@ -298,6 +298,56 @@ def technique_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: The issue's targets for fake-run predictions vs simulation, per technique.
+FAKE_MEDIAN_TARGET = 1.0
+FAKE_WORST_TARGET = 3.0
+
+
+def side_by_side(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per technique, the fake-run and the analytic predictions of the same simulated rows:
+    median and worst error and signs right of each, and whether the fake runs meet the
+    targets (median under 1%, worst within 3%, every sign right)."""
+    by_technique: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        by_technique.setdefault(r["technique"], {}).setdefault(r["predicted_by"], []).append(r)
+    out = []
+    for technique, kinds in sorted(by_technique.items()):
+        line: dict[str, Any] = {"technique": technique}
+        for kind, key in (("fake run", "fake"), (ANALYTIC, "analytic")):
+            members = kinds.get(kind, [])
+            errors = [r["error_pct"] for r in members]
+            worst = max(members, key=lambda r: r["error_pct"]) if members else None
+            line[f"{key}_rows"] = len(members)
+            line[f"{key}_median_pct"] = statistics.median(errors) if errors else None
+            line[f"{key}_worst_pct"] = worst["error_pct"] if worst else None
+            line[f"{key}_worst_row"] = f"{worst['model']} {worst['options']}" if worst else ""
+            line[f"{key}_sign_right"] = sum(r["sign_right"] for r in members)
+        line["fake_meets_targets"] = (
+            None if not line["fake_rows"] else
+            line["fake_median_pct"] < FAKE_MEDIAN_TARGET
+            and line["fake_worst_pct"] <= FAKE_WORST_TARGET
+            and line["fake_sign_right"] == line["fake_rows"])
+        out.append(line)
+    return out
+
+
+def print_side_by_side(lines: list[dict[str, Any]]) -> None:
+    print_table(
+        ["technique", "fake rows", "fake median %", "fake worst %", "fake signs",
+         "analytic median %", "analytic worst %", "analytic signs", "targets"],
+        [15, 9, 13, 12, 10, 17, 16, 14, 7],
+        [[s["technique"], str(s["fake_rows"]), _fmt(s["fake_median_pct"], ".2f"),
+          _fmt(s["fake_worst_pct"], ".2f"), f"{s['fake_sign_right']}/{s['fake_rows']}",
+          _fmt(s["analytic_median_pct"], ".2f"), _fmt(s["analytic_worst_pct"], ".2f"),
+          f"{s['analytic_sign_right']}/{s['analytic_rows']}",
+          {True: "met", False: "MISSED", None: "-"}[s["fake_meets_targets"]]]
+         for s in lines],
+    )
+    for s in lines:
+        if s["fake_meets_targets"] is False:
+            print(f"  {s['technique']}: fake-run worst {s['fake_worst_row']}")
+
+
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -394,6 +444,9 @@ def summarize(paths: list[Path]) -> int:
         rows.extend(data.get("rows", []))
         estimates.extend(data.get("estimates", []))
     print_summary(technique_summary(rows))
+    print("\nFake run and analytic side by side (targets: fake-run median under "
+          f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")
+    print_side_by_side(side_by_side(rows))
     if estimates:
         print()
         print_estimates(estimates)
@@ -454,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = technique_summary(rows)
     print("\nPer technique (error = |predicted - simulated| / simulated):")
     print_summary(summary)
+    print("\nFake run and analytic side by side (targets: fake-run median under "
+          f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")
+    print_side_by_side(side_by_side(rows))
     wrong = [r for r in rows if not r["sign_right"]]
     print(f"\nsign of the saving right in {len(rows) - len(wrong)}/{len(rows)} rows"
           + ("; wrong: " + "; ".join(f"{r['model']} {r['technique']} {r['options']}"

@@ -123,6 +123,7 @@ def test_zero_grad_between_forward_and_backward_is_replayed() -> None:
     capture = ScriptCapture()
     reference = ScriptSimulator(run, steps=2).reference(capture=capture)
     assert capture.grads_at_backward is False
+    assert capture.grads_at_forward is True
     # WHEN the unchanged step runs on fake tensors (gradients kept between steps, as the
     # profile says, and freed where the script frees them)
     from memprof.advisor import advise

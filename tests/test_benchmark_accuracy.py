@@ -39,6 +39,24 @@ def test_the_summary_gives_median_worst_and_targets_per_technique_and_kind() -> 
     assert fake["median_ratio_to_peer"] == pytest.approx(2.0 / 20.0)
 
 
+def test_fake_run_and_analytic_side_by_side_with_the_targets() -> None:
+    rows = [_row("mixed_precision", "fake run", e) for e in (0.0, 0.2, 3.5)]
+    rows += [_row("mixed_precision", "analytic", e, sign=e < 5) for e in (2.0, 6.0, 9.0)]
+    rows += [_row("optimizer", "fake run", e) for e in (0.0, 0.9, 2.9)]
+    rows += [_row("batch", "fake run", 0.1, sign=False)]
+    lines = {s["technique"]: s for s in acc.side_by_side(rows)}
+    mp = lines["mixed_precision"]
+    assert (mp["fake_rows"], mp["fake_median_pct"], mp["fake_worst_pct"]) == (3, 0.2, 3.5)
+    assert mp["fake_worst_row"] == "m e=3.5"
+    assert (mp["analytic_median_pct"], mp["analytic_worst_pct"]) == (6.0, 9.0)
+    assert (mp["fake_sign_right"], mp["analytic_sign_right"]) == (3, 1)
+    assert mp["fake_meets_targets"] is False  # worst 3.5% > 3%
+    assert lines["optimizer"]["fake_meets_targets"] is True  # median 0.9 < 1, worst 2.9 <= 3
+    assert lines["optimizer"]["analytic_rows"] == 0
+    assert lines["optimizer"]["analytic_median_pct"] is None
+    assert lines["batch"]["fake_meets_targets"] is False  # a sign wrong
+
+
 def test_the_sign_of_a_saving() -> None:
     assert acc.sign_right(100, 90, 1000, 950)  # both save
     assert not acc.sign_right(100, 90, 1000, 1010)  # predicted a saving, it cost

@@ -249,6 +249,9 @@ class ScriptCapture:
         #: not seen); False with gradients kept between steps means the script frees them
         #: after its forward, which the fake step then does too.
         self.grads_at_backward: bool | None = None
+        #: Whether the parameters had gradients when the second step's forward began (None:
+        #: not seen): True when the script frees them after its forward, or never.
+        self.grads_at_forward: bool | None = None
 
     def __enter__(self) -> ScriptCapture:
         reg = nn.modules.module
@@ -297,6 +300,11 @@ class ScriptCapture:
     # ------------------------------------------------------------------ hooks
     def _pre(self, module: nn.Module, args: Any) -> None:
         root = self._root() if self._root is not None else None
+        if self._stepped:
+            if module is root and self.grads_at_forward is None:
+                self.grads_at_forward = any(p.grad is not None for p in module.parameters())
+                self._handles[0].remove()  # its work is done
+            return
         if self._root is None:
             self._root = weakref.ref(module)
             kwargs = _call_kwargs()
@@ -366,8 +374,8 @@ class ScriptCapture:
         if self._stepped or self._root is None:
             return
         self._stepped = True
-        for handle in self._handles[:2]:  # the module hooks: their work is done
-            handle.remove()
+        # the forward hook's work is done; the pre-hook sees the next forward's gradients
+        self._handles[1].remove()
         if self.loss is not None and self._trace_done is not None:
             self.loss.held = self._trace_done.held()
         self._trace_done = None
@@ -455,9 +463,13 @@ class ScriptCapture:
             raise CaptureError("the optimizer steps none of the model's parameters")
         if optimizer is not None and self.loss is None:
             raise CaptureError("no scalar .backward() followed the model's first call")
+        # gradients alive in the next forward (a script that zeroes them after its forward,
+        # or in place): kept between the fake steps too, and freed where the script frees them
+        alive = self.grads_at_forward is True
         return Workload(self.model, optimizer, self.batch,
                         step_fn=_ReplayStep(self.loss, self.autocast,
-                                            free_grads=self.grads_at_backward is False))
+                                            free_grads=alive and self.grads_at_backward is False),
+                        set_to_none=not alive)
 
 
 class _ReplayStep:
