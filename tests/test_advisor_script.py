@@ -4,6 +4,10 @@ nothing behind."""
 
 from __future__ import annotations
 
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from script_runs import runner
