@@ -128,11 +128,53 @@ def run_model(name: str) -> list[dict[str, Any]]:
     return out
 
 
+def overhead(steps: int = 6, repeats: int = 3) -> None:
+    """CPU seconds per step of overhead.py's MLP (300 Linear(32, 32) + ReLU) under memprof,
+    with the operator trace (recorded in the first two steps) and without, in one run."""
+    from benchmarks.overhead import mlp_workload
+
+    model, step = mlp_workload()
+    step()
+    best: dict[bool, list[float]] = {}
+    for _ in range(repeats):
+        for record in (False, True):
+            times = []
+            with memprof.profile(model, record_ops=record) as prof:
+                for _ in range(steps):
+                    started = time.process_time()
+                    step()
+                    prof.step()
+                    times.append(time.process_time() - started)
+            old = best.get(record)
+            best[record] = (
+                times if old is None else [min(a, b) for a, b in zip(old, times, strict=True)]
+            )
+    off, on = best[False], best[True]
+    print(f"MLP step CPU s (best of {repeats}), steps 1-{steps}:")
+    print("  trace off: " + " ".join(f"{t:.3f}" for t in off))
+    print("  trace on:  " + " ".join(f"{t:.3f}" for t in on))
+    traced = sum(on[:2]) / sum(off[:2])
+    rest = sum(on[2:]) / sum(off[2:])
+    whole = sum(on) / sum(off)
+    print(
+        f"  traced steps (1-2) {traced:.2f}x, later steps {rest:.2f}x, all {steps} steps "
+        f"{whole:.2f}x the same steps without the trace"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="issue-gpt2,resnet-bn,bert,gpt2")
     parser.add_argument("--size", action="store_true", help="also GPT-2 small's trace size")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only the recording's cost on overhead.py's 600-module MLP",
+    )
     args = parser.parse_args()
+    if args.overhead:
+        overhead()
+        return
     print(
         f"{'model':<11} {'row':<27} {'measured':>8} {'replay':>7} {'err':>6} "
         f"{'analytic':>8} {'err':>6} {'advise':>7} {'trace':>9}"
