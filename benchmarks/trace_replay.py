@@ -15,6 +15,7 @@ parameters, batch 1 x 128) and prints the size the trace adds to its file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch
 import memprof
 from benchmarks import zoo
 from memprof.advisor.mixed_precision import _apply_autocast, _apply_autocast_fp16_scaler
-from memprof.advisor.workload import Workload, baseline, seeded, simulate
+from memprof.advisor.workload import Workload, baseline, copy_state, seeded, simulate
 
 ROWS = {
     "autocast bf16": ({"mode": "autocast", "dtype": "bf16"}, _apply_autocast(torch.bfloat16)),
@@ -67,6 +68,24 @@ def gpt2_small() -> Workload:
     return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
 
 
+def traced_run(workload: Workload, dtype: torch.dtype | None = None) -> memprof.Profile:
+    """The workload's steps on a copy (under ``torch.autocast`` to ``dtype`` if given),
+    profiled with the operator trace, as ``memprof run`` profiles a script."""
+    state = copy_state(workload)
+    model, optimizer = state.model, state.build_optimizer()
+    with seeded(), memprof.profile(model, optimizer, record_ops=True) as prof:
+        for _ in range(workload.steps):
+            cast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+            with cast:
+                loss = workload.loss(model, state.batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=workload.set_to_none)
+            del loss
+            prof.step()
+    return prof.profile
+
+
 def workload_of(name: str) -> Workload:
     if name == "issue-gpt2":
         return issue_gpt2()
@@ -100,8 +119,9 @@ def run_model(name: str) -> list[dict[str, Any]]:
     workload = workload_of(name)
     with seeded():
         ref = baseline(workload)
-    base = ref.peak_bytes
-    rows, took = file_advice(ref.profile)
+    traced = traced_run(workload)
+    base = traced.peak().total_bytes
+    rows, took = file_advice(traced)
     out = []
     for label, (_, apply) in ROWS.items():
         row = rows.get(label)
@@ -110,19 +130,19 @@ def run_model(name: str) -> list[dict[str, Any]]:
         with seeded():
             measured = simulate(workload, [apply], ref)
 
-        def pct(peak: int | None) -> float | None:
-            return None if peak is None else 100.0 * (base - peak) / base
+        def pct(peak: int | None, of: int = base) -> float | None:
+            return None if peak is None else 100.0 * (of - peak) / of
 
         out.append(
             {
                 "model": name,
                 "row": label,
                 "predicted_by": row["predicted_by"],
-                "measured_pct": pct(measured.peak_bytes),
+                "measured_pct": pct(measured.peak_bytes, ref.peak_bytes),
                 "predicted_pct": pct(row["predicted_peak_bytes"]),
                 "analytic_pct": pct(row["analytic_peak_bytes"]),
                 "advise_s": took,
-                "trace_bytes": trace_bytes(ref.profile),
+                "trace_bytes": trace_bytes(traced),
             }
         )
     return out
@@ -191,10 +211,9 @@ def main() -> None:
                 flush=True,
             )
     if args.size:
-        with seeded():
-            ref = baseline(gpt2_small())
-        whole = len(json.dumps(ref.profile.to_dict(), separators=(",", ":"), default=str))
-        added = trace_bytes(ref.profile)
+        profile = traced_run(gpt2_small())
+        whole = len(json.dumps(profile.to_dict(), separators=(",", ":"), default=str))
+        added = trace_bytes(profile)
         print(
             f"GPT-2 small (124M, batch 1 x 128): profile file {whole / 1024:.0f} KiB, of which "
             f"the operator trace {added / 1024:.0f} KiB ({100.0 * added / whole:.0f}%)"

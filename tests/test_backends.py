@@ -128,9 +128,7 @@ def test_wrapped_scalars_are_what_only_the_events_backend_sees() -> None:
     peaks = {}
     for backend in ("dispatch", "events"):
         model = AddOne()
-        # record_ops=False: the operator trace's dispatch mode (first two steps) makes the
-        # scalar reach add_ as an 8-byte 0-dim tensor the allocator also sees
-        with memprof.profile(model, backend=backend, record_ops=False) as prof, torch.no_grad():  # type: ignore[arg-type]
+        with memprof.profile(model, backend=backend) as prof, torch.no_grad():  # type: ignore[arg-type]
             model(torch.randn(64, 64))
             prof.step()
         peaks[backend] = prof.modules().set_index("module").loc["", "temporary_peak"]
@@ -211,9 +209,7 @@ def test_events_backend_replays_in_batches_across_many_steps() -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randn(32, 64)
     steps = session.EVENTS_FLUSH_STEPS + 3
-    # record_ops=False: in the two steps the operator trace records, its dispatch mode
-    # re-wraps Python scalars (8-byte tensors the allocator sees)
-    with memprof.profile(model, optimizer, backend="events", record_ops=False) as prof:
+    with memprof.profile(model, optimizer, backend="events") as prof:
         for _ in range(steps):
             train_step(model, optimizer, x)
             prof.step()
