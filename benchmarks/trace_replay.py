@@ -15,6 +15,7 @@ parameters, batch 1 x 128) and prints the size the trace adds to its file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch
 import memprof
 from benchmarks import zoo
 from memprof.advisor.mixed_precision import _apply_autocast, _apply_autocast_fp16_scaler
-from memprof.advisor.workload import Workload, baseline, seeded, simulate
+from memprof.advisor.workload import Workload, baseline, copy_state, seeded, simulate
 
 ROWS = {
     "autocast bf16": ({"mode": "autocast", "dtype": "bf16"}, _apply_autocast(torch.bfloat16)),
@@ -67,6 +68,24 @@ def gpt2_small() -> Workload:
     return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
 
 
+def traced_run(workload: Workload, dtype: torch.dtype | None = None) -> memprof.Profile:
+    """The workload's steps on a copy (under ``torch.autocast`` to ``dtype`` if given),
+    profiled with the operator trace, as ``memprof run`` profiles a script."""
+    state = copy_state(workload)
+    model, optimizer = state.model, state.build_optimizer()
+    with seeded(), memprof.profile(model, optimizer, record_ops=True) as prof:
+        for _ in range(workload.steps):
+            cast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+            with cast:
+                loss = workload.loss(model, state.batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=workload.set_to_none)
+            del loss
+            prof.step()
+    return prof.profile
+
+
 def workload_of(name: str) -> Workload:
     if name == "issue-gpt2":
         return issue_gpt2()
@@ -100,8 +119,9 @@ def run_model(name: str) -> list[dict[str, Any]]:
     workload = workload_of(name)
     with seeded():
         ref = baseline(workload)
-    base = ref.peak_bytes
-    rows, took = file_advice(ref.profile)
+    traced = traced_run(workload)
+    base = traced.peak().total_bytes
+    rows, took = file_advice(traced)
     out = []
     for label, (_, apply) in ROWS.items():
         row = rows.get(label)
@@ -110,29 +130,71 @@ def run_model(name: str) -> list[dict[str, Any]]:
         with seeded():
             measured = simulate(workload, [apply], ref)
 
-        def pct(peak: int | None) -> float | None:
-            return None if peak is None else 100.0 * (base - peak) / base
+        def pct(peak: int | None, of: int = base) -> float | None:
+            return None if peak is None else 100.0 * (of - peak) / of
 
         out.append(
             {
                 "model": name,
                 "row": label,
                 "predicted_by": row["predicted_by"],
-                "measured_pct": pct(measured.peak_bytes),
+                "measured_pct": pct(measured.peak_bytes, ref.peak_bytes),
                 "predicted_pct": pct(row["predicted_peak_bytes"]),
                 "analytic_pct": pct(row["analytic_peak_bytes"]),
                 "advise_s": took,
-                "trace_bytes": trace_bytes(ref.profile),
+                "trace_bytes": trace_bytes(traced),
             }
         )
     return out
+
+
+def overhead(steps: int = 6, repeats: int = 3) -> None:
+    """CPU seconds per step of overhead.py's MLP (300 Linear(32, 32) + ReLU) under memprof,
+    with the operator trace (recorded in the first two steps) and without, in one run."""
+    from benchmarks.overhead import mlp_workload
+
+    model, step = mlp_workload()
+    step()
+    best: dict[bool, list[float]] = {}
+    for _ in range(repeats):
+        for record in (False, True):
+            times = []
+            with memprof.profile(model, record_ops=record) as prof:
+                for _ in range(steps):
+                    started = time.process_time()
+                    step()
+                    prof.step()
+                    times.append(time.process_time() - started)
+            old = best.get(record)
+            best[record] = (
+                times if old is None else [min(a, b) for a, b in zip(old, times, strict=True)]
+            )
+    off, on = best[False], best[True]
+    print(f"MLP step CPU s (best of {repeats}), steps 1-{steps}:")
+    print("  trace off: " + " ".join(f"{t:.3f}" for t in off))
+    print("  trace on:  " + " ".join(f"{t:.3f}" for t in on))
+    traced = sum(on[:2]) / sum(off[:2])
+    rest = sum(on[2:]) / sum(off[2:])
+    whole = sum(on) / sum(off)
+    print(
+        f"  traced steps (1-2) {traced:.2f}x, later steps {rest:.2f}x, all {steps} steps "
+        f"{whole:.2f}x the same steps without the trace"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="issue-gpt2,resnet-bn,bert,gpt2")
     parser.add_argument("--size", action="store_true", help="also GPT-2 small's trace size")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only the recording's cost on overhead.py's 600-module MLP",
+    )
     args = parser.parse_args()
+    if args.overhead:
+        overhead()
+        return
     print(
         f"{'model':<11} {'row':<27} {'measured':>8} {'replay':>7} {'err':>6} "
         f"{'analytic':>8} {'err':>6} {'advise':>7} {'trace':>9}"
@@ -149,10 +211,9 @@ def main() -> None:
                 flush=True,
             )
     if args.size:
-        with seeded():
-            ref = baseline(gpt2_small())
-        whole = len(json.dumps(ref.profile.to_dict(), separators=(",", ":"), default=str))
-        added = trace_bytes(ref.profile)
+        profile = traced_run(gpt2_small())
+        whole = len(json.dumps(profile.to_dict(), separators=(",", ":"), default=str))
+        added = trace_bytes(profile)
         print(
             f"GPT-2 small (124M, batch 1 x 128): profile file {whole / 1024:.0f} KiB, of which "
             f"the operator trace {added / 1024:.0f} KiB ({100.0 * added / whole:.0f}%)"

@@ -118,7 +118,11 @@ def test_no_fake_predictions_is_analytic(tmp_path: Path) -> None:
     advice = json.loads(result.stdout)["advice"]
     assert "fake_prediction_s" not in advice
     by = {r.get("predicted_by") for r in rows(advice).values()}
-    assert by == {"analytic"}
+    assert by == {"analytic", "trace replay"}
+    # memprof run records the step's operator trace: the autocast rows replay it
+    replayed = {r["options"].get("mode") for r in rows(advice).values()
+                if r.get("predicted_by") == "trace replay"}
+    assert replayed == {"autocast"}
 
     text = memprof("advise", "--no-fake-predictions", "--steps", "1", str(SCRIPT), cwd=tmp_path)
     assert text.returncode == 0, text.stderr[-3000:]

@@ -133,7 +133,9 @@ def advise(
     ``analytic_peak_bytes`` keeps the analytic number; a failed fake run falls back to it with
     the reason in ``caveats``. With neither given and no model at hand, the fake-run
     predictions a saved profile carries (``profile.advice``) are used for their rows (and by
-    the plan), the others are analytic.
+    the plan); the autocast rows of a profile that carries an operator trace are replayed
+    from it (``"trace replay"``, :mod:`memprof.advisor.trace_replay`; ``prediction="trace"``
+    asks for that alone); the others are analytic.
 
     ``profile`` may be the Profiler of a finished ``with memprof.profile(...) as prof`` block.
     """

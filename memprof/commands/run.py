@@ -159,7 +159,7 @@ def command(
 
     from memprof.tracking.session import Profiler
 
-    profiler = Profiler(step_on_optimizer=True, max_steps=steps)
+    profiler = Profiler(step_on_optimizer=True, max_steps=steps, record_ops=True)
     capture = None if no_fake else _capture()
     outcome = execute(target, profiler, quiet_stdout=as_json, capture=capture)
     profile = profiler.profile

@@ -169,7 +169,7 @@ class Profiler:
         allocator_conf: str | None = None,
         model_reserved: bool = True,
         source_lines_above: int | None = None,
-        record_ops: bool = True,
+        record_ops: bool = False,
     ) -> None:
         if backend not in ("auto", "events", "dispatch"):
             raise ValueError(f"backend must be 'auto', 'events' or 'dispatch', not {backend!r}")
@@ -1350,7 +1350,7 @@ def profile(
     top_tensors: int = 20,
     backend: Backend = "auto",
     source_lines_above: int | None = None,
-    record_ops: bool = True,
+    record_ops: bool = False,
 ) -> Profiler:
     """Profile the memory of the training steps run inside the ``with`` block.
 
@@ -1360,9 +1360,11 @@ def profile(
     dispatch ledger saw them (a temporary made in backward: the line of the forward op whose
     autograd node made it, where that node saved a large tensor); ``source_lines_above=N`` also
     records it for every storage over N bytes (dispatch backend; the events backend sees only
-    saved tensors, module outputs and backward temporaries). ``record_ops`` records the
-    operator trace of one of the first two steps (:mod:`memprof.tracking.op_trace`) so that a
-    saved profile can replay its step under autocast's rules.
+    saved tensors, module outputs and backward temporaries). ``record_ops=True`` records
+    the operator trace of one of the first two steps (:mod:`memprof.tracking.op_trace`) so
+    that a saved profile can replay its step under autocast's rules (``memprof run`` does;
+    off by default: in the traced steps its dispatch mode re-wraps Python scalars as 8-byte
+    tensors that the events backend counts).
 
     Example::
 
