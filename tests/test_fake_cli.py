@@ -92,6 +92,8 @@ def test_run_saves_fake_predictions_and_advise_file_shows_them(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-3000:]
     advice = json.loads(result.stdout)["advice"]
     assert advice["fake_prediction_s"] > 0
+    # no operator trace unless asked (--op-trace): its dispatch mode would touch the steps
+    assert json.loads((tmp_path / "lm.json").read_text()).get("op_trace") is None
     saved = rows(advice)
     assert sum(r.get("predicted_by") == "fake run" for r in saved.values()) >= 8
 
@@ -112,14 +114,14 @@ def test_run_saves_fake_predictions_and_advise_file_shows_them(tmp_path: Path) -
 
 
 def test_no_fake_predictions_is_analytic(tmp_path: Path) -> None:
-    result = memprof("run", "--steps", "1", "--no-html", "--no-fake-predictions", "--json",
-                     "-o", "lm.json", str(SCRIPT), cwd=tmp_path)
+    result = memprof("run", "--steps", "1", "--no-html", "--no-fake-predictions", "--op-trace",
+                     "--json", "-o", "lm.json", str(SCRIPT), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     advice = json.loads(result.stdout)["advice"]
     assert "fake_prediction_s" not in advice
     by = {r.get("predicted_by") for r in rows(advice).values()}
     assert by == {"analytic", "trace replay"}
-    # memprof run records the step's operator trace: the autocast rows replay it
+    # run --op-trace recorded the step's operator trace: the autocast rows replay it
     replayed = {r["options"].get("mode") for r in rows(advice).values()
                 if r.get("predicted_by") == "trace replay"}
     assert replayed == {"autocast"}

@@ -116,6 +116,11 @@ class Outcome:
 @click.option("--no-fake-predictions", "no_fake", is_flag=True,
               help="Predict the recommendations from the profile alone (analytic), not by "
               "fake runs of the script's model.")
+@click.option("--op-trace", is_flag=True,
+              help="Also record the operator trace of one of the first two steps in the "
+              "profile, so `memprof advise FILE` replays autocast from the file alone. The "
+              "traced steps run about 2x slower under a Python dispatch mode, which can change a "
+              "few bytes of what they allocate (scalars wrapped as tensors).")
 @json_option(keys="target, module, argv, exit_code, error, profile, report, steps, "
              "optimizer_steps, steps_seen, interrupted, peak, modules, advice, notes, warnings, "
              "oom")
@@ -129,6 +134,7 @@ def command(
     budget: str | None,
     as_module: bool,
     no_fake: bool,
+    op_trace: bool,
     as_json: bool,
     args: tuple[str, ...],
 ) -> None:
@@ -159,7 +165,7 @@ def command(
 
     from memprof.tracking.session import Profiler
 
-    profiler = Profiler(step_on_optimizer=True, max_steps=steps, record_ops=True)
+    profiler = Profiler(step_on_optimizer=True, max_steps=steps, record_ops=op_trace)
     capture = None if no_fake else _capture()
     outcome = execute(target, profiler, quiet_stdout=as_json, capture=capture)
     profile = profiler.profile
