@@ -19,7 +19,10 @@ Every time is printed with its ratio to the unchanged real step measured in the 
 time, and CPU time (this process's threads and its children), which a machine shared with other
 work inflates less.
 ``--quick`` uses a 2-layer GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N``
-prints the N most expensive functions of the all-rows ``advise`` call.
+prints the N most expensive functions of the all-rows ``advise`` call. ``--bytes FILE`` writes
+the all-rows call's predicted bytes per row to FILE, or, where FILE exists, says whether they
+are the same as those it holds (a speed-up must not change one byte; the checkpointing rows
+pick blocks by their measured forward time, so a loaded machine may pick others).
 
 Example::
 
@@ -27,6 +30,7 @@ Example::
     python benchmarks/fake_speed.py                 # GPT-2 small (minutes on a 2-core CPU)
     python benchmarks/fake_speed.py --model llama-gqa --cprofile 25
     python benchmarks/fake_speed.py --estimate llama-2-7b
+    python benchmarks/fake_speed.py --quick --no-rows --no-cli --bytes quick-bytes.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import resource
@@ -118,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip `memprof advise FILE`")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="print the N costliest functions of the all-rows advise call")
+    parser.add_argument("--bytes", type=Path, metavar="FILE",
+                        help="write the all-rows call's predicted bytes per row to FILE, or "
+                             "compare them with FILE's where it exists")
     parser.add_argument("--estimate", metavar="NAME",
                         help="time `memprof estimate NAME --gpu \"RTX 4090\"` (advice by fake "
                              "runs) against the unchanged fake step, instead of the above")
@@ -176,13 +184,33 @@ def main(argv: list[str] | None = None) -> int:
             report(f"fake run: {_label(c)}"[:58], clock, shown)
 
     if not args.no_advise:
-        _time_advise(profile, w, report, args.cprofile)
+        advice = _time_advise(profile, w, report, args.cprofile)
+        if args.bytes is not None:
+            _check_bytes(advice, args.bytes)
     if not args.no_cli:
         _time_cli(profile, report)
     return 0
 
 
-def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> None:
+def _check_bytes(advice: Any, path: Path) -> None:
+    """Write each row's predicted bytes to ``path``, or compare them with those it holds."""
+    rows = sorted([r["technique"], json.dumps(r.get("options"), sort_keys=True, default=str),
+                   r.get("predicted_peak_bytes"), r.get("predicted_by")] for r in advice.rows)
+    if not path.exists():
+        path.write_text(json.dumps(rows, indent=0))
+        print(f"predicted bytes of {len(rows)} rows written to {path}")
+        return
+    before = json.loads(path.read_text())
+    changed = [(a, b) for a, b in zip(before, rows, strict=False) if a != b]
+    if not changed and len(before) == len(rows):
+        print(f"predicted bytes of {len(rows)} rows: the same as {path}'s")
+        return
+    print(f"predicted bytes differ from {path}'s ({len(before)} rows there, {len(rows)} here):")
+    for a, b in changed:
+        print(f"  {a}\n  -> {b}")
+
+
+def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> Any:
     prof = cProfile.Profile() if top else None
     clock = Clock()
     if prof is not None:
@@ -197,6 +225,7 @@ def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
         print(out.getvalue())
+    return advice
 
 
 def _time_estimate(name: str, gpu: str = "RTX 4090") -> int:

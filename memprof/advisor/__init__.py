@@ -178,7 +178,11 @@ def advise(
         extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked,
                                                          **options)
         if extra["fake_baseline_peak_bytes"] is not None:  # fake runs work for this model
-            runner = _plan_runner(model_at_hand, options)
+            # a plan of one change is that change's row: its run is not repeated
+            ran: dict[tuple[int, ...], int] = {
+                (id(c),): c.predicted_peak for c in changes
+                if id(c) in faked and faked[id(c)] is None and c.predicted_peak is not None}
+            runner = _plan_runner(model_at_hand, options, ran)
     elif prediction_given is None:  # a saved profile: its fake-run predictions, if it has them
         stored = stored_fake_peaks(profile.advice)
         for c in changes:
@@ -269,10 +273,17 @@ def fake_options(profile: Profile) -> dict[str, Any]:
             "device": "cuda" if "cuda" in device.name else "cpu"}
 
 
-def _plan_runner(model: Workload, options: dict[str, Any]) -> PlanRunner:
+def _plan_runner(
+    model: Workload, options: dict[str, Any], ran: dict[tuple[int, ...], int] | None = None
+) -> PlanRunner:
+    """Runs a combination on fake tensors; ``ran``: the peaks of combinations already run with
+    the same options (by their changes' ids), returned without running them again."""
     from memprof.advisor.fake_prediction import fake_peak
 
     def run(combo: tuple[Change, ...]) -> int:
+        known = (ran or {}).get(tuple(id(c) for c in combo))
+        if known is not None:
+            return known
         with seeded():
             return fake_peak(model, [c.apply for c in combo if c.apply is not None], **options)
 

@@ -44,6 +44,11 @@ from memprof.errors import FakeRunError, first_line
 FAKE_STEPS = 2
 
 
+#: Skip the profiled optimizer step's updates in place of tracked tensors (see
+#: :func:`_tracked_updates_mode`); False runs every op (the tests compare the two).
+SKIP_TRACKED_UPDATES = True
+
+
 def fake_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -249,6 +254,58 @@ def _skippable(func: Any) -> int:
     return 0
 
 
+def _tracked_updates_mode() -> type:
+    from memprof.fake_scalars import ScalarStandIns
+    from memprof.tracking.kernel_corrections import CORRECTED_OPS
+    from memprof.tracking.ledger import storage_tensor
+
+    class TrackedUpdatesSkipped(ScalarStandIns):
+        """The profiled optimizer step on fake tensors: an update in place of tensors whose
+        storages the ledger already tracks (a pointwise ``mul_``, ``addcdiv_``, a
+        ``_foreach_*_`` op) allocates nothing and changes no shape, and the ledger would only
+        be shown a storage it knows (a no-op), so it is skipped: the bytes are the same, and
+        FakeTensor runs no fake kernel for it (a ``_foreach_*`` op runs one per tensor). An op
+        whose kernel memory the ledger corrects, or that updates a tensor the ledger has not
+        seen (it would start tracking it), is run."""
+
+        def __init__(self, ledger: Any) -> None:
+            super().__init__()
+            # the events backend keys storages by address (fake runs use the dispatch one)
+            self.entries = {} if ledger.by_ptr else ledger.entries
+
+        def __torch_dispatch__(  # type: ignore[no-untyped-def]
+            self, func, types, args=(), kwargs=None
+        ):
+            skip = _SKIPPED.get(func)
+            if skip is None:
+                skip = _SKIPPED[func] = _skippable(func)
+            if skip and func not in CORRECTED_OPS and args and self._tracked(args[0]):
+                return None if skip == 1 else args[0]
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _tracked(self, updated: Any) -> bool:
+            tensors = updated if isinstance(updated, list | tuple) else [updated]
+            try:
+                return all(isinstance(t, torch.Tensor)
+                           and id(storage_tensor(t).untyped_storage()) in self.entries
+                           for t in tensors)
+            except (NotImplementedError, RuntimeError):  # no storage to look up: run it
+                return False
+
+    return TrackedUpdatesSkipped
+
+
+def _tracked_updates(prof: Any) -> Any:
+    """A new mode for the profiled optimizer step (its class is made on first use)."""
+    global _TRACKED_UPDATES
+    if _TRACKED_UPDATES is None:
+        _TRACKED_UPDATES = _tracked_updates_mode()
+    return _TRACKED_UPDATES(prof.ledger)
+
+
+_TRACKED_UPDATES: type | None = None
+
+
 def _state_only() -> Any:
     """A new warm-up mode (its class is made on first use: memprof.estimate loads late)."""
     global _STATE_ONLY
@@ -299,7 +356,9 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
                 scaler.unscale_(optimizer)
             if warm and any(p.grad is None for p in warm):
                 missed = True
-            with ScalarStandIns():  # an optimizer reading a value (Adafactor) gets a stand-in
+            # an optimizer reading a value (Adafactor) gets a stand-in; its updates in place of
+            # tensors the ledger tracks are skipped (they allocate nothing)
+            with _tracked_updates(prof) if SKIP_TRACKED_UPDATES else ScalarStandIns():
                 optimizer.step()
             if scaler is not None:
                 scaler.update()

@@ -71,34 +71,73 @@ def scaler_block(numel: int) -> int | None:
     return None
 
 
-def quantize_layer(layer: nn.Module) -> nn.Module:
+def quantize_layer(layer: nn.Module, converted: dict[Any, Any] | None = None) -> nn.Module:
     """A frozen ``nn.Linear`` whose weight is ``layer``'s in NF4 (``layer`` itself when its
-    weight does not divide into blocks). Works on real and on fake tensors."""
+    weight does not divide into blocks). Works on real and on fake tensors.
+
+    ``converted`` (fake weights only, see :func:`_conversions`): the NF4 weights made by
+    earlier fake runs, by source weight; one found there is reused, a new one is added."""
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
     w = weight.detach()
-    if type(layer).__name__ == "Conv1D":  # transformers: y = x @ W + b, W is (in, out)
+    conv1d = type(layer).__name__ == "Conv1D"
+    if conv1d:  # transformers: y = x @ W + b, W is (in, out)
         w = w.t().contiguous()
     scalers = scaler_block(w.numel())
     if scalers is None:
         return layer
     out_features, in_features = int(w.shape[0]), int(w.shape[1])
     linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+    key = _weight_key(weight, conv1d) if converted is not None else None
     with torch.no_grad():
-        linear.weight = nn.Parameter(_to_nf4()(w, BLOCK, scalers), requires_grad=False)
+        found = converted.get(key) if converted is not None else None
+        if found is None:
+            found = (weight.untyped_storage(), _to_nf4()(w, BLOCK, scalers))
+            if converted is not None:
+                converted[key] = found  # the storage is kept so that its id stays its own
+        linear.weight = nn.Parameter(found[1], requires_grad=False)
     bias = getattr(layer, "bias", None)
     if isinstance(bias, nn.Parameter):
         linear.bias = bias
     return linear
 
 
+def _weight_key(weight: torch.Tensor, conv1d: bool) -> tuple[Any, ...]:
+    return (id(weight.untyped_storage()), weight.storage_offset(), tuple(weight.shape),
+            weight.stride(), weight.dtype, conv1d)
+
+
+def _conversions(model: nn.Module) -> dict[Any, Any] | None:
+    """The NF4 weights already made from this fake model's weights, kept on its fake mode
+    (they live as long as it does): the fake runs of an advice share one mode when the model is
+    already fake (a ``memprof estimate``), and then the QLoRA rows and plans convert each
+    frozen weight once instead of once per run (a fake weight's NF4 form depends only on its
+    shape and dtype; the ledger of each run counts it as before). None for real weights."""
+    from memprof.advisor.fake_prediction import is_fake
+
+    weight = next((p for p in model.parameters() if is_fake(p)), None)
+    if weight is None:
+        return None
+    mode = weight.fake_mode  # type: ignore[attr-defined]
+    table: dict[Any, Any] = mode.__dict__.setdefault("_memprof_nf4_weights", {})
+    return table
+
+
 def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     def apply(state: SimState) -> None:
         modules = dict(state.model.named_modules())
+        earlier = _conversions(state.model)
+        mine: dict[Any, Any] = {}  # this run's: a weight tied to two targets gets two NF4 ones
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else state.model
-            setattr(parent, child, quantize_layer(getattr(parent, child)))
+            layer = getattr(parent, child)
+            converted = None
+            if earlier is not None and isinstance(getattr(layer, "weight", None), torch.Tensor):
+                key = _weight_key(layer.weight, type(layer).__name__ == "Conv1D")
+                converted = None if key in mine else earlier
+                mine[key] = True
+            setattr(parent, child, quantize_layer(layer, converted))
         lora.lora_apply(rank, names)(state)
 
     return apply

@@ -1,0 +1,165 @@
+"""The fake runs' shortcuts give the bytes of the runs they shorten (#24: fast, byte-identical)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from workloads import gpt2_workload, mlp_workload
+
+from memprof.advisor import Workload, changes_for, fake_prediction, qlora, read_facts
+from memprof.advisor.fake_prediction import fake_peak
+from memprof.advisor.workload import baseline, seeded
+from memprof.estimate import estimate_step
+
+
+def _optimizer_changes(w: Workload) -> list[Any]:
+    changes = changes_for(read_facts(baseline(w).profile))
+    return [
+        c
+        for c in changes
+        if c.applicable
+        and c.apply is not None
+        and (
+            (c.technique in ("optimizer", "quantization") and "to" in c.options)
+            or c.options.get("grad_scaler")
+        )
+    ]
+
+
+def _peak(w: Workload, applies: list[Any], *, skip: bool, monkeypatch: pytest.MonkeyPatch) -> int:
+    with monkeypatch.context() as m:
+        m.setattr(fake_prediction, "SKIP_TRACKED_UPDATES", skip)
+        with seeded():
+            return fake_peak(w, applies)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_skipping_the_optimizers_tracked_updates_keeps_every_byte(
+    monkeypatch: pytest.MonkeyPatch, foreach: bool
+) -> None:
+    # GIVEN a small GPT-2 whose AdamW steps per tensor or with foreach, and the changes that
+    # act on the optimizer (SGD, momentum, Adafactor, 8-bit AdamW, fp16 with a GradScaler)
+    w = gpt2_workload()
+    w.optimizer.param_groups[0]["foreach"] = foreach
+    picked = _optimizer_changes(w)
+    assert {c.options.get("to") for c in picked} >= {"SGD", "Adafactor", "AdamW8bit"}
+    for applies in ([], *([c.apply] for c in picked)):
+        # WHEN each is run with its optimizer's in-place updates skipped, and with every op
+        fast = _peak(w, applies, skip=True, monkeypatch=monkeypatch)
+        slow = _peak(w, applies, skip=False, monkeypatch=monkeypatch)
+        # THEN the peaks are the same bytes
+        assert fast == slow
+
+
+def test_the_optimizer_step_skips_only_updates_of_tensors_the_ledger_tracks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an MLP with AdamW stepping per tensor: its step updates parameters and state in
+    # place, and makes tensors (sqrt, div)
+    w = mlp_workload()
+    from memprof.tracking import session
+
+    ledger_dispatch = session._LedgerMode.__torch_dispatch__
+    reached: list[str] = []
+
+    def recording(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        reached.append(func.overloadpacket.__name__)
+        return ledger_dispatch(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(session._LedgerMode, "__torch_dispatch__", recording)
+    # WHEN its fake run steps the optimizer with the tracked updates skipped, then with all ops
+    _peak(w, [], skip=True, monkeypatch=monkeypatch)
+    fast, reached[:] = set(reached), []
+    _peak(w, [], skip=False, monkeypatch=monkeypatch)
+    slow = set(reached)
+    # THEN the in-place updates reach the ledger (and FakeTensor) only in the full run, and the
+    # ops that make tensors reach it in both
+    updates = {"mul_", "lerp_", "addcdiv_"}
+    assert updates <= slow
+    assert not updates & fast
+    assert {"sqrt", "div"} <= fast & slow
+
+
+class _Tied(nn.Module):
+    """Two projections sharing one weight (a weight tied to two QLoRA targets), one more, and
+    the output head (not a target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 64)
+        self.again = nn.Linear(64, 64)
+        self.again.weight = self.up.weight
+        self.mid = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.again(torch.relu(self.up(x))))
+        return self.head(torch.relu(self.mid(x)))
+
+
+def test_qlora_runs_of_a_fake_model_convert_each_weight_once_and_keep_every_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a model already on fake tensors (as `memprof estimate` builds it), one weight tied
+    # to two targets, and its QLoRA changes
+    step = estimate_step(_Tied, batch=lambda: torch.randn(32, 64), dtype="fp32", device="cpu")
+    w = Workload(step.model, step.optimizer, step.batch, step_fn=step.loss)
+    picked = [
+        c
+        for c in changes_for(read_facts(step.profile))
+        if c.technique == "qlora" and c.applicable and c.apply is not None
+    ]
+    assert len(picked) == 2
+    calls: list[int] = []
+    convert = qlora._to_nf4()
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return convert(*args)
+
+    monkeypatch.setattr(qlora, "_to_nf4", lambda: counting)
+    # WHEN each is run twice with the conversions shared between runs, then without
+    shared = [_peak(w, [c.apply], skip=True, monkeypatch=monkeypatch) for c in picked * 2]
+    made = len(calls)
+    with monkeypatch.context() as m:
+        m.setattr(qlora, "_conversions", lambda model: None)
+        alone = [_peak(w, [c.apply], skip=True, monkeypatch=monkeypatch) for c in picked * 2]
+    # THEN the peaks are the same bytes; the first run converted its 3 targets, later runs only
+    # the second user of the tied weight (each run gives it its own NF4 weight, as before)
+    assert shared == alone
+    assert made == 3 + 3 * 1
+    assert len(calls) == made + 4 * 3
+
+
+def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN an MLP's profile and a budget a little under its peak (one change fits)
+    import memprof.advisor as advisor
+
+    w = mlp_workload()
+    profile = baseline(w).profile
+    budget = int(profile.peak().total_bytes * 0.9)
+    runs: list[int] = []
+    real_peak = fake_prediction.fake_peak
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        runs.append(1)
+        return real_peak(*args, **kwargs)
+
+    monkeypatch.setattr(fake_prediction, "fake_peak", counting)
+    # WHEN it is advised with the rows' runs reused by the plan, then with every plan run made
+    fast = advisor.advise(profile, workload=w, simulate=False, budget=budget)
+    reused = len(runs)
+    runs.clear()
+    plan_runner = advisor._plan_runner
+    monkeypatch.setattr(
+        advisor, "_plan_runner", lambda model, options, ran=None: plan_runner(model, options)
+    )
+    slow = advisor.advise(profile, workload=w, simulate=False, budget=budget)
+    # THEN the plan is the same, checked by a fake run of one change, run once fewer
+    assert fast.plan == slow.plan
+    assert fast.plan["fits"] and fast.plan["checked_by"] == "fake run"
+    assert len(fast.plan["changes"]) == 1
+    assert reused == len(runs) - 1
