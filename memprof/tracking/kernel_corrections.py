@@ -68,7 +68,14 @@ def _ops(names: tuple[str, ...]) -> frozenset[Any]:
     return frozenset(found)
 
 
-CORRECTED_OPS = _ops(_CORRECTED_NAMES)
+#: Ops that copy a tensor whole: a copy of a storage the ledger charges at another size than
+#: its fake one (an RNN workspace, 0 bytes under fake tensors) is charged at that size too
+#: (``save_on_cpu`` copies what autograd saves, the workspace included, with empty + copy_).
+_CARRIED_NAMES = ("copy_.default", "clone.default", "_to_copy.default")
+CARRIED_OPS = _ops(_CARRIED_NAMES)
+
+#: Every op the dispatch ledger hands to :func:`apply`.
+CORRECTED_OPS = _ops(_CORRECTED_NAMES) | CARRIED_OPS
 
 #: Keys whose inputs hold more than this are extrapolated, not run.
 MEASURE_LIMIT_BYTES = 256 * 2**20
@@ -282,6 +289,8 @@ def _measure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                            dtype=value.dtype).as_strided(
             value.shape, value.stride(), value.storage_offset())
 
+    if func is aten.mkldnn_rnn_layer_backward.default and _unknown_workspace(args, real_size):
+        return None  # oneDNN would read a workspace it never wrote, past its end
     try:
         # grad mode stays as the run has it: the RNN kernel fills its workspace only with it on
         with unset_fake_temporarily(), _no_autocast():
@@ -313,6 +322,17 @@ def _measure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return OpMemory(max(0, allocation_peak(events) - total), tuple(sizes))
 
 
+def _unknown_workspace(args: tuple[Any, ...],
+                       real_size: Callable[[torch.Tensor], int | None]) -> bool:
+    """Whether an RNN backward's workspace (its last tensor argument) has no known real size:
+    its fake storage is empty and the ledger knows no real one."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors:
+        return True
+    workspace = tensors[-1]
+    return workspace.untyped_storage().nbytes() == 0 and real_size(workspace) is None
+
+
 @contextlib.contextmanager
 def _no_autocast() -> Iterator[None]:
     with torch.autocast("cpu", enabled=False):
@@ -338,6 +358,9 @@ def allocation_peak(events: list[tuple[Any, int, int]]) -> int:
 def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...],
           kwargs: dict[str, Any], out: Any) -> None:
     """Charge ``out`` (already seen by the ledger) at the real sizes, then the op's transient."""
+    if func in CARRIED_OPS:
+        _carry(ledger, func, args, out)
+        return
     def real_size(tensor: torch.Tensor) -> int | None:
         entry = ledger.lookup(tensor)
         if entry is None or entry.nbytes == entry.raw_nbytes or tensor.dim() != 1:
@@ -360,3 +383,24 @@ def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...
         ledger.spike(memory.transient)
     if changed:
         table.count(func, memory)
+
+
+def _carry(ledger: Any, func: Any, args: tuple[Any, ...], out: Any) -> None:
+    """A whole copy of a storage charged at its real size (see :data:`CARRIED_OPS`) is charged
+    at that size too, scaled by the two dtypes' element sizes."""
+    source = args[1] if func is aten.copy_.default else args[0]
+    if not (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return
+    if out.shape != source.shape or source.element_size() == 0:
+        return
+    source_entry = ledger.lookup(source)
+    if source_entry is None or source_entry.nbytes == source_entry.raw_nbytes:
+        return
+    entry = ledger.lookup(out)
+    if entry is None or entry is source_entry:
+        return
+    if entry.raw_nbytes != out.numel() * out.element_size():  # a part of a larger storage
+        return
+    real = source_entry.nbytes * out.element_size() // source.element_size()
+    if entry.nbytes != real:
+        ledger.recharge(entry, real)
