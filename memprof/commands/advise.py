@@ -198,7 +198,8 @@ def _advise_script(
     run of what it captured (``fake``), and with ``simulate`` measure each change."""
     from memprof.advisor.capture import ScriptCapture, predict
     from memprof.advisor.script import ScriptFailed, ScriptSimulator
-    from memprof.commands.run import parse_budget, resolve_target, run_target, script_environment
+    from memprof.commands.budget import parse_budget
+    from memprof.commands.script_runner import resolve_target, run_target, script_environment
 
     target = resolve_target(args, as_module=as_module)
     if output is not None:

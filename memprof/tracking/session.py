@@ -15,13 +15,10 @@ Everything is removed on exit, also when the body raises; the partial profile st
 
 from __future__ import annotations
 
-import itertools
-import math
 import platform
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -35,7 +32,6 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_flatten
 
 from memprof import oom as oom_report
-from memprof._version import __version__
 from memprof.categories import CATEGORIES, PHASES
 from memprof.decimate import decimate
 from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
@@ -52,7 +48,11 @@ from memprof.profile import (
 )
 from memprof.tracking import kernel_corrections, native
 from memprof.tracking.compiled import CompiledOwners, compiled_inner, is_compiled
+from memprof.tracking.environment import environment
 from memprof.tracking.events import EventStream
+from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
+from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
+from memprof.tracking.leak import MemoryLeakWarning, leak_warning
 from memprof.tracking.ledger import (
     ACTIVATION,
     BACKWARD,
@@ -76,19 +76,15 @@ from memprof.tracking.ledger import (
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.op_trace import OpTraces
+from memprof.tracking.optimizer_state import OptimizerStates
 from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
-from memprof.units import round_up
 
 _graph_task_id = torch._C._current_graph_task_id
 #: The autograd sequence counter: inside a pack hook, the number of the node being made, plus 1.
 _sequence_nr = torch._C._autograd._get_sequence_nr
 
-#: A leak is reported when live memory between steps grew this many steps in a row...
-LEAK_MIN_GROWTHS = 3
-#: ...by at least this much in all.
-LEAK_MIN_BYTES = 1 << 20
 #: What ``backend="auto"`` picks for real tensors (fake tensors always use "dispatch"); None:
 #: "events" where memprof's C++ recorder can be built (it is what makes that backend cheap:
 #: see :mod:`memprof.tracking.native`), else "dispatch".
@@ -260,8 +256,7 @@ class Profiler:
         self._interrupted: set[int] = set()  # steps an exception cut short
         self._timeline_chunks: list[dict[str, list[Any]]] = []
         self._peak: Peak | None = None
-        self._optimizers: dict[int, dict[str, Any]] = {}
-        self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int]]] = {}
+        self._optimizer_states = OptimizerStates()
         self._inputs_seen: list[dict[str, Any]] = []
         self._step = 0
         self._forwards_in_step = 0
@@ -921,57 +916,8 @@ class Profiler:
 
     def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> list[tuple[Any, int]]:
         """The optimizer's persistent state tensors with their owning modules (live part)."""
-        ledger = self.ledger
-        owner = self.registry.param_owner
-        state: list[tuple[Any, int]] = []
-        state_bytes = 0
-        round_to = max(self._round_to, 1)
-        # Events backend: the facts of a state tensor that is still the same object at the same
-        # address are the same as last step's; reuse them (fewer objects for the GC to scan).
-        # The cache holds the tensors weakly and only those seen this time.
-        cache = self._state_facts.get(id(optimizer), {}) if ledger.by_ptr else None
-        seen: dict[int, tuple[Any, int, tuple[Any, int], int]] = {}
-        for param, values in optimizer.state.items():
-            module = owner.get(param, OUTSIDE)
-            for value in values.values():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                for part in ledger.parts(value):  # one, unless the state is sparse
-                    if cache is not None:
-                        ptr = part.data_ptr()
-                        hit = cache.get(id(part))
-                        if (hit is not None and hit[0]() is part and hit[1] == ptr
-                                and hit[2][1] == module):
-                            seen[id(part)] = hit
-                            state.append(hit[2])
-                            state_bytes += hit[3]
-                            continue
-                    item = (facts_of(part) if ledger.by_ptr else part, module)
-                    state.append(item)
-                    raw = part.untyped_storage().nbytes()
-                    if round_to > 1 or part.is_cuda:
-                        raw = round_up(raw, max(round_to, 512))
-                    state_bytes += raw
-                    if cache is not None:
-                        seen[id(part)] = (weakref.ref(part), ptr, item, raw)
-        if cache is not None:
-            self._state_facts[id(optimizer)] = seen
-        summary = self._optimizers.get(id(optimizer))
-        if summary is None:  # once per optimizer: this runs on every step
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            summary = self._optimizers[id(optimizer)] = {
-                "class": type(optimizer).__name__,
-                "defaults": _json_safe(_hyperparameters(optimizer)),
-                "num_parameters": int(sum(p.numel() for p in params)),
-                "parameter_bytes": int(sum(part.untyped_storage().nbytes()
-                                           for p in params for part in ledger.parts(p))),
-                # Per trained tensor: what optimizers with shape-dependent state (Adafactor's
-                # factored moments) or per-tensor scratch need to be predicted.
-                "parameter_shapes": [[int(d) for d in p.shape] for p in params],
-                "parameter_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
-            }
-        summary["state_bytes"] = state_bytes
-        return state
+        return self._optimizer_states.collect(optimizer, self.ledger, self.registry.param_owner,
+                                              self._round_to)
 
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
         for value, module in state:
@@ -1086,7 +1032,7 @@ class Profiler:
             )
         # An interrupted step ended mid-step (an out-of-memory error in a forward): its live
         # bytes are no between-step bytes.
-        leak = _leak_warning([s for s in self._steps if s.step not in self._interrupted])
+        leak = leak_warning([s.end_bytes for s in self._steps if s.step not in self._interrupted])
         if leak:
             warnings_.append(leak)
             warnings.warn(leak, MemoryLeakWarning, stacklevel=3)
@@ -1098,7 +1044,7 @@ class Profiler:
             device=self._device_info(),
             environment=environment(),
             warnings=warnings_,
-            optimizers=list(self._optimizers.values()),
+            optimizers=self._optimizer_states.summaries(),
             allocator=self._reserved.summary() if self._reserved is not None else None,
             op_trace=self._op_traces.result(self._steps, self._device_info().kind, self._name),
             meta={
@@ -1222,10 +1168,6 @@ class _BackwardEnter:
             self.profiler._on_backward_enter(self.idx)
 
 
-class MemoryLeakWarning(UserWarning):
-    """Live memory between steps kept growing."""
-
-
 keep_out_of_dynamo(
     _LedgerMode.__torch_dispatch__, Profiler._pack, Profiler._on_grad, Profiler._on_forward_pre,
     Profiler._on_forward, Profiler._on_root_kwargs, Profiler._on_optimizer_pre,
@@ -1285,60 +1227,6 @@ def _fake_mode_active() -> bool:
         return detect_fake_mode() is not None
     except ImportError:  # pragma: no cover - very old torch
         return False
-
-
-def _leak_warning(steps: list[StepStats]) -> str | None:
-    """Warn when end-of-step live bytes grew step after step (ignoring the first step)."""
-    ends = [s.end_bytes for s in steps[1:]]
-    if len(ends) < LEAK_MIN_GROWTHS + 1:
-        return None
-    recent = ends[-(LEAK_MIN_GROWTHS + 1):]
-    growths = [b - a for a, b in itertools.pairwise(recent)]
-    if all(g > 0 for g in growths) and sum(growths) >= LEAK_MIN_BYTES:
-        from memprof.units import format_bytes
-
-        per_step = format_bytes(sum(growths) / len(growths))
-        return (
-            f"possible leak: live memory between steps grew {LEAK_MIN_GROWTHS} steps in a row "
-            f"(about {per_step} per step); something keeps tensors from earlier steps alive, "
-            "such as a loss kept with its graph (use loss.item() or loss.detach())"
-        )
-    return None
-
-
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What runs: the first param group's hyperparameters over the optimizer's defaults
-    (a group can differ from them: ``foreach``, ``lr``, ...)."""
-    first = optimizer.param_groups[0] if optimizer.param_groups else {}
-    return {**optimizer.defaults, **{k: v for k, v in first.items() if k != "params"}}
-
-
-def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
-    safe: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, bool | int | str) or value is None:
-            safe[key] = value
-        elif isinstance(value, float):
-            safe[key] = value if math.isfinite(value) else str(value)
-        elif isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
-            safe[key] = list(value)
-        elif isinstance(value, torch.Tensor) and value.numel() == 1:
-            safe[key] = value.item()
-        else:
-            safe[key] = repr(value)
-    return safe
-
-
-def environment() -> dict[str, str]:
-    """Versions that explain a profile: memprof, torch, Python, CUDA, the command line."""
-    return {
-        "memprof": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cuda": str(torch.version.cuda or "none"),
-        "command": " ".join(sys.argv),
-    }
 
 
 def profile(

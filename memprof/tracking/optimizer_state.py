@@ -1,0 +1,102 @@
+"""Optimizer accounting: the persistent state tensors of each step and a summary per
+optimizer (class, hyperparameters, parameters, state bytes) for the profile."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from memprof.tracking.ledger import OUTSIDE, StorageLedger, facts_of
+from memprof.units import round_up
+
+
+class OptimizerStates:
+    """What the profiler knows of the optimizers it saw step."""
+
+    def __init__(self) -> None:
+        self._summaries: dict[int, dict[str, Any]] = {}
+        self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int]]] = {}
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """One summary per optimizer, in the order they first stepped."""
+        return list(self._summaries.values())
+
+    def collect(self, optimizer: torch.optim.Optimizer, ledger: StorageLedger,
+                owner: Mapping[Any, int], round_to: int) -> list[tuple[Any, int]]:
+        """The optimizer's persistent state tensors with their owning modules (live part)."""
+        state: list[tuple[Any, int]] = []
+        state_bytes = 0
+        round_to = max(round_to, 1)
+        # Events backend: the facts of a state tensor that is still the same object at the same
+        # address are the same as last step's; reuse them (fewer objects for the GC to scan).
+        # The cache holds the tensors weakly and only those seen this time.
+        cache = self._state_facts.get(id(optimizer), {}) if ledger.by_ptr else None
+        seen: dict[int, tuple[Any, int, tuple[Any, int], int]] = {}
+        for param, values in optimizer.state.items():
+            module = owner.get(param, OUTSIDE)
+            for value in values.values():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                for part in ledger.parts(value):  # one, unless the state is sparse
+                    if cache is not None:
+                        ptr = part.data_ptr()
+                        hit = cache.get(id(part))
+                        if (hit is not None and hit[0]() is part and hit[1] == ptr
+                                and hit[2][1] == module):
+                            seen[id(part)] = hit
+                            state.append(hit[2])
+                            state_bytes += hit[3]
+                            continue
+                    item = (facts_of(part) if ledger.by_ptr else part, module)
+                    state.append(item)
+                    raw = part.untyped_storage().nbytes()
+                    if round_to > 1 or part.is_cuda:
+                        raw = round_up(raw, max(round_to, 512))
+                    state_bytes += raw
+                    if cache is not None:
+                        seen[id(part)] = (weakref.ref(part), ptr, item, raw)
+        if cache is not None:
+            self._state_facts[id(optimizer)] = seen
+        summary = self._summaries.get(id(optimizer))
+        if summary is None:  # once per optimizer: this runs on every step
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            summary = self._summaries[id(optimizer)] = {
+                "class": type(optimizer).__name__,
+                "defaults": json_safe(hyperparameters(optimizer)),
+                "num_parameters": int(sum(p.numel() for p in params)),
+                "parameter_bytes": int(sum(part.untyped_storage().nbytes()
+                                           for p in params for part in ledger.parts(p))),
+                # Per trained tensor: what optimizers with shape-dependent state (Adafactor's
+                # factored moments) or per-tensor scratch need to be predicted.
+                "parameter_shapes": [[int(d) for d in p.shape] for p in params],
+                "parameter_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
+            }
+        summary["state_bytes"] = state_bytes
+        return state
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What runs: the first param group's hyperparameters over the optimizer's defaults
+    (a group can differ from them: ``foreach``, ``lr``, ...)."""
+    first = optimizer.param_groups[0] if optimizer.param_groups else {}
+    return {**optimizer.defaults, **{k: v for k, v in first.items() if k != "params"}}
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    safe: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool | int | str) or value is None:
+            safe[key] = value
+        elif isinstance(value, float):
+            safe[key] = value if math.isfinite(value) else str(value)
+        elif isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
+            safe[key] = list(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            safe[key] = value.item()
+        else:
+            safe[key] = repr(value)
+    return safe
