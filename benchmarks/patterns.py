@@ -1,7 +1,7 @@
 """A pattern zoo beside the model zoo: training patterns that break naive memory profilers.
 
     python benchmarks/patterns.py [--only NAME ...] [--steps 3] [--backends events dispatch]
-                                  [--estimate]
+                                  [--estimate] [--advice]
 
 Each pattern is a small real workload run for a few CPU steps (sparse embeddings with
 SparseAdam, a dead graph branch, a tiny Mamba and Mixtral from transformers, a GAN with two
@@ -24,6 +24,11 @@ backend it prints:
   hook left behind;
 * with ``--estimate``, under the events row: ``memprof.estimate`` of the same step (fake
   tensors, fp32, CPU, AdamW) against the real run's peak, or the one line why it cannot run;
+* with ``--advice`` (instead of the table): per pattern, every row of ``memprof.advise`` on
+  its events profile with the loop as a Workload (simulated on copies): technique, options,
+  ``predicted_by``, predicted against measured peak (``within`` 3% or ``off``), or the reason
+  the row gives for not being compared (``explained``), then a summary; a pattern whose step is
+  not one model and one optimizer says why it is skipped;
 * ``mode%`` (dispatch rows): the allocator's own peak of the same step when a no-op Python
   dispatch mode is active, against the unprofiled one: what the dispatch backend's mode does
   to the run itself.
@@ -90,6 +95,9 @@ class Loop:
     #: What ``memprof.estimate`` needs to run the same step on fake tensors: the batch maker
     #: and the loss of the model's output (None: the step is not one ``estimate`` can run).
     estimate: dict[str, Any] | None = None
+    #: The step as an advisor :class:`~memprof.advisor.workload.Workload` over the last batch
+    #: (its ``step_fn`` computes the loss on the copy it is given), or why it is not one.
+    workload: Callable[[], Any] | str = "the step is not one model and one optimizer"
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,9 @@ def _sparse_embeddings() -> Loop:
         dense.zero_grad()
         return loss.detach()
 
-    return Loop([model], [sparse, dense], step, lambda: list(batch))
+    return Loop([model], [sparse, dense], step, lambda: list(batch),
+                workload="two optimizers (SparseAdam for the embedding, Adam for the head): a "
+                         "Workload simulates one")
 
 
 def _dead_branch() -> Loop:
@@ -147,17 +157,19 @@ def _dead_branch() -> Loop:
 
 def _simple(model: nn.Module, optimizer: torch.optim.Optimizer,
             make: Callable[[torch.Generator], Any],
-            loss_of: Callable[[Any], torch.Tensor] | None = None) -> Loop:
+            loss_of: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> Loop:
     batch: list[Any] = [None]
+
+    def loss_on(net: nn.Module, value: Any) -> torch.Tensor:
+        if loss_of is not None:
+            return loss_of(net, value)
+        if isinstance(value, dict):
+            return net(**value).loss
+        return net(value).float().pow(2).mean()
 
     def step(i: int) -> torch.Tensor:
         batch[0] = make(torch.Generator().manual_seed(i))
-        if loss_of is not None:
-            loss = loss_of(batch[0])
-        elif isinstance(batch[0], dict):
-            loss = model(**batch[0]).loss
-        else:
-            loss = model(batch[0]).float().pow(2).mean()
+        loss = loss_on(model, batch[0])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -175,7 +187,12 @@ def _simple(model: nn.Module, optimizer: torch.optim.Optimizer,
         list(model.parameters()))
     same = loss_of is None and isinstance(optimizer, torch.optim.AdamW) and trains_all
     estimate = {"make": make, "loss_fn": lambda out: out.float().pow(2).mean()} if same else None
-    return Loop([model], [optimizer], step, kept, estimate=estimate)
+    from memprof.advisor.workload import Workload
+
+    def workload() -> Workload:
+        return Workload(model, optimizer, batch[0], step_fn=loss_on)
+
+    return Loop([model], [optimizer], step, kept, estimate=estimate, workload=workload)
 
 
 def _lm_batch(vocab: int, seq: int = 32) -> Callable[[torch.Generator], dict[str, Any]]:
@@ -230,7 +247,9 @@ def _gan() -> Loop:
         opt_g.step()
         return loss.detach()
 
-    return Loop([gen, disc], [opt_g, opt_d], step, lambda: list(batch))
+    return Loop([gen, disc], [opt_g, opt_d], step, lambda: list(batch),
+                workload="two models, two optimizers and two backward passes per step: a "
+                         "Workload simulates one model and one optimizer")
 
 
 def _accumulation() -> Loop:
@@ -252,7 +271,21 @@ def _accumulation() -> Loop:
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    return Loop([model], [optimizer], step, lambda: list(batch))
+    def micro_batches(net: nn.Module, value: list[torch.Tensor]) -> torch.Tensor:
+        """The same step for the advisor: three micro-batches backward here, the fourth's loss
+        returned for the Workload's own backward."""
+        x, y = value
+        for part in range(3):
+            rows = slice(16 * part, 16 * part + 16)
+            (F.cross_entropy(net(x[rows]), y[rows]) / 4).backward()
+        return F.cross_entropy(net(x[48:]), y[48:]) / 4
+
+    from memprof.advisor.workload import Workload
+
+    def workload() -> Workload:
+        return Workload(model, optimizer, list(batch), step_fn=micro_batches)
+
+    return Loop([model], [optimizer], step, lambda: list(batch), workload=workload)
 
 
 def _ddp_no_sync() -> Loop:
@@ -284,7 +317,9 @@ def _ddp_no_sync() -> Loop:
     def buckets() -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
-    return Loop([model], [optimizer], step, lambda: list(batch), hidden=buckets)
+    return Loop([model], [optimizer], step, lambda: list(batch), hidden=buckets,
+                workload="DDP's no_sync step over a process group: a Workload's deep copy of "
+                         "the DDP module is not a step the advisor can simulate")
 
 
 def _compiled() -> Loop:
@@ -293,7 +328,20 @@ def _compiled() -> Loop:
     compiled = torch.compile(model, backend="inductor")
     optimizer = torch.optim.AdamW(model.parameters())
     return _simple(model, optimizer, lambda g: torch.randn(32, 64, generator=g),
-                   loss_of=lambda x: compiled(x).pow(2).mean())
+                   loss_of=lambda net, x: _compiled_copy(net, model, compiled)(x).pow(2).mean())
+
+
+def _compiled_copy(net: nn.Module, model: nn.Module, compiled: Any) -> Any:
+    """The compiled model for the loop's own model, a compiled module for a copy (the
+    advisor's simulations run on deep copies)."""
+    if net is model:
+        return compiled
+    if net not in _COMPILED_COPIES:
+        _COMPILED_COPIES[net] = torch.compile(net, backend="inductor")
+    return _COMPILED_COPIES[net]
+
+
+_COMPILED_COPIES: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 class _UNet(nn.Module):
@@ -355,20 +403,30 @@ def _lora() -> Loop:
     return _simple(model, torch.optim.AdamW(params), _lm_batch(256))
 
 
-def _chunked_loss() -> Loop:
-    body = nn.Sequential(nn.Embedding(512, 64), nn.Linear(64, 64), nn.GELU())
-    head = nn.Linear(64, 512, bias=False)
-    model = nn.ModuleDict({"body": body, "head": head})
+class _ChunkedLM(nn.Module):
+    """A language model whose loss is computed in chunks: ``forward`` gives the hidden states,
+    the head runs on 32 rows at a time (never all logits at once)."""
 
-    def loss_of(ids: torch.Tensor) -> torch.Tensor:
-        hidden = body(ids[:, :-1]).flatten(0, 1)
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Embedding(512, 64), nn.Linear(64, 64), nn.GELU())
+        self.head = nn.Linear(64, 512, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body(ids[:, :-1])
+
+
+def _chunked_loss() -> Loop:
+    def loss_of(net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        hidden = net(ids).flatten(0, 1)
         targets = ids[:, 1:].flatten()
         total = torch.zeros(())
-        for rows in torch.split(torch.arange(hidden.shape[0]), 32):  # never all logits at once
-            logits = head(hidden[rows])
+        for rows in torch.split(torch.arange(hidden.shape[0]), 32):
+            logits = net.head(hidden[rows])
             total = total + F.cross_entropy(logits, targets[rows], reduction="sum")
         return total / targets.numel()
 
+    model = _ChunkedLM()
     return _simple(model, torch.optim.AdamW(model.parameters()),
                    lambda g: torch.randint(0, 512, (4, 65), generator=g), loss_of=loss_of)
 
@@ -553,6 +611,7 @@ def check(pattern: Pattern, steps: int, backends: list[str], *, estimates: bool 
                     key=lambda i: abs(ours[i] - truth[i]) / stats[i].peak_bytes)
         row["peak"] = stats[worst].peak_bytes
         row["peak_err_pct"] = 100.0 * (ours[worst] - truth[worst]) / stats[worst].peak_bytes
+        row["peak_err_bytes"] = ours[worst] - truth[worst]
         row["worst"] = worst
         row["persistent"] = stats[-1].end_bytes
         row["peak_total"] = max(s.peak_bytes for s in stats[1:])  # what estimate's peak is
@@ -584,6 +643,57 @@ def check(pattern: Pattern, steps: int, backends: list[str], *, estimates: bool 
     return rows
 
 
+ADVICE_TOLERANCE_PCT = 3.0
+
+
+def advice_rows(pattern: Pattern, steps: int) -> list[dict[str, Any]] | str:
+    """The advisor on the pattern's events-backend profile, every row simulated on copies of
+    the loop's model and optimizer (``memprof.advise(..., workload=...)``); or why not."""
+    with _quiet():
+        _losses, _params, prof, loop = _run(pattern, steps, "events")
+        if isinstance(loop.workload, str):
+            return f"skipped: {loop.workload}"
+        advice = memprof.advise(prof.profile, workload=loop.workload())
+    return [dict(r) for r in advice.rows]
+
+
+def advice_verdict(row: dict[str, Any]) -> tuple[str, str]:
+    """("within" | "off" | "explained", the text) for one advisor row: predicted within
+    ADVICE_TOLERANCE_PCT of its simulation, off by more, or not compared with its reason."""
+    error = row.get("error_pct")
+    if error is not None:
+        kind = "within" if error <= ADVICE_TOLERANCE_PCT else "off"
+        return kind, (f"predicted {row['predicted_peak_bytes']} measured "
+                      f"{row['measured_peak_bytes']} err {error:.2f}%")
+    if not row.get("applicable"):
+        return "explained", f"not applicable: {row.get('reason')}"
+    for key in ("not_simulated", "caveats"):
+        if row.get(key):
+            return "explained", f"{key}: {row[key]}"
+    if row.get("predicted_peak_bytes") is None:
+        return "off", "no prediction and no reason"
+    return "off", f"predicted {row['predicted_peak_bytes']}, not simulated and no reason"
+
+
+def print_advice(pattern: Pattern, steps: int) -> dict[str, int]:
+    """Print the pattern's advisor rows and its summary; returns the summary's counts."""
+    rows = advice_rows(pattern, steps)
+    if isinstance(rows, str):
+        print(f"{pattern.name:20} advice {rows}")
+        return {}
+    counts = {"within": 0, "off": 0, "explained": 0}
+    for row in rows:
+        kind, text = advice_verdict(row)
+        counts[kind] += 1
+        options = ",".join(f"{k}={v}" for k, v in (row.get("options") or {}).items())
+        print(f"{'':4}{kind:9} {row['technique']:16} {options[:40]:40} "
+              f"{row.get('predicted_by')!s:18} {text[:160]}")
+    print(f"{pattern.name:20} advice: {counts['within']} rows within "
+          f"{ADVICE_TOLERANCE_PCT:g}%, {counts['off']} off, {counts['explained']} explain "
+          f"themselves")
+    return counts
+
+
 def _estimate_text(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The estimate against the real run; where it is off, also against the real run under a
     dispatch mode (the dispatch backend's row: the estimate runs under one too)."""
@@ -606,9 +716,19 @@ def main() -> None:
     parser.add_argument("--backends", nargs="*", default=["events", "dispatch"])
     parser.add_argument("--estimate", action="store_true",
                         help="also memprof.estimate each pattern against the real run")
+    parser.add_argument("--advice", action="store_true",
+                        help="instead: every advisor row against its simulation, per pattern")
     args = parser.parse_args()
     torch.set_num_threads(1)
     chosen = [p for p in PATTERNS if not args.only or p.name in args.only]
+    if args.advice:
+        for pattern in chosen:
+            if pattern.needs and importlib.util.find_spec(pattern.needs) is None:
+                print(f"{pattern.name:20} skipped: needs {pattern.needs}")
+                continue
+            print_advice(pattern, args.steps)
+            sys.stdout.flush()
+        return
     header = (f"{'pattern':20} {'backend':8} {'crash':6} {'peak':>10} {'err%':>8} "
               f"{'persistent':>10} {'hand':>10} {'bitwise':7} {'freed':18} {'hooks':5} {'s':>5} "
               f"{'mode%':>8}")
