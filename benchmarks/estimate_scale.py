@@ -100,7 +100,7 @@ def child(which: str, layers: int, seq_len: int, cprofile: bool) -> dict[str, An
     else:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from memprof.estimate import _build_model
+        from memprof.estimate.fake_step import _build_model
 
         with FakeTensorMode():
             model = _build_model(spec.factory, torch.bfloat16)

@@ -1,0 +1,383 @@
+"""The estimate itself: build the model, its optimizer and batch under FakeTensorMode and
+profile a training (or inference) step with memprof's ordinary Profiler (see
+:mod:`memprof.estimate` for what is modelled rather than measured)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof.devices import CUDA_BLOCK_BYTES
+from memprof.errors import EstimateError, MemprofError
+from memprof.estimate.catalog import ModelSpec
+from memprof.estimate.failures import one_line, user_code
+from memprof.estimate.loading import resolve_batch
+from memprof.estimate.verdict import annotate, gpu_budget
+from memprof.fake_scalars import ScalarStandIns
+from memprof.profile import Profile
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "none")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class EstimatedStep:
+    """An estimate's profile and the fake objects that made it, kept so that the advisor can
+    run changes on fake copies of the same model (:func:`estimate_step`).
+
+    ``model`` and ``optimizer`` hold fake tensors only (nothing allocated); ``batch`` is the
+    fake batch; ``loss(model, batch)`` is the step's forward and loss (under the estimate's
+    autocast), to which a training step adds backward, the optimizer step and ``zero_grad``.
+    ``optimizer`` is None for inference and for ``optimizer="none"``.
+    """
+
+    profile: Profile
+    model: nn.Module = dataclasses.field(repr=False)
+    optimizer: torch.optim.Optimizer | None = dataclasses.field(repr=False)
+    batch: Any = dataclasses.field(repr=False)
+    loss: Callable[[nn.Module, Any], torch.Tensor] = dataclasses.field(repr=False)
+    inference: bool = False
+
+
+def estimate(
+    model_factory: Callable[[], nn.Module] | ModelSpec,
+    *,
+    batch: Any,
+    optimizer: str = "adamw",
+    dtype: str = "bf16",
+    mixed_precision: str | None = None,
+    device: str = "cuda",
+    gpu: str | None = None,
+    steps: int = 2,
+    inference: bool = False,
+    context_len: int | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> Profile:
+    """:func:`estimate_step`'s profile (see there for the arguments)."""
+    return estimate_step(
+        model_factory, batch=batch, optimizer=optimizer, dtype=dtype,
+        mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
+        inference=inference, context_len=context_len, loss_fn=loss_fn,
+    ).profile
+
+
+def estimate_step(
+    model_factory: Callable[[], nn.Module] | ModelSpec,
+    *,
+    batch: Any,
+    optimizer: str = "adamw",
+    dtype: str = "bf16",
+    mixed_precision: str | None = None,
+    device: str = "cuda",
+    gpu: str | None = None,
+    steps: int = 2,
+    inference: bool = False,
+    context_len: int | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> EstimatedStep:
+    """Profile ``steps`` steps of a model that is never allocated: the Profile, and the fake
+    model, optimizer and batch that made it.
+
+    ``model_factory`` builds the model (inside FakeTensorMode, with ``dtype`` as the default
+    dtype; floating parameters it made in another dtype are cast). ``batch`` is a dict of
+    tensors (keyword arguments), a tensor or tuple (positional), or a callable returning one,
+    called inside the fake mode; real tensors are converted to fake ones.
+
+    Training (default): forward, ``loss.backward()``, ``optimizer.step()``,
+    ``zero_grad(set_to_none=True)`` per step; ``steps=2`` so that the second step's peak
+    includes the optimizer state. The loss is ``output.loss`` when the model returns one (a
+    transformers model given ``labels``), else ``loss_fn(output)``, else the mean of the first
+    output tensor. ``optimizer``: ``adamw`` | ``sgd`` (momentum 0.9) | ``adafactor`` | ``none``
+    (gradients only). ``mixed_precision="bf16"``/``"fp16"`` keeps fp32 weights and optimizer
+    state and runs forward under autocast (``dtype`` must then be ``"fp32"`` or the same name).
+
+    Inference (``inference=True``): ``model.eval()`` and ``torch.no_grad()``; for a model with
+    a KV cache, a prefill over the batch and one decoding step, with a cache of ``context_len``
+    positions (a static cache allocated up front) or, without it, as long as the prompt.
+
+    ``device="cuda"`` charges storages in 512-byte blocks and adds :data:`CUDA_CONTEXT_BYTES`
+    to ``meta["estimate"]["device_total_bytes"]``; ``device="cpu"`` charges exact bytes, so the
+    estimate equals a real CPU run. ``gpu`` (a name from :mod:`memprof.gpus`) adds a fit verdict
+    to ``meta["estimate"]["fit"]``.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memprof.tracking.session import Profiler
+
+    spec = model_factory if isinstance(model_factory, ModelSpec) else None
+    factory: Callable[[], nn.Module] = (
+        model_factory.factory if isinstance(model_factory, ModelSpec) else model_factory
+    )
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("dtype", dtype, tuple(DTYPES))
+    _check_choice("device", device, DEVICES)
+    if mixed_precision is not None:
+        _check_choice("mixed_precision", mixed_precision, ("bf16", "fp16"))
+        if dtype not in ("fp32", mixed_precision):
+            raise EstimateError(f"mixed precision keeps fp32 weights: use dtype='fp32' "
+                                f"(got dtype={dtype!r}, mixed_precision={mixed_precision!r})")
+    if steps < 1:
+        raise EstimateError(f"steps must be at least 1 (got {steps})")
+    budget = gpu_budget(gpu) if gpu is not None else None  # a bad name fails before the work
+    param_dtype = torch.float32 if mixed_precision else DTYPES[dtype]
+    round_to = CUDA_BLOCK_BYTES if device == "cuda" else 1
+    kv_cache_bytes: int | None = None
+
+    with FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
+        model = _build_model(factory, param_dtype)
+        opt = None if inference else _make_optimizer(optimizer, model, cuda=device == "cuda")
+        with _default_dtype(param_dtype), user_code("the batch function"):
+            data = batch() if callable(batch) else batch
+        data = _to_fake(fake_mode, resolve_batch(data, model))
+        autocast: Any = (
+            torch.autocast("cpu", dtype=DTYPES[mixed_precision])
+            if mixed_precision else contextlib.nullcontext()
+        )
+        with (user_code("the step under fake tensors"),
+              Profiler(model, opt, round_to=round_to, device_modelled=device) as prof):
+            for _ in range(steps):
+                if inference:
+                    kv_cache_bytes = _inference_step(model, data, spec, context_len, autocast)
+                else:
+                    _training_step(model, opt, data, autocast, loss_fn)
+                prof.step()
+        profile = prof.profile
+        num_params, param_bytes = _count_parameters(model)
+
+    profile = annotate(
+        profile, spec=spec, optimizer="none" if inference else optimizer, dtype=dtype,
+        mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
+        inference=inference, context_len=context_len, kv_cache_bytes=kv_cache_bytes,
+        num_params=num_params, param_bytes=param_bytes, budget=budget,
+    )
+    autocast_dtype = DTYPES[mixed_precision] if mixed_precision else None
+
+    def step_loss(model: nn.Module, data: Any) -> torch.Tensor:
+        with (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
+              else contextlib.nullcontext()):
+            output = _call(model, data)
+        return _loss(output, loss_fn)
+
+    return EstimatedStep(profile=profile, model=model, optimizer=opt, batch=data,
+                         loss=step_loss, inference=inference)
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise EstimateError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    # Building under the target default dtype (as transformers' from_pretrained(dtype=...)
+    # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
+    # anyway (it swaps tensors, which fake tensors with weak references refuse).
+    try:
+        with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init():
+            model = factory()
+    except MemprofError:
+        raise
+    except Exception as exc:  # the user's factory failed
+        raise EstimateError(f"the model factory failed: {one_line(exc)}") from exc
+    if isinstance(model, tuple) and model and isinstance(model[0], nn.Module):
+        model = model[0]
+    if not isinstance(model, nn.Module):
+        raise EstimateError(f"the model factory returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie) and "transformers" in sys.modules:
+        tie()  # skipping transformers' init_weights also skipped its weight tying
+    _cast_parameters(model, dtype)
+    return model
+
+
+def _skip_weight_init() -> contextlib.AbstractContextManager[Any]:
+    """Skip transformers' weight initialisation: values do not matter to memory, and some
+    initialisers (``trunc_normal_``) branch on values, which fake tensors do not have."""
+    module = sys.modules.get("transformers")
+    if module is None:
+        return contextlib.nullcontext()
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        return contextlib.nullcontext()
+    manager: contextlib.AbstractContextManager[Any] = no_init_weights()
+    return manager
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters of another dtype, keeping tied parameters tied."""
+    cast: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            new = cast.get(id(param))
+            if new is None:
+                new = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                cast[id(param)] = new
+            module._parameters[name] = new
+
+
+def _make_optimizer(name: str, model: nn.Module, *, cuda: bool) -> torch.optim.Optimizer | None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "none" or not params:
+        return None
+    # On CUDA torch picks the foreach implementations by default; say so explicitly on the
+    # fake CPU tensors so their scratch (one tensor per parameter at once) is in the estimate.
+    foreach = True if cuda else None
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=foreach)
+    if not hasattr(torch.optim, "Adafactor"):  # pragma: no cover - torch < 2.5
+        raise EstimateError("optimizer adafactor needs torch >= 2.5")
+    return torch.optim.Adafactor(params, lr=1e-2, foreach=foreach)
+
+
+#: Optimizers whose step reads a value (Adafactor: ``param.norm().item()`` scales the update).
+_VALUE_READING_OPTIMIZERS: tuple[type, ...] = tuple(
+    cls for cls in (getattr(torch.optim, "Adafactor", None),) if cls is not None
+)
+
+
+def _to_fake(mode: Any, data: Any) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return mode.from_tensor(value)
+        return value
+
+    if isinstance(data, Mapping):
+        return {k: convert(v) for k, v in data.items()}
+    if isinstance(data, tuple | list):
+        return type(data)(convert(v) for v in data)
+    return convert(data)
+
+
+def _call(model: nn.Module, data: Any, **extra: Any) -> Any:
+    if isinstance(data, Mapping):
+        return model(**data, **extra)
+    if isinstance(data, tuple | list):
+        return model(*data, **extra)
+    return model(data, **extra)
+
+
+def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if loss_fn is not None:
+        return loss_fn(output)
+    from torch.utils._pytree import tree_flatten
+
+    first = output if isinstance(output, torch.Tensor) else next(
+        (v for v in tree_flatten(output)[0]
+         if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if first is None:
+        raise EstimateError("the model returned no floating tensor to take a loss of; "
+                            "pass loss_fn=")
+    return first.mean()
+
+
+def _training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any, autocast: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+) -> None:
+    model.train()
+    with autocast:
+        output = _call(model, data)
+    loss = _loss(output, loss_fn)
+    del output
+    loss.backward()
+    del loss
+    if optimizer is not None:
+        with ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
+            contextlib.nullcontext()
+        ):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+
+
+def _inference_step(
+    model: nn.Module, data: Any, spec: ModelSpec | None, context_len: int | None, autocast: Any,
+) -> int | None:
+    """Prefill (and one decoding step with the KV cache where the model has one)."""
+    model.eval()
+    cached = isinstance(data, Mapping) and "input_ids" in data and _uses_cache(model, spec)
+    with torch.no_grad(), autocast:
+        if not cached:
+            _call(model, data)
+            return None
+        inputs = {k: v for k, v in data.items() if k != "labels"}
+        extra: dict[str, Any] = {"use_cache": True}
+        if context_len is not None:
+            prompt = int(inputs["input_ids"].shape[1])
+            if context_len <= prompt:
+                raise EstimateError(f"context_len {context_len} must exceed the prompt's "
+                                    f"{prompt} tokens (one more is decoded)")
+            from transformers import StaticCache
+
+            config: Any = model.config
+            extra["past_key_values"] = StaticCache(config=config, max_cache_len=context_len)
+        output = _call(model, inputs, **extra)
+        cache = output.past_key_values
+        next_ids = output.logits[:, -1:].argmax(-1)
+        del output
+        _call(model, {"input_ids": next_ids}, past_key_values=cache, use_cache=True)
+        return _tensor_bytes(cache)
+
+
+def _uses_cache(model: nn.Module, spec: ModelSpec | None) -> bool:
+    if spec is not None:
+        return spec.has_kv_cache
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "use_cache", False)) and hasattr(model, "generate")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Distinct storage bytes of the tensors held by a cache object (layers of keys/values)."""
+    seen: dict[int, int] = {}
+    layers = getattr(obj, "layers", None)
+    items: list[Any] = list(layers) if layers is not None else [obj]
+    for item in items:
+        for attr in ("keys", "values", "key_cache", "value_cache"):
+            value = getattr(item, attr, None)
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _count_parameters(model: nn.Module) -> tuple[int, int]:
+    seen: dict[int, torch.Tensor] = {}
+    for param in model.parameters():
+        seen.setdefault(id(param), param)
+    return (sum(p.numel() for p in seen.values()),
+            sum(p.numel() * p.element_size() for p in seen.values()))
