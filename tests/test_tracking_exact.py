@@ -231,7 +231,9 @@ def test_leak_warning_for_a_loss_kept_with_its_graph() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(256, 64)
     kept = []
-    with pytest.warns(memprof.MemoryLeakWarning), memprof.profile(model, optimizer) as prof:
+    with pytest.warns(memprof.MemoryLeakWarning) as caught, memprof.profile(
+        model, optimizer
+    ) as prof:
         for _ in range(6):
             loss = model(x).pow(2).mean()
             loss.backward(retain_graph=True)
@@ -240,6 +242,9 @@ def test_leak_warning_for_a_loss_kept_with_its_graph() -> None:
             optimizer.zero_grad()
             prof.step()
     assert any("leak" in w for w in prof.profile.warnings)
+    # The warning points at the user's `with` block, not at memprof's code.
+    leaks = [w for w in caught if issubclass(w.category, memprof.MemoryLeakWarning)]
+    assert [w.filename for w in leaks] == [__file__]
     ends = [s.end_bytes for s in prof.profile.steps_stats]
     assert len(ends) == 6  # pairwise of fewer than two steps would compare nothing
     assert all(b > a for a, b in itertools.pairwise(ends))

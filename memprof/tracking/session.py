@@ -15,10 +15,7 @@ Everything is removed on exit, also when the body raises; the partial profile st
 
 from __future__ import annotations
 
-import platform
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -32,27 +29,14 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_flatten
 
 from memprof import oom as oom_report
-from memprof.categories import CATEGORIES, PHASES
-from memprof.decimate import decimate
-from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
+from memprof.categories import PHASES
 from memprof.errors import ProfileActiveError
-from memprof.profile import (
-    OUTSIDE_MODULES,
-    DeviceInfo,
-    ModuleStats,
-    Peak,
-    Profile,
-    StepStats,
-    TensorAtPeak,
-    empty_timeline,
-)
 from memprof.tracking import kernel_corrections, native
 from memprof.tracking.compiled import CompiledOwners, compiled_inner, is_compiled
-from memprof.tracking.environment import environment
 from memprof.tracking.events import EventStream
 from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
 from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
-from memprof.tracking.leak import MemoryLeakWarning, leak_warning
+from memprof.tracking.leak import MemoryLeakWarning as MemoryLeakWarning
 from memprof.tracking.ledger import (
     ACTIVATION,
     BACKWARD,
@@ -75,9 +59,12 @@ from memprof.tracking.ledger import (
     keep_out_of_dynamo,
 )
 from memprof.tracking.modules import ModuleRegistry, module_geometry
+from memprof.tracking.oom_watch import OomWatch
 from memprof.tracking.op_trace import OpTraces
 from memprof.tracking.optimizer_state import OptimizerStates
+from memprof.tracking.records import StepRecords, build_profile, device_info, module_name
 from memprof.tracking.reserved import ReservedModel
+from memprof.tracking.results import ProfileResults
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
 
@@ -139,7 +126,7 @@ class _LedgerMode(TorchDispatchMode):
         return out
 
 
-class Profiler:
+class Profiler(ProfileResults):
     """The live profiling session returned by :func:`memprof.profile`.
 
     Call :meth:`step` at the end of each training step. After the ``with`` block, the tables
@@ -189,7 +176,7 @@ class Profiler:
         #: Record the operator trace of the first two active steps (see
         #: :mod:`memprof.tracking.op_trace`; never under fake tensors).
         self._record_ops = record_ops
-        self._result: Profile | None = None
+        self._result = None
         self._entered = False
 
     # ------------------------------------------------------------- lifecycle
@@ -252,10 +239,8 @@ class Profiler:
         self._handles: list[Any] = []
         self._grad_fn_handles: list[Any] = []
         self._forward_started: list[float] = []
-        self._steps: list[StepStats] = []
-        self._interrupted: set[int] = set()  # steps an exception cut short
-        self._timeline_chunks: list[dict[str, list[Any]]] = []
-        self._peak: Peak | None = None
+        self._records = StepRecords(self._name, timeline_points=self._timeline_points,
+                                    top_tensors=self._top_tensors)
         self._optimizer_states = OptimizerStates()
         self._inputs_seen: list[dict[str, Any]] = []
         self._step = 0
@@ -268,11 +253,7 @@ class Profiler:
         from memprof.tracking.distributed import EngineWatch
 
         self._engines = EngineWatch()  # DDP/FSDP2 modules, read at each step
-        #: The id of the out-of-memory error seen while it propagated (not the error: its
-        #: traceback holds tensors), and the (module, phase, live bytes by module) at its
-        #: innermost point; see :mod:`memprof.oom`.
-        self._oom_seen: int | None = None
-        self._oom_where: tuple[str, str, dict[str, dict[str, int]]] | None = None
+        self._oom = OomWatch(self.ledger, self._name)
         oom_report.attach_cuda_observer()
         oom_report.take_cuda_oom()  # forget failures from before this profile
         try:
@@ -291,9 +272,9 @@ class Profiler:
             if self._events is not None:
                 self._events.flush(restart=False)
             oom_error = oom_report.oom_in_chain(exc)
-            if oom_error is not None and self._oom_seen != id(oom_error):
+            if oom_error is not None and self._oom.seen != id(oom_error):
                 # Failed outside a forward (backward, optimizer): the replayed stack is where.
-                self._oom_snapshot(self._name(self.ledger.current_module),
+                self._oom.snapshot(self._name(self.ledger.current_module),
                                    PHASES[self.ledger.phase])
             # Under step_on_optimizer, what runs after the last optimizer step (zero_grad, the
             # script's last lines) is no step of its own unless a forward ran in it.
@@ -301,10 +282,11 @@ class Profiler:
             if self.ledger.logging and self.ledger.log and not trailing:
                 self._end_step(partial=exc_type is not None, device=_device_stats())
             self._op_traces.stop(self._step)
-            self._result = self._build(interrupted=exc_type is not None)
+            self._build(interrupted=exc_type is not None)
+            assert self._result is not None
             self._result.warnings.extend(self._engines.warnings())
-            if oom_error is not None and self._oom_where is not None:
-                self._result.oom = self._oom_build(oom_error)
+            if oom_error is not None and self._oom.where is not None:
+                self._result.oom = self._oom.build(oom_error, self._result, self._applied_step)
         finally:
             self._teardown()
 
@@ -452,94 +434,15 @@ class Profiler:
                 ledger.reclassify(entry, OTHER, entry.module)
 
     def _record_step(self, *, partial: bool, device: tuple[int, int] | None) -> None:
-        ledger = self.ledger
-        ledger.sample()
-        peak = ledger.peak
-        by_category = dict(zip(CATEGORIES, peak.by_category, strict=True))
-        device_max, device_reserved = device if device is not None else (None, None)
-        if self._peak is None or peak.total > self._peak.total_bytes:
-            self._peak = self._peak_breakdown()
-            by_category = dict(self._peak.by_category)
-        self._steps.append(
-            StepStats(
-                step=self._applied_step,
-                peak_bytes=peak.total,
-                peak_phase=PHASES[peak.phase],
-                peak_module=self._name(peak.module),
-                peak_by_category=by_category,
-                start_bytes=self._step_start_bytes,
-                end_bytes=ledger.total,
-                duration_s=ledger.clock() - self._step_started,
-                device_max_allocated=device_max,
-                device_reserved=device_reserved,
-                predicted_reserved=ledger.allocator.reserved if ledger.allocator else None,
-            )
-        )
-        self._timeline_chunks.append(self._timeline_chunk())
+        self._records.record(self.ledger, step=self._applied_step,
+                             start_live=self._step_start_live,
+                             start_bytes=self._step_start_bytes, started=self._step_started,
+                             device=device)
         if partial:
-            self._interrupted.add(self._applied_step)
+            self._records.interrupted.add(self._applied_step)
             self._warnings.append(
                 f"step {self._applied_step} was interrupted: its figures are partial"
             )
-
-    def _peak_breakdown(self) -> Peak:
-        """What was alive at this step's peak, with each storage's resolved role."""
-        ledger = self.ledger
-        peak = ledger.peak
-        live = ledger.live_at(self._step_start_live, peak.seq)
-        by_category = dict.fromkeys(CATEGORIES, 0)
-        by_module: dict[str, dict[str, int]] = {}
-        for entry in live:
-            category = CATEGORIES[entry.category]
-            by_category[category] += entry.nbytes
-            row = by_module.setdefault(self._name(entry.module), dict.fromkeys(CATEGORIES, 0))
-            row[category] += entry.nbytes
-        largest = sorted(live, key=lambda e: e.nbytes, reverse=True)[: self._top_tensors]
-        return Peak(
-            total_bytes=peak.total,
-            step=self._applied_step,
-            phase=PHASES[peak.phase],
-            module=self._name(peak.module),
-            by_category=by_category,
-            by_module={k: {c: v for c, v in row.items() if v} for k, row in by_module.items()},
-            top_tensors=[
-                TensorAtPeak(
-                    category=CATEGORIES[e.category],
-                    module=self._name(e.module),
-                    nbytes=e.nbytes,
-                    shape=[int(d) for d in e.shape],
-                    dtype=str(e.dtype).replace("torch.", ""),
-                    phase=PHASES[e.phase],
-                    source=e.source,
-                )
-                for e in largest
-            ],
-        )
-
-    def _timeline_chunk(self) -> dict[str, list[Any]]:
-        ledger = self.ledger
-        peak = ledger.peak
-        samples = list(ledger.samples)
-        samples.append((peak.order, peak.time, peak.phase, peak.module, peak.by_category,
-                        peak.reserved))
-        samples.sort(key=lambda s: (s[0], s[1]))
-        kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
-        chunk = empty_timeline()
-        t0 = self._step_started
-        modelled = ledger.allocator is not None
-        if modelled:
-            chunk["reserved"] = []
-        for seq, when, phase, module, totals, reserved in kept:
-            if modelled:
-                chunk["reserved"].append(reserved)
-            chunk["step"].append(self._applied_step)
-            chunk["seq"].append(seq)
-            chunk["time_s"].append(round(when - t0, 6))
-            chunk["phase"].append(PHASES[phase])
-            chunk["module"].append(self._name(module))
-            for name, value in zip(CATEGORIES, totals, strict=True):
-                chunk[name].append(value)
-        return chunk
 
     # ------------------------------------------------------------------ hooks
     # Each hook has a live part (runs in the hook: decides, captures facts) and an apply part
@@ -612,7 +515,8 @@ class Profiler:
         if not self._live_recording or _compiling():
             return
         if output is None:
-            self._oom_check(module)  # always_call: the forward may have raised
+            # always_call: the forward may have raised
+            self._oom.check(module, self.registry, self._events)
         events = self._events
         idx = self.registry.index.get(module)
         if events is None:
@@ -662,43 +566,6 @@ class Profiler:
             ledger.phase = OTHER_PHASE
         ledger.sample()
         return forward
-
-    # ------------------------------------------------------------ out of memory
-    def _oom_check(self, module: nn.Module) -> None:
-        """In a forward hook run while an exception propagates (``always_call``): if it is an
-        out-of-memory error, this module is the innermost that asked."""
-        exc = sys.exc_info()[1]
-        if exc is None or id(exc) == self._oom_seen or not oom_report.is_oom(exc):
-            return  # no error, or the enclosing modules of the one that asked
-        self._oom_seen = id(exc)
-        idx = self.registry.index.get(module)
-        name = self.registry.infos[idx].name if idx is not None else ""
-        phase = "backward" if _graph_task_id() != -1 else "forward"
-        if self._events is None:
-            self._oom_snapshot(name, phase)
-        else:  # what was alive is known once the events before this moment are replayed
-            self._events.point(self._oom_snapshot, name, phase)
-
-    def _oom_snapshot(self, module: str, phase: str) -> None:
-        """Keep what the ledger has alive now, by module and category."""
-        by_module: dict[str, dict[str, int]] = {}
-        for entry in self.ledger.entries.values():
-            row = by_module.setdefault(self._name(entry.module), dict.fromkeys(CATEGORIES, 0))
-            row[CATEGORIES[entry.category]] += entry.nbytes
-        self._oom_where = (module, phase, by_module)
-
-    def _oom_build(self, error: BaseException) -> Any:
-        assert self._oom_where is not None and self._result is not None
-        module, phase, by_module = self._oom_where
-        try:
-            report = oom_report.build_report(
-                error=error, module=module, phase=phase, step=self._applied_step,
-                by_module=by_module, kind=self._result.device.kind,
-            )
-            return oom_report.with_plan(self._result, report)
-        except Exception as exc:  # the post-mortem must never hide the script's own error
-            self._result.warnings.append(f"out-of-memory post-mortem failed: {exc}")
-            return None
 
     def _on_backward_enter(self, idx: int) -> None:
         """A module's backward starts (live part of the grad_fn pre-hook)."""
@@ -961,92 +828,24 @@ class Profiler:
 
     # ---------------------------------------------------------------- results
     def _name(self, module: int) -> str:
-        return OUTSIDE_MODULES if module == OUTSIDE else self.registry.infos[module].name
+        return module_name(self.registry, module)
 
-    def _build(self, *, interrupted: bool) -> Profile:
-        ledger = self.ledger
-        modules = []
-        steps = max(self._active_steps, 1)
-        for idx, info in enumerate(self.registry.infos):
-            if idx == OUTSIDE:
-                continue
-            most = ledger.module_max[idx]
-            own = {
-                "parameter": most[0],
-                "buffer": most[1],
-                "gradient": most[2],
-                "optimizer_state": most[3],
-                "activation": most[ACTIVATION],
-                "temporary_peak": most[TEMPORARY],
-            }
-            modules.append(
-                ModuleStats(
-                    name=info.name,
-                    type=info.type,
-                    depth=info.depth,
-                    parent=None if info.parent is None else self.registry.infos[info.parent].name,
-                    own=own,
-                    peak_forward=info.peak_forward,
-                    peak_backward=info.peak_backward,
-                    forward_calls=info.forward_calls,
-                    recompute_calls=info.recompute_calls,
-                    forward_time_s=info.forward_time_s / steps,
-                    geometry=info.geometry or {},
-                )
-            )
-        timeline = empty_timeline()
-        for chunk in self._timeline_chunks:
-            for key, values in chunk.items():
-                timeline.setdefault(key, []).extend(values)
-        warnings_ = list(self._warnings)
-        compiled = [i.name for i in self.registry.infos if i.type == "OptimizedModule"]
-        if compiled and self._events is None and not self._fake:
-            # dynamo compiles nothing while a Python dispatch mode is active ("non-infra torch
-            # dispatch mode present"): the profiled steps ran eagerly, with eager's numerics
-            warnings_.append(
-                f"torch.compile: {', '.join(repr(n) for n in compiled)} ran eagerly, not "
-                "compiled: dynamo does not compile under the dispatch backend's dispatch mode, "
-                "so its results and memory are eager's (profile with backend='events' to "
-                "measure the compiled model)"
-            )
-        elif compiled and self._compiled_attributed:
-            warnings_.append(
-                f"torch.compile: {', '.join(repr(n) for n in compiled)} ran compiled; each "
-                "tensor its compiled regions save for backward is charged to the module whose "
-                "code made it (eager charges the module whose op saved it), and the regions' "
-                "temporaries to that row (the modules inside them run no hooks)"
-            )
-        elif compiled:
-            warnings_.append(
-                f"torch.compile: {', '.join(repr(n) for n in compiled)} ran compiled; the memory "
-                "of its compiled regions is charged to that row (the modules inside them run "
-                "no hooks, and their graphs were compiled before the profile or with a "
-                "post-grad pass of the user's, so their source modules are unknown). Compile "
-                "inside the profile, or profile without torch.compile, for per-layer numbers."
-            )
-        if ledger.uncounted:
-            kinds = ", ".join(f"{n} x {kind}" for kind, n in sorted(ledger.uncounted.items()))
-            warnings_.append(
-                f"not counted: tensors whose memory cannot be read ({kinds}); their bytes are "
-                "missing from every figure"
-            )
-        # An interrupted step ended mid-step (an out-of-memory error in a forward): its live
-        # bytes are no between-step bytes.
-        leak = leak_warning([s.end_bytes for s in self._steps if s.step not in self._interrupted])
-        if leak:
-            warnings_.append(leak)
-            warnings.warn(leak, MemoryLeakWarning, stacklevel=3)
-        return Profile(
-            modules_stats=modules,
-            steps_stats=list(self._steps),
-            peak_info=self._peak,
-            timeline_data=timeline,
-            device=self._device_info(),
-            environment=environment(),
-            warnings=warnings_,
+    def _build(self, *, interrupted: bool) -> None:
+        """Build the finished profile into ``_result``."""
+        device = device_info(self._model, fake=self._fake,
+                             device_modelled=self._device_modelled, round_to=self._round_to,
+                             corrections=self._corrections)
+        records = self._records
+        self._result = build_profile(
+            self.ledger, self.registry, records,
+            active_steps=self._active_steps,
+            warnings_so_far=self._warnings,
+            ran_eagerly=self._events is None and not self._fake,
+            compiled_attributed=self._compiled_attributed,
+            device=device,
             optimizers=self._optimizer_states.summaries(),
             allocator=self._reserved.summary() if self._reserved is not None else None,
-            op_trace=self._op_traces.result(self._steps, self._device_info().kind, self._name),
+            op_trace=self._op_traces.result(records.steps, device.kind, self._name),
             meta={
                 "interrupted": interrupted,
                 "steps_seen": self._step + 1,
@@ -1064,94 +863,12 @@ class Profiler:
         from memprof.tracking import distributed
 
         self._watch_engines()
-        info = distributed.describe(self._engines, distributed.rank_from_env(), self._peak)
+        info = distributed.describe(self._engines, distributed.rank_from_env(),
+                                    self._records.peak)
         return {"distributed": info} if info else {}
 
     def _watch_engines(self) -> None:
         self._engines.update(self.registry)
-
-    def _device_info(self) -> DeviceInfo:
-        param = next(iter(self._model.parameters()), None) if self._model is not None else None
-        if self._fake:
-            target = self._device_modelled or "cpu"
-            modelled = ["nothing was allocated: sizes come from FakeTensorMode"]
-            if self._round_to > 1:
-                modelled.append(f"allocator rounding to {self._round_to}-byte blocks")
-            if self._corrections is not None:
-                modelled.extend(self._corrections.notes())
-            modelled.extend(kernel_corrections.modelled_notes(target))
-            return DeviceInfo(
-                kind="fake",
-                name=f"fake {target}",
-                allocation_rounding=self._round_to,
-                cuda={"available": False, "reason": "estimate under FakeTensorMode"},
-                nvml={"available": False, "reason": "estimate under FakeTensorMode"},
-                modelled=modelled,
-            )
-        on_cuda = (param is not None and param.is_cuda) or (
-            torch.cuda.is_available() and torch.cuda.is_initialized()
-        )
-        if on_cuda:
-            stats = cuda_allocator_stats()
-            return DeviceInfo(
-                kind="cuda",
-                name=str(stats.get("name", "cuda")),
-                allocation_rounding=CUDA_BLOCK_BYTES,
-                cuda=stats,
-                nvml=nvml().process_view(),
-            )
-        return DeviceInfo(
-            kind="cpu",
-            name=f"CPU ({platform.machine() or 'unknown'})",
-            cuda=cuda_allocator_stats(),
-            nvml=nvml().process_view(),
-        )
-
-    @property
-    def profile(self) -> Profile:
-        """The finished :class:`~memprof.profile.Profile` (after the ``with`` block)."""
-        if self._result is None:
-            raise RuntimeError("the profile is ready when the `with memprof.profile` block ends")
-        return self._result
-
-    def modules(self) -> Any:
-        """Per-module table: see :meth:`memprof.profile.Profile.modules`."""
-        return self.profile.modules()
-
-    def peak(self) -> Peak:
-        """The peak: see :meth:`memprof.profile.Profile.peak`."""
-        return self.profile.peak()
-
-    def timeline(self) -> Any:
-        """Timeline table: see :meth:`memprof.profile.Profile.timeline`."""
-        return self.profile.timeline()
-
-    def steps(self) -> Any:
-        """Per-step table: see :meth:`memprof.profile.Profile.steps`."""
-        return self.profile.steps()
-
-    def save(self, path: Any, *, overwrite: bool = False) -> Any:
-        """Save the profile as JSON: see :meth:`memprof.profile.Profile.save`. As one rank of
-        several (torchrun), ``run.json`` becomes ``run.rank{R}.json``."""
-        from memprof.tracking.distributed import rank_from_env, rank_path
-
-        return self.profile.save(rank_path(path, rank_from_env()), overwrite=overwrite)
-
-    def report(self, path: Any, *, advice: Any = None, overwrite: bool = False) -> Any:
-        """Write the HTML report: see :meth:`memprof.profile.Profile.report` (one file per
-        rank, as :meth:`save`)."""
-        from memprof.tracking.distributed import rank_from_env, rank_path
-
-        return self.profile.report(rank_path(path, rank_from_env()), advice=advice,
-                                   overwrite=overwrite)
-
-    def summary(self, **kwargs: Any) -> str:
-        """Plain-text summary: see :meth:`memprof.profile.Profile.summary`."""
-        return self.profile.summary(**kwargs)
-
-    def _repr_html_(self) -> str | None:
-        """Jupyter's view of the finished profile (none while the block runs)."""
-        return self._result._repr_html_() if self._result is not None else None
 
 
 class _BackwardEnter:
