@@ -658,39 +658,53 @@ def advice_rows(pattern: Pattern, steps: int) -> list[dict[str, Any]] | str:
 
 
 def advice_verdict(row: dict[str, Any]) -> tuple[str, str]:
-    """("within" | "off" | "explained", the text) for one advisor row: predicted within
-    ADVICE_TOLERANCE_PCT of its simulation, off by more, or not compared with its reason."""
+    """(kind, the text) for one advisor row. Kinds: "within" (predicted within
+    ADVICE_TOLERANCE_PCT of its simulation), "explained" (not compared, or off, with the row's
+    own reason: not applicable, ``not_simulated``, or a fake run whose unchanged step already
+    differs from the profile), "failed" (its simulation raised: the reason is an error, not an
+    explanation) and "off" (off by more, or no prediction, with no reason)."""
+    from memprof.advisor import FAKE_BASELINE_GAP
+
     error = row.get("error_pct")
+    caveats = str(row.get("caveats") or "")
     if error is not None:
-        kind = "within" if error <= ADVICE_TOLERANCE_PCT else "off"
-        return kind, (f"predicted {row['predicted_peak_bytes']} measured "
-                      f"{row['measured_peak_bytes']} err {error:.2f}%")
+        text = (f"predicted {row['predicted_peak_bytes']} measured "
+                f"{row['measured_peak_bytes']} err {error:.2f}%")
+        if error <= ADVICE_TOLERANCE_PCT:
+            return "within", text
+        if FAKE_BASELINE_GAP in caveats:
+            return "explained", text + "; " + caveats[caveats.index(FAKE_BASELINE_GAP):]
+        failed = [c for c in caveats.split("; ") if "failed" in c]
+        return "off", text + "".join(f"; {c}" for c in failed)
     if not row.get("applicable"):
         return "explained", f"not applicable: {row.get('reason')}"
-    for key in ("not_simulated", "caveats"):
-        if row.get(key):
-            return "explained", f"{key}: {row[key]}"
+    if row.get("not_simulated"):
+        return "explained", f"not_simulated: {row['not_simulated']}"
+    if "simulation failed" in caveats:
+        return "failed", caveats[caveats.index("simulation failed"):]
+    if caveats:
+        return "off", f"not compared; caveats: {caveats}"
     if row.get("predicted_peak_bytes") is None:
         return "off", "no prediction and no reason"
     return "off", f"predicted {row['predicted_peak_bytes']}, not simulated and no reason"
 
 
-def print_advice(pattern: Pattern, steps: int) -> dict[str, int]:
+def print_advice(pattern: Pattern, steps: int, width: int = 160) -> dict[str, int]:
     """Print the pattern's advisor rows and its summary; returns the summary's counts."""
     rows = advice_rows(pattern, steps)
     if isinstance(rows, str):
         print(f"{pattern.name:20} advice {rows}")
         return {}
-    counts = {"within": 0, "off": 0, "explained": 0}
+    counts = {"within": 0, "off": 0, "explained": 0, "failed": 0}
     for row in rows:
         kind, text = advice_verdict(row)
         counts[kind] += 1
         options = ",".join(f"{k}={v}" for k, v in (row.get("options") or {}).items())
         print(f"{'':4}{kind:9} {row['technique']:16} {options[:40]:40} "
-              f"{row.get('predicted_by')!s:18} {text[:160]}")
+              f"{row.get('predicted_by')!s:18} {text[:width]}")
     print(f"{pattern.name:20} advice: {counts['within']} rows within "
           f"{ADVICE_TOLERANCE_PCT:g}%, {counts['off']} off, {counts['explained']} explain "
-          f"themselves")
+          f"themselves, {counts['failed']} failed")
     return counts
 
 

@@ -41,6 +41,7 @@ from memprof.advisor.core import (
     TRAINING_ONLY_REASON,
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     not_applicable,
@@ -189,7 +190,7 @@ def transform_for(facts: Facts, order: list[tuple[str, float]]) -> Transform:
 
 def _apply(names: list[str]) -> Any:
     def apply(state: SimState) -> None:
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         for name in names:
             wrap(modules[name])
 

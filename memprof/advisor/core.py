@@ -60,6 +60,38 @@ def model_tree(model: nn.Module) -> dict[str, list[str]]:
             for name, m in model.named_modules()}
 
 
+class ModuleNames(dict[str, nn.Module]):
+    """A model's modules by qualified name, where a name a profile took through a compiled
+    module (``torch.compile``'s wrapper names its model ``_orig_mod``) finds the same module of
+    the plain model, and a plain name that of the compiled one: the profile and the workload
+    the advisor is given need not both be compiled."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for name, module in model.named_modules():
+            self.setdefault(name, module)
+        for name, module in model.named_modules():
+            self.setdefault(source_name(name), module)
+
+    def __missing__(self, name: str) -> nn.Module:
+        plain = source_name(name)
+        if plain == name:
+            raise KeyError(name)
+        return self[plain]
+
+
+def names_in(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` (a profile's) as ``model`` names those modules (see :class:`ModuleNames`)."""
+    table = ModuleNames(model)
+    own = {id(module): name for name, module in model.named_modules()}
+    return [own[id(table[name])] for name in names]
+
+
+def source_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` steps of compiled wrappers (``_orig_mod.0`` -> ``0``)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def profile_tree(profile: Profile) -> dict[str, list[str]]:
     """The same tree, read from a profile's module table."""
     tree: dict[str, list[str]] = {m.name: [] for m in profile.modules_stats}

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.advisor import distributed
+from memprof.advisor import distributed, fake_kernels
 from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
 from memprof.errors import FakeRunError, first_line
 
@@ -107,6 +107,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     charges 512-byte blocks and models ``cuda``), so the run compares with the profile."""
     from memprof.tracking.session import Profiler
 
+    fake_kernels.install()  # kernels PyTorch's fake mode lacks for the CPU's dtypes
     mode = _mode_of(workload.model) or fake_mode()
     try:
         with mode, contextlib.ExitStack() as ranks:

@@ -43,6 +43,7 @@ from memprof.advisor.core import (
     Facts,
     Sample,
     Transform,
+    names_in,
     not_applicable,
 )
 from memprof.advisor.workload import SimState
@@ -176,6 +177,7 @@ def apply_lora(model: nn.Module, rank: int, names: list[str]) -> nn.Module:
     from memprof.advisor.fake_prediction import is_fake_model
 
     fake = is_fake_model(model)
+    names = names_in(model, names)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                         target_modules=list(names))
     with warnings.catch_warnings(), _outside_fake_mode(fake):

@@ -37,6 +37,7 @@ from memprof.advisor.core import (
     TRAINING_ONLY_REASON,
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     not_applicable,
@@ -133,7 +134,7 @@ def offload_apply(
     def apply(state: SimState) -> None:
         from memprof.advisor.fake_prediction import is_fake_model
 
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         for name in blocks:
             checkpointing.wrap(modules[name])
         device_model = device == "cuda" and is_fake_model(state.model)

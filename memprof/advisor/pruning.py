@@ -32,6 +32,7 @@ from memprof.advisor.core import (
     CONV_TYPES,
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     model_tree,
@@ -83,7 +84,7 @@ def prune_transform(extra: float) -> Transform:
 
 def _apply_prune(names: list[str], amount: float) -> Any:
     def apply(state: SimState) -> None:
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         for name in names:
             prune.l1_unstructured(modules[name], "weight", amount=amount)
 
@@ -93,7 +94,7 @@ def _apply_prune(names: list[str], amount: float) -> Any:
 def _apply_prune_remove(names: list[str], amount: float) -> Any:
     def apply(state: SimState) -> None:
         _apply_prune(names, amount)(state)
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         for name in names:
             prune.remove(modules[name], "weight")
 
@@ -363,7 +364,7 @@ def _narrowed(pair: Pair, modules: dict[str, nn.Module], keep: float) -> dict[st
 
 def _apply_structured(keep: float) -> Any:
     def apply(state: SimState) -> None:
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         replaced: dict[int, nn.Parameter] = {}
         for pair in model_pairs(state.model):
             for name, module in _narrowed(pair, modules, keep).items():

@@ -34,6 +34,7 @@ from memprof.advisor.core import (
     TRAINING_ONLY_REASON,
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     not_applicable,
@@ -125,7 +126,7 @@ def _conversions(model: nn.Module) -> dict[Any, Any] | None:
 
 def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     def apply(state: SimState) -> None:
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         earlier = _conversions(state.model)
         mine: dict[Any, Any] = {}  # this run's: a weight tied to two targets gets two NF4 ones
         for name in names:

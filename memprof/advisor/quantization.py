@@ -22,6 +22,7 @@ from torch import nn
 from memprof.advisor.core import (
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     gradients_before,
@@ -193,7 +194,7 @@ def transform_for(facts: Facts, bits: int) -> Transform:
 
 def _apply(bits: int, names: list[str]) -> Any:
     def apply(state: SimState) -> None:
-        modules = dict(state.model.named_modules())
+        modules = ModuleNames(state.model)
         replaced = set()
         for name in names:
             parent_name, _, child = name.rpartition(".")

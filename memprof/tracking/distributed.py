@@ -280,6 +280,20 @@ def _fsdp_memory(module: nn.Module, name: str) -> list[EngineMemory]:
     return rows
 
 
+def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The sharded parameters of the FSDP2 unit ``module`` is ([] for any other module): the
+    storage this rank keeps for them, alive even while the module's attributes hold the
+    gathered (unsharded) parameters, as after a forward that no backward followed."""
+    get_state = getattr(module, "_get_fsdp_state", None)
+    if get_state is None:
+        return []
+    try:
+        group = getattr(get_state(), "_fsdp_param_group", None)
+        return [] if group is None else [p.sharded_param for p in group.fsdp_params]
+    except Exception:  # private engine internals: a change there must not lose the profile
+        return []
+
+
 def _numel(size: Any) -> int:
     count = 1
     for d in size:
@@ -297,4 +311,5 @@ __all__ = [
     "rank_from_env",
     "rank_of_name",
     "rank_path",
+    "sharded_parameters",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from memprof.tracking.distributed import sharded_parameters
 from memprof.tracking.ledger import (
     BUFFER,
     GRADIENT,
@@ -184,6 +185,8 @@ class ModuleRegistry:
     def _register_tensors(self, module: nn.Module, idx: int) -> None:
         for param in module.parameters(recurse=False):
             self._register_param(param, idx)
+        for param in sharded_parameters(module):  # FSDP2's, also while the module holds its
+            self._register_param(param, idx)  # gathered ones (after a forward, no backward)
         for buffer in module.buffers(recurse=False):
             if buffer is not None:
                 for part in self.ledger.facts(buffer.detach()):  # one, unless sparse
