@@ -6,10 +6,7 @@ a fake run of an fp32 mixture-of-experts step on the CPU failed there, and every
 of such a model fell back to its analytic prediction (5% to 43% off on the pattern zoo's
 Mixtral). :func:`install` adds, once, a fake implementation for CPU inputs of any other dtype
 that makes the output the CPU kernel makes (same shape and dtype, contiguous); bf16 inputs
-and other devices keep PyTorch's own. The registration is process-wide (PyTorch's fake-kernel
-table has no scope): it turns only that spurious error into the CPU kernel's output. Fake runs
-and ``memprof estimate`` on the CPU install it; an estimate modelling CUDA does not, as CUDA's
-kernel does take bf16 only.
+and other devices keep PyTorch's own.
 """
 
 from __future__ import annotations

@@ -135,10 +135,6 @@ def estimate_step(
     round_to = CUDA_BLOCK_BYTES if device == "cuda" else 1
     kv_cache_bytes: int | None = None
 
-    if device == "cpu":  # the CPU kernels' dtype rules, where PyTorch's fake ones are CUDA's
-        from memprof.advisor import fake_kernels
-
-        fake_kernels.install()
     with FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
         model = _build_model(factory, param_dtype)
         opt = None if inference else _make_optimizer(optimizer, model, cuda=device == "cuda")
