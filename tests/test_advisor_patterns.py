@@ -286,3 +286,31 @@ def test_rows_say_why_when_no_fake_run_of_the_step_can_run() -> None:
     assert could and all(r["predicted_by"] == "analytic" for r in could)
     assert all("no fake run of this step" in (r["caveats"] or "") for r in could)
     assert all("DataDependentOutputException" in r["caveats"] for r in could)
+
+
+def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
+    """GIVEN a model that already trains peft LoRA adapters (the peft-lora pattern) WHEN advised
+    THEN the QLoRA and weight-quantization rows are not applicable and say why (they were
+    applicable and every simulation and fake run raised: peft's wrapped Conv1D met memprof's
+    quantized layer, ``mat1 and mat2 shapes cannot be multiplied``)."""
+    peft = pytest.importorskip("peft")
+    from memprof.advisor import qlora, quantization
+    from memprof.advisor.core import ADAPTED_REASON
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(),
+                         nn.Linear(32, 4))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    x = torch.randn(8, 16)
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
+    facts = read_facts(prof.profile)
+    rows = [c for c in qlora.predict(facts) + quantization.predict(facts)
+            if c.technique == "qlora" or "weights" in c.options]
+    assert rows and not any(c.applicable for c in rows)
+    assert all(c.reason == ADAPTED_REASON for c in rows)
