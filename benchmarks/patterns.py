@@ -46,13 +46,13 @@ grad-accumulation   35    31           0    4          0
 chunked-loss        35    31           0    4          0
 unet-groupnorm      32    24           0    8          0
 torch-compile       35    20 -> 30     1    4          0
-peft-lora           37    25 -> 28     1    6          2
+peft-lora           36    25 -> 28     1    7          0
 mamba               36    4            0    24         8
 mixtral-moe         36    18 -> 31     1    4          0
 ctc-speech          34    17           12   5          0
 sparse-embedding    skipped: two optimizers (the reason is printed)
 gan-two-optimizers  skipped: two models, two optimizers, two backward passes
-ddp-no-sync         skipped: a process group (sharding rows need their own fake one)
+ddp-no-sync         skipped: a process group (sharding rows need a fake one of their own)
 ==================  ====  ===========  ===  =========  ======
 
 What changed and what is left:
@@ -80,8 +80,7 @@ What changed and what is left:
   once, with its graph, is reused every step: "backward through the graph a second time").
 * peft-lora: QLoRA and weight quantization of a model already carrying peft adapters raised in
   every simulation and fake run; they are not applicable now, with the reason. Left: structured
-  pruning, analytic 30.8% off (its fake run cannot swap a peft-wrapped ``Conv1D.weight``);
-  int8/int4 "failed" counted above are from the run before that fix (rerun).
+  pruning, analytic 30.8% off (its fake run cannot swap a peft-wrapped ``Conv1D.weight``).
 * ctc-speech: no fake run can run (wav2vec2's CTC loss reads ``labels.max()``), so the rows are
   analytic, 3-45% off (mixed precision 39-45%: the analytic model of autocast on this
   convolutional front end); each row now says why it is analytic. Not fixed.
@@ -94,25 +93,32 @@ What changed and what is left:
   cannot be expressed: the unchanged simulation would not be the profiled step. It needs a
   Workload of several (optimizer, loss) stages.
 
-Why the dispatch backend is off where events (the default) is exact, measured 2026-12-07:
+Where the two backends part (``mode%``: the run itself under a no-op dispatch mode), measured
+2026-12-07:
 * mamba +5.715%, mode% +5.715%: the mode changes the run, memprof counts it right. While any
   Python dispatch mode is active PyTorch treats every tensor as a subclass and autograd
   accumulates gradients out of place: the slow-path scan's 32 ``select`` gradients summed into
   one buffer keep one more buffer alive (253,952 B). No dispatch-mode profiler can avoid it;
   ``estimate`` (a dispatch mode over fake tensors) is +5.1% on the same model for this reason
   (tests/test_tracking_patterns.py, ``..._its_mode_changing_the_run``).
-* ddp-no-sync -14.334%, mode% +0.003%: only step 1 is off (-37,420 B; steps 2 and 3: -12 B,
-  a scalar), so it is no copy per allreduce: step 1 is when DDP rebuilds its buckets (the
-  second iteration's ``_pre_forward`` calls ``reducer._rebuild_buckets()``; C++
-  ``Reducer::initialize_buckets`` makes the new flat bucket, 37,408 B, the size
-  ``_get_ddp_logging_data()["bucket_sizes"]`` reports). That allocation is an ``aten.empty``
-  a dispatch mode does see when the rebuild is called under one (checked), and torch.profiler
-  (``profile_memory=True``) shows no allocation in ``c10d::allreduce_`` nor in
-  ``gloo:all_reduce`` (gloo's thread) on a steady sync step. Why the dispatch ledger still
-  misses 37,420 B at step 1's peak (the old bucket, allocated before the profile and never
-  seen, is the suspect) was not found; it is not accounted.
+* ddp-no-sync: it was the reference, not the dispatch backend. The allocator's event source
+  reports no free of a block allocated before it started (checked: ``torch.empty`` before
+  ``start()``, ``del`` after, no event), and DDP's first gradient bucket (37,408 B, the size
+  ``_get_ddp_logging_data()["bucket_sizes"]`` reports) is made by its constructor and freed in
+  step 1, when the second iteration's ``_pre_forward`` calls ``reducer._rebuild_buckets()`` (C++
+  ``Reducer::initialize_buckets`` makes the new one: an ``aten.empty`` a dispatch mode sees).
+  The reference now records from before the loop is built: step 1 is 102,964 B above its
+  start like every later step, and the dispatch backend is exact (-12 B, a scalar; it sees the
+  old bucket's storage die). The events backend, reading the same source, now shows +37,408 B
+  (+14.3%) at step 1 only: it never counted the bucket made before profiling (no hook gives it
+  a role and a pointer), so step 1's start is that much low while the new bucket counts; its
+  peak in absolute bytes is right, later steps exact (where profiling starts after the
+  rebuild its live bytes presumably lack the bucket all along: not checked). Not fixed: the
+  events ledger would need the old bucket's address, or the rebuild's moment (DDP calls
+  ``reducer._rebuild_buckets()`` from Python in ``_pre_forward``: wrapping it could tell).
 * ctc-speech -16.801%, mode% +0.000%: steps 0 and 2 are exact, step 1 misses 720,580 B that
-  are no operator's output; which allocation it is was not found.
+  are no operator's output: the positional convolution backward's kernel scratch, at most
+  (tests/test_patterns_zoo.py, ``test_ctc_on_the_dispatch_backend_misses_only_...``).
 """
 
 from __future__ import annotations
@@ -562,11 +568,17 @@ class _NoopMode(TorchDispatchMode):
 
 def allocator_steps(pattern: Pattern, steps: int, *, under_mode: bool = False) -> list[int]:
     """Per step, the most bytes allocated above the step's start, from the allocator's own
-    events (no memprof hook installed); ``under_mode``: with a no-op dispatch mode active."""
+    events (no memprof hook installed); ``under_mode``: with a no-op dispatch mode active.
+
+    Recording starts before the loop is built: the event source reports no free of a block
+    allocated before it started, and a step may free one (DDP's first bucket, made by its
+    constructor, is freed when the reducer rebuilds its buckets in step 1: starting after
+    the build counted that step 37,408 B high)."""
     torch.manual_seed(SEED)
-    loop = pattern.build()
     source = default_source()
     source.start()
+    loop = pattern.build()
+    source.mark(-1)  # the build's allocations: known, not a step
     with _NoopMode() if under_mode else contextlib.nullcontext():
         for i in range(steps):
             loop.step(i)
@@ -586,7 +598,7 @@ def allocator_steps(pattern: Pattern, steps: int, *, under_mode: bool = False) -
             most = max(most, live)
         elif ptr in open_:
             live -= open_.pop(ptr)
-    return peaks
+    return peaks[1:]
 
 
 def estimated_peak(pattern: Pattern, loop: Loop) -> int | str:
