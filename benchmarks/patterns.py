@@ -58,9 +58,9 @@ ddp-no-sync         skipped: a process group (sharding rows need a fake one of t
 What changed and what is left:
 * torch-compile: rows naming modules (checkpointing, offload, pruning, LoRA, QLoRA,
   quantization) raised ``KeyError: '_orig_mod.0'`` on the plain model's Workload: names now
-  resolve through compiled wrappers (``advisor.core.ModuleNames``). Left: LoRA r8 +4.0%, the
-  fake run (eager under memprof's dispatch mode) above the inductor-compiled simulation
-  (presumed: fused kernels; not checked).
+  resolve through compiled wrappers (``advisor.core.ModuleNames``). Left: LoRA r8 +4.0%
+  (7,160 B): not compilation, an eager simulation of the same row measures the same 179,008 B;
+  the fake run is above both; cause not found (r16 +2.7%, r64 0.0%).
 * mixtral-moe: no fake run could run (``torch._grouped_mm``'s meta kernel demands bf16, the CPU
   kernel runs fp32), so every row was analytic, 5-43% off: ``advisor/fake_kernels.py``. Left:
   ZeRO-3 on 8 ranks -6.7%: the events-backend simulation is 290 kB above the dispatch-ledger
