@@ -170,6 +170,15 @@ def test_a_fake_run_of_fp32_grouped_mm_on_the_cpu_is_the_real_run() -> None:
     with seeded():
         fake = fake_peak(workload)
     assert abs(fake - real) <= real // 1000
+    # only memprof's fake runs get that kernel: other fake-tensor code (memprof.estimate
+    # included) keeps PyTorch's own, which refuses fp32
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    a, w, offs = (mode.from_tensor(t) for t in (torch.randn(32, 16), model.weight.detach(),
+                                                  model.offsets))
+    with mode, pytest.raises(RuntimeError, match="BF16"):
+        torch._grouped_mm(a, w, offs=offs)
 
 
 class _Scan(nn.Module):
