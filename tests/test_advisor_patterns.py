@@ -170,6 +170,15 @@ def test_a_fake_run_of_fp32_grouped_mm_on_the_cpu_is_the_real_run() -> None:
     with seeded():
         fake = fake_peak(workload)
     assert abs(fake - real) <= real // 1000
+    # only memprof's fake runs get that kernel: other fake-tensor code (memprof.estimate
+    # included) keeps PyTorch's own, which refuses fp32
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    a, w, offs = (mode.from_tensor(t) for t in (torch.randn(32, 16), model.weight.detach(),
+                                                  model.offsets))
+    with mode, pytest.raises(RuntimeError, match="BF16"):
+        torch._grouped_mm(a, w, offs=offs)
 
 
 class _Scan(nn.Module):
@@ -248,3 +257,69 @@ def test_a_zero2_simulation_counts_the_shards_no_op_touches() -> None:
         measured = simulate(workload, [zero2], reference).peak_bytes
     with seeded():
         assert measured == fake_peak(workload, [zero2])
+
+
+class _ValueBranch(nn.Module):
+    """A forward that branches on a tensor's value (wav2vec2's CTC loss checks
+    ``labels.max()``): fake tensors have no values, so no fake run can run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.max() > 100:
+            raise ValueError("out of range")
+        return self.lin(x).pow(2).mean()
+
+
+def test_rows_say_why_when_no_fake_run_of_the_step_can_run() -> None:
+    """GIVEN a step no fake run can run WHEN advised with the model at hand THEN every row that
+    could have been a fake run says why it is analytic (the CTC pattern's rows fell back to
+    analytic predictions 3-45% off without a word)."""
+    torch.manual_seed(0)
+    model = _ValueBranch()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randn(8, 16)
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            model(x).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
+    advice = advise(prof.profile, fake_model=Workload(model, optimizer, x,
+                                                      step_fn=lambda net, b: net(b)))
+    assert advice.extra["fake_baseline_peak_bytes"] is None
+    could = [r for r in advice.rows if r["applicable"] and r["technique"] != "batch"
+             and r["predicted_by"] is not None and not r["not_simulated"]]
+    assert could and all(r["predicted_by"] == "analytic" for r in could)
+    assert all("no fake run of this step" in (r["caveats"] or "") for r in could)
+    assert all("DataDependentOutputException" in r["caveats"] for r in could)
+
+
+def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
+    """GIVEN a model that already trains peft LoRA adapters (the peft-lora pattern) WHEN advised
+    THEN the QLoRA and weight-quantization rows are not applicable and say why (they were
+    applicable and every simulation and fake run raised: peft's wrapped Conv1D met memprof's
+    quantized layer, ``mat1 and mat2 shapes cannot be multiplied``)."""
+    peft = pytest.importorskip("peft")
+    from memprof.advisor import qlora, quantization
+    from memprof.advisor.core import ADAPTED_REASON
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(),
+                         nn.Linear(32, 4))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    x = torch.randn(8, 16)
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
+    facts = read_facts(prof.profile)
+    rows = [c for c in qlora.predict(facts) + quantization.predict(facts)
+            if c.technique == "qlora" or "weights" in c.options]
+    assert rows and not any(c.applicable for c in rows)
+    assert all(c.reason == ADAPTED_REASON for c in rows)

@@ -317,13 +317,16 @@ def fake_predict(
 ) -> int | None:
     """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
-    (None when even that fails: every row then stays analytic)."""
+    (None when even that fails: every row then stays analytic, with that reason)."""
     from memprof.advisor.fake_prediction import FakeRunError, fake_peak
 
     try:
         with seeded():
             reference = fake_peak(model, **options)
-    except FakeRunError:
+    except FakeRunError as exc:  # every row stays analytic, and says why
+        for c in changes:
+            if c.applicable and c.apply is not None:
+                faked[id(c)] = f"no fake run of this step ({exc}); predicted analytically"
         return None
     for c in changes:
         if not (c.applicable and c.apply is not None):

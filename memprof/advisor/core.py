@@ -92,6 +92,19 @@ def source_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
+#: Why quantizing the base is not a row for a model that already trains LoRA adapters.
+ADAPTED_REASON = (
+    "the model already trains peft LoRA adapters: its base layers are wrapped by peft, and "
+    "memprof's quantized (and NF4) layers replace plain Linear/Conv1D layers only; quantize "
+    "the base before get_peft_model (QLoRA's own order) and profile that"
+)
+
+
+def lora_adapted(facts: Facts) -> bool:
+    """Whether the profiled model carries peft LoRA adapters (modules named ``lora_A``)."""
+    return any(str(r["module"]).rsplit(".", 1)[-1] == "lora_A" for r in facts.module_rows())
+
+
 def profile_tree(profile: Profile) -> dict[str, list[str]]:
     """The same tree, read from a profile's module table."""
     tree: dict[str, list[str]] = {m.name: [] for m in profile.modules_stats}

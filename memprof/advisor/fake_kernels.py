@@ -6,16 +6,31 @@ a fake run of an fp32 mixture-of-experts step on the CPU failed there, and every
 of such a model fell back to its analytic prediction (5% to 43% off on the pattern zoo's
 Mixtral). :func:`install` adds, once, a fake implementation for CPU inputs of any other dtype
 that makes the output the CPU kernel makes (same shape and dtype, contiguous); bf16 inputs
-and other devices keep PyTorch's own.
+and other devices keep PyTorch's own. It acts only inside :func:`active` (memprof's fake runs):
+any other fake-tensor code, ``memprof.estimate`` included, sees PyTorch's own behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 _INSTALLED: list[bool] = []
+_ACTIVE = [0]  # how many fake runs are inside active()
+
+
+@contextlib.contextmanager
+def active() -> Iterator[None]:
+    """The fake kernels act while this is entered."""
+    install()
+    _ACTIVE[0] += 1
+    try:
+        yield
+    finally:
+        _ACTIVE[0] -= 1
 
 
 def install() -> None:
@@ -38,7 +53,7 @@ def _grouped_mm_on_cpu(fake_mode: Any, func: Any, mat_a: torch.Tensor, mat_b: to
     from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 
     device = getattr(mat_a, "fake_device", mat_a.device)
-    if device.type != "cpu" or mat_a.dtype == torch.bfloat16:
+    if not _ACTIVE[0] or device.type != "cpu" or mat_a.dtype == torch.bfloat16:
         return NotImplemented
     a_2d, b_2d = mat_a.dim() == 2, mat_b.dim() == 2
     if a_2d and b_2d:

@@ -107,10 +107,10 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     charges 512-byte blocks and models ``cuda``), so the run compares with the profile."""
     from memprof.tracking.session import Profiler
 
-    fake_kernels.install()  # kernels PyTorch's fake mode lacks for the CPU's dtypes
     mode = _mode_of(workload.model) or fake_mode()
     try:
         with mode, contextlib.ExitStack() as ranks:
+            ranks.enter_context(fake_kernels.active())  # kernels fake mode lacks for the CPU
             state = fake_state(workload, mode)
             for apply in applies or []:
                 apply(state)

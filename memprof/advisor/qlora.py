@@ -31,12 +31,14 @@ from torch import nn
 
 from memprof.advisor import lora
 from memprof.advisor.core import (
+    ADAPTED_REASON,
     TRAINING_ONLY_REASON,
     Change,
     Facts,
     ModuleNames,
     Sample,
     Transform,
+    lora_adapted,
     not_applicable,
 )
 from memprof.advisor.workload import SimState
@@ -174,6 +176,8 @@ def transform_for(facts: Facts, rank: int, names: list[str],
 def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("qlora", {}, TRAINING_ONLY_REASON, group="weights")]
+    if lora_adapted(facts):
+        return [not_applicable("qlora", {}, ADAPTED_REASON, group="weights")]
     what, names = lora.targets(facts)
     if not names:
         return [not_applicable("qlora", {}, "no Linear layer besides the output head to adapt",

@@ -20,12 +20,14 @@ import torch
 from torch import nn
 
 from memprof.advisor.core import (
+    ADAPTED_REASON,
     Change,
     Facts,
     ModuleNames,
     Sample,
     Transform,
     gradients_before,
+    lora_adapted,
     not_applicable,
 )
 from memprof.advisor.workload import SimState
@@ -214,6 +216,10 @@ def predict(facts: Facts) -> list[Change]:
     out = []
     for bits in (8, 4):
         removed, added = quantized_bytes(rows, bits)
+        if names and lora_adapted(facts):
+            out.append(not_applicable("quantization", {"weights": f"int{bits}"}, ADAPTED_REASON,
+                                      group="weights"))
+            continue
         if not names:
             out.append(not_applicable(
                 "quantization", {"weights": f"int{bits}"},
