@@ -427,12 +427,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the rows and summaries here")
     parser.add_argument("--force", action="store_true", help="overwrite --json's file")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
-                        help="run nothing: print the summaries of earlier --json files together")
+                        help="run nothing: print the summaries of earlier --json files together "
+                             "(a later file's rows of a model and technique replace earlier ones)")
     return parser.parse_args(argv)
 
 
 def summarize(paths: list[Path]) -> int:
-    """The tables of earlier runs' --json files, merged (runs split over processes)."""
+    """The tables of earlier runs' --json files, merged (runs split over processes). A later
+    file's rows of a (model, technique), and its estimate of a model, replace an earlier
+    file's: a rerun of some techniques after a fix supersedes them."""
     rows: list[dict[str, Any]] = []
     estimates: list[dict[str, Any]] = []
     for path in paths:
@@ -441,8 +444,12 @@ def summarize(paths: list[Path]) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: cannot read {path}: {exc}", file=sys.stderr)
             return 2
-        rows.extend(data.get("rows", []))
-        estimates.extend(data.get("estimates", []))
+        new_rows = data.get("rows", [])
+        rerun = {(r["model"], r["technique"]) for r in new_rows}
+        rows = [r for r in rows if (r["model"], r["technique"]) not in rerun] + new_rows
+        new_estimates = data.get("estimates", [])
+        again = {e["model"] for e in new_estimates}
+        estimates = [e for e in estimates if e["model"] not in again] + new_estimates
     print_summary(technique_summary(rows))
     print("\nFake run and analytic side by side (targets: fake-run median under "
           f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")

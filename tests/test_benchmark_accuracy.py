@@ -77,6 +77,27 @@ def test_the_accuracy_benchmark_refuses_bad_input(tmp_path: Path,
 
 
 @pytest.mark.slow
+def test_summarize_lets_a_later_files_rows_replace_an_earlier_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rerun of one technique after a fix supersedes that technique's rows of the models it
+    covers; the other rows, and the other models' rows, stay."""
+    import json
+
+    def dump(name: str, rows: list[dict[str, object]]) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"rows": rows, "estimates": []}))
+        return path
+
+    old = [_row("checkpointing", "fake run", 0.7, sign=False), _row("pruning", "fake run", 0.1)]
+    other = dict(_row("checkpointing", "fake run", 0.2), model="n")
+    new = [_row("checkpointing", "fake run", 0.0)]
+    assert acc.summarize([dump("a.json", [*old, other]), dump("b.json", new)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("checkpointing") and "fake run" in x)
+    assert " 2 " in line and "0.2" in line and "2/2" in line  # m's 0.7 and wrong sign are gone
+    assert any(x.startswith("pruning") for x in out.splitlines())
+
+
 def test_a_real_accuracy_run_on_one_model_and_technique() -> None:
     entry = by_name("gru")
     workload = entry.build()

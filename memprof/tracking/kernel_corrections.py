@@ -74,8 +74,20 @@ def _ops(names: tuple[str, ...]) -> frozenset[Any]:
 _CARRIED_NAMES = ("copy_.default", "clone.default", "_to_copy.default")
 CARRIED_OPS = _ops(_CARRIED_NAMES)
 
+#: Ops corrected only when their tensor arguments are of more than one dtype (autocast's
+#: 16-bit activations meeting fp32 parameters, buffers or residuals): on the CPU, TensorIterator
+#: first copies each input of another dtype than the common one to that dtype (CUDA casts
+#: inside the kernel), and layer norm copies a 16-bit input beside its fp32 weight. Measured on
+#: ConvNeXt with fp16 autocast: a 32 KiB fp32 copy in a block's backward, 3.5% of its peak.
+_MIXED_NAMES = (
+    "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor",
+    "add_.Tensor", "sub_.Tensor", "mul_.Tensor", "div_.Tensor",
+    "native_layer_norm.default",
+)
+MIXED_OPS = _ops(_MIXED_NAMES)
+
 #: Every op the dispatch ledger hands to :func:`apply`.
-CORRECTED_OPS = _ops(_CORRECTED_NAMES) | CARRIED_OPS
+CORRECTED_OPS = _ops(_CORRECTED_NAMES) | CARRIED_OPS | MIXED_OPS
 
 #: Keys whose inputs hold more than this are extrapolated, not run.
 MEASURE_LIMIT_BYTES = 256 * 2**20
@@ -361,6 +373,9 @@ def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...
     if func in CARRIED_OPS:
         _carry(ledger, func, args, out)
         return
+    if func in MIXED_OPS and not _mixed_dtypes(args):
+        return
+
     def real_size(tensor: torch.Tensor) -> int | None:
         entry = ledger.lookup(tensor)
         if entry is None or entry.nbytes == entry.raw_nbytes or tensor.dim() != 1:
@@ -383,6 +398,13 @@ def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...
         ledger.spike(memory.transient)
     if changed:
         table.count(func, memory)
+
+
+def _mixed_dtypes(args: tuple[Any, ...]) -> bool:
+    """Whether the tensors among ``args`` (0-dim ones aside: TensorIterator reads a CPU scalar
+    as it is) are of more than one dtype."""
+    dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() > 0}
+    return len(dtypes) > 1
 
 
 def _carry(ledger: Any, func: Any, args: tuple[Any, ...], out: Any) -> None:
