@@ -257,7 +257,7 @@ def _skippable(func: Any) -> int:
 
 def _tracked_updates_mode() -> type:
     from memprof.fake_scalars import ScalarStandIns
-    from memprof.tracking.kernel_corrections import CORRECTED_OPS
+    from memprof.tracking.kernel_corrections import corrects
     from memprof.tracking.ledger import storage_tensor
 
     class TrackedUpdatesSkipped(ScalarStandIns):
@@ -280,7 +280,7 @@ def _tracked_updates_mode() -> type:
             skip = _SKIPPED.get(func)
             if skip is None:
                 skip = _SKIPPED[func] = _skippable(func)
-            if skip and func not in CORRECTED_OPS and args and self._tracked(args[0]):
+            if skip and args and not corrects(func, args) and self._tracked(args[0]):
                 return None if skip == 1 else args[0]
             return super().__torch_dispatch__(func, types, args, kwargs)
 

@@ -400,6 +400,14 @@ def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...
         table.count(func, memory)
 
 
+def corrects(func: Any, args: tuple[Any, ...]) -> bool:
+    """Whether :func:`apply` may charge this call otherwise than its fake outputs (an op of
+    :data:`MIXED_OPS` only when its tensors are of several dtypes)."""
+    if func not in CORRECTED_OPS:
+        return False
+    return func not in MIXED_OPS or _mixed_dtypes(args)
+
+
 def _mixed_dtypes(args: tuple[Any, ...]) -> bool:
     """Whether the tensors among ``args`` (0-dim ones aside: TensorIterator reads a CPU scalar
     as it is) are of more than one dtype."""
