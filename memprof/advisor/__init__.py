@@ -296,6 +296,7 @@ def fake_predict(
     """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
     (None when even that fails: every row then stays analytic)."""
+    from memprof.advisor import parallel
     from memprof.advisor.fake_prediction import FakeRunError, fake_peak
 
     try:
@@ -303,15 +304,20 @@ def fake_predict(
             reference = fake_peak(model, **options)
     except FakeRunError:
         return None
-    for c in changes:
-        if not (c.applicable and c.apply is not None):
-            continue
-        try:
+    tried = [c for c in changes if c.applicable and c.apply is not None]
+
+    def run_of(change: Change) -> Callable[[], int]:
+        def run() -> int:
             with seeded():
-                c.predicted_peak = fake_peak(model, [c.apply], **options)
-            faked[id(c)] = None
-        except FakeRunError as exc:
-            faked[id(c)] = f"{exc}; predicted analytically"
+                return fake_peak(model, [change.apply], **options)
+        return run
+
+    # the rows are independent: on several cores where that is safe (advisor.parallel)
+    for c, outcome in zip(tried, parallel.run_all([run_of(c) for c in tried]), strict=True):
+        if isinstance(outcome, FakeRunError):
+            faked[id(c)] = f"{outcome}; predicted analytically"
+        else:
+            c.predicted_peak, faked[id(c)] = outcome, None
     return reference
 
 
