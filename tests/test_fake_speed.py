@@ -297,3 +297,28 @@ def test_workers_only_where_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> 
         assert parallel.processes(10) == 1
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     assert parallel.processes(10) == 1
+
+
+def test_advice_on_worker_processes_has_every_rows_bytes_of_advice_in_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an MLP's profile (its rows, and the batch rows' fake runs at two other batches)
+    import memprof.advisor as advisor
+
+    w = mlp_workload()
+    profile = baseline(w).profile
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+
+    def rows(workers: str) -> list[Any]:
+        monkeypatch.setenv(parallel.WORKERS_ENV, workers)
+        advice = advisor.advise(profile, workload=w, simulate=False)
+        return sorted(
+            (r["technique"], repr(r["options"]), r["predicted_peak_bytes"], r["predicted_by"])
+            for r in advice.rows
+        )
+
+    # WHEN it is advised in this process alone, then on two processes
+    alone, shared = rows("0"), rows("2")
+    # THEN every row has the same bytes, the batch rows by fake runs too
+    assert shared == alone
+    assert [r for r in alone if r[0] == "batch" and r[3] == "fake run"]

@@ -290,6 +290,10 @@ def _plan_runner(
     return run
 
 
+def _bound(run: Callable[[int], int], value: int) -> Callable[[], int]:
+    return lambda: run(value)
+
+
 def fake_predict(
     model: Workload, changes: list[Change], faked: dict[int, str | None], **options: Any
 ) -> int | None:
@@ -433,11 +437,15 @@ def _batch_rows(
     small: Measurement | None = None
     peaks: dict[int, int] = {}
     if fake is not None:
+        from memprof.advisor import parallel
         from memprof.advisor.fake_prediction import FakeRunError
 
-        try:
-            for target, _ in targets:
-                peaks[target] = fake_run(target)
+        try:  # both sizes at once where there are cores for it (advisor.parallel)
+            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets])
+            for (target, _), outcome in zip(targets, outcomes, strict=True):
+                if isinstance(outcome, FakeRunError):
+                    raise outcome
+                peaks[target] = outcome
             how = "a fake run of the step at this batch (the model's own code, nothing allocated)"
             by = "fake run"
         except FakeRunError as exc:
