@@ -19,7 +19,8 @@ Every time is printed with its ratio to the unchanged real step measured in the 
 time, and CPU time (this process's threads and its children), which a machine shared with other
 work inflates less.
 ``--workers N`` sets how many processes share the fake runs (``MEMPROF_FAKE_WORKERS``; ``0``:
-all in this process, as before :mod:`memprof.advisor.parallel`). ``--quick`` uses a 2-layer
+all in this process, as before :mod:`memprof.advisor.parallel`; by default only the runs that
+model CUDA, as ``--estimate``'s, use workers). ``--quick`` uses a 2-layer
 GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N`` prints the N most expensive
 functions of the all-rows ``advise`` call (in this process: by cumulative, then own time).
 ``--bytes FILE`` writes the all-rows call's predicted bytes per row to FILE, or, where FILE
@@ -132,14 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                              "compare them with FILE's where it exists")
     parser.add_argument("--workers", metavar="N",
                         help="processes the fake runs share (MEMPROF_FAKE_WORKERS: 0 runs them "
-                             "all in this process; default: one per usable core)")
+                             "all in this process; default: one per usable core for runs "
+                             "that model CUDA, else this process alone)")
     parser.add_argument("--estimate", metavar="NAME",
                         help="time `memprof estimate NAME --gpu \"RTX 4090\"` (advice by fake "
                              "runs) against the unchanged fake step, instead of the above")
     args = parser.parse_args(argv)
     if args.workers is not None:
         os.environ["MEMPROF_FAKE_WORKERS"] = args.workers  # subprocesses inherit it too
-    print(f"fake-run processes: {os.environ.get('MEMPROF_FAKE_WORKERS') or 'one per core'} "
+    print(f"fake-run processes: {os.environ.get('MEMPROF_FAKE_WORKERS') or 'default'} "
           f"({len(os.sched_getaffinity(0))} usable cores)")
 
     if args.estimate:

@@ -278,13 +278,18 @@ def test_workers_only_where_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(parallel.sys, "platform", "linux")
     monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
-    # WHEN / THEN: one process per core, at most one per run
+    # WHEN / THEN: one process per core, at most one per run; none by default for runs that
+    # measure CPU kernels unless the environment variable asks
     assert parallel.processes(10) == 4
+    assert parallel.processes(10, by_default=False) == 1
     assert parallel.processes(3) == 3
     assert parallel.processes(1) == 1
     # the environment variable caps them or turns them off
     monkeypatch.setenv(parallel.WORKERS_ENV, "2")
     assert parallel.processes(10) == 2
+    assert parallel.processes(10, by_default=False) == 2
+    assert parallel.workers_pay({"device": "cuda", "round_to": 512})
+    assert not parallel.workers_pay({})
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
     assert parallel.processes(10) == 1
     monkeypatch.delenv(parallel.WORKERS_ENV)

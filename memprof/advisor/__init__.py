@@ -317,7 +317,9 @@ def fake_predict(
         return run
 
     # the rows are independent: on several cores where that is safe (advisor.parallel)
-    for c, outcome in zip(tried, parallel.run_all([run_of(c) for c in tried]), strict=True):
+    outcomes = parallel.run_all([run_of(c) for c in tried],
+                                by_default=parallel.workers_pay(options))
+    for c, outcome in zip(tried, outcomes, strict=True):
         if isinstance(outcome, FakeRunError):
             faked[id(c)] = f"{outcome}; predicted analytically"
         else:
@@ -441,7 +443,8 @@ def _batch_rows(
         from memprof.advisor.fake_prediction import FakeRunError
 
         try:  # both sizes at once where there are cores for it (advisor.parallel)
-            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets])
+            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets],
+                                        by_default=parallel.workers_pay(fake or {}))
             for (target, _), outcome in zip(targets, outcomes, strict=True):
                 if isinstance(outcome, FakeRunError):
                     raise outcome
