@@ -19,8 +19,7 @@ Every time is printed with its ratio to the unchanged real step measured in the 
 time, and CPU time (this process's threads and its children), which a machine shared with other
 work inflates less.
 ``--workers N`` sets how many processes share the fake runs (``MEMPROF_FAKE_WORKERS``; ``0``:
-all in this process, as before :mod:`memprof.advisor.parallel`; by default only the runs that
-model CUDA, as ``--estimate``'s, use workers). ``--quick`` uses a 2-layer
+all in this process, the default). ``--quick`` uses a 2-layer
 GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N`` prints the N most expensive
 functions of the all-rows ``advise`` call (in this process: by cumulative, then own time).
 ``--bytes FILE`` writes the all-rows call's predicted bytes per row to FILE, or, where FILE
@@ -133,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                              "compare them with FILE's where it exists")
     parser.add_argument("--workers", metavar="N",
                         help="processes the fake runs share (MEMPROF_FAKE_WORKERS: 0 runs them "
-                             "all in this process; default: one per usable core for runs "
-                             "that model CUDA, else this process alone)")
+                             "all in this process, the default)")
     parser.add_argument("--estimate", metavar="NAME",
                         help="time `memprof estimate NAME --gpu \"RTX 4090\"` (advice by fake "
                              "runs) against the unchanged fake step, instead of the above")

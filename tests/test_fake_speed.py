@@ -273,26 +273,21 @@ def test_runs_a_worker_never_answers_are_run_in_this_process(
         os.waitpid(-1, os.WNOHANG)  # no worker left behind
 
 
-def test_workers_only_where_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_only_where_asked_and_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a Linux machine with 4 usable cores
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(parallel.sys, "platform", "linux")
+    # WHEN / THEN: none unless the environment variable asks; then at most one per core and run
     monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
-    # WHEN / THEN: one process per core, at most one per run; none by default for runs that
-    # measure CPU kernels unless the environment variable asks
-    assert parallel.processes(10) == 4
-    assert parallel.processes(10, by_default=False) == 1
-    assert parallel.processes(3) == 3
-    assert parallel.processes(1) == 1
-    # the environment variable caps them or turns them off
-    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
-    assert parallel.processes(10) == 2
-    assert parallel.processes(10, by_default=False) == 2
-    assert parallel.workers_pay({"device": "cuda", "round_to": 512})
-    assert not parallel.workers_pay({})
+    assert parallel.processes(10) == 1
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
     assert parallel.processes(10) == 1
-    monkeypatch.delenv(parallel.WORKERS_ENV)
+    monkeypatch.setenv(parallel.WORKERS_ENV, "8")
+    assert parallel.processes(10) == 4
+    assert parallel.processes(3) == 3
+    assert parallel.processes(1) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    assert parallel.processes(10) == 2
     # none once CUDA is initialized, on one core, or off Linux
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -302,28 +297,3 @@ def test_workers_only_where_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> 
         assert parallel.processes(10) == 1
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     assert parallel.processes(10) == 1
-
-
-def test_advice_on_worker_processes_has_every_rows_bytes_of_advice_in_one_process(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # GIVEN an MLP's profile (its rows, and the batch rows' fake runs at two other batches)
-    import memprof.advisor as advisor
-
-    w = mlp_workload()
-    profile = baseline(w).profile
-    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
-
-    def rows(workers: str) -> list[Any]:
-        monkeypatch.setenv(parallel.WORKERS_ENV, workers)
-        advice = advisor.advise(profile, workload=w, simulate=False)
-        return sorted(
-            (r["technique"], repr(r["options"]), r["predicted_peak_bytes"], r["predicted_by"])
-            for r in advice.rows
-        )
-
-    # WHEN it is advised in this process alone, then on two processes
-    alone, shared = rows("0"), rows("2")
-    # THEN every row has the same bytes, the batch rows by fake runs too
-    assert shared == alone
-    assert [r for r in alone if r[0] == "batch" and r[3] == "fake run"]

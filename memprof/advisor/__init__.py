@@ -317,8 +317,7 @@ def fake_predict(
         return run
 
     # the rows are independent: on several cores where that is safe (advisor.parallel)
-    outcomes = parallel.run_all([run_of(c) for c in tried],
-                                by_default=parallel.workers_pay(options))
+    outcomes = parallel.run_all([run_of(c) for c in tried])
     for c, outcome in zip(tried, outcomes, strict=True):
         if isinstance(outcome, FakeRunError):
             faked[id(c)] = f"{outcome}; predicted analytically"
@@ -443,8 +442,7 @@ def _batch_rows(
         from memprof.advisor.fake_prediction import FakeRunError
 
         try:  # both sizes at once where there are cores for it (advisor.parallel)
-            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets],
-                                        by_default=parallel.workers_pay(fake or {}))
+            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets])
             for (target, _), outcome in zip(targets, outcomes, strict=True):
                 if isinstance(outcome, FakeRunError):
                     raise outcome

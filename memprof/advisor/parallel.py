@@ -3,8 +3,8 @@
 :func:`run_all` runs a list of fake runs (each a function returning a peak in bytes or raising
 :class:`~memprof.errors.FakeRunError`) and returns their outcomes in order. Where it is safe
 (Linux, ``fork``, CUDA not initialized here, more than one usable core, not switched off by
-``MEMPROF_FAKE_WORKERS=0``; by default only for runs that model CUDA, see
-:func:`workers_pay`), it forks one worker per extra core; the workers and this process
+asked for by ``MEMPROF_FAKE_WORKERS=N``, see :data:`WORKERS_ENV`), it forks one worker per
+extra core (at most N - 1); the workers and this process
 take runs from a shared queue, and a worker sends back plain numbers (a peak, or the error's
 message).
 
@@ -40,7 +40,11 @@ import torch
 
 from memprof.errors import FakeRunError, KernelNotMeasured
 
-#: The environment variable that sets the number of processes (``0`` or ``1``: no workers).
+#: The environment variable that asks for N processes (unset, ``0`` or ``1``: none). Opt-in:
+#: on this project's shared 2-core machine the workers saved no wall time and cost CPU
+#: (the 7B estimate for an RTX 4090: 87.0 s wall, 88.9 s CPU with 2 processes against 74.2 s,
+#: 73.4 s in one; GPT-2 small's CPU runs, whose cold kernel table stops many runs for a
+#: measurement: 72.5 s against 50.2 s wall). Cores that are really free may differ.
 WORKERS_ENV = "MEMPROF_FAKE_WORKERS"
 #: Seconds a worker may go without sending an answer (at least; 4x the slowest run seen here
 #: when that is longer) before it is stopped and its runs are made here.
@@ -54,31 +58,26 @@ Outcome = int | FakeRunError
 _in_worker = False
 
 
-def processes(runs: int, *, by_default: bool = True) -> int:
-    """How many processes (this one included) share ``runs`` fake runs: 1 where forking is not
-    safe or not worth it (see the module docstring); without ``MEMPROF_FAKE_WORKERS=N``, also
-    where ``by_default`` is False."""
-    setting = os.environ.get(WORKERS_ENV, "").strip().lower()
-    if setting in ("0", "1", "off", "no", "false") or _in_worker or runs < 2:
-        return 1
-    if not (by_default or setting.isdigit()):
+def processes(runs: int) -> int:
+    """How many processes (this one included) share ``runs`` fake runs: the N of
+    ``MEMPROF_FAKE_WORKERS=N`` (capped by the usable cores and the runs), 1 where it is unset
+    (see :data:`WORKERS_ENV`) or forking is not safe."""
+    setting = os.environ.get(WORKERS_ENV, "").strip()
+    if not setting.isdigit() or int(setting) < 2 or _in_worker or runs < 2:
         return 1
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return 1
     if torch.cuda.is_initialized():  # a forked child cannot use CUDA its parent initialized
         return 1
-    cores = len(os.sched_getaffinity(0))
-    if setting.isdigit():
-        cores = min(cores, int(setting))
+    cores = min(len(os.sched_getaffinity(0)), int(setting))
     return max(1, min(cores, runs))
 
 
-def run_all(runs: Sequence[Callable[[], int]], *, by_default: bool = True) -> list[Outcome]:
+def run_all(runs: Sequence[Callable[[], int]]) -> list[Outcome]:
     """Each run's peak, or the :class:`FakeRunError` it raised, in order (see the module
-    docstring for how they are shared out). ``by_default`` False: in this process unless
-    ``MEMPROF_FAKE_WORKERS=N`` asks for workers (see :func:`workers_pay`)."""
+    docstring for how they are shared out)."""
     done: dict[int, Outcome] = {}
-    workers = processes(len(runs), by_default=by_default) - 1
+    workers = processes(len(runs)) - 1
     missing: dict[int, list[str]] = {}  # a run tried without measuring: the keys it lacked
     while len(done) < len(runs):
         pending = [i for i in range(len(runs)) if i not in done]
@@ -89,15 +88,6 @@ def run_all(runs: Sequence[Callable[[], int]], *, by_default: bool = True) -> li
         else:
             done[lowest] = _outcome(runs[lowest])
     return [done[i] for i in range(len(runs))]
-
-
-def workers_pay(options: dict[str, object]) -> bool:
-    """Whether workers are the default for fake runs with ``fake_peak``'s ``options``: runs that
-    model CUDA (an estimate for a GPU) charge no CPU kernel measurement, so none waits for one;
-    runs on the CPU start from an empty kernel table, and on GPT-2 small (2 cores) the runs
-    that stopped for a measurement cost more than the workers saved (measured: 72.5 s vs 50.2 s
-    wall, 48.1 vs 36.8 s CPU; the 7B estimate 84.4 vs 114.8 s wall at equal CPU)."""
-    return options.get("device") == "cuda"
 
 
 def _measured(keys: list[str]) -> bool:
