@@ -18,15 +18,19 @@ rows and plan by fake runs) in a subprocess, as a ratio against the same estimat
 Every time is printed with its ratio to the unchanged real step measured in the same run: wall
 time, and CPU time (this process's threads and its children), which a machine shared with other
 work inflates less.
-``--quick`` uses a 2-layer GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N``
-prints the N most expensive functions of the all-rows ``advise`` call. ``--bytes FILE`` writes
-the all-rows call's predicted bytes per row to FILE, or, where FILE exists, says whether they
-are the same as those it holds (a speed-up must not change one byte; the checkpointing rows
-pick blocks by their measured forward time, so a loaded machine may pick others).
+``--workers N`` sets how many processes share the fake runs (``MEMPROF_FAKE_WORKERS``; ``0``:
+all in this process, the default). ``--quick`` uses a 2-layer
+GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N`` prints the N most expensive
+functions of the all-rows ``advise`` call (in this process: by cumulative, then own time).
+``--bytes FILE`` writes the all-rows call's predicted bytes per row to FILE, or, where FILE
+exists, says whether they are the same as those it holds (a speed-up must not change one
+byte; the checkpointing rows pick blocks by their measured forward time, so a loaded machine
+may pick others).
 
 Example::
 
     python benchmarks/fake_speed.py --quick
+    python benchmarks/fake_speed.py --quick --workers 0     # every fake run in this process
     python benchmarks/fake_speed.py                 # GPT-2 small (minutes on a 2-core CPU)
     python benchmarks/fake_speed.py --model llama-gqa --cprofile 25
     python benchmarks/fake_speed.py --estimate llama-2-7b
@@ -126,10 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes", type=Path, metavar="FILE",
                         help="write the all-rows call's predicted bytes per row to FILE, or "
                              "compare them with FILE's where it exists")
+    parser.add_argument("--workers", metavar="N",
+                        help="processes the fake runs share (MEMPROF_FAKE_WORKERS: 0 runs them "
+                             "all in this process, the default)")
     parser.add_argument("--estimate", metavar="NAME",
                         help="time `memprof estimate NAME --gpu \"RTX 4090\"` (advice by fake "
                              "runs) against the unchanged fake step, instead of the above")
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        os.environ["MEMPROF_FAKE_WORKERS"] = args.workers  # subprocesses inherit it too
+    print(f"fake-run processes: {os.environ.get('MEMPROF_FAKE_WORKERS') or 'default'} "
+          f"({len(os.sched_getaffinity(0))} usable cores)")
 
     if args.estimate:
         return _time_estimate(args.estimate)
@@ -224,6 +235,7 @@ def _time_advise(profile: Any, w: Workload, report: Any, top: int) -> Any:
     if prof is not None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
         print(out.getvalue())
     return advice
 

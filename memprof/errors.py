@@ -83,6 +83,11 @@ class FakeRunError(MemprofError, RuntimeError):
     """A change that cannot be predicted by a fake run (the message says why)."""
 
 
+class KernelNotMeasured(MemprofError):
+    """A fake run in :func:`memprof.tracking.kernel_corrections.measuring_nothing` met a kernel
+    whose memory is not measured yet: it stops, to be run again where measuring is allowed."""
+
+
 class ScriptFailed(MemprofError):
     """The script raised (or exited non-zero) before its steps were measured."""
 

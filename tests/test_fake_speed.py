@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import pytest
@@ -9,9 +11,10 @@ import torch
 from torch import nn
 from workloads import gpt2_workload, mlp_workload
 
-from memprof.advisor import Workload, changes_for, fake_prediction, qlora, read_facts
+from memprof.advisor import Workload, changes_for, fake_prediction, parallel, qlora, read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, seeded
+from memprof.errors import FakeRunError
 from memprof.estimate import estimate_step
 
 
@@ -163,3 +166,134 @@ def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.Monk
     assert fast.plan["fits"] and fast.plan["checked_by"] == "fake run"
     assert len(fast.plan["changes"]) == 1
     assert reused == len(runs) - 1
+
+
+def _row_peaks(
+    w: Workload, profile: Any, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> list[Any]:
+    """Every row's fake-run peak (or failure) of ``w`` with ``workers`` processes, from an
+    empty kernel table (so some runs need scratch measured)."""
+    import memprof.advisor as advisor
+    from memprof.tracking import kernel_corrections
+
+    changes = changes_for(read_facts(profile))
+    faked: dict[int, str | None] = {}
+    with monkeypatch.context() as m:
+        m.setenv(parallel.WORKERS_ENV, workers)
+        m.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+        m.setattr(kernel_corrections, "TABLE", kernel_corrections.KernelCorrections())
+        reference = advisor.fake_predict(w, changes, faked)
+    return [reference] + [
+        (c.technique, c.options, c.predicted_peak, faked.get(id(c)))
+        for c in changes
+        if id(c) in faked
+    ]
+
+
+def test_rows_run_on_worker_processes_give_the_bytes_of_rows_run_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a small GPT-2's changes, and a count of the answers worker processes send back
+    w = gpt2_workload()
+    profile = baseline(w).profile  # one profile: checkpointing picks blocks by their time
+    answers: list[Any] = []
+    read_answers = parallel._answers
+
+    def counting(*args: Any) -> Any:
+        found = read_answers(*args)
+        answers.extend(answer for _, answer in found)
+        return found
+
+    monkeypatch.setattr(parallel, "_answers", counting)
+    # WHEN every row is run by fake runs in this process alone, then on two processes
+    alone = _row_peaks(w, profile, monkeypatch, "0")
+    assert answers == []
+    shared = _row_peaks(w, profile, monkeypatch, "2")
+    # THEN every row has the same bytes (or the same failure); a worker finished some rows, and
+    # sent others back for lack of a kernel measurement (made here, then)
+    assert len(alone) > 20
+    assert shared == alone
+    assert any(isinstance(a, int) for a in answers)
+    assert any(isinstance(a, list) and a for a in answers)
+
+
+def test_measuring_nothing_stops_a_run_at_a_kernel_not_measured_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an empty kernel table and an MLP's fake run (its matmuls are measured kernels)
+    from memprof.errors import KernelNotMeasured
+    from memprof.tracking import kernel_corrections
+
+    monkeypatch.setattr(kernel_corrections, "TABLE", kernel_corrections.KernelCorrections())
+    w = mlp_workload()
+    # WHEN it runs measuring nothing, then as usual, then measuring nothing again
+    with kernel_corrections.measuring_nothing() as missed, pytest.raises(KernelNotMeasured):
+        fake_peak(w)
+    assert missed and not kernel_corrections.measured(missed)
+    peak = fake_peak(w)
+    with kernel_corrections.measuring_nothing() as again:
+        assert fake_peak(w) == peak
+    # THEN the first stopped at the kernel it lacked, which the usual run measured; the last
+    # needed nothing new
+    assert kernel_corrections.measured(missed)
+    assert again == []
+
+
+def _answer(i: int) -> Any:
+    def run() -> int:
+        if parallel._in_worker and i == 1:
+            time.sleep(120)  # a worker that hangs
+        if parallel._in_worker and i == 2:
+            os._exit(3)  # a worker that dies
+        if i == 3:
+            raise FakeRunError("the fake run failed: row 3")
+        if not parallel._in_worker:
+            time.sleep(0.3)  # this process is slow: the workers take the other runs first
+        return 1000 + i
+
+    return run
+
+
+@pytest.mark.parametrize("workers", ["2", "3"])
+def test_runs_a_worker_never_answers_are_run_in_this_process(
+    monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    # GIVEN runs of which one hangs in a worker, one kills its worker, one fails (a FakeRunError)
+    monkeypatch.setenv(parallel.WORKERS_ENV, workers)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(parallel, "WORKER_TIMEOUT_S", 2.0)
+    # WHEN they run on worker processes
+    start = time.perf_counter()
+    outcomes = parallel.run_all([_answer(i) for i in range(6)])
+    # THEN every run has its answer, the failure its message, and the hung worker was stopped
+    assert [o if isinstance(o, int) else str(o) for o in outcomes] == [
+        1000, 1001, 1002, "the fake run failed: row 3", 1004, 1005]
+    assert time.perf_counter() - start < 60
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no worker left behind
+
+
+def test_workers_only_where_asked_and_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a Linux machine with 4 usable cores
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(parallel.sys, "platform", "linux")
+    # WHEN / THEN: none unless the environment variable asks; then at most one per core and run
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    assert parallel.processes(10) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "0")
+    assert parallel.processes(10) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "8")
+    assert parallel.processes(10) == 4
+    assert parallel.processes(3) == 3
+    assert parallel.processes(1) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    assert parallel.processes(10) == 2
+    # none once CUDA is initialized, on one core, or off Linux
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_initialized", lambda: True)
+        assert parallel.processes(10) == 1
+    with monkeypatch.context() as m:
+        m.setattr(parallel.os, "sched_getaffinity", lambda pid: {0})
+        assert parallel.processes(10) == 1
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")
+    assert parallel.processes(10) == 1

@@ -312,12 +312,17 @@ def _plan_runner(
     return run
 
 
+def _bound(run: Callable[[int], int], value: int) -> Callable[[], int]:
+    return lambda: run(value)
+
+
 def fake_predict(
     model: Workload, changes: list[Change], faked: dict[int, str | None], **options: Any
 ) -> int | None:
     """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
     (None when even that fails: every row then stays analytic, with that reason)."""
+    from memprof.advisor import parallel
     from memprof.advisor.fake_prediction import FakeRunError, fake_peak
 
     try:
@@ -328,15 +333,21 @@ def fake_predict(
             if c.applicable and c.apply is not None:
                 faked[id(c)] = f"no fake run of this step ({exc}); predicted analytically"
         return None
-    for c in changes:
-        if not (c.applicable and c.apply is not None):
-            continue
-        try:
+    tried = [c for c in changes if c.applicable and c.apply is not None]
+
+    def run_of(change: Change) -> Callable[[], int]:
+        def run() -> int:
             with seeded():
-                c.predicted_peak = fake_peak(model, [c.apply], **options)
-            faked[id(c)] = None
-        except FakeRunError as exc:
-            faked[id(c)] = f"{exc}; predicted analytically"
+                return fake_peak(model, [change.apply], **options)
+        return run
+
+    # the rows are independent: on several cores where that is safe (advisor.parallel)
+    outcomes = parallel.run_all([run_of(c) for c in tried])
+    for c, outcome in zip(tried, outcomes, strict=True):
+        if isinstance(outcome, FakeRunError):
+            faked[id(c)] = f"{outcome}; predicted analytically"
+        else:
+            c.predicted_peak, faked[id(c)] = outcome, None
     return reference
 
 
@@ -452,11 +463,15 @@ def _batch_rows(
     small: Measurement | None = None
     peaks: dict[int, int] = {}
     if fake is not None:
+        from memprof.advisor import parallel
         from memprof.advisor.fake_prediction import FakeRunError
 
-        try:
-            for target, _ in targets:
-                peaks[target] = fake_run(target)
+        try:  # both sizes at once where there are cores for it (advisor.parallel)
+            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets])
+            for (target, _), outcome in zip(targets, outcomes, strict=True):
+                if isinstance(outcome, FakeRunError):
+                    raise outcome
+                peaks[target] = outcome
             how = "a fake run of the step at this batch (the model's own code, nothing allocated)"
             by = "fake run"
         except FakeRunError as exc:

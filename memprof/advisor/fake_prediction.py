@@ -37,7 +37,7 @@ from torch import nn
 
 from memprof.advisor import distributed, fake_kernels
 from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
-from memprof.errors import FakeRunError, first_line
+from memprof.errors import FakeRunError, KernelNotMeasured, first_line
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
 #: :func:`_warm_optimizer`): the second has the optimizer state the first creates.
@@ -135,7 +135,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                           device_modelled=device) as prof:
                 _steps(workload, state, optimizer, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
-    except FakeRunError:
+    except (FakeRunError, KernelNotMeasured):  # the second: see memprof.advisor.parallel
         raise
     except Exception as exc:
         first = first_line(exc)

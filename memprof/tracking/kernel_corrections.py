@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from memprof.errors import KernelNotMeasured
+
 aten = torch.ops.aten
 
 #: The ops whose real CPU kernels were found to allocate beyond their outputs (found by running
@@ -131,6 +133,9 @@ class KernelCorrections:
             return None
         found = self.cache.get(key)
         if found is None:
+            if _unmeasured[-1] is not None:
+                _unmeasured[-1].append(repr(key))
+                raise KernelNotMeasured(f"{func} is not measured yet for these shapes")
             size = _input_bytes(args, kwargs)
             if size > MEASURE_LIMIT_BYTES:
                 per_byte, _ = self.ratio.get(func, (0.0, 0))
@@ -195,6 +200,32 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _enabled.pop()
+
+
+def measured(keys: list[str]) -> bool:
+    """Whether every key (a ``repr`` from :func:`measuring_nothing`) is in the table now."""
+    known = {repr(key) for key in TABLE.cache}
+    return all(key in known for key in keys)
+
+
+#: Inside :func:`measuring_nothing`: the keys met there that the table lacks (their ``repr``).
+_unmeasured: list[list[str] | None] = [None]
+
+
+@contextlib.contextmanager
+def measuring_nothing() -> Iterator[list[str]]:
+    """Inside, the table is read only: a key it lacks is neither measured nor extrapolated but
+    raises :class:`~memprof.errors.KernelNotMeasured`, and the key's ``repr`` is added to the
+    list yielded (a caller that swallows the error still sees it; :func:`measured` tells
+    when it has been measured since). A fake run in a worker process runs so:
+    what it measured would stay in the worker, and a measurement (or an extrapolation from
+    the table's ratios) made in another order than a serial run's could change a byte."""
+    missed: list[str] = []
+    _unmeasured.append(missed)
+    try:
+        yield missed
+    finally:
+        _unmeasured.pop()
 
 
 def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -1,0 +1,252 @@
+"""Independent fake runs on several cores: forked worker processes, the same bytes as one by one.
+
+:func:`run_all` runs a list of fake runs (each a function returning a peak in bytes or raising
+:class:`~memprof.errors.FakeRunError`) and returns their outcomes in order. Where it is safe
+(Linux, ``fork``, CUDA not initialized here, more than one usable core, not switched off by
+asked for by ``MEMPROF_FAKE_WORKERS=N``, see :data:`WORKERS_ENV`), it forks one worker per
+extra core (at most N - 1); the workers and this process
+take runs from a shared queue, and a worker sends back plain numbers (a peak, or the error's
+message).
+
+Two rules keep every byte as a serial run's:
+
+- A worker sets ``torch.set_num_threads(1)`` before anything else: GNU OpenMP is not fork-safe
+  once the parent used its thread pool (the worker's first parallel region would hang), and
+  with one thread ATen runs its loops inline.
+- Nothing is measured outside this process, nor out of order. The runs go in rounds: this
+  process runs the lowest run not done, as a serial run would (a kernel whose scratch is not
+  in :mod:`~memprof.tracking.kernel_corrections`' table yet is measured), while the workers,
+  and this process after it, try the later runs inside
+  :func:`~memprof.tracking.kernel_corrections.measuring_nothing`: a run that meets a kernel
+  not measured yet stops and waits for a later round (it is tried again once its kernels are
+  measured, or runs here as the lowest). A run finished so read only measurements made for
+  runs before it, as in a serial run, and a one-thread worker never measures scratch (some
+  kernels take per-thread buffers). A worker that fails, or sends nothing for
+  :data:`WORKER_TIMEOUT_S`, is stopped, and the runs it took are run here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from memprof.errors import FakeRunError, KernelNotMeasured
+
+#: The environment variable that asks for N processes (unset, ``0`` or ``1``: none). Opt-in:
+#: on this project's shared 2-core machine the workers saved no wall time and cost CPU
+#: (the 7B estimate for an RTX 4090: 87.0 s wall, 88.9 s CPU with 2 processes against 74.2 s,
+#: 73.4 s in one; GPT-2 small's CPU runs, whose cold kernel table stops many runs for a
+#: measurement: 72.5 s against 50.2 s wall). Cores that are really free may differ.
+WORKERS_ENV = "MEMPROF_FAKE_WORKERS"
+#: Seconds a worker may go without sending an answer (at least; 4x the slowest run seen here
+#: when that is longer) before it is stopped and its runs are made here.
+WORKER_TIMEOUT_S = 60.0
+#: A worker's error message is cut to this many characters (a record stays one atomic pipe
+#: write, as several workers write to one pipe).
+_MESSAGE_CHARS = 1000
+
+Outcome = int | FakeRunError
+
+_in_worker = False
+
+
+def processes(runs: int) -> int:
+    """How many processes (this one included) share ``runs`` fake runs: the N of
+    ``MEMPROF_FAKE_WORKERS=N`` (capped by the usable cores and the runs), 1 where it is unset
+    (see :data:`WORKERS_ENV`) or forking is not safe."""
+    setting = os.environ.get(WORKERS_ENV, "").strip()
+    if not setting.isdigit() or int(setting) < 2 or _in_worker or runs < 2:
+        return 1
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return 1
+    if torch.cuda.is_initialized():  # a forked child cannot use CUDA its parent initialized
+        return 1
+    cores = min(len(os.sched_getaffinity(0)), int(setting))
+    return max(1, min(cores, runs))
+
+
+def run_all(runs: Sequence[Callable[[], int]]) -> list[Outcome]:
+    """Each run's peak, or the :class:`FakeRunError` it raised, in order (see the module
+    docstring for how they are shared out)."""
+    done: dict[int, Outcome] = {}
+    workers = processes(len(runs)) - 1
+    missing: dict[int, list[str]] = {}  # a run tried without measuring: the keys it lacked
+    while len(done) < len(runs):
+        pending = [i for i in range(len(runs)) if i not in done]
+        lowest, rest = pending[0], pending[1:]
+        ready = [i for i in rest if i not in missing or _measured(missing[i])]
+        if workers and ready:
+            _round(runs, lowest, ready, min(workers, len(ready)), done, missing)
+        else:
+            done[lowest] = _outcome(runs[lowest])
+    return [done[i] for i in range(len(runs))]
+
+
+def _measured(keys: list[str]) -> bool:
+    from memprof.tracking import kernel_corrections
+
+    return bool(keys) and kernel_corrections.measured(keys)
+
+
+def _outcome(run: Callable[[], int]) -> Outcome:
+    try:
+        return run()
+    except FakeRunError as exc:
+        return exc
+
+
+def _attempt(run: Callable[[], int]) -> Outcome | list[str]:
+    """The run's outcome with no kernel measured, or the keys it lacked (none where it failed in
+    a way only a run here, measuring, should report)."""
+    from memprof.tracking import kernel_corrections
+
+    with kernel_corrections.measuring_nothing() as missed:
+        try:
+            peak = run()
+        except KernelNotMeasured:
+            return missed
+        except FakeRunError as exc:
+            return missed if missed else FakeRunError(str(exc)[:_MESSAGE_CHARS])
+        except Exception:
+            return missed
+    return missed if missed else peak
+
+
+def _round(runs: Sequence[Callable[[], int]], lowest: int, ready: list[int], workers: int,
+           done: dict[int, Outcome], missing: dict[int, list[str]]) -> None:
+    """One round: this process runs ``lowest`` as a serial run would (measuring), while
+    ``workers`` forked processes, and then this one, try the ``ready`` runs without measuring.
+    A run tried so reads only kernels measured for runs before it, as in a serial run."""
+    tickets_r, tickets_w = os.pipe()
+    answers_r, answers_w = os.pipe()
+    # every run's index, 4 bytes each, written before any process reads: a read of 4 bytes
+    # from a pipe takes one index whole, so each run is taken exactly once
+    with os.fdopen(tickets_w, "wb") as queue:
+        queue.write(b"".join(i.to_bytes(4, "little") for i in ready))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children: list[int] = []
+    try:
+        for _ in range(workers):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the worker (coverage does not follow forks)
+                _worker(runs, tickets_r, answers_r, answers_w)
+            children.append(pid)
+        os.close(answers_w)
+        answers_w = -1
+        start = time.perf_counter()
+        done[lowest] = _outcome(runs[lowest])
+        slowest = time.perf_counter() - start
+        while (index := _take(tickets_r)) is not None:
+            start = time.perf_counter()
+            _note(index, _attempt(runs[index]), done, missing)
+            slowest = max(slowest, time.perf_counter() - start)
+        for index, answer in _answers(answers_r, max(WORKER_TIMEOUT_S, 4 * slowest)):
+            _note(index, answer, done, missing)
+    finally:
+        for fd in (tickets_r, answers_r, answers_w):
+            if fd >= 0:
+                os.close(fd)
+        for pid in children:
+            _stop(pid)
+    for index in ready:  # taken by a worker that never answered: to run here, measuring
+        if index not in done and index not in missing:
+            missing[index] = []
+
+
+def _note(index: int, answer: Outcome | list[str], done: dict[int, Outcome],
+          missing: dict[int, list[str]]) -> None:
+    if isinstance(answer, list):
+        missing[index] = answer
+    else:
+        done[index] = answer
+
+
+def _take(tickets: int) -> int | None:
+    data = os.read(tickets, 4)
+    return int.from_bytes(data, "little") if len(data) == 4 else None
+
+
+def _worker(runs: Sequence[Callable[[], int]], tickets: int, answers_r: int,
+            answers_w: int) -> None:  # pragma: no cover - runs in the forked child
+    """A forked worker's whole life: one thread, runs from the queue, answers, exit."""
+    global _in_worker
+    code = 1
+    try:
+        torch.set_num_threads(1)  # before anything: no OpenMP region in a forked child
+        _in_worker = True
+        os.close(answers_r)
+        while (index := _take(tickets)) is not None:
+            outcome = _attempt(runs[index])
+            if isinstance(outcome, list):
+                record: dict[str, object] = {"index": index, "missing": _fitting(outcome)}
+            elif isinstance(outcome, FakeRunError):
+                record = {"index": index, "error": str(outcome)}
+            else:
+                record = {"index": index, "peak": int(outcome)}
+            os.write(answers_w, _framed(record))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _fitting(keys: list[str]) -> list[str]:
+    """The first keys, as many as keep a record one atomic pipe write (under 4 KiB)."""
+    kept: list[str] = []
+    for key in keys:
+        if sum(len(k) + 4 for k in kept) + len(key) > 3000:
+            break
+        kept.append(key)
+    return kept
+
+
+def _framed(record: dict[str, object]) -> bytes:
+    body = json.dumps(record).encode()
+    return len(body).to_bytes(4, "little") + body
+
+
+def _answers(answers: int, timeout_s: float) -> list[tuple[int, Outcome | list[str]]]:
+    """The workers' answers, read until every worker has closed its end (or none sent anything
+    for ``timeout_s``: a worker that hangs)."""
+    buffer = b""
+    while True:
+        ready, _, _ = select.select([answers], [], [], timeout_s)
+        if not ready:
+            break
+        chunk = os.read(answers, 65536)
+        if not chunk:
+            break
+        buffer += chunk
+    found: list[tuple[int, Outcome | list[str]]] = []
+    while len(buffer) >= 4:
+        size = int.from_bytes(buffer[:4], "little")
+        if len(buffer) < 4 + size:
+            break
+        record = json.loads(buffer[4:4 + size])
+        buffer = buffer[4 + size:]
+        index = int(record["index"])
+        if "peak" in record:
+            found.append((index, int(record["peak"])))
+        elif "error" in record:
+            found.append((index, FakeRunError(str(record["error"]))))
+        else:
+            found.append((index, [str(k) for k in record["missing"]]))
+    return found
+
+
+def _stop(pid: int) -> None:
+    """Reap a worker, killing it first if it is still running."""
+    with contextlib.suppress(ChildProcessError):
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        if finished == 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

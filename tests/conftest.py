@@ -1,0 +1,17 @@
+"""Suite-wide settings.
+
+The advisor's fake runs share the usable cores by forking (memprof.advisor.parallel); in the
+suite they run in the test's own process, so a test that patches something inside a fake run
+(a counter, a stand-in) sees every run, and the suite's processes do not compete for the cores.
+tests/test_fake_speed.py turns the workers on where it checks them (same bytes as one by one,
+a worker that hangs or dies).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fake_runs_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMPROF_FAKE_WORKERS", "0")
