@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.patterns import PATTERNS, advice_verdict, allocator_steps, check
 
 pytestmark = pytest.mark.slow  # the pattern zoo, profiled on both backends
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left() -> Iterator[None]:
+    """The DDP pattern starts a one-rank gloo group and keeps it for the next DDP pattern (a
+    benchmark run is one process); a test ends it, so later tests can start their own."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
 
 FAST = ["sparse-embedding", "dead-branch", "gan-two-optimizers", "grad-accumulation",
         "chunked-loss"]
