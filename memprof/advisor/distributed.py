@@ -120,6 +120,9 @@ def one_rank(world_size: int) -> Iterator[Any]:
         with _storage_notes(), warnings.catch_warnings():
             # memprof reads the data pointer of every parameter's storage: FSDP2's fake ones warn
             warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+            # a model's forward that returns a view (a language model's logits, say): FSDP2's
+            # advice to the user's own code, not about memprof's copy
+            warnings.filterwarnings("ignore", r"FSDP2-wrapped module .* returned a view tensor")
             yield mesh
     finally:
         dist.destroy_process_group()

@@ -41,6 +41,7 @@ from memprof.advisor.core import (
     lora_adapted,
     not_applicable,
 )
+from memprof.advisor.quiet_import import quiet_import
 from memprof.advisor.workload import SimState
 
 RANKS = (16, 64)
@@ -55,10 +56,11 @@ def available() -> bool:
 
 
 def _to_nf4() -> Callable[..., torch.Tensor]:
-    try:
-        from torchao.quantization import to_nf4
-    except ImportError:  # torchao before 0.10 kept it here
-        from torchao.dtypes.nf4tensor import to_nf4
+    with quiet_import():
+        try:
+            from torchao.quantization import to_nf4
+        except ImportError:  # torchao before 0.10 kept it here
+            from torchao.dtypes.nf4tensor import to_nf4
     return to_nf4
 
 

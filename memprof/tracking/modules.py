@@ -56,9 +56,7 @@ def module_geometry(module: nn.Module, args: Any, output: Any) -> dict[str, Any]
     storages = {}
     for param in module.parameters(recurse=False):
         with contextlib.suppress(RuntimeError, TypeError, NotImplementedError):
-            storage = param.untyped_storage()
-            storages[(storage.data_ptr(), id(storage) if storage.data_ptr() == 0 else 0)] = (
-                int(storage.nbytes()))
+            storages[_storage_key(param)] = int(param.untyped_storage().nbytes())
     if storages:
         geometry["parameter_bytes"] = sum(storages.values())
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -244,3 +242,14 @@ class ModuleRegistry:
 
 
 keep_out_of_dynamo(ModuleRegistry._on_grad)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    """A key equal for tensors sharing a storage: its address, or for storages without one
+    (fake, meta, empty) the storage object's identity (a fake storage's address warns)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    storage = tensor.untyped_storage()
+    if isinstance(tensor, FakeTensor) or tensor.is_meta or storage.data_ptr() == 0:
+        return (0, id(storage))
+    return (storage.data_ptr(), 0)
