@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from memprof import __version__
+from memprof.quiet_import import NOISY_LOGGERS
 
 #: Verb -> module in memprof.commands, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -28,10 +29,6 @@ COMMANDS: dict[str, str] = {
 }
 #: Commands that may be absent without it being an error.
 OPTIONAL = frozenset({"advise", "estimate"})
-#: Loggers of libraries that memprof (or transformers) may import, whose import-time warnings
-#: (torchao's CUDA-only kernels that a CPU build cannot load, torch's pytree deprecations) say
-#: nothing about the user's command: a command's stderr keeps to its own one-line errors.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class _OrderedGroup(click.Group):
@@ -43,7 +40,7 @@ class _OrderedGroup(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
-        for name in QUIET_LOGGERS:
+        for name in NOISY_LOGGERS:  # for the whole command, not one import
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
             result = super().main(*args, **kwargs)

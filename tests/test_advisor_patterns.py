@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -208,14 +210,9 @@ def test_fake_run_rows_say_when_the_unchanged_fake_run_differs_from_the_profile(
     model = _Scan()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(256, 8)
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            model(x).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            prof.step()
-    advice = advise(prof.profile, fake_model=Workload(model, optimizer, x,
-                                                      step_fn=lambda net, b: net(b)))
+    profile = _two_profiled_steps(model, optimizer, lambda: model(x))
+    advice = advise(profile, fake_model=Workload(model, optimizer, x,
+                                                 step_fn=lambda net, b: net(b)))
     fake = advice.extra["fake_baseline_peak_bytes"]
     assert fake > advice.baseline_peak_bytes * 1.01
     faked = [r for r in advice.rows if r["predicted_by"] == "fake run"]
@@ -281,14 +278,9 @@ def test_rows_say_why_when_no_fake_run_of_the_step_can_run() -> None:
     model = _ValueBranch()
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randn(8, 16)
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            model(x).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            prof.step()
-    advice = advise(prof.profile, fake_model=Workload(model, optimizer, x,
-                                                      step_fn=lambda net, b: net(b)))
+    profile = _two_profiled_steps(model, optimizer, lambda: model(x))
+    advice = advise(profile, fake_model=Workload(model, optimizer, x,
+                                                 step_fn=lambda net, b: net(b)))
     assert advice.extra["fake_baseline_peak_bytes"] is None
     could = [r for r in advice.rows if r["applicable"] and r["technique"] != "batch"
              and r["predicted_by"] is not None and not r["not_simulated"]]
@@ -312,14 +304,20 @@ def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     x = torch.randn(8, 16)
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            model(x).pow(2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            prof.step()
-    facts = read_facts(prof.profile)
+    facts = read_facts(_two_profiled_steps(model, optimizer, lambda: model(x).pow(2).mean()))
     rows = [c for c in qlora.predict(facts) + quantization.predict(facts)
             if c.technique == "qlora" or "weights" in c.options]
     assert rows and not any(c.applicable for c in rows)
     assert all(c.reason == ADAPTED_REASON for c in rows)
+
+
+def _two_profiled_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        loss: Callable[[], torch.Tensor]) -> memprof.Profile:
+    """The profile of two steps: ``loss()`` backward, the optimizer's step, ``zero_grad``."""
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            loss().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            prof.step()
+    return prof.profile

@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "memprof.jsonable",
         "memprof.cost_tiers",
         "memprof.decimate",
+        "memprof.quiet_import",
     ),
     # the caching-allocator model and device truth (an out-of-memory error is one)
     ("memprof.allocator", "memprof.devices", "memprof.gpus", "memprof.oom"),

@@ -172,7 +172,7 @@ def apply_lora(model: nn.Module, rank: int, names: list[str]) -> nn.Module:
     fake here, with the base layer's device; their values do not matter for memory. peft makes
     them outside the fake mode: inside it, its meta-device context yields fake parameters on
     the base's device again, which it then tries to move."""
-    from memprof.advisor.quiet_import import quiet_import
+    from memprof.quiet_import import quiet_import
 
     with quiet_import():
         from peft import LoraConfig, inject_adapter_in_model

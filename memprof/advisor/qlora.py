@@ -41,8 +41,8 @@ from memprof.advisor.core import (
     lora_adapted,
     not_applicable,
 )
-from memprof.advisor.quiet_import import quiet_import
 from memprof.advisor.workload import SimState
+from memprof.quiet_import import quiet_import
 
 RANKS = (16, 64)
 BLOCK = 64

@@ -404,7 +404,7 @@ def apply(ledger: Any, table: KernelCorrections, func: Any, args: tuple[Any, ...
     if func in CARRIED_OPS:
         _carry(ledger, func, args, out)
         return
-    if func in MIXED_OPS and not _mixed_dtypes(args):
+    if not corrects(func, args):
         return
 
     def real_size(tensor: torch.Tensor) -> int | None:

@@ -2,7 +2,8 @@
 
 peft imports transformers, which imports torchao: torchao logs a warning per kernel library
 built for GPUs this machine lacks, and torch one per enum torchao registers. None of it is
-about the user's run, and a first ``memprof advise`` printed it in the middle of its answer.
+about the user's run: a first ``memprof advise`` printed it in the middle of its answer, and
+the command line keeps its stderr to its own one-line errors.
 """
 
 from __future__ import annotations
