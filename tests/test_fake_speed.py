@@ -140,6 +140,7 @@ def test_qlora_runs_of_a_fake_model_convert_each_weight_once_and_keep_every_byte
 def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN an MLP's profile and a budget a little under its peak (one change fits)
     import memprof.advisor as advisor
+    from memprof.advisor import budget_plan
 
     w = mlp_workload()
     profile = baseline(w).profile
@@ -156,9 +157,9 @@ def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.Monk
     fast = advisor.advise(profile, workload=w, simulate=False, budget=budget)
     reused = len(runs)
     runs.clear()
-    plan_runner = advisor._plan_runner
+    plan_runner = budget_plan.plan_runner
     monkeypatch.setattr(
-        advisor, "_plan_runner", lambda model, options, ran=None: plan_runner(model, options)
+        budget_plan, "plan_runner", lambda model, options, ran=None: plan_runner(model, options)
     )
     slow = advisor.advise(profile, workload=w, simulate=False, budget=budget)
     # THEN the plan is the same, checked by a fake run of one change, run once fewer
