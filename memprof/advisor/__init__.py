@@ -166,7 +166,7 @@ def advise(
     if not simulate:
         simulator = None
     changes = changes_for(facts)
-    resolved = read_budget(budget, cached_bytes=replay_cached_bytes(profile.allocator))
+    resolved = read_budget(budget, cached_bytes=replay_cached_bytes(profile.allocator_summary()))
     base = facts.peak_bytes
     measured: dict[int, Measurement | str] = {}
     extra: dict[str, Any] = {}
