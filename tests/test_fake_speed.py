@@ -63,16 +63,16 @@ def test_the_optimizer_step_skips_only_updates_of_tensors_the_ledger_tracks(
     # GIVEN an MLP with AdamW stepping per tensor: its step updates parameters and state in
     # place, and makes tensors (sqrt, div)
     w = mlp_workload()
-    from memprof.tracking import session
+    from memprof.tracking import ledger_mode
 
-    ledger_dispatch = session._LedgerMode.__torch_dispatch__
+    ledger_dispatch = ledger_mode.LedgerMode.__torch_dispatch__
     reached: list[str] = []
 
     def recording(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         reached.append(func.overloadpacket.__name__)
         return ledger_dispatch(self, func, types, args, kwargs)
 
-    monkeypatch.setattr(session._LedgerMode, "__torch_dispatch__", recording)
+    monkeypatch.setattr(ledger_mode.LedgerMode, "__torch_dispatch__", recording)
     # WHEN its fake run steps the optimizer with the tracked updates skipped, then with all ops
     _peak(w, [], skip=True, monkeypatch=monkeypatch)
     fast, reached[:] = set(reached), []
