@@ -16,6 +16,7 @@ from typing import Any
 from memprof.allocator import (
     NOT_MODELLED,
     AllocatorConf,
+    AllocatorSummary,
     CachingAllocatorModel,
     Replay,
     conf_from_environment,
@@ -167,12 +168,13 @@ class ReservedModel:
             return None, f"reserved memory not modelled: {exc}"
 
     def summary(self) -> dict[str, Any]:
-        """The replay's figures as the profile stores them."""
-        main = self.model.result().to_dict()
-        other = self.model.settle().result().to_dict()
-        return {
-            "conf": self.model.conf.text,
-            "replay": main,
-            "what_if": {self.alternative.text: other},
-            "not_modelled": [*NOT_MODELLED, *PROFILE_NOT_MODELLED],
-        }
+        """The replay's figures as the profile stores them (an :class:`AllocatorSummary`'s
+        ``to_dict()``)."""
+        main = self.model.result()
+        other = self.model.settle().result()
+        return AllocatorSummary(
+            conf=self.model.conf.text,
+            replay=main,
+            what_if={self.alternative.text: other},
+            not_modelled=[*NOT_MODELLED, *PROFILE_NOT_MODELLED],
+        ).to_dict()
