@@ -6,8 +6,8 @@ group, and the analytic formulas of a file-only profile), then each applicable r
 ``--repeats`` times on real tensors (same process, same fake process group). Printed per row:
 predicted (fake), analytic, simulated (first repeat), error of each against it, and the spread
 of the repeats (max - min bytes: 0 when the measurement is repeatable). CPU only, bytes exact.
-The simulations profile with the dispatch backend (see memprof.advisor.distributed): each
-model's unchanged step is printed by both backends first.
+The simulations profile with the events backend (every allocation, CPU kernel scratch too; see
+memprof.advisor.distributed); each model's unchanged step is printed by both backends first.
 
     python benchmarks/sharding_accuracy.py                       # gpt2, llama-gqa, bert, resnet-bn
     python benchmarks/sharding_accuracy.py --models gpt2 --ranks 2 --repeats 5

@@ -145,11 +145,6 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
                 f"run as rank 0 of {n} over a fake process group with {RUN_BY[stage]}; "
                 "quality not measured (the fake collectives compute nothing)"
             )
-            if stage == "zero2":
-                how += (
-                    "; simulated with the dispatch ledger (operator outputs, CPU kernel scratch "
-                    "not counted): the events backend's measurement of it varies"
-                )
             out.append(
                 Change(
                     "sharding",
