@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -87,6 +88,7 @@ Backend = Literal["auto", "events", "dispatch"]
 #: torch.tensor(data) builds its storage below the dispatcher; the ledger first sees it as the
 #: output of this aliasing op, so it is the one "view" that brings a new storage.
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+_PRIM_DEVICE = torch.ops.prim.device.default
 
 
 class _LedgerMode(TorchDispatchMode):
@@ -109,6 +111,10 @@ class _LedgerMode(TorchDispatchMode):
     def __torch_dispatch__(  # type: ignore[no-untyped-def]
         self, func, types, args=(), kwargs=None
     ):
+        if func is _PRIM_DEVICE and type(args[0]) is FakeTensor:
+            # a fake tensor's device (autograd asks it of every tensor): its property answers
+            # as FakeTensorMode would, without a trip through that mode
+            return args[0].device
         out = func(*args, **(kwargs or {}))
         if func.is_view and func is not _LIFT_FRESH:
             # A view allocates nothing: its storage is tracked already, or it predates the
