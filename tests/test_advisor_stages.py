@@ -3,6 +3,10 @@ then G step, SparseAdam beside Adam."""
 
 from __future__ import annotations
 
+import runpy
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,3 +138,46 @@ def test_gan_advice_rows_are_fake_runs_within_three_percent() -> None:
     assert len(compared) >= 10
     assert all(r["error_pct"] <= 3.0 for r in compared), [
         (r["technique"], r["options"], r["error_pct"]) for r in compared if r["error_pct"] > 3]
+
+
+_TWO = Path(__file__).parent / "data" / "train_two_optimizers.py"
+
+
+def _script(*argv: str) -> Callable[[], None]:
+    def run() -> None:
+        saved = sys.argv[:]
+        sys.argv = [str(_TWO), *argv]
+        try:
+            runpy.run_path(str(_TWO), run_name="__main__")
+        finally:
+            sys.argv = saved
+
+    return run
+
+
+def test_a_script_stepping_two_optimizers_is_captured_with_both() -> None:
+    """GIVEN a script whose one backward is followed by Adam's step over the body and SGD's
+    (momentum) over a large head WHEN ``memprof advise SCRIPT.py`` captures it THEN its
+    Workload steps both (the capture kept the first only: the fake run had no momentum) and
+    the fake run peaks where the script did."""
+    from memprof.advisor.capture import ScriptCapture
+    from memprof.advisor.script import ScriptSimulator
+
+    capture = ScriptCapture()
+    measured = ScriptSimulator(_script(), steps=4).reference(capture=capture).peak_bytes
+    workload = capture.workload()
+    assert [type(o).__name__ for o in workload.optimizer_list()] == ["Adam", "SGD"]
+    assert abs(fake_peak(workload) - measured) / measured < 0.01
+
+
+def test_a_gan_script_is_refused_with_the_reason() -> None:
+    """GIVEN a GAN script (the discriminator is a second model with its own optimizer) WHEN
+    captured THEN the reason names the optimizer outside the model (it said "the optimizer
+    steps none of the model's parameters")."""
+    from memprof.advisor.capture import CaptureError, ScriptCapture
+    from memprof.advisor.script import ScriptSimulator
+
+    capture = ScriptCapture()
+    ScriptSimulator(_script("--gan"), steps=4).reference(capture=capture)
+    with pytest.raises(CaptureError, match="outside the first module called"):
+        capture.workload()
