@@ -167,6 +167,7 @@ def test_a_script_stepping_two_optimizers_is_captured_with_both() -> None:
     measured = ScriptSimulator(_script(), steps=4).reference(capture=capture).peak_bytes
     workload = capture.workload()
     assert [type(o).__name__ for o in workload.optimizer_list()] == ["Adam", "SGD"]
+    assert workload.batch_in_step  # the script makes its batch in the step
     assert abs(fake_peak(workload) - measured) / measured < 0.01
 
 

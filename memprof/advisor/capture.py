@@ -488,10 +488,10 @@ class ScriptCapture:
         step = _ReplayStep(self.loss, self.autocast,
                            free_grads=alive and self.grads_at_backward is False)
         if len(optimizers) > 1:  # one backward, then each optimizer's step
-            return Workload(self.model, None, self.batch, stages=[
+            return Workload(self.model, None, self.batch, batch_in_step=True, stages=[
                 Stage(optimizers, step.stage_loss, set_to_none=not alive)])
         return Workload(self.model, optimizers[0] if optimizers else None, self.batch,
-                        step_fn=step, set_to_none=not alive)
+                        step_fn=step, set_to_none=not alive, batch_in_step=True)
 
 
 class _ReplayStep:

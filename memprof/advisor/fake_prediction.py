@@ -40,8 +40,10 @@ from memprof.advisor.workload import (
     SimState,
     StepFn,
     Workload,
+    cast_in_step,
     copy_optimizers,
     step_batch,
+    step_input,
     train_step,
 )
 from memprof.errors import FakeRunError, KernelNotMeasured, first_line
@@ -331,7 +333,7 @@ def _steps(workload: Workload, state: SimState,
 
     model = state.model
     batch = step_batch(workload, state)
-    loss_of: StepFn = workload.loss
+    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
     for wrap in state.wrap_step:
         loss_of = wrap(loss_of)
 
@@ -365,11 +367,12 @@ def _steps(workload: Workload, state: SimState,
             optimizer.step()
 
     for _ in range(steps):
+        held = step_input(workload, batch)
         if not optimizers:
             with torch.no_grad(), autocast():
-                loss = loss_of(model, batch)
+                loss = loss_of(model, held)
         else:
-            loss = train_step(workload, state, optimizers, model, batch, autocast=autocast,
+            loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
                               backward=backward, step=step)
             if scaler is not None:
                 scaler.update()

@@ -97,6 +97,11 @@ class Workload:
     steps: int = 3
     set_to_none: bool = True
     stages: list[Stage] | None = None
+    #: The batch is the loop's own, made (or fetched) by it for the step and held while the
+    #: step runs, as a script's is: a change that casts the batch (pure bf16) makes its copy
+    #: in the step, at the model's call, beside the held original (as the script's run with
+    #: the change does), not once before the steps (as a Workload of a fixed batch does).
+    batch_in_step: bool = False
 
     def __post_init__(self) -> None:
         if self.stages is not None:
@@ -379,11 +384,38 @@ def cast_floats(batch: Any, dtype: torch.dtype, *, pair_target: bool = True) -> 
 
 
 def step_batch(workload: Workload, state: SimState) -> Any:
-    """The batch the step runs on: ``state.batch``, cast as the change asks (every floating
-    tensor of a staged workload's batch: its stages, not an ``(x, y)`` loss, read it)."""
-    if state.cast_batch is None:
+    """The batch the steps are given: ``state.batch``, cast as the change asks, unless the
+    workload's batch is cast in the step (``batch_in_step``, see :func:`cast_in_step`)."""
+    if workload.batch_in_step:
         return state.batch
-    return cast_floats(state.batch, state.cast_batch, pair_target=workload.stages is None)
+    return cast_batch(workload, state, state.batch)
+
+
+def cast_batch(workload: Workload, state: SimState, batch: Any) -> Any:
+    """``batch`` cast as the change asks (every floating tensor of a staged workload's batch:
+    its stages, not an ``(x, y)`` loss, read it)."""
+    if state.cast_batch is None:
+        return batch
+    return cast_floats(batch, state.cast_batch, pair_target=workload.stages is None)
+
+
+def step_input(workload: Workload, batch: Any) -> Any:
+    """The batch one step runs on: with ``batch_in_step`` a new copy made at the step's
+    start (the loop's loader makes it there, and holds it through the step: it counts),
+    otherwise ``batch`` itself (alive before the steps)."""
+    return _clone(batch) if workload.batch_in_step else batch
+
+
+def cast_in_step(workload: Workload, state: SimState, loss_of: StepFn) -> StepFn:
+    """``loss_of`` casting its batch on entry where the workload's batch is cast in the step
+    (``batch_in_step``): the copy lives as long as the step needs it, beside the original."""
+    if state.cast_batch is None or not workload.batch_in_step:
+        return loss_of
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        return loss_of(model, cast_batch(workload, state, batch))
+
+    return loss
 
 
 def run(
@@ -398,7 +430,7 @@ def run(
         return run_sharded(workload, state)
     model = state.model
     batch = step_batch(workload, state)
-    loss_of: StepFn = workload.loss
+    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
     for wrap in state.wrap_step:
         loss_of = wrap(loss_of)
     training = state.optimizer_class is not None or state.make_optimizer is not None
@@ -412,7 +444,9 @@ def run(
 
     with torch.no_grad(), autocast():
         model.eval()
-        outputs = workload.outputs(model, batch).detach().float().clone()
+        cast = cast_batch(workload, state, batch)
+        outputs = workload.outputs(model, cast).detach().float().clone()
+        del cast
     model.train()
     optimizers = state.build_optimizers() if training else []
     last = None
@@ -432,12 +466,13 @@ def run(
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1
+            held = step_input(workload, batch)
             if not optimizers:
                 with torch.no_grad(), autocast():
-                    loss = loss_of(model, batch)
+                    loss = loss_of(model, held)
             else:
                 scale = scaler.get_scale() if scaler is not None else 0.0
-                loss = train_step(workload, state, optimizers, model, batch, autocast=autocast,
+                loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
                                   backward=backward, step=step)
                 if scaler is not None:
                     scaler.update()
@@ -489,7 +524,7 @@ def train_step(
         def stage_loss(model: nn.Module, batch: Any, plan: StagePlan = plan) -> torch.Tensor:
             return plan.loss(model, batch, carry)
 
-        loss_of: StepFn = stage_loss
+        loss_of: StepFn = cast_in_step(workload, state, stage_loss)
         for wrap in state.wrap_step:
             loss_of = wrap(loss_of)
         with autocast():
