@@ -27,6 +27,7 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
     peak = profile.peak_info.total_bytes if profile.peak_info is not None else 0
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
     modelled = list(profile.device.modelled)
+    replayed = profile.allocator_summary()
     if device == "cuda":
         if not any("rounding" in m for m in modelled):
             modelled.append(f"allocator rounding to {CUDA_BLOCK_BYTES}-byte blocks")
@@ -36,11 +37,11 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
         modelled.append("optimizer built with foreach=True, torch's default on CUDA")
         modelled.append("run on fake CPU tensors: CPU kernels choose the intermediates "
                         "(attention uses the CPU flash/sdpa kernel)")
-        if profile.allocator is not None:
+        if replayed is not None:
             modelled.append(
                 "reserved memory: the step's allocations replayed through a model of the CUDA "
                 "caching allocator (memprof.allocator; one stream, options "
-                f"{profile.allocator.get('conf') or 'default'}); the fit verdict counts it")
+                f"{replayed.conf or 'default'}); the fit verdict counts it")
         else:
             modelled.append(
                 "fragmentation of the caching allocator is not in the tensor figures; a fit "
@@ -67,14 +68,14 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
         "device_total_bytes": peak + context,
         "modelled": modelled,
     }
-    cached = replay_cached_bytes(profile.allocator)
-    if cached is not None and profile.allocator is not None:
-        replay = profile.allocator["replay"]
-        info["reserved_bytes"] = replay["reserved_peak_bytes"]
-        info["fragmentation_bytes"] = replay["fragmentation_bytes"]
-        info["largest_free_block_bytes"] = replay["largest_free_block_bytes"]
+    cached = replay_cached_bytes(replayed)
+    if cached is not None and replayed is not None:
+        replay = replayed.replay
+        info["reserved_bytes"] = replay.reserved_peak_bytes
+        info["fragmentation_bytes"] = replay.fragmentation_bytes
+        info["largest_free_block_bytes"] = replay.largest_free_block_bytes
         if device == "cuda":
-            info["device_total_bytes"] = replay["reserved_peak_bytes"] + context
+            info["device_total_bytes"] = replay.reserved_peak_bytes + context
     if gpu is not None and budget is not None:
         info["fit"] = fit_verdict(peak, gpu, budget=budget, cached_bytes=cached)
     profile.meta["estimate"] = info
