@@ -194,7 +194,8 @@ def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Mod
     # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
     # anyway (it swaps tensors, which fake tensors with weak references refuse).
     try:
-        with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init():
+        with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init(), \
+                _deepcopy_in_mode(_active_fake_mode()):
             model = factory()
     except MemprofError:
         raise
@@ -224,6 +225,45 @@ def _skip_weight_init() -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     manager: contextlib.AbstractContextManager[Any] = no_init_weights()
     return manager
+
+
+def _active_fake_mode() -> Any:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+
+
+def _deepcopy_in_mode(mode: Any) -> contextlib.AbstractContextManager[Any]:
+    """``copy.deepcopy`` of the estimate's fake tensors, made in the estimate's fake mode.
+
+    PyTorch's own deepcopy of a fake tensor makes the copy in another fake mode, so a model
+    that clones a layer by deepcopy while it is built (``nn.Transformer``,
+    ``nn.TransformerEncoder``) failed at its next use of the copy ("Mixing fake modes NYI",
+    an AssertionError). Values do not matter: the copy is an empty tensor of the same
+    layout, a parameter where the original is one."""
+    if mode is None:
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.overrides import TorchFunctionMode
+
+    class DeepcopyInMode(TorchFunctionMode):
+        def __torch_function__(  # type: ignore[no-untyped-def]
+            self, func, types, args=(), kwargs=None
+        ):
+            if func is not torch.Tensor.__deepcopy__ or not isinstance(args[0], FakeTensor) \
+                    or args[0].fake_mode is not mode:
+                return func(*args, **(kwargs or {}))
+            tensor, memo = args
+            if id(tensor) in memo:
+                return memo[id(tensor)]
+            with torch.no_grad():
+                copied = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                             device=tensor.device)
+            copied.requires_grad_(tensor.requires_grad)
+            if getattr(tensor, "_is_param", False):  # nn.Parameter of a tensor subclass
+                copied._is_param = True
+            memo[id(tensor)] = copied
+            return copied
+
+    return DeepcopyInMode()
 
 
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
