@@ -1,5 +1,7 @@
 """memprof's C++ allocation recorder (recorder.cpp), compiled for the installed torch on first use.
 
+The same module holds the caching allocator's model the replay feeds (allocator_model.cpp).
+
 The recorder is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) against the
 torch that is running, so it always matches its ABI; the build is cached per torch version and
 recorder source (a few seconds to half a minute, once). Where it cannot be built, :func:`load`
@@ -24,6 +26,8 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("recorder.cpp")
+#: Built into the same module: the caching allocator's model (the replay's hot path).
+SOURCES = (SOURCE, Path(__file__).with_name("allocator_model.cpp"))
 _module: Any = None
 _tried = False
 _reason = ""
@@ -34,7 +38,7 @@ def _name() -> str:
     memprof, another checkout sharing the cache) is never loaded in its place, where its events
     would mean something else (the node events' value, say)."""
     version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:10]
     return f"memprof_recorder_{version}_{digest}"
 
 
@@ -61,7 +65,7 @@ def load() -> Any:
                 _ninja_on_path():
             _module = cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(path) for path in SOURCES],
                 extra_cflags=["-O2"],
                 verbose=False,
             )

@@ -167,7 +167,8 @@ class Profiler(ProfileResults):
             if problem:
                 self._warnings.append(problem)
             if self._reserved is not None:
-                self.ledger.allocator = self._reserved.model
+                # (the C++ NativeModel where it builds: the same interface and figures)
+                self.ledger.allocator = self._reserved.model  # type: ignore[assignment]
         self._sources = SourceSampler(self._top_tensors, self._source_lines_above)
         self.ledger.sources = self._sources
         self.ledger.source_floor = self._sources.floor
