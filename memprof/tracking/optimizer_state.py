@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from memprof.tracking.ledger import OUTSIDE, StorageLedger, facts_of
+from memprof.tracking.ledger import OUTSIDE, StorageLedger, facts_of, on_cuda
 from memprof.units import round_up
 
 
@@ -57,7 +57,7 @@ class OptimizerStates:
                     item = (facts_of(part) if ledger.by_ptr else part, module)
                     state.append(item)
                     raw = part.untyped_storage().nbytes()
-                    if round_to > 1 or part.is_cuda:
+                    if round_to > 1 or on_cuda(part):
                         raw = round_up(raw, max(round_to, 512))
                     state_bytes += raw
                     if cache is not None:
