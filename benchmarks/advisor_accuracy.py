@@ -139,7 +139,7 @@ def _advise_rows(
     if techniques is None:
         advice = memprof.advise(ref.profile, workload=workload, reference=ref, **kwargs)
     else:
-        from memprof import advisor
+        from memprof.advisor import batch_rows
 
         if kwargs.get("prediction") != ANALYTIC:
             kwargs["fake_model"] = workload  # the model is at hand: predict by fake runs
@@ -147,9 +147,10 @@ def _advise_rows(
             ref.profile, simulator=_SelectiveSimulator(workload, techniques), reference=ref,
             **kwargs,
         )
-        if "batch" in techniques and hasattr(advisor, "_batch_rows"):
+        if "batch" in techniques:
             advice.rows.extend(
-                advisor._batch_rows(workload, ref, advice.baseline_peak_bytes, None)
+                row.to_dict() for row in
+                batch_rows.advice_rows(workload, ref, advice.baseline_peak_bytes, None)
             )
     base = advice.baseline_peak_bytes
     measured_base = advice.extra.get("measured_baseline_peak_bytes", ref.peak_bytes)

@@ -197,10 +197,14 @@ def _sparse_embeddings() -> Loop:
     dense = torch.optim.Adam(list(model.head.parameters()), lr=1e-3)
     batch: list[torch.Tensor] = []
 
+    def loss_of(net: nn.Module, value: list[torch.Tensor], carry: dict[str, Any]
+                ) -> torch.Tensor:
+        return net(*value).pow(2).mean()
+
     def step(i: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(i)
         batch[:] = [torch.randint(0, 5000, (256,), generator=gen), torch.arange(0, 256, 8)]
-        loss = model(*batch).pow(2).mean()
+        loss = loss_of(model, batch, {})
         loss.backward()
         sparse.step()
         dense.step()
@@ -208,12 +212,12 @@ def _sparse_embeddings() -> Loop:
         dense.zero_grad()
         return loss.detach()
 
-    return Loop([model], [sparse, dense], step, lambda: list(batch),
-                workload="two optimizers (SparseAdam for the embedding's sparse gradients, Adam "
-                         "for the head): a Workload copies one optimizer's class and "
-                         "hyperparameters; a step_fn stepping SparseAdam itself would run, but no "
-                         "row could change that optimizer (8-bit, sharding, SGD rows would act on "
-                         "Adam's parameters only) and its state would not be the advisor's copy")
+    from memprof.advisor.workload import Stage, Workload
+
+    def workload() -> Workload:  # one backward, then both optimizers' steps
+        return Workload(model, None, list(batch), stages=[Stage([sparse, dense], loss_of)])
+
+    return Loop([model], [sparse, dense], step, lambda: list(batch), workload=workload)
 
 
 def _dead_branch() -> Loop:
@@ -301,39 +305,60 @@ def _mixtral() -> Loop:
     return _simple(model, torch.optim.AdamW(model.parameters()), _lm_batch(256))
 
 
+class _GAN(nn.Module):
+    """A generator and its discriminator; calling it generates (so it is the profile's root)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 64))
+        self.disc = nn.Sequential(nn.Linear(64, 128), nn.LeakyReLU(0.2), nn.Linear(128, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.gen(z)
+
+
 def _gan() -> Loop:
-    gen = nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 64))
-    disc = nn.Sequential(nn.Linear(64, 128), nn.LeakyReLU(0.2), nn.Linear(128, 1))
-    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4)
+    gan = _GAN()
+    opt_g = torch.optim.Adam(gan.gen.parameters(), lr=2e-4)
+    opt_d = torch.optim.Adam(gan.disc.parameters(), lr=2e-4)
     bce = nn.BCEWithLogitsLoss()
     batch: list[torch.Tensor] = []
+
+    def d_loss(net: nn.Module, value: list[torch.Tensor], carry: dict[str, Any]
+               ) -> torch.Tensor:
+        real, z = value
+        carry["fake"] = fake = net(z)  # G's output, reused by G's stage
+        on_real, on_fake = net.disc(real), net.disc(fake.detach())
+        return bce(on_real, torch.ones_like(on_real)) + bce(on_fake, torch.zeros_like(on_fake))
+
+    def g_loss(net: nn.Module, value: list[torch.Tensor], carry: dict[str, Any]
+               ) -> torch.Tensor:
+        on_fake = net.disc(carry["fake"])
+        return bce(on_fake, torch.ones_like(on_fake))
 
     def step(i: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(i)
         batch[:] = [torch.randn(32, 64, generator=g), torch.randn(32, 16, generator=g)]
-        real, z = batch
-        ones, zeros = torch.ones(32, 1), torch.zeros(32, 1)
+        carry: dict[str, Any] = {}
         opt_d.zero_grad()
-        fake = gen(z)
-        (bce(disc(real), ones) + bce(disc(fake.detach()), zeros)).backward()
+        loss = d_loss(gan, batch, carry)
+        loss.backward()
         opt_d.step()
-        opt_g.zero_grad()
-        loss = bce(disc(fake), ones)
+        del loss
+        opt_g.zero_grad()  # D's gradients from G's backward stay alive until the next step
+        loss = g_loss(gan, batch, carry)
         loss.backward()
         opt_g.step()
         return loss.detach()
 
-    return Loop([gen, disc], [opt_g, opt_d], step, lambda: list(batch),
-                workload="two models, two optimizers and two backward passes per step: a "
-                         "Workload is one model, one optimizer and one loss that memprof "
-                         "backpropagates, steps and zero_grads after step_fn; G and D in one "
-                         "module with a step_fn running D's backward and step would run, but D's "
-                         "optimizer is then the step_fn's own (optimizer, 8-bit and sharding rows "
-                         "change G's only) and G's gradients, freed by the loop's "
-                         "opt_g.zero_grad() just before G's backward (alive through D's step), "
-                         "are freed after G's step: the unchanged simulation is not the profiled "
-                         "step. Expressing it needs a Workload of several (optimizer, loss) stages")
+    from memprof.advisor.workload import Stage, Workload
+
+    def workload() -> Workload:  # D's step, then G's, each zeroing its gradients first
+        return Workload(gan, None, list(batch),
+                        stages=[Stage([opt_d], d_loss, zero_grad="before"),
+                                Stage([opt_g], g_loss, zero_grad="before")])
+
+    return Loop([gan], [opt_g, opt_d], step, lambda: list(batch), workload=workload)
 
 
 def _accumulation() -> Loop:

@@ -42,8 +42,9 @@ from __future__ import annotations
 import os
 import re
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from memprof.errors import AllocatorConfError, AllocatorOOM
 
@@ -335,6 +336,58 @@ class Replay:
             "oom": self.oom,
             "not_modelled": list(self.not_modelled),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Replay:
+        """The replay :meth:`to_dict` wrote (``fragmentation_bytes`` is derived, not read)."""
+        return cls(
+            conf=str(data["conf"]),
+            reserved_peak_bytes=int(data["reserved_peak_bytes"]),
+            allocated_peak_bytes=int(data["allocated_peak_bytes"]),
+            allocated_at_reserved_peak_bytes=int(data["allocated_at_reserved_peak_bytes"]),
+            segments=[int(s) for s in data["segments"]],
+            largest_free_block_bytes=int(data["largest_free_block_bytes"]),
+            reserved_end_bytes=int(data["reserved_end_bytes"]),
+            allocated_end_bytes=int(data["allocated_end_bytes"]),
+            events=int(data["events"]),
+            segment_allocs=int(data["segment_allocs"]),
+            cache_flushes=int(data["cache_flushes"]),
+            oom=dict(data["oom"]) if data["oom"] is not None else None,
+            not_modelled=list(data["not_modelled"]),
+        )
+
+
+@dataclass(frozen=True)
+class AllocatorSummary:
+    """The caching-allocator replays of one profiled run (``Profile.allocator`` stores its
+    :meth:`to_dict`): the run's allocations under its own options ``conf`` (``replay``) and
+    under others (``what_if``, by option text), and what the profile's replay leaves out."""
+
+    conf: str
+    replay: Replay
+    what_if: dict[str, Replay] = field(default_factory=dict)
+    not_modelled: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conf": self.conf,
+            "replay": self.replay.to_dict(),
+            "what_if": {conf: r.to_dict() for conf, r in self.what_if.items()},
+            "not_modelled": list(self.not_modelled),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> AllocatorSummary | None:
+        """The summary :meth:`to_dict` wrote; None for a profile without a replay (recorded by
+        an older memprof or with ``model_reserved=False``)."""
+        if not data or not isinstance(data.get("replay"), Mapping):
+            return None
+        return cls(
+            conf=str(data.get("conf") or ""),
+            replay=Replay.from_dict(data["replay"]),
+            what_if={conf: Replay.from_dict(r) for conf, r in (data.get("what_if") or {}).items()},
+            not_modelled=list(data.get("not_modelled") or []),
+        )
 
 
 NOT_MODELLED = [

@@ -29,8 +29,8 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Any
 
+from memprof.allocator import AllocatorSummary
 from memprof.errors import BudgetError, UnknownGPUError
 from memprof.units import format_bytes, parse_size
 
@@ -155,19 +155,15 @@ def budget_of(spec: int | str, *, cached_bytes: int | None = None) -> Budget:
                   f"a {100 * FRAGMENTATION_FRACTION:.0f}% fragmentation reserve")
 
 
-def replay_cached_bytes(allocator: dict[str, Any] | None) -> int | None:
+def replay_cached_bytes(allocator: AllocatorSummary | None) -> int | None:
     """Reserved minus allocated at the peaks of a profile's allocator replay
-    (``Profile.allocator``), or None when the profile has none."""
-    if not allocator:
+    (``Profile.allocator_summary()``), or None when the profile has none."""
+    if allocator is None:
         return None
-    replay = allocator.get("replay")
-    if not isinstance(replay, dict):
+    replay = allocator.replay
+    if replay.reserved_peak_bytes <= 0:
         return None
-    reserved = int(replay.get("reserved_peak_bytes") or 0)
-    allocated = int(replay.get("allocated_peak_bytes") or 0)
-    if reserved <= 0:
-        return None
-    return max(0, reserved - allocated)
+    return max(0, replay.reserved_peak_bytes - replay.allocated_peak_bytes)
 
 
 def _key(name: str) -> str:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memprof import hooks
+from memprof.allocator import AllocatorSummary
 from memprof.categories import CATEGORIES, PHASES
 from memprof.errors import OutputExistsError, ProfileLoadError
 from memprof.hooks import plugged
@@ -261,6 +262,10 @@ class Profile:
             raise ValueError("this profile recorded no step (was the schedule ever active?)")
         return self.peak_info
 
+    def allocator_summary(self) -> AllocatorSummary | None:
+        """:attr:`allocator` as its typed record; None when the profile has no replay."""
+        return AllocatorSummary.from_dict(self.allocator)
+
     # -------------------------------------------------------------- summaries
     def steady_state_bytes(self) -> int | None:
         """Live bytes between steps once training settled (median over steps after the first)."""
@@ -280,13 +285,14 @@ class Profile:
                 f"{c} {format_bytes(v)}" for c, v in p.by_category.items() if v > 0
             ]
             lines.append("  at the peak: " + ", ".join(parts))
-            replay = (self.allocator or {}).get("replay")
-            if isinstance(replay, dict):
+            replayed = self.allocator_summary()
+            if replayed is not None:
+                replay = replayed.replay
                 lines.append(
                     f"  reserved (caching-allocator replay): "
-                    f"{format_bytes(int(replay['reserved_peak_bytes']))}, of which "
-                    f"{format_bytes(int(replay['fragmentation_bytes']))} cached with no tensor "
-                    f"in {len(replay.get('segments') or [])} segment(s)"
+                    f"{format_bytes(replay.reserved_peak_bytes)}, of which "
+                    f"{format_bytes(replay.fragmentation_bytes)} cached with no tensor "
+                    f"in {len(replay.segments)} segment(s)"
                 )
         else:
             lines.append("memprof: no step was profiled")

@@ -63,16 +63,16 @@ def test_the_optimizer_step_skips_only_updates_of_tensors_the_ledger_tracks(
     # GIVEN an MLP with AdamW stepping per tensor: its step updates parameters and state in
     # place, and makes tensors (sqrt, div)
     w = mlp_workload()
-    from memprof.tracking import session
+    from memprof.tracking import ledger_mode
 
-    ledger_dispatch = session._LedgerMode.__torch_dispatch__
+    ledger_dispatch = ledger_mode.LedgerMode.__torch_dispatch__
     reached: list[str] = []
 
     def recording(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         reached.append(func.overloadpacket.__name__)
         return ledger_dispatch(self, func, types, args, kwargs)
 
-    monkeypatch.setattr(session._LedgerMode, "__torch_dispatch__", recording)
+    monkeypatch.setattr(ledger_mode.LedgerMode, "__torch_dispatch__", recording)
     # WHEN its fake run steps the optimizer with the tracked updates skipped, then with all ops
     _peak(w, [], skip=True, monkeypatch=monkeypatch)
     fast, reached[:] = set(reached), []
@@ -140,6 +140,7 @@ def test_qlora_runs_of_a_fake_model_convert_each_weight_once_and_keep_every_byte
 def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN an MLP's profile and a budget a little under its peak (one change fits)
     import memprof.advisor as advisor
+    from memprof.advisor import budget_plan
 
     w = mlp_workload()
     profile = baseline(w).profile
@@ -156,9 +157,9 @@ def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.Monk
     fast = advisor.advise(profile, workload=w, simulate=False, budget=budget)
     reused = len(runs)
     runs.clear()
-    plan_runner = advisor._plan_runner
+    plan_runner = budget_plan.plan_runner
     monkeypatch.setattr(
-        advisor, "_plan_runner", lambda model, options, ran=None: plan_runner(model, options)
+        budget_plan, "plan_runner", lambda model, options, ran=None: plan_runner(model, options)
     )
     slow = advisor.advise(profile, workload=w, simulate=False, budget=budget)
     # THEN the plan is the same, checked by a fake run of one change, run once fewer

@@ -78,6 +78,27 @@ def test_the_run_s_allocator_options_are_read_from_the_environment(
     assert _large_segments(data["replay"]["segments"]) == [60 * MiB]
 
 
+def test_the_typed_summary_reads_and_writes_the_profile_s_allocator_keys(tmp_path: object) -> None:
+    # GIVEN a profile whose allocator replay was saved and loaded again
+    with memprof.profile(backend="dispatch") as prof:
+        _program()
+        prof.step()
+    path = f"{tmp_path}/p.json"
+    prof.profile.save(path)
+    loaded = memprof.load(path)
+    # WHEN it is read as the typed record
+    summary = loaded.allocator_summary()
+    # THEN its figures are the stored ones and it writes the same keys back
+    assert summary is not None
+    assert summary.replay.reserved_peak_bytes == loaded.allocator["replay"]["reserved_peak_bytes"]
+    assert summary.replay.fragmentation_bytes == loaded.allocator["replay"]["fragmentation_bytes"]
+    expandable = summary.what_if["expandable_segments:True"]
+    assert _large_segments(expandable.segments) == [60 * MiB]  # one segment, grown in pages
+    assert summary.to_dict() == loaded.allocator == prof.profile.allocator
+    assert allocator.AllocatorSummary.from_dict(None) is None
+    assert allocator.AllocatorSummary.from_dict({"conf": ""}) is None
+
+
 def test_a_bad_allocator_conf_is_a_warning_not_a_failed_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -239,7 +239,7 @@ def test_dynamo_never_compiles_or_traces_memprof_code(backend: str) -> None:
     until its recompile limit) and the results are bitwise those of the unprofiled run."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from memprof.tracking import ledger, session
+    from memprof.tracking import ledger, ledger_mode, session
 
     class Broken(nn.Module):
         def __init__(self) -> None:
@@ -263,7 +263,7 @@ def test_dynamo_never_compiles_or_traces_memprof_code(backend: str) -> None:
             prof.step()
     assert torch.equal(out.detach(), expected)
     ours = [
-        session._LedgerMode.__torch_dispatch__,
+        ledger_mode.LedgerMode.__torch_dispatch__,
         ledger.StorageLedger.see,
         session.Profiler._pack,
         session.Profiler._on_forward_pre,

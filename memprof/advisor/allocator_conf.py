@@ -24,8 +24,8 @@ NOT_SIMULATED = (
 
 
 def predict(facts: Facts) -> list[Change]:
-    allocator = facts.profile.allocator
-    if not allocator or not allocator.get("what_if"):
+    allocator = facts.profile.allocator_summary()
+    if allocator is None or not allocator.what_if:
         return [
             not_applicable(
                 TECHNIQUE,
@@ -35,16 +35,16 @@ def predict(facts: Facts) -> list[Change]:
                 group=GROUP,
             )
         ]
-    base = allocator["replay"]
+    base = allocator.replay
     changes = []
-    for conf, other in allocator["what_if"].items():
-        before = int(base["reserved_peak_bytes"])
-        after = int(other["reserved_peak_bytes"])
+    for conf, other in allocator.what_if.items():
+        before = base.reserved_peak_bytes
+        after = other.reserved_peak_bytes
         how = (
             f"replay of the run's allocations through the caching allocator: reserved peak "
-            f"{format_bytes(before)} with {allocator.get('conf') or 'the default options'}, "
-            f"{format_bytes(after)} with {conf} ({len(base['segments'])} -> "
-            f"{len(other['segments'])} segments)"
+            f"{format_bytes(before)} with {allocator.conf or 'the default options'}, "
+            f"{format_bytes(after)} with {conf} ({len(base.segments)} -> "
+            f"{len(other.segments)} segments)"
         )
         changes.append(
             Change(

@@ -9,8 +9,11 @@ tensors:
   metadata (nothing real is copied: fake tensors live on the meta device), in one
   :class:`~torch._subclasses.fake_tensor.FakeTensorMode` that every later fake run reuses;
 - the **batch**: the root's first call's positional and keyword arguments, as fake tensors;
-- the **optimizer**: at its first step (or the first backward, should that step never come),
-  its class, defaults and param groups (over the fake copies of its parameters);
+- the **optimizers**: at the first step (or the first backward, should that step never come),
+  each one's class, defaults and param groups (over the fake copies of its parameters): every
+  optimizer stepped after the first backward and before the model's next call (SparseAdam for
+  sparse embeddings beside Adam) becomes one :class:`~memprof.advisor.workload.Stage`; an
+  optimizer over parameters outside the model (a GAN's second model) is refused;
 - the **loss**: the torch calls from the root's outputs to the first scalar ``.backward()``
   (recorded by a :class:`~torch.overrides.TorchFunctionMode` between the two moments and
   pruned to the calls the loss depends on), replayed on the fake run's outputs, each under the
@@ -46,7 +49,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memprof.advisor.workload import Workload
+from memprof.advisor.workload import Stage, Workload
 from memprof.errors import CaptureError
 
 if TYPE_CHECKING:
@@ -237,7 +240,10 @@ class ScriptCapture:
         self.autocast: torch.dtype | None = None
         self.grad_enabled = True
         self.root_calls = 0  # before the first optimizer step
-        self.optimizer: tuple[type, dict[str, Any], list[dict[str, Any]]] | None = None
+        #: Class, defaults and param groups of each optimizer stepped in the first step.
+        self.optimizers: list[tuple[type, dict[str, Any], list[dict[str, Any]]]] = []
+        self._step_over = False  # the model's call after the first step: no more optimizers
+        self._stepped_ids: set[int] = set()  # ids of the optimizers the first step stepped
         self.loss: Loss | None = None
         self._trace: _LossTrace | None = None
         self._handles: list[Any] = []
@@ -301,6 +307,8 @@ class ScriptCapture:
     def _pre(self, module: nn.Module, args: Any) -> None:
         root = self._root() if self._root is not None else None
         if self._stepped:
+            if module is root:
+                self._step_over = True
             if module is root and self.grads_at_forward is None:
                 self.grads_at_forward = any(p.grad is not None for p in module.parameters())
                 self._handles[0].remove()  # its work is done
@@ -364,16 +372,24 @@ class ScriptCapture:
 
         root = self._root() if self._root is not None else None
         optimizer = _optimizer_of(root) if root is not None else None
-        if optimizer is not None:
+        if optimizer is not None and not self._stepped:
+            self.optimizers.clear()
             self._take_optimizer(optimizer)
 
     def _optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # After the step, not before: Lightning runs the forward and backward inside
         # optimizer.step(closure).
         self.stop()
-        if self._stepped or self._root is None:
+        if self._root is None or self._step_over:
+            return
+        if self._stepped:  # another optimizer of the same step
+            if id(optimizer) not in self._stepped_ids:
+                self._stepped_ids.add(id(optimizer))
+                self._take_optimizer(optimizer)
             return
         self._stepped = True
+        self._stepped_ids = {id(optimizer)}
+        self.optimizers.clear()  # the first backward's guess, now known
         # the forward hook's work is done; the pre-hook sees the next forward's gradients
         self._handles[1].remove()
         if self.loss is not None and self._trace_done is not None:
@@ -392,11 +408,15 @@ class ScriptCapture:
             outside += len(g["params"]) - len(hyper["params"])
             groups.append(hyper)
         if not any(g["params"] for g in groups):
-            return  # an optimizer of other parameters (a GAN's second one): not the model's
+            self._fail(f"a {type(optimizer).__name__} optimizer steps parameters outside the "
+                       "first module called (a second model, as a GAN's discriminator): a fake "
+                       "run copies that module only")
+            return
         if outside:
             self._fail(f"the optimizer steps {outside} parameter(s) outside the first module "
                        "called, which a fake run would leave out")
-        self.optimizer = (type(optimizer), copy.deepcopy(dict(optimizer.defaults)), groups)
+        self.optimizers.append(
+            (type(optimizer), copy.deepcopy(dict(optimizer.defaults)), groups))
 
     # ------------------------------------------------------------------ copies
     def _fake_copy(self, module: nn.Module) -> nn.Module:
@@ -432,7 +452,7 @@ class ScriptCapture:
         self.model = None
         self.batch = None
         self.loss = None
-        self.optimizer = None
+        self.optimizers = []
         self._fakes.clear()
         self._trace_done = None
         self._fail("released")
@@ -448,28 +468,30 @@ class ScriptCapture:
             raise CaptureError(
                 f"the script called its model {self.root_calls} times before its first "
                 "optimizer step (gradient accumulation?): a fake run models one call per step")
-        optimizer = None
-        if self.optimizer is not None:
-            from memprof.advisor.workload import accepted_options
+        optimizers = []
+        from memprof.advisor.workload import accepted_options
 
-            cls, defaults, groups = self.optimizer
+        for cls, defaults, groups in self.optimizers:
             try:
                 with self.mode:
-                    optimizer = cls(groups, **accepted_options(cls, defaults))
+                    optimizers.append(cls(groups, **accepted_options(cls, defaults)))
             except Exception as exc:
                 raise CaptureError(f"the optimizer could not be rebuilt on fake tensors: "
                                    f"{type(exc).__name__}: {_first_line(exc)}") from None
-        elif self._stepped or self.loss is not None:
+        if not optimizers and (self._stepped or self.loss is not None):
             raise CaptureError("the optimizer steps none of the model's parameters")
-        if optimizer is not None and self.loss is None:
+        if optimizers and self.loss is None:
             raise CaptureError("no scalar .backward() followed the model's first call")
         # gradients alive in the next forward (a script that zeroes them after its forward,
         # or in place): kept between the fake steps too, and freed where the script frees them
         alive = self.grads_at_forward is True
-        return Workload(self.model, optimizer, self.batch,
-                        step_fn=_ReplayStep(self.loss, self.autocast,
-                                            free_grads=alive and self.grads_at_backward is False),
-                        set_to_none=not alive)
+        step = _ReplayStep(self.loss, self.autocast,
+                           free_grads=alive and self.grads_at_backward is False)
+        if len(optimizers) > 1:  # one backward, then each optimizer's step
+            return Workload(self.model, None, self.batch, batch_in_step=True, stages=[
+                Stage(optimizers, step.stage_loss, set_to_none=not alive)])
+        return Workload(self.model, optimizers[0] if optimizers else None, self.batch,
+                        step_fn=step, set_to_none=not alive, batch_in_step=True)
 
 
 class _ReplayStep:
@@ -487,6 +509,10 @@ class _ReplayStep:
         self._model: weakref.ref[nn.Module] | None = None
         self._held_outputs: list[torch.Tensor] = []
         self._held: list[torch.Tensor] = []
+
+    def stage_loss(self, model: nn.Module, batch: Any, carry: dict[str, Any]) -> torch.Tensor:
+        """The step as a :class:`~memprof.advisor.workload.Stage`'s loss."""
+        return self(model, batch)
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if self._model is None or self._model() is not model:  # a new fake run

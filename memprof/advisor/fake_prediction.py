@@ -37,7 +37,16 @@ import torch
 from torch import nn
 
 from memprof.advisor import distributed, fake_kernels
-from memprof.advisor.workload import SimState, StepFn, Workload, cast_floats
+from memprof.advisor.workload import (
+    SimState,
+    StepFn,
+    Workload,
+    cast_in_step,
+    copy_optimizers,
+    step_batch,
+    step_input,
+    train_step,
+)
 from memprof.errors import FakeRunError, KernelNotMeasured, first_line
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
@@ -70,18 +79,10 @@ def fake_state(workload: Workload, mode: Any) -> SimState:
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = fake
     model = copy.deepcopy(workload.model, memo)
-    groups: list[dict[str, Any]] = []
-    opt_class = None
-    defaults: dict[str, Any] = {}
-    if workload.optimizer is not None:
-        opt_class = type(workload.optimizer)
-        defaults = copy.deepcopy(dict(workload.optimizer.defaults))
-        for g in workload.optimizer.param_groups:
-            hyper = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
-            hyper["params"] = [memo[id(p)] for p in g["params"] if id(p) in memo]
-            groups.append(hyper)
-    return SimState(model=model, batch=_fake_batch(mode, workload.batch),
-                    optimizer_class=opt_class, param_groups=groups, defaults=defaults)
+    state = SimState(model=model, batch=_fake_batch(mode, workload.batch),
+                     optimizer_class=None, param_groups=[])
+    copy_optimizers(workload, memo, state)
+    return state
 
 
 def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -120,7 +121,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
             if one_step is not None:
                 optimizer, warm = one_step
                 with _profiler(state, optimizer, round_to, device) as prof:
-                    missed = _steps(workload, state, optimizer, prof, steps=1, warm=warm)
+                    missed = _steps(workload, state, [optimizer] if optimizer else [], prof,
+                                    steps=1, warm=warm)
                 if not missed:
                     return int(prof.profile.peak().total_bytes)
                 state = fake_state(workload, mode)  # the warm-up's state is not the real one's
@@ -128,9 +130,10 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                     apply(state)
                 if state.shard is not None:
                     distributed.shard(state, mesh)
-            optimizer = _optimizer(state)
-            with _profiler(state, optimizer, round_to, device) as prof:
-                _steps(workload, state, optimizer, prof, steps=FAKE_STEPS)
+            optimizers = _optimizers(state)
+            with _profiler(state, optimizers[0] if optimizers else None, round_to,
+                           device) as prof:
+                _steps(workload, state, optimizers, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
     except (FakeRunError, KernelNotMeasured):  # the second: see memprof.advisor.parallel
         raise
@@ -178,10 +181,10 @@ def cast_floating(state: SimState, dtype: torch.dtype) -> None:
         group["params"] = [new.get(id(p), p) for p in group["params"]]
 
 
-def _optimizer(state: SimState) -> torch.optim.Optimizer | None:
+def _optimizers(state: SimState) -> list[torch.optim.Optimizer | None]:
     if state.optimizer_class is None and state.make_optimizer is None:
-        return None
-    return state.build_optimizer()
+        return []
+    return state.build_optimizers()
 
 
 def _warm_optimizer(
@@ -189,13 +192,16 @@ def _warm_optimizer(
 ) -> tuple[torch.optim.Optimizer | None, list[torch.Tensor]] | None:
     """The optimizer with its state made by one step on zero gradients (see the module
     docstring), and the parameters it stepped; None where one profiled step cannot stand for
-    the run's second (gradients kept between steps)."""
-    optimizer = _optimizer(state)
-    if optimizer is None:
+    the run's second (gradients kept between steps, or several optimizers: the profiler is
+    given the state of one made before it starts)."""
+    if state.optimizer_class is None and state.make_optimizer is None:
         return None, []
-    free = workload.set_to_none if state.free_gradients is None else state.free_gradients
-    if not free:
+    plans = workload.stage_plans()
+    free = (all(plan.set_to_none for plan in plans) if state.free_gradients is None
+            else state.free_gradients)
+    if state.more_optimizers or not free or any(plan.zero_grad == "before" for plan in plans):
         return None
+    optimizer = state.build_optimizer()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     if _direct_state(optimizer):
         return optimizer, params
@@ -358,16 +364,17 @@ def _state_only() -> Any:
 _STATE_ONLY: type | None = None
 
 
-def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer | None,
-           prof: Any, *, steps: int, warm: list[torch.Tensor] | None = None) -> bool:
+def _steps(workload: Workload, state: SimState,
+           optimizers: list[torch.optim.Optimizer | None], prof: Any, *, steps: int,
+           warm: list[torch.Tensor] | None = None) -> bool:
     """The step :func:`memprof.advisor.workload.run` profiles, without reading any value;
     ``steps`` times. Returns whether a parameter of ``warm`` (given state by the warm-up) got
     no gradient in the backward: then the warm-up made state a real run does not."""
     from memprof.fake_scalars import ScalarStandIns
 
     model = state.model
-    batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
-    loss_of: StepFn = workload.loss
+    batch = step_batch(workload, state)
+    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
     for wrap in state.wrap_step:
         loss_of = wrap(loss_of)
 
@@ -377,34 +384,39 @@ def _steps(workload: Workload, state: SimState, optimizer: torch.optim.Optimizer
         return torch.autocast("cpu", dtype=state.autocast)
 
     model.train()
-    scaler = torch.amp.GradScaler("cpu") if state.grad_scaler and optimizer else None
+    scaler = torch.amp.GradScaler("cpu") if state.grad_scaler and optimizers else None
     missed = False
+    warm_ids = {id(p) for p in warm or []}
     if scaler is not None and warm is not None:
         # a first step would have made the scaler's scale and growth tracker: so does this
         # (update() then leaves them as they are; sizes are what matter here)
         scaler.scale(torch.zeros(()))
+
+    def backward(loss: torch.Tensor) -> None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def step(optimizer: torch.optim.Optimizer) -> None:
+        nonlocal missed
+        if scaler is not None:  # scaler.step reads found_inf: unscale, then step as it would
+            scaler.unscale_(optimizer)
+        if warm_ids and any(p.grad is None for g in optimizer.param_groups for p in g["params"]
+                            if id(p) in warm_ids):
+            missed = True
+        # an optimizer reading a value (Adafactor) gets a stand-in; its updates in place of
+        # tensors the ledger tracks are skipped (they allocate nothing)
+        with _tracked_updates(prof) if SKIP_TRACKED_UPDATES else ScalarStandIns():
+            optimizer.step()
+
     for _ in range(steps):
-        if optimizer is None:
+        held = step_input(workload, batch)
+        if not optimizers:
             with torch.no_grad(), autocast():
-                loss = loss_of(model, batch)
+                loss = loss_of(model, held)
         else:
-            with autocast():
-                loss = loss_of(model, batch)
-            if scaler is None:
-                loss.backward()
-            else:  # scaler.step reads found_inf: unscale, then step as it would
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            if warm and any(p.grad is None for p in warm):
-                missed = True
-            # an optimizer reading a value (Adafactor) gets a stand-in; its updates in place of
-            # tensors the ledger tracks are skipped (they allocate nothing)
-            with _tracked_updates(prof) if SKIP_TRACKED_UPDATES else ScalarStandIns():
-                optimizer.step()
+            loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
+                              backward=backward, step=step)
             if scaler is not None:
                 scaler.update()
-            free = state.free_gradients
-            optimizer.zero_grad(set_to_none=workload.set_to_none if free is None else free)
         del loss
         prof.step()
     return missed

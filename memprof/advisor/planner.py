@@ -7,9 +7,10 @@ cost = 3 x quality cost + speed cost (priors per change: lossless and free chang
 precision, then those that alter training or the model). Sharding (it needs more GPUs) is only
 considered when nothing else fits.
 
-The predicted peak of a combination is analytic (the rewrites composed); the advisor's ``_plan``
-runs the preferred combinations as a whole on fake tensors when the model is at hand and keeps
-the first whose run fits (:func:`candidates` gives them in order).
+The predicted peak of a combination is analytic (the rewrites composed);
+:func:`memprof.advisor.budget_plan.plan_for` runs the preferred combinations as a whole on fake
+tensors when the model is at hand and keeps the first whose run fits (:func:`candidates` gives
+them in order).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def plan(
     facts: Facts, changes: list[Change], usable: int
 ) -> tuple[tuple[Change, ...] | None, int, int]:
     """(best combination or None, its predicted peak, number of combinations tried): the first
-    of :func:`candidates`, unchecked (the advisor's ``_plan`` runs them)."""
+    of :func:`candidates`, unchecked (:func:`memprof.advisor.budget_plan.plan_for` runs them)."""
     counter = [0]
     for combo, peak in candidates(facts, changes, usable, tried=counter):
         return combo, peak, counter[0]
@@ -58,8 +59,8 @@ def candidates(
     (analytic), corrected by each change's own error: its row's prediction (a fake run when the
     model was at hand) less what its rewrite alone predicts. A single change is so predicted
     exactly as its row; a combination is a candidate when the composed or the corrected figure
-    fits (the advisor's ``_plan`` runs it to find out which is right), and within a tier those
-    whose corrected figure fits come first.
+    fits (:func:`memprof.advisor.budget_plan.plan_for` runs it to find out which is right), and
+    within a tier those whose corrected figure fits come first.
 
     Tiers of training cost are taken in order (see :mod:`memprof.cost_tiers`), each with the
     changes of the tiers before; within a tier the least quality/speed cost comes first, then

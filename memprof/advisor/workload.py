@@ -25,10 +25,49 @@ from memprof.profile import Profile
 from memprof.tracking import session
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
+#: A stage's loss: ``(model, batch, carry) -> loss``; ``carry`` is a dict made fresh for each
+#: step, where a stage leaves what a later stage of the same step reuses (a GAN's generated
+#: batch), as the loop's local variables do.
+StageLoss = Callable[[nn.Module, Any, dict[str, Any]], torch.Tensor]
+
+#: The param-group key naming which of a workload's optimizers a copied group belongs to (see
+#: :meth:`SimState.build_optimizers`; absent: the first).
+OPTIMIZER_KEY = "memprof_optimizer"
 
 #: Steps a GradScaler may skip (its scaled gradients overflowed, so the optimizer never stepped
 #: and holds no state) before a simulation counts them: the peak a user sees is the steady one.
 MAX_SKIPPED_STEPS = 24
+
+
+@dataclass
+class Stage:
+    """One backward pass of a training step: its loss, then the optimizers stepped on the
+    gradients it made. ``zero_grad`` says where those optimizers clear their gradients:
+    ``"after"`` their step (the usual loop) or ``"before"`` the stage's loss is computed (a
+    GAN's ``opt_d.zero_grad()`` at the top of the step: gradients a later stage adds to stay
+    alive until then)."""
+
+    optimizers: list[torch.optim.Optimizer]
+    loss: StageLoss
+    zero_grad: str = "after"
+    set_to_none: bool = True
+
+    def __post_init__(self) -> None:
+        if self.zero_grad not in ("before", "after"):
+            raise ValueError(f"zero_grad must be 'before' or 'after', not {self.zero_grad!r}")
+        if not self.optimizers:
+            raise ValueError("a stage steps at least one optimizer")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage as the runs see it: the loss and the indices of its optimizers in
+    :meth:`Workload.optimizer_list`."""
+
+    loss: StageLoss
+    optimizers: tuple[int, ...]
+    zero_grad: str
+    set_to_none: bool
 
 
 @dataclass
@@ -43,6 +82,11 @@ class Workload:
     ``optimizer.zero_grad(set_to_none=set_to_none)``: ``set_to_none=False`` keeps the
     gradients allocated (zeroed) between steps, as a loop calling ``zero_grad(False)`` does.
     ``optimizer=None`` simulates inference (forward under ``torch.no_grad``).
+
+    ``stages`` describes a step of several backward passes or optimizers (a GAN's D then G
+    step, SparseAdam for sparse embeddings beside Adam): the step runs each :class:`Stage` in
+    order, and ``optimizer``, ``step_fn``, ``loss_fn`` and ``set_to_none`` are not used (the
+    first stage's first optimizer becomes ``optimizer``).
     """
 
     model: nn.Module
@@ -52,6 +96,47 @@ class Workload:
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     steps: int = 3
     set_to_none: bool = True
+    stages: list[Stage] | None = None
+    #: The batch is the loop's own, made (or fetched) by it for the step and held while the
+    #: step runs, as a script's is: a change that casts the batch (pure bf16) makes its copy
+    #: in the step, at the model's call, beside the held original (as the script's run with
+    #: the change does), not once before the steps (as a Workload of a fixed batch does).
+    batch_in_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stages is not None:
+            if not self.stages:
+                raise ValueError("stages, when given, lists at least one stage")
+            if self.optimizer is None:
+                self.optimizer = self.stages[0].optimizers[0]
+
+    def optimizer_list(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer the step steps, each once, in the order the stages first use them."""
+        if self.stages is None:
+            return [] if self.optimizer is None else [self.optimizer]
+        found: list[torch.optim.Optimizer] = []
+        for stage in self.stages:
+            found.extend(o for o in stage.optimizers if not any(o is f for f in found))
+        return found
+
+    def stage_plans(self) -> list[StagePlan]:
+        """The step's stages (one, from ``step_fn``/``loss_fn``/``set_to_none``, without
+        ``stages``)."""
+        if self.stages is None:
+            return [StagePlan(lambda model, batch, carry: self.loss(model, batch), (0,),
+                              "after", self.set_to_none)]
+        optimizers = self.optimizer_list()
+        return [StagePlan(stage.loss,
+                          tuple(next(i for i, o in enumerate(optimizers) if o is opt)
+                                for opt in stage.optimizers),
+                          stage.zero_grad, stage.set_to_none)
+                for stage in self.stages]
+
+    def keeps_gradients(self) -> bool:
+        """Whether gradients can be alive between steps: zeroed in place, or cleared at the
+        start of a stage (a later stage's gradients live until then)."""
+        return any(not plan.set_to_none or plan.zero_grad == "before"
+                   for plan in self.stage_plans())
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if self.step_fn is not None:
@@ -75,7 +160,10 @@ class Workload:
         return _logits(model(batch)).float().mean()
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """The model's output on ``batch`` (logits), for the drift measure."""
+        """The model's output on ``batch`` (logits), for the drift measure; with ``stages``,
+        the first stage's loss (the model's call is the stages' own)."""
+        if self.stages is not None:
+            return self.stages[0].loss(model, batch, {}).detach().reshape(-1)
         if isinstance(batch, dict):
             out = model(**batch)
             return _logits(out)
@@ -124,21 +212,51 @@ class SimState:
     shard: str | None = None
     ranks: int = 1
     notes: list[str] = field(default_factory=list)
+    #: The class and defaults of the workload's second, third, ... optimizer (a workload of
+    #: several, see :class:`Stage`); the first's are ``optimizer_class`` and ``defaults``. A
+    #: param group of the n-th carries ``{OPTIMIZER_KEY: n}``.
+    more_optimizers: list[tuple[type[torch.optim.Optimizer], dict[str, Any]]] = field(
+        default_factory=list)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer the change asks for, over the param groups that kept parameters
         (the original's class and defaults, so the copy reports the same hyperparameters)."""
-        groups = [g for g in self.param_groups if g["params"]]
-        make = self.make_optimizer
-        if make is None:
-            cls = self.optimizer_class
-            assert cls is not None
-            options = accepted_options(cls, self.defaults)
+        if self.more_optimizers:
+            raise ValueError("this workload has several optimizers: use build_optimizers()")
+        built = self.build_optimizers()[0]
+        assert built is not None
+        return built
 
-            def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-                return cls(groups, **options)
+    def build_optimizers(self) -> list[torch.optim.Optimizer | None]:
+        """One optimizer per optimizer of the workload, in its order (see
+        :meth:`build_optimizer`); a change's ``make_optimizer`` replaces each. None where no
+        group of that optimizer kept a parameter (LoRA trains the adapters only)."""
+        specs = [(self.optimizer_class, self.defaults), *self.more_optimizers]
+        built: list[torch.optim.Optimizer | None] = []
+        for index, (cls, defaults) in enumerate(specs):
+            groups = [{k: v for k, v in g.items() if k != OPTIMIZER_KEY}
+                      for g in self.param_groups
+                      if g["params"] and g.get(OPTIMIZER_KEY, 0) == index]
+            if not groups and index > 0:
+                built.append(None)
+                continue
+            make = self.make_optimizer
+            if make is None:
+                assert cls is not None
+                make = _constructor(cls, defaults)
+            built.append(with_master_weights(groups, make) if self.master_weights
+                         else make(groups))
+        return built
 
-        return with_master_weights(groups, make) if self.master_weights else make(groups)
+
+def _constructor(cls: type[torch.optim.Optimizer], defaults: dict[str, Any]) -> Callable[
+        [list[dict[str, Any]]], torch.optim.Optimizer]:
+    options = accepted_options(cls, defaults)
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return cls(groups, **options)
+
+    return make
 
 
 def with_master_weights(
@@ -208,25 +326,27 @@ def copy_state(workload: Workload, *, batch: Any = None) -> SimState:
     """Deep copies of the model and the optimizer's hyperparameters (never its state)."""
     memo: dict[int, Any] = {}
     model = copy.deepcopy(workload.model, memo)
-    groups: list[dict[str, Any]] = []
-    opt_class = None
-    if workload.optimizer is not None:
-        opt_class = type(workload.optimizer)
-        for g in workload.optimizer.param_groups:
+    b = workload.batch if batch is None else batch
+    state = SimState(model=model, batch=_clone(b), optimizer_class=None, param_groups=[])
+    copy_optimizers(workload, memo, state)
+    return state
+
+
+def copy_optimizers(workload: Workload, memo: dict[int, Any], state: SimState) -> None:
+    """Give ``state`` the classes, defaults and param groups (over the copies ``memo`` maps
+    the parameters to) of every optimizer of ``workload``, never their state."""
+    for index, optimizer in enumerate(workload.optimizer_list()):
+        spec = (type(optimizer), copy.deepcopy(dict(optimizer.defaults)))
+        if index == 0:
+            state.optimizer_class, state.defaults = spec
+        else:
+            state.more_optimizers.append(spec)
+        for g in optimizer.param_groups:
             hyper = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
             hyper["params"] = [memo[id(p)] for p in g["params"] if id(p) in memo]
-            groups.append(hyper)
-    b = workload.batch if batch is None else batch
-    defaults = (
-        copy.deepcopy(dict(workload.optimizer.defaults)) if workload.optimizer is not None else {}
-    )
-    return SimState(
-        model=model,
-        batch=_clone(b),
-        optimizer_class=opt_class,
-        param_groups=groups,
-        defaults=defaults,
-    )
+            if index:
+                hyper[OPTIMIZER_KEY] = index
+            state.param_groups.append(hyper)
 
 
 def accepted_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
@@ -248,18 +368,54 @@ def _clone(batch: Any) -> Any:
     return copy.deepcopy(batch)
 
 
-def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+def cast_floats(batch: Any, dtype: torch.dtype, *, pair_target: bool = True) -> Any:
+    """``batch`` with its floating tensors cast to ``dtype``; with ``pair_target``, the second
+    of an ``(x, y)`` pair keeps its dtype (the default loss computes it in fp32)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(dtype) if torch.is_floating_point(batch) else batch
     if isinstance(batch, dict):
         return {k: cast_floats(v, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
-        # the target of an (x, y) pair keeps its dtype: the loss is computed in fp32
         items = list(batch)
-        if len(items) == 2:
+        if len(items) == 2 and pair_target:
             return type(batch)([cast_floats(items[0], dtype), items[1]])
-        return type(batch)(cast_floats(v, dtype) for v in items)
+        return type(batch)(cast_floats(v, dtype, pair_target=False) for v in items)
     return batch
+
+
+def step_batch(workload: Workload, state: SimState) -> Any:
+    """The batch the steps are given: ``state.batch``, cast as the change asks, unless the
+    workload's batch is cast in the step (``batch_in_step``, see :func:`cast_in_step`)."""
+    if workload.batch_in_step:
+        return state.batch
+    return cast_batch(workload, state, state.batch)
+
+
+def cast_batch(workload: Workload, state: SimState, batch: Any) -> Any:
+    """``batch`` cast as the change asks (every floating tensor of a staged workload's batch:
+    its stages, not an ``(x, y)`` loss, read it)."""
+    if state.cast_batch is None:
+        return batch
+    return cast_floats(batch, state.cast_batch, pair_target=workload.stages is None)
+
+
+def step_input(workload: Workload, batch: Any) -> Any:
+    """The batch one step runs on: with ``batch_in_step`` a new copy made at the step's
+    start (the loop's loader makes it there, and holds it through the step: it counts),
+    otherwise ``batch`` itself (alive before the steps)."""
+    return _clone(batch) if workload.batch_in_step else batch
+
+
+def cast_in_step(workload: Workload, state: SimState, loss_of: StepFn) -> StepFn:
+    """``loss_of`` casting its batch on entry where the workload's batch is cast in the step
+    (``batch_in_step``): the copy lives as long as the step needs it, beside the original."""
+    if state.cast_batch is None or not workload.batch_in_step:
+        return loss_of
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        return loss_of(model, cast_batch(workload, state, batch))
+
+    return loss
 
 
 def run(
@@ -273,8 +429,8 @@ def run(
 
         return run_sharded(workload, state)
     model = state.model
-    batch = cast_floats(state.batch, state.cast_batch) if state.cast_batch else state.batch
-    loss_of: StepFn = workload.loss
+    batch = step_batch(workload, state)
+    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
     for wrap in state.wrap_step:
         loss_of = wrap(loss_of)
     training = state.optimizer_class is not None or state.make_optimizer is not None
@@ -288,33 +444,40 @@ def run(
 
     with torch.no_grad(), autocast():
         model.eval()
-        outputs = workload.outputs(model, batch).detach().float().clone()
+        cast = cast_batch(workload, state, batch)
+        outputs = workload.outputs(model, cast).detach().float().clone()
+        del cast
     model.train()
-    optimizer = state.build_optimizer() if training else None
+    optimizers = state.build_optimizers() if training else []
     last = None
-    scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizer else None
-    with session.profile(model, optimizer, backend=backend) as prof:
+    scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizers else None
+
+    def backward(loss: torch.Tensor) -> None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def step(optimizer: torch.optim.Optimizer) -> None:
+        if scaler is None:
+            optimizer.step()
+        else:  # skips the step when the scaled gradients overflowed
+            scaler.step(optimizer)
+
+    with session.profile(model, optimizers[0] if optimizers else None,
+                         backend=backend) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1
-            if optimizer is None:
+            held = step_input(workload, batch)
+            if not optimizers:
                 with torch.no_grad(), autocast():
-                    loss = loss_of(model, batch)
+                    loss = loss_of(model, held)
             else:
-                with autocast():
-                    loss = loss_of(model, batch)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:  # skips the step when the scaled gradients overflowed
-                    scale = scaler.get_scale()
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
+                scale = scaler.get_scale() if scaler is not None else 0.0
+                loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
+                                  backward=backward, step=step)
+                if scaler is not None:
                     scaler.update()
                     if scaler.get_scale() < scale and attempts < workload.steps + MAX_SKIPPED_STEPS:
                         stepped -= 1  # skipped: not the steady state (no optimizer state yet)
-                free = state.free_gradients
-                optimizer.zero_grad(set_to_none=workload.set_to_none if free is None else free)
             last = float(loss.detach().float())
             del loss
             prof.step()
@@ -330,6 +493,53 @@ def run(
     return Measurement(
         int(profile.peak().total_bytes), step_time, out_drift, loss_drift, last, profile, outputs
     )
+
+
+def train_step(
+    workload: Workload,
+    state: SimState,
+    optimizers: list[torch.optim.Optimizer | None],
+    model: nn.Module,
+    batch: Any,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    backward: Callable[[torch.Tensor], None],
+    step: Callable[[torch.optim.Optimizer], None],
+) -> torch.Tensor:
+    """One training step of ``workload`` on ``state``'s copies: each stage's loss (under
+    ``autocast``, through the change's ``wrap_step``), ``backward``, ``step`` of its optimizers
+    (``optimizers``, from :meth:`SimState.build_optimizers`), and ``zero_grad`` where the stage
+    says (``set_to_none`` as the stage, or the change's ``free_gradients``). A stage's loss
+    lives until its optimizers have stepped; the last stage's is returned."""
+    carry: dict[str, Any] = {}
+    loss: torch.Tensor | None = None
+    plans = workload.stage_plans()
+    for index, plan in enumerate(plans):
+        stage_optimizers = [o for o in (optimizers[i] for i in plan.optimizers) if o is not None]
+        free = plan.set_to_none if state.free_gradients is None else state.free_gradients
+        if plan.zero_grad == "before":
+            for optimizer in stage_optimizers:
+                optimizer.zero_grad(set_to_none=free)
+
+        def stage_loss(model: nn.Module, batch: Any, plan: StagePlan = plan) -> torch.Tensor:
+            return plan.loss(model, batch, carry)
+
+        loss_of: StepFn = cast_in_step(workload, state, stage_loss)
+        for wrap in state.wrap_step:
+            loss_of = wrap(loss_of)
+        with autocast():
+            loss = loss_of(model, batch)
+        backward(loss)
+        for optimizer in stage_optimizers:
+            step(optimizer)
+        if plan.zero_grad == "after":
+            for optimizer in stage_optimizers:
+                optimizer.zero_grad(set_to_none=free)
+        if index < len(plans) - 1:
+            del loss  # a stage's loss lives through its step, the last one's to the step's end
+            loss = None
+    assert loss is not None
+    return loss
 
 
 def _device_type(model: nn.Module) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.estimate.catalog import ModelSpec
+from memprof.estimate.options import EstimateOptions
 from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
 from memprof.gpus import FRAGMENTATION_FRACTION, budget_of, replay_cached_bytes
 from memprof.profile import Profile
@@ -19,14 +20,16 @@ from memprof.units import format_bytes
 CUDA_CONTEXT_BYTES = GPU_CONTEXT_BYTES
 
 
-def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype: str,
-             mixed_precision: str | None, device: str, gpu: str | None, steps: int,
-             inference: bool, context_len: int | None, kv_cache_bytes: int | None,
-             num_params: int, param_bytes: int, budget: tuple[int, str] | None) -> Profile:
-    """Record what was estimated and what was modelled; add the fit verdict for ``gpu``."""
+def annotate(profile: Profile, *, spec: ModelSpec | None, options: EstimateOptions,
+             kv_cache_bytes: int | None, num_params: int, param_bytes: int,
+             budget: tuple[int, str] | None) -> Profile:
+    """Record what was estimated and what was modelled; add the fit verdict for the options'
+    ``gpu``."""
+    device, mixed_precision, gpu = options.device, options.mixed_precision, options.gpu
     peak = profile.peak_info.total_bytes if profile.peak_info is not None else 0
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
     modelled = list(profile.device.modelled)
+    replayed = profile.allocator_summary()
     if device == "cuda":
         if not any("rounding" in m for m in modelled):
             modelled.append(f"allocator rounding to {CUDA_BLOCK_BYTES}-byte blocks")
@@ -36,11 +39,11 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
         modelled.append("optimizer built with foreach=True, torch's default on CUDA")
         modelled.append("run on fake CPU tensors: CPU kernels choose the intermediates "
                         "(attention uses the CPU flash/sdpa kernel)")
-        if profile.allocator is not None:
+        if replayed is not None:
             modelled.append(
                 "reserved memory: the step's allocations replayed through a model of the CUDA "
                 "caching allocator (memprof.allocator; one stream, options "
-                f"{profile.allocator.get('conf') or 'default'}); the fit verdict counts it")
+                f"{replayed.conf or 'default'}); the fit verdict counts it")
         else:
             modelled.append(
                 "fragmentation of the caching allocator is not in the tensor figures; a fit "
@@ -52,13 +55,13 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
     info: dict[str, Any] = {
         "model": spec.name if spec is not None else None,
         "description": spec.description if spec is not None else None,
-        "mode": "inference" if inference else "training",
-        "optimizer": optimizer,
-        "dtype": "fp32" if mixed_precision else dtype,
+        "mode": "inference" if options.inference else "training",
+        "optimizer": options.step_optimizer,
+        "dtype": "fp32" if mixed_precision else options.dtype,
         "mixed_precision": mixed_precision,
         "device": device,
-        "steps": steps,
-        "context_len": context_len,
+        "steps": options.steps,
+        "context_len": options.context_len,
         "kv_cache_bytes": kv_cache_bytes,
         "num_parameters": num_params,
         "parameter_bytes": param_bytes,
@@ -67,14 +70,14 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
         "device_total_bytes": peak + context,
         "modelled": modelled,
     }
-    cached = replay_cached_bytes(profile.allocator)
-    if cached is not None and profile.allocator is not None:
-        replay = profile.allocator["replay"]
-        info["reserved_bytes"] = replay["reserved_peak_bytes"]
-        info["fragmentation_bytes"] = replay["fragmentation_bytes"]
-        info["largest_free_block_bytes"] = replay["largest_free_block_bytes"]
+    cached = replay_cached_bytes(replayed)
+    if cached is not None and replayed is not None:
+        replay = replayed.replay
+        info["reserved_bytes"] = replay.reserved_peak_bytes
+        info["fragmentation_bytes"] = replay.fragmentation_bytes
+        info["largest_free_block_bytes"] = replay.largest_free_block_bytes
         if device == "cuda":
-            info["device_total_bytes"] = replay["reserved_peak_bytes"] + context
+            info["device_total_bytes"] = replay.reserved_peak_bytes + context
     if gpu is not None and budget is not None:
         info["fit"] = fit_verdict(peak, gpu, budget=budget, cached_bytes=cached)
     profile.meta["estimate"] = info

@@ -523,19 +523,18 @@ def device_figure(profile: Profile) -> Figure | None:
 
 def reserved_note(profile: Profile) -> str | None:
     """The gap between reserved and allocated at the replay's peak, in one sentence."""
-    allocator = profile.allocator
-    if not allocator or not isinstance(allocator.get("replay"), dict):
+    allocator = profile.allocator_summary()
+    if allocator is None:
         return None
-    r = allocator["replay"]
-    segments = r.get("segments") or []
-    conf = allocator.get("conf") or "default options"
+    r = allocator.replay
+    conf = allocator.conf or "default options"
     text = (
         f"Reserved (the caching allocator's replay of this run, {conf}): "
-        f"{format_bytes(r['reserved_peak_bytes'])} at its peak = "
-        f"{format_bytes(r['allocated_at_reserved_peak_bytes'])} allocated + "
-        f"{format_bytes(r['fragmentation_bytes'])} cached in {len(segments)} segment(s) with no "
-        f"tensor in it; largest free block {format_bytes(r['largest_free_block_bytes'])}."
+        f"{format_bytes(r.reserved_peak_bytes)} at its peak = "
+        f"{format_bytes(r.allocated_at_reserved_peak_bytes)} allocated + "
+        f"{format_bytes(r.fragmentation_bytes)} cached in {len(r.segments)} segment(s) with no "
+        f"tensor in it; largest free block {format_bytes(r.largest_free_block_bytes)}."
     )
-    for other_conf, other in (allocator.get("what_if") or {}).items():
-        text += (f" With {other_conf}: {format_bytes(other['reserved_peak_bytes'])} reserved.")
+    for other_conf, other in allocator.what_if.items():
+        text += (f" With {other_conf}: {format_bytes(other.reserved_peak_bytes)} reserved.")
     return text

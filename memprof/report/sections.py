@@ -87,16 +87,16 @@ def device_facts(profile: Profile) -> dict[str, Any]:
     facts: list[tuple[str, str]] = [("kind", dev.kind), ("name", dev.name)]
     if dev.allocation_rounding > 1:
         facts.append(("allocation rounding", f"{dev.allocation_rounding} B blocks"))
-    replay = (profile.allocator or {}).get("replay")
-    if isinstance(replay, dict):
-        facts.append(("reserved peak, predicted (allocator replay)",
-                      format_bytes(int(replay["reserved_peak_bytes"]))))
+    replayed = profile.allocator_summary()
+    if replayed is not None:
+        predicted = replayed.replay.reserved_peak_bytes
+        facts.append(("reserved peak, predicted (allocator replay)", format_bytes(predicted)))
         measured = [s.device_reserved for s in profile.steps_stats if s.device_reserved]
         if measured:
             real = max(measured)
             facts.append(("reserved peak, measured (torch.cuda.max_memory_reserved)",
                           f"{format_bytes(real)} (predicted / measured "
-                          f"{int(replay['reserved_peak_bytes']) / real:.3f})"))
+                          f"{predicted / real:.3f})"))
     cuda = dev.cuda or {}
     nvml = dev.nvml or {}
     cuda_rows = [(k.replace("_", " "), cell(v, k if k == "device_index" or k == "name"

@@ -16,11 +16,14 @@ from typing import Any
 from memprof.allocator import (
     NOT_MODELLED,
     AllocatorConf,
+    AllocatorSummary,
     CachingAllocatorModel,
+    Replay,
     conf_from_environment,
     parse_conf,
 )
 from memprof.errors import AllocatorConfError
+from memprof.tracking import native
 
 #: What the replay of a profile leaves out, beyond the allocator model's own limits.
 PROFILE_NOT_MODELLED = [
@@ -82,13 +85,77 @@ SHADOW_BATCH = 1 << 17
 _FREE, _MALLOC_FREE = -1, -2
 
 
+class NativeModel:
+    """The same model in C++ (``allocator_model.cpp``, built with memprof's recorder), for a
+    device without a capacity: the figures of :class:`CachingAllocatorModel`, request by
+    request, at a fraction of its cost. With a ``shadow`` every request goes to it too."""
+
+    def __init__(self, module: Any, conf: AllocatorConf, shadow: NativeModel | None = None):
+        self.conf = conf
+        self.core = module.AllocatorModel(
+            conf.expandable_segments,
+            conf.max_split_size,
+            conf.max_non_split_rounding,
+            list(conf.roundup_power2_divisions),
+        )
+        self.shadow = shadow
+        if shadow is not None:
+            self.core.set_shadow(shadow.core)
+        # The hot path calls the C++ methods directly; ``key in model.live`` asks the core.
+        self.malloc = self.core.malloc
+        self.free = self.core.free
+        self.malloc_free = self.core.malloc_free
+        self.live = self.core
+
+    @property
+    def reserved(self) -> int:
+        return int(self.core.reserved)
+
+    @property
+    def allocated(self) -> int:
+        return int(self.core.allocated)
+
+    def settle(self) -> NativeModel:
+        """The what-if model (it has seen every request already)."""
+        assert self.shadow is not None
+        return self.shadow
+
+    def result(self) -> Replay:
+        figures = self.core.figures()
+        not_modelled = list(NOT_MODELLED)
+        not_modelled += [f"option {name} (no effect on one stream)" for name in self.conf.ignored]
+        return Replay(
+            conf=self.conf.text,
+            reserved_peak_bytes=figures["reserved_peak"],
+            allocated_peak_bytes=figures["allocated_peak"],
+            allocated_at_reserved_peak_bytes=figures["allocated_at_reserved_peak"],
+            segments=figures["segments"],
+            largest_free_block_bytes=figures["largest_free_at_peak"],
+            reserved_end_bytes=figures["reserved"],
+            allocated_end_bytes=figures["allocated"],
+            events=figures["events"],
+            segment_allocs=figures["segment_allocs"],
+            cache_flushes=0,  # no capacity: the cache is never released
+            not_modelled=not_modelled,
+        )
+
+
+#: Whether profiles use :class:`NativeModel` where the recorder module builds (tests compare).
+USE_NATIVE = True
+
+
 class ReservedModel:
     """The allocator models of one profile and their summary for :class:`Profile`."""
 
     def __init__(self, conf: AllocatorConf) -> None:
         flipped = "False" if conf.expandable_segments else "True"
         self.alternative = conf.with_options(f"expandable_segments:{flipped}")
-        self.model = _ShadowedModel(conf, CachingAllocatorModel(self.alternative))
+        module = native.load() if USE_NATIVE else None
+        self.model: _ShadowedModel | NativeModel
+        if module is not None and hasattr(module, "AllocatorModel"):
+            self.model = NativeModel(module, conf, NativeModel(module, self.alternative))
+        else:
+            self.model = _ShadowedModel(conf, CachingAllocatorModel(self.alternative))
 
     @classmethod
     def create(cls, conf: str | None) -> tuple[ReservedModel | None, str | None]:
@@ -101,12 +168,13 @@ class ReservedModel:
             return None, f"reserved memory not modelled: {exc}"
 
     def summary(self) -> dict[str, Any]:
-        """The replay's figures as the profile stores them."""
-        main = self.model.result().to_dict()
-        other = self.model.settle().result().to_dict()
-        return {
-            "conf": self.model.conf.text,
-            "replay": main,
-            "what_if": {self.alternative.text: other},
-            "not_modelled": [*NOT_MODELLED, *PROFILE_NOT_MODELLED],
-        }
+        """The replay's figures as the profile stores them (an :class:`AllocatorSummary`'s
+        ``to_dict()``)."""
+        main = self.model.result()
+        other = self.model.settle().result()
+        return AllocatorSummary(
+            conf=self.model.conf.text,
+            replay=main,
+            what_if={self.alternative.text: other},
+            not_modelled=[*NOT_MODELLED, *PROFILE_NOT_MODELLED],
+        ).to_dict()

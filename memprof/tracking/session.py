@@ -27,7 +27,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten
 
 from memprof import oom as oom_report
@@ -60,6 +60,7 @@ from memprof.tracking.ledger import (
     facts_of,
     keep_out_of_dynamo,
 )
+from memprof.tracking.ledger_mode import LedgerMode
 from memprof.tracking.modules import ModuleRegistry, module_geometry
 from memprof.tracking.oom_watch import OomWatch
 from memprof.tracking.op_trace import OpTraces
@@ -84,53 +85,6 @@ EVENTS_FLUSH_STEPS = 32
 EVENTS_FLUSH_PENDING = 1 << 19
 
 Backend = Literal["auto", "events", "dispatch"]
-
-
-#: torch.tensor(data) builds its storage below the dispatcher; the ledger first sees it as the
-#: output of this aliasing op, so it is the one "view" that brings a new storage.
-_LIFT_FRESH = torch.ops.aten.lift_fresh.default
-_PRIM_DEVICE = torch.ops.prim.device.default
-
-
-class _LedgerMode(TorchDispatchMode):
-    """Shows each operator's outputs to the ledger. The per-op work is O(1)."""
-
-    def __init__(self, ledger: StorageLedger, corrections: Any = None) -> None:
-        super().__init__()
-        self.see = ledger.see
-        self.ledger = ledger
-        #: Under fake tensors: the measured kernel memory the fake kernels lack (a
-        #: :class:`~memprof.tracking.kernel_corrections.KernelCorrections`), else None.
-        self.corrections = corrections
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # The default wraps __torch_dispatch__ in torch._dynamo.disable, which costs more than
-        # the ledger itself on every op; nothing here is ever compiled.
-        return False
-
-    def __torch_dispatch__(  # type: ignore[no-untyped-def]
-        self, func, types, args=(), kwargs=None
-    ):
-        if func is _PRIM_DEVICE and type(args[0]) is FakeTensor:
-            # a fake tensor's device (autograd asks it of every tensor): its property answers
-            # as FakeTensorMode would, without a trip through that mode
-            return args[0].device
-        out = func(*args, **(kwargs or {}))
-        if func.is_view and func is not _LIFT_FRESH:
-            # A view allocates nothing: its storage is tracked already, or it predates the
-            # profile (the batch viewed inside the model) and gets a role only if a hook gives
-            # it one, as in the events backend, which sees no allocation for it either.
-            return out
-        if isinstance(out, torch.Tensor):
-            self.see(out)
-        elif isinstance(out, (tuple, list)):
-            for item in out:
-                if isinstance(item, torch.Tensor):
-                    self.see(item)
-        if self.corrections is not None and func in kernel_corrections.CORRECTED_OPS:
-            kernel_corrections.apply(self.ledger, self.corrections, func, args, kwargs or {}, out)
-        return out
 
 
 class Profiler(ProfileResults):
@@ -215,7 +169,8 @@ class Profiler(ProfileResults):
             if problem:
                 self._warnings.append(problem)
             if self._reserved is not None:
-                self.ledger.allocator = self._reserved.model
+                # (the C++ NativeModel where it builds: the same interface and figures)
+                self.ledger.allocator = self._reserved.model  # type: ignore[assignment]
         self._sources = SourceSampler(self._top_tensors, self._source_lines_above)
         self.ledger.sources = self._sources
         self.ledger.source_floor = self._sources.floor
@@ -239,7 +194,7 @@ class Profiler(ProfileResults):
             kernel_corrections.for_profile()
             if self._fake and self._device_modelled != "cuda" and self._round_to == 1 else None
         )
-        self._mode = _LedgerMode(self.ledger, self._corrections)
+        self._mode = LedgerMode(self.ledger, self._corrections)
         self._mode_entered = False
         self._op_traces = OpTraces(self._record_ops and not self._fake, self._trace_parameters,
                                    self._trace_module)
@@ -896,9 +851,9 @@ class _BackwardEnter:
 
 
 keep_out_of_dynamo(
-    _LedgerMode.__torch_dispatch__, Profiler._pack, Profiler._on_grad, Profiler._on_forward_pre,
-    Profiler._on_forward, Profiler._on_root_kwargs, Profiler._on_optimizer_pre,
-    Profiler._on_optimizer_post, Profiler._on_backward_end, _BackwardEnter.__call__,
+    Profiler._pack, Profiler._on_grad, Profiler._on_forward_pre, Profiler._on_forward,
+    Profiler._on_root_kwargs, Profiler._on_optimizer_pre, Profiler._on_optimizer_post,
+    Profiler._on_backward_end, _BackwardEnter.__call__,
 )
 
 

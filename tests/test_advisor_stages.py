@@ -1,0 +1,184 @@
+"""Workloads of several optimizers and backward passes per step (issue #25): a GAN's D step
+then G step, SparseAdam beside Adam."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import memprof
+from memprof.advisor import advise
+from memprof.advisor.fake_prediction import fake_peak
+from memprof.advisor.optimizer import _make
+from memprof.advisor.workload import Stage, Workload, baseline, seeded, simulate
+
+_BCE = nn.BCEWithLogitsLoss()
+
+
+class _GAN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.disc = nn.Sequential(nn.Linear(32, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.gen(z)
+
+
+def _d_loss(net: nn.Module, batch: Any, carry: dict[str, Any]) -> torch.Tensor:
+    real, z = batch
+    carry["fake"] = fake = net(z)
+    on_real, on_fake = net.disc(real), net.disc(fake.detach())
+    return _BCE(on_real, torch.ones_like(on_real)) + _BCE(on_fake, torch.zeros_like(on_fake))
+
+
+def _g_loss(net: nn.Module, batch: Any, carry: dict[str, Any]) -> torch.Tensor:
+    on_fake = net.disc(carry["fake"])
+    return _BCE(on_fake, torch.ones_like(on_fake))
+
+
+def _gan() -> tuple[_GAN, torch.optim.Optimizer, torch.optim.Optimizer, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    gan = _GAN()
+    opt_d = torch.optim.Adam(gan.disc.parameters(), lr=2e-4)
+    opt_g = torch.optim.Adam(gan.gen.parameters(), lr=2e-4)
+    return gan, opt_d, opt_g, [torch.randn(8, 32), torch.randn(8, 16)]
+
+
+def _gan_workload(gan: _GAN, opt_d: Any, opt_g: Any, batch: Any) -> Workload:
+    return Workload(gan, None, batch, steps=3,
+                    stages=[Stage([opt_d], _d_loss, zero_grad="before"),
+                            Stage([opt_g], _g_loss, zero_grad="before")])
+
+
+def test_a_gan_workload_runs_both_stages_as_the_loop_does() -> None:
+    """GIVEN a GAN loop (D's zero_grad, backward and Adam step, then G's) profiled as the user
+    runs it WHEN the same step is a Workload of two stages THEN its simulation peaks where the
+    loop did (D's gradients from G's backward alive into the next step, G's freed by G's
+    zero_grad), and a fake run of it and of a change (both Adams to SGD) match their
+    simulations: a Workload was one optimizer and one loss, and could not express it."""
+    gan, opt_d, opt_g, batch = _gan()
+    with memprof.profile(gan) as prof:
+        for _ in range(3):
+            carry: dict[str, Any] = {}
+            opt_d.zero_grad()
+            d_loss = _d_loss(gan, batch, carry)
+            d_loss.backward()
+            opt_d.step()
+            del d_loss
+            opt_g.zero_grad()
+            loss = _g_loss(gan, batch, carry)
+            loss.backward()
+            opt_g.step()
+            del carry, loss
+            prof.step()
+    profiled = prof.profile.peak().total_bytes
+    gan, opt_d, opt_g, batch = _gan()
+    workload = _gan_workload(gan, opt_d, opt_g, batch)
+    with seeded():
+        reference = baseline(workload)
+    assert reference.peak_bytes == profiled
+    params = sum(p.numel() * 4 for p in gan.parameters())
+    # parameters, their gradients (each optimizer zeroes its own at its stage's start: both
+    # live between steps), Adam's two moments and 4-byte step count per tensor, the batch
+    end = reference.profile.steps_stats[-1].end_bytes
+    steps = 4 * len(list(gan.parameters()))
+    assert end == 4 * params + steps + sum(t.numel() * 4 for t in batch)
+    # the fake run (dispatch ledger) to a scalar the events backend counts
+    assert abs(fake_peak(workload) - reference.peak_bytes) <= 16
+    to_sgd = _make("SGD", {"lr": 1e-3})
+    with seeded():
+        measured = simulate(workload, [to_sgd], reference).peak_bytes
+    assert measured < reference.peak_bytes
+    assert abs(fake_peak(workload, [to_sgd]) - measured) <= 16
+    assert all(p.grad is None for p in gan.parameters())  # the user's model is untouched
+
+
+def test_every_stage_steps_its_own_optimizers_in_order() -> None:
+    """GIVEN one backward followed by two optimizers over parts of one model WHEN a simulation
+    runs it THEN both optimizers step (each part's parameters change) and both keep state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    first = torch.optim.Adam(model[0].parameters())
+    second = torch.optim.SGD(model[1].parameters(), lr=0.1, momentum=0.9)
+    workload = Workload(model, None, torch.randn(4, 8), steps=2,
+                        stages=[Stage([first, second],
+                                      lambda net, x, carry: net(x).pow(2).mean())])
+    assert workload.optimizer is first
+    with seeded():
+        run = baseline(workload)
+    # Adam's two moments and step counts over layer 0, SGD's momentum over layer 1, the batch
+    sizes = [sum(p.numel() * 4 for p in layer.parameters()) for layer in model]
+    end = run.profile.steps_stats[-1].end_bytes
+    assert end == sum(sizes) + 2 * sizes[0] + 2 * 4 + sizes[1] + 4 * 8 * 4
+
+
+def test_a_stage_rejects_an_unknown_zero_grad_place() -> None:
+    with pytest.raises(ValueError, match="zero_grad"):
+        Stage([torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1)], _g_loss, zero_grad="mid")
+
+
+def test_gan_advice_rows_are_fake_runs_within_three_percent() -> None:
+    """GIVEN the GAN's profile and its two-stage Workload WHEN advised THEN the rows predicted
+    by fake runs are within 3% of their simulations."""
+    gan, opt_d, opt_g, batch = _gan()
+    workload = _gan_workload(gan, opt_d, opt_g, batch)
+    with seeded():
+        reference = baseline(workload)
+    advice = advise(reference.profile, workload=workload)
+    compared = [r for r in advice.rows if r.get("error_pct") is not None
+                and r.get("predicted_by") == "fake run"]
+    assert len(compared) >= 10
+    assert all(r["error_pct"] <= 3.0 for r in compared), [
+        (r["technique"], r["options"], r["error_pct"]) for r in compared if r["error_pct"] > 3]
+
+
+_TWO = Path(__file__).parent / "data" / "train_two_optimizers.py"
+
+
+def _script(*argv: str) -> Callable[[], None]:
+    def run() -> None:
+        saved = sys.argv[:]
+        sys.argv = [str(_TWO), *argv]
+        try:
+            runpy.run_path(str(_TWO), run_name="__main__")
+        finally:
+            sys.argv = saved
+
+    return run
+
+
+def test_a_script_stepping_two_optimizers_is_captured_with_both() -> None:
+    """GIVEN a script whose one backward is followed by Adam's step over the body and SGD's
+    (momentum) over a large head WHEN ``memprof advise SCRIPT.py`` captures it THEN its
+    Workload steps both (the capture kept the first only: the fake run had no momentum) and
+    the fake run peaks where the script did."""
+    from memprof.advisor.capture import ScriptCapture
+    from memprof.advisor.script import ScriptSimulator
+
+    capture = ScriptCapture()
+    measured = ScriptSimulator(_script(), steps=4).reference(capture=capture).peak_bytes
+    workload = capture.workload()
+    assert [type(o).__name__ for o in workload.optimizer_list()] == ["Adam", "SGD"]
+    assert workload.batch_in_step  # the script makes its batch in the step
+    assert abs(fake_peak(workload) - measured) / measured < 0.01
+
+
+def test_a_gan_script_is_refused_with_the_reason() -> None:
+    """GIVEN a GAN script (the discriminator is a second model with its own optimizer) WHEN
+    captured THEN the reason names the optimizer outside the model (it said "the optimizer
+    steps none of the model's parameters")."""
+    from memprof.advisor.capture import CaptureError, ScriptCapture
+    from memprof.advisor.script import ScriptSimulator
+
+    capture = ScriptCapture()
+    ScriptSimulator(_script("--gan"), steps=4).reference(capture=capture)
+    with pytest.raises(CaptureError, match="outside the first module called"):
+        capture.workload()
