@@ -150,7 +150,10 @@ def shard_transform(facts: Facts, stage: str, n: int, offload: bool) -> Transfor
             if s["phase"] in ("forward", "backward"):
                 gathered = 2 * unit + unit / n
                 if s["phase"] == "backward":
-                    gathered += min(unit, s["gradient"])
+                    # the running unit's gradients are whole until reduce-scattered
+                    running = min(unit, s["gradient"])
+                    gathered += running
+                    out["gradient"] = (s["gradient"] - running) / n
                 out["other"] = s["other"] + gathered
         return out
 
