@@ -133,8 +133,9 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                 if state.shard is not None:
                     distributed.shard(state, mesh)
             optimizers = _optimizers(state)
-            with Profiler(state.model, optimizers[0] if optimizers else None,
-                          round_to=round_to, device_modelled=device) as prof:
+            stepped = next((o for o in optimizers if o is not None), None)
+            with Profiler(state.model, stepped, round_to=round_to,
+                          device_modelled=device) as prof:
                 _steps(workload, state, optimizers, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
     except (FakeRunError, KernelNotMeasured):  # the second: see memprof.advisor.parallel

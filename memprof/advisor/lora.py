@@ -41,6 +41,7 @@ from memprof.advisor.core import (
     TRAINING_ONLY_REASON,
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     names_in,
@@ -222,14 +223,27 @@ def lora_apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     """The row's ``apply``: adapters on ``names`` and the optimizer over them only."""
 
     def apply(state: SimState) -> None:
+        group = _group_of(state, names)
         state.model = apply_lora(state.model, rank, names)
         adapters = trainable_parameters(state.model)
-        first = state.param_groups[0] if state.param_groups else {}
-        hyper = {k: v for k, v in first.items() if k != "params"}
-        # the optimizer over the adapters only (one group: the first group's hyperparameters)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        # the optimizer over the adapters only (one group: the hyperparameters, and optimizer,
+        # of the group that trained the adapted layers)
         state.param_groups = [{**hyper, "params": adapters}]
 
     return apply
+
+
+def _group_of(state: SimState, names: list[str]) -> dict[str, Any]:
+    """The param group that trains the first adapted layer's weight (the first group if none
+    does): with several optimizers (SparseAdam for embeddings beside Adam), the adapters'."""
+    modules = ModuleNames(state.model)
+    adapted = {id(p) for name in names_in(state.model, names)
+               for p in modules[name].parameters()}
+    for group in state.param_groups:
+        if any(id(p) in adapted for p in group["params"]):
+            return group
+    return state.param_groups[0] if state.param_groups else {}
 
 
 def predict(facts: Facts) -> list[Change]:
