@@ -1,0 +1,57 @@
+"""Rows that swap or hook a layer, on a model that reads a layer's ``.weight`` directly and never
+runs its forward (Mamba's mixer does ``dt_proj.weight @ ...``), issue #25: the torch prune row
+failed ("backward through the graph a second time") and int8/int4 quantization failed (the
+quantized layer's weight is no float tensor)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memprof.advisor import changes_for, read_facts
+from memprof.advisor.workload import Workload, baseline, seeded, simulate
+
+
+class _ReadsAWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 16)
+        self.direct = nn.Linear(16, 16)  # its forward never runs
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        return self.head(h @ self.direct.weight.t())
+
+
+def _rows() -> tuple[Workload, list, object]:
+    torch.manual_seed(0)
+    model = _ReadsAWeight()
+    workload = Workload(model, torch.optim.AdamW(model.parameters()), torch.randn(8, 16),
+                        step_fn=lambda net, x: net(x).pow(2).mean(), steps=2)
+    with seeded():
+        reference = baseline(workload)
+    return workload, changes_for(read_facts(reference.profile)), reference
+
+
+def test_prune_leaves_out_a_layer_whose_forward_never_runs() -> None:
+    workload, changes, reference = _rows()
+    row = next(c for c in changes if c.options.get("state") == "before prune.remove")
+    assert row.applicable
+    assert any("left out: 1 layer" in c and "direct" in c for c in row.caveats)
+    assert row.apply is not None
+    with seeded():
+        measured = simulate(workload, [row.apply], reference)  # runs
+    assert measured.peak_bytes > reference.peak_bytes  # masks and recomputed weights
+
+
+def test_quantization_leaves_out_a_layer_whose_forward_never_runs() -> None:
+    workload, changes, reference = _rows()
+    rows = [c for c in changes
+            if c.technique == "quantization" and c.applicable and "weights" in c.options]
+    assert [c.options["layers"] for c in rows] == ["2 Linear", "2 Linear"]  # a and b
+    for row in rows:
+        assert row.apply is not None
+        with seeded():
+            simulate(workload, [row.apply], reference)  # runs
