@@ -47,7 +47,7 @@ chunked-loss        35    31           0    4          0
 unet-groupnorm      32    24           0    8          0
 torch-compile       35    20 -> 30     1    4          0
 peft-lora           36    25 -> 28     1    7          0
-mamba               36    4            0    24         8
+mamba               36    4            0    24 -> 27   8 -> 5
 mixtral-moe         36    18 -> 31     1    4          0
 ctc-speech          34    17           12   5          0
 sparse-embedding    36    0 -> 18      0    8          10
@@ -73,11 +73,13 @@ What changed and what is left:
 * mamba: every fake-run row 5-8% above its simulation: the fake run runs under a dispatch mode,
   under which the scan's gradients are summed out of place (+253,952 B, below). Not fixable by
   a dispatch-mode run; each such row now says it (the unchanged fake run's gap to the profile,
-  ``advisor.FAKE_BASELINE_GAP``). Failed, with the cause in the row: LoRA/QLoRA (peft refuses
-  ``out_proj`` on Mamba models), int8/int4 (the mixer reads ``x_proj``, ``dt_proj`` and
-  ``out_proj``'s ``.weight`` directly, for its fused-kernel call and ``dt_proj.weight @ ...``),
-  ``prune.l1_unstructured`` (``dt_proj``'s forward never runs, so the pruned weight prune made
-  once, with its graph, is reused every step: "backward through the graph a second time").
+  ``advisor.FAKE_BASELINE_GAP``). int8/int4 and ``prune.l1_unstructured`` failed: the mixer's
+  slow path reads ``dt_proj.weight`` directly (``dt_proj.weight @ ...``) and never runs its
+  forward, so a quantized weight is no float tensor and the pruned weight prune made once, with
+  its graph, was reused every step ("backward through the graph a second time"). Both rows now
+  leave out a layer whose forward never ran (the profile's ``forward_calls``; the prune row
+  names them) and run, explained by the +6.1% gap above. Still failed, with peft's reason in the
+  row: LoRA/QLoRA (5 rows: peft refuses ``out_proj`` and ``conv1d`` on Mamba models).
 * peft-lora: QLoRA and weight quantization of a model already carrying peft adapters raised in
   every simulation and fake run; they are not applicable now, with the reason. Left: structured
   pruning, analytic 30.8% off (its fake run cannot swap a peft-wrapped ``Conv1D.weight``).
