@@ -47,7 +47,7 @@ chunked-loss        35    31           0    4          0
 unet-groupnorm      32    24           0    8          0
 torch-compile       35    20 -> 30     1    4          0
 peft-lora           36    25 -> 28     1    7          0
-mamba               36    4            0    24 -> 27   8 -> 5
+mamba               36    4            0    24 -> 32   8 -> 0
 mixtral-moe         36    18 -> 31     1    4          0
 ctc-speech          34    17           12   5          0
 sparse-embedding    36    0 -> 18      0    8          10
@@ -78,8 +78,11 @@ What changed and what is left:
   forward, so a quantized weight is no float tensor and the pruned weight prune made once, with
   its graph, was reused every step ("backward through the graph a second time"). Both rows now
   leave out a layer whose forward never ran (the profile's ``forward_calls``; the prune row
-  names them) and run, explained by the +6.1% gap above. Still failed, with peft's reason in the
-  row: LoRA/QLoRA (5 rows: peft refuses ``out_proj`` and ``conv1d`` on Mamba models).
+  names them) and run, explained by the +6.1% gap above (``advisor.core.weight_read_directly``:
+  a layer whose forward never ran while its parent's did; a compiled model's modules, which no
+  hook sees, are not). LoRA/QLoRA (5 rows) failed with peft's ValueError: peft refuses
+  ``out_proj`` and ``conv1d`` on Mamba models; the rows now leave them (and ``dt_proj``, whose
+  adapter would never be used and whose NF4 weight cannot be read directly) out, with a caveat.
 * peft-lora: QLoRA and weight quantization of a model already carrying peft adapters raised in
   every simulation and fake run; they are not applicable now, with the reason. Left: structured
   pruning, analytic 30.8% off (its fake run cannot swap a peft-wrapped ``Conv1D.weight``).

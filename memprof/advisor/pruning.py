@@ -38,6 +38,7 @@ from memprof.advisor.core import (
     model_tree,
     not_applicable,
     profile_tree,
+    weight_read_directly,
 )
 from memprof.advisor.workload import SimState
 
@@ -388,7 +389,8 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
         # prune's forward pre-hook recomputes the pruned weight: a layer whose forward never
         # runs (the model reads its .weight directly, as Mamba's mixer does dt_proj's) would
         # use the weight made once, with its graph, in every step (a second backward fails)
-        hooked = [r for r in rows if int(r.get("forward_calls", 1) or 0) > 0]
+        direct = weight_read_directly(facts.module_rows())
+        hooked = [r for r in rows if r["module"] not in direct]
         unhooked = [r["module"] for r in rows if r not in hooked]
         options = {"method": "torch.nn.utils.prune (l1_unstructured)", "amount": amount,
                    "state": "before prune.remove"}
