@@ -149,6 +149,7 @@ def _advise_rows(
         )
         if "batch" in techniques:
             advice.rows.extend(
+                row.to_dict() for row in
                 batch_rows.advice_rows(workload, ref, advice.baseline_peak_bytes, None)
             )
     base = advice.baseline_peak_bytes

@@ -6,10 +6,10 @@ group, and the analytic formulas of a file-only profile), then each applicable r
 ``--repeats`` times on real tensors (same process, same fake process group). Printed per row:
 predicted (fake), analytic, simulated (first repeat), error of each against it, and the spread
 of the repeats (max - min bytes: 0 when the measurement is repeatable). CPU only, bytes exact.
-The simulations profile with the dispatch backend (see memprof.advisor.distributed): each
-model's unchanged step is printed by both backends first.
+The simulations profile with the events backend (every allocation, CPU kernel scratch too; see
+memprof.advisor.distributed); each model's unchanged step is printed by both backends first.
 
-    python benchmarks/sharding_accuracy.py                       # gpt2, llama-gqa, bert, resnet-bn
+    python benchmarks/sharding_accuracy.py      # convnext, gpt2, resnet-bn, llama-gqa, bert, clip
     python benchmarks/sharding_accuracy.py --models gpt2 --ranks 2 --repeats 5
 """
 
@@ -29,7 +29,7 @@ from memprof.advisor import changes_for, read_facts
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, copy_state, run, seeded, simulate
 
-DEFAULT_MODELS = ("gpt2", "llama-gqa", "bert", "resnet-bn")
+DEFAULT_MODELS = ("convnext", "gpt2", "resnet-bn", "llama-gqa", "bert", "clip")
 
 
 def error_pct(predicted: int, actual: int) -> float:

@@ -20,14 +20,16 @@ def decimate(samples: Sequence[T], limit: int, *, key: Callable[[T], float]) -> 
     inner = samples[1:-1]
     buckets = (limit - 2) // 2
     size = len(inner) / buckets
+    keys = [key(sample) for sample in inner]  # once each (it runs at every profiled step)
+    by_index = keys.__getitem__
     kept = [samples[0]]
     for b in range(buckets):
-        chunk = inner[int(b * size): int((b + 1) * size)]
-        if not chunk:
+        start, stop = int(b * size), int((b + 1) * size)
+        if start >= stop:
             continue
-        low = min(range(len(chunk)), key=lambda i: key(chunk[i]))
-        high = max(range(len(chunk)), key=lambda i: key(chunk[i]))
+        low = min(range(start, stop), key=by_index)
+        high = max(range(start, stop), key=by_index)
         for i in sorted({low, high}):
-            kept.append(chunk[i])
+            kept.append(inner[i])
     kept.append(samples[-1])
     return kept

@@ -298,3 +298,46 @@ def test_workers_only_where_asked_and_forking_is_safe(monkeypatch: pytest.Monkey
         assert parallel.processes(10) == 1
     monkeypatch.setattr(parallel.sys, "platform", "darwin")
     assert parallel.processes(10) == 1
+
+
+def _state_layout(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[Any]:
+    index = {p: i for i, p in enumerate(params)}
+    return [(index[p], [(name, tuple(v.shape), v.stride(), v.dtype, v.device)
+                        if isinstance(v, torch.Tensor) else (name, v)
+                        for name, v in values.items()])
+            for p, values in optimizer.state.items()]
+
+
+@pytest.mark.parametrize(("kind", "options"), [
+    (torch.optim.AdamW, {}), (torch.optim.Adam, {"amsgrad": True}),
+    (torch.optim.AdamW, {"foreach": True, "weight_decay": 0.1}),
+])
+def test_adams_state_made_without_a_step_is_the_state_its_first_step_makes(
+    kind: type, options: dict[str, Any]
+) -> None:
+    # GIVEN a model with a frozen layer and a channels-last convolution, and two optimizers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+                          nn.Linear(5, 2))
+    model[0].to(memory_format=torch.channels_last)
+    model[3].requires_grad_(False)
+    params = list(model.parameters())
+    stepped, direct = kind(params, **options), kind(params, **options)
+    # WHEN one takes a real first step on zero gradients and the other is given its state
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    stepped.step()
+    made = fake_prediction._direct_state(direct)
+    # THEN both hold the same tensors (names, order, shapes, strides, dtypes, devices)
+    assert made
+    assert _state_layout(direct, params) == _state_layout(stepped, params)
+    assert len(direct.state) == 4  # the frozen layer has none
+
+
+def test_other_optimizers_get_their_state_from_the_warm_up_step() -> None:
+    model = nn.Linear(4, 4)
+    for optimizer in (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                      torch.optim.Adam(model.parameters(), differentiable=True)):
+        assert not fake_prediction._direct_state(optimizer)
+        assert not optimizer.state

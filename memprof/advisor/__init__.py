@@ -43,7 +43,7 @@ from memprof.advisor import (
 )
 from memprof.advisor.advice import Advice, row_key, stored_fake_peaks, stored_search_rows
 from memprof.advisor.core import Change, Facts, predict_peak, read_facts
-from memprof.advisor.rows import ROW_KEYS, change_row, rank
+from memprof.advisor.rows import AdviceRow, change_row, rank
 from memprof.advisor.workload import Measurement, Workload, baseline, seeded, simulate
 from memprof.errors import first_line
 from memprof.gpus import budget_of, replay_cached_bytes
@@ -209,15 +209,16 @@ def advise(
                 measured[id(c)] = simulator.measure([c], reference)
     else:
         reference = None
-    rows = [change_row(c, base, measured.get(id(c)), reference) for c in changes]
-    for c, row in zip(changes, rows, strict=True):
-        row["analytic_peak_bytes"] = analytic[id(c)]
+    rows: list[AdviceRow] = []
+    for c in changes:
         failure = faked.get(id(c))
-        row["predicted_by"] = "fake run" if id(c) in faked and failure is None else (
-            "trace replay" if id(c) in traced else
-            "analytic" if c.predicted_peak is not None else None)
-        if failure is not None:
-            row["caveats"] = "; ".join(x for x in (row["caveats"], failure) if x)
+        row = dataclasses.replace(
+            change_row(c, base, measured.get(id(c)), reference),
+            analytic_peak_bytes=analytic[id(c)],
+            predicted_by="fake run" if id(c) in faked and failure is None else (
+                "trace replay" if id(c) in traced else
+                "analytic" if c.predicted_peak is not None else None))
+        rows.append(row.with_caveat(failure) if failure is not None else row)
     if facts.has_optimizer and (runner is not None or (workload is not None
                                                        and reference is not None)):
         real = workload if workload is not None else model_at_hand
@@ -228,33 +229,32 @@ def advise(
                 model=model_at_hand, fake=options if runner is not None else None))
         except Exception as exc:  # the batch rows' simulations fail alone, with their reason
             first = first_line(exc)
-            rows.append({
-                "technique": "batch", "options": {}, "applicable": False,
-                "reason": f"simulation failed at another batch size: {type(exc).__name__}: "
-                          f"{first} (do all the batch's tensors lead with the batch dimension?)",
-                "baseline_peak_bytes": base, "how": "needs two measured batch sizes",
-            })
+            rows.append(AdviceRow(
+                technique="batch", options={}, applicable=False,
+                reason=f"simulation failed at another batch size: {type(exc).__name__}: "
+                       f"{first} (do all the batch's tensors lead with the batch dimension?)",
+                baseline_peak_bytes=base, how="needs two measured batch sizes",
+            ))
     if prediction == "fake" and model_at_hand is not None and resolved is not None and (
             facts.has_optimizer):
         try:
             rows.append(max_batch.advice_row(model_at_hand, resolved, base, **options))
         except Exception as exc:  # the search fails alone, with its reason
             first = first_line(exc)
-            rows.append({
-                "technique": "batch", "options": {"largest_batch_that_fits": None},
-                "applicable": False, "baseline_peak_bytes": base, "predicted_by": "fake run",
-                "reason": f"the largest-batch search failed: {type(exc).__name__}: {first}",
-                "how": "fake runs at doubling batch sizes, then bisection",
-            })
+            rows.append(AdviceRow(
+                technique="batch", options={"largest_batch_that_fits": None},
+                applicable=False, baseline_peak_bytes=base, predicted_by="fake run",
+                reason=f"the largest-batch search failed: {type(exc).__name__}: {first}",
+                how="fake runs at doubling batch sizes, then bisection",
+            ))
     if extra.get("fake_prediction_stored"):
-        rows.extend(stored_search_rows(profile.advice))
+        rows.extend(AdviceRow.from_dict(row) for row in stored_search_rows(profile.advice))
     gap_note = fake_baseline_gap(extra.get("fake_baseline_peak_bytes"), base)
-    for row in rows:
-        for key in ROW_KEYS:  # rows made outside change_row (batch rows) have every column
-            row.setdefault(key, None)
-        if gap_note and row["predicted_by"] == "fake run":
-            row["caveats"] = "; ".join(x for x in (row["caveats"], gap_note) if x)
-        row["cost"] = cost.cost_of(row["technique"], row.get("options"))
+    if gap_note:
+        rows = [row.with_caveat(gap_note) if row.predicted_by == "fake run" else row
+                for row in rows]
+    rows = [dataclasses.replace(row, cost=cost.cost_of(row.technique, row.options))
+            for row in rows]
     rows.sort(key=rank)
     plan = None
     if resolved is not None:
@@ -262,8 +262,8 @@ def advise(
         extra["budget"] = resolved[1]
         extra["usable_bytes"] = resolved[0]
     return Advice(
-        rows=rows, plan=plan, baseline_peak_bytes=base, simulated=simulator is not None,
-        extra=extra,
+        rows=[row.to_dict() for row in rows], plan=plan, baseline_peak_bytes=base,
+        simulated=simulator is not None, extra=extra,
     )
 
 

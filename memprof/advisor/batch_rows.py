@@ -8,11 +8,12 @@ each is measured too.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from memprof.advisor import batch
-from memprof.advisor.rows import fill_measured
+from memprof.advisor.rows import AdviceRow, measured_columns
 from memprof.advisor.workload import Measurement, Workload, seeded, simulate
 
 
@@ -26,7 +27,7 @@ def resize_apply(target: int, size: int) -> Callable[[Any], None]:
 def advice_rows(
     workload: Workload, ref: Measurement | None, base: int, resolved: tuple[int, str] | None,
     *, fake: dict[str, Any] | None = None, model: Workload | None = None,
-) -> list[dict[str, Any]]:
+) -> list[AdviceRow]:
     """Rows for twice the batch and for half the batch with two accumulation steps.
 
     With ``fake`` (fake_peak's options: the model is at hand) each row is predicted by a fake
@@ -40,12 +41,12 @@ def advice_rows(
     model = model or workload
     size = batch.batch_size(model.batch)
     if size is None or (size < 2 and fake is None):
-        return [{
-            "technique": "batch", "options": {}, "applicable": False,
-            "reason": ("the batch has no leading batch dimension" if size is None else
-                       "the batch has no leading batch dimension of 2 or more to fit from"),
-            "baseline_peak_bytes": base, "how": "needs two batch sizes",
-        }]
+        return [AdviceRow(
+            technique="batch", options={}, applicable=False,
+            reason=("the batch has no leading batch dimension" if size is None else
+                    "the batch has no leading batch dimension of 2 or more to fit from"),
+            baseline_peak_bytes=base, how="needs two batch sizes",
+        )]
     targets: list[tuple[int, dict[str, Any]]] = [(2 * size, {"batch": 2 * size})]
     half = size // 2
     if half >= 1:
@@ -79,11 +80,11 @@ def advice_rows(
             by = "fake run"
         except FakeRunError as exc:
             if ref is None or size < 2:
-                return [{
-                    "technique": "batch", "options": {}, "applicable": False,
-                    "reason": f"the batch rows are predicted by fake runs: {exc}",
-                    "baseline_peak_bytes": base, "how": "a fake run at each batch",
-                }]
+                return [AdviceRow(
+                    technique="batch", options={}, applicable=False,
+                    reason=f"the batch rows are predicted by fake runs: {exc}",
+                    baseline_peak_bytes=base, how="a fake run at each batch",
+                )]
             fake, peaks = None, {}
     if fake is None:
         assert ref is not None
@@ -96,29 +97,30 @@ def advice_rows(
     rows = []
     for target, options in targets:
         predicted = peaks[target]
-        row: dict[str, Any] = {
-            "technique": "batch",
-            "options": options,
-            "applicable": True,
-            "reason": None,
-            "baseline_peak_bytes": base,
-            "predicted_peak_bytes": predicted,
-            "predicted_saving_bytes": base - predicted,
-            "saving_pct": 100.0 * (base - predicted) / base if base else 0.0,
-            "predicted_by": by,
-            "caveats": (
+        row = AdviceRow(
+            technique="batch",
+            options=options,
+            applicable=True,
+            reason=None,
+            baseline_peak_bytes=base,
+            predicted_peak_bytes=predicted,
+            predicted_saving_bytes=base - predicted,
+            saving_pct=100.0 * (base - predicted) / base if base else 0.0,
+            predicted_by=by,
+            caveats=(
                 "gradient accumulation keeps the effective batch; steps take about as long in total"
                 if "accumulation" in options
                 else "a larger batch changes optimization (scale the learning rate)"
             ),
-            "how": how,
-        }
+            how=how,
+        )
         if ref is not None:
             if target == half and small is not None:
-                fill_measured(row, predicted, small, ref)
-                row["caveats"] += "; measured at the fit's own point (not independent)"
+                row = dataclasses.replace(row, **measured_columns(predicted, small, ref))
+                row = row.with_caveat("measured at the fit's own point (not independent)")
             else:
-                fill_measured(row, predicted, measure(target), ref)
+                row = dataclasses.replace(
+                    row, **measured_columns(predicted, measure(target), ref))
         rows.append(row)
     if resolved is not None and fit is not None:
         # with fake runs the largest batch is found by bisection of fake runs elsewhere (the
@@ -129,22 +131,22 @@ def advice_rows(
 
 def largest_batch_row(
     usable: int, base: int, fit: batch.BatchFit, how: str
-) -> dict[str, Any]:
+) -> AdviceRow:
     largest = fit.largest_fitting(usable)
     predicted = fit.peak(largest) if largest else None
-    return {
-        "technique": "batch",
-        "options": {"largest_batch_that_fits": largest},
-        "applicable": largest > 0,
-        "reason": None if largest else "batch 1 does not fit",
-        "baseline_peak_bytes": base,
-        "predicted_peak_bytes": predicted,
-        "predicted_saving_bytes": base - predicted if predicted is not None else None,
-        "saving_pct": None,
-        "caveats": "extrapolated from the two-point fit",
-        "predicted_by": "measured simulation",
-        "how": how,
-    }
+    return AdviceRow(
+        technique="batch",
+        options={"largest_batch_that_fits": largest},
+        applicable=largest > 0,
+        reason=None if largest else "batch 1 does not fit",
+        baseline_peak_bytes=base,
+        predicted_peak_bytes=predicted,
+        predicted_saving_bytes=base - predicted if predicted is not None else None,
+        saving_pct=None,
+        caveats="extrapolated from the two-point fit",
+        predicted_by="measured simulation",
+        how=how,
+    )
 
 
 def _bound(run: Callable[[int], int], value: int) -> Callable[[], int]:

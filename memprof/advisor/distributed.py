@@ -18,9 +18,15 @@ other rank reached the collective. A fake process group waits for nobody. One mo
 one process too: FSDP2 frees an unsharded parameter by resizing its storage to 0 (the tensor
 stays) and the events backend applies what hooks learned (keyed by address) at the next
 marker, by which time the address may hold another allocation: five runs of one FSDP step
-measured 15,713,976 to 15,976,120 B. :func:`_storage_notes` puts a marker before each of
-FSDP2's resizes (the events backend then measures 15,860,920 B every time) and tells the
-dispatch ledger (fake runs), which keys storages by object, of the new size.
+measured 15,713,976 to 15,976,120 B. And a storage made before profiling has no free event
+(the CPU allocator reports the frees of what it saw allocated while profiling): ZeRO-2's
+parameters, left gathered by the no-grad forward before profiling, stayed counted after FSDP2
+freed them, until malloc reused their address (gpt2: 16,403,160 to 16,797,400 B).
+:func:`_storage_notes` puts a marker before each of FSDP2's resizes, which ends the ledger's
+entry at the address being freed (the events backend then measures the same bytes every time:
+15,860,920 B for ZeRO-3 and 16,396,504 B for ZeRO-2 on gpt2), and tells the dispatch ledger
+(fake runs), which keys storages by object, of the new size. Every stage is simulated with the
+events backend (all allocations, CPU kernel scratch too).
 
 The collectives compute nothing, so the sharded step's values are garbage: a sharded row's
 quality is not measured (sharding changes where bytes live, not the maths). The peak is rank
@@ -44,11 +50,6 @@ from memprof.advisor.core import model_tree
 if TYPE_CHECKING:  # workload.run imports this module when a state is sharded
     from memprof.advisor.workload import Measurement, SimState, Workload
 
-#: The profiler backend each stage's simulation uses: the events backend (every allocation,
-#: CPU kernel scratch too) where its measurement repeats; ZeRO-2's varied with it (FSDP2's
-#: unsharded parameters live from forward to backward: gpt2 15,464,152 to 15,595,736 B over
-#: five runs, cause not found), so it uses the dispatch ledger (operator outputs, no scratch).
-SIMULATION_BACKEND = {"zero1": "auto", "zero2": "dispatch", "zero3": "auto"}
 #: Sharding stages this module runs, as :attr:`SimState.shard` names them.
 STAGES = ("zero1", "zero2", "zero3")
 
@@ -83,19 +84,30 @@ def fsdp_units(
 def shard_model(
     model: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = True
 ) -> list[str]:
-    """FSDP2 on ``model``: each unit, then the root; the units' names."""
+    """FSDP2 on ``model``: each unit, then the root; the units' names. A 0-dim parameter
+    (CLIP's ``logit_scale``), which FSDP2 cannot shard, is left whole on every rank, as users
+    do with ``ignored_params``."""
     from torch.distributed.fsdp import fully_shard
 
     modules = dict(model.named_modules())
+    whole = scalar_parameters(model)
     units = fsdp_units(
         model_tree(model),
         lambda n: type(modules[n]).__name__,
-        lambda n: any(True for _ in modules[n].parameters()),
+        lambda n: any(p not in whole for p in modules[n].parameters()),
     )
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if whole:
+        options["ignored_params"] = whole
     for name in units:
-        fully_shard(modules[name], mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(modules[name], **options)
+    fully_shard(model, **options)
     return units
+
+
+def scalar_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """``model``'s 0-dim parameters: FSDP2 shards along a dimension, and these have none."""
+    return {p for p in model.parameters() if p.dim() == 0}
 
 
 @contextlib.contextmanager
@@ -133,7 +145,9 @@ def one_rank(world_size: int) -> Iterator[Any]:
 def _storage_notes() -> Iterator[None]:
     """Around each storage FSDP2 resizes in place (it frees an unsharded parameter with
     ``resize_(0)``, which no operator reports): a marker first, so the events backend applies
-    what hooks learned while the storage is alive, then the new size to the dispatch ledger."""
+    what hooks learned while the storage is alive (and, before a free, ends the entry at that
+    address, whose free event is missing when the storage predates profiling), then the new
+    size to the dispatch ledger."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
 
     from memprof.tracking.session import Profiler
@@ -145,11 +159,18 @@ def _storage_notes() -> Iterator[None]:
         if profiler is not None and profiler.backend == "dispatch":
             profiler.ledger.see(tensor)
 
-    def mark() -> None:
+    def mark(freeing: torch.Tensor | None = None) -> None:
         profiler = Profiler._active
-        events = None if profiler is None else profiler._events
-        if events is not None and events.running:
-            events.point(_nothing)  # what hooks learned so far, while the storages are alive
+        if profiler is None or profiler._events is None or not profiler._events.running:
+            return
+        # what hooks learned so far, while the storages are alive; before a free, the end of
+        # the entry at its address too (the CPU allocator reports no free of a storage it saw
+        # allocated before profiling started)
+        ptr = 0 if freeing is None else _address(freeing)
+        if ptr:
+            profiler._events.point(profiler.ledger.free, ptr)
+        else:
+            profiler._events.point(_nothing)
 
     def noted_alloc(tensor: torch.Tensor) -> None:
         mark()
@@ -157,7 +178,7 @@ def _storage_notes() -> Iterator[None]:
         note(tensor)
 
     def noted_free(tensor: torch.Tensor) -> None:
-        mark()
+        mark(freeing=tensor)
         free(tensor)
         note(tensor)
 
@@ -168,6 +189,15 @@ def _storage_notes() -> Iterator[None]:
     finally:
         _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc
         _fsdp_param.free_storage = free
+
+
+def _address(tensor: torch.Tensor) -> int:
+    """The address of ``tensor``'s storage (0: none, as for a fake or empty one)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(tensor, FakeTensor) or tensor.is_meta:
+        return 0
+    return int(tensor.untyped_storage().data_ptr())
 
 
 def _nothing() -> None:
@@ -214,8 +244,7 @@ def run_sharded(workload: Workload, state: SimState) -> Measurement:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    backend = SIMULATION_BACKEND[str(state.shard)]
     with one_rank(state.ranks) as mesh:
         shard(state, mesh)
-        m = run(workload, state, backend=backend)
+        m = run(workload, state)
     return dataclasses.replace(m, output_drift=None, loss_drift=None, outputs=None)

@@ -14,7 +14,8 @@ costs about 0.15 ms in FakeTensor's dispatch; the forward and backward are most 
 ops): before the profiler starts, :func:`_warm_optimizer` gives every trained parameter a zero
 gradient and steps the optimizer once (its state now exists, as after a first step; torch's
 optimizers step with foreach then, which makes the same state in fewer ops), then drops the
-gradients; the profiled step is the run's second. That holds only when every trained
+gradients; the profiled step is the run's second. A torch Adam or AdamW is given that state
+directly (:func:`_direct_state`), with no gradient and no step. That holds only when every trained
 parameter gets a gradient (a parameter the loss never reaches gets no state in a real run), so
 the profiled backward is checked, and a run where one did not, or whose gradients are kept
 between steps (``zero_grad(set_to_none=False)``), is run again the old way: two profiled steps.
@@ -196,6 +197,8 @@ def _warm_optimizer(
         return None
     optimizer = state.build_optimizer()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if _direct_state(optimizer):
+        return optimizer, params
     with torch.no_grad():
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -216,6 +219,37 @@ def _warm_optimizer(
             g["foreach"] = value
         optimizer.zero_grad(set_to_none=True)
     return optimizer, params
+
+
+#: Optimizers whose first step's state :func:`_direct_state` makes without a step.
+_DIRECT_STATE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _direct_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Give a torch Adam or AdamW the state its first step makes for every trained parameter
+    (``_init_group``: a step count, then zeroed moments like the parameter), in the same order,
+    without a step: no gradients to make, no fake op but the state's own. False, touching
+    nothing, for any other optimizer (or a fused or differentiable Adam): the warm-up step
+    makes its state."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    if type(optimizer) not in _DIRECT_STATE or any(
+            g.get("fused") or g.get("differentiable") for g in optimizer.param_groups):
+        return False
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            for p in group["params"]:
+                if not p.requires_grad or optimizer.state[p]:
+                    continue
+                state = optimizer.state[p]
+                state["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
+                    if group["capturable"]
+                    else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+                for name in moments:
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return True
 
 
 def _state_only_mode() -> type:

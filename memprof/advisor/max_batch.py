@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from memprof.advisor import batch as batch_sizes
+from memprof.advisor.rows import AdviceRow
 from memprof.advisor.workload import Workload
 from memprof.errors import first_line
 
@@ -193,30 +194,32 @@ def largest_for_estimate(
 
 
 def advice_row(workload: Workload, resolved: tuple[int, str], baseline: int,
-               **fake_options: Any) -> dict[str, Any]:
+               **fake_options: Any) -> AdviceRow:
     """The advisor's row: the largest batch whose fake run fits the budget's usable bytes,
     searched from the workload's own batch size (``fake_options`` as the other rows' runs)."""
     usable, text = resolved
     size = batch_sizes.batch_size(workload.batch)
-    row: dict[str, Any] = {
-        "technique": "batch", "applicable": False, "baseline_peak_bytes": baseline,
-        "predicted_by": "fake run", "how": "fake runs at doubling batch sizes, then bisection",
-    }
+    how = "fake runs at doubling batch sizes, then bisection"
     if size is None:
-        return {**row, "options": {"largest_batch_that_fits": None},
-                "reason": "the batch has no leading batch dimension to resize"}
+        return AdviceRow(
+            technique="batch", options={"largest_batch_that_fits": None}, applicable=False,
+            reason="the batch has no leading batch dimension to resize",
+            baseline_peak_bytes=baseline, predicted_by="fake run", how=how)
     found = largest_for_workload(workload, usable, start=size, cap=max(64 * size, 1024),
                                  **fake_options)
     peak = found.peak_bytes
-    return {
-        **row,
-        "options": {"largest_batch_that_fits": found.size, "found_by": "fake runs"},
-        "applicable": found.size > 0,
-        "reason": None if found.size else f"batch 1 does not fit {text}",
-        "predicted_peak_bytes": peak,
-        "predicted_saving_bytes": baseline - peak if peak is not None else None,
-        "saving_pct": None,
-        "caveats": "; ".join(x for x in (
+    return AdviceRow(
+        technique="batch",
+        options={"largest_batch_that_fits": found.size, "found_by": "fake runs"},
+        applicable=found.size > 0,
+        reason=None if found.size else f"batch 1 does not fit {text}",
+        baseline_peak_bytes=baseline,
+        predicted_peak_bytes=peak,
+        predicted_saving_bytes=baseline - peak if peak is not None else None,
+        saving_pct=None,
+        caveats="; ".join(x for x in (
             found.describe(), found.stopped and "larger sizes failed to run",
             "a larger batch changes optimization (scale the learning rate)") if x),
-    }
+        predicted_by="fake run",
+        how=how,
+    )

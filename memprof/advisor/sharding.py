@@ -3,15 +3,16 @@
 Per-rank bytes from the profile's own categories (so the dtype mix is the one measured, not
 assumed): with P parameter, G gradient and O optimizer-state bytes, ZeRO-1 keeps P + G + O/N;
 ZeRO-2 P + G/N + O/N (plus one bucket of unsharded gradients, taken as the largest module's
-gradients); ZeRO-3 and FSDP (FULL_SHARD) (P + G + O)/N plus, while forward and backward run,
-what FSDP2 gathers: the running unit's parameters and the next one's (prefetched), the
+gradients, and, while forward and backward run, the P/N of shards FSDP2 keeps beside the
+gathered parameters); ZeRO-3 and FSDP (FULL_SHARD) (P + G + O)/N plus, while forward and
+backward run, what FSDP2 gathers: the running unit's parameters and the next one's (prefetched), the
 all-gather's copy of the local shard and, in backward, the running unit's unsharded gradients
 before they are reduce-scattered. The units are those :func:`memprof.advisor.distributed.
 fsdp_units` wraps (the blocks of a ModuleList, else the root's children with parameters).
 Activations, inputs and scratch stay per rank (the batch per rank is unchanged). In the step
 that creates the optimizer's state (counted as scratch until the step ends) only O/N is
 created. CPU offload moves O off the GPU. For mixed-precision Adam these are the 4P+12P/N,
-2P+14P/N and 16P/N of the ZeRO paper.
+2P+14P/N and 16P/N of the ZeRO paper (ZeRO-2 in its optimizer step).
 
 Predicted by a fake run and simulated at every world size in one process, as rank 0 of a fake
 process group (:mod:`memprof.advisor.distributed`): ZeRO-1 by PyTorch's
@@ -51,7 +52,7 @@ OFFLOAD_NOT_SIMULATED = (
 
 FORMULAS = {
     "zero1": "P + G + O/N",
-    "zero2": "P + G/N + O/N + one gradient bucket",
+    "zero2": "P + G/N + O/N + one gradient bucket (+ P/N of shards in forward and backward)",
     "zero3": "(P + G + O)/N + the running and next units gathered (forward, backward)",
 }
 
@@ -64,20 +65,66 @@ def _largest(facts: Facts, column: str) -> float:
 
 def largest_unit(facts: Facts) -> float:
     """The parameter bytes of the largest FSDP unit (the root's own parameters count as one)."""
+    return max(unit_sizes(facts).values(), default=0.0)
+
+
+def unit_sizes(facts: Facts) -> dict[str, float]:
+    """The parameter bytes of each FSDP unit; the root's own parameters under ""."""
     rows = {str(r["module"]): r for r in facts.module_rows()}
     units = fsdp_units(
         profile_tree(facts.profile),
         lambda n: str(rows[n]["type"]),
         lambda n: float(rows[n]["parameter_total"]) > 0,
     )
-    sizes = [float(rows[u]["parameter_total"]) for u in units]
-    root = float(facts.parameter_bytes) - sum(sizes)
-    return max([*sizes, root], default=0.0)
+    sizes = {u: float(rows[u]["parameter_total"]) for u in units}
+    sizes[""] = max(0.0, float(facts.parameter_bytes) - sum(sizes.values()))
+    return sizes
+
+
+def phase_order(facts: Facts, phase: str) -> list[str]:
+    """Modules in the order they first run in ``phase``, in the first profiled step that ran
+    it."""
+    timeline = facts.profile.timeline()
+    rows = timeline[timeline["phase"] == phase]
+    if not len(rows):
+        return []
+    first = rows[rows["step"] == rows["step"].iloc[0]]
+    return list(dict.fromkeys(str(m) for m in first["module"]))
+
+
+def gathered_while_running(facts: Facts) -> dict[tuple[str, str], float]:
+    """ZeRO-2 (FSDP2 without resharding after forward): the gathered parameter bytes while a
+    module runs, by (phase, module). A unit gathers its parameters when its forward starts and
+    frees them when its backward ends; the root's own stay gathered from forward to backward.
+    A module not listed (the root's own samples, which come both first and last): all."""
+    sizes = unit_sizes(facts)
+    root = sizes.pop("")
+
+    def unit_of(module: str) -> str | None:
+        return next((u for u in sizes if module == u or module.startswith(u + ".")), None)
+
+    out: dict[tuple[str, str], float] = {}
+    forward = phase_order(facts, "forward")
+    started = {u: min((i for i, m in enumerate(forward) if unit_of(m) == u), default=-1)
+               for u in sizes}
+    for i, module in enumerate(forward):
+        if module:
+            out[("forward", module)] = root + sum(
+                size for u, size in sizes.items() if 0 <= started[u] <= i)
+    backward = phase_order(facts, "backward")
+    ended = {u: max((i for i, m in enumerate(backward) if unit_of(m) == u), default=-1)
+             for u in sizes}
+    for i, module in enumerate(backward):
+        if module:
+            out[("backward", module)] = root + sum(
+                size for u, size in sizes.items() if ended[u] < 0 or ended[u] >= i)
+    return out
 
 
 def shard_transform(facts: Facts, stage: str, n: int, offload: bool) -> Transform:
     largest_g = _largest(facts, "gradient")
     unit = largest_unit(facts) if stage == "zero3" else 0.0
+    gathered_at = gathered_while_running(facts) if stage == "zero2" else {}
     opt = facts.profile.optimizers[0] if facts.profile.optimizers else {}
     state_total = float(opt.get("state_bytes", 0) or 0)
 
@@ -92,13 +139,21 @@ def shard_transform(facts: Facts, stage: str, n: int, offload: bool) -> Transfor
             out["temporary"] = max(0.0, s["temporary"] - creating + kept)
         if stage == "zero2":
             out["gradient"] = min(s["gradient"], s["gradient"] / n + largest_g)
+            if s["phase"] in ("forward", "backward"):
+                # each unit's shard, and its gathered parameters from forward to backward
+                out["parameter"] = s["parameter"] / n
+                whole = gathered_at.get((s["phase"], s["module"]), s["parameter"])
+                out["other"] = s["other"] + min(whole, s["parameter"])
         if stage == "zero3":
             out["parameter"] = s["parameter"] / n
             out["gradient"] = s["gradient"] / n
             if s["phase"] in ("forward", "backward"):
                 gathered = 2 * unit + unit / n
                 if s["phase"] == "backward":
-                    gathered += min(unit, s["gradient"])
+                    # the running unit's gradients are whole until reduce-scattered
+                    running = min(unit, s["gradient"])
+                    gathered += running
+                    out["gradient"] = (s["gradient"] - running) / n
                 out["other"] = s["other"] + gathered
         return out
 
@@ -145,11 +200,6 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
                 f"run as rank 0 of {n} over a fake process group with {RUN_BY[stage]}; "
                 "quality not measured (the fake collectives compute nothing)"
             )
-            if stage == "zero2":
-                how += (
-                    "; simulated with the dispatch ledger (operator outputs, CPU kernel scratch "
-                    "not counted): the events backend's measurement of it varies"
-                )
             out.append(
                 Change(
                     "sharding",

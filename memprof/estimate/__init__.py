@@ -40,6 +40,7 @@ The built-in catalog of shapes (:data:`KNOWN_MODELS`) and :func:`build_spec` tur
 The package, one job a module: :mod:`~memprof.estimate.catalog` (the built-in shapes, ModelSpec,
 synthetic batches), :mod:`~memprof.estimate.loading` (a ModelSpec from a name, a config or user
 code), :mod:`~memprof.estimate.fake_step` (the step under fake tensors),
+:mod:`~memprof.estimate.options` (the estimate's options, checked),
 :mod:`~memprof.estimate.verdict` (what was modelled, the fit verdict) and
 :mod:`~memprof.estimate.failures` (the user's code failing, as one line).
 """
@@ -50,10 +51,11 @@ from __future__ import annotations
 from memprof.errors import EstimateError
 from memprof.estimate.catalog import BATCH_KINDS as BATCH_KINDS
 from memprof.estimate.catalog import KNOWN_MODELS, ModelSpec, synthetic_batch
-from memprof.estimate.fake_step import DEVICES as DEVICES
-from memprof.estimate.fake_step import DTYPES, OPTIMIZERS, EstimatedStep, estimate, estimate_step
+from memprof.estimate.fake_step import EstimatedStep, estimate, estimate_step
 from memprof.estimate.loading import build_spec
 from memprof.estimate.loading import spec_from_config as spec_from_config
+from memprof.estimate.options import DEVICES as DEVICES
+from memprof.estimate.options import DTYPES, OPTIMIZERS, EstimateOptions
 from memprof.estimate.verdict import CUDA_CONTEXT_BYTES
 from memprof.estimate.verdict import fit_verdict as fit_verdict
 
@@ -63,6 +65,7 @@ __all__ = [
     "KNOWN_MODELS",
     "OPTIMIZERS",
     "EstimateError",
+    "EstimateOptions",
     "EstimatedStep",
     "ModelSpec",
     "build_spec",

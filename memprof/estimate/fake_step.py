@@ -14,22 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.errors import EstimateError, MemprofError
 from memprof.estimate.catalog import ModelSpec
 from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.loading import resolve_batch
+from memprof.estimate.options import EstimateOptions
 from memprof.estimate.verdict import annotate, gpu_budget
 from memprof.fake_scalars import ScalarStandIns
 from memprof.profile import Profile
-
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
-OPTIMIZERS = ("adamw", "sgd", "adafactor", "none")
-DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -52,131 +44,77 @@ class EstimatedStep:
 
 
 def estimate(
-    model_factory: Callable[[], nn.Module] | ModelSpec,
-    *,
-    batch: Any,
-    optimizer: str = "adamw",
-    dtype: str = "bf16",
-    mixed_precision: str | None = None,
-    device: str = "cuda",
-    gpu: str | None = None,
-    steps: int = 2,
-    inference: bool = False,
-    context_len: int | None = None,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    model_factory: Callable[[], nn.Module] | ModelSpec, *, batch: Any, **options: Any
 ) -> Profile:
     """:func:`estimate_step`'s profile (see there for the arguments)."""
-    return estimate_step(
-        model_factory, batch=batch, optimizer=optimizer, dtype=dtype,
-        mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
-        inference=inference, context_len=context_len, loss_fn=loss_fn,
-    ).profile
+    return estimate_step(model_factory, batch=batch, **options).profile
 
 
 def estimate_step(
-    model_factory: Callable[[], nn.Module] | ModelSpec,
-    *,
-    batch: Any,
-    optimizer: str = "adamw",
-    dtype: str = "bf16",
-    mixed_precision: str | None = None,
-    device: str = "cuda",
-    gpu: str | None = None,
-    steps: int = 2,
-    inference: bool = False,
-    context_len: int | None = None,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    model_factory: Callable[[], nn.Module] | ModelSpec, *, batch: Any, **options: Any
 ) -> EstimatedStep:
-    """Profile ``steps`` steps of a model that is never allocated: the Profile, and the fake
-    model, optimizer and batch that made it.
+    """Profile the steps of a model that is never allocated: the Profile, and the fake model,
+    optimizer and batch that made it.
 
     ``model_factory`` builds the model (inside FakeTensorMode, with ``dtype`` as the default
     dtype; floating parameters it made in another dtype are cast). ``batch`` is a dict of
     tensors (keyword arguments), a tensor or tuple (positional), or a callable returning one,
-    called inside the fake mode; real tensors are converted to fake ones.
-
-    Training (default): forward, ``loss.backward()``, ``optimizer.step()``,
-    ``zero_grad(set_to_none=True)`` per step; ``steps=2`` so that the second step's peak
-    includes the optimizer state. The loss is ``output.loss`` when the model returns one (a
-    transformers model given ``labels``), else ``loss_fn(output)``, else the mean of the first
-    output tensor. ``optimizer``: ``adamw`` | ``sgd`` (momentum 0.9) | ``adafactor`` | ``none``
-    (gradients only). ``mixed_precision="bf16"``/``"fp16"`` keeps fp32 weights and optimizer
-    state and runs forward under autocast (``dtype`` must then be ``"fp32"`` or the same name).
-
-    Inference (``inference=True``): ``model.eval()`` and ``torch.no_grad()``; for a model with
-    a KV cache, a prefill over the batch and one decoding step, with a cache of ``context_len``
-    positions (a static cache allocated up front) or, without it, as long as the prompt.
-
-    ``device="cuda"`` charges storages in 512-byte blocks and adds :data:`CUDA_CONTEXT_BYTES`
-    to ``meta["estimate"]["device_total_bytes"]``; ``device="cpu"`` charges exact bytes, so the
-    estimate equals a real CPU run. ``gpu`` (a name from :mod:`memprof.gpus`) adds a fit verdict
-    to ``meta["estimate"]["fit"]``.
+    called inside the fake mode; real tensors are converted to fake ones. ``options`` are the
+    fields of :class:`~memprof.estimate.options.EstimateOptions` (``optimizer``, ``dtype``,
+    ``mixed_precision``, ``device``, ``gpu``, ``steps``, ``inference``, ``context_len``,
+    ``loss_fn``), which says what each does.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprof.tracking.session import Profiler
 
+    opts = EstimateOptions(**options)
     spec = model_factory if isinstance(model_factory, ModelSpec) else None
     factory: Callable[[], nn.Module] = (
         model_factory.factory if isinstance(model_factory, ModelSpec) else model_factory
     )
-    _check_choice("optimizer", optimizer, OPTIMIZERS)
-    _check_choice("dtype", dtype, tuple(DTYPES))
-    _check_choice("device", device, DEVICES)
-    if mixed_precision is not None:
-        _check_choice("mixed_precision", mixed_precision, ("bf16", "fp16"))
-        if dtype not in ("fp32", mixed_precision):
-            raise EstimateError(f"mixed precision keeps fp32 weights: use dtype='fp32' "
-                                f"(got dtype={dtype!r}, mixed_precision={mixed_precision!r})")
-    if steps < 1:
-        raise EstimateError(f"steps must be at least 1 (got {steps})")
-    budget = gpu_budget(gpu) if gpu is not None else None  # a bad name fails before the work
-    param_dtype = torch.float32 if mixed_precision else DTYPES[dtype]
-    round_to = CUDA_BLOCK_BYTES if device == "cuda" else 1
+    # a bad GPU name fails before the work
+    budget = gpu_budget(opts.gpu) if opts.gpu is not None else None
+    param_dtype = opts.parameter_dtype
     kv_cache_bytes: int | None = None
 
     with FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
         model = _build_model(factory, param_dtype)
-        opt = None if inference else _make_optimizer(optimizer, model, cuda=device == "cuda")
+        opt = None if opts.inference else _make_optimizer(opts.optimizer, model,
+                                                          cuda=opts.device == "cuda")
         with _default_dtype(param_dtype), user_code("the batch function"):
             data = batch() if callable(batch) else batch
         data = _to_fake(fake_mode, resolve_batch(data, model))
+        autocast_dtype = opts.autocast_dtype
         autocast: Any = (
-            torch.autocast("cpu", dtype=DTYPES[mixed_precision])
-            if mixed_precision else contextlib.nullcontext()
+            torch.autocast("cpu", dtype=autocast_dtype)
+            if autocast_dtype is not None else contextlib.nullcontext()
         )
         with (user_code("the step under fake tensors"),
-              Profiler(model, opt, round_to=round_to, device_modelled=device) as prof):
-            for _ in range(steps):
-                if inference:
-                    kv_cache_bytes = _inference_step(model, data, spec, context_len, autocast)
+              Profiler(model, opt, round_to=opts.round_to, device_modelled=opts.device) as prof):
+            for _ in range(opts.steps):
+                if opts.inference:
+                    kv_cache_bytes = _inference_step(model, data, spec, opts.context_len,
+                                                     autocast)
                 else:
-                    _training_step(model, opt, data, autocast, loss_fn)
+                    _training_step(model, opt, data, autocast, opts.loss_fn)
                 prof.step()
         profile = prof.profile
         num_params, param_bytes = _count_parameters(model)
 
     profile = annotate(
-        profile, spec=spec, optimizer="none" if inference else optimizer, dtype=dtype,
-        mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
-        inference=inference, context_len=context_len, kv_cache_bytes=kv_cache_bytes,
+        profile, spec=spec, options=opts, kv_cache_bytes=kv_cache_bytes,
         num_params=num_params, param_bytes=param_bytes, budget=budget,
     )
-    autocast_dtype = DTYPES[mixed_precision] if mixed_precision else None
 
     def step_loss(model: nn.Module, data: Any) -> torch.Tensor:
         with (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
               else contextlib.nullcontext()):
             output = _call(model, data)
-        return _loss(output, loss_fn)
+        return _loss(output, opts.loss_fn)
 
     return EstimatedStep(profile=profile, model=model, optimizer=opt, batch=data,
-                         loss=step_loss, inference=inference)
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise EstimateError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+                         loss=step_loss, inference=opts.inference)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from typing import Any
 
 from memprof.devices import CUDA_BLOCK_BYTES
 from memprof.estimate.catalog import ModelSpec
+from memprof.estimate.options import EstimateOptions
 from memprof.gpus import CUDA_CONTEXT_BYTES as GPU_CONTEXT_BYTES
 from memprof.gpus import FRAGMENTATION_FRACTION, budget_of, replay_cached_bytes
 from memprof.profile import Profile
@@ -19,11 +20,12 @@ from memprof.units import format_bytes
 CUDA_CONTEXT_BYTES = GPU_CONTEXT_BYTES
 
 
-def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype: str,
-             mixed_precision: str | None, device: str, gpu: str | None, steps: int,
-             inference: bool, context_len: int | None, kv_cache_bytes: int | None,
-             num_params: int, param_bytes: int, budget: tuple[int, str] | None) -> Profile:
-    """Record what was estimated and what was modelled; add the fit verdict for ``gpu``."""
+def annotate(profile: Profile, *, spec: ModelSpec | None, options: EstimateOptions,
+             kv_cache_bytes: int | None, num_params: int, param_bytes: int,
+             budget: tuple[int, str] | None) -> Profile:
+    """Record what was estimated and what was modelled; add the fit verdict for the options'
+    ``gpu``."""
+    device, mixed_precision, gpu = options.device, options.mixed_precision, options.gpu
     peak = profile.peak_info.total_bytes if profile.peak_info is not None else 0
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
     modelled = list(profile.device.modelled)
@@ -53,13 +55,13 @@ def annotate(profile: Profile, *, spec: ModelSpec | None, optimizer: str, dtype:
     info: dict[str, Any] = {
         "model": spec.name if spec is not None else None,
         "description": spec.description if spec is not None else None,
-        "mode": "inference" if inference else "training",
-        "optimizer": optimizer,
-        "dtype": "fp32" if mixed_precision else dtype,
+        "mode": "inference" if options.inference else "training",
+        "optimizer": options.step_optimizer,
+        "dtype": "fp32" if mixed_precision else options.dtype,
         "mixed_precision": mixed_precision,
         "device": device,
-        "steps": steps,
-        "context_len": context_len,
+        "steps": options.steps,
+        "context_len": options.context_len,
         "kv_cache_bytes": kv_cache_bytes,
         "num_parameters": num_params,
         "parameter_bytes": param_bytes,

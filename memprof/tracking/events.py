@@ -13,13 +13,14 @@ own: the next one may come in backward, after its free). :meth:`EventStream.repl
 allocations and markers in order and drives the same ledger and the same hook bodies the
 dispatch backend uses, keyed by data pointer.
 
-The events are read and replayed only every few steps and at exit. Where the time goes (600
-small modules on CPU, ``benchmarks/overhead.py --only mlp-600``, CPU time, one thread, recorder
-source): the hooks ~0.9x the step; the replay ~1.6x a step, about half of it the caching
-allocator's model, which sees every allocation (a transient freed by the very next event goes to
-it as one ``malloc_free``). With the PyTorch profiler as source, reading its events costs
-another ~2.7x a step (torch post-processes every event, ~5 us each, holding the GIL, and its
-event tree is read through pybind, ~3 us an event).
+The events are read and replayed only every few steps and at exit. Most of them are transient
+allocations (freed again before the next marker: an operator's scratch, every temporary of an
+optimizer step, 70% of the events of 600 small modules): the replay's walk (``walk.cpp``, or
+:class:`_Walk` where it cannot be built) keeps them from the ledger, feeds them to the caching
+allocator's model (in C++ too: ``allocator_model.cpp``) and hands Python only what the ledger
+must see. With the PyTorch profiler as source, reading its events costs another ~2.7x a step
+(torch post-processes every event, ~5 us each, holding the GIL, and its event tree is read
+through pybind, ~3 us an event).
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class EventSource(Protocol):
 
     def drain(self) -> list[tuple[int, int, int]]: ...
 
+    def stop_raw(self) -> bytes: ...
+
+    def drain_raw(self) -> bytes: ...
+
     def mark(self, index: int) -> None: ...
 
     def open(self, index: int) -> Any: ...
@@ -106,14 +111,21 @@ class RecorderSource:
         self.offset_s = time.perf_counter() - self.module.now_ns() / 1e9
 
     def stop(self) -> list[tuple[int, int, int]]:
-        raw = self.module.stop()
-        self.buffer_bytes = max(self.buffer_bytes, len(raw))
-        return _triples(raw)
+        return _triples(self.stop_raw())
 
     def drain(self) -> list[tuple[int, int, int]]:
-        items = _triples(self.module.drain())
+        return _triples(self.drain_raw())
+
+    def stop_raw(self) -> bytes:
+        """:meth:`stop`'s events as native int64 triples."""
+        raw: bytes = self.module.stop()
+        self.buffer_bytes = max(self.buffer_bytes, len(raw))
+        return raw
+
+    def drain_raw(self) -> bytes:
+        raw: bytes = self.module.drain()
         self.buffer_bytes = max(self.buffer_bytes, self.module.high_water_bytes())
-        return items
+        return raw
 
     def pending(self) -> int:
         return int(self.module.pending())
@@ -134,6 +146,11 @@ def _triples(raw: bytes) -> list[tuple[int, int, int]]:
     values.frombytes(raw)
     it = iter(values)
     return list(zip(it, it, it, strict=True))
+
+
+def _raw(items: list[tuple[int, int, int]]) -> bytes:
+    """Triples as native int64s (what the recorder gives)."""
+    return array("q", [value for item in items for value in item]).tobytes()
 
 
 class ProfilerSource:
@@ -167,6 +184,12 @@ class ProfilerSource:
         items = self.stop()
         self.start()
         return items
+
+    def stop_raw(self) -> bytes:
+        return _raw(self.stop())
+
+    def drain_raw(self) -> bytes:
+        return _raw(self.drain())
 
     def mark(self, index: int) -> None:
         _enter(POINT + str(index), None)  # dropped at once: a zero-length record
@@ -270,12 +293,12 @@ class EventStream:
         self.source.start()
         self.running = True
 
-    def stop(self) -> list[tuple[int, int, int]]:
-        """Stop recording; returns the events not replayed yet."""
+    def stop(self) -> bytes:
+        """Stop recording; returns the events not replayed yet (native int64 triples)."""
         if not self.running:
-            return []
+            return b""
         self.running = False
-        return self.source.stop()
+        return self.source.stop_raw()
 
     def clear(self) -> None:
         """Forget every deferred call (and the functions they name)."""
@@ -331,6 +354,12 @@ class EventStream:
         if handle is not None and self.running:
             self.source.close(handle, token[1] + 1)
 
+    def _enter_live(self, transients: list[tuple[int, int]]) -> None:
+        """Transients the walk held become entries of the running module."""
+        ledger = self.ledger
+        for key, size in transients:
+            ledger.alloc(key, size, TEMPORARY, ledger.current_module, (size,), RAW_DTYPE)
+
     def _apply(self, index: int) -> None:
         """Run marker ``index``'s deferred calls (once)."""
         slot = index - self.base
@@ -352,9 +381,9 @@ class EventStream:
         """Stop the profiler, replay its events into the ledger, and start it again."""
         started = time.perf_counter()
         if restart and self.running:
-            items = self.source.drain()  # the profiler source stops and restarts itself
+            raw = self.source.drain_raw()  # the profiler source stops and restarts itself
         else:
-            items = self.stop()
+            raw = self.stop()
             if restart:
                 self.start()
         self.stop_s += time.perf_counter() - started
@@ -363,109 +392,81 @@ class EventStream:
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
-            self.replay(items)
+            self.replay(raw)
         finally:
             if gc_enabled:
                 gc.enable()
         self.replay_s += time.perf_counter() - started
 
-    def replay(self, items: list[tuple[int, int, int]]) -> None:
-        """Drive the ledger with ``items`` (see :class:`ProfilerSource` for their form)."""
-        transient = _transients(items)
+    def replay(self, raw: bytes) -> None:
+        """Drive the ledger with the events ``raw`` holds (native int64 triples; see
+        :class:`EventSource` for their form)."""
         ledger = self.ledger
-        entries = ledger.entries
-        allocator = ledger.allocator
         module_live, module_max = ledger.module_live, ledger.module_max
         offset = self.source.offset_s
+        walk = _walk(raw, ledger)
+        run, materialize = walk.run, walk.materialize
         now = 0.0
-        # Transients: allocations freed again before the next marker, kept out of the ledger
-        # (no entry, no log) while they cannot matter: only their bytes count, in ``extra``,
-        # towards the running maxima (the frame's peak, the module's temporary_peak). When they
-        # raise the step's peak, the live ones become real entries on the spot (the peak's
-        # breakdown lists them; their frees then go through the ledger).
-        live_transients: dict[int, int] = {}
-        extra = 0
-        served = 0  # a transient the allocator model served as malloc_free (0: none)
         # The phase depends only on what the markers' calls set: once an interval is enough.
         phase_set = False
         ledger.clock = lambda: now
         try:
-            for i, (when, ptr, value) in enumerate(items):
-                if ptr < 0:
-                    now = when / 1e9 + offset
-                    if live_transients:  # cannot happen: transients end before a marker
-                        for key, size in live_transients.items():
-                            ledger.alloc(
-                                key, size, TEMPORARY, ledger.current_module, (size,), RAW_DTYPE
-                            )
-                        live_transients.clear()
-                    extra = 0
-                    phase_set = False
-                    if ptr == -1:
-                        self._apply(value)
-                    else:
-                        self._on_backward_node(value)
-                    continue
-                if value > 0:
-                    if not ledger.recording:
-                        continue
-                    if not phase_set:
+            while True:
+                code, when, ptr, value, most = run(
+                    ledger.recording, ledger.logging, not phase_set,
+                    ledger.peak.total - ledger.total,
+                )
+                if most >= 0:
+                    # The transients' bytes raise the running maxima the ledger keeps (the
+                    # frame's peak, the module's temporary_peak): its totals did not change
+                    # while the walk ran, so their most is the moment they held the most.
+                    total = ledger.total + most
+                    top = ledger.top
+                    if top is not None and total > top[1]:
+                        top[1] = total
+                    module_most = module_max[ledger.current_module]
+                    live = module_live[ledger.current_module][TEMPORARY] + most
+                    if live > module_most[TEMPORARY]:
+                        module_most[TEMPORARY] = live
+                if code == _EVENT:
+                    if ptr < 0:
                         now = when / 1e9 + offset
-                        self._alloc_phase()
-                        phase_set = True
-                    fast = transient[i] and ptr not in entries
-                    # A transient freed by the very next event reaches the allocator model as
-                    # one malloc_free, once it is sure not to become an entry.
-                    paired = False
-                    if not fast:
+                        self._enter_live(materialize())  # (cannot happen: none outlives a marker)
+                        phase_set = False
+                        if ptr == -1:
+                            self._apply(value)
+                        else:
+                            self._on_backward_node(value)
+                    elif value > 0:  # not a transient: an entry of its own
                         now = when / 1e9 + offset
                         ledger.alloc(
                             ptr, value, TEMPORARY, ledger.current_module, (value,), RAW_DTYPE
                         )
-                        if not extra:
-                            continue
-                    else:
-                        live_transients[ptr] = value
-                        extra += value
-                        if allocator is not None:
-                            after = items[i + 1]  # (a transient's free follows it)
-                            paired = (
-                                after[1] == ptr and after[2] == -value and ptr not in allocator.live
-                            )
-                            if not paired:
-                                allocator.malloc(ptr, value)
-                    # The ledger's own maxima miss the live transients' bytes: add them.
-                    total = ledger.total + extra
-                    top = ledger.top
-                    if top is not None and total > top[1]:
-                        top[1] = total
-                    module = ledger.current_module
-                    live = module_live[module][TEMPORARY] + extra
-                    most = module_max[module]
-                    if live > most[TEMPORARY]:
-                        most[TEMPORARY] = live
-                    if ledger.logging and total > ledger.peak.total:
-                        now = when / 1e9 + offset
-                        if paired:
-                            allocator.malloc(ptr, value)  # type: ignore[union-attr]
-                            paired = False
-                        for key, size in live_transients.items():
-                            ledger.alloc(key, size, TEMPORARY, module, (size,), RAW_DTYPE)
-                        live_transients.clear()
-                        extra = 0
-                    if paired:
-                        allocator.malloc_free(value)  # type: ignore[union-attr]
-                        served = ptr  # its free, next, is done
-                else:
-                    size = live_transients.pop(ptr, 0)
-                    if size:
-                        extra -= size
-                        if ptr == served:
-                            served = 0
-                        elif allocator is not None:
-                            allocator.free(ptr)
+                        extra = walk.extra
+                        if extra:  # the live transients count towards the maxima too
+                            total = ledger.total + extra
+                            top = ledger.top
+                            if top is not None and total > top[1]:
+                                top[1] = total
+                            live = module_live[ledger.current_module][TEMPORARY] + extra
+                            module_most = module_max[ledger.current_module]
+                            if live > module_most[TEMPORARY]:
+                                module_most[TEMPORARY] = live
+                            if ledger.logging and total > ledger.peak.total:
+                                self._enter_live(materialize())
                     else:
                         ledger.free(ptr)
+                elif code == _PHASE:
+                    now = when / 1e9 + offset
+                    self._alloc_phase()
+                    phase_set = True
+                elif code == _PEAK:
+                    # A transient raised the step's peak: the peak's breakdown lists the live
+                    # ones, so they become entries (their frees then go through the ledger).
+                    now = when / 1e9 + offset
+                    self._enter_live(materialize())
+                else:
+                    break
         finally:
             ledger.clock = time.perf_counter
         # Markers whose events were never recorded (the profiler was off): apply them now.
@@ -478,19 +479,128 @@ class EventStream:
         self.starts, self.ends = [], []
 
 
-def _transients(items: list[tuple[int, int, int]]) -> bytearray:
-    """Flags the allocations (and their frees) that are freed before the next marker."""
+#: What :meth:`_Walk.run` stopped at: an event for the ledger (a marker or autograd node, an
+#: allocation that is not a transient, a free the walk does not hold), the first allocation
+#: after a marker (its phase to set; the walk gives it again), a transient that made a new
+#: peak, or the end of the events.
+_EVENT, _PHASE, _PEAK, _END = 0, 1, 2, 3
+_TRANSIENT, _FREED_NEXT = 1, 2  # event flags: freed before the next marker; freed by the next
+
+
+class _Walk:
+    """The replay's walk over one flush's events, in Python (where memprof's C++ module cannot
+    be built, or the allocator's model is the Python one); ``walk.cpp`` is the same in C++.
+
+    Transient allocations (allocations freed again before the next marker, whose address
+    the ledger does not hold) stay in the walk: their bytes count (:attr:`extra`, and the most
+    they held since the last stop), the allocator's model gets them (one freed by the very next
+    event as one ``malloc_free``), and the ledger never sees them unless they make a new peak
+    (:meth:`materialize`). Everything else stops the walk for the ledger to handle.
+    """
+
+    def __init__(self, raw: bytes, entries: dict[int, Any], allocator: Any) -> None:
+        self.items = _triples(raw)
+        self.flags = _flags(self.items)
+        self.entries = entries
+        self.allocator = allocator
+        self.pos = 0
+        self.extra = 0
+        self.live: dict[int, int] = {}
+        self.served = 0  # a transient the allocator model served as malloc_free (0: none)
+        self.pending: tuple[int, int] | None = None  # the peak's transient, to be malloc'ed
+
+    def run(self, recording: bool, logging: bool, need_phase: bool,
+            threshold: int) -> tuple[int, int, int, int, int]:
+        """Walk on until the ledger must act: ``(what, time, ptr, value, most)``, ``most`` the
+        most bytes the transients held since the last stop (-1: no transient allocated)."""
+        items, flags, live, allocator = self.items, self.flags, self.live, self.allocator
+        most = -1
+        pos = self.pos
+        try:
+            while pos < len(items):
+                when, ptr, value = items[pos]
+                if ptr < 0:
+                    pos += 1
+                    return _EVENT, when, ptr, value, most
+                if value > 0:
+                    if not recording:
+                        pos += 1
+                        continue
+                    if need_phase:
+                        return _PHASE, when, ptr, value, most
+                    if not flags[pos] & _TRANSIENT or ptr in self.entries:
+                        pos += 1
+                        return _EVENT, when, ptr, value, most
+                    live[ptr] = value
+                    self.extra += value
+                    paired = False
+                    if allocator is not None:
+                        paired = bool(flags[pos] & _FREED_NEXT) and ptr not in allocator.live
+                        if not paired:
+                            allocator.malloc(ptr, value)
+                    if self.extra > most:
+                        most = self.extra
+                    pos += 1
+                    if logging and self.extra > threshold:
+                        self.pending = (ptr, value) if paired else None
+                        return _PEAK, when, ptr, value, most
+                    if paired:
+                        allocator.malloc_free(value)
+                        self.served = ptr
+                    continue
+                size = live.pop(ptr, 0)
+                pos += 1
+                if not size:
+                    return _EVENT, when, ptr, value, most
+                self.extra -= size
+                if ptr == self.served:
+                    self.served = 0
+                elif allocator is not None:
+                    allocator.free(ptr)
+            return _END, 0, 0, 0, most
+        finally:
+            self.pos = pos
+
+    def materialize(self) -> list[tuple[int, int]]:
+        """The live transients as ``(ptr, bytes)`` in allocation order; they leave the walk.
+        A peak's transient that was to be served at once goes to the model as a malloc."""
+        if self.pending is not None:
+            self.allocator.malloc(*self.pending)
+            self.pending = None
+        out = list(self.live.items())
+        self.live.clear()
+        self.extra = 0
+        return out
+
+
+def _walk(raw: bytes, ledger: StorageLedger) -> Any:
+    """The C++ walk where memprof's module is built and the allocator model (if any) is its
+    C++ one, else :class:`_Walk`."""
+    allocator = ledger.allocator
+    core = getattr(allocator, "core", None)
+    module = native.load() if allocator is None or core is not None else None
+    if module is not None and hasattr(module, "Walk"):
+        return module.Walk(raw, ledger.entries, core)
+    return _Walk(raw, ledger.entries, allocator)
+
+
+def _flags(items: list[tuple[int, int, int]]) -> bytearray:
+    """Per event: :data:`_TRANSIENT` for an allocation and its free both before the next
+    marker or node; :data:`_FREED_NEXT` for an allocation whose free is the very next event."""
     flags = bytearray(len(items))
     open_: dict[int, int] = {}
+    last = len(items) - 1
     for i, (_when, ptr, value) in enumerate(items):
         if ptr < 0:
             if open_:
                 open_.clear()
         elif value > 0:
             open_[ptr] = i
+            if i < last and items[i + 1][1] == ptr and items[i + 1][2] == -value:
+                flags[i] |= _FREED_NEXT
         else:
             j = open_.pop(ptr, None)
             if j is not None:
-                flags[j] = 1
-                flags[i] = 1
+                flags[j] |= _TRANSIENT
+                flags[i] |= _TRANSIENT
     return flags

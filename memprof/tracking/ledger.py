@@ -150,13 +150,22 @@ def _collect_held(tensor: torch.Tensor, found: list[torch.Tensor],
         _collect_held(part, found, uncounted, depth + 1)
 
 
+def on_cuda(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives (or, fake, pretends to live) on a CUDA device. A plain tensor
+    answers ``is_cuda`` in C++; any other (a fake tensor) is asked its ``device``, a Python
+    property: its ``is_cuda`` would dispatch ``prim.device`` through every mode on the stack."""
+    if type(tensor) is torch.Tensor:
+        return tensor.is_cuda
+    return tensor.device.type == "cuda"
+
+
 def facts_of(tensor: torch.Tensor) -> Facts:
     """The :data:`Facts` of ``tensor`` (one with a readable storage: see :func:`held_tensors`
     for the others)."""
     tensor = storage_tensor(tensor)
     storage = tensor.untyped_storage()
     raw = storage.nbytes()
-    return (storage.data_ptr(), round_up(raw, 512) if tensor.is_cuda else raw,
+    return (storage.data_ptr(), round_up(raw, 512) if on_cuda(tensor) else raw,
             tuple(tensor.shape), tensor.dtype)
 
 
@@ -288,7 +297,7 @@ class StorageLedger:
         """Start tracking ``storage`` (whose view ``tensor`` gives shape and dtype)."""
         raw = storage.nbytes()
         nbytes = raw
-        if self.round_all_to > 1 or tensor.is_cuda:
+        if self.round_all_to > 1 or on_cuda(tensor):
             nbytes = round_up(raw, max(self.round_all_to, 512))
         key = id(storage)
         entry = Entry(key, nbytes, raw, category, module, self.phase, tensor.shape, tensor.dtype)

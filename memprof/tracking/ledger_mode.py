@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memprof.tracking import kernel_corrections
@@ -14,6 +15,7 @@ from memprof.tracking.ledger import StorageLedger, keep_out_of_dynamo
 #: torch.tensor(data) builds its storage below the dispatcher; the ledger first sees it as the
 #: output of this aliasing op, so it is the one "view" that brings a new storage.
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+_PRIM_DEVICE = torch.ops.prim.device.default
 
 
 class LedgerMode(TorchDispatchMode):
@@ -36,6 +38,10 @@ class LedgerMode(TorchDispatchMode):
     def __torch_dispatch__(  # type: ignore[no-untyped-def]
         self, func, types, args=(), kwargs=None
     ):
+        if func is _PRIM_DEVICE and type(args[0]) is FakeTensor:
+            # a fake tensor's device (autograd asks it of every tensor): its property answers
+            # as FakeTensorMode would, without a trip through that mode
+            return args[0].device
         out = func(*args, **(kwargs or {}))
         if func.is_view and func is not _LIFT_FRESH:
             # A view allocates nothing: its storage is tracked already, or it predates the

@@ -209,7 +209,7 @@ class ModuleRegistry:
                 return
             self.param_owner[param] = idx
             grads = [] if param.grad is None else self.ledger.facts(param.grad)
-            for part in self.ledger.parts(param.detach()):
+            for part in self.ledger.parts(param):  # no detach: a fake one would dispatch
                 self._param_apply(part, grads, idx)
                 grads = []
         if param.requires_grad:

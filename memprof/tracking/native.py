@@ -1,6 +1,7 @@
 """memprof's C++ allocation recorder (recorder.cpp), compiled for the installed torch on first use.
 
-The same module holds the caching allocator's model the replay feeds (allocator_model.cpp).
+The same module holds the caching allocator's model the replay feeds (allocator_model.cpp) and
+the replay's walk over the events (walk.cpp).
 
 The recorder is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) against the
 torch that is running, so it always matches its ABI; the build is cached per torch version and
@@ -26,8 +27,11 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("recorder.cpp")
-#: Built into the same module: the caching allocator's model (the replay's hot path).
-SOURCES = (SOURCE, Path(__file__).with_name("allocator_model.cpp"))
+#: Built into the same module: the caching allocator's model and the replay's walk over the
+#: events (its hot path).
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("recorder.cpp", "allocator_model.cpp", "walk.cpp"))
+HEADERS = (Path(__file__).with_name("allocator_model.h"),)
 _module: Any = None
 _tried = False
 _reason = ""
@@ -38,7 +42,8 @@ def _name() -> str:
     memprof, another checkout sharing the cache) is never loaded in its place, where its events
     would mean something else (the node events' value, say)."""
     version = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:10]
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    digest = hashlib.sha256(text).hexdigest()[:10]
     return f"memprof_recorder_{version}_{digest}"
 
 

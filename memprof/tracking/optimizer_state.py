@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from memprof.tracking.ledger import OUTSIDE, StorageLedger, facts_of
+from memprof.tracking.ledger import OUTSIDE, StorageLedger, facts_of, on_cuda
 from memprof.units import round_up
 
 
@@ -27,13 +27,17 @@ class OptimizerStates:
 
     def collect(self, optimizer: torch.optim.Optimizer, ledger: StorageLedger,
                 owner: Mapping[Any, int], round_to: int) -> list[tuple[Any, int]]:
-        """The optimizer's persistent state tensors with their owning modules (live part)."""
+        """The optimizer's persistent state tensors with their owning modules (live part). Under
+        the events backend, only those it did not give at an earlier step: a state tensor that
+        is still the same object at the same address, with the same owner, is still tracked in
+        that role (its storage lives, and nothing else reclassifies optimizer state), so its
+        replay would change nothing (one ledger lookup per state tensor per step, saved)."""
         state: list[tuple[Any, int]] = []
         state_bytes = 0
         round_to = max(round_to, 1)
         # Events backend: the facts of a state tensor that is still the same object at the same
-        # address are the same as last step's; reuse them (fewer objects for the GC to scan).
-        # The cache holds the tensors weakly and only those seen this time.
+        # address are the same as last step's. The cache holds the tensors weakly and only
+        # those seen this time.
         cache = self._state_facts.get(id(optimizer), {}) if ledger.by_ptr else None
         seen: dict[int, tuple[Any, int, tuple[Any, int], int]] = {}
         for param, values in optimizer.state.items():
@@ -48,13 +52,12 @@ class OptimizerStates:
                         if (hit is not None and hit[0]() is part and hit[1] == ptr
                                 and hit[2][1] == module):
                             seen[id(part)] = hit
-                            state.append(hit[2])
                             state_bytes += hit[3]
                             continue
                     item = (facts_of(part) if ledger.by_ptr else part, module)
                     state.append(item)
                     raw = part.untyped_storage().nbytes()
-                    if round_to > 1 or part.is_cuda:
+                    if round_to > 1 or on_cuda(part):
                         raw = round_up(raw, max(round_to, 512))
                     state_bytes += raw
                     if cache is not None:

@@ -212,10 +212,13 @@ bool running() {
 
 // allocator_model.cpp: the caching allocator's model the replay feeds (built into this module).
 void register_allocator_model(py::module_& m);
+// walk.cpp: the events replay's walk over these events.
+void register_walk(py::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memprof's allocation recorder (see recorder.cpp)";
   register_allocator_model(m);
+  register_walk(m);
   m.def("start", &start, "Start recording allocations on this thread (and autograd's).");
   m.def("stop", &stop, "Stop recording; returns the events not drained yet.");
   m.def("drain", &drain, "The events recorded since the last drain, as native int64 triples.");

@@ -128,20 +128,22 @@ class StepRecords:
         samples.sort(key=lambda s: (s[0], s[1]))
         kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
         chunk = empty_timeline()
+        if ledger.allocator is not None:
+            chunk["reserved"] = [sample[5] for sample in kept]
+        if not kept:
+            return chunk
+        # Column by column (this runs at every step's end, up to timeline_points rows).
+        seqs, whens, phases, modules, totals, _reserved = zip(*kept, strict=True)
         t0 = started
-        modelled = ledger.allocator is not None
-        if modelled:
-            chunk["reserved"] = []
-        for seq, when, phase, module, totals, reserved in kept:
-            if modelled:
-                chunk["reserved"].append(reserved)
-            chunk["step"].append(step)
-            chunk["seq"].append(seq)
-            chunk["time_s"].append(round(when - t0, 6))
-            chunk["phase"].append(PHASES[phase])
-            chunk["module"].append(self._name(module))
-            for name, value in zip(CATEGORIES, totals, strict=True):
-                chunk[name].append(value)
+        chunk["step"] = [step] * len(kept)
+        chunk["seq"] = list(seqs)
+        chunk["time_s"] = [round(when - t0, 6) for when in whens]
+        chunk["phase"] = [PHASES[phase] for phase in phases]
+        names: dict[int, str] = {}
+        chunk["module"] = [names[m] if m in names else names.setdefault(m, self._name(m))
+                           for m in modules]
+        for name, column in zip(CATEGORIES, zip(*totals, strict=True), strict=True):
+            chunk[name] = list(column)
         return chunk
 
 

@@ -1,0 +1,94 @@
+"""Advice rows are typed records (issue #28): :class:`AdviceRow` builds each row, and
+``Advice.rows`` and the saved advice hold its ``to_dict()``, with the columns they always had."""
+
+from __future__ import annotations
+
+from workloads import mlp_workload
+
+from memprof.advisor import advise
+from memprof.advisor.core import Change
+from memprof.advisor.rows import AdviceRow, change_row, measured_columns, rank
+from memprof.advisor.workload import Measurement, baseline
+
+#: Every column a row of ``Advice.rows`` has (the allocator row adds its reserved bytes).
+COLUMNS = {
+    "technique", "options", "applicable", "reason", "baseline_peak_bytes",
+    "predicted_peak_bytes", "predicted_saving_bytes", "saving_pct", "measured_peak_bytes",
+    "error_pct", "quality", "step_time_ratio", "caveats", "how", "analytic_peak_bytes",
+    "predicted_by", "not_simulated", "cost",
+}
+RESERVED = {"baseline_reserved_bytes", "predicted_reserved_bytes"}
+
+
+def _measurement(peak: int, step_time_s: float) -> Measurement:
+    return Measurement(peak_bytes=peak, step_time_s=step_time_s, output_drift=0.25,
+                       loss_drift=0.5, final_loss=None, profile=None)  # type: ignore[arg-type]
+
+
+def test_a_change_s_row_has_its_saving_and_measured_error() -> None:
+    # GIVEN a change predicted at 600 of a 1000-byte peak, simulated at 500 in twice the time
+    change = Change("checkpointing", {"blocks": 2}, "recompute", caveats=["slower"],
+                    predicted_peak=600)
+    # WHEN its row is made
+    row = change_row(change, 1000, _measurement(500, 2.0), _measurement(1000, 1.0))
+    # THEN the saving is of the predicted peak and the error of the measured one
+    assert (row.predicted_saving_bytes, row.saving_pct) == (400, 40.0)
+    assert (row.measured_peak_bytes, row.error_pct, row.step_time_ratio) == (500, 20.0, 2.0)
+    assert row.quality == {"output_drift": 0.25, "loss_drift": 0.5}
+    assert row.caveats == "slower"
+    assert "baseline_reserved_bytes" not in row.to_dict()
+
+
+def test_an_allocator_row_saves_reserved_bytes_and_a_failed_simulation_is_a_caveat() -> None:
+    # GIVEN a change on reserved memory only (80 -> 60 reserved), whose simulation failed
+    change = Change("allocator", {}, "replay", caveats=["set it early"], predicted_peak=50,
+                    reserved={"baseline": 80, "predicted": 60})
+    # WHEN its row is made
+    row = change_row(change, 50, "simulation failed: boom", None)
+    # THEN its saving is in reserved bytes, and the failure joins its caveats
+    assert (row.predicted_saving_bytes, row.saving_pct) == (20, 25.0)
+    data = row.to_dict()
+    assert (data["baseline_reserved_bytes"], data["predicted_reserved_bytes"]) == (80, 60)
+    assert data["caveats"] == "set it early; simulation failed: boom"
+    assert data["measured_peak_bytes"] is None
+
+
+def test_measured_columns_leave_the_error_out_without_a_prediction() -> None:
+    columns = measured_columns(None, _measurement(500, 3.0), _measurement(1000, 0.0))
+    assert (columns["error_pct"], columns["step_time_ratio"]) == (None, None)
+
+
+def test_rows_rank_applicable_then_cheaper_then_larger_saving() -> None:
+    rows = [
+        AdviceRow("a", {}, False, predicted_saving_bytes=900, cost="free"),
+        AdviceRow("b", {}, True, predicted_saving_bytes=100, cost="free"),
+        AdviceRow("c", {}, True, predicted_saving_bytes=300, cost="free"),
+        AdviceRow("d", {}, True, predicted_saving_bytes=None, cost="free"),
+    ]
+    assert [r.technique for r in sorted(rows, key=rank)] == ["c", "b", "d", "a"]
+
+
+def test_a_saved_row_reads_back_the_same_and_keeps_keys_it_does_not_know() -> None:
+    # GIVEN a row as a file from another version holds it
+    data = {**AdviceRow("batch", {"batch": 4}, True, predicted_peak_bytes=7).to_dict(),
+            "future_column": [1, 2]}
+    # WHEN it is read and written again
+    row = AdviceRow.from_dict(data)
+    # THEN it is the same row, key for key and in order
+    assert row.predicted_peak_bytes == 7
+    assert list(row.to_dict().items()) == list(data.items())
+    assert row.with_caveat("one").with_caveat("two").caveats == "one; two"
+
+
+def test_advise_returns_every_column_for_every_row() -> None:
+    # GIVEN an MLP's profile WHEN it is advised analytically
+    w = mlp_workload()
+    profile = baseline(w).profile
+    advice = advise(profile, budget=int(profile.peak().total_bytes * 0.8))
+    # THEN each row has the columns rows always had, and is its typed record's dict
+    assert advice.rows
+    for row in advice.rows:
+        extra = RESERVED if row["technique"] == "allocator" else set()
+        assert set(row) == COLUMNS | extra, row["technique"]
+        assert AdviceRow.from_dict(row).to_dict() == row
+        assert not AdviceRow.from_dict(row).extra
