@@ -131,8 +131,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                 if state.shard is not None:
                     distributed.shard(state, mesh)
             optimizers = _optimizers(state)
-            with _profiler(state, optimizers[0] if optimizers else None, round_to,
-                           device) as prof:
+            stepped = next((o for o in optimizers if o is not None), None)
+            with _profiler(state, stepped, round_to, device) as prof:
                 _steps(workload, state, optimizers, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
     except (FakeRunError, KernelNotMeasured):  # the second: see memprof.advisor.parallel
