@@ -44,6 +44,7 @@ from torch._C._profiler import (
 
 from memprof.tracking import native
 from memprof.tracking.ledger import RAW_DTYPE, TEMPORARY, StorageLedger
+from memprof.tracking.prior import PriorStorages, end_prior
 
 PREFIX = "memprof::"
 POINT = PREFIX + "p"
@@ -271,6 +272,9 @@ class EventStream:
         self._on_backward_node = on_backward_node
         self.source = source if source is not None else default_source()
         self.running = False
+        #: Storages tracked before recording started, whose frees no event reports: each
+        #: marker first ends the entries of those that died since the last one.
+        self.prior = PriorStorages(ledger)
         # Deferred calls, flat: [function code, number of arguments, *arguments] one after the
         # other, so that what waits for the replay (up to EVENTS_FLUSH_STEPS steps of it) is
         # ints and facts, not a list, a tuple and a bound method per call for the cyclic GC
@@ -302,6 +306,7 @@ class EventStream:
 
     def clear(self) -> None:
         """Forget every deferred call (and the functions they name)."""
+        self.prior.clear()
         self.calls, self.starts, self.ends = [], [], []
         self.mark = 0
         self._codes.clear()
@@ -325,8 +330,15 @@ class EventStream:
         self.ends.append(self.mark)
         return self.base + len(self.starts) - 1
 
+    def _end_dead_prior(self) -> None:
+        """Buffer the ends of the prior storages that died since the last marker."""
+        for ptr, entry in self.prior.take():
+            self.buffer(end_prior, self.ledger, ptr, entry)
+
     def point(self, fn: Callable[..., Any], *args: Any) -> None:
         """A point marker: the buffered facts, then ``fn(*args)``, at this moment."""
+        if self.prior.died:
+            self._end_dead_prior()
         self.buffer(fn, *args)
         index = self._close()
         if self.running:
@@ -334,6 +346,8 @@ class EventStream:
 
     def enter(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Open an interval marker (its exit comes with :meth:`exit`); returns its token."""
+        if self.prior.died:
+            self._end_dead_prior()
         self.buffer(fn, *args)
         index = self._close()
         self.starts.append(-1)  # the exit's calls, filled in by exit()

@@ -222,6 +222,7 @@ class Profiler(ProfileResults):
             self._install()
             self._begin_step()
             if self._events is not None:
+                self._events.prior.watch(self._prior_tensors())
                 self.registry.defer = self._events.buffer
                 self._events.start()
         except BaseException:
@@ -277,6 +278,22 @@ class Profiler(ProfileResults):
         if self._events is not None:  # under the dispatch backend nothing is compiled
             self._compiled.install()
         del ledger
+
+    def _prior_tensors(self) -> list[Any]:
+        """The tensors tracked at the start whose frees no CPU allocation event will report:
+        the model's parameters, their gradients and buffers, the optimizer's state."""
+        tensors: list[Any] = []
+        if self._model is not None:
+            for param in self._model.parameters():
+                tensors += [param, param.grad]
+            tensors += self._model.buffers()
+        if self._optimizer is not None:
+            for group in self._optimizer.param_groups:
+                for param in group["params"]:
+                    tensors += [param, param.grad]
+            for values in self._optimizer.state.values():
+                tensors += values.values()
+        return tensors
 
     def _teardown(self) -> None:
         traces = getattr(self, "_op_traces", None)
