@@ -29,7 +29,7 @@ backend it prints:
   ``predicted_by``, predicted against measured peak, and a verdict (see ``advice_verdict``):
   ``within`` 3%, ``explained`` (not applicable, ``not_simulated``, or off with the row's own
   reason), ``failed`` (its simulation raised) or ``off``; then a summary; a pattern whose step
-  is not one model and one optimizer says why it is skipped;
+  is not a Workload (DDP's process group) says why it is skipped;
 * ``mode%`` (dispatch rows): the allocator's own peak of the same step when a no-op Python
   dispatch mode is active, against the unprofiled one: what the dispatch backend's mode does
   to the run itself.
@@ -47,11 +47,11 @@ chunked-loss        35    31           0    4          0
 unet-groupnorm      32    24           0    8          0
 torch-compile       35    20 -> 30     1    4          0
 peft-lora           36    25 -> 28     1    7          0
-mamba               36    4            0    24         8
+mamba               36    4            0    24 -> 32   8 -> 0
 mixtral-moe         36    18 -> 31     1    4          0
 ctc-speech          34    17           12   5          0
-sparse-embedding    skipped: two optimizers (the reason is printed)
-gan-two-optimizers  skipped: two models, two optimizers, two backward passes
+sparse-embedding    36    0 -> 18      0    8          10
+gan-two-optimizers  37    0 -> 33      0    4          0
 ddp-no-sync         skipped: a process group (sharding rows need a fake one of their own)
 ==================  ====  ===========  ===  =========  ======
 
@@ -73,25 +73,40 @@ What changed and what is left:
 * mamba: every fake-run row 5-8% above its simulation: the fake run runs under a dispatch mode,
   under which the scan's gradients are summed out of place (+253,952 B, below). Not fixable by
   a dispatch-mode run; each such row now says it (the unchanged fake run's gap to the profile,
-  ``advisor.FAKE_BASELINE_GAP``). Failed, with the cause in the row: LoRA/QLoRA (peft refuses
-  ``out_proj`` on Mamba models), int8/int4 (the mixer reads ``x_proj``, ``dt_proj`` and
-  ``out_proj``'s ``.weight`` directly, for its fused-kernel call and ``dt_proj.weight @ ...``),
-  ``prune.l1_unstructured`` (``dt_proj``'s forward never runs, so the pruned weight prune made
-  once, with its graph, is reused every step: "backward through the graph a second time").
+  ``advisor.FAKE_BASELINE_GAP``). int8/int4 and ``prune.l1_unstructured`` failed: the mixer's
+  slow path reads ``dt_proj.weight`` directly (``dt_proj.weight @ ...``) and never runs its
+  forward, so a quantized weight is no float tensor and the pruned weight prune made once, with
+  its graph, was reused every step ("backward through the graph a second time"). Both rows now
+  leave out a layer whose forward never ran (the profile's ``forward_calls``; the prune row
+  names them) and run, explained by the +6.1% gap above (``advisor.core.weight_read_directly``:
+  a layer whose forward never ran while its parent's did; a compiled model's modules, which no
+  hook sees, are not). LoRA/QLoRA (5 rows) failed with peft's ValueError: peft refuses
+  ``out_proj`` and ``conv1d`` on Mamba models; the rows now leave them (and ``dt_proj``, whose
+  adapter would never be used and whose NF4 weight cannot be read directly) out, with a caveat.
 * peft-lora: QLoRA and weight quantization of a model already carrying peft adapters raised in
   every simulation and fake run; they are not applicable now, with the reason. Left: structured
   pruning, analytic 30.8% off (its fake run cannot swap a peft-wrapped ``Conv1D.weight``).
 * ctc-speech: no fake run can run (wav2vec2's CTC loss reads ``labels.max()``), so the rows are
   analytic, 3-45% off (mixed precision 39-45%: the analytic model of autocast on this
   convolutional front end); each row now says why it is analytic. Not fixed.
-* sparse-embedding, gan-two-optimizers: the Workload API cannot express them (see each
-  pattern's ``workload`` text): it is one model, one optimizer and one loss that memprof
-  backpropagates, steps and zero_grads after ``step_fn``. A ``step_fn`` that runs the other
-  optimizer's step itself runs, but that optimizer is then outside every row (optimizer, 8-bit,
-  sharding rows change the first one's parameters only), and a loop that zero_grads one model
-  mid-step (the GAN frees G's gradients just before G's backward, alive through D's step)
-  cannot be expressed: the unchanged simulation would not be the profiled step. It needs a
-  Workload of several (optimizer, loss) stages.
+* sparse-embedding, gan-two-optimizers: were skipped, as a Workload was one model, one
+  optimizer and one loss. A Workload now takes ``stages`` (``advisor.workload.Stage``: a loss,
+  the optimizers stepped on its gradients, and whether they zero_grad before the loss or after
+  their step); simulations and fake runs run every stage and copy every optimizer. The GAN is
+  D's stage then G's, each zeroing first (both models' gradients live between steps). Sparse:
+  one backward, then SparseAdam and Adam (2026-12-07, after the merge of main at 2af90cc).
+  - gan: 33 of 37 within 3% (worst LoRA r64 1.66%); the 4 others are not applicable.
+  - sparse: a fake sparse gradient held no entries (PyTorch's fake kernels cannot know how
+    many), so the fake run was 9.5% below: fake runs now give it one entry per index, as the
+    CPU kernel does, and coalesce, clone, sparse_mask and casts keep them
+    (``advisor/fake_kernels.py``); the ledger counts such fake sparse tensors (PyTorch's own,
+    empty ones stay "not counted"). The unchanged fake run is then +0.27% (coalesce keeps the
+    duplicates an upper bound). LoRA/QLoRA adapters took SparseAdam (the first group's
+    optimizer), which refuses dense gradients: they now take the optimizer of the layer they
+    adapt (5 rows, 0.00%). Still failed, each with its cause: ZeRO-2/3 (6: FSDP cannot shard a
+    sparse gradient, ``fsdp::chunk_cat`` has no SparseCPU kernel), ZeRO-1 (3: the sharding
+    change wraps every optimizer's groups in the first one's class, SparseAdam; advisor/
+    distributed.py), Adafactor (1: replaces SparseAdam too, and has no sparse support).
 
 Where the two backends part (``mode%``: the run itself under a no-op dispatch mode), measured
 2026-12-07:

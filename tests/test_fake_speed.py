@@ -341,3 +341,60 @@ def test_other_optimizers_get_their_state_from_the_warm_up_step() -> None:
                       torch.optim.Adam(model.parameters(), differentiable=True)):
         assert not fake_prediction._direct_state(optimizer)
         assert not optimizer.state
+
+
+class _SavesItsOutput(torch.autograd.Function):
+    """A custom op whose forward makes autograd nodes (grad on) before it saves its output."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            y = x.detach().requires_grad_() * 2  # a node numbered after this op's own
+        out = y.detach().exp()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad * out
+
+
+class _DeadBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.randn(32, 32))
+        self.lin = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = -torch.exp(self.A_log)  # exp saves its own output, mul its inputs
+        b = _SavesItsOutput.apply(self.A_log) * a  # noqa: F841 - never reaches backward
+        return self.lin(x)
+
+
+def test_a_fake_runs_saved_tensors_keep_no_graph_alive() -> None:
+    # GIVEN a fake model whose forward leaves branches that never reach backward: ops that
+    # save their own output (exp, a custom Function) and ops that save their inputs (mul)
+    import weakref
+
+    import memprof
+
+    with fake_prediction.fake_mode():
+        model = nn.Sequential(_DeadBranches(), _DeadBranches())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(4, 32)
+        # WHEN it is profiled for two steps (the saved inputs are given back undetached)
+        with memprof.profile(model, optimizer) as prof:
+            for _ in range(2):
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                prof.step()
+    # THEN live bytes between steps stay the parameters and the batch, and the model dies
+    # with its last reference, without the garbage collector (no cycle through a graph)
+    persistent = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert [s.end_bytes for s in prof.profile.steps_stats] == [persistent + x.nbytes] * 2
+    param, module = weakref.ref(model[0].A_log), weakref.ref(model)
+    del model, optimizer
+    assert module() is None
+    assert param() is None

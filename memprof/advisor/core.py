@@ -54,6 +54,18 @@ class Facts:
         return list(self.modules.to_dict(orient="records"))
 
 
+def weight_read_directly(rows: list[dict[str, Any]]) -> set[str]:
+    """Modules whose forward never ran though their parent's did: the model reads their
+    parameters directly (Mamba's mixer computes ``dt_proj.weight @ x``). A compiled model's
+    modules, whose forwards no hook sees, all show no call and are not among them."""
+    calls = {str(r["module"]): int(r.get("forward_calls", 1) or 0) for r in rows}
+    parents = {str(r["module"]): r.get("parent") for r in rows}
+    compiled = {str(r["module"]) for r in rows if r.get("type") == "OptimizedModule"}
+    return {name for name, n in calls.items()
+            if n == 0 and parents.get(name) is not None and str(parents[name]) not in compiled
+            and calls.get(str(parents[name]), 0) > 0}
+
+
 def model_tree(model: nn.Module) -> dict[str, list[str]]:
     """Each module's qualified name ("" for the root) -> its children's, in order."""
     return {name: [f"{name}.{child}".lstrip(".") for child, _ in m.named_children()]

@@ -8,6 +8,15 @@ Mixtral). :func:`install` adds, once, a fake implementation for CPU inputs of an
 that makes the output the CPU kernel makes (same shape and dtype, contiguous); bf16 inputs
 and other devices keep PyTorch's own. It acts only inside :func:`active` (memprof's fake runs):
 any other fake-tensor code, ``memprof.estimate`` included, sees PyTorch's own behaviour.
+
+Sparse gradients (``nn.EmbeddingBag``/``nn.Embedding`` with ``sparse=True``, stepped by
+SparseAdam): a fake sparse gradient held no entries (its number depends on the indices'
+values), nor did ``coalesce`` of one, so a fake run counted none of the gradient's values and
+indices, nor the optimizer step's sparse temporaries (the pattern zoo's recommender: 9.5%
+below). The CPU kernels' backward makes one entry per looked-up index (uncoalesced), which the
+fake kernels below make too; ``coalesce`` keeps at most as many (repeated indices merge: an
+upper bound, exact when the indices are distinct), and ``clone`` and ``sparse_mask`` as many
+as their input and mask hold, as does a cast (``_to_copy``).
 """
 
 from __future__ import annotations
@@ -42,7 +51,93 @@ def install() -> None:
     grouped_mm = getattr(torch.ops.aten, "_grouped_mm", None)
     if grouped_mm is not None:
         register_op_impl(lambda func: func is grouped_mm.default)(_grouped_mm_on_cpu)
+    aten = torch.ops.aten
+    register_op_impl(aten._embedding_bag_backward.default)(_embedding_bag_sparse_backward)
+    register_op_impl(aten.embedding_backward.default)(_embedding_sparse_backward)
+    register_op_impl(aten._coalesce.default)(_coalesce)
+    register_op_impl(aten.clone.default)(_sparse_clone)
+    register_op_impl(aten.sparse_mask.default)(_sparse_mask)
+    register_op_impl(aten._to_copy.default)(_sparse_to_copy)
     _INSTALLED.append(True)
+
+
+def _sparse_rows(fake_mode: Any, like: torch.Tensor, nnz: int, num_weights: int) -> Any:
+    """A fake uncoalesced COO gradient of ``num_weights`` rows with ``nnz`` entries."""
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
+    device = getattr(like, "fake_device", like.device)
+    width = like.shape[-1]
+    with in_kernel_invocation_manager(fake_mode):
+        indices = torch.empty((1, nnz), dtype=torch.int64, device="meta")
+        values = torch.empty((nnz, width), dtype=like.dtype, device="meta")
+        out = torch.sparse_coo_tensor(indices, values, (num_weights, width))
+    return FakeTensor(fake_mode, out, device)
+
+
+def _embedding_bag_sparse_backward(fake_mode: Any, func: Any, grad: torch.Tensor,
+                                   indices: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``nn.EmbeddingBag(sparse=True)``'s gradient: one entry per index (NotImplemented, for
+    PyTorch's own kernel, outside fake runs or for a dense gradient)."""
+    bound = func._schema.arguments
+    values = dict(zip((a.name for a in bound), (grad, indices, *args), strict=False))
+    values.update(kwargs)
+    if not _ACTIVE[0] or not values.get("sparse"):
+        return NotImplemented
+    return _sparse_rows(fake_mode, grad, indices.numel(), int(values["num_weights"]))
+
+
+def _embedding_sparse_backward(fake_mode: Any, func: Any, grad: torch.Tensor,
+                               indices: torch.Tensor, num_weights: int, padding_idx: int,
+                               scale_grad_by_freq: bool, sparse: bool) -> Any:
+    """``nn.Embedding(sparse=True)``'s gradient: one entry per index (at most: the padding
+    index's are left out)."""
+    if not _ACTIVE[0] or not sparse:
+        return NotImplemented
+    return _sparse_rows(fake_mode, grad, indices.numel(), int(num_weights))
+
+
+def _coalesce(fake_mode: Any, func: Any, tensor: torch.Tensor) -> Any:
+    """A coalesced COO tensor with as many entries as ``tensor`` (at most that many)."""
+    if not _ACTIVE[0] or tensor.layout != torch.sparse_coo:
+        return NotImplemented
+    return _coo_like(fake_mode, tensor, coalesced=True)
+
+
+def _sparse_clone(fake_mode: Any, func: Any, tensor: torch.Tensor, **kwargs: Any) -> Any:
+    """A copy of a COO tensor, with its entries (PyTorch's fake clone keeps none)."""
+    if not _ACTIVE[0] or tensor.layout != torch.sparse_coo:
+        return NotImplemented
+    return _coo_like(fake_mode, tensor, coalesced=tensor.is_coalesced())
+
+
+def _sparse_to_copy(fake_mode: Any, func: Any, tensor: torch.Tensor, **kwargs: Any) -> Any:
+    """A COO tensor cast or copied (``grad.float()``), with its entries."""
+    if not _ACTIVE[0] or tensor.layout != torch.sparse_coo or kwargs.get("layout") not in (
+            None, torch.sparse_coo) or kwargs.get("device") not in (None, tensor.device):
+        return NotImplemented
+    return _coo_like(fake_mode, tensor, coalesced=tensor.is_coalesced(),
+                     dtype=kwargs.get("dtype"))
+
+
+def _sparse_mask(fake_mode: Any, func: Any, tensor: torch.Tensor, mask: torch.Tensor) -> Any:
+    """``tensor``'s entries where the COO ``mask`` has one: as many as ``mask`` holds."""
+    if not _ACTIVE[0] or mask.layout != torch.sparse_coo:
+        return NotImplemented
+    return _coo_like(fake_mode, mask, coalesced=mask.is_coalesced(), dtype=tensor.dtype)
+
+
+def _coo_like(fake_mode: Any, tensor: torch.Tensor, *, coalesced: bool,
+              dtype: torch.dtype | None = None) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
+    device = getattr(tensor, "fake_device", tensor.device)
+    nnz = tensor._nnz()
+    with in_kernel_invocation_manager(fake_mode):
+        indices = torch.empty((tensor.sparse_dim(), nnz), dtype=torch.int64, device="meta")
+        values = torch.empty((nnz, *tensor.shape[tensor.sparse_dim():]),
+                             dtype=dtype or tensor.dtype, device="meta")
+        out = torch.sparse_coo_tensor(indices, values, tensor.shape, is_coalesced=coalesced)
+    return FakeTensor(fake_mode, out, device)
 
 
 def _grouped_mm_on_cpu(fake_mode: Any, func: Any, mat_a: torch.Tensor, mat_b: torch.Tensor,

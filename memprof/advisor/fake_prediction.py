@@ -107,8 +107,6 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
 
     ``round_to`` and ``device`` are the profiler's (a ``memprof estimate`` of a CUDA step
     charges 512-byte blocks and models ``cuda``), so the run compares with the profile."""
-    from memprof.tracking.session import Profiler
-
     mode = _mode_of(workload.model) or fake_mode()
     try:
         with mode, contextlib.ExitStack() as ranks:
@@ -122,8 +120,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
             one_step = _warm_optimizer(workload, state)
             if one_step is not None:
                 optimizer, warm = one_step
-                with Profiler(state.model, optimizer, round_to=round_to,
-                              device_modelled=device) as prof:
+                with _profiler(state, optimizer, round_to, device) as prof:
                     missed = _steps(workload, state, [optimizer] if optimizer else [], prof,
                                     steps=1, warm=warm)
                 if not missed:
@@ -134,8 +131,8 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                 if state.shard is not None:
                     distributed.shard(state, mesh)
             optimizers = _optimizers(state)
-            with Profiler(state.model, optimizers[0] if optimizers else None,
-                          round_to=round_to, device_modelled=device) as prof:
+            stepped = next((o for o in optimizers if o is not None), None)
+            with _profiler(state, stepped, round_to, device) as prof:
                 _steps(workload, state, optimizers, prof, steps=FAKE_STEPS)
             return int(prof.profile.peak().total_bytes)
     except (FakeRunError, KernelNotMeasured):  # the second: see memprof.advisor.parallel
@@ -143,6 +140,16 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     except Exception as exc:
         first = first_line(exc)
         raise FakeRunError(f"the fake run failed: {type(exc).__name__}: {first}"[:300]) from exc
+
+
+def _profiler(state: SimState, optimizer: torch.optim.Optimizer | None, round_to: int,
+              device: str) -> Any:
+    """The fake run's profiler. Only its peak is read, so the caching allocator's replay (the
+    reserved bytes, which no fake run's row reports) is not made."""
+    from memprof.tracking.session import Profiler
+
+    return Profiler(state.model, optimizer, round_to=round_to, device_modelled=device,
+                    model_reserved=False)
 
 
 def _mode_of(model: nn.Module) -> Any:

@@ -41,10 +41,12 @@ from memprof.advisor.core import (
     TRAINING_ONLY_REASON,
     Change,
     Facts,
+    ModuleNames,
     Sample,
     Transform,
     names_in,
     not_applicable,
+    weight_read_directly,
 )
 from memprof.advisor.workload import SimState
 
@@ -63,9 +65,20 @@ def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
+#: Layers peft refuses to adapt in a Mamba-style model (its ``_check_lora_target_modules_mamba``:
+#: ``out_proj`` and ``conv1d`` of mamba, mamba2, falcon_mamba, falcon_h1 and nemotron_h models).
+PEFT_MAMBA_REFUSED = ("out_proj", "conv1d")
+
+
 def targets(facts: Facts) -> tuple[str, list[str]]:
     """(what was targeted, the qualified names of the layers LoRA adapts)."""
     rows = facts.module_rows()
+    if is_mamba(rows):  # peft raises for these: leave them out, as a user has to
+        rows = [r for r in rows if str(r["module"]).rsplit(".", 1)[-1] not in PEFT_MAMBA_REFUSED]
+    # a layer whose forward never runs (the model reads its .weight directly, as Mamba's mixer
+    # does dt_proj's) would never use an adapter, and QLoRA's NF4 weight cannot be read so
+    direct = weight_read_directly(rows)
+    rows = [r for r in rows if r["module"] not in direct]
     linears = [r for r in rows if str(r["type"]) in LINEAR_TYPES]
     for family, names in KNOWN_TARGETS.items():
         hits = [str(r["module"]) for r in linears
@@ -76,6 +89,11 @@ def targets(facts: Facts) -> tuple[str, list[str]]:
     layers = [str(r["module"]) for r in linears][:-1]
     return "every Linear but the output head", [
         n for n in layers if "head" not in n.rsplit(".", 1)[-1]]
+
+
+def is_mamba(rows: list[dict[str, Any]]) -> bool:
+    """Whether the profiled model has a Mamba mixer (a module type named ``*Mamba*Mixer``)."""
+    return any("Mamba" in str(r["type"]) and "Mixer" in str(r["type"]) for r in rows)
 
 
 def layer_shapes(facts: Facts, names: list[str]) -> dict[str, tuple[int, int, int]]:
@@ -222,14 +240,27 @@ def lora_apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     """The row's ``apply``: adapters on ``names`` and the optimizer over them only."""
 
     def apply(state: SimState) -> None:
+        group = _group_of(state, names)
         state.model = apply_lora(state.model, rank, names)
         adapters = trainable_parameters(state.model)
-        first = state.param_groups[0] if state.param_groups else {}
-        hyper = {k: v for k, v in first.items() if k != "params"}
-        # the optimizer over the adapters only (one group: the first group's hyperparameters)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        # the optimizer over the adapters only (one group: the hyperparameters, and optimizer,
+        # of the group that trained the adapted layers)
         state.param_groups = [{**hyper, "params": adapters}]
 
     return apply
+
+
+def _group_of(state: SimState, names: list[str]) -> dict[str, Any]:
+    """The param group that trains the first adapted layer's weight (the first group if none
+    does): with several optimizers (SparseAdam for embeddings beside Adam), the adapters'."""
+    modules = ModuleNames(state.model)
+    adapted = {id(p) for name in names_in(state.model, names)
+               for p in modules[name].parameters()}
+    for group in state.param_groups:
+        if any(id(p) in adapted for p in group["params"]):
+            return group
+    return state.param_groups[0] if state.param_groups else {}
 
 
 def predict(facts: Facts) -> list[Change]:
@@ -255,6 +286,9 @@ def predict(facts: Facts) -> list[Change]:
         ]
         if not can_simulate:
             caveats.append(f"peft is not installed: predicted analytically; {INSTALL}")
+        if is_mamba(facts.module_rows()):
+            caveats.append(f"{' and '.join(PEFT_MAMBA_REFUSED)} are left out: peft refuses "
+                           "to adapt them in Mamba models")
         out.append(Change(
             "lora",
             {"rank": rank, "targets": f"{len(names)} layers: {what}", "modules": names},

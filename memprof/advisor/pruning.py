@@ -36,7 +36,9 @@ from memprof.advisor.core import (
     Sample,
     Transform,
     model_tree,
+    not_applicable,
     profile_tree,
+    weight_read_directly,
 )
 from memprof.advisor.workload import SimState
 
@@ -384,26 +386,40 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
     out: list[Change] = []
     if rows:
         names = [r["module"] for r in rows]
-        weight_bytes = float(sum(r["parameter"] for r in rows))
-        extra = 2 * weight_bytes
-        out.append(
-            Change(
-                "pruning",
-                {
-                    "method": "torch.nn.utils.prune (l1_unstructured)",
-                    "amount": amount,
-                    "state": "before prune.remove",
-                },
-                f"+{extra:.0f} B: a mask and a recomputed weight per pruned layer "
-                f"({weight_bytes:.0f} B of weights), weight_orig kept: memory INCREASES",
-                transform=prune_transform(extra),
-                apply=_apply_prune(names, amount),
-                caveats=["costs more memory until prune.remove()"],
-                quality_cost=0.5,
-                speed_cost=0.05,
-                group="pruning",
+        # prune's forward pre-hook recomputes the pruned weight: a layer whose forward never
+        # runs (the model reads its .weight directly, as Mamba's mixer does dt_proj's) would
+        # use the weight made once, with its graph, in every step (a second backward fails)
+        direct = weight_read_directly(facts.module_rows())
+        hooked = [r for r in rows if r["module"] not in direct]
+        unhooked = [r["module"] for r in rows if r not in hooked]
+        options = {"method": "torch.nn.utils.prune (l1_unstructured)", "amount": amount,
+                   "state": "before prune.remove"}
+        if not hooked:
+            out.append(not_applicable(
+                "pruning", options, "no prunable layer's forward runs (the model reads their "
+                ".weight directly), and prune recomputes a pruned weight only in the forward",
+                group="pruning"))
+        else:
+            weight_bytes = float(sum(r["parameter"] for r in hooked))
+            extra = 2 * weight_bytes
+            left_out = ([f"left out: {len(unhooked)} layer(s) whose forward never runs "
+                         f"({', '.join(unhooked[:3])}{', ...' if len(unhooked) > 3 else ''}: "
+                         "the model reads their .weight directly, and prune recomputes a pruned "
+                         "weight only in the forward)"] if unhooked else [])
+            out.append(
+                Change(
+                    "pruning",
+                    options,
+                    f"+{extra:.0f} B: a mask and a recomputed weight per pruned layer "
+                    f"({weight_bytes:.0f} B of weights), weight_orig kept: memory INCREASES",
+                    transform=prune_transform(extra),
+                    apply=_apply_prune([r["module"] for r in hooked], amount),
+                    caveats=["costs more memory until prune.remove()", *left_out],
+                    quality_cost=0.5,
+                    speed_cost=0.05,
+                    group="pruning",
+                )
             )
-        )
         out.append(
             Change(
                 "pruning",

@@ -29,6 +29,7 @@ from memprof.advisor.core import (
     gradients_before,
     lora_adapted,
     not_applicable,
+    weight_read_directly,
 )
 from memprof.advisor.workload import SimState
 
@@ -137,9 +138,12 @@ class QuantLinear(nn.Module):
 
 
 def targets(model_rows: list[dict[str, Any]]) -> list[str]:
-    """Linear modules to quantize: all but the last (the head) and any named *head*."""
+    """Linear modules to quantize: all but the last (the head) and any named *head*, and none
+    whose forward never ran (the model reads its ``.weight`` directly, as Mamba's mixer does
+    ``dt_proj``'s: a quantized layer's weight is not a float tensor)."""
     linears = [r["module"] for r in model_rows if r["type"] in LINEAR_TYPES][:-1]
-    return [n for n in linears if "head" not in n.rsplit(".", 1)[-1]]
+    unused = weight_read_directly(model_rows)
+    return [n for n in linears if "head" not in n.rsplit(".", 1)[-1] and n not in unused]
 
 
 def quantized_bytes(rows: list[dict[str, Any]], bits: int) -> tuple[float, float]:

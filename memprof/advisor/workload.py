@@ -237,7 +237,7 @@ class SimState:
             groups = [{k: v for k, v in g.items() if k != OPTIMIZER_KEY}
                       for g in self.param_groups
                       if g["params"] and g.get(OPTIMIZER_KEY, 0) == index]
-            if not groups and index > 0:
+            if not groups and len(specs) > 1:
                 built.append(None)
                 continue
             make = self.make_optimizer
@@ -449,6 +449,7 @@ def run(
         del cast
     model.train()
     optimizers = state.build_optimizers() if training else []
+    first = next((o for o in optimizers if o is not None), None)
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizers else None
 
@@ -461,8 +462,7 @@ def run(
         else:  # skips the step when the scaled gradients overflowed
             scaler.step(optimizer)
 
-    with session.profile(model, optimizers[0] if optimizers else None,
-                         backend=backend) as prof:
+    with session.profile(model, first, backend=backend) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1

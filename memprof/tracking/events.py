@@ -354,6 +354,20 @@ class EventStream:
         if handle is not None and self.running:
             self.source.close(handle, token[1] + 1)
 
+    def _raise_maxima(self, extra: int) -> None:
+        """Transients holding ``extra`` bytes on top of the ledger's: they count towards the
+        running maxima it keeps (the frame's peak, the module's temporary peak)."""
+        ledger = self.ledger
+        total = ledger.total + extra
+        top = ledger.top
+        if top is not None and total > top[1]:
+            top[1] = total
+        module = ledger.current_module
+        live = ledger.module_live[module][TEMPORARY] + extra
+        most = ledger.module_max[module]
+        if live > most[TEMPORARY]:
+            most[TEMPORARY] = live
+
     def _enter_live(self, transients: list[tuple[int, int]]) -> None:
         """Transients the walk held become entries of the running module."""
         ledger = self.ledger
@@ -402,7 +416,6 @@ class EventStream:
         """Drive the ledger with the events ``raw`` holds (native int64 triples; see
         :class:`EventSource` for their form)."""
         ledger = self.ledger
-        module_live, module_max = ledger.module_live, ledger.module_max
         offset = self.source.offset_s
         walk = _walk(raw, ledger)
         run, materialize = walk.run, walk.materialize
@@ -417,17 +430,9 @@ class EventStream:
                     ledger.peak.total - ledger.total,
                 )
                 if most >= 0:
-                    # The transients' bytes raise the running maxima the ledger keeps (the
-                    # frame's peak, the module's temporary_peak): its totals did not change
-                    # while the walk ran, so their most is the moment they held the most.
-                    total = ledger.total + most
-                    top = ledger.top
-                    if top is not None and total > top[1]:
-                        top[1] = total
-                    module_most = module_max[ledger.current_module]
-                    live = module_live[ledger.current_module][TEMPORARY] + most
-                    if live > module_most[TEMPORARY]:
-                        module_most[TEMPORARY] = live
+                    # The ledger's totals did not change while the walk ran: the moment the
+                    # transients held the most is the one that counts.
+                    self._raise_maxima(most)
                 if code == _EVENT:
                     if ptr < 0:
                         now = when / 1e9 + offset
@@ -444,15 +449,8 @@ class EventStream:
                         )
                         extra = walk.extra
                         if extra:  # the live transients count towards the maxima too
-                            total = ledger.total + extra
-                            top = ledger.top
-                            if top is not None and total > top[1]:
-                                top[1] = total
-                            live = module_live[ledger.current_module][TEMPORARY] + extra
-                            module_most = module_max[ledger.current_module]
-                            if live > module_most[TEMPORARY]:
-                                module_most[TEMPORARY] = live
-                            if ledger.logging and total > ledger.peak.total:
+                            self._raise_maxima(extra)
+                            if ledger.logging and ledger.total + extra > ledger.peak.total:
                                 self._enter_live(materialize())
                     else:
                         ledger.free(ptr)

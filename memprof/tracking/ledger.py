@@ -111,13 +111,21 @@ def held_tensors(tensor: torch.Tensor, uncounted: dict[str, int] | None = None
     return found
 
 
+def _no_entries(tensor: torch.Tensor) -> bool:
+    try:
+        return tensor.layout is not torch.sparse_coo or tensor._nnz() == 0
+    except Exception:
+        return True
+
+
 def _collect_held(tensor: torch.Tensor, found: list[torch.Tensor],
                   uncounted: dict[str, int] | None, depth: int) -> None:
     try:
         layout = tensor.layout
-        if layout is not _STRIDED and isinstance(tensor, FakeTensor):
-            # A fake sparse tensor holds no entries (how many depends on values): charging it
-            # its empty parts would pass 0 bytes off as an estimate.
+        if layout is not _STRIDED and isinstance(tensor, FakeTensor) and _no_entries(tensor):
+            # PyTorch's fake sparse tensors hold no entries (how many depends on values):
+            # charging their empty parts would pass 0 bytes off as an estimate. (memprof's
+            # fake runs give a sparse gradient its entries: advisor/fake_kernels.py.)
             raise NotImplementedError("a fake sparse tensor's size depends on values")
         if layout is torch.sparse_coo:
             parts = [tensor._indices(), tensor._values()]

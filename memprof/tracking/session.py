@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd.function import BackwardCFunction
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -590,8 +592,11 @@ class Profiler(ProfileResults):
                 self._pack_part(part)
             if self._op_traces.trace is not None:
                 self._op_traces.trace.saved_tensor(tensor)
-        if tensor.grad_fn is None:
+        grad_fn = tensor.grad_fn
+        if grad_fn is None:
             return tensor
+        if type(tensor) is FakeTensor and _made_before_this_node(grad_fn):
+            return tensor  # an input of the node being made: no cycle, and no fake detach
         # Never give autograd back the tensor itself: a node that saves its own output (exp,
         # sigmoid, softmax) would then hold, through the packed object, a tensor whose grad_fn
         # is that node, a cycle of C++ references no collector breaks. Backward releases it;
@@ -882,6 +887,16 @@ def _held(ledger: StorageLedger, tensors: list[torch.Tensor]) -> list[torch.Tens
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _made_before_this_node(grad_fn: Any) -> bool:
+    """Whether a saved tensor's ``grad_fn`` is an older node than the one saving it, so that
+    the saved tensor cannot lead back to it (no cycle: see :meth:`Profiler._pack`). A built-in
+    op's node is the newest (numbered the counter less one: nothing is made between its node
+    and its saving), so an older number is an input's node; a custom Function's forward may
+    make nodes before it saves, so its outputs are never taken for inputs."""
+    return (not isinstance(grad_fn, BackwardCFunction)
+            and grad_fn._sequence_nr() < _sequence_nr() - 1)
 
 
 def _first_grad_fn(output: Any) -> Any:
