@@ -7,7 +7,7 @@ Within about 8 minutes it runs:
    allocator reads it once, at CUDA initialisation): two real training steps on the GPU under
    :func:`memprof.profile`, comparing memprof's tracked peak with
    ``torch.cuda.max_memory_allocated()``, the profile's device-reported reserved bytes and
-   (when the profile models the caching allocator: ``Profile.allocator``) its predicted
+   (when the profile models the caching allocator: ``Profile.allocator_summary()``) its predicted
    reserved peak with ``torch.cuda.max_memory_reserved()``, and ``memprof.estimate(...,
    device="cuda")`` (fake tensors) with the real run's peak.
 
@@ -78,10 +78,8 @@ def measure_model(name: str, *, with_estimate: bool) -> dict[str, Any]:
     torch.cuda.synchronize()
     profile = prof.profile
     reported = [s.device_reserved for s in profile.steps_stats if s.device_reserved is not None]
-    allocator = getattr(profile, "allocator", None)
-    predicted_reserved = None
-    if isinstance(allocator, dict) and isinstance(allocator.get("replay"), dict):
-        predicted_reserved = allocator["replay"].get("reserved_peak_bytes")
+    allocator = profile.allocator_summary()
+    predicted_reserved = allocator.replay.reserved_peak_bytes if allocator is not None else None
     out: dict[str, Any] = {
         "model": name,
         "conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),

@@ -44,10 +44,17 @@ class _OrderedGroup(click.Group):
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
             result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # click's message is the whole help
+            where = exc.ctx.command_path if exc.ctx is not None else "memprof"
+            commands = ", ".join(self.list_commands(exc.ctx)) if where == "memprof" else ""
+            what = f"a command ({commands})" if commands else "arguments"
+            click.echo(f"memprof: error: {where} needs {what} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "memprof"
+            prefix = "" if where == "memprof" else f"{where}: "  # not "memprof: error: memprof:"
             click.echo(
-                f"memprof: error: {where}: {exc.format_message()} (see {where} --help)",
+                f"memprof: error: {prefix}{exc.format_message()} (see {where} --help)",
                 err=True,
             )
             sys.exit(exc.exit_code)

@@ -469,6 +469,21 @@ def test_gpus_table_is_aligned_with_iec_units() -> None:
     assert any(line.rstrip().endswith("-") and " 7 " in line for line in lines)
 
 
+# ---------------------------------------------------------------- the command line itself
+def test_no_command_and_unknown_command_are_one_line(tmp_path: Path) -> None:
+    # GIVEN no command at all: one line naming the commands, not the whole help as an error
+    bare = memprof_cli(cwd=tmp_path)
+    assert_one_line_error(bare, 2)
+    assert bare.error_lines()[0] == (
+        "memprof: error: memprof needs a command (run, report, export, advise, estimate, gpus,"
+        " diff) (see memprof --help)")
+    # GIVEN a misspelt command: the hint once, without "memprof: error: memprof:"
+    typo = memprof_cli("gpu", cwd=tmp_path)
+    assert_one_line_error(typo, 2)
+    assert typo.error_lines()[0].startswith("memprof: error: No such command 'gpu'.")
+    assert "'gpus'" in typo.stderr
+
+
 # ---------------------------------------------------------------- in-process pieces
 def test_python_dash_m_memprof_cli_works(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -229,6 +229,14 @@ def test_every_known_model_builds_a_spec() -> None:
         assert build_spec(name).name == name
 
 
+def test_misspelt_model_name_suggests_the_close_ones() -> None:
+    with pytest.raises(EstimateError, match=r"'lama-2-7b': did you mean 'llama-2-7b'"):
+        build_spec("lama-2-7b")
+    with pytest.raises(EstimateError) as far:  # nothing close: no guess
+        build_spec("resnet")
+    assert "did you mean" not in str(far.value)
+
+
 def test_api_errors_are_estimate_errors(tmp_path: Path) -> None:
     with pytest.raises(EstimateError, match=r"unknown model 'gpt5'.*llama-2-7b"):
         build_spec("gpt5")

@@ -4,6 +4,7 @@ name, a transformers ``config.json``, or user code named ``module:factory``."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import json
@@ -166,8 +167,10 @@ def build_spec(model: str) -> ModelSpec:
         return spec_from_config(str(file), values)
     if ":" in model and not path.exists():
         return _spec_from_factory(model)
+    close = difflib.get_close_matches(key, list(KNOWN_MODELS), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(n) for n in close)}? " if close else ""
     raise EstimateError(
-        f"unknown model {model!r}: use a known name ({', '.join(KNOWN_MODELS)}), "
+        f"unknown model {model!r}: {hint}use a known name ({', '.join(KNOWN_MODELS)}), "
         "a path to a transformers config.json, or module:factory"
     )
 
