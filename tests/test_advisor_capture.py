@@ -132,3 +132,55 @@ def test_zero_grad_between_forward_and_backward_is_replayed() -> None:
     # THEN it peaks where the script did
     fake = advice.extra["fake_baseline_peak_bytes"]
     assert abs(fake - reference.peak_bytes) / reference.peak_bytes < 0.005
+
+
+def _captured_mlp(batch: int) -> ScriptCapture:
+    script = Path(__file__).parent.parent / "examples" / "train_mlp.py"
+
+    def run() -> None:
+        saved = sys.argv[:]
+        sys.argv = [str(script), "--batch", str(batch), "--hidden", "64", "--steps", "2"]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = saved
+
+    capture = ScriptCapture()
+    ScriptSimulator(run, steps=2).reference(capture=capture)
+    return capture
+
+
+def test_batch_rows_resize_the_losss_target_too() -> None:
+    # GIVEN examples/train_mlp.py, whose loss takes a target made outside the model (#24)
+    from memprof.advisor.batch_rows import advice_rows
+
+    workload = _captured_mlp(8).workload()
+    base = fake_peak(workload)
+    # WHEN the batch rows resize the captured step to twice and half the batch
+    rows = advice_rows(workload, None, base, None, fake={})
+    # THEN each is predicted by a fake run (the target resized with the inputs), not an error
+    assert [row.applicable for row in rows] == [True, True], rows[0].reason
+    double, half = rows
+    assert double.options == {"batch": 16} and double.predicted_by == "fake run"
+    # and peaks where a fake run of the script captured at that batch does
+    assert double.predicted_peak_bytes == fake_peak(_captured_mlp(16).workload())
+    assert half.predicted_peak_bytes == fake_peak(_captured_mlp(4).workload())
+    assert double.predicted_saving_bytes is not None and double.predicted_saving_bytes < 0
+
+
+def test_an_outside_tensor_whose_batch_dimension_cannot_be_told_gives_the_reason() -> None:
+    from memprof.advisor.capture import _TensorMeta
+    from memprof.errors import FakeRunError
+
+    def meta(*shape: int) -> _TensorMeta:
+        return _TensorMeta.of(torch.empty(shape, dtype=torch.int64))
+
+    # a target leading with the batch is resized; a class weight is kept
+    assert meta(8, 3).at_batch(8, 16).shape == (16, 3)
+    assert meta(8, 3).at_batch(8, 16).stride == (3, 1)
+    assert meta(10).at_batch(8, 16).shape == (10,)
+    # a flattened batch (8 x 5 rows) or a batch in another dimension cannot be resized safely
+    with pytest.raises(FakeRunError, match=r"shape \[40\] .* cannot be told"):
+        meta(40).at_batch(8, 16)
+    with pytest.raises(FakeRunError, match="cannot be told"):
+        meta(5, 8).at_batch(8, 4)

@@ -19,8 +19,10 @@ tensors:
   pruned to the calls the loss depends on), replayed on the fake run's outputs, each under the
   autocast the script had around it (a change's autocast stays on the model, as when the
   script itself is simulated). Outside tensors these calls read (the targets) are kept as
-  shapes and dtypes only. What the script still holds after its backward (a ``logits``
-  variable) is held by the replay until its next step, as the script's variables are.
+  shapes and dtypes only; at another batch (the batch rows) those that lead with the batch
+  dimension are resized with the model's inputs (#24). What the script still holds after its
+  backward (a ``logits`` variable) is held by the replay until its next step, as the script's
+  variables are.
 
 :meth:`ScriptCapture.workload` turns that into a :class:`~memprof.advisor.workload.Workload` for
 :func:`memprof.advisor.advise` (``fake_model=``), or says why it cannot (the model was called
@@ -49,8 +51,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
+from memprof.advisor.batch import batch_size
 from memprof.advisor.workload import Stage, Workload
-from memprof.errors import CaptureError
+from memprof.errors import CaptureError, FakeRunError
 
 if TYPE_CHECKING:
     from memprof.advisor.advice import Advice
@@ -80,6 +83,23 @@ class _TensorMeta:
     def make(self) -> torch.Tensor:
         """An empty tensor of this layout (under a fake mode: a fake one)."""
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+    def at_batch(self, captured: int, size: int) -> _TensorMeta:
+        """This tensor (taken at batch ``captured``) at batch ``size``: its leading dimension
+        resized where it is the batch's, contiguous (raises :class:`FakeRunError` where the
+        batch dimension cannot be told: a flattened batch, a batch in another dimension)."""
+        if size == captured or not self.shape:
+            return self
+        if self.shape[0] == captured:
+            shape = (size, *self.shape[1:])
+            return _TensorMeta(shape, torch.empty(shape, device="meta").stride(), self.dtype,
+                               self.device)
+        flattened = captured > 1 and self.shape[0] % captured == 0
+        if flattened or captured in self.shape[1:]:
+            raise FakeRunError(
+                f"the loss takes a tensor of shape {list(self.shape)} from outside the model "
+                f"whose batch dimension cannot be told (the batch is {captured})")
+        return self  # no batch dimension (a class weight)
 
 
 @dataclass
@@ -188,23 +208,28 @@ class Loss:
     ops: list[_Op]
     result: _Ref
     externals: dict[int, _TensorMeta]
-    fakes: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: The outside tensors made so far, by index and shape (one per batch size).
+    fakes: dict[tuple[int, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
     #: What the script still held after its backward (its ``logits`` variable, say), which
     #: lives on until the next step replaces it.
     held: list[_Ref] = field(default_factory=list)
 
     def replay(
-        self, outputs: list[torch.Tensor | None], device: str
+        self, outputs: list[torch.Tensor | None], device: str, *,
+        batch: tuple[int, int] | None = None,
     ) -> dict[_Ref, torch.Tensor]:
-        """Every recorded tensor, recomputed from ``outputs`` (the loss is ``[self.result]``)."""
+        """Every recorded tensor, recomputed from ``outputs`` (the loss is ``[self.result]``);
+        ``batch`` (the captured batch size, this step's) resizes the outside tensors."""
         env: dict[_Ref, torch.Tensor] = {}
         for i, t in enumerate(outputs):
             if t is not None:
                 env[_Ref("root", i)] = t
         for i, meta in self.externals.items():
-            if i not in self.fakes:
-                self.fakes[i] = meta.make()
-            env[_Ref("ext", i)] = self.fakes[i]
+            if batch is not None:
+                meta = meta.at_batch(*batch)
+            if (i, meta.shape) not in self.fakes:
+                self.fakes[i, meta.shape] = meta.make()
+            env[_Ref("ext", i)] = self.fakes[i, meta.shape]
         for op in self.ops:
             leaves = [env[x] if isinstance(x, _Ref) else x for x in op.leaves]
             args, kwargs = pytree.tree_unflatten(leaves, op.spec)
@@ -486,7 +511,8 @@ class ScriptCapture:
         # or in place): kept between the fake steps too, and freed where the script frees them
         alive = self.grads_at_forward is True
         step = _ReplayStep(self.loss, self.autocast,
-                           free_grads=alive and self.grads_at_backward is False)
+                           free_grads=alive and self.grads_at_backward is False,
+                           batch_size=batch_size(self.batch))
         if len(optimizers) > 1:  # one backward, then each optimizer's step
             return Workload(self.model, None, self.batch, batch_in_step=True, stages=[
                 Stage(optimizers, step.stage_loss, set_to_none=not alive)])
@@ -500,9 +526,10 @@ class _ReplayStep:
     it, outside the model)."""
 
     def __init__(self, loss: Loss | None, autocast: torch.dtype | None, *,
-                 free_grads: bool = False) -> None:
+                 free_grads: bool = False, batch_size: int | None = None) -> None:
         self.loss = loss
         self.autocast = autocast
+        self.batch_size = batch_size  # the captured batch's (its outside tensors are at it)
         self.free_grads = free_grads  # zero_grad(set_to_none=True) after the loss, as the script
         # what the script's variables held from the last step, as the script holds it: its
         # outputs until the next forward returns, the rest until the next loss is computed
@@ -531,7 +558,9 @@ class _ReplayStep:
         held = set(self.loss.held)
         self._held_outputs = [t for i, t in enumerate(tensors)
                               if t is not None and _Ref("root", i) in held]
-        env = self.loss.replay(tensors, device)
+        size = batch_size(batch) if self.batch_size is not None else None
+        env = self.loss.replay(tensors, device, batch=(
+            None if size is None or self.batch_size is None else (self.batch_size, size)))
         self._held = [t for ref, t in env.items() if ref in held and ref.kind == "op"]
         if self.free_grads:
             for p in model.parameters():
