@@ -92,3 +92,23 @@ def test_advise_returns_every_column_for_every_row() -> None:
         assert set(row) == COLUMNS | extra, row["technique"]
         assert AdviceRow.from_dict(row).to_dict() == row
         assert not AdviceRow.from_dict(row).extra
+
+
+def test_the_summary_says_a_saving_a_cost_and_no_change_in_words() -> None:
+    # GIVEN rows that save 12.5%, cost 3% and change 0.04% of a 1000-byte peak (the last printed
+    # "-0.0% saved" for a llama-2-7b checkpointing row, which read as a saving)
+    from memprof.advisor.advice import Advice
+
+    def row(technique: str, peak: int) -> dict[str, object]:
+        return {"technique": technique, "options": {}, "applicable": True,
+                "predicted_peak_bytes": peak, "predicted_saving_bytes": 1000 - peak,
+                "saving_pct": 100.0 * (1000 - peak) / 1000}
+
+    advice = Advice(rows=[row("a", 875), row("b", 1030), row("c", 1000.4)],  # type: ignore[list-item]
+                    baseline_peak_bytes=1000)
+    # WHEN it is summarised
+    lines = advice.summary(top=3).splitlines()[1:]
+    # THEN each says what it does in words, with its own figure
+    assert lines[0].endswith("(12.5% saved)")
+    assert lines[1].endswith("(3.0% more)")
+    assert lines[2].endswith("(no change)")

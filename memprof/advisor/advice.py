@@ -32,6 +32,16 @@ COLUMNS = (
 ADVICE_VERSION = 1
 
 
+def saving_words(pct: float | None) -> str:
+    """A row's saving as words: "12.5% saved", "3.0% more", or "no change" where it rounds to
+    zero (a tiny cost printed as "-0.0% saved" read as a saving)."""
+    if pct is None:
+        return "saving unknown"
+    if round(pct, 1) == 0:
+        return "no change"
+    return f"{pct:.1f}% saved" if pct > 0 else f"{-pct:.1f}% more"
+
+
 @dataclass
 class Advice:
     """Recommendations ranked by saving, and (with a budget) the plan that fits.
@@ -74,7 +84,7 @@ class Advice:
                 continue
             line = (
                 f"  {r['technique']} ({opts}): predicted {format_bytes(r['predicted_peak_bytes'])}"
-                f" ({r['saving_pct']:+.1f}% saved)"
+                f" ({saving_words(r['saving_pct'])})"
             )
             if r.get("measured_peak_bytes") is not None:
                 line += f", measured {format_bytes(r['measured_peak_bytes'])}"
