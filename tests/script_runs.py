@@ -12,12 +12,15 @@ from pathlib import Path
 SCRIPT = Path(__file__).parent / "data" / "train_tiny.py"
 
 
-def runner(*argv: str) -> Callable[[], None]:
+def runner(*argv: str, script: Path = SCRIPT) -> Callable[[], None]:
+    """Runs ``script`` (tests/data/train_tiny.py unless told) as ``python script argv...``
+    would, in this process."""
+
     def run() -> None:
         saved = sys.argv[:]
-        sys.argv = [str(SCRIPT), *argv]
+        sys.argv = [str(script), *argv]
         try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
+            runpy.run_path(str(script), run_name="__main__")
         finally:
             sys.argv = saved
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import script_runs
 import torch
 from torch.nn.modules import module as module_hooks
 from torch.optim.optimizer import _global_optimizer_post_hooks
@@ -26,15 +27,7 @@ SCRIPT = Path(__file__).parent / "data" / "train_lm.py"
 
 
 def runner(*argv: str) -> Callable[[], None]:
-    def run() -> None:
-        saved = sys.argv[:]
-        sys.argv = [str(SCRIPT), *argv]
-        try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-        finally:
-            sys.argv = saved
-
-    return run
+    return script_runs.runner(*argv, script=SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@ then G step, SparseAdam beside Adam."""
 
 from __future__ import annotations
 
-import runpy
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import script_runs
 import torch
 from torch import nn
 
@@ -144,15 +143,7 @@ _TWO = Path(__file__).parent / "data" / "train_two_optimizers.py"
 
 
 def _script(*argv: str) -> Callable[[], None]:
-    def run() -> None:
-        saved = sys.argv[:]
-        sys.argv = [str(_TWO), *argv]
-        try:
-            runpy.run_path(str(_TWO), run_name="__main__")
-        finally:
-            sys.argv = saved
-
-    return run
+    return script_runs.runner(*argv, script=_TWO)
 
 
 def test_a_script_stepping_two_optimizers_is_captured_with_both() -> None:
