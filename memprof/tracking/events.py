@@ -81,8 +81,6 @@ class EventSource(Protocol):
 
     def stop(self) -> list[tuple[int, int, int]]: ...
 
-    def drain(self) -> list[tuple[int, int, int]]: ...
-
     def stop_raw(self) -> bytes: ...
 
     def drain_raw(self) -> bytes: ...
@@ -113,9 +111,6 @@ class RecorderSource:
 
     def stop(self) -> list[tuple[int, int, int]]:
         return _triples(self.stop_raw())
-
-    def drain(self) -> list[tuple[int, int, int]]:
-        return _triples(self.drain_raw())
 
     def stop_raw(self) -> bytes:
         """:meth:`stop`'s events as native int64 triples."""
