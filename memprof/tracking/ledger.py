@@ -159,6 +159,15 @@ def on_cuda(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
+def charged_bytes(raw: int, tensor: torch.Tensor, round_to: int) -> int:
+    """The bytes a storage of ``raw`` bytes holds: CUDA's caching allocator (real or fake
+    tensors on a CUDA device) rounds to 512-byte blocks, and a modelled device (``round_to``
+    over 1) to its own block, at least 512."""
+    if round_to > 1 or on_cuda(tensor):
+        return round_up(raw, max(round_to, 512))
+    return raw
+
+
 def facts_of(tensor: torch.Tensor) -> Facts:
     """The :data:`Facts` of ``tensor`` (one with a readable storage: see :func:`held_tensors`
     for the others)."""
@@ -296,9 +305,7 @@ class StorageLedger:
     def add(self, storage: Any, tensor: torch.Tensor, category: int, module: int) -> Entry:
         """Start tracking ``storage`` (whose view ``tensor`` gives shape and dtype)."""
         raw = storage.nbytes()
-        nbytes = raw
-        if self.round_all_to > 1 or on_cuda(tensor):
-            nbytes = round_up(raw, max(self.round_all_to, 512))
+        nbytes = charged_bytes(raw, tensor, self.round_all_to)
         key = id(storage)
         entry = Entry(key, nbytes, raw, category, module, self.phase, tensor.shape, tensor.dtype)
         ref = _StorageRef(storage, self._free_callback)

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from memprof.tracking.ledger import OUTSIDE, StorageLedger, facts_of, on_cuda
-from memprof.units import round_up
+from memprof.tracking.ledger import OUTSIDE, StorageLedger, charged_bytes, facts_of
 
 
 class OptimizerStates:
@@ -56,9 +55,7 @@ class OptimizerStates:
                             continue
                     item = (facts_of(part) if ledger.by_ptr else part, module)
                     state.append(item)
-                    raw = part.untyped_storage().nbytes()
-                    if round_to > 1 or on_cuda(part):
-                        raw = round_up(raw, max(round_to, 512))
+                    raw = charged_bytes(part.untyped_storage().nbytes(), part, round_to)
                     state_bytes += raw
                     if cache is not None:
                         seen[id(part)] = (weakref.ref(part), ptr, item, raw)
