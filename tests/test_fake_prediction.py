@@ -167,3 +167,20 @@ def test_a_fake_run_warns_nothing_about_memprofs_own_reads() -> None:
         warnings.simplefilter("always")
         assert fake_peak(mlp_workload()) > 0
     assert not [w for w in caught if "data pointer of FakeTensor" in str(w.message)]
+
+
+def test_structured_pruning_runs_fake_and_matches_its_simulation() -> None:
+    # Picking heads by score read fake values (.tolist()) and the row fell back to analytic.
+    # On fake tensors the first units are kept: the bytes are those of any choice.
+    w = gpt2_workload()
+    profile = baseline(w).profile
+    change = next(c for c in changes_for(read_facts(profile)) if c.technique == "pruning"
+                  and "heads" in str(c.options.get("method")))
+    assert change.apply is not None
+    predicted = fake_peak(w, [change.apply])
+    rows = advise(profile, workload=w).rows
+    row = next(r for r in rows if r["technique"] == "pruning"
+               and "heads" in str(r["options"].get("method")))
+    assert row["predicted_by"] == "fake run"
+    assert row["predicted_peak_bytes"] == predicted
+    assert abs(predicted - row["measured_peak_bytes"]) <= 0.01 * row["measured_peak_bytes"]
