@@ -276,8 +276,8 @@ def _narrow_norm(norm: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> n
         # ``.to(dtype)``: fake parameters cannot be swapped in place)
         for name, t in norm.named_parameters(recurse=False):
             setattr(new, name, nn.Parameter(_kept(t, keep), requires_grad=t.requires_grad))
-        for name, t in norm.named_buffers(recurse=False):
-            new._buffers[name] = _kept(t, keep)
+        for name, buffer in norm.named_buffers(recurse=False):
+            new._buffers[name] = _kept(buffer, keep)
     return new
 
 
