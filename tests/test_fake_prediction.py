@@ -117,6 +117,26 @@ def test_one_profiled_step_after_a_warm_up_equals_two_profiled_steps(
         assert one == _two_step_peak(monkeypatch, w, applies)
 
 
+def test_master_weights_run_their_two_profiled_steps_once(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    # fp32 master weights get their gradients in a step pre-hook: the one-step run took them
+    # for parameters without a gradient and was always made again (three steps, not two)
+    w = gpt2_workload()
+    change = next(c for c in changes_for(read_facts(baseline(w).profile))
+                  if c.options.get("master_weights") and c.apply is not None)
+    steps: list[int] = []
+    real_steps = fake_prediction._steps
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        steps.append(kwargs["steps"])
+        return bool(real_steps(*args, **kwargs))
+
+    monkeypatch.setattr(fake_prediction, "_steps", counting)
+    peak = fake_peak(w, [change.apply])
+    assert steps == [fake_prediction.FAKE_STEPS]
+    assert peak == _two_step_peak(monkeypatch, w, [change.apply])
+
+
 class _WithUnused(nn.Module):
     def __init__(self) -> None:
         super().__init__()

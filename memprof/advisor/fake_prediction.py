@@ -201,6 +201,11 @@ def _warm_optimizer(
             else state.free_gradients)
     if state.more_optimizers or not free or any(plan.zero_grad == "before" for plan in plans):
         return None
+    if state.master_weights:
+        # fp32 masters get their gradients in a step pre-hook, after the check that every
+        # warmed parameter got one: the one-step run would always be made again (and a
+        # state made without the step misses a master-sized buffer the real step keeps)
+        return None
     optimizer = state.build_optimizer()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     if _direct_state(optimizer):
