@@ -204,3 +204,33 @@ def test_structured_pruning_runs_fake_and_matches_its_simulation() -> None:
     assert row["predicted_by"] == "fake run"
     assert row["predicted_peak_bytes"] == predicted
     assert abs(predicted - row["measured_peak_bytes"]) <= 0.01 * row["measured_peak_bytes"]
+
+
+def test_the_8_bit_step_on_fake_tensors_runs_one_update_per_layout_and_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a small GPT-2's AdamW8bit row (8-bit and fp32-moment parameters)
+    from memprof.advisor import optimizer as lowbit
+
+    w = gpt2_workload()
+    change = next(c for c in changes_for(read_facts(baseline(w).profile))
+                  if c.options.get("to") == "AdamW8bit" and c.apply is not None)
+    chunks: list[int] = []
+    real_chunk = lowbit.AdamW8bit._chunk
+
+    def counting(*args: Any) -> None:
+        chunks.append(1)
+        real_chunk(*args)
+
+    monkeypatch.setattr(lowbit.AdamW8bit, "_chunk", staticmethod(counting))
+    # WHEN its fake run updates only the largest parameter of each layout, and every one
+    one = fake_peak(w, [change.apply])
+    ran = len(chunks)
+    monkeypatch.setattr(lowbit, "ONE_UPDATE_PER_LAYOUT", False)
+    every = fake_peak(w, [change.apply])
+    # THEN the peak is the same to the byte; the state is made without a step, and the
+    # profiled step updates one 8-bit parameter instead of all
+    assert one == every
+    eight_bit = sum(lowbit.quantized(p.numel()) for p in w.model.parameters())
+    assert eight_bit >= 5
+    assert ran == 1
+    assert len(chunks) - ran == eight_bit
