@@ -65,6 +65,8 @@ _enter = getattr(
 
 # Ranks at equal times: enters, then allocations, then exits.
 _ENTER, _ALLOC, _EXIT = 0, 1, 2
+#: The events' ``ptr`` where they are no allocation (see :class:`EventSource`).
+_MARKER, _NODE, _MODULE_BACKWARD, _SEALED = -1, -2, -3, -4
 
 
 class EventSource(Protocol):
@@ -72,7 +74,10 @@ class EventSource(Protocol):
     program, as ``(time_ns, ptr, value)`` triples in order. ``ptr > 0``: an allocation
     (``value`` = +bytes) or a free (-bytes); ``ptr == -1``: marker ``value``; ``ptr == -2``:
     an autograd node started (backward is running), ``value`` its sequence number (the one its
-    forward op had; -1 where none, as for AccumulateGrad)."""
+    forward op had; -1 where none, as for AccumulateGrad). The recorder also gives ``ptr ==
+    -3``: module ``value``'s backward started (a point marker calling ``on_module_backward``),
+    and ``ptr == -4``: marker ``value``'s calls wait for the next marker of either kind
+    (:meth:`EventStream.seal`)."""
 
     name: str
     offset_s: float  # perf_counter seconds minus the source's clock in seconds
@@ -135,6 +140,20 @@ class RecorderSource:
 
     def close(self, handle: Any, index: int) -> None:
         self.module.mark(index)
+
+    # The module backward starts, marked from C++ (recorder.cpp: no Python runs in backward
+    # for them); the replay applies each as a point marker calling ``on_module_backward``.
+    def seal(self, index: int) -> None:
+        self.module.seal(index)
+
+    def watch_backward(self, output: torch.Tensor, module: int) -> None:
+        self.module.watch_backward(output, module)
+
+    def set_live(self, live: bool) -> None:
+        self.module.set_live(live)
+
+    def on_backward_end(self, callback: Callable[[], None] | None) -> None:
+        self.module.on_backward_end(callback)
 
 
 def _triples(raw: bytes) -> list[tuple[int, int, int]]:
@@ -261,10 +280,14 @@ class EventStream:
         alloc_phase: Callable[[], None],
         on_backward_node: Callable[[int], None],
         source: EventSource | None = None,
+        on_module_backward: Callable[[int], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
         self._on_backward_node = on_backward_node
+        self._on_module_backward = on_module_backward
+        #: Sealed markers met by the replay, waiting for the next marker of either kind.
+        self._sealed: list[int] = []
         self.source = source if source is not None else default_source()
         self.running = False
         #: Storages tracked before recording started, whose frees no event reports: each
@@ -338,6 +361,16 @@ class EventStream:
         index = self._close()
         if self.running:
             self.source.mark(index)
+
+    def seal(self) -> None:
+        """The facts buffered so far become a marker of their own, applied just before the
+        next marker of either kind: a module's backward start, which the recorder marks
+        without Python, finds them applied as a Python marker would have."""
+        if self.prior.died:
+            self._end_dead_prior()
+        index = self._close()
+        if self.running:
+            self.source.seal(index)  # type: ignore[attr-defined]
 
     def enter(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Open an interval marker (its exit comes with :meth:`exit`); returns its token."""
@@ -443,14 +476,23 @@ class EventStream:
                     # transients held the most is the one that counts.
                     self._raise_maxima(most)
                 if code == _EVENT:
-                    if ptr < 0:
+                    if ptr == _SEALED:  # no marker yet: transients may outlive it
+                        self._sealed.append(value)
+                    elif ptr < 0:
                         now = when / 1e9 + offset
                         self._enter_live(materialize())  # (cannot happen: none outlives a marker)
                         phase_set = False
-                        if ptr == -1:
-                            self._apply(value)
-                        else:
+                        if ptr == _NODE:
                             self._on_backward_node(value)
+                            continue
+                        if self._sealed:
+                            for index in self._sealed:
+                                self._apply(index)
+                            self._sealed.clear()
+                        if ptr == _MARKER:
+                            self._apply(value)
+                        elif self._on_module_backward is not None:
+                            self._on_module_backward(value)
                     elif value > 0:  # not a transient: an entry of its own
                         now = when / 1e9 + offset
                         ledger.alloc(
@@ -479,6 +521,7 @@ class EventStream:
         # Markers whose events were never recorded (the profiler was off): apply them now.
         for slot in range(len(self.starts)):
             self._apply(self.base + slot)
+        self._sealed.clear()
         # Keep the calls still waiting for a marker; an interval open now exits as a point.
         self.calls = self.calls[self.mark :]
         self.mark = 0
@@ -599,7 +642,7 @@ def _flags(items: list[tuple[int, int, int]]) -> bytearray:
     last = len(items) - 1
     for i, (_when, ptr, value) in enumerate(items):
         if ptr < 0:
-            if open_:
+            if open_ and ptr != _SEALED:  # (a sealed marker is no marker yet)
                 open_.clear()
         elif value > 0:
             open_[ptr] = i

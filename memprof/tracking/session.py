@@ -5,7 +5,7 @@ It installs, for its lifetime only:
 * a ``TorchDispatchMode`` that shows every operator output to the storage ledger (this also
   works under ``FakeTensorMode``, where nothing is allocated);
 * global module forward hooks (the module stack) and, per call, a pre-hook on the output's
-  ``grad_fn`` (the module whose backward is running);
+  ``grad_fn`` (the module whose backward is running; in C++ with memprof's recorder);
 * ``saved_tensors_hooks`` whose pack hook marks what autograd saves as activations;
 * ``post_accumulate_grad`` hooks on parameters (gradients) and global optimizer step hooks
   (the optimizer phase and its persistent state).
@@ -35,7 +35,7 @@ from memprof.categories import PHASES
 from memprof.errors import ProfileActiveError
 from memprof.tracking import kernel_corrections, native
 from memprof.tracking.compiled import CompiledOwners, compiled_inner, is_compiled
-from memprof.tracking.events import EventStream
+from memprof.tracking.events import EventStream, RecorderSource
 from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
 from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
 from memprof.tracking.leak import MemoryLeakWarning as MemoryLeakWarning
@@ -176,7 +176,12 @@ class Profiler(ProfileResults):
         self.ledger.source_floor = self._sources.floor
         self._events: EventStream | None = None
         if backend == "events":
-            self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node)
+            self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node,
+                                       on_module_backward=self._backward_enter_apply)
+        #: memprof's recorder marks the modules' backward starts itself, from C++ hooks
+        self._recorder = (self._events.source
+                          if self._events is not None
+                          and isinstance(self._events.source, RecorderSource) else None)
         self._live_recording = False
         self._live_stack: list[tuple[int, Any]] = []
         #: Compiled modules (by index), and the saved tensors' facts packed while one of them
@@ -225,6 +230,9 @@ class Profiler(ProfileResults):
                 self._events.prior.watch(self._prior_tensors())
                 self.registry.defer = self._events.buffer
                 self._events.start()
+                if self._recorder is not None:
+                    self._recorder.on_backward_end(self._on_backward_end)
+                    self._recorder.set_live(self._live_recording)
         except BaseException:
             self._teardown()
             raise
@@ -376,6 +384,8 @@ class Profiler(ProfileResults):
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
         self._live_recording = action is not StepAction.SKIP
+        if self._recorder is not None:
+            self._recorder.set_live(self._live_recording)
         self._op_traces.stop(self._step - 1)
         self._set_mode(self._live_recording)
         if action is StepAction.ACTIVE:
@@ -518,11 +528,16 @@ class Profiler(ProfileResults):
         if idx is not None and self.registry.infos[idx].geometry is None:
             self.registry.infos[idx].geometry = module_geometry(module, args, output)
         if forward and idx is not None:
-            grad_fn = _first_grad_fn(output)
+            made = _first_with_grad_fn(output)
+            grad_fn = None if made is None else made.grad_fn
             # An identity module (Dropout(p=0), nn.Identity) returns its input: the node is
             # the previous module's, whose backward it would otherwise take over.
-            if grad_fn is not None and grad_fn is not _first_grad_fn(args):
-                self._grad_fn_handles.append(grad_fn.register_prehook(_BackwardEnter(self, idx)))
+            if made is not None and grad_fn is not None and grad_fn is not _first_grad_fn(args):
+                if self._recorder is not None:
+                    self._recorder.watch_backward(made, idx)
+                else:
+                    handle = grad_fn.register_prehook(_BackwardEnter(self, idx))
+                    self._grad_fn_handles.append(handle)
 
     def _forward_apply(self, idx: int | None) -> bool:
         """Close the module's frame; whether it was a forward (not a recompute)."""
@@ -725,11 +740,14 @@ class Profiler(ProfileResults):
         owner = self.registry.param_owner.get(param, OUTSIDE)
         if self._op_traces.trace is not None:
             self._op_traces.trace.gradient(grad)
+        events = self._events
         for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
-            if self._events is None:
+            if events is None:
                 self._grad_apply(part, owner)
             else:
-                self._events.buffer(self._grad_apply, part, owner)
+                events.buffer(self._grad_apply, part, owner)
+        if events is not None and self._recorder is not None:
+            events.seal()  # applied before the next module's backward start (recorder.cpp)
 
     def _grad_apply(self, grad: torch.Tensor | Facts, owner: int) -> None:
         if self.ledger.recording:
@@ -917,15 +935,21 @@ def _made_before_this_node(grad_fn: Any) -> bool:
 
 
 def _first_grad_fn(output: Any) -> Any:
+    made = _first_with_grad_fn(output)
+    return None if made is None else made.grad_fn
+
+
+def _first_with_grad_fn(output: Any) -> torch.Tensor | None:
+    """The first tensor of ``output`` that an autograd node made."""
     if isinstance(output, torch.Tensor):
-        return output.grad_fn
+        return output if output.grad_fn is not None else None
     if type(output) is tuple and all(isinstance(v, torch.Tensor) for v in output):
         values: Any = output  # a module's positional arguments, mostly: no pytree walk needed
     else:
         values = tree_flatten(output)[0]
     for value in values:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-            return value.grad_fn
+            return value
     return None
 
 

@@ -31,6 +31,7 @@ constexpr int kEvent = 0;
 constexpr int kPhase = 1;
 constexpr int kPeak = 2;
 constexpr int kEnd = 3;
+constexpr int64_t kSealed = -4;     // recorder.cpp's sealed marker
 constexpr uint8_t kTransient = 1;  // freed again before the next marker
 constexpr uint8_t kFreedNext = 2;  // an allocation whose own free is the very next event
 
@@ -49,7 +50,9 @@ class Walk {
       const int64_t ptr = events_[3 * i + 1];
       const int64_t value = events_[3 * i + 2];
       if (ptr < 0) {
-        open.clear();
+        if (ptr != kSealed) {  // (a sealed marker is no marker yet: see recorder.cpp)
+          open.clear();
+        }
       } else if (value > 0) {
         open[ptr] = i;
         if (i + 1 < n_ && events_[3 * i + 4] == ptr && events_[3 * i + 5] == -value) {
