@@ -732,12 +732,12 @@ class Profiler(ProfileResults):
                     {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
                 )
 
-    def _on_grad(self, param: torch.Tensor) -> None:
-        """A gradient was accumulated into ``param.grad`` (live part)."""
+    def _on_grad(self, param: torch.Tensor, owner: int) -> None:
+        """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
+        part)."""
         grad = param.grad
         if not self._live_recording or grad is None:
             return
-        owner = self.registry.param_owner.get(param, OUTSIDE)
         if self._op_traces.trace is not None:
             self._op_traces.trace.gradient(grad)
         events = self._events
@@ -784,7 +784,8 @@ class Profiler(ProfileResults):
     def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> list[tuple[Any, int]]:
         """The optimizer's persistent state tensors with their owning modules (live part)."""
         return self._optimizer_states.collect(optimizer, self.ledger, self.registry.param_owner,
-                                              self._round_to)
+                                              owners_version=self.registry.owners_version,
+                                              round_to=self._round_to)
 
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
         for value, module in state:
