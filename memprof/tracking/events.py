@@ -467,24 +467,26 @@ class EventStream:
         ledger.clock = lambda: now
         try:
             while True:
-                code, when, ptr, value, most = run(
+                code, when, ptr, value, most, node, sealed = run(
                     ledger.recording, ledger.logging, not phase_set,
                     ledger.peak.total - ledger.total,
                 )
+                # What the walk passed over on the way: autograd nodes (the last one counts),
+                # sealed markers (kept for the next marker).
+                if node != _NO_NODE:
+                    self._on_backward_node(node)
+                    phase_set = False
+                if sealed is not None:
+                    self._sealed.extend(sealed)
                 if most >= 0:
                     # The ledger's totals did not change while the walk ran: the moment the
                     # transients held the most is the one that counts.
                     self._raise_maxima(most)
                 if code == _EVENT:
-                    if ptr == _SEALED:  # no marker yet: transients may outlive it
-                        self._sealed.append(value)
-                    elif ptr < 0:
+                    if ptr < 0:
                         now = when / 1e9 + offset
                         self._enter_live(materialize())  # (cannot happen: none outlives a marker)
                         phase_set = False
-                        if ptr == _NODE:
-                            self._on_backward_node(value)
-                            continue
                         if self._sealed:
                             for index in self._sealed:
                                 self._apply(index)
@@ -529,12 +531,13 @@ class EventStream:
         self.starts, self.ends = [], []
 
 
-#: What :meth:`_Walk.run` stopped at: an event for the ledger (a marker or autograd node, an
+#: What :meth:`_Walk.run` stopped at: an event for the ledger (a marker, an
 #: allocation that is not a transient, a free the walk does not hold), the first allocation
 #: after a marker (its phase to set; the walk gives it again), a transient that made a new
 #: peak, or the end of the events.
 _EVENT, _PHASE, _PEAK, _END = 0, 1, 2, 3
 _TRANSIENT, _FREED_NEXT = 1, 2  # event flags: freed before the next marker; freed by the next
+_NO_NODE = -2  # :meth:`_Walk.run`: no autograd node started since its last return
 
 
 class _Walk:
@@ -560,27 +563,38 @@ class _Walk:
         self.pending: tuple[int, int] | None = None  # the peak's transient, to be malloc'ed
 
     def run(self, recording: bool, logging: bool, need_phase: bool,
-            threshold: int) -> tuple[int, int, int, int, int]:
-        """Walk on until the ledger must act: ``(what, time, ptr, value, most)``, ``most`` the
-        most bytes the transients held since the last stop (-1: no transient allocated)."""
+            threshold: int) -> tuple[int, int, int, int, int, int, list[int] | None]:
+        """Walk on until the ledger must act: ``(what, time, ptr, value, most, node,
+        sealed)``, ``most`` the most bytes the transients held since the last stop (-1: no
+        transient allocated), ``node`` the last autograd node started since then
+        (:data:`_NO_NODE`: none) and ``sealed`` the sealed markers passed (None: none)."""
         items, flags, live, allocator = self.items, self.flags, self.live, self.allocator
         most = -1
+        node = _NO_NODE
+        sealed: list[int] | None = None
         pos = self.pos
         try:
             while pos < len(items):
                 when, ptr, value = items[pos]
                 if ptr < 0:
                     pos += 1
-                    return _EVENT, when, ptr, value, most
+                    if ptr == _NODE:
+                        node = value
+                        need_phase = True
+                        continue
+                    if ptr == _SEALED:
+                        sealed = [value] if sealed is None else [*sealed, value]
+                        continue
+                    return _EVENT, when, ptr, value, most, node, sealed
                 if value > 0:
                     if not recording:
                         pos += 1
                         continue
                     if need_phase:
-                        return _PHASE, when, ptr, value, most
+                        return _PHASE, when, ptr, value, most, node, sealed
                     if not flags[pos] & _TRANSIENT or ptr in self.entries:
                         pos += 1
-                        return _EVENT, when, ptr, value, most
+                        return _EVENT, when, ptr, value, most, node, sealed
                     live[ptr] = value
                     self.extra += value
                     paired = False
@@ -593,7 +607,7 @@ class _Walk:
                     pos += 1
                     if logging and self.extra > threshold:
                         self.pending = (ptr, value) if paired else None
-                        return _PEAK, when, ptr, value, most
+                        return _PEAK, when, ptr, value, most, node, sealed
                     if paired:
                         allocator.malloc_free(value)
                         self.served = ptr
@@ -601,13 +615,13 @@ class _Walk:
                 size = live.pop(ptr, 0)
                 pos += 1
                 if not size:
-                    return _EVENT, when, ptr, value, most
+                    return _EVENT, when, ptr, value, most, node, sealed
                 self.extra -= size
                 if ptr == self.served:
                     self.served = 0
                 elif allocator is not None:
                     allocator.free(ptr)
-            return _END, 0, 0, 0, most
+            return _END, 0, 0, 0, most, node, sealed
         finally:
             self.pos = pos
 
