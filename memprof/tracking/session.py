@@ -183,7 +183,7 @@ class Profiler(ProfileResults):
                           if self._events is not None
                           and isinstance(self._events.source, RecorderSource) else None)
         self._live_recording = False
-        self._live_stack: list[tuple[int, Any]] = []
+        self._live_stack: list[tuple[int, Any, int]] = []  # (module index, token, id(module))
         #: Compiled modules (by index), and the saved tensors' facts packed while one of them
         #: runs, held back until its forward ends tells whose code made each (events backend).
         self._compiled_modules: set[int] = set()
@@ -459,7 +459,9 @@ class Profiler(ProfileResults):
         facts = None
         if not recompute and not stack:
             facts = [facts_of(t) for t in _held(self.ledger, _tensors(args))]
-        stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts)))
+        # (the module's identity: its exit finds its own entry without a registry lookup)
+        stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts),
+                      id(module)))
 
     def _on_root_kwargs(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         """The profiled model's keyword arguments (``model(**batch)``: labels, attention
@@ -507,14 +509,14 @@ class Profiler(ProfileResults):
             # always_call: the forward may have raised
             self._oom.check(module, self.registry, self._events)
         events = self._events
-        idx = self.registry.index.get(module)
         if events is None:
+            idx = self.registry.index.get(module)
             forward = self._forward_apply(idx)
         else:
             stack = self._live_stack
-            if not stack or stack[-1][0] != idx:
+            if not stack or stack[-1][2] != id(module):
                 return  # hooks were installed in the middle of this forward
-            _, token = stack.pop()
+            idx, token, _ = stack.pop()
             if (type(output) is torch.Tensor and output.layout is torch.strided
                     and output.nbytes >= self._sources.floor):
                 # The events backend sees this storage only as bytes: name its shape and the
@@ -525,14 +527,20 @@ class Profiler(ProfileResults):
                 self._compiled_owners(module, idx, output)
             events.exit(token, self._forward_apply, idx)
             forward = _graph_task_id() == -1
-        if idx is not None and self.registry.infos[idx].geometry is None:
-            self.registry.infos[idx].geometry = module_geometry(module, args, output)
-        if forward and idx is not None:
+        if idx is None:
+            return
+        info = self.registry.infos[idx]
+        if info.geometry is None:
+            info.geometry = module_geometry(module, args, output)
+        if forward:
             made = _first_with_grad_fn(output)
             grad_fn = None if made is None else made.grad_fn
             # An identity module (Dropout(p=0), nn.Identity) returns its input: the node is
             # the previous module's, whose backward it would otherwise take over.
-            if made is not None and grad_fn is not None and grad_fn is not _first_grad_fn(args):
+            if (made is not None and grad_fn is not None
+                    and grad_fn is not (args[0].grad_fn if type(args) is tuple and len(args) == 1
+                                        and type(args[0]) is torch.Tensor
+                                        else _first_grad_fn(args))):
                 if self._recorder is not None:
                     self._recorder.watch_backward(made, idx)
                 else:
@@ -620,8 +628,11 @@ class Profiler(ProfileResults):
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._live_recording and _graph_task_id() == -1:
-            for part in self.ledger.parts(tensor):  # one, unless sparse
-                self._pack_part(part)
+            if type(tensor) is torch.Tensor and tensor.layout is torch.strided:
+                self._pack_part(tensor)  # (what ledger.parts gives a plain tensor)
+            else:
+                for part in self.ledger.parts(tensor):  # one, unless sparse
+                    self._pack_part(part)
             if self._op_traces.trace is not None:
                 self._op_traces.trace.saved_tensor(tensor)
         grad_fn = tensor.grad_fn
