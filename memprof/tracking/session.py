@@ -752,12 +752,16 @@ class Profiler(ProfileResults):
         if self._op_traces.trace is not None:
             self._op_traces.trace.gradient(grad)
         events = self._events
-        for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
-            if events is None:
+        if events is None:
+            for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
                 self._grad_apply(part, owner)
-            else:
+            return
+        if type(grad) is torch.Tensor and grad.layout is torch.strided:
+            events.buffer(self._grad_apply, facts_of(grad), owner)  # (ledger.facts' one item)
+        else:
+            for part in self.ledger.facts(grad):
                 events.buffer(self._grad_apply, part, owner)
-        if events is not None and self._recorder is not None:
+        if self._recorder is not None:
             events.seal()  # applied before the next module's backward start (recorder.cpp)
 
     def _grad_apply(self, grad: torch.Tensor | Facts, owner: int) -> None:
