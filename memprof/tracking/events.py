@@ -485,7 +485,8 @@ class EventStream:
                 if code == _EVENT:
                     if ptr < 0:
                         now = when / 1e9 + offset
-                        self._enter_live(materialize())  # (cannot happen: none outlives a marker)
+                        if walk.extra:  # (cannot happen: no transient outlives a marker)
+                            self._enter_live(materialize())
                         phase_set = False
                         if self._sealed:
                             for index in self._sealed:
