@@ -8,6 +8,7 @@ from __future__ import annotations
 import platform
 import warnings
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -125,7 +126,7 @@ class StepRecords:
         samples = list(ledger.samples)
         samples.append((peak.order, peak.time, peak.phase, peak.module, peak.by_category,
                         peak.reserved))
-        samples.sort(key=lambda s: (s[0], s[1]))
+        samples.sort(key=_ORDER)
         kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
         chunk = empty_timeline()
         if ledger.allocator is not None:
@@ -145,6 +146,9 @@ class StepRecords:
         for name, column in zip(CATEGORIES, zip(*totals, strict=True), strict=True):
             chunk[name] = list(column)
         return chunk
+
+
+_ORDER = itemgetter(0, 1)  # a timeline sample's order: its ledger sequence, then its time
 
 
 def device_info(model: nn.Module | None, *, fake: bool, device_modelled: str | None,
