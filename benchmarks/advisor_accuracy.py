@@ -21,6 +21,7 @@ Run from the repository root::
     python benchmarks/advisor_accuracy.py --quick              # 3 models, no sharding
     python benchmarks/advisor_accuracy.py --models gpt2,t5 --techniques mixed_precision
     python benchmarks/advisor_accuracy.py --json reports/accuracy.json
+    python benchmarks/advisor_accuracy.py --estimate-only      # estimate vs real run only
 """
 
 from __future__ import annotations
@@ -423,6 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"{', '.join(QUICK_MODELS)} only (unless --models), no sharding")
     parser.add_argument("--no-estimate", action="store_true", help="skip estimate vs real run")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="only estimate vs real run (no advise rows)")
     parser.add_argument("--prediction", choices=("analytic", "fake"),
                         help="ask advise for this prediction kind (when it supports it)")
     parser.add_argument("--json", type=Path, help="write the rows and summaries here")
@@ -492,13 +495,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         start = time.perf_counter()
         try:
-            workload = entry.build()
-            with seeded():
-                baseline(workload)  # warm-up: first-call allocations out of the measure
-                ref = baseline(workload)
-            model_rows = advise_rows(entry, workload, ref, techniques=techniques,
-                                     prediction=args.prediction)
-            rows.extend(model_rows)
+            if not args.estimate_only:
+                workload = entry.build()
+                with seeded():
+                    baseline(workload)  # warm-up: first-call allocations out of the measure
+                    ref = baseline(workload)
+                rows.extend(advise_rows(entry, workload, ref, techniques=techniques,
+                                        prediction=args.prediction))
             if not args.no_estimate:
                 estimates.append(estimate_row(entry, entry.build()))
         except Exception as exc:  # one broken model must not hide the others' figures
@@ -510,18 +513,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:  # after every model, so an interrupted run keeps its rows
             _write_json(args.json, rows, estimates, timings, failures)
 
-    print()
-    print_rows(rows)
-    summary = technique_summary(rows)
-    print("\nPer technique (error = |predicted - simulated| / simulated):")
-    print_summary(summary)
-    print("\nFake run and analytic side by side (targets: fake-run median under "
-          f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")
-    print_side_by_side(side_by_side(rows))
-    wrong = [r for r in rows if not r["sign_right"]]
-    print(f"\nsign of the saving right in {len(rows) - len(wrong)}/{len(rows)} rows"
-          + ("; wrong: " + "; ".join(f"{r['model']} {r['technique']} {r['options']}"
-                                     for r in wrong) if wrong else ""))
+    if rows:
+        print()
+        print_rows(rows)
+        summary = technique_summary(rows)
+        print("\nPer technique (error = |predicted - simulated| / simulated):")
+        print_summary(summary)
+        print("\nFake run and analytic side by side (targets: fake-run median under "
+              f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")
+        print_side_by_side(side_by_side(rows))
+        wrong = [r for r in rows if not r["sign_right"]]
+        print(f"\nsign of the saving right in {len(rows) - len(wrong)}/{len(rows)} rows"
+              + ("; wrong: " + "; ".join(f"{r['model']} {r['technique']} {r['options']}"
+                                         for r in wrong) if wrong else ""))
     if estimates:
         print("\nestimate (fake tensors, device cpu) vs the same steps run for real:")
         print_estimates(estimates)
