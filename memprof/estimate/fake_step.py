@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from memprof.errors import EstimateError, MemprofError
+from memprof.estimate.build_values import values_while_building
 from memprof.estimate.catalog import ModelSpec
 from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.loading import resolve_batch
@@ -132,8 +133,9 @@ def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Mod
     # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
     # anyway (it swaps tensors, which fake tensors with weak references refuse).
     try:
+        mode = _active_fake_mode()
         with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init(), \
-                _deepcopy_in_mode(_active_fake_mode()):
+                _deepcopy_in_mode(mode), values_while_building(mode):
             model = factory()
     except MemprofError:
         raise
