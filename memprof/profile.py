@@ -176,13 +176,18 @@ class Profile:
     #: The CUDA caching-allocator replay of the run's allocations (memprof.allocator): ``conf``,
     #: ``replay`` (reserved_peak_bytes, allocated_peak_bytes, fragmentation_bytes, segments,
     #: largest_free_block_bytes, ...) and ``what_if`` (the same under other options); None in
-    #: profiles that did not model it.
-    allocator: dict[str, Any] | None = None
+    #: profiles that did not model it. A typed record that also reads as the file's dict.
+    allocator: AllocatorSummary | None = None
     #: Set when the profiled run ended in an out-of-memory error (see :mod:`memprof.oom`).
     oom: OOMReport | None = None
     #: The operator trace of one profiled step (:mod:`memprof.tracking.op_trace`), for
     #: replaying the step under a change's rules from the file alone; None when not recorded.
     op_trace: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.allocator is not None and not isinstance(self.allocator, AllocatorSummary):
+            # the dict a caller wrote in the file's form, as before the record
+            self.allocator = AllocatorSummary.from_dict(self.allocator)
 
     def __repr__(self) -> str:
         """One line: ``Profile(model=GPT2LMHeadModel, device='CPU (x86_64)', peak=..., steps=2)``
@@ -263,8 +268,8 @@ class Profile:
         return self.peak_info
 
     def allocator_summary(self) -> AllocatorSummary | None:
-        """:attr:`allocator` as its typed record; None when the profile has no replay."""
-        return AllocatorSummary.from_dict(self.allocator)
+        """:attr:`allocator` (a typed record already); None when the profile has no replay."""
+        return self.allocator
 
     # -------------------------------------------------------------- summaries
     def steady_state_bytes(self) -> int | None:
@@ -323,7 +328,7 @@ class Profile:
             "warnings": self.warnings,
             "optimizers": self.optimizers,
             "advice": self.advice,
-            "allocator": self.allocator,
+            "allocator": dict(self.allocator) if self.allocator is not None else None,
             "oom": self.oom.to_dict() if self.oom is not None else None,
             "op_trace": self.op_trace,
         }
@@ -350,7 +355,7 @@ class Profile:
             optimizers=list(data.get("optimizers", [])),
             meta=dict(data.get("meta", {})),
             advice=data.get("advice"),
-            allocator=data.get("allocator"),
+            allocator=AllocatorSummary.from_dict(data.get("allocator")),
             oom=OOMReport.from_dict(data["oom"]) if data.get("oom") else None,
             op_trace=data.get("op_trace") if isinstance(data.get("op_trace"), dict) else None,
         )

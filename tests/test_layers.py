@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "memprof.cost_tiers",
         "memprof.decimate",
         "memprof.quiet_import",
+        "memprof.dict_record",
     ),
     # the caching-allocator model and device truth (an out-of-memory error is one)
     ("memprof.allocator", "memprof.devices", "memprof.gpus", "memprof.oom"),
