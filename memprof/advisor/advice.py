@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from memprof import hooks
+from memprof.advisor.rows import AdviceRow
 from memprof.hooks import plugged
 from memprof.units import format_bytes
 
@@ -54,13 +56,20 @@ class Advice:
     training; ``loss_drift``: relative change of the loss after the simulated steps) and
     ``step_time_ratio`` (against the unchanged model, both profiled); ``caveats``; ``how``
     (how the prediction was derived).
+
+    ``rows`` are :class:`~memprof.advisor.rows.AdviceRow` records, best first (each also
+    reads as the dict of its columns); dicts given in the file's form are read into them.
     """
 
-    rows: list[dict[str, Any]]
+    rows: list[AdviceRow]
     plan: dict[str, Any] | None = None
     baseline_peak_bytes: int = 0
     simulated: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rows = [r if isinstance(r, AdviceRow) else AdviceRow.from_dict(r)
+                     for r in self.rows]
 
     def table(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows)
@@ -69,7 +78,7 @@ class Advice:
                 frame[c] = None
         return frame[[*COLUMNS, *[c for c in frame.columns if c not in COLUMNS]]]
 
-    def best(self) -> dict[str, Any] | None:
+    def best(self) -> AdviceRow | None:
         ok = [
             r for r in self.rows if r["applicable"] and (r.get("predicted_saving_bytes") or 0) > 0
         ]
@@ -118,16 +127,16 @@ class Advice:
             "version": ADVICE_VERSION,
             "baseline_peak_bytes": self.baseline_peak_bytes,
             "simulated": self.simulated,
-            "recommendations": self.rows,
+            "recommendations": [dict(r) for r in self.rows],
             "plan": self.plan,
             **self.extra,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Advice:
+    def from_dict(cls, data: Mapping[str, Any]) -> Advice:
         known = {"version", "baseline_peak_bytes", "simulated", "recommendations", "plan"}
         return cls(
-            rows=list(data.get("recommendations", [])),
+            rows=[AdviceRow.from_dict(r) for r in data.get("recommendations", [])],
             plan=data.get("plan"),
             baseline_peak_bytes=int(data.get("baseline_peak_bytes", 0)),
             simulated=bool(data.get("simulated", False)),
