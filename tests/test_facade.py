@@ -89,6 +89,38 @@ def test_inside_the_block_the_profile_is_not_ready() -> None:
             memprof.advise(prof)
 
 
+def test_reprs_are_one_short_line(prof: memprof.Profiler) -> None:
+    """GIVEN a finished profile and its advice WHEN printed at a prompt THEN each is one line
+    with its figures (before: Advice's dataclass repr spelled out every row, thousands of
+    characters; the Profiler's said nothing)."""
+    from memprof.units import format_bytes
+
+    advice = memprof.advise(prof, prediction="analytic")
+    best = advice.best()
+    assert best is not None
+    applicable = sum(1 for r in advice.rows if r["applicable"])
+    texts = {
+        "profile": repr(prof.profile),
+        "profiler": repr(prof),
+        "advice": repr(advice),
+    }
+    for text in texts.values():
+        assert "\n" not in text and len(text) < 300, text
+    assert format_bytes(prof.peak().total_bytes) in texts["profile"]
+    assert texts["profiler"] == f"Profiler(finished: {texts['profile']})"
+    assert texts["advice"].startswith(
+        f"Advice(baseline={format_bytes(advice.baseline_peak_bytes)}, "
+        f"rows={len(advice.rows)} ({applicable} applicable), best={best['technique']} (")
+    assert texts["advice"].endswith("plan=none)")
+    model = nn.Linear(4, 4)
+    running = memprof.profile(model)
+    assert repr(running) == "Profiler(not started)"
+    with running:
+        model(torch.randn(2, 4)).sum().backward()
+        running.step()
+        assert repr(running).startswith("Profiler(running: step 1, backend ")
+
+
 LIGHT_IMPORT = """
 import json, sys
 import memprof

@@ -71,6 +71,19 @@ class Advice:
         self.rows = [r if isinstance(r, AdviceRow) else AdviceRow.from_dict(r)
                      for r in self.rows]
 
+    def __repr__(self) -> str:
+        """One line: ``Advice(baseline=1.2 GiB, rows=14 (9 applicable), best=checkpointing
+        (blocks=2) 35.0% saved, plan=fits)`` (the dataclass's own spelled out every row)."""
+        applicable = sum(1 for r in self.rows if r["applicable"])
+        best = self.best()
+        best_text = "none" if best is None else (
+            f"{best['technique']} ({_options_text(best['options'])}) "
+            f"{saving_words(best.get('saving_pct'))}")
+        plan = "none" if not self.plan else ("fits" if self.plan.get("fits") else "does not fit")
+        return (f"Advice(baseline={format_bytes(self.baseline_peak_bytes)}, "
+                f"rows={len(self.rows)} ({applicable} applicable), best={best_text}, "
+                f"plan={plan})")
+
     def table(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows)
         for c in COLUMNS:
@@ -87,7 +100,7 @@ class Advice:
     def summary(self, *, top: int = 3) -> str:
         lines = [f"baseline step peak {format_bytes(self.baseline_peak_bytes)}"]
         for r in [r for r in self.rows if r["applicable"]][:top]:
-            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "modules")
+            opts = _options_text(r["options"])
             saving = r.get("predicted_saving_bytes")
             if saving is None:
                 continue
@@ -142,6 +155,11 @@ class Advice:
             simulated=bool(data.get("simulated", False)),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def _options_text(options: Mapping[str, Any]) -> str:
+    """A row's options as ``k=v, ...`` (the module list left out: it can be long)."""
+    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "modules")
 
 
 def row_key(technique: str, options: dict[str, Any]) -> tuple[str, str]:
