@@ -217,26 +217,32 @@ class CompiledOwners:
         return paths
 
 
-def _optimized_module() -> type | None:
-    """Dynamo's ``OptimizedModule`` class, or None while dynamo is not loaded (no module can be
-    one then; reading ``torch._dynamo`` would import it)."""
+#: Dynamo's ``OptimizedModule`` class once dynamo is loaded (read on every module call).
+_OPTIMIZED: tuple[type, ...] = ()
+
+
+def _optimized_module() -> tuple[type, ...]:
+    """Dynamo's ``OptimizedModule`` class, or nothing while dynamo is not loaded (no module can
+    be one then; reading ``torch._dynamo`` would import it)."""
+    global _OPTIMIZED
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return getattr(eval_frame, "OptimizedModule", None)
+    found = getattr(eval_frame, "OptimizedModule", None)
+    if isinstance(found, type):
+        _OPTIMIZED = (found,)
+    return _OPTIMIZED
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module`` runs compiled (``torch.compile(module)`` or ``module.compile()``)."""
-    optimized = _optimized_module()
     return (
-        (optimized is not None and isinstance(module, optimized))
+        isinstance(module, _OPTIMIZED or _optimized_module())
         or getattr(module, "_compiled_call_impl", None) is not None
     )
 
 
 def compiled_inner(module: torch.nn.Module) -> torch.nn.Module:
     """The module whose code a compiled ``module`` runs (the graph's paths start there)."""
-    optimized = _optimized_module()
-    if optimized is not None and isinstance(module, optimized):
+    if isinstance(module, _OPTIMIZED or _optimized_module()):
         inner = module._orig_mod
         return inner if isinstance(inner, torch.nn.Module) else module
     return module
