@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,8 +36,9 @@ import numpy as np
 
 from memprof import hooks
 from memprof.allocator import AllocatorSummary
+from memprof.atomic_files import write_text_atomic
 from memprof.categories import CATEGORIES, PHASES
-from memprof.errors import OutputExistsError, ProfileLoadError
+from memprof.errors import ProfileLoadError
 from memprof.hooks import plugged
 from memprof.oom import OOMReport
 from memprof.units import format_bytes
@@ -385,33 +385,6 @@ _TIMELINE_COLUMNS: tuple[str, ...] = ("step", "seq", "time_s", "phase", "module"
 def empty_timeline() -> dict[str, list[Any]]:
     """Columnar timeline storage with no samples."""
     return {k: [] for k in _TIMELINE_COLUMNS}
-
-
-def write_text_atomic(target: Path, text: str, *, overwrite: bool) -> None:
-    """Write ``text`` to ``target`` via a temporary file, so no half-written file is left."""
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} already exists (pass overwrite=True or --force)")
-    if target.is_dir():
-        raise OutputExistsError(f"{target} is a directory")
-    replace_atomically(target, text.encode("utf-8"))
-
-
-def replace_atomically(target: Path, data: bytes) -> None:
-    """Put ``data`` at ``target`` through a temporary file beside it (callers check first
-    whether ``target`` may be replaced)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp creates the file private (0600); give it the permissions open() would.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(path: str | os.PathLike[str]) -> Profile:
