@@ -116,6 +116,13 @@ class Peak:
     by_module: dict[str, dict[str, int]]
     top_tensors: list[TensorAtPeak]
 
+    def __repr__(self) -> str:
+        """One line: ``Peak(1.2 GiB at step 3, backward in 'h.2': parameter 400.0 MiB, ...;
+        20 top tensors)`` (the dataclass's own spelled out every module and tensor)."""
+        parts = ", ".join(f"{c} {format_bytes(v)}" for c, v in self.by_category.items() if v)
+        return (f"Peak({self.describe().removeprefix('peak ')}: {parts or 'nothing'}; "
+                f"{len(self.top_tensors)} top tensors)")
+
     def describe(self) -> str:
         """One line: ``peak 1.2 GiB at step 3, backward in 'h.2.mlp'``."""
         where = f" in {self.module!r}" if self.module else ""

@@ -90,9 +90,9 @@ def test_inside_the_block_the_profile_is_not_ready() -> None:
 
 
 def test_reprs_are_one_short_line(prof: memprof.Profiler) -> None:
-    """GIVEN a finished profile and its advice WHEN printed at a prompt THEN each is one line
-    with its figures (before: Advice's dataclass repr spelled out every row, thousands of
-    characters; the Profiler's said nothing)."""
+    """GIVEN a finished profile, its peak and its advice WHEN printed at a prompt THEN each is
+    one line with its figures (before: the dataclass reprs of Advice and Peak spelled out every
+    row, module and tensor, thousands of characters; the Profiler's said nothing)."""
     from memprof.units import format_bytes
 
     advice = memprof.advise(prof, prediction="analytic")
@@ -103,11 +103,16 @@ def test_reprs_are_one_short_line(prof: memprof.Profiler) -> None:
         "profile": repr(prof.profile),
         "profiler": repr(prof),
         "advice": repr(advice),
+        "peak": repr(prof.peak()),
     }
     for text in texts.values():
         assert "\n" not in text and len(text) < 300, text
     assert format_bytes(prof.peak().total_bytes) in texts["profile"]
     assert texts["profiler"] == f"Profiler(finished: {texts['profile']})"
+    peak = prof.peak()
+    assert texts["peak"].startswith(f"Peak({format_bytes(peak.total_bytes)} at step {peak.step}")
+    assert f"parameter {format_bytes(peak.by_category['parameter'])}" in texts["peak"]
+    assert texts["peak"].endswith(f"; {len(peak.top_tensors)} top tensors)")
     assert texts["advice"].startswith(
         f"Advice(baseline={format_bytes(advice.baseline_peak_bytes)}, "
         f"rows={len(advice.rows)} ({applicable} applicable), best={best['technique']} (")
