@@ -317,3 +317,24 @@ def test_zero1_of_a_gan_shards_each_optimizer_in_its_own_class() -> None:
     assert measured.peak_bytes < reference.peak_bytes
     predicted = fake_peak(workload, [zero1])
     assert abs(predicted - measured.peak_bytes) / measured.peak_bytes < 0.03
+
+
+@pytest.mark.parametrize("argv, backward_passes", [(("--gan",), 2), ((), 1)])
+def test_a_script_of_two_optimizers_is_simulated_in_whole_steps(
+        argv: tuple[str, ...], backward_passes: int) -> None:
+    """GIVEN a script stepping two optimizers per training step (a GAN: D's backward and step,
+    then G's; or one backward, then Adam and SGD) WHEN the script simulator measures it THEN
+    each profiled step is one training step, with both optimizer steps (every optimizer step
+    ended one: 3 steps were 1.5 GAN steps, and the advisor read D's gradients alive across
+    steps as zeroed in place), and the run stops after 3 training steps."""
+    from memprof.advisor.core import read_facts
+    from memprof.advisor.script import ScriptSimulator
+    from memprof.advisor.zero_grad import gradient_use
+
+    simulator = ScriptSimulator(_script(*argv, "--steps", "6"), steps=3)
+    profile = simulator.reference().profile
+    use = gradient_use(read_facts(profile))
+    assert (use.optimizer_steps, use.backward_passes) == (2, backward_passes)
+    assert not use.zeroed_in_place
+    assert len(profile.steps_stats) == 3
+    assert simulator.cycle == 2
