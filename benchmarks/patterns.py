@@ -62,7 +62,7 @@ What changed and what is left:
   (7,160 B): not compilation, an eager simulation of the same row measures the same 179,008 B;
   the fake run is above both; cause not found (r16 +2.7%, r64 0.0%).
 * mixtral-moe: no fake run could run (``torch._grouped_mm``'s meta kernel demands bf16, the CPU
-  kernel runs fp32), so every row was analytic, 5-43% off: ``advisor/fake_kernels.py``. Left:
+  kernel runs fp32), so every row was analytic, 5-43% off: ``memprof/fake_kernels.py``. Left:
   ZeRO-3 on 8 ranks -6.7%: the events-backend simulation is 290 kB above the dispatch-ledger
   simulation of the same change (4,047,052 B, the fake run's within 0.01%), ranks 2 and 4
   agree; cause not found.
@@ -99,7 +99,7 @@ What changed and what is left:
   - sparse: a fake sparse gradient held no entries (PyTorch's fake kernels cannot know how
     many), so the fake run was 9.5% below: fake runs now give it one entry per index, as the
     CPU kernel does, and coalesce, clone, sparse_mask and casts keep them
-    (``advisor/fake_kernels.py``); the ledger counts such fake sparse tensors (PyTorch's own,
+    (``memprof/fake_kernels.py``); the ledger counts such fake sparse tensors (PyTorch's own,
     empty ones stay "not counted"). The unchanged fake run is then +0.27% (coalesce keeps the
     duplicates an upper bound). LoRA/QLoRA adapters took SparseAdam (the first group's
     optimizer), which refuses dense gradients: they now take the optimizer of the layer they

@@ -182,7 +182,7 @@ def test_a_fake_sparse_gradient_has_an_entry_per_looked_up_index() -> None:
     made none: the pattern zoo's recommender's fake run was 9.5% below its simulation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memprof.advisor import fake_kernels
+    from memprof import fake_kernels
 
     indices = torch.randint(0, 500, (64,), generator=torch.Generator().manual_seed(0))
     offsets = torch.arange(0, 64, 8)
