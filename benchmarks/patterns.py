@@ -50,7 +50,7 @@ peft-lora           36    25 -> 28     1    7          0
 mamba               36    4            0    24 -> 32   8 -> 0
 mixtral-moe         36    18 -> 31     1    4          0
 ctc-speech          34    17           12   5          0
-sparse-embedding    36    0 -> 18      0    8          10
+sparse-embedding    36    18 -> 21     0    8 -> 15    10 -> 0
 gan-two-optimizers  37    0 -> 33      0    4          0
 ddp-no-sync         skipped: a process group (sharding rows need a fake one of their own)
 ==================  ====  ===========  ===  =========  ======
@@ -103,10 +103,42 @@ What changed and what is left:
     empty ones stay "not counted"). The unchanged fake run is then +0.27% (coalesce keeps the
     duplicates an upper bound). LoRA/QLoRA adapters took SparseAdam (the first group's
     optimizer), which refuses dense gradients: they now take the optimizer of the layer they
-    adapt (5 rows, 0.00%). Still failed, each with its cause: ZeRO-2/3 (6: FSDP cannot shard a
-    sparse gradient, ``fsdp::chunk_cat`` has no SparseCPU kernel), ZeRO-1 (3: the sharding
-    change wraps every optimizer's groups in the first one's class, SparseAdam; advisor/
-    distributed.py), Adafactor (1: replaces SparseAdam too, and has no sparse support).
+    adapt (5 rows, 0.00%). The 10 failed (2026-12-07, later): ZeRO-1 (3) wrapped every
+    optimizer in the first one's class, SparseAdam, which refuses the head's dense gradients:
+    each optimizer is now its own ZeroRedundancyOptimizer (``SimState.wrap_optimizer``), 3 fake
+    runs within 0.27%. ZeRO-2/3 (6: ``fsdp::chunk_cat`` has no SparseCPU kernel) and Adafactor
+    (1: no sparse support) are not applicable, with the reason (the profile's optimizers record
+    how many trained tensors get sparse gradients).
+
+Targets per pattern (``python benchmarks/patterns.py --estimate``, 2026-12-07, 2-core CPU;
+"ok" = met; each miss with its figure):
+
+==================  =====  ===========================  ==========  =====  =================
+pattern             crash  peak (0.1%)                  persistent  alive  estimate (1%)
+==================  =====  ===========================  ==========  =====  =================
+sparse-embedding    ok     ok                           ok          ok     not estimable (1)
+dead-branch         ok     ok                           ok          ok     -0.007%
+mamba               ok     dispatch +5.715% (2)         ok          ok     +6.062% (2)
+mixtral-moe         ok     ok                           ok          ok     -0.001% (3)
+gan-two-optimizers  ok     ok                           ok          ok     not estimable (1)
+grad-accumulation   ok     ok                           ok          ok     not estimable (1)
+ddp-no-sync         ok     events +14.329% step 1 (4)   ok          ok     not estimable (1)
+torch-compile       ok     ok (5)                       ok          ok     not estimable (1)
+unet-groupnorm      ok     ok                           ok          ok     -0.000%
+ctc-speech          ok     dispatch -16.801% (6)        ok          ok     refused (6)
+peft-lora           ok     ok                           ok          ok     refused (7)
+chunked-loss        ok     ok                           ok          ok     not estimable (1)
+==================  =====  ===========================  ==========  =====  =================
+
+(1) the step is not estimate's (forward, loss of the output, one backward, AdamW): the table
+prints why per pattern. (2) a dispatch mode changes the run itself (below); the estimate
+matches the run under a no-op mode (-0.000%). (3) refused before: ``estimate`` of a CPU step
+now runs ``memprof/fake_kernels.py``. (4) DDP's bucket made before profiling (below).
+(5) results bitwise: the dispatch run of the compiled model is not, nor is a run under a
+no-op dispatch mode, which it equals (dynamo compiles another graph under a mode). (6) below;
+the estimate refuses in one line naming ``labels.max()``. (7) peft's ``get_peft_model`` fails under
+any FakeTensorMode, memprof or not (its ``.to()``: ``_apply(): Couldn't swap Linear.weight``):
+the estimate refuses in one line (it could build the peft model for real, then fake it).
 
 Where the two backends part (``mode%``: the run itself under a no-op dispatch mode), measured
 2026-12-07:
@@ -898,7 +930,10 @@ def target_verdicts(rows: list[dict[str, Any]]) -> dict[str, str]:
     def peak(r: dict[str, Any]) -> str | None:
         if abs(r["peak_err_pct"]) <= PEAK_TOLERANCE_PCT:
             return None
-        return f"{r['peak_err_pct']:+.3f}% ({r['peak_err_bytes']:+} B, step {r['worst']})"
+        text = f"{r['peak_err_pct']:+.3f}% ({r['peak_err_bytes']:+} B, step {r['worst']})"
+        if abs(r.get("mode_pct", 0.0) - r["peak_err_pct"]) <= PEAK_TOLERANCE_PCT:
+            text += ", as a no-op dispatch mode changes the run"  # counted right
+        return text
 
     def alive(r: dict[str, Any]) -> str | None:
         problems = [x for x, bad in (("ALIVE", r["freed"] == "ALIVE"),
@@ -921,8 +956,10 @@ def target_verdicts(rows: list[dict[str, Any]]) -> dict[str, str]:
             out["estimate"] = est
         else:
             err = 100.0 * (est - events["peak_total"]) / events["peak_total"]
-            verdict = "ok" if abs(err) <= ESTIMATE_TOLERANCE_PCT else "MISS"
-            out["estimate"] = f"{verdict} {err:+.3f}%"
+            if abs(err) <= ESTIMATE_TOLERANCE_PCT:
+                out["estimate"] = f"ok {err:+.3f}%"
+            else:  # with the run under a dispatch mode, which the estimate runs under too
+                out["estimate"] = f"MISS {_estimate_text(events, rows)}"
     return out
 
 
