@@ -182,7 +182,7 @@ def test_a_fake_sparse_gradient_has_an_entry_per_looked_up_index() -> None:
     made none: the pattern zoo's recommender's fake run was 9.5% below its simulation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memprof.advisor import fake_kernels
+    from memprof import fake_kernels
 
     indices = torch.randint(0, 500, (64,), generator=torch.Generator().manual_seed(0))
     offsets = torch.arange(0, 64, 8)
@@ -250,3 +250,91 @@ def test_lora_adapters_go_to_the_optimizer_of_the_layers_they_adapt() -> None:
         measured = simulate(workload, [adapt], reference)
     assert [s["class"] for s in measured.profile.optimizers] == ["Adam"]
     assert abs(fake_peak(workload, [adapt]) - measured.peak_bytes) <= 64
+
+
+def _recommender_workload() -> tuple[_Recommender, Workload]:
+    torch.manual_seed(0)
+    model = _Recommender()
+    sparse = torch.optim.SparseAdam(list(model.emb.parameters()))
+    dense = torch.optim.Adam(list(model.head.parameters()))
+    batch = [torch.randperm(2000)[:256].clone(), torch.arange(0, 256, 8)]
+    return model, Workload(model, None, batch, steps=2, stages=[
+        Stage([sparse, dense], lambda net, value, carry: net(*value).pow(2).mean())])
+
+
+def test_zero1_shards_each_optimizer_in_its_own_class() -> None:
+    """GIVEN SparseAdam over a sparse embedding and Adam over the head WHEN ZeRO-1 on 2 ranks is
+    simulated THEN each optimizer is its own ZeroRedundancyOptimizer (both were SparseAdam's,
+    which refused the head's dense gradients: every ZeRO-1 row of the pattern failed), rank 0
+    keeps the state of its share (the embedding, the largest head weight) and the fake run
+    predicts the simulation within 3%."""
+    from memprof.advisor import distributed
+    from memprof.advisor.sharding import _apply_shard
+
+    if distributed.unavailable_reason():
+        pytest.skip(distributed.unavailable_reason())
+    model, workload = _recommender_workload()
+    zero1 = _apply_shard("zero1", 2)
+    with seeded():
+        reference = baseline(workload)
+        measured = simulate(workload, [zero1], reference)
+    # rank 0's shares: SparseAdam's one tensor, and Adam's largest (ZeRO gives each rank the
+    # largest tensor left): two moments each, plus Adam's 4-byte step (SparseAdam's is an int)
+    emb, head = model.emb.weight.numel() * 4, model.head[0].weight.numel() * 4
+    states = sorted((s["class"], s["state_bytes"]) for s in measured.profile.optimizers)
+    assert states == [("Adam", 2 * head + 4), ("SparseAdam", 2 * emb),
+                      ("ZeroRedundancyOptimizer", 2 * head + 4),
+                      ("ZeroRedundancyOptimizer", 2 * emb)]
+    predicted = fake_peak(workload, [zero1])
+    assert abs(predicted - measured.peak_bytes) / measured.peak_bytes < 0.03
+
+
+def test_zero1_of_a_gan_shards_each_optimizer_in_its_own_class() -> None:
+    """GIVEN a GAN whose discriminator SGD (momentum) steps and whose generator Adam steps WHEN
+    ZeRO-1 on 2 ranks is simulated THEN each is a ZeroRedundancyOptimizer of its own class over
+    its own parameters (G's was SGD too: no Adam moments), rank 0 keeps the state of its
+    shares, and the fake run predicts the simulation within 3%."""
+    from memprof.advisor import distributed
+    from memprof.advisor.sharding import _apply_shard
+
+    if distributed.unavailable_reason():
+        pytest.skip(distributed.unavailable_reason())
+    gan, _, _, batch = _gan()
+    opt_d = torch.optim.SGD(gan.disc.parameters(), lr=1e-3, momentum=0.9)
+    opt_g = torch.optim.Adam(gan.gen.parameters(), lr=2e-4)
+    workload = _gan_workload(gan, opt_d, opt_g, batch)
+    zero1 = _apply_shard("zero1", 2)
+    with seeded():
+        reference = baseline(workload)
+        measured = simulate(workload, [zero1], reference)
+    # rank 0's shares, the largest tensor of each (ZeRO gives each rank the largest left):
+    # D's first weight (one momentum buffer), G's last weight (two moments and a step)
+    d_share, g_share = gan.disc[0].weight.numel() * 4, gan.gen[2].weight.numel() * 4
+    states = sorted((s["class"], s["state_bytes"]) for s in measured.profile.optimizers)
+    assert states == [("Adam", 2 * g_share + 4), ("SGD", d_share),
+                      ("ZeroRedundancyOptimizer", d_share),
+                      ("ZeroRedundancyOptimizer", 2 * g_share + 4)]
+    assert measured.peak_bytes < reference.peak_bytes
+    predicted = fake_peak(workload, [zero1])
+    assert abs(predicted - measured.peak_bytes) / measured.peak_bytes < 0.03
+
+
+@pytest.mark.parametrize("argv, backward_passes", [(("--gan",), 2), ((), 1)])
+def test_a_script_of_two_optimizers_is_simulated_in_whole_steps(
+        argv: tuple[str, ...], backward_passes: int) -> None:
+    """GIVEN a script stepping two optimizers per training step (a GAN: D's backward and step,
+    then G's; or one backward, then Adam and SGD) WHEN the script simulator measures it THEN
+    each profiled step is one training step, with both optimizer steps (every optimizer step
+    ended one: 3 steps were 1.5 GAN steps, and the advisor read D's gradients alive across
+    steps as zeroed in place), and the run stops after 3 training steps."""
+    from memprof.advisor.core import read_facts
+    from memprof.advisor.script import ScriptSimulator
+    from memprof.advisor.zero_grad import gradient_use
+
+    simulator = ScriptSimulator(_script(*argv, "--steps", "6"), steps=3)
+    profile = simulator.reference().profile
+    use = gradient_use(read_facts(profile))
+    assert (use.optimizer_steps, use.backward_passes) == (2, backward_passes)
+    assert not use.zeroed_in_place
+    assert len(profile.steps_stats) == 3
+    assert simulator.cycle == 2

@@ -38,7 +38,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("memprof.allocator", "memprof.devices", "memprof.gpus", "memprof.oom"),
     ("memprof.tracking",),
     ("memprof.profile",),
-    ("memprof.estimate", "memprof.compare", "memprof.snapshot", "memprof.fake_scalars"),
+    (
+        "memprof.estimate", "memprof.compare", "memprof.snapshot", "memprof.fake_scalars",
+        "memprof.fake_kernels",
+    ),
     ("memprof.advisor",),
     ("memprof.report",),
     ("memprof", "memprof._plug_in"),  # the facade

@@ -117,6 +117,19 @@ def lora_adapted(facts: Facts) -> bool:
     return any(str(r["module"]).rsplit(".", 1)[-1] == "lora_A" for r in facts.module_rows())
 
 
+def sparse_gradients(facts: Facts) -> int:
+    """How many trained tensors get sparse gradients (``nn.Embedding(sparse=True)``), as the
+    profile's optimizers recorded; a profile from before that record: those SparseAdam trains
+    (it takes sparse gradients only)."""
+    total = 0
+    for opt in facts.profile.optimizers:
+        count = opt.get("sparse_gradients")
+        if count is None and opt.get("class") == "SparseAdam":
+            count = len(opt.get("parameter_shapes") or [None])
+        total += int(count or 0)
+    return total
+
+
 def profile_tree(profile: Profile) -> dict[str, list[str]]:
     """The same tree, read from a profile's module table."""
     tree: dict[str, list[str]] = {m.name: [] for m in profile.modules_stats}

@@ -7,7 +7,8 @@ mesh; :func:`shard` then shards the state's copy; the step runs as an unsharded 
 The same code serves the simulation (real tensors, :func:`run_sharded`) and the fake-run
 prediction (fake tensors, :mod:`memprof.advisor.fake_prediction`), at any world size.
 
-- ZeRO-1: :class:`torch.distributed.optim.ZeroRedundancyOptimizer` around the optimizer class.
+- ZeRO-1: :class:`torch.distributed.optim.ZeroRedundancyOptimizer` around each optimizer, in
+  its own class (:func:`zero_redundancy`).
 - ZeRO-2: FSDP2's ``fully_shard(reshard_after_forward=False)`` (SHARD_GRAD_OP: parameters
   stay gathered from forward to backward; gradients and states are sharded).
 - ZeRO-3 / FSDP: FSDP2's ``fully_shard`` on each unit of :func:`fsdp_units` and then the root.
@@ -48,7 +49,7 @@ from torch import nn
 from memprof.advisor.core import model_tree
 
 if TYPE_CHECKING:  # workload.run imports this module when a state is sharded
-    from memprof.advisor.workload import Measurement, SimState, Workload
+    from memprof.advisor.workload import Measurement, OptimizerMaker, SimState, Workload
 
 #: Sharding stages this module runs, as :attr:`SimState.shard` names them.
 STAGES = ("zero1", "zero2", "zero3")
@@ -212,28 +213,32 @@ def shard(state: SimState, mesh: Any) -> None:
         raise ValueError(f"unknown sharding stage {stage!r}: one of {', '.join(STAGES)}")
     state.shard = None
     if stage == "zero1":
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        from memprof.advisor.workload import accepted_options
-
-        cls = state.optimizer_class
-        assert cls is not None  # sharding rows are training-only
-        options = accepted_options(cls, state.defaults)
-
-        def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            zero = ZeroRedundancyOptimizer(groups, optimizer_class=cls, **options)
-            # its own ``state`` stays empty: point it at the local shard's, which the profiler
-            # reads (a state made before profiling, as by a fake run's warm-up, counts then)
-            zero.state = zero.optim.state
-            return zero
-
-        state.make_optimizer = make
+        state.wrap_optimizer = zero_redundancy
         return
     names = {id(p): n for n, p in state.model.named_parameters()}
     shard_model(state.model, mesh, reshard_after_forward=stage == "zero3")
     sharded = dict(state.model.named_parameters())  # fully_shard makes new (DTensor) ones
     for group in state.param_groups:
         group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+
+
+def zero_redundancy(make: OptimizerMaker) -> OptimizerMaker:
+    """``make`` as ZeRO-1: a :class:`ZeroRedundancyOptimizer` whose local optimizer, over this
+    rank's share of the groups, ``make`` builds (each optimizer of a workload in its own class:
+    SparseAdam beside Adam, a GAN's two)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def local(params: list[dict[str, Any]], **defaults: Any) -> torch.optim.Optimizer:
+        return make(params)  # the groups carry their hyperparameters; ZeRO is given none
+
+    def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        zero = ZeroRedundancyOptimizer(groups, optimizer_class=local)  # type: ignore[arg-type]
+        # its own ``state`` stays empty: point it at the local shard's, which the profiler
+        # reads (a state made before profiling, as by a fake run's warm-up, counts then)
+        zero.state = zero.optim.state
+        return zero
+
+    return build
 
 
 def run_sharded(workload: Workload, state: SimState) -> Measurement:

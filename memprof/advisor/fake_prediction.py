@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.advisor import distributed, fake_kernels
+from memprof import fake_kernels
+from memprof.advisor import distributed
 from memprof.advisor.workload import (
     SimState,
     StepFn,

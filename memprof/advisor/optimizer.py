@@ -48,6 +48,7 @@ from memprof.advisor.core import (
     Sample,
     Transform,
     not_applicable,
+    sparse_gradients,
 )
 from memprof.advisor.workload import SimState
 
@@ -64,6 +65,9 @@ STATE_BYTES_PER_ELEMENT = {
     "SGD": 0.0,
     "AdamW8bit": 2.0 + 2 * 4.0 / BLOCK,
 }
+#: The targets whose step takes sparse gradients (``nn.Embedding(sparse=True)``); the others
+#: raise on them (torch's Adafactor, the 8-bit step here).
+TAKES_SPARSE = frozenset({"SGD", "SGD_momentum"})
 #: What to install for the library whose optimizer the 8-bit row stands for.
 LOWBIT_EXTRA = "pip install memprof[lowbit]"
 
@@ -234,6 +238,16 @@ def lowbit_caveats() -> list[str]:
     return out
 
 
+def sparse_reason(facts: Facts, target: str) -> str | None:
+    """Why ``target`` cannot replace the profiled optimizers: some trained tensors get sparse
+    gradients and its step has no sparse kernel; None where it can."""
+    count = sparse_gradients(facts)
+    if not count or target in TAKES_SPARSE:
+        return None
+    return (f"{target} has no sparse-gradient support: {count} trained tensor(s) get sparse "
+            f"gradients (nn.Embedding/EmbeddingBag(sparse=True))")
+
+
 def current_kind(facts: Facts) -> str:
     cls = facts.optimizer_class or ""
     if cls == "SGD":
@@ -370,6 +384,9 @@ def _adafactor(facts: Facts) -> Change | None:
     if not hasattr(torch.optim, "Adafactor"):
         return not_applicable("optimizer", options, "torch.optim.Adafactor needs torch 2.5+",
                               group="optimizer")
+    sparse = sparse_reason(facts, "Adafactor")
+    if sparse is not None:
+        return not_applicable("optimizer", options, sparse, group="optimizer")
     shapes = parameter_shapes(facts)
     if shapes is None:
         return not_applicable("optimizer", options, "the profile has no parameter shapes "
@@ -482,6 +499,11 @@ def predict(facts: Facts) -> list[Change]:
         if STATE_BYTES_PER_ELEMENT[target] >= current:
             continue
         technique = "quantization" if target == "AdamW8bit" else "optimizer"
+        sparse = sparse_reason(facts, target)
+        if sparse is not None:
+            out.append(not_applicable(technique, {"from": kind, "to": target}, sparse,
+                                      group="optimizer"))
+            continue
         out.append(
             Change(
                 technique,

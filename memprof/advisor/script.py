@@ -16,8 +16,11 @@ module to run, which the profile names ``""``). Then
   scaled loss and the optimizer's ``step()`` runs as ``scaler.step(optimizer)`` then
   ``scaler.update()`` (the optimizer must exist by the model's first call).
 
-Each run is profiled like ``memprof run`` and stopped after ``steps`` optimizer steps (the
-script's remaining work is skipped). Quality compares the root module's first output and the
+Each run is profiled like ``memprof run`` and stopped after ``steps`` training steps (the
+script's remaining work is skipped). A training step ends at an optimizer step; in a script
+that steps several optimizers (a GAN's D step then G step) at the last of them: the first run
+learns how many there are (it runs on until the first optimizer steps again, then runs
+again). Quality compares the root module's first output and the
 last loss (the value ``.backward()`` was called on) with the unchanged run's.
 """
 
@@ -71,6 +74,11 @@ class _Observed:
     steps: int = 0
     applied: bool = False
     error: str | None = None
+    optimizer_steps: int = 0
+    #: The optimizers stepped, in order, while the steps per training step are being learned.
+    stepped: list[int] = field(default_factory=list)
+    #: Optimizer steps per training step, once this run found them (see :func:`_cycle`).
+    cycle: int | None = None
 
 
 class ScriptSimulator:
@@ -88,6 +96,10 @@ class ScriptSimulator:
         self.steps = steps
         self.seed = seed
         self.output_log = ""  # the script's stdout and stderr in the last run
+        #: Optimizer steps per training step (a GAN's D step and G step: 2): learned by the
+        #: first run, which, once a second optimizer steps, runs on until the first steps
+        #: again and is then run again with whole steps (None: not known yet).
+        self.cycle: int | None = None
 
     def reference(
         self, progress: Progress | None = None, *, capture: ScriptCapture | None = None
@@ -128,10 +140,21 @@ class ScriptSimulator:
         # columns: 1.5% to 7.3% of a small CNN's autocast step). An edit at the model's first
         # call that makes new weights (see _Patcher._pre) must stay out of the measurement,
         # which only a dispatch mode can be told: such a run is measured again that way.
-        profiler = Profiler(step_on_optimizer=True, max_steps=self.steps, backend=backend)
+        cycle = self.cycle or 1
+        profiler = Profiler(step_on_optimizer=True, optimizer_steps_per_step=cycle,
+                            max_steps=self.steps, backend=backend)
         stop_after = self.steps
 
-        def after_step(*_: Any) -> None:
+        def after_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+            if self.cycle is None:
+                seen.cycle = _cycle(seen.stepped, optimizer)
+                if seen.cycle is not None:
+                    raise _Enough  # measured again with whole steps
+                if len(set(seen.stepped)) > 1:
+                    return  # a second optimizer: on until the first steps again
+            seen.optimizer_steps += 1
+            if seen.optimizer_steps % cycle:
+                return  # another optimizer of the same training step
             seen.steps += 1
             if progress is not None:
                 progress(seen.steps)
@@ -171,6 +194,11 @@ class ScriptSimulator:
                 seen.error = f"{type(exc).__name__}: {_first_line(exc)}"
         self.output_log = captured.getvalue()
         gc.collect()
+        if seen.cycle is not None and seen.error is None and patcher.error is None:
+            self.cycle = seen.cycle  # this run split its steps: again, with whole ones
+            return self._run(changes, reference, progress, None, backend)
+        if self.cycle is None and seen.error is None and seen.steps:
+            self.cycle = 1
         if seen.error is None and patcher.error is not None:
             seen.error = patcher.error
         if seen.error is not None:
@@ -371,6 +399,16 @@ def _step_through(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
         return result
 
     optimizer.step = step  # type: ignore[method-assign]
+
+
+def _cycle(stepped: list[int], optimizer: torch.optim.Optimizer) -> int | None:
+    """Record that ``optimizer`` stepped; once the first optimizer steps again after another
+    one did, the optimizer steps of one training step (D, G, D: 2; D, D, G, D: 3), else None."""
+    stepped.append(id(optimizer))
+    first = stepped[0]
+    if len(stepped) > 1 and stepped[-1] == first and any(o != first for o in stepped):
+        return len(stepped) - 1
+    return None
 
 
 def _set_gradients_to_none(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -33,6 +33,7 @@ from memprof.advisor.core import (
     Transform,
     not_applicable,
     profile_tree,
+    sparse_gradients,
 )
 from memprof.advisor.distributed import fsdp_units, unavailable_reason
 from memprof.advisor.workload import SimState
@@ -194,8 +195,17 @@ def predict(facts: Facts, ranks: tuple[int, ...] = (2, 4, 8)) -> list[Change]:
         ranks = (world, *(n for n in ranks if n != world))
     out = []
     why_not = unavailable_reason()
+    sparse = sparse_gradients(facts)
     for n in ranks:
         for label, stage in STAGES.items():
+            if sparse and stage != "zero1":
+                out.append(not_applicable(
+                    "sharding", {"stage": label, "ranks": n},
+                    f"FSDP has no sparse-gradient kernel: {sparse} trained tensor(s) get sparse "
+                    "gradients (nn.Embedding/EmbeddingBag(sparse=True)); make them dense, or "
+                    "keep them out of fully_shard (ignored_params) and shard the rest",
+                    group="sharding"))
+                continue
             how = (
                 f"run as rank 0 of {n} over a fake process group with {RUN_BY[stage]}; "
                 "quality not measured (the fake collectives compute nothing)"

@@ -25,6 +25,8 @@ from memprof.profile import Profile
 from memprof.tracking import session
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
+#: Builds an optimizer over param groups (each with "params" and its hyperparameters).
+OptimizerMaker = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 #: A stage's loss: ``(model, batch, carry) -> loss``; ``carry`` is a dict made fresh for each
 #: step, where a stage leaves what a later stage of the same step reuses (a GAN's generated
 #: batch), as the loop's local variables do.
@@ -200,7 +202,11 @@ class SimState:
     autocast: torch.dtype | None = None
     grad_scaler: bool = False  # scale the loss, unscale and step through torch.amp.GradScaler
     cast_batch: torch.dtype | None = None
-    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    #: Replaces every optimizer of the workload (a change of optimizer).
+    make_optimizer: OptimizerMaker | None = None
+    #: Wraps the maker of each optimizer (its own class, or ``make_optimizer``): ZeRO-1 shards
+    #: every optimizer of the workload in its own class.
+    wrap_optimizer: Callable[[OptimizerMaker], OptimizerMaker] | None = None
     wrap_step: list[Callable[[StepFn], StepFn]] = field(default_factory=list)
     #: True: the gradients are set to None after every optimizer step (None: as the run
     #: would, the Workload's ``set_to_none`` or the script's own ``zero_grad``).
@@ -229,7 +235,8 @@ class SimState:
 
     def build_optimizers(self) -> list[torch.optim.Optimizer | None]:
         """One optimizer per optimizer of the workload, in its order (see
-        :meth:`build_optimizer`); a change's ``make_optimizer`` replaces each. None where no
+        :meth:`build_optimizer`); a change's ``make_optimizer`` replaces each, its
+        ``wrap_optimizer`` wraps each. None where no
         group of that optimizer kept a parameter (LoRA trains the adapters only)."""
         specs = [(self.optimizer_class, self.defaults), *self.more_optimizers]
         built: list[torch.optim.Optimizer | None] = []
@@ -244,13 +251,14 @@ class SimState:
             if make is None:
                 assert cls is not None
                 make = _constructor(cls, defaults)
+            if self.wrap_optimizer is not None:
+                make = self.wrap_optimizer(make)
             built.append(with_master_weights(groups, make) if self.master_weights
                          else make(groups))
         return built
 
 
-def _constructor(cls: type[torch.optim.Optimizer], defaults: dict[str, Any]) -> Callable[
-        [list[dict[str, Any]]], torch.optim.Optimizer]:
+def _constructor(cls: type[torch.optim.Optimizer], defaults: dict[str, Any]) -> OptimizerMaker:
     options = accepted_options(cls, defaults)
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -260,8 +268,7 @@ def _constructor(cls: type[torch.optim.Optimizer], defaults: dict[str, Any]) -> 
 
 
 def with_master_weights(
-    groups: list[dict[str, Any]],
-    make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+    groups: list[dict[str, Any]], make: OptimizerMaker
 ) -> torch.optim.Optimizer:
     """An optimizer built by ``make`` over fp32 copies ("masters") of the parameters in
     ``groups``: a step pre-hook gives each master the fp32 copy of its parameter's gradient, a

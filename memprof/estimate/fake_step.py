@@ -21,6 +21,7 @@ from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.loading import resolve_batch
 from memprof.estimate.options import EstimateOptions
 from memprof.estimate.verdict import annotate, gpu_budget
+from memprof.fake_kernels import active as cpu_fake_kernels
 from memprof.fake_scalars import ScalarStandIns
 from memprof.profile import Profile
 
@@ -79,7 +80,9 @@ def estimate_step(
     param_dtype = opts.parameter_dtype
     kv_cache_bytes: int | None = None
 
-    with FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
+    # a CPU step: the fake kernels of what the CPU kernels run (an fp32 expert matmul)
+    kernels = cpu_fake_kernels() if opts.device == "cpu" else contextlib.nullcontext()
+    with kernels, FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
         model = _build_model(factory, param_dtype)
         opt = None if opts.inference else _make_optimizer(opts.optimizer, model,
                                                           cuda=opts.device == "cuda")

@@ -125,7 +125,7 @@ def _collect_held(tensor: torch.Tensor, found: list[torch.Tensor],
         if layout is not _STRIDED and isinstance(tensor, FakeTensor) and _no_entries(tensor):
             # PyTorch's fake sparse tensors hold no entries (how many depends on values):
             # charging their empty parts would pass 0 bytes off as an estimate. (memprof's
-            # fake runs give a sparse gradient its entries: advisor/fake_kernels.py.)
+            # fake runs give a sparse gradient its entries: memprof/fake_kernels.py.)
             raise NotImplementedError("a fake sparse tensor's size depends on values")
         if layout is torch.sparse_coo:
             parts = [tensor._indices(), tensor._values()]

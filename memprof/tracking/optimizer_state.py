@@ -85,6 +85,11 @@ class OptimizerStates:
                 # factored moments) or per-tensor scratch need to be predicted.
                 "parameter_shapes": [[int(d) for d in p.shape] for p in params],
                 "parameter_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
+                # Trained tensors whose gradient is sparse (nn.Embedding(sparse=True)): FSDP
+                # and most optimizers have no kernel for them.
+                "sparse_gradients": sum(1 for p in params
+                                        if p.grad is not None
+                                        and p.grad.layout is not torch.strided),
             }
         summary["state_bytes"] = state_bytes
         return state

@@ -107,6 +107,7 @@ class Profiler(ProfileResults):
         top_tensors: int = 20,
         round_to: int = 1,
         step_on_optimizer: bool = False,
+        optimizer_steps_per_step: int = 1,
         max_steps: int | None = None,
         device_modelled: str | None = None,
         backend: Backend = "auto",
@@ -125,6 +126,10 @@ class Profiler(ProfileResults):
         self._top_tensors = top_tensors
         self._round_to = round_to
         self._step_on_optimizer = step_on_optimizer
+        #: With ``step_on_optimizer``: every this many optimizer steps end a step (a GAN's
+        #: D and G steps are one training step).
+        self._optimizer_steps_per_step = max(1, optimizer_steps_per_step)
+        self._optimizer_steps = 0
         self._max_steps = max_steps
         self._device_modelled = device_modelled
         #: The caching allocator's options to replay with (None: this process's
@@ -795,7 +800,9 @@ class Profiler(ProfileResults):
             else:
                 self._events.point(self._optimizer_post_apply, state)
         if self._step_on_optimizer:
-            self.step()
+            self._optimizer_steps += 1
+            if self._optimizer_steps % self._optimizer_steps_per_step == 0:
+                self.step()
 
     def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> list[tuple[Any, int]]:
         """The optimizer's persistent state tensors with their owning modules (live part)."""

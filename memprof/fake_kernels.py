@@ -1,4 +1,5 @@
-"""Fake kernels PyTorch lacks for what its CPU kernels run.
+"""Fake kernels PyTorch lacks for what its CPU kernels run: shared by the advisor's fake runs
+(:mod:`memprof.advisor.fake_prediction`) and :mod:`memprof.estimate` of a CPU step.
 
 ``torch._grouped_mm`` (the expert matmul of transformers' mixture-of-experts models) has a
 meta kernel that demands bf16 inputs, CUDA's rule, while the CPU kernel multiplies fp32 too:
@@ -6,8 +7,9 @@ a fake run of an fp32 mixture-of-experts step on the CPU failed there, and every
 of such a model fell back to its analytic prediction (5% to 43% off on the pattern zoo's
 Mixtral). :func:`install` adds, once, a fake implementation for CPU inputs of any other dtype
 that makes the output the CPU kernel makes (same shape and dtype, contiguous); bf16 inputs
-and other devices keep PyTorch's own. It acts only inside :func:`active` (memprof's fake runs):
-any other fake-tensor code, ``memprof.estimate`` included, sees PyTorch's own behaviour.
+and other devices keep PyTorch's own. It acts only inside :func:`active` (memprof's fake
+runs, and ``memprof.estimate`` with ``device="cpu"``: a CUDA estimate keeps CUDA's bf16
+rule): any other fake-tensor code sees PyTorch's own behaviour.
 
 Sparse gradients (``nn.EmbeddingBag``/``nn.Embedding`` with ``sparse=True``, stepped by
 SparseAdam): a fake sparse gradient held no entries (its number depends on the indices'
@@ -40,6 +42,22 @@ def active() -> Iterator[None]:
         yield
     finally:
         _ACTIVE[0] -= 1
+        if not _ACTIVE[0]:
+            _forget_cached_outputs()
+
+
+def _forget_cached_outputs() -> None:
+    """Drop the outputs FakeTensorMode's class-wide dispatch cache kept from the kernels here
+    (an fp32 expert matmul's; sparse outputs are never cached): fake-tensor code after a fake
+    run would get them instead of PyTorch's own refusal (an estimate of a CUDA step did)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grouped_mm = getattr(torch.ops.aten, "_grouped_mm", None)
+    if grouped_mm is None:
+        return
+    ours = [key for key in FakeTensorMode.cache if key.key and key.key[0] is grouped_mm.default]
+    for key in ours:
+        del FakeTensorMode.cache[key]
 
 
 def install() -> None:
