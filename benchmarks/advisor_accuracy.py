@@ -21,6 +21,8 @@ Run from the repository root::
     python benchmarks/advisor_accuracy.py --quick              # 3 models, no sharding
     python benchmarks/advisor_accuracy.py --models gpt2,t5 --techniques mixed_precision
     python benchmarks/advisor_accuracy.py --json reports/accuracy.json
+    python benchmarks/advisor_accuracy.py --estimate-only      # estimate vs real run only
+    python benchmarks/advisor_accuracy.py --estimate-only --estimate-mixed fp16
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ MEASURED = "measured simulation"
 #: analytic model 10% (an aim; its worst is printed), estimate vs a real run 1%.
 TARGET = {"fake run": 3.0, ANALYTIC: 10.0}
 ESTIMATE_TARGET = 1.0
+MIXED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 QUICK_MODELS = ("gpt2", "resnet-bn", "lstm-tied")
 #: Simulated with forked ranks: slow, skipped by --quick.
 SLOW_TECHNIQUES = ("sharding",)
@@ -219,17 +222,22 @@ def _wrapped(entry: ZooModel) -> Callable[[], nn.Module]:
     return factory
 
 
-def real_peak(entry: ZooModel, batch: Any, *, steps: int = 2) -> int:
-    """The peak of ``steps`` real CPU steps shaped as estimate's (forward, backward, AdamW
-    step, zero_grad(set_to_none=True)), under memprof.profile."""
+def real_peak(entry: ZooModel, batch: Any, *, steps: int = 2,
+              mixed_precision: str | None = None) -> int:
+    """The peak of ``steps`` real CPU steps shaped as estimate's (forward, under CPU autocast
+    with ``mixed_precision``; backward, AdamW step, zero_grad(set_to_none=True)), under
+    memprof.profile."""
     model = _wrapped(entry)()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    autocast: Any = (torch.autocast("cpu", dtype=MIXED_DTYPES[mixed_precision])
+                     if mixed_precision else contextlib.nullcontext())
     with seeded(), memprof.profile(model, opt) as prof:
         for _ in range(steps):
             model.train()
-            out = model(**batch) if isinstance(batch, dict) else (
-                model(*batch) if isinstance(batch, tuple | list) else model(batch))
+            with autocast:
+                out = model(**batch) if isinstance(batch, dict) else (
+                    model(*batch) if isinstance(batch, tuple | list) else model(batch))
             loss = out["loss"]
             del out
             loss.backward()
@@ -240,15 +248,16 @@ def real_peak(entry: ZooModel, batch: Any, *, steps: int = 2) -> int:
     return prof.profile.peak().total_bytes
 
 
-def estimate_row(entry: ZooModel, workload: Workload) -> dict[str, Any]:
+def estimate_row(entry: ZooModel, workload: Workload,
+                 mixed_precision: str | None = None) -> dict[str, Any]:
     batch = workload.batch
     with seeded():
-        real = real_peak(entry, batch)
+        real = real_peak(entry, batch, mixed_precision=mixed_precision)
     try:
         with seeded():
             profile = memprof.estimate(
                 _wrapped(entry), batch=batch, optimizer="adamw", dtype="fp32", device="cpu",
-                steps=2,
+                steps=2, mixed_precision=mixed_precision,
             )
         predicted: int | None = profile.peak().total_bytes
         failure = None
@@ -260,6 +269,7 @@ def estimate_row(entry: ZooModel, workload: Workload) -> dict[str, Any]:
     return {
         "model": entry.name,
         "family": entry.family,
+        "mixed_precision": mixed_precision,
         "estimate_peak_bytes": predicted,
         "real_peak_bytes": real,
         "error_pct": ours,
@@ -423,6 +433,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"{', '.join(QUICK_MODELS)} only (unless --models), no sharding")
     parser.add_argument("--no-estimate", action="store_true", help="skip estimate vs real run")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="only estimate vs real run (no advise rows)")
+    parser.add_argument("--estimate-mixed", choices=tuple(MIXED_DTYPES),
+                        help="estimate (and run) the step's forward under CPU autocast")
     parser.add_argument("--prediction", choices=("analytic", "fake"),
                         help="ask advise for this prediction kind (when it supports it)")
     parser.add_argument("--json", type=Path, help="write the rows and summaries here")
@@ -492,15 +506,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         start = time.perf_counter()
         try:
-            workload = entry.build()
-            with seeded():
-                baseline(workload)  # warm-up: first-call allocations out of the measure
-                ref = baseline(workload)
-            model_rows = advise_rows(entry, workload, ref, techniques=techniques,
-                                     prediction=args.prediction)
-            rows.extend(model_rows)
+            if not args.estimate_only:
+                workload = entry.build()
+                with seeded():
+                    baseline(workload)  # warm-up: first-call allocations out of the measure
+                    ref = baseline(workload)
+                rows.extend(advise_rows(entry, workload, ref, techniques=techniques,
+                                        prediction=args.prediction))
             if not args.no_estimate:
-                estimates.append(estimate_row(entry, entry.build()))
+                estimates.append(estimate_row(entry, entry.build(), args.estimate_mixed))
         except Exception as exc:  # one broken model must not hide the others' figures
             failures[entry.name] = f"{type(exc).__name__}: {exc}"
             print(f"{entry.name}: FAILED {failures[entry.name]}", flush=True)
@@ -510,20 +524,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:  # after every model, so an interrupted run keeps its rows
             _write_json(args.json, rows, estimates, timings, failures)
 
-    print()
-    print_rows(rows)
-    summary = technique_summary(rows)
-    print("\nPer technique (error = |predicted - simulated| / simulated):")
-    print_summary(summary)
-    print("\nFake run and analytic side by side (targets: fake-run median under "
-          f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")
-    print_side_by_side(side_by_side(rows))
-    wrong = [r for r in rows if not r["sign_right"]]
-    print(f"\nsign of the saving right in {len(rows) - len(wrong)}/{len(rows)} rows"
-          + ("; wrong: " + "; ".join(f"{r['model']} {r['technique']} {r['options']}"
-                                     for r in wrong) if wrong else ""))
+    if rows:
+        print()
+        print_rows(rows)
+        summary = technique_summary(rows)
+        print("\nPer technique (error = |predicted - simulated| / simulated):")
+        print_summary(summary)
+        print("\nFake run and analytic side by side (targets: fake-run median under "
+              f"{FAKE_MEDIAN_TARGET:.0f}%, worst within {FAKE_WORST_TARGET:.0f}%, signs right):")
+        print_side_by_side(side_by_side(rows))
+        wrong = [r for r in rows if not r["sign_right"]]
+        print(f"\nsign of the saving right in {len(rows) - len(wrong)}/{len(rows)} rows"
+              + ("; wrong: " + "; ".join(f"{r['model']} {r['technique']} {r['options']}"
+                                         for r in wrong) if wrong else ""))
     if estimates:
-        print("\nestimate (fake tensors, device cpu) vs the same steps run for real:")
+        mixed = f", forward under {args.estimate_mixed} autocast" if args.estimate_mixed else ""
+        print(f"\nestimate (fake tensors, device cpu{mixed}) vs the same steps run for real:")
         print_estimates(estimates)
     print(f"\ntotal {sum(timings.values()):.0f}s; per model: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

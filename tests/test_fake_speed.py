@@ -218,6 +218,57 @@ def test_rows_run_on_worker_processes_give_the_bytes_of_rows_run_one_by_one(
     assert any(isinstance(a, list) and a for a in answers)
 
 
+def test_workers_read_the_kernel_measurements_on_disk_and_give_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # GIVEN a small GPT-2's rows, their kernels measured once into a cache directory
+    from memprof.tracking import kernel_cache
+
+    w = gpt2_workload()
+    profile = baseline(w).profile
+    monkeypatch.setenv(kernel_cache.ENABLED_ENV, "1")
+    monkeypatch.setenv(kernel_cache.DIR_ENV, str(tmp_path))
+    kernel_cache.forget()
+    alone = _row_peaks(w, profile, monkeypatch, "0")
+    answers: list[Any] = []
+    read_answers = parallel._answers
+
+    def counting(*args: Any) -> Any:
+        found = read_answers(*args)
+        answers.extend(answer for _, answer in found)
+        return found
+
+    monkeypatch.setattr(parallel, "_answers", counting)
+    # WHEN a new process (an empty table, the file read again) runs them on two processes
+    kernel_cache.forget()
+    shared = _row_peaks(w, profile, monkeypatch, "2")
+    # THEN the same bytes, and no run was sent back for lack of a measurement
+    assert shared == alone
+    assert any(isinstance(a, int) for a in answers)
+    assert not [a for a in answers if isinstance(a, list)]
+    kernel_cache.forget()
+
+
+def test_a_runs_extrapolated_scratch_does_not_depend_on_the_runs_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN ops above the measuring limit (extrapolated from the largest measured key of the
+    # same op), and a 16-bit run whose matmuls measure other scratch than fp32 ones
+    from memprof.tracking import kernel_corrections
+
+    monkeypatch.setattr(kernel_corrections, "TABLE", kernel_corrections.KernelCorrections())
+    monkeypatch.setattr(kernel_corrections, "MEASURE_LIMIT_BYTES", 40_000)
+    w = gpt2_workload()
+    changes = changes_for(read_facts(baseline(w).profile))
+    autocast = next(c for c in changes if c.options.get("mode") == "autocast"
+                    and c.apply is not None)
+    # WHEN the unchanged step runs first, then after the 16-bit one
+    first = fake_peak(w)
+    fake_peak(w, [autocast.apply])
+    # THEN the same bytes: each run extrapolates from its own ops
+    assert fake_peak(w) == first
+
+
 def test_measuring_nothing_stops_a_run_at_a_kernel_not_measured_yet(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -274,13 +325,30 @@ def test_runs_a_worker_never_answers_are_run_in_this_process(
         os.waitpid(-1, os.WNOHANG)  # no worker left behind
 
 
-def test_workers_only_where_asked_and_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+def _cpu_samples(monkeypatch: pytest.MonkeyPatch, busy_share: float) -> None:
+    """/proc/stat as it reads on a machine whose 4 CPUs are busy ``busy_share`` of the time."""
+    samples = iter([(0, 0), (int(400 * busy_share), 400)])
+    monkeypatch.setattr(parallel, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(parallel, "IDLE_SAMPLE_S", 0.0)
+
+
+def test_workers_on_idle_cores_or_where_asked_and_forking_is_safe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a Linux machine with 4 usable cores
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(parallel.sys, "platform", "linux")
-    # WHEN / THEN: none unless the environment variable asks; then at most one per core and run
+    # WHEN / THEN: unset, one process per core idle now (this one's included)
     monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    _cpu_samples(monkeypatch, busy_share=0.25)  # one core busy with other work
+    assert parallel.processes(10) == 3
+    _cpu_samples(monkeypatch, busy_share=1.0)  # every core busy: this process alone
     assert parallel.processes(10) == 1
+    _cpu_samples(monkeypatch, busy_share=0.0)
+    assert parallel.processes(2) == 2
+    monkeypatch.setattr(parallel, "_cpu_times", lambda: None)  # no /proc/stat: alone
+    assert parallel.processes(10) == 1
+    # the environment variable decides where set: at most one per core and run
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
     assert parallel.processes(10) == 1
     monkeypatch.setenv(parallel.WORKERS_ENV, "8")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from memprof.errors import EstimateError, MemprofError
+from memprof.estimate.build_values import values_while_building
 from memprof.estimate.catalog import ModelSpec
 from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.loading import resolve_batch
@@ -132,8 +133,9 @@ def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Mod
     # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
     # anyway (it swaps tensors, which fake tensors with weak references refuse).
     try:
+        mode = _active_fake_mode()
         with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init(), \
-                _deepcopy_in_mode(_active_fake_mode()):
+                _deepcopy_in_mode(mode), values_while_building(mode):
             model = factory()
     except MemprofError:
         raise
@@ -144,25 +146,43 @@ def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Mod
     if not isinstance(model, nn.Module):
         raise EstimateError(f"the model factory returned {type(model).__name__}, "
                             "not a torch.nn.Module")
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie) and "transformers" in sys.modules:
-        tie()  # skipping transformers' init_weights also skipped its weight tying
     _cast_parameters(model, dtype)
     return model
 
 
-def _skip_weight_init() -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
     """Skip transformers' weight initialisation: values do not matter to memory, and some
-    initialisers (``trunc_normal_``) branch on values, which fake tensors do not have."""
+    initialisers (``trunc_normal_``) branch on values, which fake tensors do not have.
+
+    ``no_init_weights`` also skips the weight tying that ``init_weights`` does, which left
+    tied embeddings and output layers as separate parameters (and optimizer state) wherever a
+    model holds a transformers model below its root: the tying part of ``init_weights`` is
+    kept, run where the real constructor runs it."""
     module = sys.modules.get("transformers")
     if module is None:
-        return contextlib.nullcontext()
+        yield
+        return
     try:
         from transformers.initialization import no_init_weights
+        from transformers.modeling_utils import PreTrainedModel
     except ImportError:  # pragma: no cover - older transformers
-        return contextlib.nullcontext()
-    manager: contextlib.AbstractContextManager[Any] = no_init_weights()
-    return manager
+        yield
+        return
+
+    def tie_only(self: Any) -> None:
+        try:
+            self.tie_weights(recompute_mapping=False)
+        except TypeError:  # pragma: no cover - a tie_weights without that argument
+            self.tie_weights()
+
+    with no_init_weights():
+        skipped = PreTrainedModel.init_weights
+        PreTrainedModel.init_weights = tie_only  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            PreTrainedModel.init_weights = skipped  # type: ignore[method-assign]
 
 
 def _active_fake_mode() -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprof.allocator import AllocatorSummary
 from memprof.categories import CATEGORIES, PHASES
 from memprof.decimate import decimate
 from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
@@ -204,7 +205,7 @@ def build_profile(
     compiled_attributed: int,
     device: DeviceInfo,
     optimizers: list[dict[str, Any]],
-    allocator: dict[str, Any] | None,
+    allocator: AllocatorSummary | None,
     op_trace: dict[str, Any] | None,
     meta: dict[str, Any],
 ) -> Profile:

@@ -34,7 +34,7 @@ from memprof import oom as oom_report
 from memprof.categories import PHASES
 from memprof.errors import ProfileActiveError
 from memprof.tracking import kernel_corrections, native
-from memprof.tracking.compiled import CompiledOwners, compiled_inner, is_compiled
+from memprof.tracking.compiled import CompiledOwners, compile_loaded, compiled_inner, is_compiled
 from memprof.tracking.events import EventStream, RecorderSource
 from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
 from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
@@ -284,8 +284,8 @@ class Profiler(ProfileResults):
         self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
         self._compiled = CompiledOwners()
-        if self._events is not None:  # under the dispatch backend nothing is compiled
-            self._compiled.install()
+        if self._events is not None and compile_loaded():  # dispatch: nothing is compiled
+            self._compiled.install()  # else at the first compiled module, if any
         del ledger
 
     def _prior_tensors(self) -> list[Any]:
@@ -457,6 +457,7 @@ class Profiler(ProfileResults):
             self._op_traces.abandon()  # before dynamo sees the frame: it must run compiled
             self._compiled_modules.add(idx)
             self._compiled_modules.add(self.registry.index_of(compiled_inner(module), idx))
+            self._compiled.install()  # compiled inside the block: before it first runs
         facts = None
         if not recompute and not stack:
             facts = [facts_of(t) for t in _held(self.ledger, _tensors(args))]
