@@ -281,9 +281,13 @@ class EventStream:
         on_backward_node: Callable[[int], None],
         source: EventSource | None = None,
         on_module_backward: Callable[[int], None] | None = None,
+        next_phase: Callable[[bool], int] | None = None,
     ) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
+        #: The phase ``alloc_phase`` would set now (True: once an autograd node started), so
+        #: that the walk stops for it only where it changes (None: stop at every first one).
+        self._next_phase = next_phase
         self._on_backward_node = on_backward_node
         self._on_module_backward = on_module_backward
         #: Sealed markers met by the replay, waiting for the next marker of either kind.
@@ -462,13 +466,23 @@ class EventStream:
         walk = _walk(raw, ledger)
         run, materialize = walk.run, walk.materialize
         now = 0.0
-        # The phase depends only on what the markers' calls set: once an interval is enough.
+        # The phase depends only on what the markers' calls set: once an interval is enough,
+        # and only where it changes the phase (where ``next_phase`` tells).
         phase_set = False
+        next_phase = self._next_phase
+        needs: tuple[bool, bool] | None = None  # (need_phase, node_phase); None: to work out
         ledger.clock = lambda: now
         try:
             while True:
+                if needs is None:
+                    if next_phase is None:
+                        needs = (not phase_set, True)
+                    else:
+                        current = ledger.phase
+                        needs = (not phase_set and next_phase(False) != current,
+                                 next_phase(True) != current)
                 code, when, ptr, value, most, node, sealed = run(
-                    ledger.recording, ledger.logging, not phase_set,
+                    ledger.recording, ledger.logging, needs[0], needs[1],
                     ledger.peak.total - ledger.total,
                 )
                 # What the walk passed over on the way: autograd nodes (the last one counts),
@@ -476,6 +490,7 @@ class EventStream:
                 if node != _NO_NODE:
                     self._on_backward_node(node)
                     phase_set = False
+                    needs = None
                 if sealed is not None:
                     self._sealed.extend(sealed)
                 if most >= 0:
@@ -488,6 +503,7 @@ class EventStream:
                         if walk.extra:  # (cannot happen: no transient outlives a marker)
                             self._enter_live(materialize())
                         phase_set = False
+                        needs = None
                         if self._sealed:
                             for index in self._sealed:
                                 self._apply(index)
@@ -512,6 +528,7 @@ class EventStream:
                     now = when / 1e9 + offset
                     self._alloc_phase()
                     phase_set = True
+                    needs = None
                 elif code == _PEAK:
                     # A transient raised the step's peak: the peak's breakdown lists the live
                     # ones, so they become entries (their frees then go through the ledger).
@@ -563,12 +580,14 @@ class _Walk:
         self.served = 0  # a transient the allocator model served as malloc_free (0: none)
         self.pending: tuple[int, int] | None = None  # the peak's transient, to be malloc'ed
 
-    def run(self, recording: bool, logging: bool, need_phase: bool,
+    def run(self, recording: bool, logging: bool, need_phase: bool, node_phase: bool,
             threshold: int) -> tuple[int, int, int, int, int, int, list[int] | None]:
         """Walk on until the ledger must act: ``(what, time, ptr, value, most, node,
         sealed)``, ``most`` the most bytes the transients held since the last stop (-1: no
         transient allocated), ``node`` the last autograd node started since then
-        (:data:`_NO_NODE`: none) and ``sealed`` the sealed markers passed (None: none)."""
+        (:data:`_NO_NODE`: none) and ``sealed`` the sealed markers passed (None: none).
+        ``need_phase``: stop at the next recorded allocation for its phase (``_PHASE``);
+        ``node_phase``: the same once an autograd node started."""
         items, flags, live, allocator = self.items, self.flags, self.live, self.allocator
         most = -1
         node = _NO_NODE
@@ -581,7 +600,7 @@ class _Walk:
                     pos += 1
                     if ptr == _NODE:
                         node = value
-                        need_phase = True
+                        need_phase = node_phase
                         continue
                     if ptr == _SEALED:
                         sealed = [value] if sealed is None else [*sealed, value]

@@ -182,7 +182,8 @@ class Profiler(ProfileResults):
         self._events: EventStream | None = None
         if backend == "events":
             self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node,
-                                       on_module_backward=self._backward_enter_apply)
+                                       on_module_backward=self._backward_enter_apply,
+                                       next_phase=self._next_alloc_phase)
         #: memprof's recorder marks the modules' backward starts itself, from C++ hooks
         self._recorder = (self._events.source
                           if self._events is not None
@@ -825,17 +826,21 @@ class Profiler(ProfileResults):
     # ----------------------------------------------------------- events replay
     def _alloc_phase(self) -> None:
         """Set the phase of an allocation being replayed (what ``see`` does live)."""
+        phase = self._next_alloc_phase(False)
+        if phase != self.ledger.phase:
+            self.ledger.set_phase(phase)
+
+    def _next_alloc_phase(self, after_node: bool) -> int:
+        """The phase :meth:`_alloc_phase` sets now (``after_node``: once an autograd node
+        started, :meth:`_on_backward_node`)."""
         ledger = self.ledger
         if ledger.in_optimizer:
-            phase = OPTIMIZER
-        elif self._replay_bwd or ledger.phase == BACKWARD:
-            phase = BACKWARD
-        elif ledger.frames:
-            phase = FORWARD
-        else:
-            phase = OTHER_PHASE
-        if phase != ledger.phase:
-            ledger.set_phase(phase)
+            return OPTIMIZER
+        if after_node or self._replay_bwd or ledger.phase == BACKWARD:
+            return BACKWARD
+        if ledger.frames:
+            return FORWARD
+        return OTHER_PHASE
 
     def _on_backward_node(self, node: int) -> None:
         """The autograd node numbered ``node`` started (replay): backward is running."""

@@ -75,8 +75,11 @@ class Walk {
   // ``most`` the most bytes the transients held after one of their allocations since the last
   // return (-1: none); ``node`` the last autograd node started since then (kNoNode: none; a
   // node start needs the phase set again) and ``sealed`` the sealed markers met since then
-  // (None: none), which Python applies before anything else it is returned.
-  py::tuple run(bool recording, bool logging, bool need_phase, int64_t threshold) {
+  // (None: none), which Python applies before anything else it is returned. ``need_phase``:
+  // stop at the next recorded allocation for its phase; ``node_phase``: the same, from the next
+  // autograd node start on.
+  py::tuple run(bool recording, bool logging, bool need_phase, bool node_phase,
+                int64_t threshold) {
     int64_t most = -1;
     node_ = kNoNode;
     sealed_.clear();
@@ -89,7 +92,7 @@ class Walk {
         ++pos_;
         if (ptr == kNode) {
           node_ = value;
-          need_phase = true;
+          need_phase = node_phase;
           continue;
         }
         if (ptr == kSealed) {
