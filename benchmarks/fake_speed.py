@@ -19,7 +19,9 @@ Every time is printed with its ratio to the unchanged real step measured in the 
 time, and CPU time (this process's threads and its children), which a machine shared with other
 work inflates less.
 ``--workers N`` sets how many processes share the fake runs (``MEMPROF_FAKE_WORKERS``; ``0``:
-all in this process, the default). ``--quick`` uses a 2-layer
+all in this process; the default, the cores idle when they start). Kernel-scratch measurements
+are kept on disk (memprof.tracking.kernel_cache), so a second run reads what the first measured;
+``--cold`` starts from none (a first run on a new machine). ``--quick`` uses a 2-layer
 GPT-2 (d=128) so the whole script takes seconds; ``--cprofile N`` prints the N most expensive
 functions of the all-rows ``advise`` call (in this process: by cumulative, then own time).
 ``--bytes FILE`` writes the all-rows call's predicted bytes per row to FILE, or, where FILE
@@ -133,15 +135,28 @@ def main(argv: list[str] | None = None) -> int:
                              "compare them with FILE's where it exists")
     parser.add_argument("--workers", metavar="N",
                         help="processes the fake runs share (MEMPROF_FAKE_WORKERS: 0 runs them "
-                             "all in this process, the default)")
+                             "all in this process; default: the cores idle when they start)")
+    parser.add_argument("--cold", action="store_true",
+                        help="start with no kernel measurements on disk (a fresh "
+                             "MEMPROF_CACHE_DIR for this run): a first run on a new machine")
     parser.add_argument("--estimate", metavar="NAME",
                         help="time `memprof estimate NAME --gpu \"RTX 4090\"` (advice by fake "
                              "runs) against the unchanged fake step, instead of the above")
     args = parser.parse_args(argv)
     if args.workers is not None:
         os.environ["MEMPROF_FAKE_WORKERS"] = args.workers  # subprocesses inherit it too
+    from memprof.advisor import parallel
+    from memprof.tracking import kernel_cache
+
+    if args.cold:
+        os.environ[kernel_cache.DIR_ENV] = tempfile.mkdtemp(prefix="memprof-kernels-")
     print(f"fake-run processes: {os.environ.get('MEMPROF_FAKE_WORKERS') or 'default'} "
-          f"({len(os.sched_getaffinity(0))} usable cores)")
+          f"({len(os.sched_getaffinity(0))} usable cores, "
+          f"{parallel.idle_cores(len(os.sched_getaffinity(0)))} idle now)")
+    path = kernel_cache.file_path()
+    stored = len(path.read_text().splitlines()) if path.exists() else 0
+    print(f"kernel measurements on disk: {stored} ({path})"
+          if kernel_cache.enabled() else "kernel measurements on disk: off")
 
     if args.estimate:
         return _time_estimate(args.estimate)

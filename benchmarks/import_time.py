@@ -6,8 +6,9 @@ Each repeat starts two interpreters: one that imports torch alone, and one that 
 and then memprof, timing each import with ``time.perf_counter`` inside the interpreter (its own
 start-up is left out). Prints the best of ``--repeats`` (a busy machine only ever adds time),
 memprof's cost as a ratio to torch's, how many ``memprof`` modules the import loaded, and
-whether pandas came with it. The advisor, the report, estimate, compare and the snapshot code
-load on first use, so none of them should be in the list.
+whether pandas or torch.compile's dynamo (which brings inductor: about as long as torch's own
+import) came with it. The advisor, the report, estimate, compare and the snapshot code load on
+first use, so none of them should be in the list.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
 import memprof; t2 = time.perf_counter()
 print(json.dumps({"torch_s": t1 - t0, "memprof_s": t2 - t1,
                   "modules": sorted(m for m in sys.modules if m.split(".")[0] == "memprof"),
-                  "pandas": "pandas" in sys.modules}))
+                  "pandas": "pandas" in sys.modules, "dynamo": "torch._dynamo" in sys.modules}))
 """
 
 
@@ -58,6 +59,7 @@ def main() -> None:
           f"({memprof_s / torch_s:.2f}x of torch's import)")
     print(f"memprof modules loaded:       {len(modules)}")
     print(f"pandas loaded:                {last['pandas']}")
+    print(f"torch._dynamo loaded:         {last['dynamo']}")
     heavy = [m for m in modules
              if m.startswith(("memprof.advisor", "memprof.report", "memprof.estimate",
                               "memprof.compare", "memprof.snapshot"))]

@@ -46,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from memprof.dict_record import DictRecord
 from memprof.errors import AllocatorConfError, AllocatorOOM
 
 MiB = 1024 * 1024
@@ -357,11 +358,15 @@ class Replay:
         )
 
 
-@dataclass(frozen=True)
-class AllocatorSummary:
-    """The caching-allocator replays of one profiled run (``Profile.allocator`` stores its
-    :meth:`to_dict`): the run's allocations under its own options ``conf`` (``replay``) and
-    under others (``what_if``, by option text), and what the profile's replay leaves out."""
+@dataclass(frozen=True, eq=False)
+class AllocatorSummary(DictRecord):
+    """The caching-allocator replays of one profiled run (``Profile.allocator``): the run's
+    allocations under its own options ``conf`` (``replay``) and under others (``what_if``, by
+    option text), and what the profile's replay leaves out.
+
+    Also the read-only dict of :meth:`to_dict` (the file's ``allocator`` keys), so
+    ``profile.allocator["replay"]["reserved_peak_bytes"]`` reads as it did when it was a dict.
+    """
 
     conf: str
     replay: Replay

@@ -20,16 +20,23 @@ def decimate(samples: Sequence[T], limit: int, *, key: Callable[[T], float]) -> 
     inner = samples[1:-1]
     buckets = (limit - 2) // 2
     size = len(inner) / buckets
-    keys = [key(sample) for sample in inner]  # once each (it runs at every profiled step)
-    by_index = keys.__getitem__
+    keys = list(map(key, inner))  # once each (it runs at every profiled step)
     kept = [samples[0]]
+    append = kept.append
     for b in range(buckets):
         start, stop = int(b * size), int((b + 1) * size)
         if start >= stop:
             continue
-        low = min(range(start, stop), key=by_index)
-        high = max(range(start, stop), key=by_index)
-        for i in sorted({low, high}):
-            kept.append(inner[i])
+        window = keys[start:stop]  # each bucket's first lowest and first highest, in order
+        low = start + window.index(min(window))
+        high = start + window.index(max(window))
+        if low < high:
+            append(inner[low])
+            append(inner[high])
+        elif high < low:
+            append(inner[high])
+            append(inner[low])
+        else:
+            append(inner[low])
     kept.append(samples[-1])
     return kept

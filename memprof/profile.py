@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,8 +36,9 @@ import numpy as np
 
 from memprof import hooks
 from memprof.allocator import AllocatorSummary
+from memprof.atomic_files import write_text_atomic
 from memprof.categories import CATEGORIES, PHASES
-from memprof.errors import OutputExistsError, ProfileLoadError
+from memprof.errors import ProfileLoadError
 from memprof.hooks import plugged
 from memprof.oom import OOMReport
 from memprof.units import format_bytes
@@ -116,6 +116,13 @@ class Peak:
     by_module: dict[str, dict[str, int]]
     top_tensors: list[TensorAtPeak]
 
+    def __repr__(self) -> str:
+        """One line: ``Peak(1.2 GiB at step 3, backward in 'h.2': parameter 400.0 MiB, ...;
+        20 top tensors)`` (the dataclass's own spelled out every module and tensor)."""
+        parts = ", ".join(f"{c} {format_bytes(v)}" for c, v in self.by_category.items() if v)
+        return (f"Peak({self.describe().removeprefix('peak ')}: {parts or 'nothing'}; "
+                f"{len(self.top_tensors)} top tensors)")
+
     def describe(self) -> str:
         """One line: ``peak 1.2 GiB at step 3, backward in 'h.2.mlp'``."""
         where = f" in {self.module!r}" if self.module else ""
@@ -176,13 +183,18 @@ class Profile:
     #: The CUDA caching-allocator replay of the run's allocations (memprof.allocator): ``conf``,
     #: ``replay`` (reserved_peak_bytes, allocated_peak_bytes, fragmentation_bytes, segments,
     #: largest_free_block_bytes, ...) and ``what_if`` (the same under other options); None in
-    #: profiles that did not model it.
-    allocator: dict[str, Any] | None = None
+    #: profiles that did not model it. A typed record that also reads as the file's dict.
+    allocator: AllocatorSummary | None = None
     #: Set when the profiled run ended in an out-of-memory error (see :mod:`memprof.oom`).
     oom: OOMReport | None = None
     #: The operator trace of one profiled step (:mod:`memprof.tracking.op_trace`), for
     #: replaying the step under a change's rules from the file alone; None when not recorded.
     op_trace: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.allocator is not None and not isinstance(self.allocator, AllocatorSummary):
+            # the dict a caller wrote in the file's form, as before the record
+            self.allocator = AllocatorSummary.from_dict(self.allocator)
 
     def __repr__(self) -> str:
         """One line: ``Profile(model=GPT2LMHeadModel, device='CPU (x86_64)', peak=..., steps=2)``
@@ -263,8 +275,8 @@ class Profile:
         return self.peak_info
 
     def allocator_summary(self) -> AllocatorSummary | None:
-        """:attr:`allocator` as its typed record; None when the profile has no replay."""
-        return AllocatorSummary.from_dict(self.allocator)
+        """:attr:`allocator` (a typed record already); None when the profile has no replay."""
+        return self.allocator
 
     # -------------------------------------------------------------- summaries
     def steady_state_bytes(self) -> int | None:
@@ -323,7 +335,7 @@ class Profile:
             "warnings": self.warnings,
             "optimizers": self.optimizers,
             "advice": self.advice,
-            "allocator": self.allocator,
+            "allocator": dict(self.allocator) if self.allocator is not None else None,
             "oom": self.oom.to_dict() if self.oom is not None else None,
             "op_trace": self.op_trace,
         }
@@ -350,7 +362,7 @@ class Profile:
             optimizers=list(data.get("optimizers", [])),
             meta=dict(data.get("meta", {})),
             advice=data.get("advice"),
-            allocator=data.get("allocator"),
+            allocator=AllocatorSummary.from_dict(data.get("allocator")),
             oom=OOMReport.from_dict(data["oom"]) if data.get("oom") else None,
             op_trace=data.get("op_trace") if isinstance(data.get("op_trace"), dict) else None,
         )
@@ -380,33 +392,6 @@ _TIMELINE_COLUMNS: tuple[str, ...] = ("step", "seq", "time_s", "phase", "module"
 def empty_timeline() -> dict[str, list[Any]]:
     """Columnar timeline storage with no samples."""
     return {k: [] for k in _TIMELINE_COLUMNS}
-
-
-def write_text_atomic(target: Path, text: str, *, overwrite: bool) -> None:
-    """Write ``text`` to ``target`` via a temporary file, so no half-written file is left."""
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} already exists (pass overwrite=True or --force)")
-    if target.is_dir():
-        raise OutputExistsError(f"{target} is a directory")
-    replace_atomically(target, text.encode("utf-8"))
-
-
-def replace_atomically(target: Path, data: bytes) -> None:
-    """Put ``data`` at ``target`` through a temporary file beside it (callers check first
-    whether ``target`` may be replaced)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp creates the file private (0600); give it the permissions open() would.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(path: str | os.PathLike[str]) -> Profile:

@@ -5,6 +5,10 @@ suite they run in the test's own process, so a test that patches something insid
 (a counter, a stand-in) sees every run, and the suite's processes do not compete for the cores.
 tests/test_fake_speed.py turns the workers on where it checks them (same bytes as one by one,
 a worker that hangs or dies).
+
+The kernel-scratch measurements stay in each test's process too (no file under the user's
+cache directory is read or written): tests/test_kernel_cache.py turns the cache on in a
+directory of its own.
 """
 
 from __future__ import annotations
@@ -15,3 +19,8 @@ import pytest
 @pytest.fixture(autouse=True)
 def _fake_runs_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMPROF_FAKE_WORKERS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_measurements_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMPROF_KERNEL_CACHE", "0")

@@ -1,8 +1,13 @@
-"""Advice rows are typed records (issue #28): :class:`AdviceRow` builds each row, and
-``Advice.rows`` and the saved advice hold its ``to_dict()``, with the columns they always had."""
+"""Advice rows are typed records (issue #28): :class:`AdviceRow` builds each row,
+``Advice.rows`` holds the records (each also the read-only dict of its columns) and the saved
+advice their ``to_dict()``, with the columns they always had."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import pytest
 from workloads import mlp_workload
 
 from memprof.advisor import advise
@@ -92,6 +97,32 @@ def test_advise_returns_every_column_for_every_row() -> None:
         assert set(row) == COLUMNS | extra, row["technique"]
         assert AdviceRow.from_dict(row).to_dict() == row
         assert not AdviceRow.from_dict(row).extra
+
+
+def test_advice_rows_are_records_that_still_read_as_their_dicts() -> None:
+    # GIVEN an MLP's advice (before: Advice.rows were plain dicts)
+    from memprof.advisor.advice import Advice
+
+    profile = baseline(mlp_workload()).profile
+    advice = advise(profile, budget=int(profile.peak().total_bytes * 0.8))
+    saved = advice.to_dict()["recommendations"]
+    # THEN each row is its typed record, and reads as the saved dict, key for key
+    assert advice.rows and all(isinstance(r, AdviceRow) for r in advice.rows)
+    assert [r.technique for r in advice.rows] == [r["technique"] for r in saved]
+    assert advice.rows == saved
+    assert json.loads(json.dumps(advice.rows)) == json.loads(json.dumps(saved))
+    assert all(type(r) is dict for r in saved)
+    best = advice.best()
+    assert best is not None and best.predicted_saving_bytes == best["predicted_saving_bytes"]
+    with pytest.raises(TypeError, match="read-only"):
+        advice.rows[0]["caveats"] = "changed"  # type: ignore[index]
+    changed = dataclasses.replace(advice.rows[0], caveats="changed")
+    assert changed["caveats"] == changed.caveats == "changed"
+    # AND an Advice read back, or made from dict rows, holds records again
+    again = Advice.from_dict(json.loads(json.dumps(advice.to_dict())))
+    assert all(isinstance(r, AdviceRow) for r in again.rows) and again.rows == advice.rows
+    made = Advice(rows=saved, baseline_peak_bytes=1)  # type: ignore[arg-type]
+    assert all(isinstance(r, AdviceRow) for r in made.rows) and made.rows == saved
 
 
 def test_the_summary_says_a_saving_a_cost_and_no_change_in_words() -> None:

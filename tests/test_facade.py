@@ -89,11 +89,69 @@ def test_inside_the_block_the_profile_is_not_ready() -> None:
             memprof.advise(prof)
 
 
+def test_reprs_are_one_short_line(prof: memprof.Profiler) -> None:
+    """GIVEN a finished profile, its peak and its advice WHEN printed at a prompt THEN each is
+    one line with its figures (before: the dataclass reprs of Advice and Peak spelled out every
+    row, module and tensor, thousands of characters; the Profiler's said nothing)."""
+    from memprof.units import format_bytes
+
+    advice = memprof.advise(prof, prediction="analytic")
+    best = advice.best()
+    assert best is not None
+    applicable = sum(1 for r in advice.rows if r["applicable"])
+    texts = {
+        "profile": repr(prof.profile),
+        "profiler": repr(prof),
+        "advice": repr(advice),
+        "peak": repr(prof.peak()),
+    }
+    for text in texts.values():
+        assert "\n" not in text and len(text) < 300, text
+    assert format_bytes(prof.peak().total_bytes) in texts["profile"]
+    assert texts["profiler"] == f"Profiler(finished: {texts['profile']})"
+    peak = prof.peak()
+    assert texts["peak"].startswith(f"Peak({format_bytes(peak.total_bytes)} at step {peak.step}")
+    assert f"parameter {format_bytes(peak.by_category['parameter'])}" in texts["peak"]
+    assert texts["peak"].endswith(f"; {len(peak.top_tensors)} top tensors)")
+    assert texts["advice"].startswith(
+        f"Advice(baseline={format_bytes(advice.baseline_peak_bytes)}, "
+        f"rows={len(advice.rows)} ({applicable} applicable), best={best['technique']} (")
+    assert texts["advice"].endswith("plan=none)")
+    model = nn.Linear(4, 4)
+    running = memprof.profile(model)
+    assert repr(running) == "Profiler(not started)"
+    with running:
+        model(torch.randn(2, 4)).sum().backward()
+        running.step()
+        assert repr(running).startswith("Profiler(running: step 1, backend ")
+
+
 LIGHT_IMPORT = """
 import json, sys
 import memprof
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "memprof")
-print(json.dumps({"loaded": loaded, "pandas": "pandas" in sys.modules}))
+print(json.dumps({"loaded": loaded, "pandas": "pandas" in sys.modules,
+                  "dynamo": "torch._dynamo" in sys.modules}))
+"""
+
+COMPILED_INSIDE = """
+import json, sys
+import torch
+from torch import nn
+import memprof
+model = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+seen = {"dynamo_at_start": "torch._dynamo" in sys.modules}
+with memprof.profile(model, backend="events") as prof:
+    model(torch.randn(2, 8)).sum().backward()
+    prof.step()
+    seen["dynamo_after_plain_step"] = "torch._dynamo" in sys.modules
+    run = torch.compile(model, backend="eager")
+    run(torch.randn(2, 8)).sum().backward()
+    from torch._inductor import config
+    seen["pass_while_compiled"] = type(config.post_grad_custom_post_pass).__name__
+    prof.step()
+seen["pass_after"] = repr(config.post_grad_custom_post_pass)
+print(json.dumps(seen))
 """
 
 FIRST_USE = """
@@ -131,6 +189,17 @@ def test_import_memprof_loads_only_the_measurement() -> None:
         assert not [m for m in loaded if m == heavy or m.startswith(heavy + ".")], heavy
     assert "memprof.tracking.session" in loaded
     assert result["pandas"] is False
+    assert result["dynamo"] is False  # torch.compile's inductor and dynamo: ~1 s on top of torch
+
+
+def test_the_compile_pass_is_installed_only_once_compile_is_in_use() -> None:
+    """GIVEN a profile started before anything loaded torch.compile WHEN a plain step runs and
+    then a model compiled inside the block THEN dynamo stays unloaded for the plain step and the
+    pass that reads compiled graphs' modules is in place once the compiled model runs (it was
+    installed, importing inductor, at every profile's start), and removed with the profile."""
+    result = _python(COMPILED_INSIDE)
+    assert result == {"dynamo_at_start": False, "dynamo_after_plain_step": False,
+                      "pass_while_compiled": "_OwnersPass", "pass_after": "None"}
 
 
 def test_public_names_resolve_on_first_use() -> None:

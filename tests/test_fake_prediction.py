@@ -117,6 +117,26 @@ def test_one_profiled_step_after_a_warm_up_equals_two_profiled_steps(
         assert one == _two_step_peak(monkeypatch, w, applies)
 
 
+def test_master_weights_run_their_two_profiled_steps_once(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    # fp32 master weights get their gradients in a step pre-hook: the one-step run took them
+    # for parameters without a gradient and was always made again (three steps, not two)
+    w = gpt2_workload()
+    change = next(c for c in changes_for(read_facts(baseline(w).profile))
+                  if c.options.get("master_weights") and c.apply is not None)
+    steps: list[int] = []
+    real_steps = fake_prediction._steps
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        steps.append(kwargs["steps"])
+        return bool(real_steps(*args, **kwargs))
+
+    monkeypatch.setattr(fake_prediction, "_steps", counting)
+    peak = fake_peak(w, [change.apply])
+    assert steps == [fake_prediction.FAKE_STEPS]
+    assert peak == _two_step_peak(monkeypatch, w, [change.apply])
+
+
 class _WithUnused(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -167,3 +187,50 @@ def test_a_fake_run_warns_nothing_about_memprofs_own_reads() -> None:
         warnings.simplefilter("always")
         assert fake_peak(mlp_workload()) > 0
     assert not [w for w in caught if "data pointer of FakeTensor" in str(w.message)]
+
+
+def test_structured_pruning_runs_fake_and_matches_its_simulation() -> None:
+    # Picking heads by score read fake values (.tolist()) and the row fell back to analytic.
+    # On fake tensors the first units are kept: the bytes are those of any choice.
+    w = gpt2_workload()
+    profile = baseline(w).profile
+    change = next(c for c in changes_for(read_facts(profile)) if c.technique == "pruning"
+                  and "heads" in str(c.options.get("method")))
+    assert change.apply is not None
+    predicted = fake_peak(w, [change.apply])
+    rows = advise(profile, workload=w).rows
+    row = next(r for r in rows if r["technique"] == "pruning"
+               and "heads" in str(r["options"].get("method")))
+    assert row["predicted_by"] == "fake run"
+    assert row["predicted_peak_bytes"] == predicted
+    assert abs(predicted - row["measured_peak_bytes"]) <= 0.01 * row["measured_peak_bytes"]
+
+
+def test_the_8_bit_step_on_fake_tensors_runs_one_update_per_layout_and_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a small GPT-2's AdamW8bit row (8-bit and fp32-moment parameters)
+    from memprof.advisor import optimizer as lowbit
+
+    w = gpt2_workload()
+    change = next(c for c in changes_for(read_facts(baseline(w).profile))
+                  if c.options.get("to") == "AdamW8bit" and c.apply is not None)
+    chunks: list[int] = []
+    real_chunk = lowbit.AdamW8bit._chunk
+
+    def counting(*args: Any) -> None:
+        chunks.append(1)
+        real_chunk(*args)
+
+    monkeypatch.setattr(lowbit.AdamW8bit, "_chunk", staticmethod(counting))
+    # WHEN its fake run updates only the largest parameter of each layout, and every one
+    one = fake_peak(w, [change.apply])
+    ran = len(chunks)
+    monkeypatch.setattr(lowbit, "ONE_UPDATE_PER_LAYOUT", False)
+    every = fake_peak(w, [change.apply])
+    # THEN the peak is the same to the byte; the state is made without a step, and the
+    # profiled step updates one 8-bit parameter instead of all
+    assert one == every
+    eight_bit = sum(lowbit.quantized(p.numel()) for p in w.model.parameters())
+    assert eight_bit >= 5
+    assert ran == 1
+    assert len(chunks) - ran == eight_bit

@@ -274,13 +274,30 @@ def test_runs_a_worker_never_answers_are_run_in_this_process(
         os.waitpid(-1, os.WNOHANG)  # no worker left behind
 
 
-def test_workers_only_where_asked_and_forking_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+def _cpu_samples(monkeypatch: pytest.MonkeyPatch, busy_share: float) -> None:
+    """/proc/stat as it reads on a machine whose 4 CPUs are busy ``busy_share`` of the time."""
+    samples = iter([(0, 0), (int(400 * busy_share), 400)])
+    monkeypatch.setattr(parallel, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(parallel, "IDLE_SAMPLE_S", 0.0)
+
+
+def test_workers_on_idle_cores_or_where_asked_and_forking_is_safe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a Linux machine with 4 usable cores
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(parallel.sys, "platform", "linux")
-    # WHEN / THEN: none unless the environment variable asks; then at most one per core and run
+    # WHEN / THEN: unset, one process per core idle now (this one's included)
     monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    _cpu_samples(monkeypatch, busy_share=0.25)  # one core busy with other work
+    assert parallel.processes(10) == 3
+    _cpu_samples(monkeypatch, busy_share=1.0)  # every core busy: this process alone
     assert parallel.processes(10) == 1
+    _cpu_samples(monkeypatch, busy_share=0.0)
+    assert parallel.processes(2) == 2
+    monkeypatch.setattr(parallel, "_cpu_times", lambda: None)  # no /proc/stat: alone
+    assert parallel.processes(10) == 1
+    # the environment variable decides where set: at most one per core and run
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
     assert parallel.processes(10) == 1
     monkeypatch.setenv(parallel.WORKERS_ENV, "8")

@@ -31,6 +31,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "memprof.cost_tiers",
         "memprof.decimate",
         "memprof.quiet_import",
+        "memprof.dict_record",
+        "memprof.atomic_files",
     ),
     # the caching-allocator model and device truth (an out-of-memory error is one)
     ("memprof.allocator", "memprof.devices", "memprof.gpus", "memprof.oom"),

@@ -185,3 +185,40 @@ def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path: Path) -> N
     assert native.clear_stale_lock(tmp_path)
     assert not lock.exists()
     assert not native.clear_stale_lock(tmp_path)  # nothing to clear
+
+
+@needs_recorder
+def test_module_backward_starts_are_marked_from_cpp_and_their_hooks_removed() -> None:
+    """Each module's backward start is a recorder event (no Python grad_fn hook), the first
+    one queues the end of backward, and the hooks leave the nodes with the profile, also when
+    the body raises before the backward that would have run them."""
+    model = make_mlp()
+    x = torch.randn(4, 64)
+    with memprof.profile(model, backend="events") as prof:
+        out = model(x)
+        assert recorder.backward_hooks() == len(model) + 1  # per layer, and the root
+        out.sum().backward()
+        del out
+        assert recorder.backward_hooks() == 0  # the graph is freed: its hooks with it
+        prof.step()
+    rows = prof.modules().set_index("module")
+    assert (rows.loc[[str(i) for i in range(len(model))], "peak_backward"] > 0).all()
+    with pytest.raises(ZeroDivisionError), memprof.profile(model, backend="events"):
+        kept = model(x)
+        raise ZeroDivisionError
+    assert recorder.backward_hooks() == 0
+    kept.sum().backward()  # the graph outlived the profile: it runs with no hook of memprof's
+    assert model[0].weight.grad is not None
+
+
+@needs_recorder
+def test_a_hook_of_an_earlier_profile_records_nothing_in_a_later_one() -> None:
+    model = make_mlp()
+    x = torch.randn(4, 64)
+    with memprof.profile(model, backend="events") as first:
+        out = model(x)
+        first.step()
+    with memprof.profile(model, backend="events") as second:
+        out.sum().backward()  # the first profile's graph: no module stack of the second's
+        second.step()
+    assert second.modules()["peak_backward"].max() == 0

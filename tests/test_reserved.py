@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import pickle
 
 import pytest
 import torch
@@ -97,6 +100,32 @@ def test_the_typed_summary_reads_and_writes_the_profile_s_allocator_keys(tmp_pat
     assert summary.to_dict() == loaded.allocator == prof.profile.allocator
     assert allocator.AllocatorSummary.from_dict(None) is None
     assert allocator.AllocatorSummary.from_dict({"conf": ""}) is None
+
+
+def test_profile_allocator_is_the_typed_record_and_reads_as_its_dict(tmp_path: object) -> None:
+    # GIVEN a profile with an allocator replay (before: Profile.allocator was a plain dict)
+    with memprof.profile(backend="dispatch") as prof:
+        _program()
+        prof.step()
+    summary = prof.profile.allocator
+    # THEN it is the typed record, and indexing it gives the file's dict, key for key
+    assert isinstance(summary, allocator.AllocatorSummary)
+    assert summary.replay.reserved_peak_bytes == summary["replay"]["reserved_peak_bytes"] > 0
+    assert summary.what_if["expandable_segments:True"].segments == (
+        summary["what_if"]["expandable_segments:True"]["segments"])
+    assert json.loads(json.dumps(summary)) == prof.profile.to_dict()["allocator"]
+    assert summary == summary.to_dict()
+    with pytest.raises(TypeError, match="read-only"):
+        summary["conf"] = "expandable_segments:True"  # type: ignore[index]
+    # AND it stays typed through a file, a copy, a pickle, and a Profile made from the dict
+    loaded = memprof.load(prof.profile.save(f"{tmp_path}/p.json"))
+    assert isinstance(loaded.allocator, allocator.AllocatorSummary)
+    assert loaded.allocator == summary
+    for again in (copy.deepcopy(summary), pickle.loads(pickle.dumps(summary))):
+        assert isinstance(again, allocator.AllocatorSummary) and again == summary
+    from_dict = dataclasses.replace(prof.profile, allocator=summary.to_dict())  # type: ignore[arg-type]
+    assert isinstance(from_dict.allocator, allocator.AllocatorSummary)
+    assert from_dict.allocator.replay == summary.replay
 
 
 def test_a_bad_allocator_conf_is_a_warning_not_a_failed_run(

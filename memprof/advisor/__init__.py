@@ -262,7 +262,7 @@ def advise(
         extra["budget"] = resolved[1]
         extra["usable_bytes"] = resolved[0]
     return Advice(
-        rows=[row.to_dict() for row in rows], plan=plan, baseline_peak_bytes=base,
+        rows=rows, plan=plan, baseline_peak_bytes=base,
         simulated=simulator is not None, extra=extra,
     )
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from memprof import hooks
+from memprof.advisor.rows import AdviceRow
 from memprof.hooks import plugged
 from memprof.units import format_bytes
 
@@ -54,13 +56,33 @@ class Advice:
     training; ``loss_drift``: relative change of the loss after the simulated steps) and
     ``step_time_ratio`` (against the unchanged model, both profiled); ``caveats``; ``how``
     (how the prediction was derived).
+
+    ``rows`` are :class:`~memprof.advisor.rows.AdviceRow` records, best first (each also
+    reads as the dict of its columns); dicts given in the file's form are read into them.
     """
 
-    rows: list[dict[str, Any]]
+    rows: list[AdviceRow]
     plan: dict[str, Any] | None = None
     baseline_peak_bytes: int = 0
     simulated: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rows = [r if isinstance(r, AdviceRow) else AdviceRow.from_dict(r)
+                     for r in self.rows]
+
+    def __repr__(self) -> str:
+        """One line: ``Advice(baseline=1.2 GiB, rows=14 (9 applicable), best=checkpointing
+        (blocks=2) 35.0% saved, plan=fits)`` (the dataclass's own spelled out every row)."""
+        applicable = sum(1 for r in self.rows if r["applicable"])
+        best = self.best()
+        best_text = "none" if best is None else (
+            f"{best['technique']} ({_options_text(best['options'])}) "
+            f"{saving_words(best.get('saving_pct'))}")
+        plan = "none" if not self.plan else ("fits" if self.plan.get("fits") else "does not fit")
+        return (f"Advice(baseline={format_bytes(self.baseline_peak_bytes)}, "
+                f"rows={len(self.rows)} ({applicable} applicable), best={best_text}, "
+                f"plan={plan})")
 
     def table(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows)
@@ -69,7 +91,7 @@ class Advice:
                 frame[c] = None
         return frame[[*COLUMNS, *[c for c in frame.columns if c not in COLUMNS]]]
 
-    def best(self) -> dict[str, Any] | None:
+    def best(self) -> AdviceRow | None:
         ok = [
             r for r in self.rows if r["applicable"] and (r.get("predicted_saving_bytes") or 0) > 0
         ]
@@ -78,7 +100,7 @@ class Advice:
     def summary(self, *, top: int = 3) -> str:
         lines = [f"baseline step peak {format_bytes(self.baseline_peak_bytes)}"]
         for r in [r for r in self.rows if r["applicable"]][:top]:
-            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "modules")
+            opts = _options_text(r["options"])
             saving = r.get("predicted_saving_bytes")
             if saving is None:
                 continue
@@ -118,21 +140,26 @@ class Advice:
             "version": ADVICE_VERSION,
             "baseline_peak_bytes": self.baseline_peak_bytes,
             "simulated": self.simulated,
-            "recommendations": self.rows,
+            "recommendations": [dict(r) for r in self.rows],
             "plan": self.plan,
             **self.extra,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Advice:
+    def from_dict(cls, data: Mapping[str, Any]) -> Advice:
         known = {"version", "baseline_peak_bytes", "simulated", "recommendations", "plan"}
         return cls(
-            rows=list(data.get("recommendations", [])),
+            rows=[AdviceRow.from_dict(r) for r in data.get("recommendations", [])],
             plan=data.get("plan"),
             baseline_peak_bytes=int(data.get("baseline_peak_bytes", 0)),
             simulated=bool(data.get("simulated", False)),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def _options_text(options: Mapping[str, Any]) -> str:
+    """A row's options as ``k=v, ...`` (the module list left out: it can be long)."""
+    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "modules")
 
 
 def row_key(technique: str, options: dict[str, Any]) -> tuple[str, str]:

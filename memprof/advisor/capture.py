@@ -633,10 +633,10 @@ def _measured(profile: Profile, predicted: Advice, **options: Any) -> Advice:
         advice.extra[key] = data.get(key)
     caveats = {row_key(r["technique"], r["options"]): r.get("caveats")
                for r in predicted.rows if r.get("predicted_by") == "analytic"}
-    for row in advice.rows:  # why a fake run could not predict a row
-        why = caveats.get(row_key(row["technique"], row.get("options") or {}))
-        if why and why not in (row.get("caveats") or ""):
-            row["caveats"] = why
+    for i, row in enumerate(advice.rows):  # why a fake run could not predict a row
+        why = caveats.get(row_key(row.technique, row.options or {}))
+        if why and why not in (row.caveats or ""):
+            advice.rows[i] = dataclasses.replace(row, caveats=why)
     return advice
 
 

@@ -14,8 +14,10 @@ costs about 0.15 ms in FakeTensor's dispatch; the forward and backward are most 
 ops): before the profiler starts, :func:`_warm_optimizer` gives every trained parameter a zero
 gradient and steps the optimizer once (its state now exists, as after a first step; torch's
 optimizers step with foreach then, which makes the same state in fewer ops), then drops the
-gradients; the profiled step is the run's second. A torch Adam or AdamW is given that state
-directly (:func:`_direct_state`), with no gradient and no step. That holds only when every trained
+gradients; the profiled step is the run's second. A torch Adam or AdamW, and memprof's
+AdamW8bit, are given that state directly (:func:`_direct_state`), with no gradient and no step
+(fp32 master weights are not warmed: their gradients come in a step pre-hook). That holds only
+when every trained
 parameter gets a gradient (a parameter the loss never reaches gets no state in a real run), so
 the profiled backward is checked, and a run where one did not, or whose gradients are kept
 between steps (``zero_grad(set_to_none=False)``), is run again the old way: two profiled steps.
@@ -201,6 +203,11 @@ def _warm_optimizer(
             else state.free_gradients)
     if state.more_optimizers or not free or any(plan.zero_grad == "before" for plan in plans):
         return None
+    if state.master_weights:
+        # fp32 masters get their gradients in a step pre-hook, after the check that every
+        # warmed parameter got one: the one-step run would always be made again (and a
+        # state made without the step misses a master-sized buffer the real step keeps)
+        return None
     optimizer = state.build_optimizer()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     if _direct_state(optimizer):
@@ -227,7 +234,8 @@ def _warm_optimizer(
     return optimizer, params
 
 
-#: Optimizers whose first step's state :func:`_direct_state` makes without a step.
+#: torch optimizers whose first step's state :func:`_direct_state` makes without a step (and
+#: memprof's AdamW8bit).
 _DIRECT_STATE = (torch.optim.Adam, torch.optim.AdamW)
 
 
@@ -239,6 +247,14 @@ def _direct_state(optimizer: torch.optim.Optimizer) -> bool:
     makes its state."""
     from torch.optim.optimizer import _get_scalar_dtype
 
+    from memprof.advisor.optimizer import AdamW8bit, lowbit_layout
+
+    if type(optimizer) is AdamW8bit:  # memprof's own: its step makes lowbit_layout's state
+        with torch.no_grad():
+            for p in (p for g in optimizer.param_groups for p in g["params"]):
+                if p.requires_grad and not optimizer.state[p]:
+                    optimizer.state[p].update(lowbit_layout(p))
+        return True
     if type(optimizer) not in _DIRECT_STATE or any(
             g.get("fused") or g.get("differentiable") for g in optimizer.param_groups):
         return False

@@ -98,6 +98,11 @@ def lowbit_layout(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return state
 
 
+#: On fake tensors, run only the update that holds the step's peak (see
+#: :meth:`AdamW8bit._updated_on_fake`); False runs every one (the tests compare the two).
+ONE_UPDATE_PER_LAYOUT = True
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with torchao's 8-bit state layout, stepped by an emulation written here: torchao's
     own step is compiled per parameter shape (minutes on a CPU) and cannot run on fake tensors
@@ -121,10 +126,16 @@ class AdamW8bit(torch.optim.Optimizer):
         from memprof.advisor.fake_prediction import is_fake
 
         loss = closure() if closure is not None else None
+        stepped = self._updated_on_fake()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if stepped is not None and id(p) not in stepped:
+                    state = self.state[p]
+                    state["step"].add_(1)
+                    self._count[id(p)] = self._count.get(id(p), 0) + 1
                     continue
                 state = self.state[p]
                 if not state:
@@ -149,6 +160,29 @@ class AdamW8bit(torch.optim.Optimizer):
                 for start in range(0, last, CHUNK):
                     self._chunk(p, grad, state, start, min(n, start + CHUNK), t, group)
         return loss
+
+    def _updated_on_fake(self) -> set[int] | None:
+        """On fake tensors whose state is made already (the fake run's warm-up), the ids of the
+        parameters whose update is run: per layout (8-bit or fp32 moments, parameter and
+        gradient dtypes) the one with the most elements in a chunk. Each update's scratch is
+        freed before the next and grows with the elements, so those hold the step's peak and
+        the others' updates (in place: they allocate nothing) are left out. None to run all
+        (real tensors, or state still to make: it grows during the step)."""
+        from memprof.advisor.fake_prediction import is_fake
+
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not ONE_UPDATE_PER_LAYOUT or not params or not all(
+                is_fake(p) and self.state[p] for p in params):
+            return None
+        largest: dict[tuple[Any, ...], tuple[int, int]] = {}
+        for p in params:
+            assert p.grad is not None
+            n = p.numel()
+            layout = (quantized(n), p.dtype, p.grad.dtype)
+            size = min(n, CHUNK) if quantized(n) else n
+            if layout not in largest or size > largest[layout][0]:
+                largest[layout] = (size, id(p))
+        return {pid for _, pid in largest.values()}
 
     @staticmethod
     def _chunk(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], start: int,

@@ -2,8 +2,8 @@
 
 :func:`run_all` runs a list of fake runs (each a function returning a peak in bytes or raising
 :class:`~memprof.errors.FakeRunError`) and returns their outcomes in order. Where it is safe
-(Linux, ``fork``, CUDA not initialized here, more than one usable core, not switched off by
-asked for by ``MEMPROF_FAKE_WORKERS=N``, see :data:`WORKERS_ENV`), it forks one worker per
+(Linux, ``fork``, CUDA not initialized here, more than one usable core that is idle now, or
+as many as ``MEMPROF_FAKE_WORKERS=N`` asks, see :data:`WORKERS_ENV`), it forks one worker per
 extra core (at most N - 1); the workers and this process
 take runs from a shared queue, and a worker sends back plain numbers (a peak, or the error's
 message).
@@ -40,12 +40,14 @@ import torch
 
 from memprof.errors import FakeRunError, KernelNotMeasured
 
-#: The environment variable that asks for N processes (unset, ``0`` or ``1``: none). Opt-in:
-#: on this project's shared 2-core machine the workers saved no wall time and cost CPU
-#: (the 7B estimate for an RTX 4090: 87.0 s wall, 88.9 s CPU with 2 processes against 74.2 s,
-#: 73.4 s in one; GPT-2 small's CPU runs, whose cold kernel table stops many runs for a
-#: measurement: 72.5 s against 50.2 s wall). Cores that are really free may differ.
+#: The environment variable that sets N processes (``0`` or ``1``: this one alone). Unset, the
+#: cores idle now decide (:func:`idle_cores`): on a machine busy with other work the workers
+#: save no wall time and cost CPU (this project's shared 2-core machine, 6 engineers at work:
+#: the 7B estimate for an RTX 4090 took 87.0 s wall, 88.9 s CPU with 2 processes against
+#: 74.2 s, 73.4 s in one).
 WORKERS_ENV = "MEMPROF_FAKE_WORKERS"
+#: Seconds over which :func:`idle_cores` samples the CPUs' idle time.
+IDLE_SAMPLE_S = 0.1
 #: Seconds a worker may go without sending an answer (at least; 4x the slowest run seen here
 #: when that is longer) before it is stopped and its runs are made here.
 WORKER_TIMEOUT_S = 60.0
@@ -60,17 +62,50 @@ _in_worker = False
 
 def processes(runs: int) -> int:
     """How many processes (this one included) share ``runs`` fake runs: the N of
-    ``MEMPROF_FAKE_WORKERS=N`` (capped by the usable cores and the runs), 1 where it is unset
-    (see :data:`WORKERS_ENV`) or forking is not safe."""
-    setting = os.environ.get(WORKERS_ENV, "").strip()
-    if not setting.isdigit() or int(setting) < 2 or _in_worker or runs < 2:
+    ``MEMPROF_FAKE_WORKERS=N``, else the cores idle now (:func:`idle_cores`), capped by the
+    usable cores and the runs; 1 where forking is not safe (see :data:`WORKERS_ENV`)."""
+    if _in_worker or runs < 2:
         return 1
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return 1
     if torch.cuda.is_initialized():  # a forked child cannot use CUDA its parent initialized
         return 1
-    cores = min(len(os.sched_getaffinity(0)), int(setting))
-    return max(1, min(cores, runs))
+    setting = os.environ.get(WORKERS_ENV, "").strip()
+    if setting and not setting.isdigit():
+        return 1
+    usable = len(os.sched_getaffinity(0))
+    wanted = int(setting) if setting else idle_cores(usable)
+    return max(1, min(usable, wanted, runs))
+
+
+def idle_cores(usable: int) -> int:
+    """How many of the ``usable`` cores sat idle over the last :data:`IDLE_SAMPLE_S` seconds
+    (``/proc/stat``; this process's own core counts as idle, as it waits here), at least 1."""
+    first = _cpu_times()
+    time.sleep(IDLE_SAMPLE_S)
+    second = _cpu_times()
+    if first is None or second is None:
+        return 1
+    busy, total = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return 1
+    cores = os.cpu_count() or usable
+    idle = cores * (total - busy) / total
+    return max(1, min(usable, int(idle + 0.5)))
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """All CPUs' (busy, total) jiffies from ``/proc/stat``; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user .. steal (guest time is inside user already)
+    return total - idle, total
 
 
 def run_all(runs: Sequence[Callable[[], int]]) -> list[Outcome]:

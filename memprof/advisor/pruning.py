@@ -272,11 +272,18 @@ def _narrow_norm(norm: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> n
     new = type(norm)(len(keep), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
                      track_running_stats=norm.track_running_stats)
     with torch.no_grad():
-        for name, t in [*norm.named_parameters(recurse=False),
-                        *norm.named_buffers(recurse=False)]:
-            getattr(new, name).copy_(t if t.dim() == 0 else t[keep])
-    dtype = norm.weight.dtype if norm.weight is not None else torch.float32
-    return new.to(dtype)
+        # new tensors in the old ones' dtypes, set in place of the fresh module's (not a
+        # ``.to(dtype)``: fake parameters cannot be swapped in place)
+        for name, t in norm.named_parameters(recurse=False):
+            setattr(new, name, nn.Parameter(_kept(t, keep), requires_grad=t.requires_grad))
+        for name, buffer in norm.named_buffers(recurse=False):
+            new._buffers[name] = _kept(buffer, keep)
+    return new
+
+
+def _kept(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of ``t``'s ``keep`` entries (all of a 0-dim ``t``)."""
+    return (t if t.dim() == 0 else t[keep]).detach().clone(memory_format=torch.contiguous_format)
 
 
 def _narrow_layer(layer: Narrowable, keep_out: torch.Tensor | None,
@@ -317,18 +324,32 @@ def _narrow_conv1d(layer: Any, cols: torch.Tensor | None, rows: torch.Tensor | N
         weight = weight[rows]
     if cols is not None:
         weight, bias = weight[:, cols], bias[cols]
-    new: Any = type(layer)(weight.shape[1], weight.shape[0]).to(weight.dtype)  # Conv1D(nf, nx)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        new.bias.copy_(bias)
-    new.requires_grad_(layer.weight.requires_grad)
+    new: Any = type(layer)(weight.shape[1], weight.shape[0])  # Conv1D(nf, nx)
+    grad = layer.weight.requires_grad
+    with torch.no_grad():  # the kept weights in their own dtype (fake ones cannot be cast)
+        new.weight = nn.Parameter(weight.clone(memory_format=torch.contiguous_format), grad)
+        new.bias = nn.Parameter(bias.clone(memory_format=torch.contiguous_format), grad)
     return new
 
 
 def _top(score: torch.Tensor, keep: float) -> torch.Tensor:
-    """The indices of the ``keep`` fraction of units that score highest, in order."""
+    """The indices of the ``keep`` fraction of units that score highest, in order. On fake
+    tensors (a prediction: only shapes matter, and scores have no values) the first ones."""
+    from memprof.advisor.fake_prediction import is_fake
+
     k = max(1, math.ceil(len(score) * keep))
+    if is_fake(score):
+        return torch.arange(k)
     return score.topk(k).indices.sort().values
+
+
+def _top_units(score: torch.Tensor, keep: float) -> list[int]:
+    """:func:`_top` as a list of ints (read without reading a fake tensor's values)."""
+    from memprof.advisor.fake_prediction import is_fake
+
+    if is_fake(score):
+        return list(range(max(1, math.ceil(len(score) * keep))))
+    return [int(i) for i in _top(score, keep).tolist()]
 
 
 def _narrowed(pair: Pair, modules: dict[str, nn.Module], keep: float) -> dict[str, nn.Module]:
@@ -348,7 +369,7 @@ def _narrowed(pair: Pair, modules: dict[str, nn.Module], keep: float) -> dict[st
             sum(wa[:, part * width + cols].sum() for part in range(3)) * wb[cols].sum()
             for cols in per_head
         ])
-        kept = _top(score, keep).tolist()
+        kept = _top_units(score, keep)
         rows = torch.cat([per_head[h] for h in kept])
         cols = torch.cat([part * width + rows for part in range(3)])
         attn.num_heads, attn.split_size = len(kept), len(kept) * dim

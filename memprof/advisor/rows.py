@@ -11,16 +11,18 @@ from typing import Any
 from memprof import cost_tiers as cost
 from memprof.advisor.core import Change
 from memprof.advisor.workload import Measurement
+from memprof.dict_record import DictRecord
 
 #: Columns a row has only when it says something in them (the allocator rows' reserved bytes).
 _ONLY_WHEN_SET = frozenset({"baseline_reserved_bytes", "predicted_reserved_bytes"})
 
 
-@dataclass(frozen=True)
-class AdviceRow:
+@dataclass(frozen=True, eq=False)
+class AdviceRow(DictRecord):
     """One recommendation (the columns are :class:`~memprof.advisor.advice.Advice`'s; None
-    where a row has nothing to say). ``Advice.rows`` and the saved advice hold its
-    :meth:`to_dict`, whose keys are the file format."""
+    where a row has nothing to say). ``Advice.rows`` holds these; the saved advice holds their
+    :meth:`to_dict`, whose keys are the file format. A row is also the read-only dict of those
+    keys (``row["saving_pct"]`` is ``row.saving_pct``), as the rows were before the record."""
 
     technique: str
     options: dict[str, Any]
@@ -46,6 +48,8 @@ class AdviceRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The row's JSON form: every column, the reserved bytes only where set, then
+        :attr:`extra`."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memprof.profile import Profile, as_profile, write_text_atomic
+from memprof.atomic_files import write_text_atomic
+from memprof.profile import Profile, as_profile
 
 if TYPE_CHECKING:
     from memprof.tracking.session import Profiler

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from memprof.atomic_files import write_text_atomic
 from memprof.compare import TOTAL, compare, peak_line, signed_bytes, signed_pct
-from memprof.profile import Profile, as_profile, write_text_atomic
+from memprof.profile import Profile, as_profile
 from memprof.report.style import CATEGORY_COLORS, CATEGORY_LABELS, FONT, module_label
 from memprof.units import format_bytes
 

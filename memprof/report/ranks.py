@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memprof.atomic_files import write_text_atomic
 from memprof.categories import CATEGORIES
 from memprof.errors import RanksError
-from memprof.profile import Profile, write_text_atomic
+from memprof.profile import Profile
 from memprof.report.style import CATEGORY_COLORS, CATEGORY_LABELS, base_layout, byte_axis
 from memprof.units import format_bytes
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memprof.atomic_files import replace_atomically
 from memprof.errors import OutputExistsError
-from memprof.profile import replace_atomically
 
 
 def write_bytes_atomic(target: Path, data: bytes, *, overwrite: bool) -> None:

@@ -18,25 +18,23 @@ Limits, by design:
   afresh); a model compiled and run before the profile keeps its compiled regions' memory on
   the calling module's row.
 
-Nothing here changes what is compiled: the pass only reads the graph.
+Nothing here changes what is compiled: the pass only reads the graph. Inductor (which loads
+dynamo: about as long as ``import torch``) is imported only where torch.compile is in use: the
+profile installs the pass at its start when dynamo is loaded, else at the first compiled
+module it sees (:func:`is_compiled` itself imports nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import sys
 import uuid
 import weakref
 from typing import Any
 
 import torch
-
-try:  # pragma: no cover - inductor ships with torch >= 2.0
-    from torch._inductor import config as _inductor_config
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # pragma: no cover
-    _inductor_config = None  # type: ignore[assignment]
-    CustomGraphPass = object  # type: ignore[assignment,misc]
 
 #: How many autograd nodes a forward's output graph is searched for compiled regions.
 MAX_NODES = 512
@@ -89,7 +87,26 @@ def _output_paths(graph: torch.fx.Graph, outputs: Any) -> list[str | None]:
     return paths
 
 
-class _OwnersPass(CustomGraphPass):
+@functools.cache
+def _inductor_config() -> Any:
+    """``torch._inductor.config``, imported on first use, with :class:`_OwnersPass` made one of
+    inductor's custom graph passes (its FX graph cache keys those by ``uuid()``); None for a
+    torch without inductor."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # pragma: no cover - inductor ships with torch >= 2.0
+        return None
+    CustomGraphPass.register(_OwnersPass)
+    return config
+
+
+def compile_loaded() -> bool:
+    """Whether torch.compile's dynamo is loaded: nothing runs compiled before it is."""
+    return "torch._dynamo" in sys.modules
+
+
+class _OwnersPass:
     """Reads each post-grad graph's outputs' modules into ``owners``; changes nothing."""
 
     def __init__(self, owners: dict[tuple[str, ...], list[str | None] | None]) -> None:
@@ -125,18 +142,23 @@ class CompiledOwners:
         self._by_forward: dict[int, tuple[weakref.ref[Any], list[str | None]]] = {}
 
     def install(self) -> bool:
-        """Read the graphs compiled from now on; False if the user has a pass of their own
-        there (it is left alone, and compiled regions stay on their caller's row)."""
-        if _inductor_config is None or _inductor_config.post_grad_custom_post_pass is not None:
+        """Read the graphs compiled from now on (again: no change); False if the user has a
+        pass of their own there (it is left alone, and compiled regions stay on their caller's
+        row)."""
+        if self._pass is not None:
+            return True
+        config = _inductor_config()
+        if config is None or config.post_grad_custom_post_pass is not None:
             return False
         self._pass = _OwnersPass(self._owners)
-        _inductor_config.post_grad_custom_post_pass = self._pass
+        config.post_grad_custom_post_pass = self._pass
         return True
 
     def remove(self) -> None:
-        ours = self._pass is not None and _inductor_config is not None
-        if ours and _inductor_config.post_grad_custom_post_pass is self._pass:
-            _inductor_config.post_grad_custom_post_pass = None
+        if self._pass is not None:  # installed: inductor's config is loaded
+            config = _inductor_config()
+            if config is not None and config.post_grad_custom_post_pass is self._pass:
+                config.post_grad_custom_post_pass = None
         self._pass = None
 
     def saved(self, grad_fn: Any) -> list[tuple[torch.Tensor, str]]:
@@ -195,17 +217,32 @@ class CompiledOwners:
         return paths
 
 
+#: Dynamo's ``OptimizedModule`` class once dynamo is loaded (read on every module call).
+_OPTIMIZED: tuple[type, ...] = ()
+
+
+def _optimized_module() -> tuple[type, ...]:
+    """Dynamo's ``OptimizedModule`` class, or nothing while dynamo is not loaded (no module can
+    be one then; reading ``torch._dynamo`` would import it)."""
+    global _OPTIMIZED
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    found = getattr(eval_frame, "OptimizedModule", None)
+    if isinstance(found, type):
+        _OPTIMIZED = (found,)
+    return _OPTIMIZED
+
+
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module`` runs compiled (``torch.compile(module)`` or ``module.compile()``)."""
     return (
-        isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+        isinstance(module, _OPTIMIZED or _optimized_module())
         or getattr(module, "_compiled_call_impl", None) is not None
     )
 
 
 def compiled_inner(module: torch.nn.Module) -> torch.nn.Module:
     """The module whose code a compiled ``module`` runs (the graph's paths start there)."""
-    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+    if isinstance(module, _OPTIMIZED or _optimized_module()):
         inner = module._orig_mod
         return inner if isinstance(inner, torch.nn.Module) else module
     return module

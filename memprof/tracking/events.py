@@ -65,6 +65,8 @@ _enter = getattr(
 
 # Ranks at equal times: enters, then allocations, then exits.
 _ENTER, _ALLOC, _EXIT = 0, 1, 2
+#: The events' ``ptr`` where they are no allocation (see :class:`EventSource`).
+_MARKER, _NODE, _MODULE_BACKWARD, _SEALED = -1, -2, -3, -4
 
 
 class EventSource(Protocol):
@@ -72,7 +74,10 @@ class EventSource(Protocol):
     program, as ``(time_ns, ptr, value)`` triples in order. ``ptr > 0``: an allocation
     (``value`` = +bytes) or a free (-bytes); ``ptr == -1``: marker ``value``; ``ptr == -2``:
     an autograd node started (backward is running), ``value`` its sequence number (the one its
-    forward op had; -1 where none, as for AccumulateGrad)."""
+    forward op had; -1 where none, as for AccumulateGrad). The recorder also gives ``ptr ==
+    -3``: module ``value``'s backward started (a point marker calling ``on_module_backward``),
+    and ``ptr == -4``: marker ``value``'s calls wait for the next marker of either kind
+    (:meth:`EventStream.seal`)."""
 
     name: str
     offset_s: float  # perf_counter seconds minus the source's clock in seconds
@@ -135,6 +140,20 @@ class RecorderSource:
 
     def close(self, handle: Any, index: int) -> None:
         self.module.mark(index)
+
+    # The module backward starts, marked from C++ (recorder.cpp: no Python runs in backward
+    # for them); the replay applies each as a point marker calling ``on_module_backward``.
+    def seal(self, index: int) -> None:
+        self.module.seal(index)
+
+    def watch_backward(self, output: torch.Tensor, module: int) -> None:
+        self.module.watch_backward(output, module)
+
+    def set_live(self, live: bool) -> None:
+        self.module.set_live(live)
+
+    def on_backward_end(self, callback: Callable[[], None] | None) -> None:
+        self.module.on_backward_end(callback)
 
 
 def _triples(raw: bytes) -> list[tuple[int, int, int]]:
@@ -261,10 +280,14 @@ class EventStream:
         alloc_phase: Callable[[], None],
         on_backward_node: Callable[[int], None],
         source: EventSource | None = None,
+        on_module_backward: Callable[[int], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self._alloc_phase = alloc_phase
         self._on_backward_node = on_backward_node
+        self._on_module_backward = on_module_backward
+        #: Sealed markers met by the replay, waiting for the next marker of either kind.
+        self._sealed: list[int] = []
         self.source = source if source is not None else default_source()
         self.running = False
         #: Storages tracked before recording started, whose frees no event reports: each
@@ -338,6 +361,16 @@ class EventStream:
         index = self._close()
         if self.running:
             self.source.mark(index)
+
+    def seal(self) -> None:
+        """The facts buffered so far become a marker of their own, applied just before the
+        next marker of either kind: a module's backward start, which the recorder marks
+        without Python, finds them applied as a Python marker would have."""
+        if self.prior.died:
+            self._end_dead_prior()
+        index = self._close()
+        if self.running:
+            self.source.seal(index)  # type: ignore[attr-defined]
 
     def enter(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Open an interval marker (its exit comes with :meth:`exit`); returns its token."""
@@ -434,10 +467,17 @@ class EventStream:
         ledger.clock = lambda: now
         try:
             while True:
-                code, when, ptr, value, most = run(
+                code, when, ptr, value, most, node, sealed = run(
                     ledger.recording, ledger.logging, not phase_set,
                     ledger.peak.total - ledger.total,
                 )
+                # What the walk passed over on the way: autograd nodes (the last one counts),
+                # sealed markers (kept for the next marker).
+                if node != _NO_NODE:
+                    self._on_backward_node(node)
+                    phase_set = False
+                if sealed is not None:
+                    self._sealed.extend(sealed)
                 if most >= 0:
                     # The ledger's totals did not change while the walk ran: the moment the
                     # transients held the most is the one that counts.
@@ -445,12 +485,17 @@ class EventStream:
                 if code == _EVENT:
                     if ptr < 0:
                         now = when / 1e9 + offset
-                        self._enter_live(materialize())  # (cannot happen: none outlives a marker)
+                        if walk.extra:  # (cannot happen: no transient outlives a marker)
+                            self._enter_live(materialize())
                         phase_set = False
-                        if ptr == -1:
+                        if self._sealed:
+                            for index in self._sealed:
+                                self._apply(index)
+                            self._sealed.clear()
+                        if ptr == _MARKER:
                             self._apply(value)
-                        else:
-                            self._on_backward_node(value)
+                        elif self._on_module_backward is not None:
+                            self._on_module_backward(value)
                     elif value > 0:  # not a transient: an entry of its own
                         now = when / 1e9 + offset
                         ledger.alloc(
@@ -479,6 +524,7 @@ class EventStream:
         # Markers whose events were never recorded (the profiler was off): apply them now.
         for slot in range(len(self.starts)):
             self._apply(self.base + slot)
+        self._sealed.clear()
         # Keep the calls still waiting for a marker; an interval open now exits as a point.
         self.calls = self.calls[self.mark :]
         self.mark = 0
@@ -486,12 +532,13 @@ class EventStream:
         self.starts, self.ends = [], []
 
 
-#: What :meth:`_Walk.run` stopped at: an event for the ledger (a marker or autograd node, an
+#: What :meth:`_Walk.run` stopped at: an event for the ledger (a marker, an
 #: allocation that is not a transient, a free the walk does not hold), the first allocation
 #: after a marker (its phase to set; the walk gives it again), a transient that made a new
 #: peak, or the end of the events.
 _EVENT, _PHASE, _PEAK, _END = 0, 1, 2, 3
 _TRANSIENT, _FREED_NEXT = 1, 2  # event flags: freed before the next marker; freed by the next
+_NO_NODE = -2  # :meth:`_Walk.run`: no autograd node started since its last return
 
 
 class _Walk:
@@ -517,27 +564,38 @@ class _Walk:
         self.pending: tuple[int, int] | None = None  # the peak's transient, to be malloc'ed
 
     def run(self, recording: bool, logging: bool, need_phase: bool,
-            threshold: int) -> tuple[int, int, int, int, int]:
-        """Walk on until the ledger must act: ``(what, time, ptr, value, most)``, ``most`` the
-        most bytes the transients held since the last stop (-1: no transient allocated)."""
+            threshold: int) -> tuple[int, int, int, int, int, int, list[int] | None]:
+        """Walk on until the ledger must act: ``(what, time, ptr, value, most, node,
+        sealed)``, ``most`` the most bytes the transients held since the last stop (-1: no
+        transient allocated), ``node`` the last autograd node started since then
+        (:data:`_NO_NODE`: none) and ``sealed`` the sealed markers passed (None: none)."""
         items, flags, live, allocator = self.items, self.flags, self.live, self.allocator
         most = -1
+        node = _NO_NODE
+        sealed: list[int] | None = None
         pos = self.pos
         try:
             while pos < len(items):
                 when, ptr, value = items[pos]
                 if ptr < 0:
                     pos += 1
-                    return _EVENT, when, ptr, value, most
+                    if ptr == _NODE:
+                        node = value
+                        need_phase = True
+                        continue
+                    if ptr == _SEALED:
+                        sealed = [value] if sealed is None else [*sealed, value]
+                        continue
+                    return _EVENT, when, ptr, value, most, node, sealed
                 if value > 0:
                     if not recording:
                         pos += 1
                         continue
                     if need_phase:
-                        return _PHASE, when, ptr, value, most
+                        return _PHASE, when, ptr, value, most, node, sealed
                     if not flags[pos] & _TRANSIENT or ptr in self.entries:
                         pos += 1
-                        return _EVENT, when, ptr, value, most
+                        return _EVENT, when, ptr, value, most, node, sealed
                     live[ptr] = value
                     self.extra += value
                     paired = False
@@ -550,7 +608,7 @@ class _Walk:
                     pos += 1
                     if logging and self.extra > threshold:
                         self.pending = (ptr, value) if paired else None
-                        return _PEAK, when, ptr, value, most
+                        return _PEAK, when, ptr, value, most, node, sealed
                     if paired:
                         allocator.malloc_free(value)
                         self.served = ptr
@@ -558,13 +616,13 @@ class _Walk:
                 size = live.pop(ptr, 0)
                 pos += 1
                 if not size:
-                    return _EVENT, when, ptr, value, most
+                    return _EVENT, when, ptr, value, most, node, sealed
                 self.extra -= size
                 if ptr == self.served:
                     self.served = 0
                 elif allocator is not None:
                     allocator.free(ptr)
-            return _END, 0, 0, 0, most
+            return _END, 0, 0, 0, most, node, sealed
         finally:
             self.pos = pos
 
@@ -599,7 +657,7 @@ def _flags(items: list[tuple[int, int, int]]) -> bytearray:
     last = len(items) - 1
     for i, (_when, ptr, value) in enumerate(items):
         if ptr < 0:
-            if open_:
+            if open_ and ptr != _SEALED:  # (a sealed marker is no marker yet)
                 open_.clear()
         elif value > 0:
             open_[ptr] = i

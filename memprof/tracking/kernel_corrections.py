@@ -141,7 +141,7 @@ class KernelCorrections:
                 per_byte, _ = self.ratio.get(func, (0.0, 0))
                 found = OpMemory(round(per_byte * size), (), measured=False)
             else:
-                measured = _measure_rows(func, args, kwargs, real_size)
+                measured = _measured(key, func, args, kwargs, real_size)
                 if measured is None:
                     return None
                 found = measured
@@ -291,6 +291,29 @@ def _flops_per_row(func: Any, args: tuple[Any, ...]) -> int:
     if func in _BATCHED:
         return 2 * int(a.shape[1]) * int(a.shape[2]) * int(b.shape[2])
     return 2 * int(a.shape[1]) * int(b.shape[1])
+
+
+def _measured(key: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              real_size: Callable[[torch.Tensor], int | None]) -> OpMemory | None:
+    """:func:`_measure_rows`, or its result stored on disk by an earlier process on this
+    machine (:mod:`memprof.tracking.kernel_cache`: read where it would be measured, so the
+    table fills in the same order)."""
+    from memprof.tracking import kernel_cache
+
+    if not kernel_cache.enabled():
+        return _measure_rows(func, args, kwargs, real_size)
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    disk_key = repr((key, torch.is_grad_enabled(), tuple(real_size(t) for t in tensors)))
+    found, record = kernel_cache.lookup(disk_key)
+    if found:
+        if record is None:
+            return None
+        transient, outputs, measured = record
+        return OpMemory(int(transient), tuple(outputs), bool(measured))
+    memory = _measure_rows(func, args, kwargs, real_size)
+    if memory is not None:  # one that could not run (out of memory?) is tried again next time
+        kernel_cache.store(disk_key, [memory.transient, list(memory.outputs), memory.measured])
+    return memory
 
 
 def _measure_rows(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],

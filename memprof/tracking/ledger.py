@@ -171,6 +171,11 @@ def charged_bytes(raw: int, tensor: torch.Tensor, round_to: int) -> int:
 def facts_of(tensor: torch.Tensor) -> Facts:
     """The :data:`Facts` of ``tensor`` (one with a readable storage: see :func:`held_tensors`
     for the others)."""
+    if type(tensor) is torch.Tensor:  # the hot path (a hook's plain tensor): no calls to make
+        storage = tensor.untyped_storage()
+        raw = storage.nbytes()
+        return (storage.data_ptr(), round_up(raw, 512) if tensor.is_cuda else raw,
+                tuple(tensor.shape), tensor.dtype)
     tensor = storage_tensor(tensor)
     storage = tensor.untyped_storage()
     raw = storage.nbytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,12 +103,15 @@ class ModuleRegistry:
         self.param_owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.by_name: dict[str, int] = {}
         self.grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        #: Changes whenever :attr:`param_owner` does (a cache of owners checks it).
+        self.owners_version = 0
         self._root_names: set[str] = set()
         #: index -> the module it was registered for (weakly): a module built anew at each call
         #: (a loss made inside forward) takes over the row of its dead predecessor of the name
         self._holder: dict[int, weakref.ref[nn.Module]] = {}
-        #: Where gradient hooks report (the profiler's backend-aware hook), if set.
-        self.grad_sink: Callable[[torch.Tensor], None] | None = None
+        #: Where gradient hooks report (the profiler's backend-aware hook), if set: the
+        #: parameter and its owner.
+        self.grad_sink: Callable[[torch.Tensor, int], None] | None = None
         #: Set by the events backend once it runs: the ledger lags behind the live hooks there,
         #: so registering a module's tensors becomes a deferred call, applied in time order
         #: (after the allocation events of tensors made inside the profile, such as a model
@@ -196,6 +200,7 @@ class ModuleRegistry:
     def _register_param(self, param: nn.Parameter, idx: int) -> None:
         if param in self.param_owner:
             return  # tied: counted once, under its first owner
+        self.owners_version += 1
         if self.defer is not None:
             self.param_owner[param] = idx
             grads = [] if param.grad is None else self.ledger.facts(param.grad)
@@ -212,8 +217,9 @@ class ModuleRegistry:
             for part in self.ledger.parts(param):  # no detach: a fake one would dispatch
                 self._param_apply(part, grads, idx)
                 grads = []
-        if param.requires_grad:
-            self.grad_hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+        if param.requires_grad:  # (its owner is idx for good: bound, not looked up per step)
+            hook = functools.partial(self._on_grad, idx)
+            self.grad_hooks.append(param.register_post_accumulate_grad_hook(hook))
 
     def _param_apply(self, param: Any, grads: list[Any], idx: int) -> None:
         """Track a parameter's storage (and its gradient's), unless a parameter already owns
@@ -225,15 +231,17 @@ class ModuleRegistry:
         for grad in grads:
             self.ledger.track(grad, GRADIENT, idx)
 
-    def _on_grad(self, param: torch.Tensor) -> None:
+    def _on_grad(self, owner: int, param: torch.Tensor) -> None:
+        """A gradient was accumulated into ``param.grad``; ``owner`` is the module that owns
+        ``param`` (what :attr:`param_owner` says)."""
         if self.grad_sink is not None:
-            self.grad_sink(param)
+            self.grad_sink(param, owner)
             return
         ledger = self.ledger
         if not ledger.recording or param.grad is None:
             return
         for part in ledger.parts(param.grad):
-            ledger.track(part, GRADIENT, self.param_owner.get(param, OUTSIDE))
+            ledger.track(part, GRADIENT, owner)
 
     def remove_hooks(self) -> None:
         for handle in self.grad_hooks:

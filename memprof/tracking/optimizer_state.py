@@ -18,19 +18,23 @@ class OptimizerStates:
 
     def __init__(self) -> None:
         self._summaries: dict[int, dict[str, Any]] = {}
-        self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int]]] = {}
+        self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int, int]]] = {}
+        self._owners_version: dict[int, int] = {}  # per optimizer, as of its last collect
 
     def summaries(self) -> list[dict[str, Any]]:
         """One summary per optimizer, in the order they first stepped."""
         return list(self._summaries.values())
 
     def collect(self, optimizer: torch.optim.Optimizer, ledger: StorageLedger,
-                owner: Mapping[Any, int], round_to: int) -> list[tuple[Any, int]]:
+                owner: Mapping[Any, int], round_to: int,
+                owners_version: int | None = None) -> list[tuple[Any, int]]:
         """The optimizer's persistent state tensors with their owning modules (live part). Under
         the events backend, only those it did not give at an earlier step: a state tensor that
         is still the same object at the same address, with the same owner, is still tracked in
         that role (its storage lives, and nothing else reclassifies optimizer state), so its
-        replay would change nothing (one ledger lookup per state tensor per step, saved)."""
+        replay would change nothing (one ledger lookup per state tensor per step, saved).
+        While ``owners_version`` (the version of ``owner``) stays the same, the owners are
+        not looked up again for the state tensors found unchanged."""
         state: list[tuple[Any, int]] = []
         state_bytes = 0
         round_to = max(round_to, 1)
@@ -38,9 +42,11 @@ class OptimizerStates:
         # address are the same as last step's. The cache holds the tensors weakly and only
         # those seen this time.
         cache = self._state_facts.get(id(optimizer), {}) if ledger.by_ptr else None
-        seen: dict[int, tuple[Any, int, tuple[Any, int], int]] = {}
+        seen: dict[int, tuple[Any, int, tuple[Any, int], int, int]] = {}
+        same_owners = (cache is not None and owners_version is not None
+                       and self._owners_version.get(id(optimizer)) == owners_version)
         for param, values in optimizer.state.items():
-            module = owner.get(param, OUTSIDE)
+            module = None if same_owners else owner.get(param, OUTSIDE)
             for value in values.values():
                 if not isinstance(value, torch.Tensor):
                     continue
@@ -49,18 +55,23 @@ class OptimizerStates:
                         ptr = part.data_ptr()
                         hit = cache.get(id(part))
                         if (hit is not None and hit[0]() is part and hit[1] == ptr
-                                and hit[2][1] == module):
+                                and hit[4] == id(param)
+                                and (module is None or hit[2][1] == module)):
                             seen[id(part)] = hit
                             state_bytes += hit[3]
                             continue
+                    if module is None:
+                        module = owner.get(param, OUTSIDE)
                     item = (facts_of(part) if ledger.by_ptr else part, module)
                     state.append(item)
                     raw = charged_bytes(part.untyped_storage().nbytes(), part, round_to)
                     state_bytes += raw
                     if cache is not None:
-                        seen[id(part)] = (weakref.ref(part), ptr, item, raw)
+                        seen[id(part)] = (weakref.ref(part), ptr, item, raw, id(param))
         if cache is not None:
             self._state_facts[id(optimizer)] = seen
+            if owners_version is not None:
+                self._owners_version[id(optimizer)] = owners_version
         summary = self._summaries.get(id(optimizer))
         if summary is None:  # once per optimizer: this runs on every step
             params = [p for group in optimizer.param_groups for p in group["params"]]

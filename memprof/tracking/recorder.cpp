@@ -19,20 +19,33 @@
 // Events are int64 triples (time_ns, ptr, value): an allocation (ptr > 0, value = +bytes), a
 // free (ptr > 0, value = -bytes), a marker (-1, index), an autograd node (-2, its sequence
 // number; consecutive ones are merged into one event holding the last one's number: the node
-// running at the next allocation).
+// running at the next allocation), a module's backward starting (-3, the module's index) and a
+// sealed marker (-4, index: its calls wait for the next marker of either kind).
+//
+// The module backward starts come from C++ pre-hooks on the autograd node of each module's
+// output (``watch_backward``), placed where memprof's Python grad_fn pre-hook used to mark the
+// same moment, without calling Python in backward or a Python hook registration per module call.
+// The first one of a backward queues the end-of-backward callback (``on_backward_end``). Each
+// hook holds no tensor (only its node's address, to be taken off it) and is removed from its
+// node when recording stops; one from an earlier recording never records.
 
 #include <ATen/record_function.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
-#include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/node.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
+#include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <unordered_set>
 #include <vector>
 
 namespace py = pybind11;
@@ -45,6 +58,8 @@ namespace {
 
 constexpr int64_t kMarker = -1;
 constexpr int64_t kNode = -2;
+constexpr int64_t kModuleBackward = -3;
+constexpr int64_t kSealed = -4;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -138,6 +153,102 @@ bool installed_here() {
   return c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) == g_recorder.get();
 }
 
+// ------------------------------------------------------------ module backward hooks
+std::atomic<int64_t> g_session{0};     // one per start(): older hooks stay silent
+std::atomic<bool> g_live{false};       // the profiler records this step (not a skipped one)
+std::atomic<bool> g_in_backward{false};  // the end-of-backward callback is queued
+PyObject* g_on_backward_end = nullptr;  // what that callback calls (Python, under the GIL)
+
+class ModuleBackwardHook;
+std::recursive_mutex g_hooks_mutex;  // recursive: removing a hook from its node destroys it
+std::unordered_set<ModuleBackwardHook*> g_hooks;  // the hooks alive, to remove at stop()
+
+void backward_ended() {
+  g_in_backward.store(false);
+  pybind11::gil_scoped_acquire gil;
+  if (g_on_backward_end != nullptr) {
+    py::object callback = py::reinterpret_borrow<py::object>(g_on_backward_end);
+    callback();
+  }
+}
+
+class ModuleBackwardHook final : public torch::autograd::FunctionPreHook {
+ public:
+  ModuleBackwardHook(int64_t module, int64_t session, torch::autograd::Node* node)
+      : module_(module), session_(session), node_(node) {
+    std::lock_guard<std::recursive_mutex> guard(g_hooks_mutex);
+    g_hooks.insert(this);
+  }
+
+  ~ModuleBackwardHook() override {
+    std::lock_guard<std::recursive_mutex> guard(g_hooks_mutex);
+    g_hooks.erase(this);
+  }
+
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& grads) override {
+    Recorder* recorder = g_active.load(std::memory_order_acquire);
+    if (recorder != nullptr && session_ == g_session.load() && g_live.load()) {
+      if (!g_in_backward.exchange(true)) {
+        torch::autograd::Engine::get_default_engine().queue_callback(&backward_ended);
+      }
+      recorder->append(kModuleBackward, module_);
+    }
+    return grads;
+  }
+
+  torch::autograd::Node* node() const {
+    return node_;
+  }
+
+ private:
+  int64_t module_;
+  int64_t session_;
+  torch::autograd::Node* node_;
+};
+
+// Mark the start of module ``module``'s backward: a hook on the node that made ``output``.
+void watch_backward(const at::Tensor& output, int64_t module) {
+  if (!g_recorder) {
+    return;
+  }
+  const auto& node = output.grad_fn();
+  if (node) {
+    node->add_pre_hook(std::make_unique<ModuleBackwardHook>(module, g_session.load(), node.get()));
+  }
+}
+
+// Take every hook off its node (the hook holds no reference: a live hook's node is alive).
+void remove_backward_hooks() {
+  std::lock_guard<std::recursive_mutex> guard(g_hooks_mutex);
+  const std::vector<ModuleBackwardHook*> hooks(g_hooks.begin(), g_hooks.end());
+  for (ModuleBackwardHook* hook : hooks) {
+    auto& pre_hooks = hook->node()->pre_hooks();
+    pre_hooks.erase(std::remove_if(pre_hooks.begin(), pre_hooks.end(),
+                                   [hook](const auto& item) { return item.get() == hook; }),
+                    pre_hooks.end());
+  }
+  g_hooks.clear();
+}
+
+void set_live(bool live) {
+  g_live.store(live);
+}
+
+// What the end-of-backward callback calls (None: nothing); held until stop().
+void on_backward_end(py::object callback) {
+  Py_XDECREF(g_on_backward_end);
+  g_on_backward_end = nullptr;
+  if (!callback.is_none()) {
+    g_on_backward_end = callback.release().ptr();
+  }
+}
+
+int64_t backward_hooks() {
+  std::lock_guard<std::recursive_mutex> guard(g_hooks_mutex);
+  return static_cast<int64_t>(g_hooks.size());
+}
+
 void start() {
   if (g_recorder) {
     throw std::runtime_error("memprof's recorder is already running");
@@ -154,6 +265,9 @@ void start() {
     FLAGS_caffe2_log_level = 2;  // ERROR: raw C++ warnings are muted while recording
   }
   g_recorder = std::make_shared<Recorder>();
+  g_session.fetch_add(1);
+  g_in_backward.store(false);
+  g_live.store(true);
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, g_recorder);
   g_active.store(g_recorder.get(), std::memory_order_release);
   g_node_callback = at::addGlobalCallback(
@@ -171,6 +285,9 @@ py::bytes stop() {
   }
   g_active.store(nullptr, std::memory_order_release);
   g_recorder->active.store(false, std::memory_order_relaxed);
+  g_live.store(false);
+  remove_backward_hooks();
+  on_backward_end(py::none());
   if (installed_here()) {
     c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
   }
@@ -193,6 +310,12 @@ py::bytes drain() {
 void mark(int64_t index) {
   if (Recorder* recorder = g_active.load(std::memory_order_acquire)) {
     recorder->append(kMarker, index);
+  }
+}
+
+void seal(int64_t index) {
+  if (Recorder* recorder = g_active.load(std::memory_order_acquire)) {
+    recorder->append(kSealed, index);
   }
 }
 
@@ -223,6 +346,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stop", &stop, "Stop recording; returns the events not drained yet.");
   m.def("drain", &drain, "The events recorded since the last drain, as native int64 triples.");
   m.def("mark", &mark, "Append a marker event with this index.");
+  m.def("seal", &seal, "Append a sealed marker (its calls wait for the next marker).");
+  m.def("watch_backward", &watch_backward,
+        "Record module ``module``'s backward start: a pre-hook on ``output``'s grad_fn.");
+  m.def("set_live", &set_live, "Whether the module backward hooks record (this step is).");
+  m.def("on_backward_end", &on_backward_end,
+        "The callable the end of a backward with a module in it calls (None: nothing).");
+  m.def("backward_hooks", &backward_hooks, "How many module backward hooks are alive.");
   m.def("pending", &pending, "Events recorded and not drained yet.");
   m.def("high_water_bytes", &high_water_bytes, "The most bytes the buffer held, so far.");
   m.def("running", &running, "Whether the recorder is recording.");

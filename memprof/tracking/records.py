@@ -8,11 +8,13 @@ from __future__ import annotations
 import platform
 import warnings
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import torch
 from torch import nn
 
+from memprof.allocator import AllocatorSummary
 from memprof.categories import CATEGORIES, PHASES
 from memprof.decimate import decimate
 from memprof.devices import CUDA_BLOCK_BYTES, cuda_allocator_stats, nvml
@@ -125,7 +127,7 @@ class StepRecords:
         samples = list(ledger.samples)
         samples.append((peak.order, peak.time, peak.phase, peak.module, peak.by_category,
                         peak.reserved))
-        samples.sort(key=lambda s: (s[0], s[1]))
+        samples.sort(key=_ORDER)
         kept = decimate(samples, self._timeline_points, key=lambda s: sum(s[4]))
         chunk = empty_timeline()
         if ledger.allocator is not None:
@@ -145,6 +147,9 @@ class StepRecords:
         for name, column in zip(CATEGORIES, zip(*totals, strict=True), strict=True):
             chunk[name] = list(column)
         return chunk
+
+
+_ORDER = itemgetter(0, 1)  # a timeline sample's order: its ledger sequence, then its time
 
 
 def device_info(model: nn.Module | None, *, fake: bool, device_modelled: str | None,
@@ -200,7 +205,7 @@ def build_profile(
     compiled_attributed: int,
     device: DeviceInfo,
     optimizers: list[dict[str, Any]],
-    allocator: dict[str, Any] | None,
+    allocator: AllocatorSummary | None,
     op_trace: dict[str, Any] | None,
     meta: dict[str, Any],
 ) -> Profile:

@@ -167,9 +167,8 @@ class ReservedModel:
         except AllocatorConfError as exc:
             return None, f"reserved memory not modelled: {exc}"
 
-    def summary(self) -> dict[str, Any]:
-        """The replay's figures as the profile stores them (an :class:`AllocatorSummary`'s
-        ``to_dict()``)."""
+    def summary(self) -> AllocatorSummary:
+        """The replay's figures as the profile stores them."""
         main = self.model.result()
         other = self.model.settle().result()
         return AllocatorSummary(
@@ -177,4 +176,4 @@ class ReservedModel:
             replay=main,
             what_if={self.alternative.text: other},
             not_modelled=[*NOT_MODELLED, *PROFILE_NOT_MODELLED],
-        ).to_dict()
+        )

@@ -21,6 +21,16 @@ class ProfileResults:
             raise RuntimeError("the profile is ready when the `with memprof.profile` block ends")
         return self._result
 
+    def __repr__(self) -> str:
+        """One line: the finished profile's, or how far the ``with`` block has got."""
+        name = type(self).__name__
+        if self._result is not None:
+            return f"{name}(finished: {self._result!r})"
+        if not getattr(self, "_entered", False):  # the Profiler's own state, set on entry
+            return f"{name}(not started)"
+        return (f"{name}(running: step {getattr(self, '_step', 0)}, "
+                f"backend {getattr(self, 'backend', '?')!r})")
+
     def modules(self) -> Any:
         """Per-module table: see :meth:`memprof.profile.Profile.modules`."""
         return self.profile.modules()

@@ -5,7 +5,7 @@ It installs, for its lifetime only:
 * a ``TorchDispatchMode`` that shows every operator output to the storage ledger (this also
   works under ``FakeTensorMode``, where nothing is allocated);
 * global module forward hooks (the module stack) and, per call, a pre-hook on the output's
-  ``grad_fn`` (the module whose backward is running);
+  ``grad_fn`` (the module whose backward is running; in C++ with memprof's recorder);
 * ``saved_tensors_hooks`` whose pack hook marks what autograd saves as activations;
 * ``post_accumulate_grad`` hooks on parameters (gradients) and global optimizer step hooks
   (the optimizer phase and its persistent state).
@@ -34,8 +34,8 @@ from memprof import oom as oom_report
 from memprof.categories import PHASES
 from memprof.errors import ProfileActiveError
 from memprof.tracking import kernel_corrections, native
-from memprof.tracking.compiled import CompiledOwners, compiled_inner, is_compiled
-from memprof.tracking.events import EventStream
+from memprof.tracking.compiled import CompiledOwners, compile_loaded, compiled_inner, is_compiled
+from memprof.tracking.events import EventStream, RecorderSource
 from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
 from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
 from memprof.tracking.leak import MemoryLeakWarning as MemoryLeakWarning
@@ -176,9 +176,14 @@ class Profiler(ProfileResults):
         self.ledger.source_floor = self._sources.floor
         self._events: EventStream | None = None
         if backend == "events":
-            self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node)
+            self._events = EventStream(self.ledger, self._alloc_phase, self._on_backward_node,
+                                       on_module_backward=self._backward_enter_apply)
+        #: memprof's recorder marks the modules' backward starts itself, from C++ hooks
+        self._recorder = (self._events.source
+                          if self._events is not None
+                          and isinstance(self._events.source, RecorderSource) else None)
         self._live_recording = False
-        self._live_stack: list[tuple[int, Any]] = []
+        self._live_stack: list[tuple[int, Any, int]] = []  # (module index, token, id(module))
         #: Compiled modules (by index), and the saved tensors' facts packed while one of them
         #: runs, held back until its forward ends tells whose code made each (events backend).
         self._compiled_modules: set[int] = set()
@@ -225,6 +230,9 @@ class Profiler(ProfileResults):
                 self._events.prior.watch(self._prior_tensors())
                 self.registry.defer = self._events.buffer
                 self._events.start()
+                if self._recorder is not None:
+                    self._recorder.on_backward_end(self._on_backward_end)
+                    self._recorder.set_live(self._live_recording)
         except BaseException:
             self._teardown()
             raise
@@ -275,8 +283,8 @@ class Profiler(ProfileResults):
         self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
         self._compiled = CompiledOwners()
-        if self._events is not None:  # under the dispatch backend nothing is compiled
-            self._compiled.install()
+        if self._events is not None and compile_loaded():  # dispatch: nothing is compiled
+            self._compiled.install()  # else at the first compiled module, if any
         del ledger
 
     def _prior_tensors(self) -> list[Any]:
@@ -376,6 +384,8 @@ class Profiler(ProfileResults):
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
         self._live_recording = action is not StepAction.SKIP
+        if self._recorder is not None:
+            self._recorder.set_live(self._live_recording)
         self._op_traces.stop(self._step - 1)
         self._set_mode(self._live_recording)
         if action is StepAction.ACTIVE:
@@ -446,10 +456,13 @@ class Profiler(ProfileResults):
             self._op_traces.abandon()  # before dynamo sees the frame: it must run compiled
             self._compiled_modules.add(idx)
             self._compiled_modules.add(self.registry.index_of(compiled_inner(module), idx))
+            self._compiled.install()  # compiled inside the block: before it first runs
         facts = None
         if not recompute and not stack:
             facts = [facts_of(t) for t in _held(self.ledger, _tensors(args))]
-        stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts)))
+        # (the module's identity: its exit finds its own entry without a registry lookup)
+        stack.append((idx, events.enter(self._forward_pre_apply, idx, recompute, facts),
+                      id(module)))
 
     def _on_root_kwargs(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         """The profiled model's keyword arguments (``model(**batch)``: labels, attention
@@ -497,14 +510,14 @@ class Profiler(ProfileResults):
             # always_call: the forward may have raised
             self._oom.check(module, self.registry, self._events)
         events = self._events
-        idx = self.registry.index.get(module)
         if events is None:
+            idx = self.registry.index.get(module)
             forward = self._forward_apply(idx)
         else:
             stack = self._live_stack
-            if not stack or stack[-1][0] != idx:
+            if not stack or stack[-1][2] != id(module):
                 return  # hooks were installed in the middle of this forward
-            _, token = stack.pop()
+            idx, token, _ = stack.pop()
             if (type(output) is torch.Tensor and output.layout is torch.strided
                     and output.nbytes >= self._sources.floor):
                 # The events backend sees this storage only as bytes: name its shape and the
@@ -515,14 +528,25 @@ class Profiler(ProfileResults):
                 self._compiled_owners(module, idx, output)
             events.exit(token, self._forward_apply, idx)
             forward = _graph_task_id() == -1
-        if idx is not None and self.registry.infos[idx].geometry is None:
-            self.registry.infos[idx].geometry = module_geometry(module, args, output)
-        if forward and idx is not None:
-            grad_fn = _first_grad_fn(output)
+        if idx is None:
+            return
+        info = self.registry.infos[idx]
+        if info.geometry is None:
+            info.geometry = module_geometry(module, args, output)
+        if forward:
+            made = _first_with_grad_fn(output)
+            grad_fn = None if made is None else made.grad_fn
             # An identity module (Dropout(p=0), nn.Identity) returns its input: the node is
             # the previous module's, whose backward it would otherwise take over.
-            if grad_fn is not None and grad_fn is not _first_grad_fn(args):
-                self._grad_fn_handles.append(grad_fn.register_prehook(_BackwardEnter(self, idx)))
+            if (made is not None and grad_fn is not None
+                    and grad_fn is not (args[0].grad_fn if type(args) is tuple and len(args) == 1
+                                        and type(args[0]) is torch.Tensor
+                                        else _first_grad_fn(args))):
+                if self._recorder is not None:
+                    self._recorder.watch_backward(made, idx)
+                else:
+                    handle = grad_fn.register_prehook(_BackwardEnter(self, idx))
+                    self._grad_fn_handles.append(handle)
 
     def _forward_apply(self, idx: int | None) -> bool:
         """Close the module's frame; whether it was a forward (not a recompute)."""
@@ -605,8 +629,11 @@ class Profiler(ProfileResults):
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._live_recording and _graph_task_id() == -1:
-            for part in self.ledger.parts(tensor):  # one, unless sparse
-                self._pack_part(part)
+            if type(tensor) is torch.Tensor and tensor.layout is torch.strided:
+                self._pack_part(tensor)  # (what ledger.parts gives a plain tensor)
+            else:
+                for part in self.ledger.parts(tensor):  # one, unless sparse
+                    self._pack_part(part)
             if self._op_traces.trace is not None:
                 self._op_traces.trace.saved_tensor(tensor)
         grad_fn = tensor.grad_fn
@@ -717,19 +744,26 @@ class Profiler(ProfileResults):
                     {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
                 )
 
-    def _on_grad(self, param: torch.Tensor) -> None:
-        """A gradient was accumulated into ``param.grad`` (live part)."""
+    def _on_grad(self, param: torch.Tensor, owner: int) -> None:
+        """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
+        part)."""
         grad = param.grad
         if not self._live_recording or grad is None:
             return
-        owner = self.registry.param_owner.get(param, OUTSIDE)
         if self._op_traces.trace is not None:
             self._op_traces.trace.gradient(grad)
-        for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
-            if self._events is None:
+        events = self._events
+        if events is None:
+            for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
                 self._grad_apply(part, owner)
-            else:
-                self._events.buffer(self._grad_apply, part, owner)
+            return
+        if type(grad) is torch.Tensor and grad.layout is torch.strided:
+            events.buffer(self._grad_apply, facts_of(grad), owner)  # (ledger.facts' one item)
+        else:
+            for part in self.ledger.facts(grad):
+                events.buffer(self._grad_apply, part, owner)
+        if self._recorder is not None:
+            events.seal()  # applied before the next module's backward start (recorder.cpp)
 
     def _grad_apply(self, grad: torch.Tensor | Facts, owner: int) -> None:
         if self.ledger.recording:
@@ -766,7 +800,8 @@ class Profiler(ProfileResults):
     def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> list[tuple[Any, int]]:
         """The optimizer's persistent state tensors with their owning modules (live part)."""
         return self._optimizer_states.collect(optimizer, self.ledger, self.registry.param_owner,
-                                              self._round_to)
+                                              owners_version=self.registry.owners_version,
+                                              round_to=self._round_to)
 
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
         for value, module in state:
@@ -917,15 +952,21 @@ def _made_before_this_node(grad_fn: Any) -> bool:
 
 
 def _first_grad_fn(output: Any) -> Any:
+    made = _first_with_grad_fn(output)
+    return None if made is None else made.grad_fn
+
+
+def _first_with_grad_fn(output: Any) -> torch.Tensor | None:
+    """The first tensor of ``output`` that an autograd node made."""
     if isinstance(output, torch.Tensor):
-        return output.grad_fn
+        return output if output.grad_fn is not None else None
     if type(output) is tuple and all(isinstance(v, torch.Tensor) for v in output):
         values: Any = output  # a module's positional arguments, mostly: no pytree walk needed
     else:
         values = tree_flatten(output)[0]
     for value in values:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-            return value.grad_fn
+            return value
     return None
 
 

@@ -27,6 +27,10 @@ _SKIP = (os.path.dirname(torch.__file__) + os.sep,
          os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
 
 
+#: Per file name: whether its frames are passed over (torch's, memprof's, ``<string>``'s).
+_PASSED: dict[str, bool] = {}
+
+
 def user_source(skip: int = 1) -> str:
     """``file:line in function`` of the innermost frame outside torch and memprof ("" if
     none: the allocation came from torch itself, say the autograd engine in backward)."""
@@ -34,10 +38,17 @@ def user_source(skip: int = 1) -> str:
         frame = sys._getframe(skip + 1)
     except ValueError:
         return ""
+    passed = _PASSED
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP) and not filename.startswith("<"):
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        code = frame.f_code
+        filename = code.co_filename
+        skipped = passed.get(filename)
+        if skipped is None:
+            if len(passed) > 4096:  # (files made on the fly: keep the memo small)
+                passed.clear()
+            skipped = passed[filename] = filename.startswith(_SKIP) or filename.startswith("<")
+        if not skipped:
+            return f"{filename}:{frame.f_lineno} in {code.co_name}"
         frame = frame.f_back  # type: ignore[assignment]
     return ""
 

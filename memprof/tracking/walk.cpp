@@ -5,7 +5,7 @@
 // Most of a step's events are transient allocations (freed again before the next marker: an
 // operator's scratch, every temporary of an optimizer step). The walk keeps them out of Python:
 // it feeds them to the allocator's model (allocator_model.h) and keeps their running bytes, and
-// returns to Python only for what the ledger must see: a marker or autograd node, an allocation
+// returns to Python only for what the ledger must see: a marker, an allocation
 // that is not a transient, a free of a storage the ledger holds, the first allocation after a
 // marker (its phase), and a transient that makes a new peak (the live ones become entries).
 
@@ -31,6 +31,9 @@ constexpr int kEvent = 0;
 constexpr int kPhase = 1;
 constexpr int kPeak = 2;
 constexpr int kEnd = 3;
+constexpr int64_t kNode = -2;       // recorder.cpp's autograd node start
+constexpr int64_t kSealed = -4;     // recorder.cpp's sealed marker
+constexpr int64_t kNoNode = -2;     // run(): no autograd node started since the last return
 constexpr uint8_t kTransient = 1;  // freed again before the next marker
 constexpr uint8_t kFreedNext = 2;  // an allocation whose own free is the very next event
 
@@ -49,7 +52,9 @@ class Walk {
       const int64_t ptr = events_[3 * i + 1];
       const int64_t value = events_[3 * i + 2];
       if (ptr < 0) {
-        open.clear();
+        if (ptr != kSealed) {  // (a sealed marker is no marker yet: see recorder.cpp)
+          open.clear();
+        }
       } else if (value > 0) {
         open[ptr] = i;
         if (i + 1 < n_ && events_[3 * i + 4] == ptr && events_[3 * i + 5] == -value) {
@@ -66,10 +71,15 @@ class Walk {
     }
   }
 
-  // Walk on until Python must act; returns (code, time, ptr, value, most): ``most`` the most
-  // bytes the transients held after one of their allocations since the last return (-1: none).
+  // Walk on until Python must act; returns (code, time, ptr, value, most, node, sealed):
+  // ``most`` the most bytes the transients held after one of their allocations since the last
+  // return (-1: none); ``node`` the last autograd node started since then (kNoNode: none; a
+  // node start needs the phase set again) and ``sealed`` the sealed markers met since then
+  // (None: none), which Python applies before anything else it is returned.
   py::tuple run(bool recording, bool logging, bool need_phase, int64_t threshold) {
     int64_t most = -1;
+    node_ = kNoNode;
+    sealed_.clear();
     while (pos_ < n_) {
       const size_t at = pos_;
       const int64_t when = events_[3 * at];
@@ -77,7 +87,16 @@ class Walk {
       const int64_t value = events_[3 * at + 2];
       if (ptr < 0) {
         ++pos_;
-        return py::make_tuple(kEvent, when, ptr, value, most);
+        if (ptr == kNode) {
+          node_ = value;
+          need_phase = true;
+          continue;
+        }
+        if (ptr == kSealed) {
+          sealed_.push_back(value);
+          continue;
+        }
+        return result(kEvent, when, ptr, value, most);
       }
       if (value > 0) {
         if (!recording) {
@@ -85,11 +104,11 @@ class Walk {
           continue;
         }
         if (need_phase) {
-          return py::make_tuple(kPhase, when, ptr, value, most);  // the same event comes again
+          return result(kPhase, when, ptr, value, most);  // the same event comes again
         }
         if (!(flags_[at] & kTransient) || entries_.contains(py::int_(ptr))) {
           ++pos_;
-          return py::make_tuple(kEvent, when, ptr, value, most);
+          return result(kEvent, when, ptr, value, most);
         }
         add(ptr, value);
         bool paired = false;
@@ -107,7 +126,7 @@ class Walk {
           pending_ = paired;
           pending_ptr_ = ptr;
           pending_value_ = value;
-          return py::make_tuple(kPeak, when, ptr, value, most);
+          return result(kPeak, when, ptr, value, most);
         }
         if (paired) {
           model_->malloc_free(value);
@@ -118,7 +137,7 @@ class Walk {
       auto found = index_.find(ptr);
       if (found == index_.end()) {
         ++pos_;
-        return py::make_tuple(kEvent, when, ptr, value, most);
+        return result(kEvent, when, ptr, value, most);
       }
       const int64_t size = live_[found->second].second;
       live_[found->second].second = 0;  // gone (its slot stays: the order of the others)
@@ -134,7 +153,7 @@ class Walk {
       }
       ++pos_;
     }
-    return py::make_tuple(kEnd, 0, 0, 0, most);
+    return result(kEnd, 0, 0, 0, most);
   }
 
   // The live transients, in the order they were allocated, as (ptr, bytes); they leave the
@@ -160,6 +179,18 @@ class Walk {
   int64_t extra = 0;  // the bytes the live transients hold
 
  private:
+  py::tuple result(int code, int64_t when, int64_t ptr, int64_t value, int64_t most) const {
+    py::object sealed = py::none();
+    if (!sealed_.empty()) {
+      py::list items;
+      for (const int64_t index : sealed_) {
+        items.append(index);
+      }
+      sealed = items;
+    }
+    return py::make_tuple(code, when, ptr, value, most, node_, sealed);
+  }
+
   void add(int64_t ptr, int64_t value) {
     auto found = index_.find(ptr);
     if (found != index_.end()) {
@@ -180,6 +211,8 @@ class Walk {
   std::vector<std::pair<int64_t, int64_t>> live_;  // in allocation order; 0 bytes: freed
   std::unordered_map<int64_t, size_t> index_;      // ptr -> its slot in live_
   int64_t served_ = 0;
+  int64_t node_ = kNoNode;       // run(): see there
+  std::vector<int64_t> sealed_;  // run(): see there
   bool pending_ = false;
   int64_t pending_ptr_ = 0;
   int64_t pending_value_ = 0;
