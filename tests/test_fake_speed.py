@@ -218,6 +218,57 @@ def test_rows_run_on_worker_processes_give_the_bytes_of_rows_run_one_by_one(
     assert any(isinstance(a, list) and a for a in answers)
 
 
+def test_workers_read_the_kernel_measurements_on_disk_and_give_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # GIVEN a small GPT-2's rows, their kernels measured once into a cache directory
+    from memprof.tracking import kernel_cache
+
+    w = gpt2_workload()
+    profile = baseline(w).profile
+    monkeypatch.setenv(kernel_cache.ENABLED_ENV, "1")
+    monkeypatch.setenv(kernel_cache.DIR_ENV, str(tmp_path))
+    kernel_cache.forget()
+    alone = _row_peaks(w, profile, monkeypatch, "0")
+    answers: list[Any] = []
+    read_answers = parallel._answers
+
+    def counting(*args: Any) -> Any:
+        found = read_answers(*args)
+        answers.extend(answer for _, answer in found)
+        return found
+
+    monkeypatch.setattr(parallel, "_answers", counting)
+    # WHEN a new process (an empty table, the file read again) runs them on two processes
+    kernel_cache.forget()
+    shared = _row_peaks(w, profile, monkeypatch, "2")
+    # THEN the same bytes, and no run was sent back for lack of a measurement
+    assert shared == alone
+    assert any(isinstance(a, int) for a in answers)
+    assert not [a for a in answers if isinstance(a, list)]
+    kernel_cache.forget()
+
+
+def test_a_runs_extrapolated_scratch_does_not_depend_on_the_runs_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN ops above the measuring limit (extrapolated from the largest measured key of the
+    # same op), and a 16-bit run whose matmuls measure other scratch than fp32 ones
+    from memprof.tracking import kernel_corrections
+
+    monkeypatch.setattr(kernel_corrections, "TABLE", kernel_corrections.KernelCorrections())
+    monkeypatch.setattr(kernel_corrections, "MEASURE_LIMIT_BYTES", 40_000)
+    w = gpt2_workload()
+    changes = changes_for(read_facts(baseline(w).profile))
+    autocast = next(c for c in changes if c.options.get("mode") == "autocast"
+                    and c.apply is not None)
+    # WHEN the unchanged step runs first, then after the 16-bit one
+    first = fake_peak(w)
+    fake_peak(w, [autocast.apply])
+    # THEN the same bytes: each run extrapolates from its own ops
+    assert fake_peak(w) == first
+
+
 def test_measuring_nothing_stops_a_run_at_a_kernel_not_measured_yet(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

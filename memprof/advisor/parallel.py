@@ -13,15 +13,16 @@ Two rules keep every byte as a serial run's:
 - A worker sets ``torch.set_num_threads(1)`` before anything else: GNU OpenMP is not fork-safe
   once the parent used its thread pool (the worker's first parallel region would hang), and
   with one thread ATen runs its loops inline.
-- Nothing is measured outside this process, nor out of order. The runs go in rounds: this
-  process runs the lowest run not done, as a serial run would (a kernel whose scratch is not
-  in :mod:`~memprof.tracking.kernel_corrections`' table yet is measured), while the workers,
-  and this process after it, try the later runs inside
-  :func:`~memprof.tracking.kernel_corrections.measuring_nothing`: a run that meets a kernel
-  not measured yet stops and waits for a later round (it is tried again once its kernels are
-  measured, or runs here as the lowest). A run finished so read only measurements made for
-  runs before it, as in a serial run, and a one-thread worker never measures scratch (some
-  kernels take per-thread buffers). A worker that fails, or sends nothing for
+- Nothing is measured outside this process: a one-thread worker would measure other scratch
+  (some kernels take per-thread buffers). The runs go in rounds: this process runs the lowest
+  run not done, measuring what a kernel needs, while the workers, and this process after it,
+  try the later runs inside :func:`~memprof.tracking.kernel_corrections.measuring_nothing`,
+  reading the measurements in the table and in this machine's file of them
+  (:mod:`~memprof.tracking.kernel_cache`, which a worker reads with this process's thread
+  count). A run that meets a kernel measured in neither stops and waits for a later round (it
+  is tried again once its kernels are measured, or runs here as the lowest). A measurement
+  depends on its key alone and an extrapolation on its own run's ops, so the order the runs
+  are made in changes no byte. A worker that fails, or sends nothing for
   :data:`WORKER_TIMEOUT_S`, is stopped, and the runs it took are run here.
 """
 
@@ -216,7 +217,10 @@ def _worker(runs: Sequence[Callable[[], int]], tickets: int, answers_r: int,
     global _in_worker
     code = 1
     try:
-        torch.set_num_threads(1)  # before anything: no OpenMP region in a forked child
+        from memprof.tracking import kernel_cache
+
+        kernel_cache.pin()  # the parent's measurements (made with its thread count)
+        torch.set_num_threads(1)  # before any op: no OpenMP region in a forked child
         _in_worker = True
         os.close(answers_r)
         while (index := _take(tickets)) is not None:

@@ -2,12 +2,12 @@
 per machine, so that a later process (the next ``memprof advise`` or ``estimate``) reads them
 instead of running the real kernels again.
 
-A measurement is a pure function of the op, its arguments' layouts, grad mode and the machine:
+A measurement is a pure function of the op, its arguments' layouts and the machine:
 the CPU (model and instruction flags), the torch build and its thread count. Those name the
 file (``kernels-<fingerprint>.jsonl``), so a measurement is only ever read back where it would
-come out the same. A lookup happens exactly where the measurement would have been made (the
-table's extrapolation ratios are updated in the same order), so a prediction is the same to the
-byte with the cache cold, warm, or off.
+come out the same, and a prediction is the same to the byte with the cache cold, warm, or off.
+Forked fake-run workers (:mod:`memprof.advisor.parallel`), which run no kernel, read their
+parent's file (:func:`pin`), so a new process's rows need not wait for measurements.
 
 The file is append-only JSON lines, one measurement a line (a line under 4 KiB is written in one
 ``write``, so processes measuring at once do not interleave); a line that does not parse is
@@ -33,13 +33,15 @@ ENABLED_ENV = "MEMPROF_KERNEL_CACHE"
 #: The environment variable that names the cache's directory.
 DIR_ENV = "MEMPROF_CACHE_DIR"
 #: Bumped when a measurement's meaning changes (an old file is then simply not read).
-FORMAT = 1
+FORMAT = 2
 #: A record longer than this is not written (it could interleave with another process's).
 _MAX_LINE = 4000
 
 #: Per process: the file read (its records by key), or None before the first lookup.
 _loaded: dict[str, list[Any] | None] | None = None
 _path: Path | None = None
+#: The file read whatever the thread count (see :func:`pin`).
+_pinned: Path | None = None
 
 
 def enabled() -> bool:
@@ -117,11 +119,20 @@ def store(key: str, record: list[Any]) -> None:
         pass
 
 
+def pin() -> None:
+    """Keep reading this process's file from now on, whatever its thread count becomes: a
+    forked worker (one thread, never measuring) reads the measurements its parent's runs
+    would."""
+    global _pinned
+    _pinned = file_path() if enabled() else None
+    _records()
+
+
 def _records() -> dict[str, list[Any] | None] | None:
     global _loaded, _path
     if not enabled():
         return None
-    path = file_path()
+    path = _pinned or file_path()
     if _loaded is None or path != _path:  # first use, or another fingerprint (thread count)
         _path, _loaded = path, _read(path)
     return _loaded
@@ -146,5 +157,5 @@ def _read(path: Path) -> dict[str, list[Any] | None]:
 
 def forget() -> None:
     """Read the file again on the next lookup (tests; another process wrote it)."""
-    global _loaded, _path
-    _loaded, _path = None, None
+    global _loaded, _path, _pinned
+    _loaded, _path, _pinned = None, None, None

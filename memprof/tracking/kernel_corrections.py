@@ -13,8 +13,13 @@ under memprof's allocation recorder (cached for the process). The dispatch ledge
 under fake tensors, each output at its real size and the transient as a moment inside the op.
 
 Ops whose inputs exceed :data:`MEASURE_LIMIT_BYTES` are not run: their transient is extrapolated
-from the largest measured key of the same op (bytes of scratch per input byte) and reported as
-modelled. A matmul (mm, addmm, bmm, baddbmm) is measured on as many rows of its first operand
+from the largest measured key of the same op met earlier in the same profile (bytes of scratch
+per input byte) and reported as modelled. A measurement depends on its key alone, and an
+extrapolation on its own profile's ops, so a run's bytes do not depend on which runs came
+before it in the process (or in another process: :mod:`memprof.tracking.kernel_cache` keeps
+the measurements per machine).
+
+A matmul (mm, addmm, bmm, baddbmm) is measured on as many rows of its first operand
 (entries of a bmm's batch) as :data:`MEASURE_FLOPS` allows, at least one, and that stands for
 the whole op (reported as extrapolated), unless oneDNN runs it in 16 bits: fp32 goes to MKL's
 sgemm, which takes nothing from PyTorch's allocator at any size, and a 16-bit matmul this CPU
@@ -30,6 +35,7 @@ modelling CUDA names them as modelled instead (see :func:`modelled_notes`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -110,6 +116,8 @@ class OpMemory:
     transient: int
     outputs: tuple[int | None, ...]
     measured: bool = True
+    #: The op's input bytes (the extrapolation ratio's denominator).
+    input_bytes: int = 0
 
 
 @dataclass
@@ -119,7 +127,9 @@ class KernelCorrections:
     cache: dict[Any, OpMemory] = field(default_factory=dict)
     #: Per op name: (measured keys, extrapolated keys).
     used: dict[str, list[int]] = field(default_factory=dict)
-    #: Per op: (scratch bytes per input byte, input bytes) of its largest measured key.
+    #: Per op: (scratch bytes per input byte, input bytes) of the largest measured key met so
+    #: far by this profile (one per profile: a run's extrapolations depend on its own ops only,
+    #: not on which runs came before it in this process).
     ratio: dict[Any, tuple[float, int]] = field(default_factory=dict)
 
     def memory(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -133,22 +143,18 @@ class KernelCorrections:
             return None
         found = self.cache.get(key)
         if found is None:
-            if _unmeasured[-1] is not None:
-                _unmeasured[-1].append(repr(key))
-                raise KernelNotMeasured(f"{func} is not measured yet for these shapes")
             size = _input_bytes(args, kwargs)
-            if size > MEASURE_LIMIT_BYTES:
+            if size > MEASURE_LIMIT_BYTES:  # this run's ratio: not kept for other runs
                 per_byte, _ = self.ratio.get(func, (0.0, 0))
-                found = OpMemory(round(per_byte * size), (), measured=False)
-            else:
-                measured = _measured(key, func, args, kwargs, real_size)
-                if measured is None:
-                    return None
-                found = measured
-                best = self.ratio.get(func)
-                if found.measured and size and (best is None or size >= best[1]):
-                    self.ratio[func] = (found.transient / size, size)
-            self.cache[key] = found
+                return OpMemory(round(per_byte * size), (), measured=False, input_bytes=size)
+            measured = _measured(key, func, args, kwargs, real_size, size)
+            if measured is None:
+                return None
+            found = self.cache[key] = measured
+        best = self.ratio.get(func)
+        size = found.input_bytes
+        if found.measured and size and (best is None or size >= best[1]):
+            self.ratio[func] = (found.transient / size, size)
         return found
 
     def count(self, func: Any, memory: OpMemory) -> None:
@@ -188,7 +194,7 @@ _enabled = [True]
 def for_profile() -> KernelCorrections | None:
     """A view of :data:`TABLE` that counts its own uses (one per profile); None inside
     :func:`disabled`."""
-    return KernelCorrections(cache=TABLE.cache, ratio=TABLE.ratio) if _enabled[-1] else None
+    return KernelCorrections(cache=TABLE.cache) if _enabled[-1] else None
 
 
 @contextlib.contextmanager
@@ -214,12 +220,12 @@ _unmeasured: list[list[str] | None] = [None]
 
 @contextlib.contextmanager
 def measuring_nothing() -> Iterator[list[str]]:
-    """Inside, the table is read only: a key it lacks is neither measured nor extrapolated but
-    raises :class:`~memprof.errors.KernelNotMeasured`, and the key's ``repr`` is added to the
-    list yielded (a caller that swallows the error still sees it; :func:`measured` tells
-    when it has been measured since). A fake run in a worker process runs so:
-    what it measured would stay in the worker, and a measurement (or an extrapolation from
-    the table's ratios) made in another order than a serial run's could change a byte."""
+    """Inside, no kernel is run: a key neither the table nor the machine's file of measurements
+    (:mod:`memprof.tracking.kernel_cache`) holds raises
+    :class:`~memprof.errors.KernelNotMeasured`, and the key's ``repr`` is added to the list
+    yielded (a caller that swallows the error still sees it; :func:`measured` tells when it
+    has been measured since). A fake run in a worker process runs so: what it measured would
+    stay in the worker, and a one-thread process would measure other scratch."""
     missed: list[str] = []
     _unmeasured.append(missed)
     try:
@@ -242,6 +248,8 @@ def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             parts.append(str(value))
         else:  # a generator, a symbolic size: not measurable
             return None
+    if func is aten.mkldnn_rnn_layer.default:  # it fills its workspace only with grad mode on
+        parts.append(("grad mode", torch.is_grad_enabled()))
     return tuple(parts)
 
 
@@ -294,24 +302,32 @@ def _flops_per_row(func: Any, args: tuple[Any, ...]) -> int:
 
 
 def _measured(key: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-              real_size: Callable[[torch.Tensor], int | None]) -> OpMemory | None:
-    """:func:`_measure_rows`, or its result stored on disk by an earlier process on this
-    machine (:mod:`memprof.tracking.kernel_cache`: read where it would be measured, so the
-    table fills in the same order)."""
+              real_size: Callable[[torch.Tensor], int | None], size: int) -> OpMemory | None:
+    """:func:`_measure_rows` (``size``: the input bytes), or its result stored on disk by an
+    earlier process on this machine (:mod:`memprof.tracking.kernel_cache`). Inside
+    :func:`measuring_nothing` only the disk is read, and a key it lacks raises
+    :class:`~memprof.errors.KernelNotMeasured`."""
     from memprof.tracking import kernel_cache
 
-    if not kernel_cache.enabled():
-        return _measure_rows(func, args, kwargs, real_size)
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    disk_key = repr((key, torch.is_grad_enabled(), tuple(real_size(t) for t in tensors)))
-    found, record = kernel_cache.lookup(disk_key)
-    if found:
-        if record is None:
-            return None
-        transient, outputs, measured = record
-        return OpMemory(int(transient), tuple(outputs), bool(measured))
+    disk_key = None
+    if kernel_cache.enabled():
+        # the table's key, and for an RNN backward the real size of the workspace it reads
+        disk_key = repr(key)
+        if func is aten.mkldnn_rnn_layer_backward.default:
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            disk_key = repr((key, tuple(real_size(t) for t in tensors)))
+        found, record = kernel_cache.lookup(disk_key)
+        if found and record is not None:
+            transient, outputs, measured = record
+            return OpMemory(int(transient), tuple(outputs), bool(measured), size)
+    if _unmeasured[-1] is not None:
+        _unmeasured[-1].append(repr(key))
+        raise KernelNotMeasured(f"{func} is not measured yet for these shapes")
     memory = _measure_rows(func, args, kwargs, real_size)
-    if memory is not None:  # one that could not run (out of memory?) is tried again next time
+    if memory is None:  # one that could not run (out of memory?) is tried again next time
+        return None
+    memory = dataclasses.replace(memory, input_bytes=size)
+    if disk_key is not None:
         kernel_cache.store(disk_key, [memory.transient, list(memory.outputs), memory.measured])
     return memory
 
