@@ -60,11 +60,22 @@ def _ids(batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _assert_same(estimated: memprof.Profile, real: memprof.Profile) -> None:
+#: Where backward sums a tensor's gradients (a residual stream), the estimate sums them in place
+#: as the unobserved run does (memprof/estimate/grad_accumulation.py); a real run on the dispatch
+#: backend sums them out of place, one buffer more inside the module whose input is summed.
+SUMMED = ["temporary_peak", "peak_backward"]
+
+
+def _assert_same(estimated: memprof.Profile, real: memprof.Profile, *,
+                 sums_in_place: bool = False) -> None:
     assert estimated.peak().total_bytes == real.peak().total_bytes
     assert estimated.peak().by_category == real.peak().by_category
     assert estimated.peak().by_module == real.peak().by_module
-    assert estimated.modules()[COMPARED].equals(real.modules()[COMPARED])
+    exact = [c for c in COMPARED if not (sums_in_place and c in SUMMED)]
+    assert estimated.modules()[exact].equals(real.modules()[exact])
+    if sums_in_place:
+        ours, theirs = estimated.modules()[SUMMED], real.modules()[SUMMED]
+        assert (ours <= theirs).all().all() and (ours < theirs).any().any()
     steps = ["peak_bytes", "start_bytes", "end_bytes", "peak_phase", "peak_module"]
     assert estimated.steps()[steps].equals(real.steps()[steps])
 
@@ -88,7 +99,7 @@ def test_tiny_gpt2_estimate_equals_the_real_cpu_run() -> None:
     with kernel_corrections.disabled():
         estimated = estimate(make_gpt2, batch=lambda: _ids(), dtype="fp32", device="cpu")
     real = _real_run(make_gpt2(), lambda m: m(**batch))
-    _assert_same(estimated, real)
+    _assert_same(estimated, real, sums_in_place=True)
     info = estimated.meta["estimate"]
     params = sum(p.numel() for p in make_gpt2().parameters())
     assert info["num_parameters"] == params  # lm_head stays tied to the embedding

@@ -91,6 +91,19 @@ def _two_step_peak(monkeypatch: pytest.MonkeyPatch, w: Any, applies: list[Any]) 
         return fake_peak(w, applies)
 
 
+def _counted_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets the step count of every profiled fake run from now on."""
+    steps: list[int] = []
+    real_steps = fake_prediction._steps
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        steps.append(kwargs["steps"])
+        return bool(real_steps(*args, **kwargs))
+
+    monkeypatch.setattr(fake_prediction, "_steps", counting)
+    return steps
+
+
 def test_one_profiled_step_after_a_warm_up_equals_two_profiled_steps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -101,14 +114,7 @@ def test_one_profiled_step_after_a_warm_up_equals_two_profiled_steps(
         c.options.get("to") in ("SGD", "AdamW8bit", "Adafactor")
         or c.options.get("grad_scaler"))]
     assert len(picked) == 4
-    steps: list[int] = []
-    real_steps = fake_prediction._steps
-
-    def counting(*args: Any, **kwargs: Any) -> bool:
-        steps.append(kwargs["steps"])
-        return bool(real_steps(*args, **kwargs))
-
-    monkeypatch.setattr(fake_prediction, "_steps", counting)
+    steps = _counted_steps(monkeypatch)
     # WHEN each is predicted by one profiled step (state made by the warm-up) and by two
     for applies in ([], *([c.apply] for c in picked)):
         one = fake_peak(w, applies)
@@ -124,14 +130,7 @@ def test_master_weights_run_their_two_profiled_steps_once(monkeypatch: pytest.Mo
     w = gpt2_workload()
     change = next(c for c in changes_for(read_facts(baseline(w).profile))
                   if c.options.get("master_weights") and c.apply is not None)
-    steps: list[int] = []
-    real_steps = fake_prediction._steps
-
-    def counting(*args: Any, **kwargs: Any) -> bool:
-        steps.append(kwargs["steps"])
-        return bool(real_steps(*args, **kwargs))
-
-    monkeypatch.setattr(fake_prediction, "_steps", counting)
+    steps = _counted_steps(monkeypatch)
     peak = fake_peak(w, [change.apply])
     assert steps == [fake_prediction.FAKE_STEPS]
     assert peak == _two_step_peak(monkeypatch, w, [change.apply])

@@ -191,12 +191,8 @@ def _row_peaks(
     ]
 
 
-def test_rows_run_on_worker_processes_give_the_bytes_of_rows_run_one_by_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # GIVEN a small GPT-2's changes, and a count of the answers worker processes send back
-    w = gpt2_workload()
-    profile = baseline(w).profile  # one profile: checkpointing picks blocks by their time
+def _counted_answers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """A list that gets every answer the worker processes send back from now on."""
     answers: list[Any] = []
     read_answers = parallel._answers
 
@@ -206,6 +202,16 @@ def test_rows_run_on_worker_processes_give_the_bytes_of_rows_run_one_by_one(
         return found
 
     monkeypatch.setattr(parallel, "_answers", counting)
+    return answers
+
+
+def test_rows_run_on_worker_processes_give_the_bytes_of_rows_run_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a small GPT-2's changes, and a count of the answers worker processes send back
+    w = gpt2_workload()
+    profile = baseline(w).profile  # one profile: checkpointing picks blocks by their time
+    answers = _counted_answers(monkeypatch)
     # WHEN every row is run by fake runs in this process alone, then on two processes
     alone = _row_peaks(w, profile, monkeypatch, "0")
     assert answers == []
@@ -230,15 +236,7 @@ def test_workers_read_the_kernel_measurements_on_disk_and_give_the_same_bytes(
     monkeypatch.setenv(kernel_cache.DIR_ENV, str(tmp_path))
     kernel_cache.forget()
     alone = _row_peaks(w, profile, monkeypatch, "0")
-    answers: list[Any] = []
-    read_answers = parallel._answers
-
-    def counting(*args: Any) -> Any:
-        found = read_answers(*args)
-        answers.extend(answer for _, answer in found)
-        return found
-
-    monkeypatch.setattr(parallel, "_answers", counting)
+    answers = _counted_answers(monkeypatch)
     # WHEN a new process (an empty table, the file read again) runs them on two processes
     kernel_cache.forget()
     shared = _row_peaks(w, profile, monkeypatch, "2")

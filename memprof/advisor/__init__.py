@@ -274,16 +274,17 @@ FAKE_BASELINE_GAP = "the fake run of the unchanged step peaks"
 def fake_baseline_gap(fake_baseline: int | None, profiled: int) -> str | None:
     """Why fake-run predictions are off, when the fake run of the unchanged step peaks more
     than 1% away from the profiled peak (each such row carries the same difference); None
-    when it does not. The known cause: under any dispatch mode (fake tensors run under one)
-    autograd sums the gradients a tensor gets from several uses out of place, keeping one more
-    buffer (a Mamba's scan: +5.7%, tests/test_tracking_patterns.py)."""
+    when it does not. Known causes: a profile by the dispatch backend, whose run under a
+    dispatch mode has autograd sum a tensor's gradients out of place (fake runs sum them in
+    place where a real run would: memprof.estimate.grad_accumulation); sizes that depend on
+    values; kernel scratch the fake run does not model."""
     if fake_baseline is None or not profiled or abs(fake_baseline - profiled) * 100 <= profiled:
         return None
     gap = fake_baseline - profiled
     return (f"{FAKE_BASELINE_GAP} {format_bytes(abs(gap))} {'above' if gap > 0 else 'below'} "
-            f"the profiled one ({100.0 * gap / profiled:+.1f}%), and this prediction with it: "
-            "a fake run runs under a dispatch mode, which changes some steps (autograd then "
-            "sums a tensor's gradients from several uses out of place)")
+            f"the profiled one ({100.0 * gap / profiled:+.1f}%), and this prediction with it "
+            "(sizes that depend on values, kernel scratch not modelled, or a profile by the "
+            "dispatch backend, whose mode makes autograd sum gradients out of place)")
 
 
 def fake_options(profile: Profile) -> dict[str, Any]:

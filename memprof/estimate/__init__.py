@@ -41,8 +41,11 @@ The package, one job a module: :mod:`~memprof.estimate.catalog` (the built-in sh
 synthetic batches), :mod:`~memprof.estimate.loading` (a ModelSpec from a name, a config or user
 code), :mod:`~memprof.estimate.fake_step` (the step under fake tensors),
 :mod:`~memprof.estimate.options` (the estimate's options, checked),
-:mod:`~memprof.estimate.verdict` (what was modelled, the fit verdict) and
-:mod:`~memprof.estimate.failures` (the user's code failing, as one line).
+:mod:`~memprof.estimate.verdict` (what was modelled, the fit verdict),
+:mod:`~memprof.estimate.failures` (the user's code failing, as one line),
+:mod:`~memprof.estimate.build_values` (values a constructor reads, computed for real) and
+:mod:`~memprof.estimate.grad_accumulation` (autograd's in-place gradient sums, which it skips
+on fake tensors).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from memprof.errors import EstimateError, MemprofError
 from memprof.estimate.build_values import values_while_building
 from memprof.estimate.catalog import ModelSpec
 from memprof.estimate.failures import one_line, user_code
+from memprof.estimate.grad_accumulation import InPlaceGradSums
 from memprof.estimate.loading import resolve_batch
 from memprof.estimate.options import EstimateOptions
 from memprof.estimate.verdict import annotate, gpu_budget
@@ -314,7 +315,8 @@ def _training_step(
         output = _call(model, data)
     loss = _loss(output, loss_fn)
     del output
-    loss.backward()
+    with InPlaceGradSums():  # the engine's in-place sums, which it skips on fake tensors
+        loss.backward()
     del loss
     if optimizer is not None:
         with ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
