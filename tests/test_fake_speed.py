@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -329,6 +330,33 @@ def _cpu_samples(monkeypatch: pytest.MonkeyPatch, busy_share: float) -> None:
     monkeypatch.setattr(parallel, "_cpu_times", lambda: next(samples))
     monkeypatch.setattr(parallel.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(parallel, "IDLE_SAMPLE_S", 0.0)
+
+
+def test_the_costliest_runs_are_taken_first_and_outcomes_stay_in_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # GIVEN runs that note which process started them, the last one the costliest
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+    log = tmp_path / "started"
+
+    def run(i: int) -> Callable[[], int]:
+        def go() -> int:
+            with open(log, "a") as out:
+                out.write(f"{'worker' if parallel._in_worker else 'here'} {i}\n")
+            if not parallel._in_worker:
+                time.sleep(0.5)  # this process is slow: the worker takes the tickets
+            return 100 + i
+        return go
+
+    # WHEN they run on two processes
+    outcomes = parallel.run_all([run(i) for i in range(4)], costs=[1, 1, 1, 5])
+    # THEN the outcomes are in the runs' order; this process ran the lowest, and the worker
+    # took the costliest ticket first
+    assert outcomes == [100, 101, 102, 103]
+    started = [line.split() for line in log.read_text().splitlines()]
+    assert ["here", "0"] in started
+    assert [i for who, i in started if who == "worker"] == ["3", "1", "2"]
 
 
 def test_workers_on_idle_cores_or_where_asked_and_forking_is_safe(

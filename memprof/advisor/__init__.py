@@ -297,6 +297,12 @@ def fake_options(profile: Profile) -> dict[str, Any]:
             "device": "cuda" if "cuda" in device.name else "cpu"}
 
 
+#: A technique's fake run against the unchanged one's, about (benchmarks/fake_speed.py's rows on
+#: GPT-2 small and Llama-2-7B: QLoRA quantizes every target to NF4, LoRA and sharding wrap
+#: every layer): the costliest runs are shared out first (:func:`parallel.run_all`).
+FAKE_RUN_COST = {"qlora": 4.0, "lora": 2.0, "sharding": 2.0}
+
+
 def fake_predict(
     model: Workload, changes: list[Change], faked: dict[int, str | None], **options: Any
 ) -> int | None:
@@ -323,7 +329,8 @@ def fake_predict(
         return run
 
     # the rows are independent: on several cores where that is safe (advisor.parallel)
-    outcomes = parallel.run_all([run_of(c) for c in tried])
+    outcomes = parallel.run_all([run_of(c) for c in tried],
+                                costs=[FAKE_RUN_COST.get(c.technique, 1.0) for c in tried])
     for c, outcome in zip(tried, outcomes, strict=True):
         if isinstance(outcome, FakeRunError):
             faked[id(c)] = f"{outcome}; predicted analytically"

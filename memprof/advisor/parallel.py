@@ -109,9 +109,12 @@ def _cpu_times() -> tuple[int, int] | None:
     return total - idle, total
 
 
-def run_all(runs: Sequence[Callable[[], int]]) -> list[Outcome]:
+def run_all(runs: Sequence[Callable[[], int]],
+            costs: Sequence[float] | None = None) -> list[Outcome]:
     """Each run's peak, or the :class:`FakeRunError` it raised, in order (see the module
-    docstring for how they are shared out)."""
+    docstring for how they are shared out). ``costs`` (one per run, relative) has the
+    processes take the costliest runs first, so that no long run is left for the end while
+    the others wait; it changes no result."""
     done: dict[int, Outcome] = {}
     workers = processes(len(runs)) - 1
     missing: dict[int, list[str]] = {}  # a run tried without measuring: the keys it lacked
@@ -119,6 +122,8 @@ def run_all(runs: Sequence[Callable[[], int]]) -> list[Outcome]:
         pending = [i for i in range(len(runs)) if i not in done]
         lowest, rest = pending[0], pending[1:]
         ready = [i for i in rest if i not in missing or _measured(missing[i])]
+        if costs is not None:
+            ready.sort(key=lambda i: -costs[i])
         if workers and ready:
             _round(runs, lowest, ready, min(workers, len(ready)), done, missing)
         else:
