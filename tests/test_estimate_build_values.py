@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from workloads import estimate_shaped_peak
 
-import memprof
 from memprof.estimate import estimate_step
 from memprof.estimate.fake_step import _build_model
 
@@ -38,20 +38,9 @@ def _batch() -> torch.Tensor:
 
 
 def _real_peak() -> int:
-    """Two real steps shaped as estimate's (forward, backward, AdamW, zero_grad(None))."""
+    """Two real steps shaped as estimate's."""
     torch.manual_seed(0)
-    model = _Stages()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = _batch()
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            loss = model(x)["loss"]
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return prof.profile.peak().total_bytes
+    return estimate_shaped_peak(_Stages(), _batch())
 
 
 def test_a_constructor_reading_tensor_values_is_estimated() -> None:

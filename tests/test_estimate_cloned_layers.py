@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from workloads import estimate_shaped_peak
 
 import memprof
 from memprof.errors import EstimateError
@@ -47,18 +48,8 @@ def _batch() -> torch.Tensor:
 
 
 def _real_peak(model: nn.Module) -> int:
-    """Two real steps shaped as estimate's (forward, backward, AdamW, zero_grad(None))."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = _batch()
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            loss = model(ids)["loss"]
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return prof.profile.peak().total_bytes
+    """Two real steps shaped as estimate's."""
+    return estimate_shaped_peak(model, _batch())
 
 
 def test_a_model_cloning_its_layers_is_estimated_as_it_runs() -> None:

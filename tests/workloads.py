@@ -88,3 +88,20 @@ def measured(name: str, factory: Callable[[], Workload]) -> tuple[Workload, Meas
             ref = baseline(w)
         _CACHE[name] = (w, ref)
     return _CACHE[name]
+
+
+def estimate_shaped_peak(model: nn.Module, batch: torch.Tensor) -> int:
+    """The peak of two real steps shaped as ``memprof.estimate``'s (forward, the output's
+    ``"loss"`` backward, AdamW, ``zero_grad(set_to_none=True)``), profiled by memprof."""
+    import memprof
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with memprof.profile(model, optimizer) as prof:
+        for _ in range(2):
+            loss = model(batch)["loss"]
+            loss.backward()
+            del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            prof.step()
+    return int(prof.profile.peak().total_bytes)
