@@ -83,7 +83,9 @@ def test_the_reference_sees_the_free_of_a_block_made_before_the_steps() -> None:
     backend is exact to a scalar."""
     pattern = next(p for p in PATTERNS if p.name == "ddp-no-sync")
     truth = allocator_steps(pattern, 3)
-    assert truth[1] == truth[2]
+    # equal to a scalar: once in CI, after other tests in the same process, step 1 held one
+    # 4-byte tensor more (state some earlier test made lazily); the defect was 37,408 B
+    assert abs(truth[1] - truth[2]) <= 16
     (dispatch,) = check(pattern, 3, ["dispatch"])
     assert abs(dispatch["peak_err_bytes"]) <= 16
     assert dispatch["persistent"] == dispatch["hand"]
