@@ -38,7 +38,7 @@ FORMAT = 2
 _MAX_LINE = 4000
 
 #: Per process: the file read (its records by key), or None before the first lookup.
-_loaded: dict[str, list[Any] | None] | None = None
+_loaded: dict[str, list[Any]] | None = None
 _path: Path | None = None
 #: The file read whatever the thread count (see :func:`pin`).
 _pinned: Path | None = None
@@ -89,13 +89,10 @@ def file_path() -> Path:
     return directory() / f"kernels-{fingerprint()}.jsonl"
 
 
-def lookup(key: str) -> tuple[bool, list[Any] | None]:
-    """``(found, record)``: the stored measurement of ``key``, or ``(False, None)`` where there
-    is none or the cache is off."""
+def lookup(key: str) -> list[Any] | None:
+    """The stored measurement of ``key``; None where there is none or the cache is off."""
     records = _records()
-    if records is None or key not in records:
-        return False, None
-    return True, records[key]
+    return None if records is None else records.get(key)
 
 
 def store(key: str, record: list[Any]) -> None:
@@ -128,7 +125,7 @@ def pin() -> None:
     _records()
 
 
-def _records() -> dict[str, list[Any] | None] | None:
+def _records() -> dict[str, list[Any]] | None:
     global _loaded, _path
     if not enabled():
         return None
@@ -138,8 +135,8 @@ def _records() -> dict[str, list[Any] | None] | None:
     return _loaded
 
 
-def _read(path: Path) -> dict[str, list[Any] | None]:
-    found: dict[str, list[Any] | None] = {}
+def _read(path: Path) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {}
     try:
         text = path.read_text()
     except OSError:
@@ -150,7 +147,7 @@ def _read(path: Path) -> dict[str, list[Any] | None]:
             key, value = record["key"], record["value"]
         except (ValueError, KeyError, TypeError):
             continue  # a torn or foreign line
-        if isinstance(key, str) and (value is None or isinstance(value, list)):
+        if isinstance(key, str) and isinstance(value, list):
             found[key] = value
     return found
 

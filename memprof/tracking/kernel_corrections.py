@@ -316,8 +316,8 @@ def _measured(key: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         if func is aten.mkldnn_rnn_layer_backward.default:
             tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             disk_key = repr((key, tuple(real_size(t) for t in tensors)))
-        found, record = kernel_cache.lookup(disk_key)
-        if found and record is not None:
+        record = kernel_cache.lookup(disk_key)
+        if record is not None:
             transient, outputs, measured = record
             return OpMemory(int(transient), tuple(outputs), bool(measured), size)
     if _unmeasured[-1] is not None:
