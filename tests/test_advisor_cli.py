@@ -125,3 +125,25 @@ def test_simulate_bad_input_is_one_line(args: list[str], needle: str) -> None:
     result = run(*args)
     assert result.returncode != 0
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+FILE_ONLY_IMPORTS = """
+import sys
+from memprof.cli import main
+sys.argv = ["memprof", "advise", sys.argv[1], "--json"]
+try:
+    main()
+finally:
+    print("fsdp loaded:", "torch.distributed.fsdp" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_advise_file_does_not_import_fsdp(saved: Path) -> None:
+    """The sharding rows of a file are analytic: looking for FSDP2 must not import it (most of
+    a second of the 3 s that ``memprof advise FILE`` may take)."""
+    result = subprocess.run([sys.executable, "-c", FILE_ONLY_IMPORTS, str(saved)],
+                            capture_output=True, text=True, timeout=120)
+    assert "fsdp loaded: False" in result.stderr, result.stderr[-2000:]
+    rows = json.loads(result.stdout)["recommendations"]
+    sharding = [r for r in rows if r["technique"] == "sharding"]
+    assert sharding and all(r["predicted_saving_bytes"] > 0 for r in sharding)

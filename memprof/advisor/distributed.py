@@ -56,17 +56,27 @@ STAGES = ("zero1", "zero2", "zero3")
 
 
 def unavailable_reason() -> str | None:
-    """Why sharded steps cannot be run here, or None."""
+    """Why sharded steps cannot be run here, or None. Looks for FSDP2 and the fake process
+    group without importing them: importing ``torch.distributed.fsdp`` takes most of a second,
+    which ``memprof advise FILE`` would pay for rows it never runs."""
     import torch.distributed as dist
 
     if not dist.is_available():
         return "this torch has no torch.distributed"
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-        from torch.testing._internal.distributed import fake_pg  # noqa: F401
-    except ImportError:
+    if not (_has_module(("distributed", "fsdp"), "_fully_shard")
+            and _has_module(("testing", "_internal", "distributed"), "fake_pg")):
         return "this torch has no FSDP2 or no fake process group"
     return None
+
+
+def _has_module(package: tuple[str, ...], name: str) -> bool:
+    """Whether torch's subpackage ``package`` holds module ``name``, found on disk without
+    running the subpackage's ``__init__``."""
+    from importlib.machinery import PathFinder
+    from pathlib import Path
+
+    where = [str(Path(root, *package)) for root in torch.__path__]
+    return PathFinder.find_spec(name, where) is not None
 
 
 def fsdp_units(
