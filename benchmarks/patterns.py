@@ -126,7 +126,7 @@ ddp-no-sync         ok     events +14.329% step 1 (4)   ok          ok     not e
 torch-compile       ok     ok (5)                       ok          ok     not estimable (1)
 unet-groupnorm      ok     ok                           ok          ok     -0.000%
 ctc-speech          ok     dispatch -16.801% (6)        ok          ok     refused (6)
-peft-lora           ok     ok                           ok          ok     refused (7)
+peft-lora           ok     ok                           ok          ok     -0.005% (7)
 chunked-loss        ok     ok                           ok          ok     not estimable (1)
 ==================  =====  ===========================  ==========  =====  =================
 
@@ -136,9 +136,10 @@ matches the run under a no-op mode (-0.000%). (3) refused before: ``estimate`` o
 now runs ``memprof/fake_kernels.py``. (4) DDP's bucket made before profiling (below).
 (5) results bitwise: the dispatch run of the compiled model is not, nor is a run under a
 no-op dispatch mode, which it equals (dynamo compiles another graph under a mode). (6) below;
-the estimate refuses in one line naming ``labels.max()``. (7) peft's ``get_peft_model`` fails under
-any FakeTensorMode, memprof or not (its ``.to()``: ``_apply(): Couldn't swap Linear.weight``):
-the estimate refuses in one line (it could build the peft model for real, then fake it).
+the estimate refuses in one line naming ``labels.max()``. (7) refused before: peft's
+``get_peft_model`` calls ``.to()``, which swaps fake tensors and fails under any FakeTensorMode
+(``_apply(): Couldn't swap Linear.weight``); the estimate's build converts without swapping
+(``memprof/estimate/conversions.py``).
 
 Where the two backends part (``mode%``: the run itself under a no-op dispatch mode), measured
 2026-12-07:

@@ -17,6 +17,7 @@ from torch import nn
 from memprof.errors import EstimateError, MemprofError
 from memprof.estimate.build_values import values_while_building
 from memprof.estimate.catalog import ModelSpec
+from memprof.estimate.conversions import fake_module_conversion
 from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.grad_accumulation import InPlaceGradSums
 from memprof.estimate.loading import resolve_batch
@@ -134,12 +135,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
     # Building under the target default dtype (as transformers' from_pretrained(dtype=...)
-    # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
-    # anyway (it swaps tensors, which fake tensors with weak references refuse).
+    # does) never materialises fp32 weights; a factory's own module.to() converts without
+    # swapping fake tensors (estimate.conversions: peft's get_peft_model calls it).
     try:
         mode = _active_fake_mode()
         with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init(), \
-                _deepcopy_in_mode(mode), values_while_building(mode):
+                _deepcopy_in_mode(mode), values_while_building(mode), fake_module_conversion():
             model = factory()
     except MemprofError:
         raise
