@@ -34,7 +34,14 @@ from memprof import oom as oom_report
 from memprof.categories import PHASES
 from memprof.errors import ProfileActiveError
 from memprof.tracking import kernel_corrections, native
-from memprof.tracking.compiled import CompiledOwners, compile_loaded, compiled_inner, is_compiled
+from memprof.tracking.compiled import (
+    COMPILED_AUTOGRAD_WARNING,
+    CompiledOwners,
+    compile_loaded,
+    compiled_autograd_on,
+    compiled_inner,
+    is_compiled,
+)
 from memprof.tracking.events import EventStream, RecorderSource
 from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
 from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
@@ -548,11 +555,21 @@ class Profiler(ProfileResults):
                     and grad_fn is not (args[0].grad_fn if type(args) is tuple and len(args) == 1
                                         and type(args[0]) is torch.Tensor
                                         else _first_grad_fn(args))):
-                if self._recorder is not None:
+                if compiled_autograd_on():
+                    self._warn_compiled_autograd()
+                elif self._recorder is not None:
                     self._recorder.watch_backward(made, idx)
                 else:
                     handle = grad_fn.register_prehook(_BackwardEnter(self, idx))
                     self._grad_fn_handles.append(handle)
+
+    def _warn_compiled_autograd(self) -> None:
+        """Under compiled autograd no module's backward start is marked: its graph runs no
+        C++ hook of the recorder's, and the engine's end-of-backward callback, which the
+        Python hook queues, is refused there ("queue_callback() is only supported when
+        Compiled Autograd is enabled with fullgraph=True"), ending the user's backward."""
+        if COMPILED_AUTOGRAD_WARNING not in self._warnings:
+            self._warnings.append(COMPILED_AUTOGRAD_WARNING)
 
     def _forward_apply(self, idx: int | None) -> bool:
         """Close the module's frame; whether it was a forward (not a recompute)."""
@@ -911,6 +928,9 @@ class _BackwardEnter:
 
     def __call__(self, grad_outputs: Any) -> None:
         if Profiler._active is self.profiler:
+            if compiled_autograd_on():  # a forward run eagerly, its backward compiled
+                self.profiler._warn_compiled_autograd()
+                return
             self.profiler._on_backward_enter(self.idx)
 
 
