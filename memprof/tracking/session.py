@@ -137,6 +137,9 @@ class Profiler(ProfileResults):
         #: D and G steps are one training step).
         self._optimizer_steps_per_step = max(1, optimizer_steps_per_step)
         self._optimizer_steps = 0
+        #: The optimizers whose step is running, outermost first: ZeRO-1's
+        #: ZeroRedundancyOptimizer steps its own inner optimizer inside its step.
+        self._stepping: list[torch.optim.Optimizer] = []
         self._max_steps = max_steps
         self._device_modelled = device_modelled
         #: The caching allocator's options to replay with (None: this process's
@@ -793,8 +796,11 @@ class Profiler(ProfileResults):
             self.ledger.track(grad, GRADIENT, owner)
 
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
-        if not self._live_recording:
-            return
+        if optimizer in self._stepping:  # its last step raised: no post hook ran
+            del self._stepping[self._stepping.index(optimizer):]
+        self._stepping.append(optimizer)
+        if not self._live_recording or len(self._stepping) > 1:
+            return  # an optimizer stepped inside another's step is part of that step
         self._op_traces.in_optimizer(True)
         if self._events is None:
             self._optimizer_pre_apply()
@@ -810,6 +816,17 @@ class Profiler(ProfileResults):
         ledger.set_phase(OPTIMIZER)
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        if optimizer in self._stepping:
+            del self._stepping[self._stepping.index(optimizer):]
+        if self._stepping:  # inside another optimizer's step (ZeRO-1's inner optimizer)
+            self._optimizer_states.wrapped_by(optimizer, self._stepping[0])
+            if self._live_recording:
+                state = self._optimizer_state(optimizer)
+                if self._events is None:
+                    self._track_state_apply(state)
+                else:
+                    self._events.point(self._track_state_apply, state)
+            return
         self._op_traces.in_optimizer(False)
         if self._live_recording:
             state = self._optimizer_state(optimizer)
@@ -827,6 +844,10 @@ class Profiler(ProfileResults):
         return self._optimizer_states.collect(optimizer, self.ledger, self.registry.param_owner,
                                               owners_version=self.registry.owners_version,
                                               round_to=self._round_to)
+
+    def _track_state_apply(self, state: list[tuple[Any, int]]) -> None:
+        if self.ledger.recording:
+            self._track_state(state)
 
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
         for value, module in state:
