@@ -340,3 +340,33 @@ def test_a_script_of_two_optimizers_is_simulated_in_whole_steps(
     assert len(profile.steps_stats) == 3
     assert simulator.cycle == 2
 
+
+def test_a_wgan_script_is_simulated_in_whole_steps() -> None:
+    """GIVEN a WGAN-style script (D stepped 5 times per G step) WHEN the script simulator
+    measures 3 steps THEN each profiled step is one training step of 6 optimizer steps (the
+    first run stopped at D's third step, before G ever stepped, and measured D steps alone as
+    training steps)."""
+    from memprof.advisor.core import read_facts
+    from memprof.advisor.script import ScriptSimulator
+    from memprof.advisor.zero_grad import gradient_use
+
+    simulator = ScriptSimulator(_script("--gan", "--critic", "5", "--steps", "4"), steps=3)
+    profile = simulator.reference().profile
+    assert simulator.cycle == 6
+    assert len(profile.steps_stats) == 3
+    use = gradient_use(read_facts(profile))
+    assert (use.optimizer_steps, use.backward_passes) == (6, 6)
+
+
+def test_a_zero1_script_is_simulated_in_whole_steps() -> None:
+    """GIVEN a script stepping ZeRO-1's ZeroRedundancyOptimizer (which steps its AdamW inside
+    its own step) WHEN the script simulator measures 3 steps THEN a training step is one
+    optimizer step (the inner and outer steps were counted as two optimizers stepping)."""
+    from memprof.advisor.script import ScriptSimulator
+
+    script = Path(__file__).parent / "data" / "train_zero1.py"
+    simulator = ScriptSimulator(script_runs.runner("--steps", "5", script=script), steps=3)
+    profile = simulator.reference().profile
+    assert simulator.cycle == 1
+    assert len(profile.steps_stats) == 3
+    assert [o["class"] for o in profile.optimizers] == ["AdamW"]
