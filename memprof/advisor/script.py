@@ -424,7 +424,11 @@ def _step_through(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 
 def _optimizers() -> set[int]:
     """The ids of the optimizers alive in this process."""
-    return {id(o) for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)}
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance of a deprecated alias warns (reduce_op)
+        warnings.simplefilter("ignore")
+        return {id(o) for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)}
 
 
 def _unstepped_optimizer(existing: set[int], stepped: set[int]) -> bool:
