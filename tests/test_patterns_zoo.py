@@ -68,11 +68,15 @@ def test_the_reference_sees_the_free_of_a_block_made_before_the_steps() -> None:
     backend is exact to a scalar."""
     pattern = next(p for p in PATTERNS if p.name == "ddp-no-sync")
     truth = allocator_steps(pattern, 3)
-    # equal to a scalar: once in CI, after other tests in the same process, step 1 held one
-    # 4-byte tensor more (state some earlier test made lazily); the defect was 37,408 B
-    assert abs(truth[1] - truth[2]) <= 16
+    # Equal to a few bytes: the first DDP loop built after a torch.compile'd run in the same
+    # process (tests/test_advisor_patterns.py's compiled-model test) holds 20 B more at step 1
+    # (102,984 B against 102,964 B; once in CI 4 B), then never again: the allocator's own
+    # events, in no operator's output (a logging dispatch mode saw the same operators and
+    # shapes both times), so memory a kernel or DDP's C++ reducer takes below the operators,
+    # once; not identified further. The defect this test guards was 37,408 B.
+    assert abs(truth[1] - truth[2]) <= 32
     (dispatch,) = check(pattern, 3, ["dispatch"])
-    assert abs(dispatch["peak_err_bytes"]) <= 16
+    assert abs(dispatch["peak_err_bytes"]) <= 32
     assert dispatch["persistent"] == dispatch["hand"]
 
 
