@@ -345,11 +345,12 @@ def test_rows_say_why_when_no_fake_run_of_the_step_can_run() -> None:
     assert all("DataDependentOutputException" in r["caveats"] for r in could)
 
 
-def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
+def test_the_base_of_a_peft_lora_model_is_quantized_under_its_adapters() -> None:
     """GIVEN a model that already trains peft LoRA adapters (the peft-lora pattern) WHEN advised
-    THEN the QLoRA and weight-quantization rows are not applicable and say why (they were
-    applicable and every simulation and fake run raised: peft's wrapped Conv1D met memprof's
-    quantized layer, ``mat1 and mat2 shapes cannot be multiplied``)."""
+    THEN the int8/int4 weight rows are not applicable and say why, and the QLoRA row quantizes
+    the base layers under the adapters (``base_layer``), not the peft layers: replacing those
+    had made every simulation and fake run raise (peft's wrapped Conv1D met memprof's quantized
+    layer, ``mat1 and mat2 shapes cannot be multiplied``)."""
     peft = pytest.importorskip("peft")
     from memprof.advisor import qlora, quantization
     from memprof.advisor.core import ADAPTED_REASON
@@ -361,10 +362,13 @@ def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     x = torch.randn(8, 16)
     facts = read_facts(_two_profiled_steps(model, optimizer, lambda: model(x).pow(2).mean()))
-    rows = [c for c in qlora.predict(facts) + quantization.predict(facts)
-            if c.technique == "qlora" or "weights" in c.options]
-    assert rows and not any(c.applicable for c in rows)
-    assert all(c.reason == ADAPTED_REASON for c in rows)
+    weights = [c for c in quantization.predict(facts) if "weights" in c.options]
+    assert weights and not any(c.applicable for c in weights)
+    assert all(c.reason == ADAPTED_REASON for c in weights)
+    (row,) = qlora.predict(facts)
+    assert row.applicable
+    assert row.options["modules"] == ["base_model.model.0.base_layer",
+                                      "base_model.model.2.base_layer"]
 
 
 def _two_profiled_steps(model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -107,8 +107,9 @@ def source_name(name: str) -> str:
 #: Why quantizing the base is not a row for a model that already trains LoRA adapters.
 ADAPTED_REASON = (
     "the model already trains peft LoRA adapters: its base layers are wrapped by peft, and "
-    "memprof's quantized (and NF4) layers replace plain Linear/Conv1D layers only; quantize "
-    "the base before get_peft_model (QLoRA's own order) and profile that"
+    "memprof's int8/int4 layers replace plain Linear/Conv1D layers only (the qlora row puts "
+    "the bases under the adapters in NF4); quantize the base before get_peft_model and "
+    "profile that"
 )
 
 
