@@ -118,6 +118,16 @@ def lora_adapted(facts: Facts) -> bool:
     return any(str(r["module"]).rsplit(".", 1)[-1] == "lora_A" for r in facts.module_rows())
 
 
+def adapted_bases(facts: Facts) -> list[str]:
+    """The frozen base layers under the model's peft LoRA adapters: each ``base_layer`` (a
+    Linear or transformers' Conv1D) whose peft layer holds a ``lora_A``."""
+    rows = facts.module_rows()
+    names = {str(r["module"]) for r in rows}
+    return [str(r["module"]) for r in rows
+            if str(r["module"]).endswith(".base_layer") and str(r["type"]) in {"Linear", "Conv1D"}
+            and str(r["module"]).removesuffix("base_layer") + "lora_A" in names]
+
+
 def sparse_gradients(facts: Facts) -> int:
     """How many trained tensors get sparse gradients (``nn.Embedding(sparse=True)``), as the
     profile's optimizers recorded; a profile from before that record: those SparseAdam trains

@@ -38,6 +38,7 @@ from memprof.advisor.core import (
     ModuleNames,
     Sample,
     Transform,
+    adapted_bases,
     lora_adapted,
     not_applicable,
 )
@@ -159,16 +160,6 @@ def _apply_to_bases(names: list[str]) -> Callable[[SimState], None]:
         _quantize(state, names)
 
     return apply
-
-
-def adapted_bases(facts: Facts) -> list[str]:
-    """The frozen base layers under the model's peft LoRA adapters: each ``base_layer`` (a
-    Linear or transformers' Conv1D) whose peft layer holds a ``lora_A``."""
-    rows = facts.module_rows()
-    names = {str(r["module"]) for r in rows}
-    return [str(r["module"]) for r in rows
-            if str(r["module"]).endswith(".base_layer") and str(r["type"]) in lora.LINEAR_TYPES
-            and str(r["module"]).removesuffix("base_layer") + "lora_A" in names]
 
 
 def base_transform(facts: Facts, shapes: dict[str, tuple[int, int, int]]) -> Transform:
