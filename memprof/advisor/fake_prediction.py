@@ -78,7 +78,11 @@ def fake_state(workload: Workload, mode: Any) -> SimState:
             if id(tensor) in memo:
                 continue
             fake = mode.from_tensor(tensor)
-            if isinstance(tensor, nn.Parameter):
+            if isinstance(tensor, nn.Parameter) and (
+                    fake is tensor or not isinstance(fake, nn.Parameter)
+                    or fake.requires_grad != tensor.requires_grad):
+                # (from_tensor gives a new parameter a fake one already, without the
+                # detach that a wrap costs: one fake op per parameter per run)
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = fake
     model = copy.deepcopy(workload.model, memo)
@@ -482,12 +486,13 @@ def _direct_state(optimizer: torch.optim.Optimizer) -> bool:
                 if not p.requires_grad or optimizer.state[p]:
                     continue
                 state = optimizer.state[p]
-                state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
-                    if group["capturable"]
-                    else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+                # (``_init_group``'s ``torch.tensor(0.0)`` and ``zeros_like``: the same
+                # tensors, made with fewer fake ops; their values are never read, the
+                # profiled step's ``.item()`` gets a stand-in, memprof.fake_scalars)
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(),
+                                            device=p.device if group["capturable"] else "cpu")
                 for name in moments:
-                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[name] = torch.empty_like(p, memory_format=torch.preserve_format)
     return True
 
 
