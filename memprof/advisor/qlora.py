@@ -23,6 +23,7 @@ are not in the measured or fake-run peaks; the analytic figure includes them.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ from memprof.advisor.core import (
     ModuleNames,
     Sample,
     Transform,
+    adapted_bases,
     lora_adapted,
     not_applicable,
 )
@@ -55,13 +57,14 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("peft", "torchao"))
 
 
-def _to_nf4() -> Callable[..., torch.Tensor]:
+def nf4_module() -> Any:
+    """torchao's NF4 module: ``to_nf4``, ``NF4Tensor`` and its constructor's metadata."""
     with quiet_import():
         try:
             from torchao.quantization import to_nf4
         except ImportError:  # torchao before 0.10 kept it here
             from torchao.dtypes.nf4tensor import to_nf4
-    return to_nf4
+    return sys.modules[to_nf4.__module__]
 
 
 def scaler_block(numel: int) -> int | None:
@@ -76,83 +79,95 @@ def scaler_block(numel: int) -> int | None:
     return None
 
 
-def quantize_layer(layer: nn.Module, converted: dict[Any, Any] | None = None) -> nn.Module:
+def quantize_layer(layer: nn.Module) -> nn.Module:
     """A frozen ``nn.Linear`` whose weight is ``layer``'s in NF4 (``layer`` itself when its
-    weight does not divide into blocks). Works on real and on fake tensors.
-
-    ``converted`` (fake weights only, see :func:`_conversions`): the NF4 weights made by
-    earlier fake runs, by source weight; one found there is reused, a new one is added."""
+    weight does not divide into blocks). Works on real and on fake tensors."""
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
     w = weight.detach()
-    conv1d = type(layer).__name__ == "Conv1D"
-    if conv1d:  # transformers: y = x @ W + b, W is (in, out)
+    if type(layer).__name__ == "Conv1D":  # transformers: y = x @ W + b, W is (in, out)
         w = w.t().contiguous()
     scalers = scaler_block(w.numel())
     if scalers is None:
         return layer
     out_features, in_features = int(w.shape[0]), int(w.shape[1])
     linear = nn.Linear(in_features, out_features, bias=False, device="meta")
-    key = _weight_key(weight, conv1d) if converted is not None else None
     with torch.no_grad():
-        found = converted.get(key) if converted is not None else None
-        if found is None:
-            found = (weight.untyped_storage(), _to_nf4()(w, BLOCK, scalers))
-            if converted is not None:
-                converted[key] = found  # the storage is kept so that its id stays its own
-        linear.weight = nn.Parameter(found[1], requires_grad=False)
+        nf4 = (fake_nf4 if _is_fake(w) else nf4_module().to_nf4)(w, BLOCK, scalers)
+        linear.weight = nn.Parameter(nf4, requires_grad=False)
     bias = getattr(layer, "bias", None)
     if isinstance(bias, nn.Parameter):
         linear.bias = bias
     return linear
 
 
-def _weight_key(weight: torch.Tensor, conv1d: bool) -> tuple[Any, ...]:
-    return (id(weight.untyped_storage()), weight.storage_offset(), tuple(weight.shape),
-            weight.stride(), weight.dtype, conv1d)
+def fake_nf4(w: torch.Tensor, block: int, scalers: int) -> torch.Tensor:
+    """``to_nf4(w, block, scalers)`` for a fake ``w``, made directly: torchao's ``NF4Tensor``
+    around new tensors of the shapes and dtypes its conversion makes (``from_tensor``: the
+    4-bit pairs, an int8 scale per block, a scale per block of scales, their mean and the
+    16-value table). Quantizing under fake tensors issued a few hundred fake ops per weight
+    (it quantizes in chunks of 2**20 elements): 0.3 s of a GPT-2 small row, 9.6 s of a 7B
+    estimate; the values, which a fake run never reads, are all it skips."""
+    module = nf4_module()
+    elements = w.numel()
+    blocks = elements // block
+
+    def new(*shape: int, dtype: torch.dtype = w.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=w.device)
+
+    meta = module.SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype,
+                                     w.device, w.requires_grad)
+    return module.NF4Tensor(
+        meta, block, blocks, scalers,
+        new(blocks, dtype=torch.int8),  # quantized_scalers
+        # one per block of scales: the first column of a (blocks of scales, scalers) tensor,
+        # made contiguous (a new storage unless it already is one: one block of scales)
+        new(blocks // scalers, scalers)[:, 0].contiguous(),  # quantization_factor
+        new(),  # scaler_mean
+        new(elements // 2, dtype=torch.uint8),  # quantized_data
+        new(16),  # nf4: the table of the 16 values
+    )
 
 
-def _conversions(model: nn.Module) -> dict[Any, Any] | None:
-    """The NF4 weights already made from this fake model's weights, kept on its fake mode
-    (they live as long as it does): the fake runs of an advice share one mode when the model is
-    already fake (a ``memprof estimate``), and then the QLoRA rows and plans convert each
-    frozen weight once instead of once per run (a fake weight's NF4 form depends only on its
-    shape and dtype; the ledger of each run counts it as before). None for real weights."""
+def _is_fake(tensor: torch.Tensor) -> bool:
     from memprof.advisor.fake_prediction import is_fake
 
-    weight = next((p for p in model.parameters() if is_fake(p)), None)
-    if weight is None:
-        return None
-    mode = weight.fake_mode  # type: ignore[attr-defined]
-    table: dict[Any, Any] = mode.__dict__.setdefault("_memprof_nf4_weights", {})
-    return table
+    return is_fake(tensor)
+
+
+def _quantize(state: SimState, names: list[str]) -> None:
+    quantize_layers(state.model, names)
+
+
+def quantize_layers(model: nn.Module, names: list[str]) -> None:
+    """Replace each layer named in ``names`` by its NF4 form (:func:`quantize_layer`)."""
+    modules = ModuleNames(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, quantize_layer(getattr(parent, child)))
 
 
 def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     def apply(state: SimState) -> None:
-        modules = ModuleNames(state.model)
-        earlier = _conversions(state.model)
-        mine: dict[Any, Any] = {}  # this run's: a weight tied to two targets gets two NF4 ones
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else state.model
-            layer = getattr(parent, child)
-            converted = None
-            if earlier is not None and isinstance(getattr(layer, "weight", None), torch.Tensor):
-                key = _weight_key(layer.weight, type(layer).__name__ == "Conv1D")
-                converted = None if key in mine else earlier
-                mine[key] = True
-            setattr(parent, child, quantize_layer(layer, converted))
+        _quantize(state, names)
         lora.lora_apply(rank, names)(state)
 
     return apply
 
 
-def transform_for(facts: Facts, rank: int, names: list[str],
-                  shapes: dict[str, tuple[int, int, int]]) -> Transform:
-    """LoRA's rewrite, with the targets' weights in NF4 and, inside a target (its transient
-    moments in forward and backward), its dequantized weight live."""
-    adapters = lora.transform_for(facts, rank, names, shapes)
+def _apply_to_bases(names: list[str]) -> Callable[[SimState], None]:
+    """The model's own peft adapters kept, the frozen base layers under them in NF4."""
+    def apply(state: SimState) -> None:
+        _quantize(state, names)
+
+    return apply
+
+
+def base_transform(facts: Facts, shapes: dict[str, tuple[int, int, int]]) -> Transform:
+    """The analytic rewrite for bases already frozen under adapters: their weights' bytes become
+    NF4's and, inside a base layer's transient moments, its dequantized weight is live;
+    gradients and optimizer states (the adapters') do not change."""
     own = {str(r["module"]): float(r["parameter"]) for r in facts.module_rows()}
     dequantized: dict[str, float] = {}
     removed = added = 0.0
@@ -166,11 +181,59 @@ def transform_for(facts: Facts, rank: int, names: list[str],
         added += NF4_BYTES_PER_ELEMENT * i * o
 
     def transform(s: Sample) -> Sample:
-        out = adapters(s)
-        out["parameter"] = out["parameter"] - removed + added
+        out = dict(s)
+        out["parameter"] = s["parameter"] - removed + added
         if s.get("transient") and s["phase"] in ("forward", "backward"):
-            out["temporary"] = out["temporary"] + dequantized.get(str(s["module"]), 0.0)
+            out["temporary"] = s["temporary"] + dequantized.get(str(s["module"]), 0.0)
         return out
+
+    return transform
+
+
+def _predict_for_adapters(facts: Facts) -> list[Change]:
+    """QLoRA from a model that already trains peft LoRA adapters: its base layers to NF4."""
+    names = adapted_bases(facts)
+    if not names:
+        return [not_applicable("qlora", {}, ADAPTED_REASON, group="weights")]
+    shapes = lora.layer_shapes(facts, names)
+    weights = sum(i * o for i, o, _ in shapes.values() if scaler_block(i * o) is not None)
+    can_simulate = available()
+    caveats: list[Any] = [
+        "the model's own adapters train as before; the base's rounding (NF4) changes the "
+        "model they learn on",
+        "the scales of the NF4 weights (1/32 of their 4-bit data) are not in a measured or "
+        "fake-run peak (memprof counts a tensor subclass by its largest inner tensor)",
+        "on a GPU bitsandbytes dequantizes in blocks: one full weight live at a time here is "
+        "an upper bound",
+    ]
+    if not can_simulate:
+        caveats.append(f"torchao is not installed: predicted analytically; {INSTALL}")
+    return [Change(
+        "qlora",
+        {"base": "nf4", "adapters": "the model's own (peft)",
+         "targets": f"{len(names)} base layers under the adapters", "modules": names},
+        f"{weights} frozen base weight elements under the model's peft LoRA adapters stored as "
+        f"NF4 ({NF4_BYTES_PER_ELEMENT:.3f} B each, torchao to_nf4); the adapters, their "
+        "gradients and optimizer states unchanged; one weight dequantized at a time",
+        transform=base_transform(facts, shapes),
+        apply=_apply_to_bases(names) if can_simulate else None,
+        caveats=caveats,
+        quality_cost=0.8,
+        speed_cost=0.2,
+        training_only=True,
+        group="weights",
+    )]
+
+
+def transform_for(facts: Facts, rank: int, names: list[str],
+                  shapes: dict[str, tuple[int, int, int]]) -> Transform:
+    """LoRA's rewrite, with the targets' weights in NF4 and, inside a target (its transient
+    moments in forward and backward), its dequantized weight live."""
+    adapters = lora.transform_for(facts, rank, names, shapes)
+    nf4 = base_transform(facts, shapes)
+
+    def transform(s: Sample) -> Sample:
+        return nf4(adapters(s))
 
     return transform
 
@@ -179,7 +242,7 @@ def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("qlora", {}, TRAINING_ONLY_REASON, group="weights")]
     if lora_adapted(facts):
-        return [not_applicable("qlora", {}, ADAPTED_REASON, group="weights")]
+        return _predict_for_adapters(facts)
     what, names = lora.targets(facts)
     if not names:
         return [not_applicable("qlora", {}, "no Linear layer besides the output head to adapt",

@@ -59,7 +59,8 @@ def estimate(
 
 
 def estimate_step(
-    model_factory: Callable[[], nn.Module] | ModelSpec, *, batch: Any, **options: Any
+    model_factory: Callable[[], nn.Module] | ModelSpec, *, batch: Any,
+    prepare: Callable[[nn.Module], nn.Module] | None = None, **options: Any
 ) -> EstimatedStep:
     """Profile the steps of a model that is never allocated: the Profile, and the fake model,
     optimizer and batch that made it.
@@ -70,7 +71,9 @@ def estimate_step(
     called inside the fake mode; real tensors are converted to fake ones. ``options`` are the
     fields of :class:`~memprof.estimate.options.EstimateOptions` (``optimizer``, ``dtype``,
     ``mixed_precision``, ``device``, ``gpu``, ``steps``, ``inference``, ``context_len``,
-    ``loss_fn``), which says what each does.
+    ``loss_fn``), which says what each does. ``prepare`` turns the built (fake) model into the
+    one the steps train, before the optimizer is made over its trainable parameters: a
+    fine-tuning set-up such as LoRA adapters (``memprof estimate --lora``).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -90,6 +93,9 @@ def estimate_step(
     kernels = cpu_fake_kernels() if opts.device == "cpu" else contextlib.nullcontext()
     with kernels, FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
         model = _build_model(factory, param_dtype)
+        if prepare is not None:
+            with user_code("preparing the model"):
+                model = prepare(model)
         opt = None if opts.inference else _make_optimizer(opts.optimizer, model,
                                                           cuda=opts.device == "cuda")
         # the batch's values (labels) and the step's small values are real, as while building:
