@@ -370,3 +370,21 @@ def test_a_zero1_script_is_simulated_in_whole_steps() -> None:
     assert simulator.cycle == 1
     assert len(profile.steps_stats) == 3
     assert [o["class"] for o in profile.optimizers] == ["AdamW"]
+
+
+def test_a_gan_scripts_rows_on_its_second_model_say_why_they_are_not_measured() -> None:
+    """GIVEN a GAN script WHEN a LoRA row naming D's layers is simulated on the script THEN it
+    fails with the reason (a script's simulation edits the first model it calls, G), not a
+    bare ``KeyError: 'Sequential.0'``."""
+    from memprof.advisor import changes_for
+    from memprof.advisor.core import read_facts
+    from memprof.advisor.script import ScriptSimulator
+
+    simulator = ScriptSimulator(_script("--gan", "--steps", "4"), steps=2)
+    reference = simulator.reference()
+    rows = [c for c in changes_for(read_facts(reference.profile))
+            if c.technique == "lora" and c.applicable and c.apply is not None]
+    assert rows
+    measured = simulator.measure([rows[0]], reference)
+    assert isinstance(measured, str)
+    assert "another model than the first one the script calls" in measured

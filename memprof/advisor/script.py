@@ -344,7 +344,13 @@ class _Patcher:
         storages = _weight_storages(model)
         for change in self.changes:
             assert change.apply is not None
-            change.apply(state)
+            try:
+                change.apply(state)
+            except KeyError as exc:  # a module path the first model called does not have
+                raise RuntimeError(
+                    f"the change edits layers ({exc}) of another model than the first one the "
+                    "script calls (a GAN's second model), and a script's simulation edits that "
+                    "first model only") from exc
         self.new_weights = _weight_storages(model) != storages
         if state.model is not model:
             raise RuntimeError("the change replaced the whole model: it cannot run in a script")
