@@ -100,10 +100,12 @@ def estimate_step(
                                                           cuda=opts.device == "cuda")
         # the batch's values (labels) and the step's small values are real, as while building:
         # a CTC loss reads its labels' lengths and maximum, wav2vec2's LayerDrop a random draw
-        with known_values(fake_mode):
+        with known_values(fake_mode) as factories:
             with _default_dtype(param_dtype), user_code("the batch function"):
                 data = batch() if callable(batch) else batch
             data = _to_fake(fake_mode, resolve_batch(data, model))
+            if factories is not None:
+                factories.elements = 1  # in the step: scalars (a LayerDrop draw)
             autocast_dtype = opts.autocast_dtype
             autocast: Any = (
                 torch.autocast("cpu", dtype=autocast_dtype)
