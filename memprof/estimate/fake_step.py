@@ -15,8 +15,13 @@ import torch
 from torch import nn
 
 from memprof.errors import EstimateError, MemprofError
-from memprof.estimate.build_values import values_while_building
+from memprof.estimate.build_values import (
+    BUILD_CONSTANT_ELEMENTS,
+    known_values,
+    values_while_building,
+)
 from memprof.estimate.catalog import ModelSpec
+from memprof.estimate.conversions import fake_module_conversion
 from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.grad_accumulation import InPlaceGradSums
 from memprof.estimate.loading import resolve_batch
@@ -87,23 +92,27 @@ def estimate_step(
         model = _build_model(factory, param_dtype)
         opt = None if opts.inference else _make_optimizer(opts.optimizer, model,
                                                           cuda=opts.device == "cuda")
-        with _default_dtype(param_dtype), user_code("the batch function"):
-            data = batch() if callable(batch) else batch
-        data = _to_fake(fake_mode, resolve_batch(data, model))
-        autocast_dtype = opts.autocast_dtype
-        autocast: Any = (
-            torch.autocast("cpu", dtype=autocast_dtype)
-            if autocast_dtype is not None else contextlib.nullcontext()
-        )
-        with (user_code("the step under fake tensors"),
-              Profiler(model, opt, round_to=opts.round_to, device_modelled=opts.device) as prof):
-            for _ in range(opts.steps):
-                if opts.inference:
-                    kv_cache_bytes = _inference_step(model, data, spec, opts.context_len,
-                                                     autocast)
-                else:
-                    _training_step(model, opt, data, autocast, opts.loss_fn)
-                prof.step()
+        # the batch's values (labels) and the step's small values are real, as while building:
+        # a CTC loss reads its labels' lengths and maximum, wav2vec2's LayerDrop a random draw
+        with known_values(fake_mode):
+            with _default_dtype(param_dtype), user_code("the batch function"):
+                data = batch() if callable(batch) else batch
+            data = _to_fake(fake_mode, resolve_batch(data, model))
+            autocast_dtype = opts.autocast_dtype
+            autocast: Any = (
+                torch.autocast("cpu", dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext()
+            )
+            with (user_code("the step under fake tensors"),
+                  Profiler(model, opt, round_to=opts.round_to,
+                           device_modelled=opts.device) as prof):
+                for _ in range(opts.steps):
+                    if opts.inference:
+                        kv_cache_bytes = _inference_step(model, data, spec, opts.context_len,
+                                                         autocast)
+                    else:
+                        _training_step(model, opt, data, autocast, opts.loss_fn)
+                    prof.step()
         profile = prof.profile
         num_params, param_bytes = _count_parameters(model)
 
@@ -134,12 +143,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
     # Building under the target default dtype (as transformers' from_pretrained(dtype=...)
-    # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
-    # anyway (it swaps tensors, which fake tensors with weak references refuse).
+    # does) never materialises fp32 weights; a factory's own module.to() converts without
+    # swapping fake tensors (estimate.conversions: peft's get_peft_model calls it).
     try:
         mode = _active_fake_mode()
         with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init(), \
-                _deepcopy_in_mode(mode), values_while_building(mode):
+                _deepcopy_in_mode(mode), values_while_building(mode), fake_module_conversion():
             model = factory()
     except MemprofError:
         raise
@@ -269,7 +278,9 @@ def _to_fake(mode: Any, data: Any) -> Any:
 
     def convert(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-            return mode.from_tensor(value)
+            # a small real tensor keeps its values, as one the batch function makes
+            small = value.device.type == "cpu" and value.numel() <= BUILD_CONSTANT_ELEMENTS
+            return mode.fake_tensor_converter.from_real_tensor(mode, value, make_constant=small)
         return value
 
     if isinstance(data, Mapping):

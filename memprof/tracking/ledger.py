@@ -582,6 +582,16 @@ class StorageLedger:
         self.sample()
         return dict(self.entries)
 
+    def restart_peak(self) -> StepPeak:
+        """Start the running peak afresh from the live bytes now (a fake run reads the peak of
+        one optimizer's step of several after a shared backward); returns the one replaced,
+        for the caller to put back."""
+        replaced = self.peak
+        self.peak = StepPeak(total=self.total, seq=len(self.log), order=self.seq,
+                             phase=self.phase, module=self.current_module, time=self.clock(),
+                             by_category=tuple(self.totals))
+        return replaced
+
     def live_at(self, start: dict[int, Entry], seq: int) -> list[Entry]:
         """Replay the step's log up to position ``seq`` from its starting live set."""
         live = dict(start)

@@ -837,6 +837,27 @@ class Profiler(ProfileResults):
         for value, module in state:
             self.ledger.track(value, OPTIMIZER_STATE, module)
 
+    # ------------------------------------------ fake runs: one backward, several optimizers
+    def pause(self) -> bool:
+        """See nothing (operators, hooks) until :meth:`resume`: a fake run makes an optimizer's
+        state after the backward it shares (memprof.advisor.fake_prediction). False, changing
+        nothing, unless the dispatch ledger's mode is the innermost one."""
+        if self._events is not None or not self._mode_entered or not self._live_recording \
+                or _get_current_dispatch_mode() is not self._mode:
+            return False
+        self._set_mode(False)
+        self._live_recording = False
+        return True
+
+    def resume(self) -> None:
+        """End a :meth:`pause`."""
+        self._live_recording = True
+        self._set_mode(True)
+
+    def track_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Track ``optimizer``'s state now, as that of the optimizer given at the start is."""
+        self._track_state(self._optimizer_state(optimizer))
+
     def _optimizer_post_apply(self, state: list[tuple[Any, int]]) -> None:
         ledger = self.ledger
         if not ledger.recording:
