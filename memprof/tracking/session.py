@@ -638,6 +638,12 @@ class Profiler(ProfileResults):
                 return  # an enclosing module sharing the node: the inner one stays current
         while frames and frames[-1][2] == FRAME_BACKWARD and frames[-1][0] not in info.ancestors:
             self._close_backward_frame()
+        if frames and frames[-1][0] == info.parent and frames[-1][2] == FRAME_BACKWARD:
+            # A sibling's backward came before (the common case): the parent's backward frame
+            # is on top, and below it the parent's ancestors (pushed before it, popped after).
+            ledger.push_frame(idx, FRAME_BACKWARD)
+            ledger.sample()
+            return
         present = {f[0] for f in frames}
         chain = sorted(info.ancestors - present, key=lambda a: self.registry.infos[a].depth)
         for ancestor in [*chain, idx]:
