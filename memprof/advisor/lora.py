@@ -44,6 +44,7 @@ from memprof.advisor.core import (
     ModuleNames,
     Sample,
     Transform,
+    lora_adapted,
     names_in,
     not_applicable,
     weight_read_directly,
@@ -51,6 +52,12 @@ from memprof.advisor.core import (
 from memprof.advisor.workload import SimState
 
 RANKS = (8, 16, 64)
+#: Why LoRA is not a row for a model that already trains peft LoRA adapters.
+ADAPTED_REASON = (
+    "the model already trains peft LoRA adapters (only they train): its adapters' rank is the "
+    "user's choice, and adapters on the adapters would change nothing; see the qlora and "
+    "weight-quantization rows for its frozen base"
+)
 LINEAR_TYPES = frozenset({"Linear", "Conv1D"})
 #: Projections LoRA adapts in architectures whose layer names are known: attention and MLP.
 KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -277,6 +284,8 @@ def _group_of(state: SimState, names: list[str]) -> dict[str, Any]:
 def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("lora", {}, TRAINING_ONLY_REASON, group="weights")]
+    if lora_adapted(facts):
+        return [not_applicable("lora", {}, ADAPTED_REASON, group="weights")]
     what, names = targets(facts)
     if not names:
         return [not_applicable("lora", {}, "no Linear layer besides the output head to adapt",
