@@ -70,38 +70,6 @@ def test_gpt2_qlora_fake_prediction_matches_the_simulation() -> None:
     assert abs(change.predicted_peak - measured.peak_bytes) <= 0.05 * measured.peak_bytes
 
 
-def _layout(nf4: torch.Tensor) -> tuple[object, ...]:
-    """What the ledger reads of an NF4 weight: its outer metadata and, per inner tensor, the
-    shape, dtype, strides and storage bytes."""
-    names, _ = nf4.__tensor_flatten__()  # type: ignore[attr-defined]
-    inner = [(n, tuple(t.shape), t.dtype, t.stride(), t.storage_offset(),
-              t.untyped_storage().nbytes()) for n, t in ((n, getattr(nf4, n)) for n in names)]
-    return (tuple(nf4.shape), nf4.stride(), nf4.dtype, nf4.requires_grad,
-            nf4.block_size, nf4.n_blocks, nf4.scaler_block_size, inner)  # type: ignore[attr-defined]
-
-
-@needs_finetune
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(128, 128), (192, 64), (64, 2), (768, 2304)])
-def test_a_fake_nf4_weight_made_directly_is_laid_out_as_torchaos(
-    shape: tuple[int, int], dtype: torch.dtype
-) -> None:
-    # GIVEN a fake weight (one block of scales, 64-blocks of scales, one block, GPT-2's c_attn)
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        w = torch.empty(shape, dtype=dtype)
-        scalers = qlora.scaler_block(w.numel())
-        assert scalers is not None
-        # WHEN its NF4 form is made directly, and by torchao's quantization under fake tensors
-        direct = qlora.fake_nf4(w, qlora.BLOCK, scalers)
-        quantized = qlora.nf4_module().to_nf4(w, qlora.BLOCK, scalers)
-    real = qlora.nf4_module().to_nf4(torch.randn(shape, dtype=dtype), qlora.BLOCK, scalers)
-    # THEN every inner tensor has the same shape, dtype, strides and storage bytes as both
-    assert type(direct) is type(quantized)
-    assert _layout(direct) == _layout(quantized) == _layout(real)
-
-
 @needs_finetune
 def test_a_peft_lora_model_gets_its_bases_in_nf4_under_its_own_adapters() -> None:
     """GIVEN a small GPT-2 that already trains peft LoRA adapters (the usual fine-tuning
@@ -139,6 +107,38 @@ def test_a_peft_lora_model_gets_its_bases_in_nf4_under_its_own_adapters() -> Non
     assert measured.profile.optimizers[0]["parameter_bytes"] == \
         ref.profile.optimizers[0]["parameter_bytes"]
     assert measured.loss_drift is not None and measured.loss_drift < 0.2
+
+
+def _layout(nf4: torch.Tensor) -> tuple[object, ...]:
+    """What the ledger reads of an NF4 weight: its outer metadata and, per inner tensor, the
+    shape, dtype, strides and storage bytes."""
+    names, _ = nf4.__tensor_flatten__()  # type: ignore[attr-defined]
+    inner = [(n, tuple(t.shape), t.dtype, t.stride(), t.storage_offset(),
+              t.untyped_storage().nbytes()) for n, t in ((n, getattr(nf4, n)) for n in names)]
+    return (tuple(nf4.shape), nf4.stride(), nf4.dtype, nf4.requires_grad,
+            nf4.block_size, nf4.n_blocks, nf4.scaler_block_size, inner)  # type: ignore[attr-defined]
+
+
+@needs_finetune
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(128, 128), (192, 64), (64, 2), (768, 2304)])
+def test_a_fake_nf4_weight_made_directly_is_laid_out_as_torchaos(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    # GIVEN a fake weight (one block of scales, 64-blocks of scales, one block, GPT-2's c_attn)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.empty(shape, dtype=dtype)
+        scalers = qlora.scaler_block(w.numel())
+        assert scalers is not None
+        # WHEN its NF4 form is made directly, and by torchao's quantization under fake tensors
+        direct = qlora.fake_nf4(w, qlora.BLOCK, scalers)
+        quantized = qlora.nf4_module().to_nf4(w, qlora.BLOCK, scalers)
+    real = qlora.nf4_module().to_nf4(torch.randn(shape, dtype=dtype), qlora.BLOCK, scalers)
+    # THEN every inner tensor has the same shape, dtype, strides and storage bytes as both
+    assert type(direct) is type(quantized)
+    assert _layout(direct) == _layout(quantized) == _layout(real)
 
 
 def test_without_peft_or_torchao_qlora_predicts_and_says_what_to_install(

@@ -492,3 +492,53 @@ def test_a_fake_runs_saved_tensors_keep_no_graph_alive() -> None:
     del model, optimizer
     assert module() is None
     assert param() is None
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_rows_that_change_only_the_optimizer_share_one_backward_and_keep_every_byte(
+    foreach: bool,
+) -> None:
+    # GIVEN a small GPT-2 with AdamW (per tensor or foreach) and every applicable change
+    w = gpt2_workload()
+    w.optimizer.param_groups[0]["foreach"] = foreach
+    changes = [c for c in changes_for(read_facts(baseline(w).profile))
+               if c.applicable and c.apply is not None]
+    # WHEN the rows are predicted together, sharing the unchanged run's forward and backward
+    with seeded():
+        reference, shared = fake_prediction.fake_peaks(w, [[c.apply] for c in changes])
+    # THEN the changes of optimizer (SGD, momentum, Adafactor, 8-bit AdamW, ZeRO-1) are
+    # composed, the others left to their own runs
+    composed = {(c.technique, c.options.get("to") or c.options.get("stage"))
+                for c, peak in zip(changes, shared, strict=True) if peak is not None}
+    assert composed >= {("optimizer", "SGD"), ("optimizer", "SGD_momentum"),
+                        ("optimizer", "Adafactor"), ("quantization", "AdamW8bit"),
+                        ("sharding", "ZeRO-1")}
+    assert not {t for t, _ in composed} & {"lora", "qlora", "checkpointing", "mixed_precision",
+                                           "pruning", "offload"}
+    assert ("sharding", "ZeRO-2") not in composed
+    # AND each composed peak, and the unchanged one, are the bytes of the row's own run
+    with seeded():
+        assert reference == fake_peak(w)
+    for c, peak in zip(changes, shared, strict=True):
+        if peak is not None:
+            with seeded():
+                assert peak == fake_peak(w, [c.apply]), (c.technique, c.options)
+
+
+def test_a_shared_backward_leaves_a_row_to_its_own_run_when_a_parameter_gets_no_gradient(
+) -> None:
+    # GIVEN an MLP whose last layer the loss never reaches: a real run gives it no state
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4))
+    w = Workload(model, torch.optim.AdamW(model.parameters()), torch.randn(4, 8),
+                 step_fn=lambda m, x: m[:3](x).sum())
+    changes = [c for c in changes_for(read_facts(baseline(w).profile))
+               if c.applicable and c.apply is not None and c.technique == "optimizer"]
+    assert changes
+    # WHEN the optimizer rows are predicted sharing one backward
+    with seeded():
+        reference, shared = fake_prediction.fake_peaks(w, [[c.apply] for c in changes])
+    # THEN none is composed (its own run takes two profiled steps), and the unchanged peak is
+    # its own run's
+    assert shared == [None] * len(changes)
+    with seeded():
+        assert reference == fake_peak(w)

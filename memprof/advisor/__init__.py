@@ -310,17 +310,22 @@ def fake_predict(
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
     (None when even that fails: every row then stays analytic, with that reason)."""
     from memprof.advisor import parallel
-    from memprof.advisor.fake_prediction import FakeRunError, fake_peak
+    from memprof.advisor.fake_prediction import FakeRunError, fake_peak, fake_peaks
 
+    tried = [c for c in changes if c.applicable and c.apply is not None]
     try:
         with seeded():
-            reference = fake_peak(model, **options)
+            # the rows that change the optimizer alone share the unchanged run's backward
+            reference, shared = fake_peaks(model, [[c.apply] for c in tried], **options)
     except FakeRunError as exc:  # every row stays analytic, and says why
         for c in changes:
             if c.applicable and c.apply is not None:
                 faked[id(c)] = f"no fake run of this step ({exc}); predicted analytically"
         return None
-    tried = [c for c in changes if c.applicable and c.apply is not None]
+    for c, peak in zip(tried, shared, strict=True):
+        if peak is not None:
+            c.predicted_peak, faked[id(c)] = peak, None
+    tried = [c for c, peak in zip(tried, shared, strict=True) if peak is None]
 
     def run_of(change: Change) -> Callable[[], int]:
         def run() -> int:

@@ -78,7 +78,11 @@ def fake_state(workload: Workload, mode: Any) -> SimState:
             if id(tensor) in memo:
                 continue
             fake = mode.from_tensor(tensor)
-            if isinstance(tensor, nn.Parameter):
+            if isinstance(tensor, nn.Parameter) and (
+                    fake is tensor or not isinstance(fake, nn.Parameter)
+                    or fake.requires_grad != tensor.requires_grad):
+                # (from_tensor gives a new parameter a fake one already, without the
+                # detach that a wrap costs: one fake op per parameter per run)
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = fake
     model = copy.deepcopy(workload.model, memo)
@@ -143,6 +147,222 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     except Exception as exc:
         first = first_line(exc)
         raise FakeRunError(f"the fake run failed: {type(exc).__name__}: {first}"[:300]) from exc
+
+
+def fake_peaks(workload: Workload, rows: list[list[Any]], *, round_to: int = 1,
+               device: str = "cpu") -> tuple[int, list[int | None]]:
+    """The unchanged step's peak (:func:`fake_peak` of ``workload``) and, per row (a change's
+    ``apply`` list), its :func:`fake_peak`, where the row changes the optimizer alone (see
+    :func:`_optimizer_only`); None for a row to run alone.
+
+    Those rows share one forward and backward, the unchanged run's: neither reads the
+    optimizer, whose state only adds its bytes to every moment of them. So a row's peak is
+    the larger of the shared forward and backward's peak plus its state's bytes, and of its
+    own optimizer step's peak, that step run on the shared backward's gradients with its state
+    made there as its own run makes it before profiling (:func:`_warm_optimizer`), the profiler
+    paused. The same bytes as each row's own run (tested); a row that cannot be composed so
+    (its state needs two profiled steps, or its step left bytes behind) is run alone."""
+    results: list[int | None] = [None] * len(rows)
+    try:
+        shared = _shared_backward(workload, rows, results, round_to, device)
+    except (FakeRunError, KernelNotMeasured):
+        raise
+    except Exception:  # the rows' own runs will say what fails
+        shared = None
+    if shared is None:
+        return fake_peak(workload, round_to=round_to, device=device), [None] * len(rows)
+    return shared, results
+
+
+#: SimState fields a change of optimizer alone may set (see :func:`_optimizer_only`).
+_OPTIMIZER_FIELDS = frozenset({"optimizer_class", "defaults", "make_optimizer",
+                               "wrap_optimizer", "param_groups", "notes", "shard", "ranks"})
+
+
+class _Untouchable:
+    """The model and batch of a probe state: a change that reads them is not a change of
+    optimizer alone (any attribute raises)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"a probe state has no model or batch ({name})")
+
+
+def _optimizer_only(base: SimState, applies: list[Any]) -> bool:
+    """Whether ``applies`` change the optimizer alone: run on a probe copy of ``base`` whose
+    model and batch cannot be read, they set no field but the optimizer's (class, maker,
+    hyperparameters; ZeRO-1, which :func:`memprof.advisor.distributed.shard` makes a wrapper
+    of the optimizer), keep every group's parameters, and freeze or unfreeze none."""
+    import dataclasses
+
+    probe = _row_state(base, model=_Untouchable(), batch=_Untouchable())
+    trained = [(p, p.requires_grad) for g in base.param_groups for p in g["params"]]
+    try:
+        for apply in applies:
+            apply(probe)
+    except Exception:  # it reads the model or the batch
+        return False
+    for f in dataclasses.fields(SimState):
+        if f.name in _OPTIMIZER_FIELDS or f.name in ("model", "batch"):
+            continue
+        if getattr(probe, f.name) != getattr(base, f.name):
+            return False
+    if not isinstance(probe.model, _Untouchable) or not isinstance(probe.batch, _Untouchable):
+        return False
+    if probe.shard not in (None, "zero1"):
+        return False
+    if len(probe.param_groups) != len(base.param_groups) or any(
+            len(a["params"]) != len(b["params"])
+            or any(x is not y for x, y in zip(a["params"], b["params"], strict=True))
+            for a, b in zip(probe.param_groups, base.param_groups, strict=True)):
+        return False
+    return all(p.requires_grad == flag for p, flag in trained)
+
+
+def _row_state(base: SimState, **fields: Any) -> SimState:
+    """A copy of ``base`` for one change to edit: its own groups, defaults and lists; the
+    model and batch ``base``'s (or ``fields``')."""
+    import dataclasses
+
+    return dataclasses.replace(
+        base, param_groups=[dict(g, params=list(g["params"])) for g in base.param_groups],
+        defaults=dict(base.defaults), notes=list(base.notes), wrap_step=list(base.wrap_step),
+        more_optimizers=list(base.more_optimizers), **fields)
+
+
+class _SharedStep:
+    """Stands for the optimizer in the shared run's :func:`train_step`: its step is every
+    row's (see :func:`_shared_backward`); zero_grad leaves the gradients to the next row."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        del set_to_none
+
+
+def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[int | None],
+                     round_to: int, device: str) -> int | None:
+    """:func:`fake_peaks`' run: the unchanged peak, ``results`` filled for the rows composed;
+    None where nothing can be shared (the caller runs :func:`fake_peak`)."""
+    plans = workload.stage_plans()
+    if len(plans) != 1 or plans[0].zero_grad != "after" or plans[0].optimizers != (0,):
+        return None
+    mode = _mode_of(workload.model) or fake_mode()
+    with mode, contextlib.ExitStack() as stack:
+        stack.enter_context(fake_kernels.active())
+        base = fake_state(workload, mode)
+        if base.optimizer_class is None and base.make_optimizer is None:
+            return None
+        shared = [i for i, applies in enumerate(rows) if _optimizer_only(base, applies)]
+        reference: list[int | None] = [None]
+        from memprof.estimate.grad_accumulation import InPlaceGradSums
+
+        def backward(loss: torch.Tensor) -> None:
+            with InPlaceGradSums():  # as _steps' backward
+                loss.backward()
+
+        with _profiler(base, None, round_to, device) as prof:
+
+            def steps(_: Any) -> None:
+                fb_peak, start = prof.ledger.peak.total, prof.ledger.total
+                for index in [-1, *shared]:
+                    if prof.ledger.total != start:  # a row left bytes: the rest run alone
+                        break
+                    try:
+                        peak = _row_step(workload, base, rows[index] if index >= 0 else [],
+                                         prof, fb_peak)
+                    except Exception:  # its own run will say why (the next rows run alone
+                        peak = None    # if this one left bytes behind)
+                    if index < 0:
+                        reference[0] = peak
+                        if peak is None:
+                            break
+                    else:
+                        results[index] = peak
+
+            base.model.train()
+            held = step_input(workload, step_batch(workload, base))
+            loss = train_step(workload, base, [_SharedStep()], base.model,  # type: ignore[list-item]
+                              held, autocast=contextlib.nullcontext, backward=backward,
+                              step=steps)
+            del loss
+            prof.step()
+    if reference[0] is None:
+        results[:] = [None] * len(rows)
+    return reference[0]
+
+
+def _row_step(workload: Workload, base: SimState, applies: list[Any], prof: Any,
+              fb_peak: int) -> int | None:
+    """One row's peak after the shared backward (see :func:`fake_peaks`), or None where it
+    cannot be composed. The row's optimizer and process group are made and dropped with the
+    profiler paused; the caller checks that the ledger's live bytes are back where they were."""
+    with contextlib.ExitStack() as ranks:
+        made = _row_optimizer(workload, base, applies, prof, ranks)
+        if made is None:
+            return None
+        optimizer, warm = made
+        if any(p.grad is None for p in warm):  # its own run would be made again: two steps
+            return None
+        ledger = prof.ledger
+        before = ledger.total
+        prof.track_optimizer_state(optimizer)
+        state_bytes = ledger.total - before
+        replaced = ledger.restart_peak()
+        try:
+            with _tracked_updates(prof) if SKIP_TRACKED_UPDATES else _scalar_stand_ins():
+                optimizer.step()
+            step_peak = ledger.peak.total
+        finally:
+            ledger.peak = replaced
+            paused = prof.pause()
+            try:
+                del optimizer, made
+                if ledger.total != before:
+                    import gc
+
+                    gc.collect()  # an optimizer in a reference cycle keeps its state
+                ranks.close()
+            finally:
+                if paused:
+                    prof.resume()
+    return max(fb_peak + state_bytes, step_peak)
+
+
+def _row_optimizer(workload: Workload, base: SimState, applies: list[Any], prof: Any,
+                   ranks: contextlib.ExitStack) -> tuple[torch.optim.Optimizer, list[Any]] | None:
+    """The row's optimizer with its state made as :func:`fake_peak` makes it before profiling
+    (the profiler paused; the shared gradients put aside meanwhile) and the parameters it
+    warmed; None where the row's own run would not be one warmed step."""
+    if not prof.pause():
+        return None
+    made = None
+    try:
+        row = _row_state(base)
+        for apply in applies:
+            apply(row)
+        if row.shard is not None:  # ZeRO-1 (see _optimizer_only): wraps the optimizer
+            distributed.shard(row, ranks.enter_context(distributed.one_rank(row.ranks)))
+        params = list(row.model.parameters())
+        params += [p for g in row.param_groups for p in g["params"]]
+        grads = {id(p): (p, p.grad) for p in params}
+        for p, _ in grads.values():
+            p.grad = None
+        try:
+            made = _warm_optimizer(workload, row)
+        finally:
+            for p, grad in grads.values():
+                p.grad = grad
+    finally:
+        if made is None or made[0] is None:
+            ranks.close()
+        prof.resume()
+    if made is None or made[0] is None:
+        return None
+    return made[0], made[1]
+
+
+def _scalar_stand_ins() -> Any:
+    from memprof.fake_scalars import ScalarStandIns
+
+    return ScalarStandIns()
 
 
 def _profiler(state: SimState, optimizer: torch.optim.Optimizer | None, round_to: int,
@@ -266,12 +486,13 @@ def _direct_state(optimizer: torch.optim.Optimizer) -> bool:
                 if not p.requires_grad or optimizer.state[p]:
                     continue
                 state = optimizer.state[p]
-                state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
-                    if group["capturable"]
-                    else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+                # (``_init_group``'s ``torch.tensor(0.0)`` and ``zeros_like``: the same
+                # tensors, made with fewer fake ops; their values are never read, the
+                # profiled step's ``.item()`` gets a stand-in, memprof.fake_scalars)
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(),
+                                            device=p.device if group["capturable"] else "cpu")
                 for name in moments:
-                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[name] = torch.empty_like(p, memory_format=torch.preserve_format)
     return True
 
 

@@ -72,7 +72,12 @@ PEFT_MAMBA_REFUSED = ("out_proj", "conv1d")
 
 def targets(facts: Facts) -> tuple[str, list[str]]:
     """(what was targeted, the qualified names of the layers LoRA adapts)."""
-    rows = facts.module_rows()
+    return targets_in(facts.module_rows())
+
+
+def targets_in(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """:func:`targets` from module rows (``module``, ``type``; ``forward_calls`` and
+    ``parent`` where known), a profile's or a model's (:func:`model_rows`)."""
     if is_mamba(rows):  # peft raises for these: leave them out, as a user has to
         rows = [r for r in rows if str(r["module"]).rsplit(".", 1)[-1] not in PEFT_MAMBA_REFUSED]
     # a layer whose forward never runs (the model reads its .weight directly, as Mamba's mixer
@@ -89,6 +94,12 @@ def targets(facts: Facts) -> tuple[str, list[str]]:
     layers = [str(r["module"]) for r in linears][:-1]
     return "every Linear but the output head", [
         n for n in layers if "head" not in n.rsplit(".", 1)[-1]]
+
+
+def model_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """A model's modules as the rows :func:`targets_in` reads (every forward taken as run)."""
+    return [{"module": name, "type": type(module).__name__}
+            for name, module in model.named_modules() if name]
 
 
 def is_mamba(rows: list[dict[str, Any]]) -> bool:

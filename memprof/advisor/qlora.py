@@ -136,11 +136,15 @@ def _is_fake(tensor: torch.Tensor) -> bool:
 
 
 def _quantize(state: SimState, names: list[str]) -> None:
+    quantize_layers(state.model, names)
+
+
+def quantize_layers(model: nn.Module, names: list[str]) -> None:
     """Replace each layer named in ``names`` by its NF4 form (:func:`quantize_layer`)."""
-    modules = ModuleNames(state.model)
+    modules = ModuleNames(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else state.model
+        parent = modules[parent_name] if parent_name else model
         setattr(parent, child, quantize_layer(getattr(parent, child)))
 
 

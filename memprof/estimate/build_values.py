@@ -31,6 +31,17 @@ BUILD_CONSTANT_ELEMENTS = 1 << 16
 @contextlib.contextmanager
 def values_while_building(mode: Any) -> Iterator[None]:
     """Within: small factory-made tensors carry real values under fake ``mode`` (None: off)."""
+    with known_values(mode):
+        yield
+
+
+@contextlib.contextmanager
+def known_values(mode: Any) -> Iterator[None]:
+    """Within: small factory-made tensors carry real values under fake ``mode`` (None: off),
+    and so do small results of operations on them only (``labels.max()``,
+    ``labels.masked_select(labels != pad)``). Used while the model is built, and while the
+    batch is made and the step runs: a CTC loss reads its targets' lengths and maximum, a
+    LayerDrop its random draw (made for real, from the global generator, as a real step's)."""
     if mode is None:
         yield
         return

@@ -72,6 +72,11 @@ from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
 
 _graph_task_id = torch._C._current_graph_task_id
+#: Whether torch.compile is tracing this call. The hooks then leave nothing in the graph (no
+#: graph break either): the compiled region's memory goes to the module that called it. (The
+#: function itself, which dynamo answers True while tracing: no wrapper frame per module call.)
+_compiling = torch.compiler.is_compiling
+_STRIDED = torch.strided
 #: The autograd sequence counter: inside a pack hook, the number of the node being made, plus 1.
 _sequence_nr = torch._C._autograd._get_sequence_nr
 
@@ -188,6 +193,10 @@ class Profiler(ProfileResults):
         self._recorder = (self._events.source
                           if self._events is not None
                           and isinstance(self._events.source, RecorderSource) else None)
+        #: The recorder's C++ watch_backward, called directly per module call (None: a
+        #: Python grad_fn pre-hook marks the module's backward start)
+        self._watch_backward = (self._recorder.module.watch_backward
+                                if self._recorder is not None else None)
         self._live_recording = False
         self._live_stack: list[tuple[int, Any, int]] = []  # (module index, token, id(module))
         #: Compiled modules (by index), and the saved tensors' facts packed while one of them
@@ -269,11 +278,11 @@ class Profiler(ProfileResults):
 
     def _install(self) -> None:
         ledger = self.ledger
+        self.registry.grad_sink = self._on_grad  # (before the model's parameters get hooks)
         if self._model is not None:
             self.registry.register_tree(self._model, "", None)
         if self._optimizer is not None:
             self._track_state(self._optimizer_state(self._optimizer))
-        self.registry.grad_sink = self._on_grad
         self._handles.append(
             nn.modules.module.register_module_forward_pre_hook(self._on_forward_pre)
         )
@@ -457,7 +466,9 @@ class Profiler(ProfileResults):
             self._forward_pre_apply(idx, recompute, inputs)
             return
         stack = self._live_stack
-        idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
+        known = self.registry.index.get(module)  # (registered: the common case, one lookup)
+        idx = (known if known is not None
+               else self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE))
         if is_compiled(module):  # with the module it runs (whose hooks may run outside it)
             self._op_traces.abandon()  # before dynamo sees the frame: it must run compiled
             self._compiled_modules.add(idx)
@@ -524,7 +535,7 @@ class Profiler(ProfileResults):
             if not stack or stack[-1][2] != id(module):
                 return  # hooks were installed in the middle of this forward
             idx, token, _ = stack.pop()
-            if (type(output) is torch.Tensor and output.layout is torch.strided
+            if (type(output) is torch.Tensor and output.layout is _STRIDED
                     and output.nbytes >= self._sources.floor):
                 # The events backend sees this storage only as bytes: name its shape and the
                 # line that called the module (it may be among the largest at a peak).
@@ -540,16 +551,20 @@ class Profiler(ProfileResults):
         if info.geometry is None:
             info.geometry = module_geometry(module, args, output)
         if forward:
-            made = _first_with_grad_fn(output)
-            grad_fn = None if made is None else made.grad_fn
+            made: torch.Tensor | None = output
+            if type(output) is torch.Tensor:  # (what _first_with_grad_fn gives, read inline)
+                grad_fn = output.grad_fn
+            else:
+                made = _first_with_grad_fn(output)
+                grad_fn = None if made is None else made.grad_fn
             # An identity module (Dropout(p=0), nn.Identity) returns its input: the node is
             # the previous module's, whose backward it would otherwise take over.
-            if (made is not None and grad_fn is not None
+            if (grad_fn is not None
                     and grad_fn is not (args[0].grad_fn if type(args) is tuple and len(args) == 1
                                         and type(args[0]) is torch.Tensor
                                         else _first_grad_fn(args))):
-                if self._recorder is not None:
-                    self._recorder.watch_backward(made, idx)
+                if self._watch_backward is not None:
+                    self._watch_backward(made, idx)
                 else:
                     handle = grad_fn.register_prehook(_BackwardEnter(self, idx))
                     self._grad_fn_handles.append(handle)
@@ -635,8 +650,9 @@ class Profiler(ProfileResults):
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._live_recording and _graph_task_id() == -1:
-            if type(tensor) is torch.Tensor and tensor.layout is torch.strided:
-                self._pack_part(tensor)  # (what ledger.parts gives a plain tensor)
+            kind = type(tensor)
+            if (kind is torch.Tensor or kind is nn.Parameter) and tensor.layout is _STRIDED:
+                self._pack_part(tensor)  # (what ledger.parts gives a plain tensor or weight)
             else:
                 for part in self.ledger.parts(tensor):  # one, unless sparse
                     self._pack_part(part)
@@ -750,7 +766,7 @@ class Profiler(ProfileResults):
                     {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
                 )
 
-    def _on_grad(self, param: torch.Tensor, owner: int) -> None:
+    def _on_grad(self, owner: int, param: torch.Tensor) -> None:
         """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
         part)."""
         grad = param.grad
@@ -763,8 +779,8 @@ class Profiler(ProfileResults):
             for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
                 self._grad_apply(part, owner)
             return
-        if type(grad) is torch.Tensor and grad.layout is torch.strided:
-            events.buffer(self._grad_apply, facts_of(grad), owner)  # (ledger.facts' one item)
+        if type(grad) is torch.Tensor and grad.layout is _STRIDED:
+            events.buffer(self._grad_apply, facts_of(grad), owner)  # (ledger.facts' one)
         else:
             for part in self.ledger.facts(grad):
                 events.buffer(self._grad_apply, part, owner)
@@ -814,6 +830,27 @@ class Profiler(ProfileResults):
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
         for value, module in state:
             self.ledger.track(value, OPTIMIZER_STATE, module)
+
+    # ------------------------------------------ fake runs: one backward, several optimizers
+    def pause(self) -> bool:
+        """See nothing (operators, hooks) until :meth:`resume`: a fake run makes an optimizer's
+        state after the backward it shares (memprof.advisor.fake_prediction). False, changing
+        nothing, unless the dispatch ledger's mode is the innermost one."""
+        if self._events is not None or not self._mode_entered or not self._live_recording \
+                or _get_current_dispatch_mode() is not self._mode:
+            return False
+        self._set_mode(False)
+        self._live_recording = False
+        return True
+
+    def resume(self) -> None:
+        """End a :meth:`pause`."""
+        self._live_recording = True
+        self._set_mode(True)
+
+    def track_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Track ``optimizer``'s state now, as that of the optimizer given at the start is."""
+        self._track_state(self._optimizer_state(optimizer))
 
     def _optimizer_post_apply(self, state: list[tuple[Any, int]]) -> None:
         ledger = self.ledger
@@ -919,12 +956,6 @@ keep_out_of_dynamo(
     Profiler._on_root_kwargs, Profiler._on_optimizer_pre, Profiler._on_optimizer_post,
     Profiler._on_backward_end, _BackwardEnter.__call__,
 )
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call. The hooks then leave nothing in the graph
-    (no graph break either): the compiled region's memory goes to the module that called it."""
-    return torch.compiler.is_compiling()
 
 
 def _auto_backend() -> Literal["events", "dispatch"]:
