@@ -174,6 +174,29 @@ def fake_peaks(workload: Workload, rows: list[list[Any]], *, round_to: int = 1,
     return shared, results
 
 
+def optimizer_only_rows(workload: Workload, rows: list[list[Any]]) -> list[int]:
+    """The indices of ``rows`` that :func:`fake_peaks` may compose from a shared backward: the
+    changes of optimizer alone (:func:`_optimizer_only`), tried on one fake copy of the state
+    (nothing is run); none where the step cannot share one (:func:`_one_stage`)."""
+    if not _one_stage(workload):
+        return []
+    try:
+        mode = _mode_of(workload.model) or fake_mode()
+        with mode:
+            base = fake_state(workload, mode)
+            if base.optimizer_class is None and base.make_optimizer is None:
+                return []
+            return [i for i, applies in enumerate(rows) if _optimizer_only(base, applies)]
+    except Exception:  # each row's own run will say what fails
+        return []
+
+
+def _one_stage(workload: Workload) -> bool:
+    """Whether the step is one backward and one optimizer's step, then zero_grad."""
+    plans = workload.stage_plans()
+    return len(plans) == 1 and plans[0].zero_grad == "after" and plans[0].optimizers == (0,)
+
+
 #: SimState fields a change of optimizer alone may set (see :func:`_optimizer_only`).
 _OPTIMIZER_FIELDS = frozenset({"optimizer_class", "defaults", "make_optimizer",
                                "wrap_optimizer", "param_groups", "notes", "shard", "ranks"})
@@ -241,8 +264,7 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
                      round_to: int, device: str) -> int | None:
     """:func:`fake_peaks`' run: the unchanged peak, ``results`` filled for the rows composed;
     None where nothing can be shared (the caller runs :func:`fake_peak`)."""
-    plans = workload.stage_plans()
-    if len(plans) != 1 or plans[0].zero_grad != "after" or plans[0].optimizers != (0,):
+    if not _one_stage(workload):
         return None
     mode = _mode_of(workload.model) or fake_mode()
     with mode, contextlib.ExitStack() as stack:
