@@ -126,7 +126,7 @@ def main() -> int:
 def _advice_text(data: dict[str, Any], profile: memprof.Profile) -> str:
     """Whether the step fits, the one recommendation, then the top rows with their savings,
     as ``memprof advise`` and the report say them."""
-    from memprof.report import advice as advice_view
+    from memprof.report import advice_view
 
     lines = []
     fits = advice_view.fit(data)

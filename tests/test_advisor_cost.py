@@ -18,7 +18,7 @@ from memprof.cost_tiers import (
     cost_of,
     rank,
 )
-from memprof.report import advice as advice_view
+from memprof.report import advice_view
 
 
 def test_tiers_of_known_changes() -> None:

@@ -345,14 +345,16 @@ def test_rows_say_why_when_no_fake_run_of_the_step_can_run() -> None:
     assert all("DataDependentOutputException" in r["caveats"] for r in could)
 
 
-def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
+def test_the_base_of_a_peft_lora_model_is_quantized_under_its_adapters() -> None:
     """GIVEN a model that already trains peft LoRA adapters (the peft-lora pattern) WHEN advised
-    THEN the QLoRA and weight-quantization rows are not applicable and say why (they were
-    applicable and every simulation and fake run raised: peft's wrapped Conv1D met memprof's
-    quantized layer, ``mat1 and mat2 shapes cannot be multiplied``)."""
+    THEN the QLoRA and int8/int4 rows quantize the base layers under the adapters (peft's
+    ``base_layer``), not the peft layers, and a simulation of each runs: replacing the peft
+    layers had made every simulation and fake run raise (peft's wrapped Conv1D met memprof's
+    quantized layer, ``mat1 and mat2 shapes cannot be multiplied``), and the rows were then
+    marked not applicable. The int8 row keeps the adapters' gradients and optimizer state."""
     peft = pytest.importorskip("peft")
     from memprof.advisor import qlora, quantization
-    from memprof.advisor.core import ADAPTED_REASON
+    from memprof.advisor.workload import Workload, baseline, seeded, simulate
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(),
@@ -360,11 +362,23 @@ def test_quantizing_the_base_of_a_peft_lora_model_is_not_a_row() -> None:
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     x = torch.randn(8, 16)
-    facts = read_facts(_two_profiled_steps(model, optimizer, lambda: model(x).pow(2).mean()))
-    rows = [c for c in qlora.predict(facts) + quantization.predict(facts)
-            if c.technique == "qlora" or "weights" in c.options]
-    assert rows and not any(c.applicable for c in rows)
-    assert all(c.reason == ADAPTED_REASON for c in rows)
+    workload = Workload(model, optimizer, x, steps=2)
+    with seeded():
+        ref = baseline(workload)
+    facts = read_facts(ref.profile)
+    bases = ["base_model.model.0.base_layer", "base_model.model.2.base_layer"]
+    (nf4,) = qlora.predict(facts)
+    int8, int4 = quantization.predict(facts)
+    assert nf4.applicable and nf4.options["modules"] == bases
+    assert int8.applicable and int4.applicable
+    assert quantization.layers_to_quantize(facts) == bases
+    with seeded():
+        measured = simulate(workload, [int8.apply], ref)
+    before, after = ref.profile.peak().by_category, measured.profile.peak().by_category
+    assert measured.profile.optimizers[0]["parameter_bytes"] == \
+        ref.profile.optimizers[0]["parameter_bytes"]  # the adapters, still all trained
+    assert after["optimizer_state"] == before["optimizer_state"]
+    assert after["parameter"] == before["parameter"] - 4 * (16 * 32 + 32 * 32)
 
 
 def _two_profiled_steps(model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -11,7 +11,7 @@ from workloads import gpt2_workload
 from memprof.advisor import changes_for, qlora
 from memprof.advisor.core import read_facts
 from memprof.advisor.fake_prediction import fake_peak
-from memprof.advisor.workload import baseline, seeded, simulate
+from memprof.advisor.workload import Workload, baseline, seeded, simulate
 
 pytestmark = pytest.mark.slow  # torchao NF4 bases with LoRA, simulated and faked
 
@@ -68,6 +68,45 @@ def test_gpt2_qlora_fake_prediction_matches_the_simulation() -> None:
     assert measured.loss_drift is not None and measured.loss_drift < 0.2
     assert change.predicted_peak is not None
     assert abs(change.predicted_peak - measured.peak_bytes) <= 0.05 * measured.peak_bytes
+
+
+@needs_finetune
+def test_a_peft_lora_model_gets_its_bases_in_nf4_under_its_own_adapters() -> None:
+    """GIVEN a small GPT-2 that already trains peft LoRA adapters (the usual fine-tuning
+    start), WHEN the advisor reads its profile, THEN its QLoRA row keeps the adapters and puts
+    the frozen base layers under them in NF4: the fake run and the analytic rewrite agree with
+    the simulation within 1%, the base weights' bytes go exactly (hand count), the optimizer
+    and its state do not change."""
+    from peft import LoraConfig, get_peft_model
+
+    base = gpt2_workload()
+    model = get_peft_model(base.model, LoraConfig(
+        r=8, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    workload = Workload(model, opt, base.batch, steps=2)
+    with seeded():
+        ref = baseline(workload)
+    rows = [c for c in changes_for(read_facts(ref.profile)) if c.technique == "qlora"]
+    assert len(rows) == 1 and rows[0].applicable and rows[0].apply is not None
+    change = rows[0]
+    assert len(change.options["modules"]) == 8  # 4 adapted layers per block, 2 blocks
+    assert all(n.endswith(".base_layer") for n in change.options["modules"])
+    with seeded():
+        predicted = fake_peak(workload, [change.apply])
+        measured = simulate(workload, [change.apply], ref)
+    assert abs(predicted - measured.peak_bytes) <= 0.01 * measured.peak_bytes
+    assert change.predicted_peak is not None
+    assert abs(change.predicted_peak - measured.peak_bytes) <= 0.01 * measured.peak_bytes
+    assert measured.peak_bytes < ref.peak_bytes
+    shapes = ((192, 64), (64, 64), (256, 64), (64, 256))  # per block, as (out, in)
+    fp32_weights = 2 * 4 * sum(rows_ * cols for rows_, cols in shapes)
+    nf4 = 2 * sum(_nf4_bytes(rows_, cols) for rows_, cols in shapes)
+    before, after = ref.profile.peak().by_category, measured.profile.peak().by_category
+    assert before["parameter"] - after["parameter"] == fp32_weights - nf4
+    assert after["optimizer_state"] == before["optimizer_state"]
+    assert measured.profile.optimizers[0]["parameter_bytes"] == \
+        ref.profile.optimizers[0]["parameter_bytes"]
+    assert measured.loss_drift is not None and measured.loss_drift < 0.2
 
 
 def test_without_peft_or_torchao_qlora_predicts_and_says_what_to_install(

@@ -36,8 +36,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     # the caching-allocator model and device truth (an out-of-memory error is one)
     ("memprof.allocator", "memprof.devices", "memprof.gpus", "memprof.oom"),
-    ("memprof.tracking",),
+    # the Profile's records and file format: what tracking produces, so below it
     ("memprof.profile",),
+    ("memprof.tracking",),
     (
         "memprof.estimate", "memprof.compare", "memprof.snapshot", "memprof.fake_scalars",
         "memprof.fake_kernels",
@@ -50,15 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 #: "importer -> imported": why the import is still there.
-ALLOWED = {
-    "memprof.tracking.records -> memprof.profile": (
-        "the tracking layer's product is the Profile: this one module builds its records from "
-        "the ledger (gone once the record dataclasses live below tracking, #28)"
-    ),
-    "memprof.tracking.results -> memprof.profile": (
-        "the Profiler's pass-through methods return the finished Profile and its Peak"
-    ),
-}
+ALLOWED: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:

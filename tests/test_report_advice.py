@@ -19,8 +19,7 @@ from torch import nn
 from memprof.commands.advise import render
 from memprof.commands.run import recommendation_text
 from memprof.profile import Profile
-from memprof.report import advice as advice_view
-from memprof.report import headline, render_report
+from memprof.report import advice_view, headline, render_report
 from memprof.report.page import context
 
 #: Key names of the advice file that must never reach a reader.

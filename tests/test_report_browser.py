@@ -134,7 +134,7 @@ def _overflowing(page: Any) -> list[str]:
 def test_oom_report_gives_one_recommendation_in_words_within_the_window(
     browser: Any, mlp_profile: Profile, tmp_path: Path, width: int
 ) -> None:
-    from memprof.report.advice import recommend
+    from memprof.report.advice_view import recommend
 
     # GIVEN a run that died of an out-of-memory error: the post-mortem's plan is checkpointing
     # 2 of 4 blocks, while the advice's largest single-GPU saving is 4 of 4 blocks

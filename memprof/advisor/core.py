@@ -107,14 +107,25 @@ def source_name(name: str) -> str:
 #: Why quantizing the base is not a row for a model that already trains LoRA adapters.
 ADAPTED_REASON = (
     "the model already trains peft LoRA adapters: its base layers are wrapped by peft, and "
-    "memprof's quantized (and NF4) layers replace plain Linear/Conv1D layers only; quantize "
-    "the base before get_peft_model (QLoRA's own order) and profile that"
+    "memprof's int8/int4 layers replace plain Linear/Conv1D layers only (the qlora row puts "
+    "the bases under the adapters in NF4); quantize the base before get_peft_model and "
+    "profile that"
 )
 
 
 def lora_adapted(facts: Facts) -> bool:
     """Whether the profiled model carries peft LoRA adapters (modules named ``lora_A``)."""
     return any(str(r["module"]).rsplit(".", 1)[-1] == "lora_A" for r in facts.module_rows())
+
+
+def adapted_bases(facts: Facts) -> list[str]:
+    """The frozen base layers under the model's peft LoRA adapters: each ``base_layer`` (a
+    Linear or transformers' Conv1D) whose peft layer holds a ``lora_A``."""
+    rows = facts.module_rows()
+    names = {str(r["module"]) for r in rows}
+    return [str(r["module"]) for r in rows
+            if str(r["module"]).endswith(".base_layer") and str(r["type"]) in {"Linear", "Conv1D"}
+            and str(r["module"]).removesuffix("base_layer") + "lora_A" in names]
 
 
 def sparse_gradients(facts: Facts) -> int:

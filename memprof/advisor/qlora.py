@@ -38,6 +38,7 @@ from memprof.advisor.core import (
     ModuleNames,
     Sample,
     Transform,
+    adapted_bases,
     lora_adapted,
     not_applicable,
 )
@@ -128,31 +129,43 @@ def _conversions(model: nn.Module) -> dict[Any, Any] | None:
     return table
 
 
+def _quantize(state: SimState, names: list[str]) -> None:
+    """Replace each layer named in ``names`` by its NF4 form (:func:`quantize_layer`)."""
+    modules = ModuleNames(state.model)
+    earlier = _conversions(state.model)
+    mine: dict[Any, Any] = {}  # this run's: a weight tied to two targets gets two NF4 ones
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else state.model
+        layer = getattr(parent, child)
+        converted = None
+        if earlier is not None and isinstance(getattr(layer, "weight", None), torch.Tensor):
+            key = _weight_key(layer.weight, type(layer).__name__ == "Conv1D")
+            converted = None if key in mine else earlier
+            mine[key] = True
+        setattr(parent, child, quantize_layer(layer, converted))
+
+
 def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     def apply(state: SimState) -> None:
-        modules = ModuleNames(state.model)
-        earlier = _conversions(state.model)
-        mine: dict[Any, Any] = {}  # this run's: a weight tied to two targets gets two NF4 ones
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else state.model
-            layer = getattr(parent, child)
-            converted = None
-            if earlier is not None and isinstance(getattr(layer, "weight", None), torch.Tensor):
-                key = _weight_key(layer.weight, type(layer).__name__ == "Conv1D")
-                converted = None if key in mine else earlier
-                mine[key] = True
-            setattr(parent, child, quantize_layer(layer, converted))
+        _quantize(state, names)
         lora.lora_apply(rank, names)(state)
 
     return apply
 
 
-def transform_for(facts: Facts, rank: int, names: list[str],
-                  shapes: dict[str, tuple[int, int, int]]) -> Transform:
-    """LoRA's rewrite, with the targets' weights in NF4 and, inside a target (its transient
-    moments in forward and backward), its dequantized weight live."""
-    adapters = lora.transform_for(facts, rank, names, shapes)
+def _apply_to_bases(names: list[str]) -> Callable[[SimState], None]:
+    """The model's own peft adapters kept, the frozen base layers under them in NF4."""
+    def apply(state: SimState) -> None:
+        _quantize(state, names)
+
+    return apply
+
+
+def base_transform(facts: Facts, shapes: dict[str, tuple[int, int, int]]) -> Transform:
+    """The analytic rewrite for bases already frozen under adapters: their weights' bytes become
+    NF4's and, inside a base layer's transient moments, its dequantized weight is live;
+    gradients and optimizer states (the adapters') do not change."""
     own = {str(r["module"]): float(r["parameter"]) for r in facts.module_rows()}
     dequantized: dict[str, float] = {}
     removed = added = 0.0
@@ -166,11 +179,59 @@ def transform_for(facts: Facts, rank: int, names: list[str],
         added += NF4_BYTES_PER_ELEMENT * i * o
 
     def transform(s: Sample) -> Sample:
-        out = adapters(s)
-        out["parameter"] = out["parameter"] - removed + added
+        out = dict(s)
+        out["parameter"] = s["parameter"] - removed + added
         if s.get("transient") and s["phase"] in ("forward", "backward"):
-            out["temporary"] = out["temporary"] + dequantized.get(str(s["module"]), 0.0)
+            out["temporary"] = s["temporary"] + dequantized.get(str(s["module"]), 0.0)
         return out
+
+    return transform
+
+
+def _predict_for_adapters(facts: Facts) -> list[Change]:
+    """QLoRA from a model that already trains peft LoRA adapters: its base layers to NF4."""
+    names = adapted_bases(facts)
+    if not names:
+        return [not_applicable("qlora", {}, ADAPTED_REASON, group="weights")]
+    shapes = lora.layer_shapes(facts, names)
+    weights = sum(i * o for i, o, _ in shapes.values() if scaler_block(i * o) is not None)
+    can_simulate = available()
+    caveats: list[Any] = [
+        "the model's own adapters train as before; the base's rounding (NF4) changes the "
+        "model they learn on",
+        "the scales of the NF4 weights (1/32 of their 4-bit data) are not in a measured or "
+        "fake-run peak (memprof counts a tensor subclass by its largest inner tensor)",
+        "on a GPU bitsandbytes dequantizes in blocks: one full weight live at a time here is "
+        "an upper bound",
+    ]
+    if not can_simulate:
+        caveats.append(f"torchao is not installed: predicted analytically; {INSTALL}")
+    return [Change(
+        "qlora",
+        {"base": "nf4", "adapters": "the model's own (peft)",
+         "targets": f"{len(names)} base layers under the adapters", "modules": names},
+        f"{weights} frozen base weight elements under the model's peft LoRA adapters stored as "
+        f"NF4 ({NF4_BYTES_PER_ELEMENT:.3f} B each, torchao to_nf4); the adapters, their "
+        "gradients and optimizer states unchanged; one weight dequantized at a time",
+        transform=base_transform(facts, shapes),
+        apply=_apply_to_bases(names) if can_simulate else None,
+        caveats=caveats,
+        quality_cost=0.8,
+        speed_cost=0.2,
+        training_only=True,
+        group="weights",
+    )]
+
+
+def transform_for(facts: Facts, rank: int, names: list[str],
+                  shapes: dict[str, tuple[int, int, int]]) -> Transform:
+    """LoRA's rewrite, with the targets' weights in NF4 and, inside a target (its transient
+    moments in forward and backward), its dequantized weight live."""
+    adapters = lora.transform_for(facts, rank, names, shapes)
+    nf4 = base_transform(facts, shapes)
+
+    def transform(s: Sample) -> Sample:
+        return nf4(adapters(s))
 
     return transform
 
@@ -179,7 +240,7 @@ def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("qlora", {}, TRAINING_ONLY_REASON, group="weights")]
     if lora_adapted(facts):
-        return [not_applicable("qlora", {}, ADAPTED_REASON, group="weights")]
+        return _predict_for_adapters(facts)
     what, names = lora.targets(facts)
     if not names:
         return [not_applicable("qlora", {}, "no Linear layer besides the output head to adapt",

@@ -26,6 +26,7 @@ from memprof.advisor.core import (
     ModuleNames,
     Sample,
     Transform,
+    adapted_bases,
     gradients_before,
     lora_adapted,
     not_applicable,
@@ -146,12 +147,19 @@ def targets(model_rows: list[dict[str, Any]]) -> list[str]:
     return [n for n in linears if "head" not in n.rsplit(".", 1)[-1] and n not in unused]
 
 
-def quantized_bytes(rows: list[dict[str, Any]], bits: int) -> tuple[float, float]:
-    """(fp bytes removed, quantized bytes added) for the target Linears.
+def layers_to_quantize(facts: Facts) -> list[str]:
+    """:func:`targets`; in a model that trains peft LoRA adapters, the frozen base layers under
+    them (peft's ``base_layer``: the peft layer itself wraps the adapters)."""
+    return adapted_bases(facts) if lora_adapted(facts) else targets(facts.module_rows())
+
+
+def quantized_bytes(rows: list[dict[str, Any]], bits: int,
+                    layers: list[str]) -> tuple[float, float]:
+    """(fp bytes removed, quantized bytes added) for the Linears named in ``layers``.
 
     From a profile alone the bias share is unknown; it is taken as negligible (a Linear of
     n x m has n bias elements against n*m weights)."""
-    names = set(targets(rows))
+    names = set(layers)
     removed = added = 0.0
     for r in rows:
         if r["module"] in names:
@@ -167,11 +175,14 @@ def quantized_bytes(rows: list[dict[str, Any]], bits: int) -> tuple[float, float
 
 def transform_for(facts: Facts, bits: int) -> Transform:
     """Weights quantized and frozen; inside a quantized layer (its transient moments) the
-    dequantized fp32 weight is live, and its backward no longer computes a weight gradient."""
+    dequantized fp32 weight is live, and its backward no longer computes a weight gradient.
+    Bases already frozen under LoRA adapters keep the gradients and states (the adapters')."""
     rows = facts.module_rows()
-    removed, added = quantized_bytes(rows, bits)
-    frozen_fraction = removed / facts.parameter_bytes if facts.parameter_bytes else 0.0
-    names = set(targets(rows))
+    layers = layers_to_quantize(facts)
+    removed, added = quantized_bytes(rows, bits, layers)
+    trained = removed if not lora_adapted(facts) else 0.0
+    frozen_fraction = trained / facts.parameter_bytes if facts.parameter_bytes else 0.0
+    names = set(layers)
     own = {r["module"]: (float(r["parameter"]), float(r["gradient"])) for r in rows
            if r["module"] in names}
     frozen_before = gradients_before(facts, names)  # frozen grads the backward had made
@@ -216,11 +227,12 @@ def _apply(bits: int, names: list[str]) -> Any:
 
 def predict(facts: Facts) -> list[Change]:
     rows = facts.module_rows()
-    names = targets(rows)
+    names = layers_to_quantize(facts)
+    adapted = lora_adapted(facts)
     out = []
     for bits in (8, 4):
-        removed, added = quantized_bytes(rows, bits)
-        if names and lora_adapted(facts):
+        removed, added = quantized_bytes(rows, bits, names)
+        if not names and adapted:
             out.append(not_applicable("quantization", {"weights": f"int{bits}"}, ADAPTED_REASON,
                                       group="weights"))
             continue
@@ -230,15 +242,18 @@ def predict(facts: Facts) -> list[Change]:
                 "no Linear layer besides the output head (convolution and embedding weights "
                 "are not quantized here)", group="weights"))
             continue
-        what = "frozen base for training" if facts.has_optimizer else "inference"
+        what = ("base under the model's LoRA adapters" if adapted else
+                "frozen base for training" if facts.has_optimizer else "inference")
+        gone = ("the adapters train as before" if adapted
+                else "their grads and optimizer states go")
         out.append(
             Change(
                 "quantization",
                 {"weights": f"int{bits}", "layers": f"{len(names)} Linear", "use": what},
                 f"{removed:.0f} B of Linear weights become {added:.0f} B of int{bits} + "
                 "fp32 scales "
-                f"({'per row' if bits == 8 else f'per {GROUP}'}); their grads and optimizer states "
-                "go; one fp32 weight dequantized at a time",
+                f"({'per row' if bits == 8 else f'per {GROUP}'}); {gone}; "
+                "one fp32 weight dequantized at a time",
                 transform=transform_for(facts, bits),
                 apply=_apply(bits, names),
                 caveats=[

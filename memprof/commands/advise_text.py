@@ -44,7 +44,7 @@ def render(data: dict[str, Any], *, top: int) -> str:
     GPUs; with the measured columns when simulated), the
     reasons for the others, and the plan. ``top`` cuts the table (0: every row), and the
     text says how many rows were left out and how to see them."""
-    from memprof.report import advice as advice_view
+    from memprof.report import advice_view
 
     lines = [f"baseline step peak {size(data['baseline_peak_bytes'])}"]
     remeasured = data.get("measured_baseline_peak_bytes")

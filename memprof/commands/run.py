@@ -278,8 +278,8 @@ def advice_text(advice: Any, *, top: int = 3) -> str:
 
 def recommendation_text(advice: Any, profile: Any, json_path: Path, *, top: int = 3) -> str:
     """The one recommendation (the same the report's headline and out-of-memory card give:
-    :func:`memprof.report.advice.recommend`), then the next few changes that save memory."""
-    from memprof.report import advice as advice_view
+    :func:`memprof.report.advice_view.recommend`), then the next few changes that save memory."""
+    from memprof.report import advice_view
 
     data = advice_view.normalise(to_jsonable(advice)) or {}
     lines = []

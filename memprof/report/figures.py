@@ -16,7 +16,7 @@ from typing import Any
 from memprof.categories import CATEGORIES
 from memprof.decimate import decimate
 from memprof.profile import Profile
-from memprof.report import advice
+from memprof.report import advice_view
 from memprof.report.style import (
     CATEGORY_COLORS,
     CATEGORY_LABELS,
@@ -433,13 +433,13 @@ def advice_figure(rows: list[dict[str, Any]]) -> Figure | None:
     named = [r for r in rows if _is_number(r.get("predicted_saving_bytes"))]
     if not named:
         return None
-    labels = [ptext(_short(advice.describe(r))) for r in named]
+    labels = [ptext(_short(advice_view.describe(r))) for r in named]
     predicted = [int(r["predicted_saving_bytes"]) for r in named]
     measured: list[int | None] = []
     for r in named:
-        found = advice.saving(r)
+        found = advice_view.saving(r)
         measured.append(found[0] if found is not None and found[1] == "measured" else None)
-    full = [ptext(advice.describe(r)) for r in named]
+    full = [ptext(advice_view.describe(r)) for r in named]
     traces = [{
         "type": "bar", "orientation": "h", "name": "predicted saving", "y": labels,
         "x": predicted, "marker": {"color": "#4c78a8"}, "customdata": full,

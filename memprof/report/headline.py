@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.profile import OUTSIDE_MODULES, Profile
-from memprof.report import advice as advice_view
+from memprof.report import advice_view
 from memprof.report.style import CATEGORY_LABELS, module_label
 from memprof.units import format_bytes
 

@@ -17,8 +17,7 @@ from typing import Any, Literal
 
 from memprof.categories import CATEGORIES
 from memprof.profile import Profile
-from memprof.report import advice as advice_view
-from memprof.report import figures, headline
+from memprof.report import advice_view, figures, headline
 from memprof.report.style import CATEGORY_LABELS
 from memprof.units import format_bytes
 

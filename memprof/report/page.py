@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from memprof.profile import Profile
-from memprof.report import advice as advice_view
-from memprof.report import figures, headline, sections
+from memprof.report import advice_view, figures, headline, sections
 from memprof.report.style import CATEGORY_COLORS, CATEGORY_LABELS
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from memprof.categories import CATEGORIES, CATEGORY_DESCRIPTIONS
 from memprof.profile import Profile
-from memprof.report.advice import cell
+from memprof.report.advice_view import cell
 from memprof.report.style import CATEGORY_LABELS, module_label
 from memprof.units import format_bytes
 
