@@ -595,3 +595,35 @@ def test_advise_composes_the_optimizer_rows_in_one_shared_run_with_the_same_byte
     for key, peak in own.items():
         assert rows[key]["predicted_by"] == "fake run"
         assert rows[key]["predicted_peak_bytes"] == peak, key
+
+
+def test_the_batch_rows_fake_runs_share_out_with_the_other_rows_and_keep_their_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an MLP's profile, and the advisor's parallel runs counted
+    from memprof.advisor import advise, batch, batch_rows
+
+    w = mlp_workload()
+    profile = baseline(w).profile
+    calls: list[int] = []
+    real = parallel.run_all
+
+    def counting(runs: Any, costs: Any = None) -> Any:
+        calls.append(len(runs))
+        return real(runs, costs)
+
+    monkeypatch.setattr(parallel, "run_all", counting)
+    # WHEN every row is predicted by fake runs
+    advice = advise(profile, workload=w, simulate=False)
+    # THEN the batch rows' runs were made in the one call with the other rows'
+    assert len(calls) == 1
+    # AND each batch row has the bytes of its own fake run at its batch
+    size = batch.batch_size(w.batch)
+    assert size is not None
+    rows = [r for r in advice.rows if r["technique"] == "batch" and r["predicted_by"] == "fake run"]
+    assert len(rows) == 2
+    for row in rows:
+        target = row["options"].get("micro_batch") or row["options"]["batch"]
+        with seeded():
+            own = fake_peak(w, [batch_rows.resize_apply(target, size)])
+        assert row["predicted_peak_bytes"] == own, row["options"]

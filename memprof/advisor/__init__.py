@@ -174,10 +174,15 @@ def advise(
     faked: dict[int, str | None] = {}
     runner: budget_plan.PlanRunner | None = None
     options: dict[str, Any] = {}
+    batch_outcomes: dict[int, Any] = {}
     if prediction == "fake" and model_at_hand is not None:
         options = fake_options(profile)
-        extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked,
-                                                         **options)
+        # the batch rows' fake runs (twice the batch, half of it) share out with the others
+        batch_runs = (batch_rows.fake_runs(model_at_hand, options) if facts.has_optimizer
+                      else {})
+        extra["fake_baseline_peak_bytes"] = fake_predict(
+            model_at_hand, changes, faked, more=batch_runs, more_outcomes=batch_outcomes,
+            **options)
         if extra["fake_baseline_peak_bytes"] is not None:  # fake runs work for this model
             # a plan of one change is that change's row: its run is not repeated
             ran: dict[tuple[int, ...], int] = {
@@ -226,7 +231,8 @@ def advise(
         try:
             rows.extend(batch_rows.advice_rows(
                 real, reference if workload is not None else None, base, resolved,
-                model=model_at_hand, fake=options if runner is not None else None))
+                model=model_at_hand, fake=options if runner is not None else None,
+                fake_outcomes=batch_outcomes or None))
         except Exception as exc:  # the batch rows' simulations fail alone, with their reason
             first = first_line(exc)
             rows.append(AdviceRow(
@@ -308,11 +314,15 @@ SHARED_ROW_COST = 0.3
 
 
 def fake_predict(
-    model: Workload, changes: list[Change], faked: dict[int, str | None], **options: Any
+    model: Workload, changes: list[Change], faked: dict[int, str | None], *,
+    more: dict[Any, Callable[[], int]] | None = None,
+    more_outcomes: dict[Any, Any] | None = None, **options: Any
 ) -> int | None:
     """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
-    (None when even that fails: every row then stays analytic, with that reason)."""
+    (None when even that fails: every row then stays analytic, with that reason). ``more``:
+    other fake runs (the batch rows'), run beside the rows', their outcomes put in
+    ``more_outcomes`` by the same keys."""
     from memprof.advisor import parallel
     from memprof.advisor.fake_prediction import (
         FakeRunError,
@@ -343,8 +353,16 @@ def fake_predict(
         return [FAKE_RUN_COST.get(c.technique, 1.0) for c in changes]
 
     # the runs are independent: on several cores where that is safe (advisor.parallel)
-    runs: list[Callable[[], parallel.Peaks]] = [shared_run, *(run_of(c) for c in alone)]
-    outcomes = parallel.run_all(runs, costs=[1.0 + SHARED_ROW_COST * len(group), *costs(alone)])
+    extra = list((more or {}).items())
+    runs: list[Callable[[], parallel.Peaks]] = [shared_run, *(run_of(c) for c in alone),
+                                                *(run for _, run in extra)]
+    outcomes = parallel.run_all(runs, costs=[1.0 + SHARED_ROW_COST * len(group), *costs(alone),
+                                             *(1.0 for _ in extra)])
+    if extra:
+        if more_outcomes is not None:
+            more_outcomes.update(zip((key for key, _ in extra), outcomes[-len(extra):],
+                                     strict=True))
+        outcomes = outcomes[:-len(extra)]
     first = outcomes[0]
     if isinstance(first, FakeRunError):  # every row stays analytic, and says why
         for c in tried:
