@@ -22,6 +22,10 @@ parameter gets a gradient (a parameter the loss never reaches gets no state in a
 the profiled backward is checked, and a run where one did not, or whose gradients are kept
 between steps (``zero_grad(set_to_none=False)``), is run again the old way: two profiled steps.
 
+The rows that change the optimizer alone (a class, ZeRO-1) share one forward and backward,
+the unchanged run's (:func:`fake_peaks`): each row's peak is composed from it and the row's own
+optimizer step, the same bytes as its own run.
+
 What a fake run cannot do raises :class:`FakeRunError` with the reason, and the advisor keeps the
 analytic prediction for that row: code that reads tensor values (``.item()`` in the model,
 data-dependent shapes). A sharded change runs as rank 0 of a fake process group

@@ -1,6 +1,7 @@
 """Independent fake runs on several cores: forked worker processes, the same bytes as one by one.
 
-:func:`run_all` runs a list of fake runs (each a function returning a peak in bytes or raising
+:func:`run_all` runs a list of fake runs (each a function returning a peak in bytes, or a tuple
+of them for a run that predicts several rows, or raising
 :class:`~memprof.errors.FakeRunError`) and returns their outcomes in order. Where it is safe
 (Linux, ``fork``, CUDA not initialized here, more than one usable core that is idle now, or
 as many as ``MEMPROF_FAKE_WORKERS=N`` asks, see :data:`WORKERS_ENV`), it forks one worker per
