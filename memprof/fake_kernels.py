@@ -19,6 +19,12 @@ below). The CPU kernels' backward makes one entry per looked-up index (uncoalesc
 fake kernels below make too; ``coalesce`` keeps at most as many (repeated indices merge: an
 upper bound, exact when the indices are distinct), and ``clone`` and ``sparse_mask`` as many
 as their input and mask hold, as does a cast (``_to_copy``).
+
+CTC loss (``F.ctc_loss`` with tensor lengths: transformers' wav2vec2, HuBERT): the size of its
+``log_alpha`` (batch x frames x (2 x the longest target + 1)) depends on the target lengths'
+values, so PyTorch has no fake kernel for it. Where the lengths are known (a fake tensor holding
+its real value as a constant: :mod:`memprof.estimate` keeps the values of the batch's tensors)
+the kernels below make what the CPU kernels make; otherwise PyTorch's own refusal stands.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ def install() -> None:
     register_op_impl(aten.clone.default)(_sparse_clone)
     register_op_impl(aten.sparse_mask.default)(_sparse_mask)
     register_op_impl(aten._to_copy.default)(_sparse_to_copy)
+    register_op_impl(aten._ctc_loss.Tensor)(_ctc_loss_of_known_lengths)
+    register_op_impl(aten._ctc_loss_backward.Tensor)(_ctc_loss_backward)
     _INSTALLED.append(True)
 
 
@@ -180,4 +188,39 @@ def _grouped_mm_on_cpu(fake_mode: Any, func: Any, mat_a: torch.Tensor, mat_b: to
         size = [mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1]]
     with in_kernel_invocation_manager(fake_mode):
         out = torch.empty(size, dtype=out_dtype or mat_a.dtype, device="meta")
+    return FakeTensor(fake_mode, out, device)
+
+
+def _ctc_loss_of_known_lengths(fake_mode: Any, func: Any, log_probs: torch.Tensor,
+                               targets: torch.Tensor, input_lengths: torch.Tensor,
+                               target_lengths: torch.Tensor, blank: int = 0,
+                               zero_infinity: bool = False) -> Any:
+    """``_ctc_loss``'s outputs where the target lengths are known: the per-sample loss and
+    ``log_alpha`` (batch, frames, 2 x the longest target + 1), as the CPU kernel makes them."""
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
+    lengths = getattr(target_lengths, "constant", None)
+    device = getattr(log_probs, "fake_device", log_probs.device)
+    if not _ACTIVE[0] or lengths is None or device.type != "cpu":
+        return NotImplemented
+    longest = int(lengths.max()) if lengths.numel() else 0
+    batch = log_probs.shape[1] if log_probs.dim() == 3 else 1
+    frames = log_probs.shape[0]
+    with in_kernel_invocation_manager(fake_mode):
+        loss = torch.empty((batch,), dtype=log_probs.dtype, device="meta")
+        log_alpha = torch.empty((batch, frames, 2 * longest + 1), dtype=log_probs.dtype,
+                                device="meta")
+    return FakeTensor(fake_mode, loss, device), FakeTensor(fake_mode, log_alpha, device)
+
+
+def _ctc_loss_backward(fake_mode: Any, func: Any, grad: torch.Tensor, log_probs: torch.Tensor,
+                       *args: Any, **kwargs: Any) -> Any:
+    """``_ctc_loss_backward``'s gradient: contiguous, the shape and dtype of ``log_probs``."""
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
+    device = getattr(log_probs, "fake_device", log_probs.device)
+    if not _ACTIVE[0] or device.type != "cpu":
+        return NotImplemented
+    with in_kernel_invocation_manager(fake_mode):
+        out = torch.empty(log_probs.shape, dtype=log_probs.dtype, device="meta")
     return FakeTensor(fake_mode, out, device)

@@ -353,7 +353,7 @@ def test_the_base_of_a_peft_lora_model_is_quantized_under_its_adapters() -> None
     quantized layer, ``mat1 and mat2 shapes cannot be multiplied``), and the rows were then
     marked not applicable. The int8 row keeps the adapters' gradients and optimizer state."""
     peft = pytest.importorskip("peft")
-    from memprof.advisor import qlora, quantization
+    from memprof.advisor import lora, qlora, quantization
     from memprof.advisor.workload import Workload, baseline, seeded, simulate
 
     torch.manual_seed(0)
@@ -372,6 +372,8 @@ def test_the_base_of_a_peft_lora_model_is_quantized_under_its_adapters() -> None
     assert nf4.applicable and nf4.options["modules"] == bases
     assert int8.applicable and int4.applicable
     assert quantization.layers_to_quantize(facts) == bases
+    (adapters,) = lora.predict(facts)  # it read the adapters' own as base weight: "145%"
+    assert not adapters.applicable and adapters.reason == lora.ADAPTED_REASON
     with seeded():
         measured = simulate(workload, [int8.apply], ref)
     before, after = ref.profile.peak().by_category, measured.profile.peak().by_category

@@ -109,6 +109,38 @@ def test_a_peft_lora_model_gets_its_bases_in_nf4_under_its_own_adapters() -> Non
     assert measured.loss_drift is not None and measured.loss_drift < 0.2
 
 
+def _layout(nf4: torch.Tensor) -> tuple[object, ...]:
+    """What the ledger reads of an NF4 weight: its outer metadata and, per inner tensor, the
+    shape, dtype, strides and storage bytes."""
+    names, _ = nf4.__tensor_flatten__()  # type: ignore[attr-defined]
+    inner = [(n, tuple(t.shape), t.dtype, t.stride(), t.storage_offset(),
+              t.untyped_storage().nbytes()) for n, t in ((n, getattr(nf4, n)) for n in names)]
+    return (tuple(nf4.shape), nf4.stride(), nf4.dtype, nf4.requires_grad,
+            nf4.block_size, nf4.n_blocks, nf4.scaler_block_size, inner)  # type: ignore[attr-defined]
+
+
+@needs_finetune
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(128, 128), (192, 64), (64, 2), (768, 2304)])
+def test_a_fake_nf4_weight_made_directly_is_laid_out_as_torchaos(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    # GIVEN a fake weight (one block of scales, 64-blocks of scales, one block, GPT-2's c_attn)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.empty(shape, dtype=dtype)
+        scalers = qlora.scaler_block(w.numel())
+        assert scalers is not None
+        # WHEN its NF4 form is made directly, and by torchao's quantization under fake tensors
+        direct = qlora.fake_nf4(w, qlora.BLOCK, scalers)
+        quantized = qlora.nf4_module().to_nf4(w, qlora.BLOCK, scalers)
+    real = qlora.nf4_module().to_nf4(torch.randn(shape, dtype=dtype), qlora.BLOCK, scalers)
+    # THEN every inner tensor has the same shape, dtype, strides and storage bytes as both
+    assert type(direct) is type(quantized)
+    assert _layout(direct) == _layout(quantized) == _layout(real)
+
+
 def test_without_peft_or_torchao_qlora_predicts_and_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -127,8 +159,8 @@ def test_without_peft_or_torchao_qlora_predicts_and_says_what_to_install(
 
 def _nf4_bytes(rows: int, cols: int) -> int:
     """The bytes torchao's NF4 form of a rows x cols weight holds: its inner tensors' storages."""
-    from memprof.advisor.qlora import BLOCK, _to_nf4, scaler_block
+    from memprof.advisor.qlora import BLOCK, nf4_module, scaler_block
 
-    nf4 = _to_nf4()(torch.zeros(rows, cols), BLOCK, scaler_block(rows * cols))
+    nf4 = nf4_module().to_nf4(torch.zeros(rows, cols), BLOCK, scaler_block(rows * cols))
     names, _ = nf4.__tensor_flatten__()
     return sum(getattr(nf4, name).untyped_storage().nbytes() for name in names)

@@ -205,6 +205,46 @@ def test_structured_pruning_runs_fake_and_matches_its_simulation() -> None:
     assert abs(predicted - row["measured_peak_bytes"]) <= 0.01 * row["measured_peak_bytes"]
 
 
+@pytest.mark.parametrize("factory", [gpt2_workload, cnn_workload], ids=["gpt2", "cnn"])
+def test_structured_pruning_on_fake_tensors_scores_nothing_and_builds_the_same_shapes(
+        factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a model with structured pairs (GPT-2's heads and MLP units; a CNN's channels)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memprof.advisor.workload import copy_state
+
+    w = factory()
+    change = next(c for c in changes_for(read_facts(baseline(w).profile))
+                  if c.technique == "pruning"
+                  and str(c.options.get("method")).startswith("structured"))
+    assert change.apply is not None
+    ops: list[str] = []
+    dispatch = FakeTensorMode.__torch_dispatch__
+
+    def recording(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        ops.append(func.overloadpacket.__name__)
+        return dispatch(self, func, types, args, kwargs)
+
+    # WHEN it is applied to a fake copy (recording the fake ops) and to a real one
+    mode = fake_prediction.fake_mode()
+    with mode:
+        fake = fake_prediction.fake_state(w, mode)
+        monkeypatch.setattr(FakeTensorMode, "__torch_dispatch__", recording)
+        change.apply(fake)
+        monkeypatch.undo()
+    real = copy_state(w)
+    change.apply(real)
+    # THEN no unit was scored on fake tensors (no abs, no sum), and every parameter has the
+    # shape the real pruning gives it, in the optimizer's groups too
+    assert ops and not {"abs", "sum"} & set(ops)
+
+    def shapes(state: Any) -> list[Any]:
+        return ([(n, tuple(p.shape)) for n, p in state.model.named_parameters()],
+                [[tuple(p.shape) for p in g["params"]] for g in state.param_groups])
+
+    assert shapes(fake) == shapes(real)
+
+
 def test_the_8_bit_step_on_fake_tensors_runs_one_update_per_layout_and_the_same_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a small GPT-2's AdamW8bit row (8-bit and fp32-moment parameters)

@@ -104,7 +104,7 @@ class _Tied(nn.Module):
         return self.head(torch.relu(self.mid(x)))
 
 
-def test_qlora_runs_of_a_fake_model_convert_each_weight_once_and_keep_every_byte(
+def test_qlora_fake_runs_make_nf4_weights_without_quantizing_and_keep_every_byte(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # GIVEN a model already on fake tensors (as `memprof estimate` builds it), one weight tied
@@ -118,24 +118,24 @@ def test_qlora_runs_of_a_fake_model_convert_each_weight_once_and_keep_every_byte
     ]
     assert len(picked) == 2
     calls: list[int] = []
-    convert = qlora._to_nf4()
+    module = qlora.nf4_module()
+    convert = module.to_nf4
 
     def counting(*args: Any) -> Any:
         calls.append(1)
         return convert(*args)
 
-    monkeypatch.setattr(qlora, "_to_nf4", lambda: counting)
-    # WHEN each is run twice with the conversions shared between runs, then without
-    shared = [_peak(w, [c.apply], skip=True, monkeypatch=monkeypatch) for c in picked * 2]
+    monkeypatch.setattr(module, "to_nf4", counting)
+    # WHEN each runs with its NF4 weights made directly, then quantized under fake tensors
+    direct = [_peak(w, [c.apply], skip=True, monkeypatch=monkeypatch) for c in picked]
     made = len(calls)
     with monkeypatch.context() as m:
-        m.setattr(qlora, "_conversions", lambda model: None)
-        alone = [_peak(w, [c.apply], skip=True, monkeypatch=monkeypatch) for c in picked * 2]
-    # THEN the peaks are the same bytes; the first run converted its 3 targets, later runs only
-    # the second user of the tied weight (each run gives it its own NF4 weight, as before)
-    assert shared == alone
-    assert made == 3 + 3 * 1
-    assert len(calls) == made + 4 * 3
+        m.setattr(qlora, "fake_nf4", lambda t, block, scalers: counting(t, block, scalers))
+        quantized = [_peak(w, [c.apply], skip=True, monkeypatch=monkeypatch) for c in picked]
+    # THEN the peaks are the same bytes, and only the second runs quantized (3 targets each)
+    assert direct == quantized
+    assert made == 0
+    assert len(calls) == 2 * 3
 
 
 def test_a_plan_of_one_change_reuses_that_rows_fake_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,33 +45,19 @@ def test_a_pattern_meets_the_targets(name: str) -> None:
         assert abs(row["peak_err_pct"]) <= (0.0 if row["backend"] == "events" else 0.1)
 
 
-def _positional_convolution_backward_scratch() -> int:
-    """Bytes the CPU kernel of wav2vec2's positional convolution backward (the CTC pattern's
-    shapes: 64 channels, 2 groups, kernel 16, 399 frames) holds beyond its outputs, measured
-    by running it once under the allocation recorder."""
-    from memprof.tracking.kernel_corrections import KernelCorrections
-
-    aten = torch.ops.aten
-    args = (torch.zeros(2, 64, 400), torch.zeros(2, 64, 399), torch.zeros(64, 32, 16), [64],
-            [1], [8], [1], False, [0], 2, [True, True, True])
-    memory = KernelCorrections().memory(aten.convolution_backward.default, args, {})
-    assert memory is not None
-    return memory.transient
-
-
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers")
-def test_ctc_on_the_dispatch_backend_misses_only_a_convolution_backwards_scratch() -> None:
-    """Step 1's peak falls inside the positional convolution's backward, whose kernel scratch
-    is no operator's output: the dispatch backend sees less by at most that scratch (the
-    events backend, which reads the allocator, is exact)."""
+def test_ctc_is_exact_on_both_backends_with_layerdrop_off() -> None:
+    """The CTC pattern runs wav2vec2 with LayerDrop off (with it on, 0.1 by default, each step
+    skipped encoder layers at random, so the real peak depended on the draws and no estimate
+    could match it). Every step now peaks in attention's forward; with LayerDrop on, step 1
+    skipped layers and peaked inside the positional convolution's backward, whose kernel
+    scratch no dispatch-level profiler sees (-16.8% on the dispatch backend, a test bounded it
+    by that scratch). Both backends now measure the allocator's peak to a scalar."""
     pattern = next(p for p in PATTERNS if p.name == "ctc-speech")
     events, dispatch = check(pattern, 3, ["events", "dispatch"])
     assert events["peak_err_bytes"] == 0
-    assert dispatch["worst"] == 1
-    scratch = _positional_convolution_backward_scratch()
-    assert 0 < -dispatch["peak_err_bytes"] <= scratch
+    assert abs(dispatch["peak_err_bytes"]) <= 16
     assert dispatch["persistent"] == dispatch["hand"]
-    assert dispatch["mode_pct"] == 0.0  # the mode does not change the run: memprof misses it
 
 
 def test_the_reference_sees_the_free_of_a_block_made_before_the_steps() -> None:
@@ -83,11 +68,15 @@ def test_the_reference_sees_the_free_of_a_block_made_before_the_steps() -> None:
     backend is exact to a scalar."""
     pattern = next(p for p in PATTERNS if p.name == "ddp-no-sync")
     truth = allocator_steps(pattern, 3)
-    # equal to a scalar: once in CI, after other tests in the same process, step 1 held one
-    # 4-byte tensor more (state some earlier test made lazily); the defect was 37,408 B
-    assert abs(truth[1] - truth[2]) <= 16
+    # Equal to a few bytes: the first DDP loop built after a torch.compile'd run in the same
+    # process (tests/test_advisor_patterns.py's compiled-model test) holds 20 B more at step 1
+    # (102,984 B against 102,964 B; once in CI 4 B), then never again: the allocator's own
+    # events, in no operator's output (a logging dispatch mode saw the same operators and
+    # shapes both times), so memory a kernel or DDP's C++ reducer takes below the operators,
+    # once; not identified further. The defect this test guards was 37,408 B.
+    assert abs(truth[1] - truth[2]) <= 32
     (dispatch,) = check(pattern, 3, ["dispatch"])
-    assert abs(dispatch["peak_err_bytes"]) <= 16
+    assert abs(dispatch["peak_err_bytes"]) <= 32
     assert dispatch["persistent"] == dispatch["hand"]
 
 

@@ -44,6 +44,7 @@ from memprof.advisor.core import (
     ModuleNames,
     Sample,
     Transform,
+    lora_adapted,
     names_in,
     not_applicable,
     weight_read_directly,
@@ -51,6 +52,12 @@ from memprof.advisor.core import (
 from memprof.advisor.workload import SimState
 
 RANKS = (8, 16, 64)
+#: Why LoRA is not a row for a model that already trains peft LoRA adapters.
+ADAPTED_REASON = (
+    "the model already trains peft LoRA adapters (only they train): its adapters' rank is the "
+    "user's choice, and adapters on the adapters would change nothing; see the qlora and "
+    "weight-quantization rows for its frozen base"
+)
 LINEAR_TYPES = frozenset({"Linear", "Conv1D"})
 #: Projections LoRA adapts in architectures whose layer names are known: attention and MLP.
 KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -72,7 +79,12 @@ PEFT_MAMBA_REFUSED = ("out_proj", "conv1d")
 
 def targets(facts: Facts) -> tuple[str, list[str]]:
     """(what was targeted, the qualified names of the layers LoRA adapts)."""
-    rows = facts.module_rows()
+    return targets_in(facts.module_rows())
+
+
+def targets_in(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """:func:`targets` from module rows (``module``, ``type``; ``forward_calls`` and
+    ``parent`` where known), a profile's or a model's (:func:`model_rows`)."""
     if is_mamba(rows):  # peft raises for these: leave them out, as a user has to
         rows = [r for r in rows if str(r["module"]).rsplit(".", 1)[-1] not in PEFT_MAMBA_REFUSED]
     # a layer whose forward never runs (the model reads its .weight directly, as Mamba's mixer
@@ -89,6 +101,12 @@ def targets(facts: Facts) -> tuple[str, list[str]]:
     layers = [str(r["module"]) for r in linears][:-1]
     return "every Linear but the output head", [
         n for n in layers if "head" not in n.rsplit(".", 1)[-1]]
+
+
+def model_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """A model's modules as the rows :func:`targets_in` reads (every forward taken as run)."""
+    return [{"module": name, "type": type(module).__name__}
+            for name, module in model.named_modules() if name]
 
 
 def is_mamba(rows: list[dict[str, Any]]) -> bool:
@@ -266,6 +284,8 @@ def _group_of(state: SimState, names: list[str]) -> dict[str, Any]:
 def predict(facts: Facts) -> list[Change]:
     if not facts.has_optimizer:
         return [not_applicable("lora", {}, TRAINING_ONLY_REASON, group="weights")]
+    if lora_adapted(facts):
+        return [not_applicable("lora", {}, ADAPTED_REASON, group="weights")]
     what, names = targets(facts)
     if not names:
         return [not_applicable("lora", {}, "no Linear layer besides the output head to adapt",

@@ -56,6 +56,13 @@ from memprof.advisor.workload import (
 )
 from memprof.errors import ScriptFailed
 
+#: While the optimizer steps of a training step are not known and the script has made an
+#: optimizer that has not stepped yet, the first run goes on, its profile complete, at most
+#: this many optimizer steps beyond those it profiles, for that one to step: a WGAN steps its
+#: critic 5 times per generator step, and stopping at the third critic step measured critic
+#: steps alone as training steps.
+CYCLE_LOOKAHEAD = 16
+
 #: Called after each profiled optimizer step with the number of steps done.
 Progress = Callable[[int], None]
 
@@ -141,11 +148,20 @@ class ScriptSimulator:
         # call that makes new weights (see _Patcher._pre) must stay out of the measurement,
         # which only a dispatch mode can be told: such a run is measured again that way.
         cycle = self.cycle or 1
+        existing = _optimizers() if self.cycle is None else set()  # made before the script
         profiler = Profiler(step_on_optimizer=True, optimizer_steps_per_step=cycle,
                             max_steps=self.steps, backend=backend)
         stop_after = self.steps
 
+        stepping = [0]  # optimizer steps running: ZeRO-1 steps its inner one inside its own
+
+        def before_step(*_: Any) -> None:
+            stepping[0] += 1
+
         def after_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+            stepping[0] = max(stepping[0] - 1, 0)
+            if stepping[0]:
+                return  # part of the optimizer step around it (as the profiler counts)
             if self.cycle is None:
                 seen.cycle = _cycle(seen.stepped, optimizer)
                 if seen.cycle is not None:
@@ -159,6 +175,9 @@ class ScriptSimulator:
             if progress is not None:
                 progress(seen.steps)
             if seen.steps >= stop_after:
+                if (self.cycle is None and len(seen.stepped) < stop_after + CYCLE_LOOKAHEAD
+                        and _unstepped_optimizer(existing, set(seen.stepped))):
+                    return  # unprofiled now: on, for the other optimizer (WGAN's G) to step
                 raise _Enough
 
         import warnings
@@ -180,6 +199,8 @@ class ScriptSimulator:
                     # ... and the step counter after them: the profiler closes the step first.
                     hook = register_optimizer_step_post_hook(after_step)
                     stack.callback(hook.remove)
+                    pre = register_optimizer_step_pre_hook(before_step)
+                    stack.callback(pre.remove)
                     try:
                         self.run_script()
                     except SystemExit as exc:
@@ -323,7 +344,13 @@ class _Patcher:
         storages = _weight_storages(model)
         for change in self.changes:
             assert change.apply is not None
-            change.apply(state)
+            try:
+                change.apply(state)
+            except KeyError as exc:  # a module path the first model called does not have
+                raise RuntimeError(
+                    f"the change edits layers ({exc}) of another model than the first one the "
+                    "script calls (a GAN's second model), and a script's simulation edits that "
+                    "first model only") from exc
         self.new_weights = _weight_storages(model) != storages
         if state.model is not model:
             raise RuntimeError("the change replaced the whole model: it cannot run in a script")
@@ -399,6 +426,21 @@ def _step_through(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
         return result
 
     optimizer.step = step  # type: ignore[method-assign]
+
+
+def _optimizers() -> set[int]:
+    """The ids of the optimizers alive in this process."""
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance of a deprecated alias warns (reduce_op)
+        warnings.simplefilter("ignore")
+        return {id(o) for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)}
+
+
+def _unstepped_optimizer(existing: set[int], stepped: set[int]) -> bool:
+    """Whether the script made an optimizer that has not stepped (not one of ``existing``,
+    alive before it ran)."""
+    return bool(_optimizers() - existing - stepped)
 
 
 def _cycle(stepped: list[int], optimizer: torch.optim.Optimizer) -> int | None:

@@ -6,7 +6,9 @@ modelled rather than measured (512-byte allocator blocks, the CUDA context) is p
 
 ``--json`` prints one object on stdout with the keys: ``model``, ``description``, ``mode``
 (``training``/``inference``), ``optimizer``, ``dtype``, ``mixed_precision``, ``device``,
-``batch_size``, ``seq_len``, ``steps``, ``context_len``, ``kv_cache_bytes``, ``elapsed_s``,
+``batch_size``, ``seq_len``, ``finetune`` (with --lora/--qlora: ``method``, ``rank``,
+``targets``, ``description``; else absent), ``steps``, ``context_len``, ``kv_cache_bytes``,
+``elapsed_s``,
 ``num_parameters``, ``parameter_bytes``, ``peak_bytes`` (tensors at the peak),
 ``cuda_context_bytes`` (modelled), ``device_total_bytes`` (the two added; on cuda the
 replay's reserved bytes plus the context), ``reserved_bytes``, ``fragmentation_bytes`` and
@@ -59,6 +61,7 @@ _LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
         "memprof estimate path/to/config.json -o reports/mymodel-estimate.json",
         "memprof estimate mypkg.models:build_model --batch-size 8",
         "memprof estimate gpt2 --seq-len 1024 --gpu RTX-4090 --max-batch",
+        "memprof estimate llama-2-7b --qlora 16 --gpu RTX-4090",
     ),
     short_help="Estimate a step's memory without the GPU (fake tensors).",
 )
@@ -73,6 +76,11 @@ _LAYER_COLUMNS = ("parameter_total", "gradient_total", "optimizer_state_total",
               help="Keep fp32 weights and optimizer state; compute under autocast to this dtype.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor", "none"]),
               default="adamw", show_default=True, help="Optimizer whose state is estimated.")
+@click.option("--lora", "lora_rank", type=click.IntRange(min=1), default=None, metavar="RANK",
+              help="Fine-tune with LoRA adapters of this rank (peft) on the attention and MLP "
+                   "projections (every Linear but the head otherwise); the base frozen.")
+@click.option("--qlora", "qlora_rank", type=click.IntRange(min=1), default=None, metavar="RANK",
+              help="As --lora, with those layers' weights in NF4 (torchao), frozen.")
 @click.option("--inference", is_flag=True,
               help="Estimate inference (no_grad, KV cache) instead of a training step.")
 @click.option("--context-len", type=click.IntRange(min=2), default=None, metavar="N",
@@ -102,6 +110,8 @@ def command(
     dtype: str,
     mixed_precision: str | None,
     optimizer: str,
+    lora_rank: int | None,
+    qlora_rank: int | None,
     inference: bool,
     context_len: int | None,
     device: str,
@@ -129,24 +139,28 @@ def command(
     spec = build_spec(model)
     if context_len is not None and not inference:
         raise _usage("--context-len applies to --inference only")
+    setup = _finetune_setup(lora_rank, qlora_rank, inference)
     found = None
     if largest is not None:
         found, batch_size, seq_len = _largest(
             spec, largest, gpu, batch_size, seq_len, optimizer=optimizer, dtype=dtype,
             mixed_precision=mixed_precision, device=device, steps=steps, inference=inference,
-            context_len=context_len)
+            context_len=context_len, prepare=setup)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' config chatter is not the user's business
         step = estimate_step(
             spec, batch=lambda: spec.make_batch(batch_size, seq_len), optimizer=optimizer,
             dtype=dtype, mixed_precision=mixed_precision, device=device, gpu=gpu, steps=steps,
-            inference=inference, context_len=context_len,
+            inference=inference, context_len=context_len, prepare=setup,
         )
     profile = step.profile
     elapsed = time.perf_counter() - started
     info = profile.meta["estimate"]
     info.update(batch_size=batch_size, seq_len=seq_len, elapsed_s=round(elapsed, 3))
+    if setup is not None:
+        info["finetune"] = {"method": setup.method, "rank": setup.rank,
+                            "targets": len(setup.targets), "description": setup.describe()}
 
     notes: list[str] = []
     advice = None
@@ -197,6 +211,22 @@ def _largest(spec: Any, along: str, gpu: str | None, batch_size: int, seq_len: i
     if along == "batch":
         return found, found.size, seq_len
     return found, batch_size, found.size
+
+
+def _finetune_setup(lora_rank: int | None, qlora_rank: int | None, inference: bool) -> Any:
+    """The model's fine-tuning set-up for --lora / --qlora (None without either)."""
+    if lora_rank is None and qlora_rank is None:
+        return None
+    if lora_rank is not None and qlora_rank is not None:
+        raise _usage("give --lora or --qlora, not both")
+    if inference:
+        raise _usage("--lora and --qlora estimate a training step: leave out --inference")
+    from memprof.advisor.finetune import FinetuneSetup
+
+    if qlora_rank is not None:
+        return FinetuneSetup("qlora", qlora_rank)
+    assert lora_rank is not None
+    return FinetuneSetup("lora", lora_rank)
 
 
 def _usage(message: str) -> MemprofError:
@@ -262,6 +292,8 @@ def render(profile: Any, info: dict[str, Any], *, advice: Any = None,
     precision = (f"fp32 weights, {info['mixed_precision']} autocast"
                  if info.get("mixed_precision") else info["dtype"])
     what = "inference" if info["mode"] == "inference" else f"training, {info['optimizer']}"
+    if info.get("finetune"):
+        what += f" over {info['finetune']['description']}"
     lines = [
         f"{name}: {info.get('description') or ''} — {info['num_parameters'] / 1e9:.3f} B "
         f"parameters ({size(info['parameter_bytes'])})".replace(":  —", ":"),

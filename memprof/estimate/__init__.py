@@ -43,7 +43,8 @@ code), :mod:`~memprof.estimate.fake_step` (the step under fake tensors),
 :mod:`~memprof.estimate.options` (the estimate's options, checked),
 :mod:`~memprof.estimate.verdict` (what was modelled, the fit verdict),
 :mod:`~memprof.estimate.failures` (the user's code failing, as one line),
-:mod:`~memprof.estimate.build_values` (values a constructor reads, computed for real) and
+:mod:`~memprof.estimate.build_values` (values a constructor reads, computed for real),
+:mod:`~memprof.estimate.conversions` (a factory's ``module.to()`` of fake parameters) and
 :mod:`~memprof.estimate.grad_accumulation` (autograd's in-place gradient sums, which it skips
 on fake tensors).
 """

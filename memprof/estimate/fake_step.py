@@ -15,8 +15,13 @@ import torch
 from torch import nn
 
 from memprof.errors import EstimateError, MemprofError
-from memprof.estimate.build_values import values_while_building
+from memprof.estimate.build_values import (
+    BUILD_CONSTANT_ELEMENTS,
+    known_values,
+    values_while_building,
+)
 from memprof.estimate.catalog import ModelSpec
+from memprof.estimate.conversions import fake_module_conversion
 from memprof.estimate.failures import one_line, user_code
 from memprof.estimate.grad_accumulation import InPlaceGradSums
 from memprof.estimate.loading import resolve_batch
@@ -54,7 +59,8 @@ def estimate(
 
 
 def estimate_step(
-    model_factory: Callable[[], nn.Module] | ModelSpec, *, batch: Any, **options: Any
+    model_factory: Callable[[], nn.Module] | ModelSpec, *, batch: Any,
+    prepare: Callable[[nn.Module], nn.Module] | None = None, **options: Any
 ) -> EstimatedStep:
     """Profile the steps of a model that is never allocated: the Profile, and the fake model,
     optimizer and batch that made it.
@@ -65,7 +71,9 @@ def estimate_step(
     called inside the fake mode; real tensors are converted to fake ones. ``options`` are the
     fields of :class:`~memprof.estimate.options.EstimateOptions` (``optimizer``, ``dtype``,
     ``mixed_precision``, ``device``, ``gpu``, ``steps``, ``inference``, ``context_len``,
-    ``loss_fn``), which says what each does.
+    ``loss_fn``), which says what each does. ``prepare`` turns the built (fake) model into the
+    one the steps train, before the optimizer is made over its trainable parameters: a
+    fine-tuning set-up such as LoRA adapters (``memprof estimate --lora``).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -85,25 +93,34 @@ def estimate_step(
     kernels = cpu_fake_kernels() if opts.device == "cpu" else contextlib.nullcontext()
     with kernels, FakeTensorMode(allow_non_fake_inputs=False) as fake_mode:
         model = _build_model(factory, param_dtype)
+        if prepare is not None:
+            with user_code("preparing the model"):
+                model = prepare(model)
         opt = None if opts.inference else _make_optimizer(opts.optimizer, model,
                                                           cuda=opts.device == "cuda")
-        with _default_dtype(param_dtype), user_code("the batch function"):
-            data = batch() if callable(batch) else batch
-        data = _to_fake(fake_mode, resolve_batch(data, model))
-        autocast_dtype = opts.autocast_dtype
-        autocast: Any = (
-            torch.autocast("cpu", dtype=autocast_dtype)
-            if autocast_dtype is not None else contextlib.nullcontext()
-        )
-        with (user_code("the step under fake tensors"),
-              Profiler(model, opt, round_to=opts.round_to, device_modelled=opts.device) as prof):
-            for _ in range(opts.steps):
-                if opts.inference:
-                    kv_cache_bytes = _inference_step(model, data, spec, opts.context_len,
-                                                     autocast)
-                else:
-                    _training_step(model, opt, data, autocast, opts.loss_fn)
-                prof.step()
+        # the batch's values (labels) and the step's small values are real, as while building:
+        # a CTC loss reads its labels' lengths and maximum, wav2vec2's LayerDrop a random draw
+        with known_values(fake_mode) as factories:
+            with _default_dtype(param_dtype), user_code("the batch function"):
+                data = batch() if callable(batch) else batch
+            data = _to_fake(fake_mode, resolve_batch(data, model))
+            if factories is not None:
+                factories.elements = 1  # in the step: scalars (a LayerDrop draw)
+            autocast_dtype = opts.autocast_dtype
+            autocast: Any = (
+                torch.autocast("cpu", dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext()
+            )
+            with (user_code("the step under fake tensors"),
+                  Profiler(model, opt, round_to=opts.round_to,
+                           device_modelled=opts.device) as prof):
+                for _ in range(opts.steps):
+                    if opts.inference:
+                        kv_cache_bytes = _inference_step(model, data, spec, opts.context_len,
+                                                         autocast)
+                    else:
+                        _training_step(model, opt, data, autocast, opts.loss_fn)
+                    prof.step()
         profile = prof.profile
         num_params, param_bytes = _count_parameters(model)
 
@@ -134,12 +151,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def _build_model(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
     # Building under the target default dtype (as transformers' from_pretrained(dtype=...)
-    # does) never materialises fp32 weights; module.to(dtype) cannot be used under fake mode
-    # anyway (it swaps tensors, which fake tensors with weak references refuse).
+    # does) never materialises fp32 weights; a factory's own module.to() converts without
+    # swapping fake tensors (estimate.conversions: peft's get_peft_model calls it).
     try:
         mode = _active_fake_mode()
         with _default_dtype(dtype), torch.device("cpu"), _skip_weight_init(), \
-                _deepcopy_in_mode(mode), values_while_building(mode):
+                _deepcopy_in_mode(mode), values_while_building(mode), fake_module_conversion():
             model = factory()
     except MemprofError:
         raise
@@ -269,7 +286,9 @@ def _to_fake(mode: Any, data: Any) -> Any:
 
     def convert(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-            return mode.from_tensor(value)
+            # a small real tensor keeps its values, as one the batch function makes
+            small = value.device.type == "cpu" and value.numel() <= BUILD_CONSTANT_ELEMENTS
+            return mode.fake_tensor_converter.from_real_tensor(mode, value, make_constant=small)
         return value
 
     if isinstance(data, Mapping):

@@ -106,6 +106,25 @@ def compile_loaded() -> bool:
     return "torch._dynamo" in sys.modules
 
 
+#: The profile's warning where a backward ran under compiled autograd.
+COMPILED_AUTOGRAD_WARNING = (
+    "compiled autograd: backward ran as one compiled graph, which runs no per-module hooks, so "
+    "its memory is not split by module (no module's backward start is marked); the step's "
+    "peak and totals are counted as usual")
+
+
+def compiled_autograd_on() -> bool:
+    """Whether a backward would now run under compiled autograd (``torch._dynamo.config
+    .compiled_autograd``, or ``torch._dynamo.compiled_autograd._enable``): it traces a node's
+    Python hooks into its graph and refuses C++ ones it cannot trace. Imports nothing."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    if module is None:
+        return False
+    config = sys.modules.get("torch._dynamo.config")
+    return bool(module.compiled_autograd_enabled
+                or (config is not None and getattr(config, "compiled_autograd", False)))
+
+
 class _OwnersPass:
     """Reads each post-grad graph's outputs' modules into ``owners``; changes nothing."""
 

@@ -109,6 +109,9 @@ class RecorderSource:
         self.module = module
         self.offset_s = 0.0
         self.buffer_bytes = 0  # the most its C++ buffer held (bookkeeping outside Python's heap)
+        #: Opening and closing an interval are plain marks here: the event stream calls this
+        #: C++ function itself (no Python frame per marker).
+        self.direct_mark = module.mark
 
     def start(self) -> None:
         self.module.start()
@@ -309,6 +312,10 @@ class EventStream:
         self.mark = 0
         self._codes: dict[Callable[..., Any], int] = {}
         self._fns: list[Callable[..., Any]] = []
+        #: The source's mark function where opening and closing an interval are marks (the
+        #: recorder's), called directly on the hot path; None: the source's open and close.
+        self._direct_mark: Callable[[int], None] | None = getattr(self.source, "direct_mark",
+                                                                  None)
         # Seconds spent in flushes, for the benchmark: all of it, and the part reading the
         # events (the C++ profiler's post-processing, stop and restart; the recorder's drain).
         self.replay_s = 0.0
@@ -338,12 +345,17 @@ class EventStream:
         """A fact for the next marker."""
         code = self._codes.get(fn)
         if code is None:
-            code = self._codes[fn] = len(self._fns)
-            self._fns.append(fn)
+            code = self._code(fn)
         calls = self.calls
         calls.append(code)
         calls.append(len(args))
-        calls.extend(args)
+        calls += args
+
+    def _code(self, fn: Callable[..., Any]) -> int:
+        """``fn``'s number in the deferred calls, given the first time it is buffered."""
+        code = self._codes[fn] = len(self._fns)
+        self._fns.append(fn)
+        return code
 
     def _close(self) -> int:
         """The marker owning the calls buffered so far (the last one its own): its index."""
@@ -364,7 +376,11 @@ class EventStream:
         self.buffer(fn, *args)
         index = self._close()
         if self.running:
-            self.source.mark(index)
+            mark = self._direct_mark
+            if mark is not None:
+                mark(index)
+            else:
+                self.source.mark(index)
 
     def seal(self) -> None:
         """The facts buffered so far become a marker of their own, applied just before the
@@ -380,11 +396,28 @@ class EventStream:
         """Open an interval marker (its exit comes with :meth:`exit`); returns its token."""
         if self.prior.died:
             self._end_dead_prior()
-        self.buffer(fn, *args)
-        index = self._close()
-        self.starts.append(-1)  # the exit's calls, filled in by exit()
-        self.ends.append(-1)
-        return [self.source.open(index) if self.running else None, index]
+        # (buffer() and _close() inline: this runs twice per module call)
+        code = self._codes.get(fn)
+        if code is None:
+            code = self._code(fn)
+        calls = self.calls
+        calls.append(code)
+        calls.append(len(args))
+        calls += args
+        starts, ends = self.starts, self.ends
+        starts.append(self.mark)
+        self.mark = end = len(calls)
+        ends.append(end)
+        index = self.base + len(starts) - 1
+        starts.append(-1)  # the exit's calls, filled in by exit()
+        ends.append(-1)
+        if not self.running:
+            return [None, index]
+        mark = self._direct_mark
+        if mark is not None:
+            mark(index)
+            return [True, index]
+        return [self.source.open(index), index]
 
     def exit(self, token: list[Any], fn: Callable[..., Any], *args: Any) -> None:
         slot = token[1] + 1 - self.base
@@ -392,13 +425,23 @@ class EventStream:
             token[0] = None
             self.point(fn, *args)
             return
-        self.buffer(fn, *args)
+        code = self._codes.get(fn)
+        if code is None:
+            code = self._code(fn)
+        calls = self.calls
+        calls.append(code)
+        calls.append(len(args))
+        calls += args
         self.starts[slot] = self.mark
-        self.mark = len(self.calls)
-        self.ends[slot] = self.mark
+        self.mark = end = len(calls)
+        self.ends[slot] = end
         handle, token[0] = token[0], None
         if handle is not None and self.running:
-            self.source.close(handle, token[1] + 1)
+            mark = self._direct_mark
+            if mark is not None:
+                mark(token[1] + 1)
+            else:
+                self.source.close(handle, token[1] + 1)
 
     def _raise_maxima(self, extra: int) -> None:
         """Transients holding ``extra`` bytes on top of the ledger's: they count towards the

@@ -92,6 +92,7 @@ _COMPRESSED_PARTS = {
     torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
 }
 _STRIDED = torch.strided
+_PARAMETER = torch.nn.Parameter
 
 
 def held_tensors(tensor: torch.Tensor, uncounted: dict[str, int] | None = None
@@ -171,8 +172,9 @@ def charged_bytes(raw: int, tensor: torch.Tensor, round_to: int) -> int:
 def facts_of(tensor: torch.Tensor) -> Facts:
     """The :data:`Facts` of ``tensor`` (one with a readable storage: see :func:`held_tensors`
     for the others)."""
-    if type(tensor) is torch.Tensor:  # the hot path (a hook's plain tensor): no calls to make
-        storage = tensor.untyped_storage()
+    kind = type(tensor)
+    if kind is torch.Tensor or kind is _PARAMETER:  # the hot path (a hook's plain tensor or
+        storage = tensor.untyped_storage()          # a saved weight): no calls to make
         raw = storage.nbytes()
         return (storage.data_ptr(), round_up(raw, 512) if tensor.is_cuda else raw,
                 tuple(tensor.shape), tensor.dtype)

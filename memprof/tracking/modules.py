@@ -109,9 +109,10 @@ class ModuleRegistry:
         #: index -> the module it was registered for (weakly): a module built anew at each call
         #: (a loss made inside forward) takes over the row of its dead predecessor of the name
         self._holder: dict[int, weakref.ref[nn.Module]] = {}
-        #: Where gradient hooks report (the profiler's backend-aware hook), if set: the
-        #: parameter and its owner.
-        self.grad_sink: Callable[[torch.Tensor, int], None] | None = None
+        #: Where gradient hooks report (the profiler's backend-aware hook), if set: the owner
+        #: and the parameter. Set before the first registration: a parameter's hook is then
+        #: the sink itself, with its owner bound (one Python call per gradient).
+        self.grad_sink: Callable[[int, torch.Tensor], None] | None = None
         #: Set by the events backend once it runs: the ledger lags behind the live hooks there,
         #: so registering a module's tensors becomes a deferred call, applied in time order
         #: (after the allocation events of tensors made inside the profile, such as a model
@@ -218,7 +219,7 @@ class ModuleRegistry:
                 self._param_apply(part, grads, idx)
                 grads = []
         if param.requires_grad:  # (its owner is idx for good: bound, not looked up per step)
-            hook = functools.partial(self._on_grad, idx)
+            hook = functools.partial(self.grad_sink or self._on_grad, idx)
             self.grad_hooks.append(param.register_post_accumulate_grad_hook(hook))
 
     def _param_apply(self, param: Any, grads: list[Any], idx: int) -> None:
@@ -235,7 +236,7 @@ class ModuleRegistry:
         """A gradient was accumulated into ``param.grad``; ``owner`` is the module that owns
         ``param`` (what :attr:`param_owner` says)."""
         if self.grad_sink is not None:
-            self.grad_sink(param, owner)
+            self.grad_sink(owner, param)
             return
         ledger = self.ledger
         if not ledger.recording or param.grad is None:

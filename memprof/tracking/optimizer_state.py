@@ -20,10 +20,20 @@ class OptimizerStates:
         self._summaries: dict[int, dict[str, Any]] = {}
         self._state_facts: dict[int, dict[int, tuple[Any, int, tuple[Any, int], int, int]]] = {}
         self._owners_version: dict[int, int] = {}  # per optimizer, as of its last collect
+        self._wrappers: set[int] = set()  # optimizers that step another inside their step
+        self._wrapper_names: dict[int, str] = {}  # per inner optimizer, its wrapper's class
+
+    def wrapped_by(self, inner: torch.optim.Optimizer, outer: torch.optim.Optimizer) -> None:
+        """``inner`` stepped inside ``outer``'s step (ZeRO-1's ZeroRedundancyOptimizer and the
+        optimizer it holds): one optimizer, listed once, as ``inner`` (its class, the state)
+        with ``wrapped_by``; they were listed twice, the wrapper with no state."""
+        self._wrappers.add(id(outer))
+        self._wrapper_names[id(inner)] = type(outer).__name__
 
     def summaries(self) -> list[dict[str, Any]]:
         """One summary per optimizer, in the order they first stepped."""
-        return list(self._summaries.values())
+        return [{**s, "wrapped_by": self._wrapper_names[key]} if key in self._wrapper_names
+                else s for key, s in self._summaries.items() if key not in self._wrappers]
 
     def collect(self, optimizer: torch.optim.Optimizer, ledger: StorageLedger,
                 owner: Mapping[Any, int], round_to: int,

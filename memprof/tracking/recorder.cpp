@@ -201,6 +201,12 @@ class ModuleBackwardHook final : public torch::autograd::FunctionPreHook {
     return node_;
   }
 
+  // Compiled autograd asks each hook to describe itself for its graph, and the default
+  // throws ("compiled_args nyi"), which ended the user's backward. This hook is left out of
+  // the compiled graph: under compiled autograd no module's backward start is marked here
+  // (the profiler uses Python hooks where it sees compiled autograd on at the forward).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
+
  private:
   int64_t module_;
   int64_t session_;

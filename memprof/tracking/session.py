@@ -34,7 +34,14 @@ from memprof import oom as oom_report
 from memprof.categories import PHASES
 from memprof.errors import ProfileActiveError
 from memprof.tracking import kernel_corrections, native
-from memprof.tracking.compiled import CompiledOwners, compile_loaded, compiled_inner, is_compiled
+from memprof.tracking.compiled import (
+    COMPILED_AUTOGRAD_WARNING,
+    CompiledOwners,
+    compile_loaded,
+    compiled_autograd_on,
+    compiled_inner,
+    is_compiled,
+)
 from memprof.tracking.events import EventStream, RecorderSource
 from memprof.tracking.leak import LEAK_MIN_BYTES as LEAK_MIN_BYTES  # re-exported (#28)
 from memprof.tracking.leak import LEAK_MIN_GROWTHS as LEAK_MIN_GROWTHS
@@ -72,6 +79,11 @@ from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
 
 _graph_task_id = torch._C._current_graph_task_id
+#: Whether torch.compile is tracing this call. The hooks then leave nothing in the graph (no
+#: graph break either): the compiled region's memory goes to the module that called it. (The
+#: function itself, which dynamo answers True while tracing: no wrapper frame per module call.)
+_compiling = torch.compiler.is_compiling
+_STRIDED = torch.strided
 #: The autograd sequence counter: inside a pack hook, the number of the node being made, plus 1.
 _sequence_nr = torch._C._autograd._get_sequence_nr
 
@@ -130,6 +142,9 @@ class Profiler(ProfileResults):
         #: D and G steps are one training step).
         self._optimizer_steps_per_step = max(1, optimizer_steps_per_step)
         self._optimizer_steps = 0
+        #: The optimizers whose step is running, outermost first: ZeRO-1's
+        #: ZeroRedundancyOptimizer steps its own inner optimizer inside its step.
+        self._stepping: list[torch.optim.Optimizer] = []
         self._max_steps = max_steps
         self._device_modelled = device_modelled
         #: The caching allocator's options to replay with (None: this process's
@@ -188,6 +203,10 @@ class Profiler(ProfileResults):
         self._recorder = (self._events.source
                           if self._events is not None
                           and isinstance(self._events.source, RecorderSource) else None)
+        #: The recorder's C++ watch_backward, called directly per module call (None: a
+        #: Python grad_fn pre-hook marks the module's backward start)
+        self._watch_backward = (self._recorder.module.watch_backward
+                                if self._recorder is not None else None)
         self._live_recording = False
         self._live_stack: list[tuple[int, Any, int]] = []  # (module index, token, id(module))
         #: Compiled modules (by index), and the saved tensors' facts packed while one of them
@@ -269,11 +288,11 @@ class Profiler(ProfileResults):
 
     def _install(self) -> None:
         ledger = self.ledger
+        self.registry.grad_sink = self._on_grad  # (before the model's parameters get hooks)
         if self._model is not None:
             self.registry.register_tree(self._model, "", None)
         if self._optimizer is not None:
             self._track_state(self._optimizer_state(self._optimizer))
-        self.registry.grad_sink = self._on_grad
         self._handles.append(
             nn.modules.module.register_module_forward_pre_hook(self._on_forward_pre)
         )
@@ -457,7 +476,9 @@ class Profiler(ProfileResults):
             self._forward_pre_apply(idx, recompute, inputs)
             return
         stack = self._live_stack
-        idx = self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE)
+        known = self.registry.index.get(module)  # (registered: the common case, one lookup)
+        idx = (known if known is not None
+               else self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE))
         if is_compiled(module):  # with the module it runs (whose hooks may run outside it)
             self._op_traces.abandon()  # before dynamo sees the frame: it must run compiled
             self._compiled_modules.add(idx)
@@ -524,7 +545,7 @@ class Profiler(ProfileResults):
             if not stack or stack[-1][2] != id(module):
                 return  # hooks were installed in the middle of this forward
             idx, token, _ = stack.pop()
-            if (type(output) is torch.Tensor and output.layout is torch.strided
+            if (type(output) is torch.Tensor and output.layout is _STRIDED
                     and output.nbytes >= self._sources.floor):
                 # The events backend sees this storage only as bytes: name its shape and the
                 # line that called the module (it may be among the largest at a peak).
@@ -540,19 +561,33 @@ class Profiler(ProfileResults):
         if info.geometry is None:
             info.geometry = module_geometry(module, args, output)
         if forward:
-            made = _first_with_grad_fn(output)
-            grad_fn = None if made is None else made.grad_fn
+            made: torch.Tensor | None = output
+            if type(output) is torch.Tensor:  # (what _first_with_grad_fn gives, read inline)
+                grad_fn = output.grad_fn
+            else:
+                made = _first_with_grad_fn(output)
+                grad_fn = None if made is None else made.grad_fn
             # An identity module (Dropout(p=0), nn.Identity) returns its input: the node is
             # the previous module's, whose backward it would otherwise take over.
-            if (made is not None and grad_fn is not None
+            if (grad_fn is not None
                     and grad_fn is not (args[0].grad_fn if type(args) is tuple and len(args) == 1
                                         and type(args[0]) is torch.Tensor
                                         else _first_grad_fn(args))):
-                if self._recorder is not None:
-                    self._recorder.watch_backward(made, idx)
+                if compiled_autograd_on():
+                    self._warn_compiled_autograd()
+                elif self._watch_backward is not None:
+                    self._watch_backward(made, idx)
                 else:
                     handle = grad_fn.register_prehook(_BackwardEnter(self, idx))
                     self._grad_fn_handles.append(handle)
+
+    def _warn_compiled_autograd(self) -> None:
+        """Under compiled autograd no module's backward start is marked: its graph runs no
+        C++ hook of the recorder's, and the engine's end-of-backward callback, which the
+        Python hook queues, is refused there ("queue_callback() is only supported when
+        Compiled Autograd is enabled with fullgraph=True"), ending the user's backward."""
+        if COMPILED_AUTOGRAD_WARNING not in self._warnings:
+            self._warnings.append(COMPILED_AUTOGRAD_WARNING)
 
     def _forward_apply(self, idx: int | None) -> bool:
         """Close the module's frame; whether it was a forward (not a recompute)."""
@@ -603,6 +638,12 @@ class Profiler(ProfileResults):
                 return  # an enclosing module sharing the node: the inner one stays current
         while frames and frames[-1][2] == FRAME_BACKWARD and frames[-1][0] not in info.ancestors:
             self._close_backward_frame()
+        if frames and frames[-1][0] == info.parent and frames[-1][2] == FRAME_BACKWARD:
+            # A sibling's backward came before (the common case): the parent's backward frame
+            # is on top, and below it the parent's ancestors (pushed before it, popped after).
+            ledger.push_frame(idx, FRAME_BACKWARD)
+            ledger.sample()
+            return
         present = {f[0] for f in frames}
         chain = sorted(info.ancestors - present, key=lambda a: self.registry.infos[a].depth)
         for ancestor in [*chain, idx]:
@@ -635,8 +676,9 @@ class Profiler(ProfileResults):
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._live_recording and _graph_task_id() == -1:
-            if type(tensor) is torch.Tensor and tensor.layout is torch.strided:
-                self._pack_part(tensor)  # (what ledger.parts gives a plain tensor)
+            kind = type(tensor)
+            if (kind is torch.Tensor or kind is nn.Parameter) and tensor.layout is _STRIDED:
+                self._pack_part(tensor)  # (what ledger.parts gives a plain tensor or weight)
             else:
                 for part in self.ledger.parts(tensor):  # one, unless sparse
                     self._pack_part(part)
@@ -750,7 +792,7 @@ class Profiler(ProfileResults):
                     {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
                 )
 
-    def _on_grad(self, param: torch.Tensor, owner: int) -> None:
+    def _on_grad(self, owner: int, param: torch.Tensor) -> None:
         """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
         part)."""
         grad = param.grad
@@ -763,8 +805,8 @@ class Profiler(ProfileResults):
             for part in self.ledger.facts(grad):  # one, unless sparse (nn.Embedding(sparse=True))
                 self._grad_apply(part, owner)
             return
-        if type(grad) is torch.Tensor and grad.layout is torch.strided:
-            events.buffer(self._grad_apply, facts_of(grad), owner)  # (ledger.facts' one item)
+        if type(grad) is torch.Tensor and grad.layout is _STRIDED:
+            events.buffer(self._grad_apply, facts_of(grad), owner)  # (ledger.facts' one)
         else:
             for part in self.ledger.facts(grad):
                 events.buffer(self._grad_apply, part, owner)
@@ -776,8 +818,11 @@ class Profiler(ProfileResults):
             self.ledger.track(grad, GRADIENT, owner)
 
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
-        if not self._live_recording:
-            return
+        if optimizer in self._stepping:  # its last step raised: no post hook ran
+            del self._stepping[self._stepping.index(optimizer):]
+        self._stepping.append(optimizer)
+        if not self._live_recording or len(self._stepping) > 1:
+            return  # an optimizer stepped inside another's step is part of that step
         self._op_traces.in_optimizer(True)
         if self._events is None:
             self._optimizer_pre_apply()
@@ -793,6 +838,17 @@ class Profiler(ProfileResults):
         ledger.set_phase(OPTIMIZER)
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        if optimizer in self._stepping:
+            del self._stepping[self._stepping.index(optimizer):]
+        if self._stepping:  # inside another optimizer's step (ZeRO-1's inner optimizer)
+            self._optimizer_states.wrapped_by(optimizer, self._stepping[0])
+            if self._live_recording:
+                state = self._optimizer_state(optimizer)
+                if self._events is None:
+                    self._track_state_apply(state)
+                else:
+                    self._events.point(self._track_state_apply, state)
+            return
         self._op_traces.in_optimizer(False)
         if self._live_recording:
             state = self._optimizer_state(optimizer)
@@ -810,6 +866,10 @@ class Profiler(ProfileResults):
         return self._optimizer_states.collect(optimizer, self.ledger, self.registry.param_owner,
                                               owners_version=self.registry.owners_version,
                                               round_to=self._round_to)
+
+    def _track_state_apply(self, state: list[tuple[Any, int]]) -> None:
+        if self.ledger.recording:
+            self._track_state(state)
 
     def _track_state(self, state: list[tuple[Any, int]]) -> None:
         for value, module in state:
@@ -932,6 +992,9 @@ class _BackwardEnter:
 
     def __call__(self, grad_outputs: Any) -> None:
         if Profiler._active is self.profiler:
+            if compiled_autograd_on():  # a forward run eagerly, its backward compiled
+                self.profiler._warn_compiled_autograd()
+                return
             self.profiler._on_backward_enter(self.idx)
 
 
@@ -940,12 +1003,6 @@ keep_out_of_dynamo(
     Profiler._on_root_kwargs, Profiler._on_optimizer_pre, Profiler._on_optimizer_post,
     Profiler._on_backward_end, _BackwardEnter.__call__,
 )
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call. The hooks then leave nothing in the graph
-    (no graph break either): the compiled region's memory goes to the module that called it."""
-    return torch.compiler.is_compiling()
 
 
 def _auto_backend() -> Literal["events", "dispatch"]:

@@ -1,8 +1,9 @@
 """A model trained by two optimizers after one backward (Adam for the body, SGD with momentum
 for a large head), or with ``--gan`` a GAN (two models, two optimizers, two backward passes),
-for the capture tests of several optimizers.
+for the capture tests of several optimizers; ``--critic N``: D steps N times per G step (a
+WGAN's critic).
 
-    python tests/data/train_two_optimizers.py [--steps 3] [--gan]
+    python tests/data/train_two_optimizers.py [--steps 3] [--gan [--critic 1]]
 """
 
 import argparse
@@ -13,6 +14,7 @@ from torch import nn
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--gan", action="store_true")
+parser.add_argument("--critic", type=int, default=1)
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -23,12 +25,14 @@ if args.gan:
     opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4)
     bce = nn.BCEWithLogitsLoss()
     for _ in range(args.steps):
-        real, z = torch.randn(32, 64), torch.randn(32, 16)
-        opt_d.zero_grad()
-        fake = gen(z)
-        d_real, d_fake = disc(real), disc(fake.detach())
-        (bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))).backward()
-        opt_d.step()
+        for _ in range(args.critic):
+            real, z = torch.randn(32, 64), torch.randn(32, 16)
+            opt_d.zero_grad()
+            fake = gen(z)
+            d_real, d_fake = disc(real), disc(fake.detach())
+            (bce(d_real, torch.ones_like(d_real))
+             + bce(d_fake, torch.zeros_like(d_fake))).backward()
+            opt_d.step()
         opt_g.zero_grad()
         d_fake = disc(fake)
         bce(d_fake, torch.ones_like(d_fake)).backward()
