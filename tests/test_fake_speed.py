@@ -542,3 +542,88 @@ def test_a_shared_backward_leaves_a_row_to_its_own_run_when_a_parameter_gets_no_
     assert shared == [None] * len(changes)
     with seeded():
         assert reference == fake_peak(w)
+
+
+def test_a_run_of_several_peaks_comes_back_from_a_worker_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN runs of which one predicts several rows (a peak, or None for a row left alone)
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+
+    def slow_here() -> int:
+        if not parallel._in_worker:
+            time.sleep(0.5)  # this process is slow: the worker takes the other tickets
+        return 7
+
+    def several() -> tuple[int | None, ...]:
+        return (2**40 + 1, None, 3)
+
+    # WHEN a worker runs it
+    outcomes = parallel.run_all([slow_here, several, several])
+    # THEN each comes back as the run returned it
+    assert outcomes == [7, (2**40 + 1, None, 3), (2**40 + 1, None, 3)]
+
+
+def test_advise_composes_the_optimizer_rows_in_one_shared_run_with_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a small GPT-2's profile and its rows, each predicted by its own fake run
+    w = gpt2_workload()
+    profile = baseline(w).profile
+    changes = [c for c in changes_for(read_facts(profile)) if c.applicable and c.apply is not None]
+    own = {}
+    for c in changes:
+        with seeded():
+            own[(c.technique, str(c.options))] = fake_peak(w, [c.apply])
+    shared = []
+    real = fake_prediction.fake_peaks
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        reference, peaks = real(*args, **kwargs)
+        shared.extend(p for p in peaks if p is not None)
+        return reference, peaks
+
+    monkeypatch.setattr(fake_prediction, "fake_peaks", spying)
+    # WHEN the advisor predicts every row by fake runs
+    from memprof.advisor import advise
+
+    advice = advise(profile, workload=w, simulate=False)
+    # THEN some rows came from the shared run, and every row has its own run's bytes
+    assert len(shared) >= 5
+    rows = {(r["technique"], str(r["options"])): r for r in advice.rows}
+    for key, peak in own.items():
+        assert rows[key]["predicted_by"] == "fake run"
+        assert rows[key]["predicted_peak_bytes"] == peak, key
+
+
+def test_the_batch_rows_fake_runs_share_out_with_the_other_rows_and_keep_their_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an MLP's profile, and the advisor's parallel runs counted
+    from memprof.advisor import advise, batch, batch_rows
+
+    w = mlp_workload()
+    profile = baseline(w).profile
+    calls: list[int] = []
+    real = parallel.run_all
+
+    def counting(runs: Any, costs: Any = None) -> Any:
+        calls.append(len(runs))
+        return real(runs, costs)
+
+    monkeypatch.setattr(parallel, "run_all", counting)
+    # WHEN every row is predicted by fake runs
+    advice = advise(profile, workload=w, simulate=False)
+    # THEN the batch rows' runs were made in the one call with the other rows'
+    assert len(calls) == 1
+    # AND each batch row has the bytes of its own fake run at its batch
+    size = batch.batch_size(w.batch)
+    assert size is not None
+    rows = [r for r in advice.rows if r["technique"] == "batch" and r["predicted_by"] == "fake run"]
+    assert len(rows) == 2
+    for row in rows:
+        target = row["options"].get("micro_batch") or row["options"]["batch"]
+        with seeded():
+            own = fake_peak(w, [batch_rows.resize_apply(target, size)])
+        assert row["predicted_peak_bytes"] == own, row["options"]

@@ -174,10 +174,15 @@ def advise(
     faked: dict[int, str | None] = {}
     runner: budget_plan.PlanRunner | None = None
     options: dict[str, Any] = {}
+    batch_outcomes: dict[int, Any] = {}
     if prediction == "fake" and model_at_hand is not None:
         options = fake_options(profile)
-        extra["fake_baseline_peak_bytes"] = fake_predict(model_at_hand, changes, faked,
-                                                         **options)
+        # the batch rows' fake runs (twice the batch, half of it) share out with the others
+        batch_runs = (batch_rows.fake_runs(model_at_hand, options) if facts.has_optimizer
+                      else {})
+        extra["fake_baseline_peak_bytes"] = fake_predict(
+            model_at_hand, changes, faked, more=batch_runs, more_outcomes=batch_outcomes,
+            **options)
         if extra["fake_baseline_peak_bytes"] is not None:  # fake runs work for this model
             # a plan of one change is that change's row: its run is not repeated
             ran: dict[tuple[int, ...], int] = {
@@ -226,7 +231,8 @@ def advise(
         try:
             rows.extend(batch_rows.advice_rows(
                 real, reference if workload is not None else None, base, resolved,
-                model=model_at_hand, fake=options if runner is not None else None))
+                model=model_at_hand, fake=options if runner is not None else None,
+                fake_outcomes=batch_outcomes or None))
         except Exception as exc:  # the batch rows' simulations fail alone, with their reason
             first = first_line(exc)
             rows.append(AdviceRow(
@@ -301,31 +307,41 @@ def fake_options(profile: Profile) -> dict[str, Any]:
 #: GPT-2 small and Llama-2-7B: QLoRA quantizes every target to NF4, LoRA and sharding wrap
 #: every layer): the costliest runs are shared out first (:func:`parallel.run_all`).
 FAKE_RUN_COST = {"qlora": 4.0, "lora": 2.0, "sharding": 2.0}
+#: A row composed in the shared run of the unchanged step (fake_prediction.fake_peaks: its
+#: optimizer's state and step alone) against a whole run, about (GPT-2 small: 7 rows 0.9 s
+#: beside the unchanged run's 0.45 s).
+SHARED_ROW_COST = 0.3
 
 
 def fake_predict(
-    model: Workload, changes: list[Change], faked: dict[int, str | None], **options: Any
+    model: Workload, changes: list[Change], faked: dict[int, str | None], *,
+    more: dict[Any, Callable[[], int]] | None = None,
+    more_outcomes: dict[Any, Any] | None = None, **options: Any
 ) -> int | None:
     """Set each applicable change's ``predicted_peak`` from a fake run of it; ``faked`` gets,
     per change tried, None or why its fake run failed. Returns the unchanged fake run's peak
-    (None when even that fails: every row then stays analytic, with that reason)."""
+    (None when even that fails: every row then stays analytic, with that reason). ``more``:
+    other fake runs (the batch rows'), run beside the rows', their outcomes put in
+    ``more_outcomes`` by the same keys."""
     from memprof.advisor import parallel
-    from memprof.advisor.fake_prediction import FakeRunError, fake_peak, fake_peaks
+    from memprof.advisor.fake_prediction import (
+        FakeRunError,
+        fake_peak,
+        fake_peaks,
+        optimizer_only_rows,
+    )
 
     tried = [c for c in changes if c.applicable and c.apply is not None]
-    try:
+    # the rows that change the optimizer alone share the unchanged run's forward and backward:
+    # one run (the first, made here), beside the other rows' own runs
+    grouped = set(optimizer_only_rows(model, [[c.apply] for c in tried]))
+    group = [c for i, c in enumerate(tried) if i in grouped]
+    alone = [c for i, c in enumerate(tried) if i not in grouped]
+
+    def shared_run() -> tuple[int | None, ...]:
         with seeded():
-            # the rows that change the optimizer alone share the unchanged run's backward
-            reference, shared = fake_peaks(model, [[c.apply] for c in tried], **options)
-    except FakeRunError as exc:  # every row stays analytic, and says why
-        for c in changes:
-            if c.applicable and c.apply is not None:
-                faked[id(c)] = f"no fake run of this step ({exc}); predicted analytically"
-        return None
-    for c, peak in zip(tried, shared, strict=True):
-        if peak is not None:
-            c.predicted_peak, faked[id(c)] = peak, None
-    tried = [c for c, peak in zip(tried, shared, strict=True) if peak is None]
+            reference, peaks = fake_peaks(model, [[c.apply] for c in group], **options)
+        return (reference, *peaks)
 
     def run_of(change: Change) -> Callable[[], int]:
         def run() -> int:
@@ -333,13 +349,40 @@ def fake_predict(
                 return fake_peak(model, [change.apply], **options)
         return run
 
-    # the rows are independent: on several cores where that is safe (advisor.parallel)
-    outcomes = parallel.run_all([run_of(c) for c in tried],
-                                costs=[FAKE_RUN_COST.get(c.technique, 1.0) for c in tried])
-    for c, outcome in zip(tried, outcomes, strict=True):
+    def costs(changes: list[Change]) -> list[float]:
+        return [FAKE_RUN_COST.get(c.technique, 1.0) for c in changes]
+
+    # the runs are independent: on several cores where that is safe (advisor.parallel)
+    extra = list((more or {}).items())
+    runs: list[Callable[[], parallel.Peaks]] = [shared_run, *(run_of(c) for c in alone),
+                                                *(run for _, run in extra)]
+    outcomes = parallel.run_all(runs, costs=[1.0 + SHARED_ROW_COST * len(group), *costs(alone),
+                                             *(1.0 for _ in extra)])
+    if extra:
+        if more_outcomes is not None:
+            more_outcomes.update(zip((key for key, _ in extra), outcomes[-len(extra):],
+                                     strict=True))
+        outcomes = outcomes[:-len(extra)]
+    first = outcomes[0]
+    if isinstance(first, FakeRunError):  # every row stays analytic, and says why
+        for c in tried:
+            faked[id(c)] = f"no fake run of this step ({first}); predicted analytically"
+        return None
+    assert isinstance(first, tuple) and isinstance(first[0], int)
+    reference, peaks = first[0], first[1:]
+    for c, peak in zip(group, peaks, strict=True):
+        if peak is not None:
+            c.predicted_peak, faked[id(c)] = peak, None
+    left = [c for c, peak in zip(group, peaks, strict=True) if peak is None]
+    ran = list(zip(alone, outcomes[1:], strict=True))
+    if left:  # rows the shared run could not compose: each its own run
+        ran += zip(left, parallel.run_all([run_of(c) for c in left], costs=costs(left)),
+                   strict=True)
+    for c, outcome in ran:
         if isinstance(outcome, FakeRunError):
             faked[id(c)] = f"{outcome}; predicted analytically"
         else:
+            assert isinstance(outcome, int)
             c.predicted_peak, faked[id(c)] = outcome, None
     return reference
 

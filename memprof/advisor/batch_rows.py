@@ -24,9 +24,37 @@ def resize_apply(target: int, size: int) -> Callable[[Any], None]:
     return apply
 
 
+def fake_runs(model: Workload, fake: dict[str, Any]) -> dict[int, Callable[[], int]]:
+    """The fake runs :func:`advice_rows` makes with ``fake`` (fake_peak's options), by batch
+    size: for the advisor to run them beside the other rows' (advisor.parallel) and hand their
+    outcomes to :func:`advice_rows`; none where the batch has no leading batch dimension."""
+    size = batch.batch_size(model.batch)
+    if size is None:
+        return {}
+
+    def fake_run(target: int) -> int:
+        from memprof.advisor.fake_prediction import fake_peak
+
+        assert size is not None
+        with seeded():
+            return fake_peak(model, [resize_apply(target, size)], **fake)
+
+    return {target: _bound(fake_run, target) for target, _ in _targets(size)}
+
+
+def _targets(size: int) -> list[tuple[int, dict[str, Any]]]:
+    """Twice the batch; half of it with two accumulation steps (where half is 1 or more)."""
+    targets: list[tuple[int, dict[str, Any]]] = [(2 * size, {"batch": 2 * size})]
+    half = size // 2
+    if half >= 1:
+        targets.append((half, {"batch": size, "micro_batch": half, "accumulation": 2}))
+    return targets
+
+
 def advice_rows(
     workload: Workload, ref: Measurement | None, base: int, resolved: tuple[int, str] | None,
     *, fake: dict[str, Any] | None = None, model: Workload | None = None,
+    fake_outcomes: dict[int, Any] | None = None,
 ) -> list[AdviceRow]:
     """Rows for twice the batch and for half the batch with two accumulation steps.
 
@@ -37,7 +65,8 @@ def advice_rows(
     half the batch and at the batch (:class:`batch.BatchFit`), and with a budget a row gives
     the largest batch that line fits (with fake runs that is the bisection's row, #26). With
     ``ref`` (a simulation's unchanged run) each row is also measured (on ``workload``; the
-    fake runs use ``model`` when given, else ``workload``)."""
+    fake runs use ``model`` when given, else ``workload``). ``fake_outcomes``: the outcomes of
+    :func:`fake_runs`, where the caller made them already."""
     model = model or workload
     size = batch.batch_size(model.batch)
     if size is None or (size < 2 and fake is None):
@@ -47,16 +76,8 @@ def advice_rows(
                     "the batch has no leading batch dimension of 2 or more to fit from"),
             baseline_peak_bytes=base, how="needs two batch sizes",
         )]
-    targets: list[tuple[int, dict[str, Any]]] = [(2 * size, {"batch": 2 * size})]
+    targets = _targets(size)
     half = size // 2
-    if half >= 1:
-        targets.append((half, {"batch": size, "micro_batch": half, "accumulation": 2}))
-
-    def fake_run(target: int) -> int:
-        from memprof.advisor.fake_prediction import fake_peak
-
-        with seeded():
-            return fake_peak(model, [resize_apply(target, size)], **(fake or {}))
 
     def measure(target: int) -> Measurement:
         assert ref is not None
@@ -71,7 +92,11 @@ def advice_rows(
         from memprof.advisor.fake_prediction import FakeRunError
 
         try:  # both sizes at once where there are cores for it (advisor.parallel)
-            outcomes = parallel.run_all([_bound(fake_run, target) for target, _ in targets])
+            if fake_outcomes is None or set(fake_outcomes) != {t for t, _ in targets}:
+                runs = fake_runs(model, fake)
+                fake_outcomes = dict(zip(runs, parallel.run_all(list(runs.values())),
+                                         strict=True))
+            outcomes = [fake_outcomes[target] for target, _ in targets]
             for (target, _), outcome in zip(targets, outcomes, strict=True):
                 if isinstance(outcome, FakeRunError):
                     raise outcome

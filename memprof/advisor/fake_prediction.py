@@ -22,6 +22,10 @@ parameter gets a gradient (a parameter the loss never reaches gets no state in a
 the profiled backward is checked, and a run where one did not, or whose gradients are kept
 between steps (``zero_grad(set_to_none=False)``), is run again the old way: two profiled steps.
 
+The rows that change the optimizer alone (a class, ZeRO-1) share one forward and backward,
+the unchanged run's (:func:`fake_peaks`): each row's peak is composed from it and the row's own
+optimizer step, the same bytes as its own run.
+
 What a fake run cannot do raises :class:`FakeRunError` with the reason, and the advisor keeps the
 analytic prediction for that row: code that reads tensor values (``.item()`` in the model,
 data-dependent shapes). A sharded change runs as rank 0 of a fake process group
@@ -174,6 +178,29 @@ def fake_peaks(workload: Workload, rows: list[list[Any]], *, round_to: int = 1,
     return shared, results
 
 
+def optimizer_only_rows(workload: Workload, rows: list[list[Any]]) -> list[int]:
+    """The indices of ``rows`` that :func:`fake_peaks` may compose from a shared backward: the
+    changes of optimizer alone (:func:`_optimizer_only`), tried on one fake copy of the state
+    (nothing is run); none where the step cannot share one (:func:`_one_stage`)."""
+    if not _one_stage(workload):
+        return []
+    try:
+        mode = _mode_of(workload.model) or fake_mode()
+        with mode:
+            base = fake_state(workload, mode)
+            if base.optimizer_class is None and base.make_optimizer is None:
+                return []
+            return [i for i, applies in enumerate(rows) if _optimizer_only(base, applies)]
+    except Exception:  # each row's own run will say what fails
+        return []
+
+
+def _one_stage(workload: Workload) -> bool:
+    """Whether the step is one backward and one optimizer's step, then zero_grad."""
+    plans = workload.stage_plans()
+    return len(plans) == 1 and plans[0].zero_grad == "after" and plans[0].optimizers == (0,)
+
+
 #: SimState fields a change of optimizer alone may set (see :func:`_optimizer_only`).
 _OPTIMIZER_FIELDS = frozenset({"optimizer_class", "defaults", "make_optimizer",
                                "wrap_optimizer", "param_groups", "notes", "shard", "ranks"})
@@ -241,8 +268,7 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
                      round_to: int, device: str) -> int | None:
     """:func:`fake_peaks`' run: the unchanged peak, ``results`` filled for the rows composed;
     None where nothing can be shared (the caller runs :func:`fake_peak`)."""
-    plans = workload.stage_plans()
-    if len(plans) != 1 or plans[0].zero_grad != "after" or plans[0].optimizers != (0,):
+    if not _one_stage(workload):
         return None
     mode = _mode_of(workload.model) or fake_mode()
     with mode, contextlib.ExitStack() as stack:

@@ -1,6 +1,7 @@
 """Independent fake runs on several cores: forked worker processes, the same bytes as one by one.
 
-:func:`run_all` runs a list of fake runs (each a function returning a peak in bytes or raising
+:func:`run_all` runs a list of fake runs (each a function returning a peak in bytes, or a tuple
+of them for a run that predicts several rows, or raising
 :class:`~memprof.errors.FakeRunError`) and returns their outcomes in order. Where it is safe
 (Linux, ``fork``, CUDA not initialized here, more than one usable core that is idle now, or
 as many as ``MEMPROF_FAKE_WORKERS=N`` asks, see :data:`WORKERS_ENV`), it forks one worker per
@@ -36,6 +37,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -56,7 +58,11 @@ WORKER_TIMEOUT_S = 60.0
 #: write, as several workers write to one pipe).
 _MESSAGE_CHARS = 1000
 
-Outcome = int | FakeRunError
+#: What a run returns: a peak in bytes, or several (a run that predicts several rows at once,
+#: :func:`memprof.advisor.fake_prediction.fake_peaks`; None for a row it left to its own run).
+Peaks = int | tuple[int | None, ...]
+Outcome = Peaks | FakeRunError
+P = TypeVar("P", bound=Peaks)
 
 _in_worker = False
 
@@ -109,8 +115,8 @@ def _cpu_times() -> tuple[int, int] | None:
     return total - idle, total
 
 
-def run_all(runs: Sequence[Callable[[], int]],
-            costs: Sequence[float] | None = None) -> list[Outcome]:
+def run_all(runs: Sequence[Callable[[], P]],
+            costs: Sequence[float] | None = None) -> list[P | FakeRunError]:
     """Each run's peak, or the :class:`FakeRunError` it raised, in order (see the module
     docstring for how they are shared out). ``costs`` (one per run, relative) has the
     processes take the costliest runs first, so that no long run is left for the end while
@@ -128,7 +134,7 @@ def run_all(runs: Sequence[Callable[[], int]],
             _round(runs, lowest, ready, min(workers, len(ready)), done, missing)
         else:
             done[lowest] = _outcome(runs[lowest])
-    return [done[i] for i in range(len(runs))]
+    return [done[i] for i in range(len(runs))]  # type: ignore[misc]  # what each run returns
 
 
 def _measured(keys: list[str]) -> bool:
@@ -137,14 +143,14 @@ def _measured(keys: list[str]) -> bool:
     return bool(keys) and kernel_corrections.measured(keys)
 
 
-def _outcome(run: Callable[[], int]) -> Outcome:
+def _outcome(run: Callable[[], Peaks]) -> Outcome:
     try:
         return run()
     except FakeRunError as exc:
         return exc
 
 
-def _attempt(run: Callable[[], int]) -> Outcome | list[str]:
+def _attempt(run: Callable[[], Peaks]) -> Outcome | list[str]:
     """The run's outcome with no kernel measured, or the keys it lacked (none where it failed in
     a way only a run here, measuring, should report)."""
     from memprof.tracking import kernel_corrections
@@ -161,7 +167,7 @@ def _attempt(run: Callable[[], int]) -> Outcome | list[str]:
     return missed if missed else peak
 
 
-def _round(runs: Sequence[Callable[[], int]], lowest: int, ready: list[int], workers: int,
+def _round(runs: Sequence[Callable[[], Peaks]], lowest: int, ready: list[int], workers: int,
            done: dict[int, Outcome], missing: dict[int, list[str]]) -> None:
     """One round: this process runs ``lowest`` as a serial run would (measuring), while
     ``workers`` forked processes, and then this one, try the ``ready`` runs without measuring.
@@ -216,7 +222,7 @@ def _take(tickets: int) -> int | None:
     return int.from_bytes(data, "little") if len(data) == 4 else None
 
 
-def _worker(runs: Sequence[Callable[[], int]], tickets: int, answers_r: int,
+def _worker(runs: Sequence[Callable[[], Peaks]], tickets: int, answers_r: int,
             answers_w: int) -> None:  # pragma: no cover - runs in the forked child
     """A forked worker's whole life: one thread, runs from the queue, answers, exit."""
     global _in_worker
@@ -235,7 +241,8 @@ def _worker(runs: Sequence[Callable[[], int]], tickets: int, answers_r: int,
             elif isinstance(outcome, FakeRunError):
                 record = {"index": index, "error": str(outcome)}
             else:
-                record = {"index": index, "peak": int(outcome)}
+                record = {"index": index, "peak": outcome if isinstance(outcome, tuple)
+                          else int(outcome)}
             os.write(answers_w, _framed(record))
         code = 0
     finally:
@@ -278,7 +285,8 @@ def _answers(answers: int, timeout_s: float) -> list[tuple[int, Outcome | list[s
         buffer = buffer[4 + size:]
         index = int(record["index"])
         if "peak" in record:
-            found.append((index, int(record["peak"])))
+            peak = record["peak"]
+            found.append((index, tuple(peak) if isinstance(peak, list) else int(peak)))
         elif "error" in record:
             found.append((index, FakeRunError(str(record["error"]))))
         else:
