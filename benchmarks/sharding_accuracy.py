@@ -7,7 +7,7 @@ group, and the analytic formulas of a file-only profile), then each applicable r
 predicted (fake), analytic, simulated (first repeat), error of each against it, and the spread
 of the repeats (max - min bytes: 0 when the measurement is repeatable). CPU only, bytes exact.
 The simulations profile with the events backend (every allocation, CPU kernel scratch too; see
-memprof.advisor.distributed); each model's unchanged step is printed by both backends first.
+memprof.advisor.sharded_steps); each model's unchanged step is printed by both backends first.
 
     python benchmarks/sharding_accuracy.py      # convnext, gpt2, resnet-bn, llama-gqa, bert, clip
     python benchmarks/sharding_accuracy.py --models gpt2 --ranks 2 --repeats 5

@@ -1,4 +1,4 @@
-"""Sharding rows (memprof.advisor.distributed): rank 0 of a world of N over a fake process group.
+"""Sharding rows (memprof.advisor.sharded_steps): rank 0 of a world of N over a fake process group.
 
 GIVEN a workload profiled on one process, WHEN ZeRO-1 (ZeroRedundancyOptimizer), ZeRO-2 (FSDP2
 without resharding after forward) or ZeRO-3 / FSDP (FSDP2) runs it as rank 0 of N in this
@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from workloads import cnn_workload, gpt2_workload, measured, mlp_workload, wide_mlp_workload
 
-from memprof.advisor import Workload, advise, changes_for, distributed, read_facts
+from memprof.advisor import Workload, advise, changes_for, read_facts, sharded_steps
 from memprof.advisor.core import Change, model_tree
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import Measurement, SimState, seeded, simulate
 
 pytestmark = pytest.mark.slow  # forked ranks for ZeRO and FSDP
 
-if distributed.unavailable_reason() is not None:
-    pytest.skip(str(distributed.unavailable_reason()), allow_module_level=True)
+if sharded_steps.unavailable_reason() is not None:
+    pytest.skip(str(sharded_steps.unavailable_reason()), allow_module_level=True)
 
 
 def change_of(ref: Measurement, stage: str, ranks: int = 2) -> Change:
@@ -195,7 +195,7 @@ def test_the_offload_row_says_why_it_is_not_simulated() -> None:
 
 def units_of(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
-    return distributed.fsdp_units(
+    return sharded_steps.fsdp_units(
         model_tree(model),
         lambda n: type(modules[n]).__name__,
         lambda n: any(True for _ in modules[n].parameters()),

@@ -268,11 +268,11 @@ def test_zero1_shards_each_optimizer_in_its_own_class() -> None:
     which refused the head's dense gradients: every ZeRO-1 row of the pattern failed), rank 0
     keeps the state of its share (the embedding, the largest head weight) and the fake run
     predicts the simulation within 3%."""
-    from memprof.advisor import distributed
+    from memprof.advisor import sharded_steps
     from memprof.advisor.sharding import _apply_shard
 
-    if distributed.unavailable_reason():
-        pytest.skip(distributed.unavailable_reason())
+    if sharded_steps.unavailable_reason():
+        pytest.skip(sharded_steps.unavailable_reason())
     model, workload = _recommender_workload()
     zero1 = _apply_shard("zero1", 2)
     with seeded():
@@ -295,11 +295,11 @@ def test_zero1_of_a_gan_shards_each_optimizer_in_its_own_class() -> None:
     ZeRO-1 on 2 ranks is simulated THEN each is a ZeroRedundancyOptimizer of its own class over
     its own parameters (G's was SGD too: no Adam moments), rank 0 keeps the state of its
     shares, and the fake run predicts the simulation within 3%."""
-    from memprof.advisor import distributed
+    from memprof.advisor import sharded_steps
     from memprof.advisor.sharding import _apply_shard
 
-    if distributed.unavailable_reason():
-        pytest.skip(distributed.unavailable_reason())
+    if sharded_steps.unavailable_reason():
+        pytest.skip(sharded_steps.unavailable_reason())
     gan, _, _, batch = _gan()
     opt_d = torch.optim.SGD(gan.disc.parameters(), lr=1e-3, momentum=0.9)
     opt_g = torch.optim.Adam(gan.gen.parameters(), lr=2e-4)

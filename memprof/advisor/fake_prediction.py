@@ -29,7 +29,7 @@ optimizer step, the same bytes as its own run.
 What a fake run cannot do raises :class:`FakeRunError` with the reason, and the advisor keeps the
 analytic prediction for that row: code that reads tensor values (``.item()`` in the model,
 data-dependent shapes). A sharded change runs as rank 0 of a fake process group
-(:mod:`memprof.advisor.distributed`).
+(:mod:`memprof.advisor.sharded_steps`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from memprof import fake_kernels
-from memprof.advisor import distributed
+from memprof.advisor import sharded_steps
 from memprof.advisor.workload import (
     SimState,
     StepFn,
@@ -125,9 +125,9 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
             state = fake_state(workload, mode)
             for apply in applies or []:
                 apply(state)
-            if state.shard is not None:  # rank 0 of a fake process group (advisor.distributed)
-                mesh = ranks.enter_context(distributed.one_rank(state.ranks))
-                distributed.shard(state, mesh)
+            if state.shard is not None:  # rank 0 of a fake process group (advisor.sharded_steps)
+                mesh = ranks.enter_context(sharded_steps.one_rank(state.ranks))
+                sharded_steps.shard(state, mesh)
             one_step = _warm_optimizer(workload, state)
             if one_step is not None:
                 optimizer, warm = one_step
@@ -140,7 +140,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
                 for apply in applies or []:
                     apply(state)
                 if state.shard is not None:
-                    distributed.shard(state, mesh)
+                    sharded_steps.shard(state, mesh)
             optimizers = _optimizers(state)
             stepped = next((o for o in optimizers if o is not None), None)
             with _profiler(state, stepped, round_to, device) as prof:
@@ -217,7 +217,7 @@ class _Untouchable:
 def _optimizer_only(base: SimState, applies: list[Any]) -> bool:
     """Whether ``applies`` change the optimizer alone: run on a probe copy of ``base`` whose
     model and batch cannot be read, they set no field but the optimizer's (class, maker,
-    hyperparameters; ZeRO-1, which :func:`memprof.advisor.distributed.shard` makes a wrapper
+    hyperparameters; ZeRO-1, which :func:`memprof.advisor.sharded_steps.shard` makes a wrapper
     of the optimizer), keep every group's parameters, and freeze or unfreeze none."""
     import dataclasses
 
@@ -365,7 +365,7 @@ def _row_optimizer(workload: Workload, base: SimState, applies: list[Any], prof:
         for apply in applies:
             apply(row)
         if row.shard is not None:  # ZeRO-1 (see _optimizer_only): wraps the optimizer
-            distributed.shard(row, ranks.enter_context(distributed.one_rank(row.ranks)))
+            sharded_steps.shard(row, ranks.enter_context(sharded_steps.one_rank(row.ranks)))
         params = list(row.model.parameters())
         params += [p for g in row.param_groups for p in g["params"]]
         grads = {id(p): (p, p.grad) for p in params}

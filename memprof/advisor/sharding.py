@@ -7,7 +7,7 @@ gradients, and, while forward and backward run, the P/N of shards FSDP2 keeps be
 gathered parameters); ZeRO-3 and FSDP (FULL_SHARD) (P + G + O)/N plus, while forward and
 backward run, what FSDP2 gathers: the running unit's parameters and the next one's (prefetched), the
 all-gather's copy of the local shard and, in backward, the running unit's unsharded gradients
-before they are reduce-scattered. The units are those :func:`memprof.advisor.distributed.
+before they are reduce-scattered. The units are those :func:`memprof.advisor.sharded_steps.
 fsdp_units` wraps (the blocks of a ModuleList, else the root's children with parameters).
 Activations, inputs and scratch stay per rank (the batch per rank is unchanged). In the step
 that creates the optimizer's state (counted as scratch until the step ends) only O/N is
@@ -15,7 +15,7 @@ created. CPU offload moves O off the GPU. For mixed-precision Adam these are the
 2P+14P/N and 16P/N of the ZeRO paper (ZeRO-2 in its optimizer step).
 
 Predicted by a fake run and simulated at every world size in one process, as rank 0 of a fake
-process group (:mod:`memprof.advisor.distributed`): ZeRO-1 by PyTorch's
+process group (:mod:`memprof.advisor.sharded_steps`): ZeRO-1 by PyTorch's
 ZeroRedundancyOptimizer, ZeRO-2 by FSDP2 without resharding after forward, ZeRO-3 by FSDP2.
 The formulas above are the analytic fallback (a profile read from a file). The offload is
 predicted only.
@@ -35,10 +35,10 @@ from memprof.advisor.core import (
     profile_tree,
     sparse_gradients,
 )
-from memprof.advisor.distributed import fsdp_units, unavailable_reason
+from memprof.advisor.sharded_steps import fsdp_units, unavailable_reason
 from memprof.advisor.workload import SimState
 
-#: The stage each row runs (see :func:`memprof.advisor.distributed.shard`).
+#: The stage each row runs (see :func:`memprof.advisor.sharded_steps.shard`).
 STAGES = {"ZeRO-1": "zero1", "ZeRO-2": "zero2", "ZeRO-3 / FSDP": "zero3"}
 #: How each stage runs, for the row's caveat.
 RUN_BY = {

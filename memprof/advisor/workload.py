@@ -214,7 +214,7 @@ class SimState:
     #: The optimizer steps fp32 copies of the parameters (see :func:`with_master_weights`).
     master_weights: bool = False
     #: Sharded as rank 0 of ``ranks``: "zero1", "zero2" or "zero3" (see
-    #: :mod:`memprof.advisor.distributed`).
+    #: :mod:`memprof.advisor.sharded_steps`).
     shard: str | None = None
     ranks: int = 1
     notes: list[str] = field(default_factory=list)
@@ -432,7 +432,7 @@ def run(
     """Run ``workload.steps`` steps of ``state`` under memprof (its ``backend``) and measure
     them."""
     if state.shard is not None:
-        from memprof.advisor.distributed import run_sharded
+        from memprof.advisor.sharded_steps import run_sharded
 
         return run_sharded(workload, state)
     model = state.model
