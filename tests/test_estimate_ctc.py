@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from workloads import estimate_shaped_peak
 
 import memprof
 
@@ -44,19 +45,6 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"frames": torch.randn(BATCH, FRAMES, 8, generator=gen), "labels": labels}
 
 
-def _real_peak(model: nn.Module, batch: dict[str, Any]) -> int:
-    optimizer = torch.optim.AdamW(model.parameters())
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            loss = model(**batch)["loss"]
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return int(prof.profile.peak().total_bytes)
-
-
 @pytest.mark.parametrize("made", ["by the batch function", "real, passed in"])
 def test_estimate_of_a_ctc_loss_is_the_real_runs(made: str) -> None:
     """GIVEN a step whose CTC loss reads its labels' values WHEN estimated (the batch made by a
@@ -66,7 +54,7 @@ def test_estimate_of_a_ctc_loss_is_the_real_runs(made: str) -> None:
     profile = memprof.estimate(_CtcHead, batch=batch, optimizer="adamw", dtype="fp32",
                                device="cpu", steps=2)
     torch.manual_seed(0)
-    real = _real_peak(_CtcHead(), _batch())
+    real = estimate_shaped_peak(_CtcHead(), _batch())
     assert abs(profile.peak().total_bytes - real) <= real // 100
 
 
@@ -90,16 +78,5 @@ def test_estimate_of_wav2vec2_ctc_is_the_real_runs() -> None:
 
     profile = memprof.estimate(lambda: transformers.Wav2Vec2ForCTC(config), batch=batch,
                                optimizer="adamw", dtype="fp32", device="cpu", steps=2)
-    model = transformers.Wav2Vec2ForCTC(config)
-    optimizer = torch.optim.AdamW(model.parameters())
-    data = batch()
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            loss = model(**data).loss
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    real = prof.profile.peak().total_bytes
+    real = estimate_shaped_peak(transformers.Wav2Vec2ForCTC(config), batch())
     assert abs(profile.peak().total_bytes - real) <= real // 100

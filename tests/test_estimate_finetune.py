@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from workloads import estimate_shaped_peak
 
-import memprof
 from memprof.advisor.finetune import FinetuneSetup
 from memprof.estimate import estimate
 
@@ -38,21 +38,6 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def _real_peak(model: torch.nn.Module) -> int:
-    """Two real steps shaped as the estimate's: the loss backward, AdamW, zero_grad(None)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = _batch()
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            loss = model(**batch).loss
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return int(prof.profile.peak().total_bytes)
-
-
 @needs_finetune
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_a_finetuning_estimate_is_the_real_finetuning_step(method: str) -> None:
@@ -65,7 +50,7 @@ def test_a_finetuning_estimate_is_the_real_finetuning_step(method: str) -> None:
     adapters = 8 * sum(i + o for i, o in ((64, 192), (64, 64), (64, 256), (256, 64))) * 2
     assert profile.optimizers[0]["parameter_bytes"] == 4 * adapters
     real = FinetuneSetup(method, 8)(_gpt2())
-    truth = _real_peak(real)
+    truth = estimate_shaped_peak(real, _batch())
     estimated = profile.peak().total_bytes
     assert abs(estimated - truth) <= 0.01 * truth, (estimated, truth)
     full = estimate(_gpt2, batch=_batch, dtype="fp32", device="cpu").peak().total_bytes

@@ -10,6 +10,7 @@ import pytest
 import torch
 from models import make_gpt2
 from torch import nn
+from workloads import estimate_shaped_peak
 
 import memprof
 
@@ -25,28 +26,13 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def _real_peak(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Two real steps shaped as the estimate's: forward, loss, backward, AdamW over the
-    trained parameters, zero_grad(set_to_none=True)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            loss = model(**batch).loss
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return int(prof.profile.peak().total_bytes)
-
-
 def test_estimate_of_a_peft_lora_model_is_the_real_runs() -> None:
     """GIVEN a GPT-2 wrapped by peft's get_peft_model (LoRA on c_attn) WHEN estimated THEN the
     estimate runs and its peak is within 1% of two real steps (it refused before)."""
     pytest.importorskip("transformers")
     profile = memprof.estimate(_lora_gpt2, batch=_batch(), optimizer="adamw", dtype="fp32",
                                device="cpu", steps=2)
-    real = _real_peak(_lora_gpt2(), _batch())
+    real = estimate_shaped_peak(_lora_gpt2(), _batch())
     assert abs(profile.peak().total_bytes - real) <= real // 100
     trained = sum(p.numel() for p in _lora_gpt2().parameters() if p.requires_grad)
     assert profile.meta["estimate"]["num_parameters"] > trained  # the frozen base is counted too

@@ -4,6 +4,7 @@ and a cache of their measured baselines."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -90,15 +91,18 @@ def measured(name: str, factory: Callable[[], Workload]) -> tuple[Workload, Meas
     return _CACHE[name]
 
 
-def estimate_shaped_peak(model: nn.Module, batch: torch.Tensor) -> int:
-    """The peak of two real steps shaped as ``memprof.estimate``'s (forward, the output's
-    ``"loss"`` backward, AdamW, ``zero_grad(set_to_none=True)``), profiled by memprof."""
+def estimate_shaped_peak(model: nn.Module, batch: Any) -> int:
+    """The peak of two real steps shaped as ``memprof.estimate``'s (forward on a tensor, or on
+    a dict's items as keyword arguments, the output's ``"loss"`` backward, AdamW over the
+    trained parameters, ``zero_grad(set_to_none=True)``), profiled by memprof."""
     import memprof
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with memprof.profile(model, optimizer) as prof:
         for _ in range(2):
-            loss = model(batch)["loss"]
+            output = model(**batch) if isinstance(batch, dict) else model(batch)
+            loss = output["loss"]
+            del output
             loss.backward()
             del loss
             optimizer.step()
