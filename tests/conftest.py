@@ -13,6 +13,8 @@ directory of its own.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -24,3 +26,16 @@ def _fake_runs_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _kernel_measurements_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMPROF_KERNEL_CACHE", "0")
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A process group of one rank over gloo (a file store in ``tmp_path``), destroyed after."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -6,8 +6,6 @@ profiled, THEN each parameter, gradient and optimizer state is counted by its lo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -21,16 +19,6 @@ try:
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # pragma: no cover - torch before FSDP2
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard", allow_module_level=True)
-
-
-@pytest.fixture
-def one_rank(tmp_path: Path):  # type: ignore[no-untyped-def]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["dispatch", "events"])

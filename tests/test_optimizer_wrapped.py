@@ -5,24 +5,11 @@ step still ran, and a profile that ends a step per optimizer step counted each s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from memprof.tracking.session import Profiler
-
-
-@pytest.fixture
-def one_rank(tmp_path: Path):  # type: ignore[no-untyped-def]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -135,10 +135,6 @@ def _is_fake(tensor: torch.Tensor) -> bool:
     return is_fake(tensor)
 
 
-def _quantize(state: SimState, names: list[str]) -> None:
-    quantize_layers(state.model, names)
-
-
 def quantize_layers(model: nn.Module, names: list[str]) -> None:
     """Replace each layer named in ``names`` by its NF4 form (:func:`quantize_layer`)."""
     modules = ModuleNames(model)
@@ -150,7 +146,7 @@ def quantize_layers(model: nn.Module, names: list[str]) -> None:
 
 def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
     def apply(state: SimState) -> None:
-        _quantize(state, names)
+        quantize_layers(state.model, names)
         lora.lora_apply(rank, names)(state)
 
     return apply
@@ -159,7 +155,7 @@ def _apply(rank: int, names: list[str]) -> Callable[[SimState], None]:
 def _apply_to_bases(names: list[str]) -> Callable[[SimState], None]:
     """The model's own peft adapters kept, the frozen base layers under them in NF4."""
     def apply(state: SimState) -> None:
-        _quantize(state, names)
+        quantize_layers(state.model, names)
 
     return apply
 
