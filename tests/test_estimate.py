@@ -14,6 +14,7 @@ import pytest
 import torch
 from models import make_gpt2, make_mlp
 from torch import nn
+from workloads import estimate_shaped_run
 
 import memprof
 from memprof.estimate import (
@@ -33,26 +34,6 @@ COMPARED = ["module", "type", "parameter", "buffer", "gradient", "optimizer_stat
 
 def _mlp_loss(output: torch.Tensor) -> torch.Tensor:
     return output.float().pow(2).mean()
-
-
-def _real_run(model: nn.Module, call: Any, *, steps: int = 2, loss_fn: Any = None,
-              backend: str = "dispatch") -> memprof.Profile:
-    """The step estimate() runs, for real on CPU: forward, loss, backward, AdamW, zero_grad.
-
-    ``dispatch`` is the backend the estimate itself uses (fake tensors allocate nothing, so
-    there are no allocator events); ``events`` reads the real allocator's events."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with memprof.profile(model, optimizer, backend=backend) as prof:  # type: ignore[arg-type]
-        for _ in range(steps):
-            output = call(model)
-            loss = output.loss if loss_fn is None else loss_fn(output)
-            del output
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            prof.step()
-    return prof.profile
 
 
 def _ids(batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
@@ -87,7 +68,7 @@ def test_mlp_estimate_equals_the_real_cpu_run() -> None:
     x = torch.randn(32, 64)
     with kernel_corrections.disabled():
         estimated = estimate(make_mlp, batch=x, dtype="fp32", device="cpu", loss_fn=_mlp_loss)
-    real = _real_run(make_mlp(), lambda m: m(x), loss_fn=_mlp_loss)
+    real = estimate_shaped_run(make_mlp(), lambda m: m(x), loss_fn=_mlp_loss)
     # THEN every per-category, per-module and per-step figure is the real run's
     _assert_same(estimated, real)
     assert estimated.device.kind == "fake" and real.device.kind == "cpu"
@@ -98,7 +79,7 @@ def test_tiny_gpt2_estimate_equals_the_real_cpu_run() -> None:
     batch = _ids()
     with kernel_corrections.disabled():
         estimated = estimate(make_gpt2, batch=lambda: _ids(), dtype="fp32", device="cpu")
-    real = _real_run(make_gpt2(), lambda m: m(**batch))
+    real = estimate_shaped_run(make_gpt2(), lambda m: m(**batch))
     _assert_same(estimated, real, sums_in_place=True)
     info = estimated.meta["estimate"]
     params = sum(p.numel() for p in make_gpt2().parameters())
@@ -120,11 +101,11 @@ def test_estimate_agrees_with_the_real_allocators_events(make: Any) -> None:
     if make is make_mlp:
         x = torch.randn(32, 64)
         estimated = estimate(make, batch=x, dtype="fp32", device="cpu", loss_fn=_mlp_loss)
-        real = _real_run(make(), lambda m: m(x), loss_fn=_mlp_loss, backend="events")
+        real = estimate_shaped_run(make(), lambda m: m(x), loss_fn=_mlp_loss, backend="events")
     else:
         batch = _ids()
         estimated = estimate(make, batch=batch, dtype="fp32", device="cpu")
-        real = _real_run(make(), lambda m: m(**batch), backend="events")
+        real = estimate_shaped_run(make(), lambda m: m(**batch), backend="events")
     est_cat, real_cat = estimated.peak().by_category, real.peak().by_category
     # THEN what the model and optimizer hold is exact, and the peak (with the kernels' scratch
     # measured) is within 1%: the allocator also sees a few scalars no operator returns

@@ -91,21 +91,34 @@ def measured(name: str, factory: Callable[[], Workload]) -> tuple[Workload, Meas
     return _CACHE[name]
 
 
-def estimate_shaped_peak(model: nn.Module, batch: Any) -> int:
-    """The peak of two real steps shaped as ``memprof.estimate``'s (forward on a tensor, or on
-    a dict's items as keyword arguments, the output's ``"loss"`` backward, AdamW over the
-    trained parameters, ``zero_grad(set_to_none=True)``), profiled by memprof."""
+def estimate_shaped_run(model: nn.Module, call: Callable[[nn.Module], Any], *, steps: int = 2,
+                        loss_fn: Any = None, backend: str = "dispatch") -> Any:
+    """The step ``memprof.estimate`` runs, for real on the CPU and profiled by memprof: forward
+    (``call(model)``), the loss (``output.loss``, or ``loss_fn(output)``), backward, AdamW over
+    the trained parameters, ``zero_grad(set_to_none=True)``; the Profile.
+
+    ``dispatch`` is the backend the estimate itself uses (fake tensors allocate nothing, so
+    there are no allocator events); ``events`` reads the real allocator's events."""
     import memprof
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    with memprof.profile(model, optimizer) as prof:
-        for _ in range(2):
-            output = model(**batch) if isinstance(batch, dict) else model(batch)
-            loss = output["loss"]
+    with memprof.profile(model, optimizer, backend=backend) as prof:  # type: ignore[arg-type]
+        for _ in range(steps):
+            output = call(model)
+            loss = output.loss if loss_fn is None else loss_fn(output)
             del output
             loss.backward()
             del loss
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             prof.step()
-    return int(prof.profile.peak().total_bytes)
+    return prof.profile
+
+
+def estimate_shaped_peak(model: nn.Module, batch: Any) -> int:
+    """The peak of :func:`estimate_shaped_run`'s two steps on ``batch`` (a tensor, or a dict
+    passed as keyword arguments), its loss the output's ``"loss"``."""
+    profile = estimate_shaped_run(
+        model, lambda m: m(**batch) if isinstance(batch, dict) else m(batch),
+        loss_fn=lambda output: output["loss"])
+    return int(profile.peak().total_bytes)
