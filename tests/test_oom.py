@@ -101,6 +101,23 @@ def test_the_needed_peak_adds_the_failed_request_to_what_was_live() -> None:
     assert prof.profile.peak().total_bytes < needed.peak().total_bytes  # the original is kept
 
 
+def test_memprof_run_gives_back_the_address_space_a_script_capped(tmp_path: Path) -> None:
+    import resource
+
+    from memprof.commands.script_runner import Target, script_environment
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    script = tmp_path / "capped.py"
+    script.write_text("")
+    # WHEN the script caps its own address space (far above what this test maps)
+    with script_environment(Target(name="capped.py", is_module=False, argv=[str(script)],
+                                   path=script)):
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 46, before[1]))
+        assert resource.getrlimit(resource.RLIMIT_AS)[0] == 1 << 46
+    # THEN memprof's own work after it (advice, the report) runs under the limit it had before
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+
+
 # ------------------------------------------------------------------ real OOMs
 @pytest.mark.slow
 @pytest.mark.parametrize(("phase", "asked"), [("forward", GIB), ("backward", 256 << 20)])
@@ -134,6 +151,7 @@ def test_memprof_run_keeps_the_error_and_names_the_request(
     assert oom.capacity_source.startswith("RLIMIT_AS") and oom.capacity_bytes
     assert oom.budget_bytes is not None and oom.budget_bytes < oom.capacity_bytes
     assert oom.plan is not None and "explanation" in oom.plan
+    assert (reports / "train_oom.html").exists(), proc.stderr[-2000:]
     html = (reports / "train_oom.html").read_text()
     assert 'id="headline-oom"' in html and "<dt>asked for</dt>" in html
     assert "<dt>fix</dt>" in html  # the card ends with the same fix as the headline

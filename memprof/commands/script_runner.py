@@ -169,8 +169,10 @@ def execute(
 @contextlib.contextmanager
 def script_environment(target: Target) -> Iterator[None]:
     """``sys.argv`` and ``sys.path[0]`` as Python sets them for the target; restored after,
-    with the working directory (outputs are named from where memprof was started)."""
+    with the working directory (outputs are named from where memprof was started) and the
+    memory limits (a script that capped its address space must not starve the report)."""
     saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
+    saved_limits = _memory_limits()
     sys.argv = list(target.argv)
     if target.is_module:
         sys.path.insert(0, os.getcwd())
@@ -183,6 +185,33 @@ def script_environment(target: Target) -> Iterator[None]:
         sys.argv, sys.path[:] = saved_argv, saved_path
         if os.getcwd() != saved_cwd:
             os.chdir(saved_cwd)
+        _restore_memory_limits(saved_limits)
+
+
+def _memory_limits() -> dict[int, tuple[int, int]]:
+    """The soft and hard address-space and data limits (empty where ``resource`` is not)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return {}
+    limits = (resource.RLIMIT_AS, resource.RLIMIT_DATA)
+    return {which: resource.getrlimit(which) for which in limits}
+
+
+def _restore_memory_limits(saved: dict[int, tuple[int, int]]) -> None:
+    """Put back the soft limits the script changed, as far as its hard limits still allow."""
+    import resource
+
+    for which, (soft, _hard) in saved.items():
+        current_soft, current_hard = resource.getrlimit(which)
+        if current_soft == soft:
+            continue
+        if current_hard != resource.RLIM_INFINITY and (
+            soft == resource.RLIM_INFINITY or soft > current_hard
+        ):
+            soft = current_hard  # the script lowered the hard limit: the most it allows
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(which, (soft, current_hard))
 
 
 def run_target(target: Target) -> None:
