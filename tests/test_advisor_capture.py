@@ -177,3 +177,24 @@ def test_an_outside_tensor_whose_batch_dimension_cannot_be_told_gives_the_reason
         meta(40).at_batch(8, 16)
     with pytest.raises(FakeRunError, match="cannot be told"):
         meta(5, 8).at_batch(8, 4)
+
+
+def test_a_fake_run_starts_without_the_last_runs_step(captured: tuple[ScriptCapture, int]) -> None:
+    """The replayed step holds the script's variables (its logits and loss, so their graph and
+    gradients) until its next call: held across runs, the next run freed them while profiled
+    and read the last run's gradients as its own (autocast bf16 after the shared optimizer
+    run: +924,160 B, the model's gradients, in one process)."""
+    from memprof.advisor.fake_prediction import fake_peaks
+    from memprof.advisor.mixed_precision import _apply_autocast
+
+    capture, _ = captured
+    workload = capture.workload()
+    autocast = _apply_autocast(torch.bfloat16)
+    # GIVEN the same change run after a plain fake run and after the shared optimizer run
+    fake_peak(workload)
+    after_plain = fake_peak(workload, [autocast])
+    fake_peaks(workload, [])
+    assert workload.step_fn._held == []  # type: ignore[union-attr]  # nothing kept after a run
+    after_shared = fake_peak(workload, [autocast])
+    # THEN it peaks the same
+    assert after_shared == after_plain

@@ -537,6 +537,10 @@ class _ReplayStep:
         self._held_outputs: list[torch.Tensor] = []
         self._held: list[torch.Tensor] = []
 
+    def forget(self) -> None:
+        """End a fake run: let go of what the script's variables held from its last step."""
+        self._model, self._held_outputs, self._held = None, [], []
+
     def stage_loss(self, model: nn.Module, batch: Any, carry: dict[str, Any]) -> torch.Tensor:
         """The step as a :class:`~memprof.advisor.workload.Stage`'s loss."""
         return self(model, batch)

@@ -121,6 +121,7 @@ def fake_peak(workload: Workload, applies: list[Any] | None = None, *, round_to:
     mode = _mode_of(workload.model) or fake_mode()
     try:
         with mode, contextlib.ExitStack() as ranks:
+            ranks.callback(forget_last_step, workload)
             ranks.enter_context(fake_kernels.active())  # kernels fake mode lacks for the CPU
             state = fake_state(workload, mode)
             for apply in applies or []:
@@ -272,6 +273,7 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
         return None
     mode = _mode_of(workload.model) or fake_mode()
     with mode, contextlib.ExitStack() as stack:
+        stack.callback(forget_last_step, workload)
         stack.enter_context(fake_kernels.active())
         base = fake_state(workload, mode)
         if base.optimizer_class is None and base.make_optimizer is None:
@@ -399,6 +401,18 @@ def _profiler(state: SimState, optimizer: torch.optim.Optimizer | None, round_to
 
     return Profiler(state.model, optimizer, round_to=round_to, device_modelled=device,
                     model_reserved=False)
+
+
+def forget_last_step(workload: Workload) -> None:
+    """Drop what the workload's step function keeps of its last call (a script's replayed
+    step holds the script's variables, and with them that step's graph and gradients): the
+    next fake run must not start with this one's tensors alive, or free them while it is
+    profiled."""
+    losses = [workload.step_fn, *(stage.loss for stage in workload.stages or [])]
+    for loss in losses:
+        forget = getattr(getattr(loss, "__self__", loss), "forget", None)
+        if callable(forget):
+            forget()
 
 
 def _mode_of(model: nn.Module) -> Any:
