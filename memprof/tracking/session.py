@@ -77,6 +77,11 @@ from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.results import ProfileResults
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
+from memprof.tracking.thread_state import (
+    in_accumulate_grad,
+    leave_for_collectives,
+    process_group_running,
+)
 
 _graph_task_id = torch._C._current_graph_task_id
 #: Whether torch.compile is tracing this call. The hooks then leave nothing in the graph (no
@@ -305,7 +310,11 @@ class Profiler(ProfileResults):
             )
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
-        self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        #: The pack hook as pushed (a bound method is a new object at each access): the one
+        #: the hooks stack holds (:func:`memprof.tracking.thread_state.leave_for_collectives`).
+        self._pack_hook = self._pack
+        self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack_hook,
+                                                                          _unpack)
         self._saved_hooks.__enter__()
         self._compiled = CompiledOwners()
         if self._events is not None and compile_loaded():  # dispatch: nothing is compiled
@@ -795,6 +804,10 @@ class Profiler(ProfileResults):
     def _on_grad(self, owner: int, param: torch.Tensor) -> None:
         """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
         part)."""
+        if process_group_running() and not self._fake and in_accumulate_grad():
+            # DDP's reducer launches its all-reduce from this node's post hooks, next: its
+            # work must not capture memprof's hooks or mode (a hang at teardown, #25)
+            leave_for_collectives(self._pack_hook, (self._mode, self._op_traces.mode))
         grad = param.grad
         if not self._live_recording or grad is None:
             return
