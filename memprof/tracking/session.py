@@ -256,6 +256,9 @@ class Profiler(ProfileResults):
         self._engines = EngineWatch()  # DDP/FSDP2 modules, read at each step
         self._buckets = BucketsBefore()  # DDP's buckets made before the profile
         self._buckets_scanned = 0  # registered modules looked at for them
+        #: Whether collectives can run (a real process group exists): read at each step and
+        #: where modules are registered (a DDP module's first forward: its group exists)
+        self._collectives = process_group_running() and not self._fake
         self._oom = OomWatch(self.ledger, self._name)
         oom_report.attach_cuda_observer()
         oom_report.take_cuda_oom()  # forget failures from before this profile
@@ -394,6 +397,7 @@ class Profiler(ProfileResults):
         if Profiler._active is not self:
             raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
         device = _device_stats() if self._live_recording else None
+        self._collectives = process_group_running() and not self._fake
         if self._live_recording:
             self._watch_engines()
             self._ddp_buckets()  # (a DDP module that died: its buckets went with it)
@@ -541,6 +545,7 @@ class Profiler(ProfileResults):
         :class:`~memprof.tracking.distributed.BucketsBefore`)."""
         index = self.registry.index
         if len(index) != self._buckets_scanned:
+            self._collectives = process_group_running() and not self._fake
             new = list(index.items())[self._buckets_scanned:]
             self._buckets_scanned = len(index)
             for module, idx in new:
@@ -853,7 +858,7 @@ class Profiler(ProfileResults):
     def _on_grad(self, owner: int, param: torch.Tensor) -> None:
         """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
         part)."""
-        if process_group_running() and not self._fake and in_accumulate_grad():
+        if self._collectives and in_accumulate_grad():
             # DDP's reducer launches its all-reduce from this node's post hooks, next: its
             # work must not capture memprof's hooks or mode (a hang at teardown, #25)
             leave_for_collectives(self._pack_hook, (self._mode, self._op_traces.mode))
