@@ -9,6 +9,8 @@ The engine's memory is described from the engine's own bookkeeping, read once wh
 profile is built: DDP's ``_get_ddp_logging_data()`` (its bucket sizes, in bytes, and whether
 the gradients are views of the buckets) and, for each FSDP2 unit (a module ``fully_shard``
 wrapped), its ``FSDPParam``'s sharded, padded and unsharded sizes. Nothing is allocated.
+The same report gives the ledger the DDP buckets made before the profile, which no allocation
+event shows (:class:`BucketsBefore`).
 """
 
 from __future__ import annotations
