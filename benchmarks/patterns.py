@@ -122,7 +122,7 @@ mamba               ok     dispatch +5.715% (2)         ok          ok     -0.00
 mixtral-moe         ok     ok                           ok          ok     -0.001% (3)
 gan-two-optimizers  ok     ok                           ok          ok     not estimable (1)
 grad-accumulation   ok     ok                           ok          ok     not estimable (1)
-ddp-no-sync         ok     events +14.329% step 1 (4)   ok          ok     not estimable (1)
+ddp-no-sync         ok     ok (4)                       ok          ok     not estimable (1)
 torch-compile       ok     ok (5)                       ok          ok     not estimable (1)
 unet-groupnorm      ok     ok                           ok          ok     -0.000%
 ctc-speech          ok     ok (6)                       ok          ok     -0.000% (6)
@@ -132,8 +132,9 @@ chunked-loss        ok     ok                           ok          ok     not e
 
 (1) the step is not estimate's (forward, loss of the output, one backward, AdamW): the table
 prints why per pattern. (2) a dispatch mode changes the run itself (below). (3) refused
-before: ``estimate`` of a CPU step now runs ``memprof/fake_kernels.py``. (4) DDP's bucket
-made before profiling (below).
+before: ``estimate`` of a CPU step now runs ``memprof/fake_kernels.py``. (4) was events
++14.329% at step 1: DDP's bucket made before profiling (below; 2026-12-07, later: +0.000%,
+dispatch -0.005%).
 (5) results bitwise: the dispatch run of the compiled model is not, nor is a run under a
 no-op dispatch mode, which it equals (dynamo compiles another graph under a mode). (6) the
 pattern runs with LayerDrop off (below); the estimate refused at ``labels.max()``: the batch's
@@ -158,14 +159,16 @@ Where the two backends part (``mode%``: the run itself under a no-op dispatch mo
   step 1, when the second iteration's ``_pre_forward`` calls ``reducer._rebuild_buckets()`` (C++
   ``Reducer::initialize_buckets`` makes the new one: an ``aten.empty`` a dispatch mode sees).
   The reference now records from before the loop is built: step 1 is 102,964 B above its
-  start like every later step, and the dispatch backend is exact (-12 B, a scalar; it sees the
-  old bucket's storage die). The events backend, reading the same source, now shows +37,408 B
-  (+14.3%) at step 1 only: it never counted the bucket made before profiling (no hook gives it
-  a role and a pointer), so step 1's start is that much low while the new bucket counts; its
-  peak in absolute bytes is right, later steps exact (where profiling starts after the
-  rebuild its live bytes presumably lack the bucket all along: not checked). Not fixed: the
-  events ledger would need the old bucket's address, or the rebuild's moment (DDP calls
-  ``reducer._rebuild_buckets()`` from Python in ``_pre_forward``: wrapping it could tell).
+  start like every later step. The events backend, reading the same source, showed
+  +37,408 B (+14.3%) at step 1 only: it never counted the bucket made before profiling, so
+  step 1's start was that much low while the new bucket counted. The dispatch backend was
+  exact only because its mode saw the old bucket as the output of the copy into it in DDP's
+  gradient hook, which the fix for #25's hang no longer lets it see (memprof's objects leave
+  the thread state there: ``memprof/tracking/thread_state.py``). Now both enter the buckets
+  a DDP module made before the profile from its reducer's own report of their sizes, and end
+  them where DDP says it rebuilt them (``_has_rebuilt_buckets``, read at the next module's
+  forward): events +0.000%, dispatch -0.005% (a scalar), both at every step
+  (``BucketsBefore`` in ``memprof/tracking/distributed.py``; tests/test_ddp.py).
 * ctc-speech (before LayerDrop was turned off in the pattern) -16.801%, mode% +0.000%: step
   1 skipped encoder layers (LayerDrop's random draw) and peaked inside the positional
   convolution's backward, whose kernel scratch (720,580 B) is no operator's output. With

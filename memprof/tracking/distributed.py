@@ -9,6 +9,8 @@ The engine's memory is described from the engine's own bookkeeping, read once wh
 profile is built: DDP's ``_get_ddp_logging_data()`` (its bucket sizes, in bytes, and whether
 the gradients are views of the buckets) and, for each FSDP2 unit (a module ``fully_shard``
 wrapped), its ``FSDPParam``'s sharded, padded and unsharded sizes. Nothing is allocated.
+The same report gives the ledger the DDP buckets made before the profile, which no allocation
+event shows (:class:`BucketsBefore`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from memprof.units import round_up
 
 if TYPE_CHECKING:
     from memprof.tracking.modules import ModuleRegistry
@@ -222,14 +226,20 @@ def _process_group_backend() -> str | None:
         return None
 
 
+def _ddp_buckets(module: nn.parallel.DistributedDataParallel) -> tuple[list[int], bool]:
+    """The bytes of each of DDP's gradient buckets (as its reducer last reported them) and
+    whether the gradients are views of them."""
+    data = module._get_ddp_logging_data()
+    sizes = [int(s) for s in str(data.get("bucket_sizes", "")).split(",") if s.strip()]
+    return sizes, bool(data.get("gradient_as_bucket_view", 0))
+
+
 def _ddp_memory(module: nn.Module, name: str) -> list[EngineMemory]:
     if not isinstance(module, nn.parallel.DistributedDataParallel):
         return []
-    data = module._get_ddp_logging_data()
-    sizes = [int(s) for s in str(data.get("bucket_sizes", "")).split(",") if s.strip()]
+    sizes, as_view = _ddp_buckets(module)
     if not sizes:
         return []
-    as_view = bool(data.get("gradient_as_bucket_view", 0))
     how = ("the gradients are views of these buckets (gradient_as_bucket_view=True): counted "
            "as gradient" if as_view else
            "a flat copy of the gradients for all-reduce, on top of the .grad tensors")
@@ -280,6 +290,85 @@ def _fsdp_memory(module: nn.Module, name: str) -> list[EngineMemory]:
     return rows
 
 
+class BucketsBefore:
+    """DDP's gradient buckets made before the profile, which no allocation event shows.
+
+    DDP's constructor makes its first buckets (flat copies of the gradients for all-reduce,
+    with ``gradient_as_bucket_view=False``); its reducer frees them in the first forward after
+    the first backward, when it rebuilds them in the order the gradients came
+    (``reducer._rebuild_buckets()`` in ``_pre_forward``). Made before the profile, they were
+    never seen allocated: live memory missing from the totals, and the CPU allocator reports
+    no free of a block it did not see allocated, while it reports the new buckets' allocation:
+    a step with the rebuild read one bucket set high above its start (+14.3% on the DDP
+    pattern, #25). Each such bucket gets a ledger entry of its own (its size from the reducer's
+    own report, no address: see :meth:`found`), ended when the reducer has rebuilt them (DDP's
+    ``_has_rebuilt_buckets``, read at the next module's forward, the first hook after
+    ``_pre_forward``) or when the module dies.
+
+    A DDP module built inside the profile (a script ``memprof run`` runs) is left out: its
+    buckets' allocation was seen (:meth:`note_built`, a global module registration hook, sees
+    DDP set its ``module`` attribute in its constructor). Gradients that are views of the
+    buckets are counted as gradients already (the ``gradient`` category holds the buckets).
+    """
+
+    def __init__(self) -> None:
+        self._built_inside: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        #: (the module, its buckets' keys, whether it will rebuild them), until the buckets
+        #: are rebuilt or the module dies
+        self._entered: list[tuple[weakref.ref[nn.Module], list[int], bool]] = []
+        #: Whether an entered module will still rebuild its buckets (then read :meth:`gone`
+        #: at each module's forward, until it has)
+        self.rebuild_ahead = False
+
+    def note_built(self, module: nn.Module, name: str, submodule: Any) -> None:
+        """A global module registration hook: remember the DDP modules built from now on."""
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            self._built_inside.add(module)
+
+    def found(self, module: nn.Module) -> list[int]:
+        """The sizes of the buckets of ``module``, just registered, that the profile must enter
+        ([] for a module that is no DDP, was found before or built inside the profile, or
+        whose gradients are views of its buckets). Call :meth:`entered` with their keys."""
+        if (not isinstance(module, nn.parallel.DistributedDataParallel)
+                or module in self._seen or module in self._built_inside):
+            return []
+        self._seen.add(module)
+        try:
+            sizes, as_view = _ddp_buckets(module)
+            cuda = any(p.is_cuda for p in module.parameters())
+        except Exception:  # private engine internals: a change there must not lose the profile
+            return []
+        if as_view:
+            return []
+        return [round_up(size, 512) for size in sizes] if cuda else sizes  # CUDA's blocks
+
+    def entered(self, module: nn.Module, keys: list[int]) -> None:
+        """Watch ``module``, whose buckets were entered under ``keys``."""
+        # The reducer rebuilds once, where it will: not where it finds unused parameters
+        # each step (unless the graph is static), nor where it did before the profile.
+        rebuilds = (not getattr(module, "_has_rebuilt_buckets", True)
+                    and (bool(getattr(module, "static_graph", False))
+                         or not getattr(module, "find_unused_parameters", False)))
+        self._entered.append((weakref.ref(module), keys, rebuilds))
+        self.rebuild_ahead = self.rebuild_ahead or rebuilds
+
+    def gone(self) -> list[int]:
+        """The keys of the entered buckets freed since the last call: their module rebuilt its
+        buckets or died."""
+        ended: list[int] = []
+        keep = []
+        for ref, keys, rebuilds in self._entered:
+            module = ref()
+            if module is None or (rebuilds and getattr(module, "_has_rebuilt_buckets", False)):
+                ended += keys
+            else:
+                keep.append((ref, keys, rebuilds))
+        self._entered = keep
+        self.rebuild_ahead = any(rebuilds for _, _, rebuilds in keep)
+        return ended
+
+
 def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The sharded parameters of the FSDP2 unit ``module`` is ([] for any other module): the
     storage this rank keeps for them, alive even while the module's attributes hold the
@@ -302,6 +391,7 @@ def _numel(size: Any) -> int:
 
 
 __all__ = [
+    "BucketsBefore",
     "EngineMemory",
     "EngineWatch",
     "RankInfo",

@@ -525,6 +525,12 @@ class StorageLedger:
             self.allocator.malloc(entry.key, nbytes)
         self._insert(fixed)
 
+    def unseen_key(self) -> int:
+        """A key for memory whose address the ledger never learns (negative: never a
+        storage's id or address, nor a spike's)."""
+        self._spikes -= 1
+        return self._spikes
+
     def spike(self, nbytes: int) -> None:
         """A moment's scratch of the running op: ``nbytes`` allocated and freed at once."""
         self._spikes -= 1

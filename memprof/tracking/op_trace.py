@@ -244,6 +244,11 @@ class OpTraces:
         self._mode: OpTraceMode | None = None
         self._done: list[tuple[int, OpTrace]] = []
 
+    @property
+    def mode(self) -> OpTraceMode | None:
+        """The dispatch mode recording now (None: none)."""
+        return self._mode
+
     def start(self) -> None:
         if not self._enabled or self._left <= 0 or self.trace is not None:
             return

@@ -8,7 +8,10 @@ It installs, for its lifetime only:
   ``grad_fn`` (the module whose backward is running; in C++ with memprof's recorder);
 * ``saved_tensors_hooks`` whose pack hook marks what autograd saves as activations;
 * ``post_accumulate_grad`` hooks on parameters (gradients) and global optimizer step hooks
-  (the optimizer phase and its persistent state).
+  (the optimizer phase and its persistent state);
+* a global module registration hook (which DDP modules are built inside the profile: the
+  buckets of the others are entered from their reducer's report, see
+  :class:`~memprof.tracking.distributed.BucketsBefore`).
 
 Everything is removed on exit, also when the body raises; the partial profile stays usable.
 """
@@ -60,6 +63,7 @@ from memprof.tracking.ledger import (
     OTHER,
     OTHER_PHASE,
     OUTSIDE,
+    RAW_DTYPE,
     TEMPORARY,
     Entry,
     Facts,
@@ -77,6 +81,11 @@ from memprof.tracking.reserved import ReservedModel
 from memprof.tracking.results import ProfileResults
 from memprof.tracking.schedule import StepAction, every_step
 from memprof.tracking.source import SourceSampler, user_source
+from memprof.tracking.thread_state import (
+    in_accumulate_grad,
+    leave_for_collectives,
+    process_group_running,
+)
 
 _graph_task_id = torch._C._current_graph_task_id
 #: Whether torch.compile is tracing this call. The hooks then leave nothing in the graph (no
@@ -242,9 +251,14 @@ class Profiler(ProfileResults):
         self._step_start_bytes = 0
         self._step_started = 0.0
         self._in_backward = False
-        from memprof.tracking.distributed import EngineWatch
+        from memprof.tracking.distributed import BucketsBefore, EngineWatch
 
         self._engines = EngineWatch()  # DDP/FSDP2 modules, read at each step
+        self._buckets = BucketsBefore()  # DDP's buckets made before the profile
+        self._buckets_scanned = 0  # registered modules looked at for them
+        #: Whether collectives can run (a real process group exists): read at each step and
+        #: where modules are registered (a DDP module's first forward: its group exists)
+        self._collectives = process_group_running() and not self._fake
         self._oom = OomWatch(self.ledger, self._name)
         oom_report.attach_cuda_observer()
         oom_report.take_cuda_oom()  # forget failures from before this profile
@@ -288,9 +302,13 @@ class Profiler(ProfileResults):
 
     def _install(self) -> None:
         ledger = self.ledger
+        self._handles.append(
+            nn.modules.module.register_module_module_registration_hook(self._buckets.note_built)
+        )
         self.registry.grad_sink = self._on_grad  # (before the model's parameters get hooks)
         if self._model is not None:
             self.registry.register_tree(self._model, "", None)
+            self._ddp_buckets()
         if self._optimizer is not None:
             self._track_state(self._optimizer_state(self._optimizer))
         self._handles.append(
@@ -305,7 +323,11 @@ class Profiler(ProfileResults):
             )
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
-        self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        #: The pack hook as pushed (a bound method is a new object at each access): the one
+        #: the hooks stack holds (:func:`memprof.tracking.thread_state.leave_for_collectives`).
+        self._pack_hook = self._pack
+        self._saved_hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._pack_hook,
+                                                                          _unpack)
         self._saved_hooks.__enter__()
         self._compiled = CompiledOwners()
         if self._events is not None and compile_loaded():  # dispatch: nothing is compiled
@@ -375,8 +397,10 @@ class Profiler(ProfileResults):
         if Profiler._active is not self:
             raise RuntimeError("prof.step() called outside its `with memprof.profile(...)` block")
         device = _device_stats() if self._live_recording else None
+        self._collectives = process_group_running() and not self._fake
         if self._live_recording:
             self._watch_engines()
+            self._ddp_buckets()  # (a DDP module that died: its buckets went with it)
         oom_report.attach_cuda_observer()  # once CUDA is initialised; then a flag check
         self._step += 1
         self._forwards_in_step = 0
@@ -472,6 +496,8 @@ class Profiler(ProfileResults):
         if events is None:
             ledger = self.ledger
             idx = self.registry.index_of(module, ledger.current_module)
+            if len(self.registry.index) != self._buckets_scanned or self._buckets.rebuild_ahead:
+                self._ddp_buckets()
             inputs = None if recompute or ledger.frames else _held(ledger, _tensors(args))
             self._forward_pre_apply(idx, recompute, inputs)
             return
@@ -479,6 +505,8 @@ class Profiler(ProfileResults):
         known = self.registry.index.get(module)  # (registered: the common case, one lookup)
         idx = (known if known is not None
                else self.registry.index_of(module, stack[-1][0] if stack else OUTSIDE))
+        if len(self.registry.index) != self._buckets_scanned or self._buckets.rebuild_ahead:
+            self._ddp_buckets()  # (buffered: applied at this module's marker, before its frame)
         if is_compiled(module):  # with the module it runs (whose hooks may run outside it)
             self._op_traces.abandon()  # before dynamo sees the frame: it must run compiled
             self._compiled_modules.add(idx)
@@ -510,6 +538,41 @@ class Profiler(ProfileResults):
     def _kwargs_inputs_apply(self, inputs: list[Any]) -> None:
         if self.ledger.recording:
             self._mark_inputs(inputs)
+
+    def _ddp_buckets(self) -> None:
+        """Enter the buckets of the DDP modules registered since the last call that were made
+        before the profile, and end those freed since (see
+        :class:`~memprof.tracking.distributed.BucketsBefore`)."""
+        index = self.registry.index
+        if len(index) != self._buckets_scanned:
+            self._collectives = process_group_running() and not self._fake
+            new = list(index.items())[self._buckets_scanned:]
+            self._buckets_scanned = len(index)
+            for module, idx in new:
+                sizes = self._buckets.found(module)
+                if sizes:
+                    keys = [self.ledger.unseen_key() for _ in sizes]
+                    self._buckets.entered(module, keys)
+                    self._defer(self._buckets_enter_apply, keys, sizes, idx)
+        gone = self._buckets.gone()
+        if gone:
+            self._defer(self._buckets_end_apply, gone)
+
+    def _defer(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` now (dispatch backend, or the events backend before it records), or
+        with the next marker (events)."""
+        if self._events is not None and self.registry.defer is not None:
+            self._events.buffer(fn, *args)
+        else:
+            fn(*args)
+
+    def _buckets_enter_apply(self, keys: list[int], sizes: list[int], idx: int) -> None:
+        for key, size in zip(keys, sizes, strict=True):
+            self.ledger.alloc(key, size, OTHER, idx, (size,), RAW_DTYPE)
+
+    def _buckets_end_apply(self, keys: list[int]) -> None:
+        for key in keys:
+            self.ledger.free(key)
 
     def _forward_pre_apply(self, idx: int, recompute: bool, inputs: list[Any] | None) -> None:
         ledger = self.ledger
@@ -795,6 +858,10 @@ class Profiler(ProfileResults):
     def _on_grad(self, owner: int, param: torch.Tensor) -> None:
         """A gradient was accumulated into ``param.grad``, owned by module ``owner`` (live
         part)."""
+        if self._collectives and in_accumulate_grad():
+            # DDP's reducer launches its all-reduce from this node's post hooks, next: its
+            # work must not capture memprof's hooks or mode (a hang at teardown, #25)
+            leave_for_collectives(self._pack_hook, (self._mode, self._op_traces.mode))
         grad = param.grad
         if not self._live_recording or grad is None:
             return
