@@ -46,15 +46,15 @@ from memprof import fake_kernels
 from memprof.advisor import sharded_steps
 from memprof.advisor.workload import (
     SimState,
-    StepFn,
     Workload,
-    cast_in_step,
     copy_optimizers,
+    loss_preparation,
     step_batch,
     step_input,
-    train_step,
+    step_plans,
 )
 from memprof.errors import FakeRunError, KernelNotMeasured, first_line
+from memprof.training_step import forward_only, training_step
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
 #: :func:`_warm_optimizer`): the second has the optimizer state the first creates.
@@ -257,8 +257,9 @@ def _row_state(base: SimState, **fields: Any) -> SimState:
 
 
 class _SharedStep:
-    """Stands for the optimizer in the shared run's :func:`train_step`: its step is every
-    row's (see :func:`_shared_backward`); zero_grad leaves the gradients to the next row."""
+    """Stands for the optimizer in the shared run's step
+    (:func:`~memprof.training_step.training_step`): its step is every row's (see
+    :func:`_shared_backward`); zero_grad leaves the gradients to the next row."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         del set_to_none
@@ -279,10 +280,6 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
         shared = [i for i, applies in enumerate(rows) if _optimizer_only(base, applies)]
         reference: list[int | None] = [None]
         from memprof.estimate.grad_accumulation import InPlaceGradSums
-
-        def backward(loss: torch.Tensor) -> None:
-            with InPlaceGradSums():  # as _steps' backward
-                loss.backward()
 
         with _profiler(base, None, round_to, device) as prof:
 
@@ -305,9 +302,11 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
 
             base.model.train()
             held = step_input(workload, step_batch(workload, base))
-            loss = train_step(workload, base, [_SharedStep()], base.model,  # type: ignore[list-item]
-                              held, autocast=contextlib.nullcontext, backward=backward,
-                              step=steps)
+            loss = training_step(base.model, held, step_plans(workload, base),
+                                 [_SharedStep()],  # type: ignore[list-item]
+                                 prepare_loss=loss_preparation(workload, base),
+                                 around_backward=InPlaceGradSums,  # as _steps' backward
+                                 step_optimizer=steps)
             del loss
             prof.step()
     if reference[0] is None:
@@ -639,14 +638,9 @@ def _steps(workload: Workload, state: SimState,
 
     model = state.model
     batch = step_batch(workload, state)
-    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
-    for wrap in state.wrap_step:
-        loss_of = wrap(loss_of)
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if state.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=state.autocast)
+    prepare = loss_preparation(workload, state)
+    autocast = None if state.autocast is None else ("cpu", state.autocast)
+    plans = step_plans(workload, state)
 
     model.train()
     scaler = torch.amp.GradScaler("cpu") if state.grad_scaler and optimizers else None
@@ -656,12 +650,6 @@ def _steps(workload: Workload, state: SimState,
         # a first step would have made the scaler's scale and growth tracker: so does this
         # (update() then leaves them as they are; sizes are what matter here)
         scaler.scale(torch.zeros(()))
-
-    def backward(loss: torch.Tensor) -> None:
-        # autograd sums a tensor's gradients in place where a real run would (it never does
-        # for fake tensors: one buffer too many, a Mamba's scan +5.7%)
-        with InPlaceGradSums():
-            (loss if scaler is None else scaler.scale(loss)).backward()
 
     def step(optimizer: torch.optim.Optimizer) -> None:
         nonlocal missed
@@ -677,14 +665,15 @@ def _steps(workload: Workload, state: SimState,
 
     for _ in range(steps):
         held = step_input(workload, batch)
+        loss: torch.Tensor | None
         if not optimizers:
-            with torch.no_grad(), autocast():
-                loss = loss_of(model, held)
+            loss = forward_only(model, held, prepare(workload.loss), autocast)
         else:
-            loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
-                              backward=backward, step=step)
-            if scaler is not None:
-                scaler.update()
+            # autograd sums a tensor's gradients in place where a real run would (it never
+            # does for fake tensors: one buffer too many, a Mamba's scan +5.7%)
+            loss = training_step(model, held, plans, optimizers, autocast=autocast,
+                                 scaler=scaler, prepare_loss=prepare,
+                                 around_backward=InPlaceGradSums, step_optimizer=step)
         del loss
         prof.step()
     return missed

@@ -15,7 +15,7 @@ import copy
 import inspect
 import statistics
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,14 +23,10 @@ from torch import nn
 
 from memprof.profile import Profile
 from memprof.tracking import session
+from memprof.training_step import StageLoss, StagePlan, StepFn, forward_only, training_step
 
-StepFn = Callable[[nn.Module, Any], torch.Tensor]
 #: Builds an optimizer over param groups (each with "params" and its hyperparameters).
 OptimizerMaker = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
-#: A stage's loss: ``(model, batch, carry) -> loss``; ``carry`` is a dict made fresh for each
-#: step, where a stage leaves what a later stage of the same step reuses (a GAN's generated
-#: batch), as the loop's local variables do.
-StageLoss = Callable[[nn.Module, Any, dict[str, Any]], torch.Tensor]
 
 #: The param-group key naming which of a workload's optimizers a copied group belongs to (see
 #: :meth:`SimState.build_optimizers`; absent: the first).
@@ -59,17 +55,6 @@ class Stage:
             raise ValueError(f"zero_grad must be 'before' or 'after', not {self.zero_grad!r}")
         if not self.optimizers:
             raise ValueError("a stage steps at least one optimizer")
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """A stage as the runs see it: the loss and the indices of its optimizers in
-    :meth:`Workload.optimizer_list`."""
-
-    loss: StageLoss
-    optimizers: tuple[int, ...]
-    zero_grad: str
-    set_to_none: bool
 
 
 @dataclass
@@ -122,8 +107,9 @@ class Workload:
         return found
 
     def stage_plans(self) -> list[StagePlan]:
-        """The step's stages (one, from ``step_fn``/``loss_fn``/``set_to_none``, without
-        ``stages``)."""
+        """The step's stages as :func:`memprof.training_step.training_step` runs them, their
+        optimizers indices in :meth:`optimizer_list` (one stage, from
+        ``step_fn``/``loss_fn``/``set_to_none``, without ``stages``)."""
         if self.stages is None:
             return [StagePlan(lambda model, batch, carry: self.loss(model, batch), (0,),
                               "after", self.set_to_none)]
@@ -437,19 +423,13 @@ def run(
         return run_sharded(workload, state)
     model = state.model
     batch = step_batch(workload, state)
-    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
-    for wrap in state.wrap_step:
-        loss_of = wrap(loss_of)
+    prepare = loss_preparation(workload, state)
     training = state.optimizer_class is not None or state.make_optimizer is not None
 
     device = _device_type(model)
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if state.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device, dtype=state.autocast)
-
-    with torch.no_grad(), autocast():
+    autocast = None if state.autocast is None else (device, state.autocast)
+    with torch.no_grad(), (torch.autocast(device, dtype=state.autocast) if autocast
+                           else contextlib.nullcontext()):
         model.eval()
         cast = cast_batch(workload, state, batch)
         outputs = workload.outputs(model, cast).detach().float().clone()
@@ -459,32 +439,25 @@ def run(
     first = next((o for o in optimizers if o is not None), None)
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizers else None
-
-    def backward(loss: torch.Tensor) -> None:
-        (loss if scaler is None else scaler.scale(loss)).backward()
-
-    def step(optimizer: torch.optim.Optimizer) -> None:
-        if scaler is None:
-            optimizer.step()
-        else:  # skips the step when the scaled gradients overflowed
-            scaler.step(optimizer)
+    plans = step_plans(workload, state)
 
     with session.profile(model, first, backend=backend) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1
             held = step_input(workload, batch)
+            loss: torch.Tensor | None
             if not optimizers:
-                with torch.no_grad(), autocast():
-                    loss = loss_of(model, held)
+                loss = forward_only(model, held, prepare(workload.loss), autocast)
             else:
                 scale = scaler.get_scale() if scaler is not None else 0.0
-                loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
-                                  backward=backward, step=step)
-                if scaler is not None:
-                    scaler.update()
-                    if scaler.get_scale() < scale and attempts < workload.steps + MAX_SKIPPED_STEPS:
-                        stepped -= 1  # skipped: not the steady state (no optimizer state yet)
+                # scaler.step skips the step when the scaled gradients overflowed
+                loss = training_step(model, held, plans, optimizers, autocast=autocast,
+                                     scaler=scaler, prepare_loss=prepare)
+                if scaler is not None and scaler.get_scale() < scale \
+                        and attempts < workload.steps + MAX_SKIPPED_STEPS:
+                    stepped -= 1  # skipped: not the steady state (no optimizer state yet)
+            assert loss is not None
             last = float(loss.detach().float())
             del loss
             prof.step()
@@ -502,51 +475,26 @@ def run(
     )
 
 
-def train_step(
-    workload: Workload,
-    state: SimState,
-    optimizers: list[torch.optim.Optimizer | None],
-    model: nn.Module,
-    batch: Any,
-    *,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-    backward: Callable[[torch.Tensor], None],
-    step: Callable[[torch.optim.Optimizer], None],
-) -> torch.Tensor:
-    """One training step of ``workload`` on ``state``'s copies: each stage's loss (under
-    ``autocast``, through the change's ``wrap_step``), ``backward``, ``step`` of its optimizers
-    (``optimizers``, from :meth:`SimState.build_optimizers`), and ``zero_grad`` where the stage
-    says (``set_to_none`` as the stage, or the change's ``free_gradients``). A stage's loss
-    lives until its optimizers have stepped; the last stage's is returned."""
-    carry: dict[str, Any] = {}
-    loss: torch.Tensor | None = None
-    plans = workload.stage_plans()
-    for index, plan in enumerate(plans):
-        stage_optimizers = [o for o in (optimizers[i] for i in plan.optimizers) if o is not None]
-        free = plan.set_to_none if state.free_gradients is None else state.free_gradients
-        if plan.zero_grad == "before":
-            for optimizer in stage_optimizers:
-                optimizer.zero_grad(set_to_none=free)
+def loss_preparation(workload: Workload, state: SimState) -> Callable[[StepFn], StepFn]:
+    """What every loss of a step of ``state`` goes through: the batch's cast in the step
+    (:func:`cast_in_step`), then the change's ``wrap_step``."""
 
-        def stage_loss(model: nn.Module, batch: Any, plan: StagePlan = plan) -> torch.Tensor:
-            return plan.loss(model, batch, carry)
-
-        loss_of: StepFn = cast_in_step(workload, state, stage_loss)
+    def prepare(loss_of: StepFn) -> StepFn:
+        loss_of = cast_in_step(workload, state, loss_of)
         for wrap in state.wrap_step:
             loss_of = wrap(loss_of)
-        with autocast():
-            loss = loss_of(model, batch)
-        backward(loss)
-        for optimizer in stage_optimizers:
-            step(optimizer)
-        if plan.zero_grad == "after":
-            for optimizer in stage_optimizers:
-                optimizer.zero_grad(set_to_none=free)
-        if index < len(plans) - 1:
-            del loss  # a stage's loss lives through its step, the last one's to the step's end
-            loss = None
-    assert loss is not None
-    return loss
+        return loss_of
+
+    return prepare
+
+
+def step_plans(workload: Workload, state: SimState) -> list[StagePlan]:
+    """The workload's stages, each clearing its gradients as the change says
+    (``free_gradients``) or as the stage does."""
+    plans = workload.stage_plans()
+    if state.free_gradients is None:
+        return plans
+    return [replace(plan, set_to_none=state.free_gradients) for plan in plans]
 
 
 def _device_type(model: nn.Module) -> str:
