@@ -88,7 +88,7 @@ def test_the_loss_lives_through_the_step_only_when_held(hold_loss: bool) -> None
     assert alive_at_step == [hold_loss]
     if hold_loss:
         assert returned is not None
-        assert float(returned) == pytest.approx(expected)
+        assert float(returned.detach()) == pytest.approx(expected)
     else:
         assert returned is None
         assert made[0]() is None

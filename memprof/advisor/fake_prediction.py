@@ -44,17 +44,8 @@ from torch import nn
 
 from memprof import fake_kernels
 from memprof.advisor import sharded_steps
-from memprof.advisor.workload import (
-    SimState,
-    Workload,
-    copy_optimizers,
-    loss_preparation,
-    step_batch,
-    step_input,
-    step_plans,
-)
+from memprof.advisor.workload import SimState, SimStep, Workload, copy_optimizers, step_plans
 from memprof.errors import FakeRunError, KernelNotMeasured, first_line
-from memprof.training_step import forward_only, training_step
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
 #: :func:`_warm_optimizer`): the second has the optimizer state the first creates.
@@ -301,12 +292,9 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
                         results[index] = peak
 
             base.model.train()
-            held = step_input(workload, step_batch(workload, base))
-            loss = training_step(base.model, held, step_plans(workload, base),
-                                 [_SharedStep()],  # type: ignore[list-item]
-                                 prepare_loss=loss_preparation(workload, base),
-                                 around_backward=InPlaceGradSums,  # as _steps' backward
-                                 step_optimizer=steps)
+            loss = SimStep.of(workload, base, "cpu")(
+                [_SharedStep()],  # type: ignore[list-item]
+                around_backward=InPlaceGradSums, step_optimizer=steps)  # as _steps'
             del loss
             prof.step()
     if reference[0] is None:
@@ -444,10 +432,9 @@ def _warm_optimizer(
     given the state of one made before it starts)."""
     if state.optimizer_class is None and state.make_optimizer is None:
         return None, []
-    plans = workload.stage_plans()
-    free = (all(plan.set_to_none for plan in plans) if state.free_gradients is None
-            else state.free_gradients)
-    if state.more_optimizers or not free or any(plan.zero_grad == "before" for plan in plans):
+    plans = step_plans(workload, state)
+    if state.more_optimizers or not all(plan.set_to_none and plan.zero_grad == "after"
+                                        for plan in plans):
         return None
     if state.master_weights:
         # fp32 masters get their gradients in a step pre-hook, after the check that every
@@ -636,13 +623,8 @@ def _steps(workload: Workload, state: SimState,
     from memprof.estimate.grad_accumulation import InPlaceGradSums
     from memprof.fake_scalars import ScalarStandIns
 
-    model = state.model
-    batch = step_batch(workload, state)
-    prepare = loss_preparation(workload, state)
-    autocast = None if state.autocast is None else ("cpu", state.autocast)
-    plans = step_plans(workload, state)
-
-    model.train()
+    one_step = SimStep.of(workload, state, "cpu")
+    state.model.train()
     scaler = torch.amp.GradScaler("cpu") if state.grad_scaler and optimizers else None
     missed = False
     warm_ids = {id(p) for p in warm or []}
@@ -664,16 +646,10 @@ def _steps(workload: Workload, state: SimState,
             optimizer.step()
 
     for _ in range(steps):
-        held = step_input(workload, batch)
-        loss: torch.Tensor | None
-        if not optimizers:
-            loss = forward_only(model, held, prepare(workload.loss), autocast)
-        else:
-            # autograd sums a tensor's gradients in place where a real run would (it never
-            # does for fake tensors: one buffer too many, a Mamba's scan +5.7%)
-            loss = training_step(model, held, plans, optimizers, autocast=autocast,
-                                 scaler=scaler, prepare_loss=prepare,
-                                 around_backward=InPlaceGradSums, step_optimizer=step)
+        # autograd sums a tensor's gradients in place where a real run would (it never does
+        # for fake tensors: one buffer too many, a Mamba's scan +5.7%)
+        loss = one_step(optimizers, scaler=scaler, around_backward=InPlaceGradSums,
+                        step_optimizer=step)
         del loss
         prof.step()
     return missed

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import inspect
 import statistics
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -422,16 +422,13 @@ def run(
 
         return run_sharded(workload, state)
     model = state.model
-    batch = step_batch(workload, state)
-    prepare = loss_preparation(workload, state)
     training = state.optimizer_class is not None or state.make_optimizer is not None
-
     device = _device_type(model)
-    autocast = None if state.autocast is None else (device, state.autocast)
-    with torch.no_grad(), (torch.autocast(device, dtype=state.autocast) if autocast
-                           else contextlib.nullcontext()):
+    one_step = SimStep.of(workload, state, device)
+    with torch.no_grad(), (torch.autocast(device, dtype=state.autocast)
+                           if state.autocast is not None else contextlib.nullcontext()):
         model.eval()
-        cast = cast_batch(workload, state, batch)
+        cast = cast_batch(workload, state, one_step.batch)
         outputs = workload.outputs(model, cast).detach().float().clone()
         del cast
     model.train()
@@ -439,24 +436,17 @@ def run(
     first = next((o for o in optimizers if o is not None), None)
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizers else None
-    plans = step_plans(workload, state)
 
     with session.profile(model, first, backend=backend) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1
-            held = step_input(workload, batch)
-            loss: torch.Tensor | None
-            if not optimizers:
-                loss = forward_only(model, held, prepare(workload.loss), autocast)
-            else:
-                scale = scaler.get_scale() if scaler is not None else 0.0
-                # scaler.step skips the step when the scaled gradients overflowed
-                loss = training_step(model, held, plans, optimizers, autocast=autocast,
-                                     scaler=scaler, prepare_loss=prepare)
-                if scaler is not None and scaler.get_scale() < scale \
-                        and attempts < workload.steps + MAX_SKIPPED_STEPS:
-                    stepped -= 1  # skipped: not the steady state (no optimizer state yet)
+            scale = scaler.get_scale() if scaler is not None else 0.0
+            # scaler.step skips the step when the scaled gradients overflowed
+            loss = one_step(optimizers, scaler=scaler)
+            if scaler is not None and scaler.get_scale() < scale \
+                    and attempts < workload.steps + MAX_SKIPPED_STEPS:
+                stepped -= 1  # skipped: not the steady state (no optimizer state yet)
             assert loss is not None
             last = float(loss.detach().float())
             del loss
@@ -475,19 +465,6 @@ def run(
     )
 
 
-def loss_preparation(workload: Workload, state: SimState) -> Callable[[StepFn], StepFn]:
-    """What every loss of a step of ``state`` goes through: the batch's cast in the step
-    (:func:`cast_in_step`), then the change's ``wrap_step``."""
-
-    def prepare(loss_of: StepFn) -> StepFn:
-        loss_of = cast_in_step(workload, state, loss_of)
-        for wrap in state.wrap_step:
-            loss_of = wrap(loss_of)
-        return loss_of
-
-    return prepare
-
-
 def step_plans(workload: Workload, state: SimState) -> list[StagePlan]:
     """The workload's stages, each clearing its gradients as the change says
     (``free_gradients``) or as the stage does."""
@@ -495,6 +472,53 @@ def step_plans(workload: Workload, state: SimState) -> list[StagePlan]:
     if state.free_gradients is None:
         return plans
     return [replace(plan, set_to_none=state.free_gradients) for plan in plans]
+
+
+@dataclass(frozen=True)
+class SimStep:
+    """One step of ``workload`` on ``state``'s copies, as simulation and the fake runs take
+    it: :func:`memprof.training_step.training_step` (or, with no optimizer, its forward alone)
+    on a copy of the batch where the loop makes one (:func:`step_input`), each loss cast and
+    wrapped as the change says, the stages clearing gradients as it says."""
+
+    workload: Workload
+    state: SimState
+    batch: Any
+    autocast: tuple[str, torch.dtype] | None
+    plans: list[StagePlan]
+
+    @classmethod
+    def of(cls, workload: Workload, state: SimState, device: str) -> SimStep:
+        """The step on ``device`` (the device type autocast is for)."""
+        return cls(workload, state, step_batch(workload, state),
+                   None if state.autocast is None else (device, state.autocast),
+                   step_plans(workload, state))
+
+    def prepare(self, loss_of: StepFn) -> StepFn:
+        """``loss_of`` as the change runs it: the batch cast in the step
+        (:func:`cast_in_step`), then the change's ``wrap_step``."""
+        loss_of = cast_in_step(self.workload, self.state, loss_of)
+        for wrap in self.state.wrap_step:
+            loss_of = wrap(loss_of)
+        return loss_of
+
+    def __call__(
+        self, optimizers: Sequence[torch.optim.Optimizer | None], *,
+        scaler: torch.amp.GradScaler | None = None,
+        around_backward: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            contextlib.nullcontext),
+        step_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
+    ) -> torch.Tensor | None:
+        """Run the step with ``optimizers`` (from :meth:`SimState.build_optimizers`; none:
+        inference); the hooks are :func:`~memprof.training_step.training_step`'s. Returns
+        the last loss."""
+        model = self.state.model
+        held = step_input(self.workload, self.batch)
+        if not optimizers:
+            return forward_only(model, held, self.prepare(self.workload.loss), self.autocast)
+        return training_step(model, held, self.plans, optimizers, autocast=self.autocast,
+                             scaler=scaler, prepare_loss=self.prepare,
+                             around_backward=around_backward, step_optimizer=step_optimizer)
 
 
 def _device_type(model: nn.Module) -> str:
