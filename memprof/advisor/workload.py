@@ -108,7 +108,7 @@ class Workload:
 
     def stage_plans(self) -> list[StagePlan]:
         """The step's stages as :func:`memprof.training_step.training_step` runs them, their
-        optimizers indices in :meth:`optimizer_list` (one stage, from
+        optimizers' indices in :meth:`optimizer_list` (one stage, from
         ``step_fn``/``loss_fn``/``set_to_none``, without ``stages``)."""
         if self.stages is None:
             return [StagePlan(lambda model, batch, carry: self.loss(model, batch), (0,),
