@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "memprof.estimate", "memprof.compare", "memprof.snapshot", "memprof.fake_scalars",
         "memprof.fake_kernels",
+        "memprof.training_step",  # the step the estimate and the advisor's runs share
     ),
     ("memprof.advisor",),
     ("memprof.report",),

@@ -44,16 +44,7 @@ from torch import nn
 
 from memprof import fake_kernels
 from memprof.advisor import sharded_steps
-from memprof.advisor.workload import (
-    SimState,
-    StepFn,
-    Workload,
-    cast_in_step,
-    copy_optimizers,
-    step_batch,
-    step_input,
-    train_step,
-)
+from memprof.advisor.workload import SimState, SimStep, Workload, copy_optimizers, step_plans
 from memprof.errors import FakeRunError, KernelNotMeasured, first_line
 
 #: Profiled steps of a fake run whose optimizer state cannot be made by a warm-up (see
@@ -258,8 +249,9 @@ def _row_state(base: SimState, **fields: Any) -> SimState:
 
 
 class _SharedStep:
-    """Stands for the optimizer in the shared run's :func:`train_step`: its step is every
-    row's (see :func:`_shared_backward`); zero_grad leaves the gradients to the next row."""
+    """Stands for the optimizer in the shared run's step
+    (:func:`~memprof.training_step.training_step`): its step is every row's (see
+    :func:`_shared_backward`); zero_grad leaves the gradients to the next row."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         del set_to_none
@@ -282,10 +274,6 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
         reference: list[int | None] = [None]
         from memprof.estimate.grad_accumulation import InPlaceGradSums
 
-        def backward(loss: torch.Tensor) -> None:
-            with InPlaceGradSums():  # as _steps' backward
-                loss.backward()
-
         with _profiler(base, None, round_to, device) as prof:
 
             def steps(_: Any) -> None:
@@ -306,10 +294,9 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
                         results[index] = peak
 
             base.model.train()
-            held = step_input(workload, step_batch(workload, base))
-            loss = train_step(workload, base, [_SharedStep()], base.model,  # type: ignore[list-item]
-                              held, autocast=contextlib.nullcontext, backward=backward,
-                              step=steps)
+            loss = SimStep.of(workload, base, "cpu")(
+                [_SharedStep()],  # type: ignore[list-item]
+                around_backward=InPlaceGradSums, step_optimizer=steps)  # as _steps'
             del loss
             prof.step()
     if reference[0] is None:
@@ -459,10 +446,9 @@ def _warm_optimizer(
     given the state of one made before it starts)."""
     if state.optimizer_class is None and state.make_optimizer is None:
         return None, []
-    plans = workload.stage_plans()
-    free = (all(plan.set_to_none for plan in plans) if state.free_gradients is None
-            else state.free_gradients)
-    if state.more_optimizers or not free or any(plan.zero_grad == "before" for plan in plans):
+    plans = step_plans(workload, state)
+    if state.more_optimizers or not all(plan.set_to_none and plan.zero_grad == "after"
+                                        for plan in plans):
         return None
     if state.master_weights:
         # fp32 masters get their gradients in a step pre-hook, after the check that every
@@ -651,18 +637,8 @@ def _steps(workload: Workload, state: SimState,
     from memprof.estimate.grad_accumulation import InPlaceGradSums
     from memprof.fake_scalars import ScalarStandIns
 
-    model = state.model
-    batch = step_batch(workload, state)
-    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
-    for wrap in state.wrap_step:
-        loss_of = wrap(loss_of)
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if state.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=state.autocast)
-
-    model.train()
+    one_step = SimStep.of(workload, state, "cpu")
+    state.model.train()
     scaler = torch.amp.GradScaler("cpu") if state.grad_scaler and optimizers else None
     missed = False
     warm_ids = {id(p) for p in warm or []}
@@ -670,12 +646,6 @@ def _steps(workload: Workload, state: SimState,
         # a first step would have made the scaler's scale and growth tracker: so does this
         # (update() then leaves them as they are; sizes are what matter here)
         scaler.scale(torch.zeros(()))
-
-    def backward(loss: torch.Tensor) -> None:
-        # autograd sums a tensor's gradients in place where a real run would (it never does
-        # for fake tensors: one buffer too many, a Mamba's scan +5.7%)
-        with InPlaceGradSums():
-            (loss if scaler is None else scaler.scale(loss)).backward()
 
     def step(optimizer: torch.optim.Optimizer) -> None:
         nonlocal missed
@@ -690,15 +660,10 @@ def _steps(workload: Workload, state: SimState,
             optimizer.step()
 
     for _ in range(steps):
-        held = step_input(workload, batch)
-        if not optimizers:
-            with torch.no_grad(), autocast():
-                loss = loss_of(model, held)
-        else:
-            loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
-                              backward=backward, step=step)
-            if scaler is not None:
-                scaler.update()
+        # autograd sums a tensor's gradients in place where a real run would (it never does
+        # for fake tensors: one buffer too many, a Mamba's scan +5.7%)
+        loss = one_step(optimizers, scaler=scaler, around_backward=InPlaceGradSums,
+                        step_optimizer=step)
         del loss
         prof.step()
     return missed

@@ -14,8 +14,8 @@ import contextlib
 import copy
 import inspect
 import statistics
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,14 +23,10 @@ from torch import nn
 
 from memprof.profile import Profile
 from memprof.tracking import session
+from memprof.training_step import StageLoss, StagePlan, StepFn, forward_only, training_step
 
-StepFn = Callable[[nn.Module, Any], torch.Tensor]
 #: Builds an optimizer over param groups (each with "params" and its hyperparameters).
 OptimizerMaker = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
-#: A stage's loss: ``(model, batch, carry) -> loss``; ``carry`` is a dict made fresh for each
-#: step, where a stage leaves what a later stage of the same step reuses (a GAN's generated
-#: batch), as the loop's local variables do.
-StageLoss = Callable[[nn.Module, Any, dict[str, Any]], torch.Tensor]
 
 #: The param-group key naming which of a workload's optimizers a copied group belongs to (see
 #: :meth:`SimState.build_optimizers`; absent: the first).
@@ -59,17 +55,6 @@ class Stage:
             raise ValueError(f"zero_grad must be 'before' or 'after', not {self.zero_grad!r}")
         if not self.optimizers:
             raise ValueError("a stage steps at least one optimizer")
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """A stage as the runs see it: the loss and the indices of its optimizers in
-    :meth:`Workload.optimizer_list`."""
-
-    loss: StageLoss
-    optimizers: tuple[int, ...]
-    zero_grad: str
-    set_to_none: bool
 
 
 @dataclass
@@ -122,8 +107,9 @@ class Workload:
         return found
 
     def stage_plans(self) -> list[StagePlan]:
-        """The step's stages (one, from ``step_fn``/``loss_fn``/``set_to_none``, without
-        ``stages``)."""
+        """The step's stages as :func:`memprof.training_step.training_step` runs them, their
+        optimizers' indices in :meth:`optimizer_list` (one stage, from
+        ``step_fn``/``loss_fn``/``set_to_none``, without ``stages``)."""
         if self.stages is None:
             return [StagePlan(lambda model, batch, carry: self.loss(model, batch), (0,),
                               "after", self.set_to_none)]
@@ -436,22 +422,13 @@ def run(
 
         return run_sharded(workload, state)
     model = state.model
-    batch = step_batch(workload, state)
-    loss_of: StepFn = cast_in_step(workload, state, workload.loss)
-    for wrap in state.wrap_step:
-        loss_of = wrap(loss_of)
     training = state.optimizer_class is not None or state.make_optimizer is not None
-
     device = _device_type(model)
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if state.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device, dtype=state.autocast)
-
-    with torch.no_grad(), autocast():
+    one_step = SimStep.of(workload, state, device)
+    with torch.no_grad(), (torch.autocast(device, dtype=state.autocast)
+                           if state.autocast is not None else contextlib.nullcontext()):
         model.eval()
-        cast = cast_batch(workload, state, batch)
+        cast = cast_batch(workload, state, one_step.batch)
         outputs = workload.outputs(model, cast).detach().float().clone()
         del cast
     model.train()
@@ -460,31 +437,17 @@ def run(
     last = None
     scaler = torch.amp.GradScaler(device) if state.grad_scaler and optimizers else None
 
-    def backward(loss: torch.Tensor) -> None:
-        (loss if scaler is None else scaler.scale(loss)).backward()
-
-    def step(optimizer: torch.optim.Optimizer) -> None:
-        if scaler is None:
-            optimizer.step()
-        else:  # skips the step when the scaled gradients overflowed
-            scaler.step(optimizer)
-
     with session.profile(model, first, backend=backend) as prof:
         stepped = attempts = 0
         while stepped < workload.steps:
             attempts += 1
-            held = step_input(workload, batch)
-            if not optimizers:
-                with torch.no_grad(), autocast():
-                    loss = loss_of(model, held)
-            else:
-                scale = scaler.get_scale() if scaler is not None else 0.0
-                loss = train_step(workload, state, optimizers, model, held, autocast=autocast,
-                                  backward=backward, step=step)
-                if scaler is not None:
-                    scaler.update()
-                    if scaler.get_scale() < scale and attempts < workload.steps + MAX_SKIPPED_STEPS:
-                        stepped -= 1  # skipped: not the steady state (no optimizer state yet)
+            scale = scaler.get_scale() if scaler is not None else 0.0
+            # scaler.step skips the step when the scaled gradients overflowed
+            loss = one_step(optimizers, scaler=scaler)
+            if scaler is not None and scaler.get_scale() < scale \
+                    and attempts < workload.steps + MAX_SKIPPED_STEPS:
+                stepped -= 1  # skipped: not the steady state (no optimizer state yet)
+            assert loss is not None
             last = float(loss.detach().float())
             del loss
             prof.step()
@@ -502,51 +465,60 @@ def run(
     )
 
 
-def train_step(
-    workload: Workload,
-    state: SimState,
-    optimizers: list[torch.optim.Optimizer | None],
-    model: nn.Module,
-    batch: Any,
-    *,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-    backward: Callable[[torch.Tensor], None],
-    step: Callable[[torch.optim.Optimizer], None],
-) -> torch.Tensor:
-    """One training step of ``workload`` on ``state``'s copies: each stage's loss (under
-    ``autocast``, through the change's ``wrap_step``), ``backward``, ``step`` of its optimizers
-    (``optimizers``, from :meth:`SimState.build_optimizers`), and ``zero_grad`` where the stage
-    says (``set_to_none`` as the stage, or the change's ``free_gradients``). A stage's loss
-    lives until its optimizers have stepped; the last stage's is returned."""
-    carry: dict[str, Any] = {}
-    loss: torch.Tensor | None = None
+def step_plans(workload: Workload, state: SimState) -> list[StagePlan]:
+    """The workload's stages, each clearing its gradients as the change says
+    (``free_gradients``) or as the stage does."""
     plans = workload.stage_plans()
-    for index, plan in enumerate(plans):
-        stage_optimizers = [o for o in (optimizers[i] for i in plan.optimizers) if o is not None]
-        free = plan.set_to_none if state.free_gradients is None else state.free_gradients
-        if plan.zero_grad == "before":
-            for optimizer in stage_optimizers:
-                optimizer.zero_grad(set_to_none=free)
+    if state.free_gradients is None:
+        return plans
+    return [replace(plan, set_to_none=state.free_gradients) for plan in plans]
 
-        def stage_loss(model: nn.Module, batch: Any, plan: StagePlan = plan) -> torch.Tensor:
-            return plan.loss(model, batch, carry)
 
-        loss_of: StepFn = cast_in_step(workload, state, stage_loss)
-        for wrap in state.wrap_step:
+@dataclass(frozen=True)
+class SimStep:
+    """One step of ``workload`` on ``state``'s copies, as simulation and the fake runs take
+    it: :func:`memprof.training_step.training_step` (or, with no optimizer, its forward alone)
+    on a copy of the batch where the loop makes one (:func:`step_input`), each loss cast and
+    wrapped as the change says, the stages clearing gradients as it says."""
+
+    workload: Workload
+    state: SimState
+    batch: Any
+    autocast: tuple[str, torch.dtype] | None
+    plans: list[StagePlan]
+
+    @classmethod
+    def of(cls, workload: Workload, state: SimState, device: str) -> SimStep:
+        """The step on ``device`` (the device type autocast is for)."""
+        return cls(workload, state, step_batch(workload, state),
+                   None if state.autocast is None else (device, state.autocast),
+                   step_plans(workload, state))
+
+    def prepare(self, loss_of: StepFn) -> StepFn:
+        """``loss_of`` as the change runs it: the batch cast in the step
+        (:func:`cast_in_step`), then the change's ``wrap_step``."""
+        loss_of = cast_in_step(self.workload, self.state, loss_of)
+        for wrap in self.state.wrap_step:
             loss_of = wrap(loss_of)
-        with autocast():
-            loss = loss_of(model, batch)
-        backward(loss)
-        for optimizer in stage_optimizers:
-            step(optimizer)
-        if plan.zero_grad == "after":
-            for optimizer in stage_optimizers:
-                optimizer.zero_grad(set_to_none=free)
-        if index < len(plans) - 1:
-            del loss  # a stage's loss lives through its step, the last one's to the step's end
-            loss = None
-    assert loss is not None
-    return loss
+        return loss_of
+
+    def __call__(
+        self, optimizers: Sequence[torch.optim.Optimizer | None], *,
+        scaler: torch.amp.GradScaler | None = None,
+        around_backward: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            contextlib.nullcontext),
+        step_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
+    ) -> torch.Tensor | None:
+        """Run the step with ``optimizers`` (from :meth:`SimState.build_optimizers`; none:
+        inference); the hooks are :func:`~memprof.training_step.training_step`'s. Returns
+        the last loss."""
+        model = self.state.model
+        held = step_input(self.workload, self.batch)
+        if not optimizers:
+            return forward_only(model, held, self.prepare(self.workload.loss), self.autocast)
+        return training_step(model, held, self.plans, optimizers, autocast=self.autocast,
+                             scaler=scaler, prepare_loss=self.prepare,
+                             around_backward=around_backward, step_optimizer=step_optimizer)
 
 
 def _device_type(model: nn.Module) -> str:

@@ -30,6 +30,7 @@ from memprof.estimate.verdict import annotate, gpu_budget
 from memprof.fake_kernels import active as cpu_fake_kernels
 from memprof.fake_scalars import ScalarStandIns
 from memprof.profile import Profile
+from memprof.training_step import StagePlan, training_step
 
 
 @dataclass(frozen=True)
@@ -107,19 +108,23 @@ def estimate_step(
             if factories is not None:
                 factories.elements = 1  # in the step: scalars (a LayerDrop draw)
             autocast_dtype = opts.autocast_dtype
-            autocast: Any = (
-                torch.autocast("cpu", dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext()
-            )
+
+            def step_loss(model: nn.Module, data: Any) -> torch.Tensor:
+                # autocast covers the model's call; the loss of its output is taken outside
+                with (torch.autocast("cpu", dtype=autocast_dtype)
+                      if autocast_dtype is not None else contextlib.nullcontext()):
+                    output = _call(model, data)
+                return _loss(output, opts.loss_fn)
+
             with (user_code("the step under fake tensors"),
                   Profiler(model, opt, round_to=opts.round_to,
                            device_modelled=opts.device) as prof):
                 for _ in range(opts.steps):
                     if opts.inference:
                         kv_cache_bytes = _inference_step(model, data, spec, opts.context_len,
-                                                         autocast)
+                                                         autocast_dtype)
                     else:
-                        _training_step(model, opt, data, autocast, opts.loss_fn)
+                        _training_step(model, opt, data, step_loss)
                     prof.step()
         profile = prof.profile
         num_params, param_bytes = _count_parameters(model)
@@ -128,13 +133,6 @@ def estimate_step(
         profile, spec=spec, options=opts, kv_cache_bytes=kv_cache_bytes,
         num_params=num_params, param_bytes=param_bytes, budget=budget,
     )
-
-    def step_loss(model: nn.Module, data: Any) -> torch.Tensor:
-        with (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
-              else contextlib.nullcontext()):
-            output = _call(model, data)
-        return _loss(output, opts.loss_fn)
-
     return EstimatedStep(profile=profile, model=model, optimizer=opt, batch=data,
                          loss=step_loss, inference=opts.inference)
 
@@ -325,35 +323,35 @@ def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.T
     return first.mean()
 
 
-def _training_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any, autocast: Any,
-    loss_fn: Callable[[Any], torch.Tensor] | None,
-) -> None:
+def _training_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any,
+                   step_loss: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+    """One step of :func:`~memprof.training_step.training_step`: the loss dropped after its
+    backward (nothing reads it), Adafactor's read values stood in for; with no optimizer, the
+    model's ``zero_grad`` clears the gradients."""
     model.train()
-    with autocast:
-        output = _call(model, data)
-    loss = _loss(output, loss_fn)
-    del output
-    with InPlaceGradSums():  # the engine's in-place sums, which it skips on fake tensors
-        loss.backward()
-    del loss
-    if optimizer is not None:
-        with ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
-            contextlib.nullcontext()
-        ):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        model.zero_grad(set_to_none=True)
+    plan = StagePlan(lambda model, data, carry: step_loss(model, data),
+                     () if optimizer is None else (0,), "after", True)
+    training_step(model, data, [plan], [optimizer], hold_loss=False,
+                  around_backward=InPlaceGradSums,  # the engine's in-place sums, skipped on fakes
+                  step_optimizer=_step)
+
+
+def _step(optimizer: torch.optim.Optimizer) -> None:
+    with ScalarStandIns() if isinstance(optimizer, _VALUE_READING_OPTIMIZERS) else (
+        contextlib.nullcontext()
+    ):
+        optimizer.step()
 
 
 def _inference_step(
-    model: nn.Module, data: Any, spec: ModelSpec | None, context_len: int | None, autocast: Any,
+    model: nn.Module, data: Any, spec: ModelSpec | None, context_len: int | None,
+    autocast_dtype: torch.dtype | None,
 ) -> int | None:
     """Prefill (and one decoding step with the KV cache where the model has one)."""
     model.eval()
     cached = isinstance(data, Mapping) and "input_ids" in data and _uses_cache(model, spec)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), (torch.autocast("cpu", dtype=autocast_dtype)
+                           if autocast_dtype is not None else contextlib.nullcontext()):
         if not cached:
             _call(model, data)
             return None
