@@ -10,9 +10,18 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from workloads import gpt2_workload, mlp_workload
+from workloads import gpt2_workload, llama_workload, mlp_workload
 
-from memprof.advisor import Workload, changes_for, fake_prediction, parallel, qlora, read_facts
+from memprof.advisor import (
+    Workload,
+    advise,
+    changes_for,
+    fake_prediction,
+    parallel,
+    pruning,
+    qlora,
+    read_facts,
+)
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, seeded
 from memprof.errors import FakeRunError
@@ -429,6 +438,52 @@ def test_adams_state_made_without_a_step_is_the_state_its_first_step_makes(
     assert len(direct.state) == 4  # the frozen layer has none
 
 
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "foreach": True}])
+def test_adams_state_on_fake_parameters_is_made_without_a_fake_op(
+    options: dict[str, Any]
+) -> None:
+    # GIVEN a fake copy of a model with a frozen layer and a channels-last convolution
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+                          nn.Linear(5, 2))
+    model[0].to(memory_format=torch.channels_last)
+    model[3].requires_grad_(False)
+    w = Workload(model, torch.optim.AdamW(model.parameters(), **options), torch.zeros(1, 3, 8, 8))
+    mode = fake_prediction.fake_mode()
+    with mode:
+        state = fake_prediction.fake_state(w, mode)
+        params = list(state.model.parameters())
+        stepped, direct = state.build_optimizer(), state.build_optimizer()
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        stepped.step()  # (reads no value: a fake step makes the state's tensors alone)
+        # WHEN the other is given its state directly, counting the fake ops that makes
+        ops = [0]
+        dispatch = FakeTensorMode.__torch_dispatch__
+
+        def counting(self: Any, func: Any, types: Any, a: Any = (), kw: Any = None) -> Any:
+            ops[0] += 1
+            return dispatch(self, func, types, a, kw)
+
+        FakeTensorMode.__torch_dispatch__ = counting  # type: ignore[method-assign]
+        try:
+            made = fake_prediction._direct_state(direct)
+        finally:
+            FakeTensorMode.__torch_dispatch__ = dispatch  # type: ignore[method-assign]
+    # THEN it dispatched none, and holds the stepped one's tensors: fake ones of its mode,
+    # each with a storage of its own sized as the parameter's
+    assert made and ops[0] == 0
+    assert _state_layout(direct, params) == _state_layout(stepped, params)
+    assert len(direct.state) == 4
+    made_tensors = [v for values in direct.state.values() for v in values.values()]
+    assert all(type(v) is FakeTensor and v.fake_mode is mode for v in made_tensors)
+    assert len({id(v.untyped_storage()) for v in made_tensors}) == len(made_tensors)
+    for p, values in direct.state.items():
+        assert values["exp_avg"].untyped_storage().nbytes() == p.untyped_storage().nbytes()
+
+
 def test_other_optimizers_get_their_state_from_the_warm_up_step() -> None:
     model = nn.Linear(4, 4)
     for optimizer in (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -627,3 +682,42 @@ def test_the_batch_rows_fake_runs_share_out_with_the_other_rows_and_keep_their_b
         with seeded():
             own = fake_peak(w, [batch_rows.resize_apply(target, size)])
         assert row["predicted_peak_bytes"] == own, row["options"]
+
+
+@pytest.mark.parametrize("make", [gpt2_workload, llama_workload])
+def test_pruning_to_dense_zeros_takes_the_unchanged_peak_which_its_own_run_gives(
+    make: Callable[[], Workload]
+) -> None:
+    # GIVEN a small GPT-2 or Llama and its row of magnitude pruning then prune.remove
+    w = make()
+    with seeded():
+        profile = baseline(w).profile
+    dense = next(c for c in changes_for(read_facts(profile))
+                 if c.technique == "pruning" and c.options.get("state") == "dense zeros")
+    # WHEN the row's own fake run is made, and advise takes its peak from the unchanged run
+    assert dense.apply is not None and dense.unchanged_step is not None
+    with seeded():
+        own, unchanged = fake_peak(w, [dense.apply]), fake_peak(w)
+    advice = advise(profile, workload=w, simulate=False)
+    row = next(r for r in advice.rows
+               if r.technique == "pruning" and r.options.get("state") == "dense zeros")
+    # THEN the row's step is the unchanged one, and its peak is its own run's to the byte
+    assert dense.unchanged_step(w)
+    assert own == unchanged == advice.extra["fake_baseline_peak_bytes"]
+    assert row.predicted_peak_bytes == own and row.predicted_by == "fake run"
+
+
+def test_pruned_weights_viewing_one_storage_are_run_not_taken_for_the_unchanged_step() -> None:
+    # GIVEN two Linear layers whose weights are views of one flat buffer, and two that own theirs
+    flat = torch.zeros(2 * 16 * 16 + 8)
+    shared = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    for i, layer in enumerate(shared):
+        layer.weight = nn.Parameter(flat[i * 256:(i + 1) * 256].view(16, 16))
+    owned = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    check = pruning.weights_own_their_storages(["0", "1"])
+    # WHEN each is checked, THEN only the weights that own their storage count as unchanged
+    # (prune.remove gives each viewed weight a storage of its own: other bytes than the flat one)
+    assert check(Workload(owned, torch.optim.AdamW(owned.parameters()), torch.zeros(2, 16)))
+    assert not check(Workload(shared, torch.optim.AdamW(shared.parameters()), torch.zeros(2, 16)))
+    assert not pruning.weights_own_their_storages(["0", "0"])(
+        Workload(owned, torch.optim.AdamW(owned.parameters()), torch.zeros(2, 16)))

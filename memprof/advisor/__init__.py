@@ -332,6 +332,10 @@ def fake_predict(
     )
 
     tried = [c for c in changes if c.applicable and c.apply is not None]
+    # a change that leaves the step as it was (Change.unchanged_step) has the unchanged run's
+    # peak: it is not run again
+    same = [c for c in tried if c.unchanged_step is not None and c.unchanged_step(model)]
+    tried = [c for c in tried if not any(c is s for s in same)]
     # the rows that change the optimizer alone share the unchanged run's forward and backward:
     # one run (the first, made here), beside the other rows' own runs
     grouped = set(optimizer_only_rows(model, [[c.apply] for c in tried]))
@@ -365,11 +369,13 @@ def fake_predict(
         outcomes = outcomes[:-len(extra)]
     first = outcomes[0]
     if isinstance(first, FakeRunError):  # every row stays analytic, and says why
-        for c in tried:
+        for c in [*tried, *same]:
             faked[id(c)] = f"no fake run of this step ({first}); predicted analytically"
         return None
     assert isinstance(first, tuple) and isinstance(first[0], int)
     reference, peaks = first[0], first[1:]
+    for c in same:
+        c.predicted_peak, faked[id(c)] = reference, None
     for c, peak in zip(group, peaks, strict=True):
         if peak is not None:
             c.predicted_peak, faked[id(c)] = peak, None
