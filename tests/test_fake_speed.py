@@ -721,3 +721,39 @@ def test_pruned_weights_viewing_one_storage_are_run_not_taken_for_the_unchanged_
     assert not check(Workload(shared, torch.optim.AdamW(shared.parameters()), torch.zeros(2, 16)))
     assert not pruning.weights_own_their_storages(["0", "0"])(
         Workload(owned, torch.optim.AdamW(owned.parameters()), torch.zeros(2, 16)))
+
+
+def test_a_fake_runs_gradient_sums_are_made_in_place_by_the_ledgers_own_mode(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a small GPT-2 (a tied embedding and residual streams: gradients summed in backward)
+    from memprof.estimate import grad_accumulation
+    from memprof.tracking.session import Profiler
+
+    w = gpt2_workload()
+    sums = {"layer": 0, "in place": 0}
+    layer = grad_accumulation.InPlaceGradSums.__torch_dispatch__
+    pick = grad_accumulation.in_place_sum
+
+    def counted_layer(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        sums["layer"] += 1
+        return layer(self, func, types, args, kwargs)
+
+    def counted_pick(args: Any, kwargs: Any) -> Any:
+        op = pick(args, kwargs)
+        sums["in place"] += op is torch.ops.aten.add_.Tensor
+        return op
+
+    monkeypatch.setattr(grad_accumulation.InPlaceGradSums, "__torch_dispatch__", counted_layer)
+    monkeypatch.setattr(grad_accumulation, "in_place_sum", counted_pick)
+    # WHEN it is run on fake tensors, and again with the InPlaceGradSums mode on top
+    with seeded():
+        folded = fake_peak(w)
+    folded_sums, sums["in place"] = dict(sums), 0
+    monkeypatch.setattr(Profiler, "innermost_ledger_mode", lambda self: None)
+    with seeded():
+        layered = fake_peak(w)
+    # THEN the first made its in-place sums with no dispatch through that mode, to the same bytes
+    assert folded_sums["layer"] == 0 and folded_sums["in place"] > 0
+    assert sums["layer"] > 0
+    assert folded == layered

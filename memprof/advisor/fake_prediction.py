@@ -278,10 +278,10 @@ def _shared_backward(workload: Workload, rows: list[list[Any]], results: list[in
             return None
         shared = [i for i, applies in enumerate(rows) if _optimizer_only(base, applies)]
         reference: list[int | None] = [None]
-        from memprof.estimate.grad_accumulation import InPlaceGradSums
+        from memprof.estimate.grad_accumulation import grad_sums_in_place
 
         def backward(loss: torch.Tensor) -> None:
-            with InPlaceGradSums():  # as _steps' backward
+            with grad_sums_in_place(prof.innermost_ledger_mode()):  # as _steps' backward
                 loss.backward()
 
         with _profiler(base, None, round_to, device) as prof:
@@ -697,7 +697,7 @@ def _steps(workload: Workload, state: SimState,
     """The step :func:`memprof.advisor.workload.run` profiles, without reading any value;
     ``steps`` times. Returns whether a parameter of ``warm`` (given state by the warm-up) got
     no gradient in the backward: then the warm-up made state a real run does not."""
-    from memprof.estimate.grad_accumulation import InPlaceGradSums
+    from memprof.estimate.grad_accumulation import grad_sums_in_place
     from memprof.fake_scalars import ScalarStandIns
 
     model = state.model
@@ -723,7 +723,7 @@ def _steps(workload: Workload, state: SimState,
     def backward(loss: torch.Tensor) -> None:
         # autograd sums a tensor's gradients in place where a real run would (it never does
         # for fake tensors: one buffer too many, a Mamba's scan +5.7%)
-        with InPlaceGradSums():
+        with grad_sums_in_place(prof.innermost_ledger_mode()):
             (loss if scaler is None else scaler.scale(loss)).backward()
 
     def step(optimizer: torch.optim.Optimizer) -> None:
