@@ -368,6 +368,45 @@ def test_the_costliest_runs_are_taken_first_and_outcomes_stay_in_order(
     assert [i for who, i in started if who == "worker"] == ["3", "1", "2"]
 
 
+def test_workers_find_the_runs_imports_made_and_this_process_objects_frozen(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # GIVEN runs that note, in the process they run in, whether a module no one imported yet
+    # is loaded and how many objects the garbage collector leaves alone (frozen)
+    import gc
+    import sys
+
+    module = "xml.dom.minidom"
+    assert module not in sys.modules
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+    log = tmp_path / "seen"
+
+    def run(i: int) -> Callable[[], int]:
+        def go() -> int:
+            with open(log, "a") as out:
+                out.write(f"{'worker' if parallel._in_worker else 'here'} "
+                          f"{int(module in sys.modules)} {gc.get_freeze_count()}\n")
+            if not parallel._in_worker:
+                time.sleep(0.5)  # this process is slow: the worker takes the tickets
+            return i
+        return go
+
+    # WHEN they run on two processes, the module named as one the runs import
+    try:
+        outcomes = parallel.run_all([run(i) for i in range(4)], imports=[module])
+    finally:
+        sys.modules.pop(module, None)
+    # THEN each run found it imported; the worker's runs found this process's objects frozen,
+    # and this process has them back in its collections
+    assert outcomes == [0, 1, 2, 3]
+    seen = [line.split() for line in log.read_text().splitlines()]
+    assert all(imported == "1" for _, imported, _ in seen)
+    assert [who for who, _, _ in seen].count("worker") >= 1
+    assert all(int(frozen) > 1000 for who, _, frozen in seen if who == "worker")
+    assert gc.get_freeze_count() == 0
+
+
 def test_workers_on_idle_cores_or_where_asked_and_forking_is_safe(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a Linux machine with 4 usable cores
@@ -663,9 +702,9 @@ def test_the_batch_rows_fake_runs_share_out_with_the_other_rows_and_keep_their_b
     calls: list[int] = []
     real = parallel.run_all
 
-    def counting(runs: Any, costs: Any = None) -> Any:
+    def counting(runs: Any, costs: Any = None, imports: Any = ()) -> Any:
         calls.append(len(runs))
-        return real(runs, costs)
+        return real(runs, costs, imports)
 
     monkeypatch.setattr(parallel, "run_all", counting)
     # WHEN every row is predicted by fake runs

@@ -307,6 +307,8 @@ def fake_options(profile: Profile) -> dict[str, Any]:
 #: GPT-2 small and Llama-2-7B: QLoRA quantizes every target to NF4, LoRA and sharding wrap
 #: every layer): the costliest runs are shared out first (:func:`parallel.run_all`).
 FAKE_RUN_COST = {"qlora": 4.0, "lora": 2.0, "sharding": 2.0}
+#: Modules a technique's fake run imports (see :func:`parallel.run_all`'s ``imports``).
+FAKE_RUN_IMPORTS = {"lora": ("peft",), "qlora": ("peft",)}
 #: A row composed in the shared run of the unchanged step (fake_prediction.fake_peaks: its
 #: optimizer's state and step alone) against a whole run, about (GPT-2 small: 7 rows 0.9 s
 #: beside the unchanged run's 0.45 s).
@@ -360,8 +362,9 @@ def fake_predict(
     extra = list((more or {}).items())
     runs: list[Callable[[], parallel.Peaks]] = [shared_run, *(run_of(c) for c in alone),
                                                 *(run for _, run in extra)]
+    imports = sorted({name for c in alone for name in FAKE_RUN_IMPORTS.get(c.technique, ())})
     outcomes = parallel.run_all(runs, costs=[1.0 + SHARED_ROW_COST * len(group), *costs(alone),
-                                             *(1.0 for _ in extra)])
+                                             *(1.0 for _ in extra)], imports=imports)
     if extra:
         if more_outcomes is not None:
             more_outcomes.update(zip((key for key, _ in extra), outcomes[-len(extra):],
