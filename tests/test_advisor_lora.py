@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from workloads import gpt2_workload, mlp_workload
+from workloads import gpt2_workload, llama_workload, mlp_workload
 
 from memprof.advisor import Workload, changes_for, lora
 from memprof.advisor.core import Change, read_facts
@@ -23,19 +23,6 @@ needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
 def lora_rows(ref: Measurement) -> dict[int, Change]:
     return {c.options["rank"]: c for c in changes_for(read_facts(ref.profile))
             if c.technique == "lora"}
-
-
-def llama_workload() -> Workload:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    ids = torch.randint(0, 128, (4, 32))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
 
 
 @needs_peft

@@ -10,9 +10,18 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from workloads import gpt2_workload, mlp_workload
+from workloads import gpt2_workload, llama_workload, mlp_workload
 
-from memprof.advisor import Workload, changes_for, fake_prediction, parallel, qlora, read_facts
+from memprof.advisor import (
+    Workload,
+    advise,
+    changes_for,
+    fake_prediction,
+    parallel,
+    pruning,
+    qlora,
+    read_facts,
+)
 from memprof.advisor.fake_prediction import fake_peak
 from memprof.advisor.workload import baseline, seeded
 from memprof.errors import FakeRunError
@@ -359,6 +368,45 @@ def test_the_costliest_runs_are_taken_first_and_outcomes_stay_in_order(
     assert [i for who, i in started if who == "worker"] == ["3", "1", "2"]
 
 
+def test_workers_find_the_runs_imports_made_and_this_process_objects_frozen(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    # GIVEN runs that note, in the process they run in, whether a module no one imported yet
+    # is loaded and how many objects the garbage collector leaves alone (frozen)
+    import gc
+    import sys
+
+    module = "xml.dom.minidom"
+    assert module not in sys.modules
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1})
+    log = tmp_path / "seen"
+
+    def run(i: int) -> Callable[[], int]:
+        def go() -> int:
+            with open(log, "a") as out:
+                out.write(f"{'worker' if parallel._in_worker else 'here'} "
+                          f"{int(module in sys.modules)} {gc.get_freeze_count()}\n")
+            if not parallel._in_worker:
+                time.sleep(0.5)  # this process is slow: the worker takes the tickets
+            return i
+        return go
+
+    # WHEN they run on two processes, the module named as one the runs import
+    try:
+        outcomes = parallel.run_all([run(i) for i in range(4)], imports=[module])
+    finally:
+        sys.modules.pop(module, None)
+    # THEN each run found it imported; the worker's runs found this process's objects frozen,
+    # and this process has them back in its collections
+    assert outcomes == [0, 1, 2, 3]
+    seen = [line.split() for line in log.read_text().splitlines()]
+    assert all(imported == "1" for _, imported, _ in seen)
+    assert [who for who, _, _ in seen].count("worker") >= 1
+    assert all(int(frozen) > 1000 for who, _, frozen in seen if who == "worker")
+    assert gc.get_freeze_count() == 0
+
+
 def test_workers_on_idle_cores_or_where_asked_and_forking_is_safe(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a Linux machine with 4 usable cores
@@ -427,6 +475,52 @@ def test_adams_state_made_without_a_step_is_the_state_its_first_step_makes(
     assert made
     assert _state_layout(direct, params) == _state_layout(stepped, params)
     assert len(direct.state) == 4  # the frozen layer has none
+
+
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "foreach": True}])
+def test_adams_state_on_fake_parameters_is_made_without_a_fake_op(
+    options: dict[str, Any]
+) -> None:
+    # GIVEN a fake copy of a model with a frozen layer and a channels-last convolution
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+                          nn.Linear(5, 2))
+    model[0].to(memory_format=torch.channels_last)
+    model[3].requires_grad_(False)
+    w = Workload(model, torch.optim.AdamW(model.parameters(), **options), torch.zeros(1, 3, 8, 8))
+    mode = fake_prediction.fake_mode()
+    with mode:
+        state = fake_prediction.fake_state(w, mode)
+        params = list(state.model.parameters())
+        stepped, direct = state.build_optimizer(), state.build_optimizer()
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        stepped.step()  # (reads no value: a fake step makes the state's tensors alone)
+        # WHEN the other is given its state directly, counting the fake ops that makes
+        ops = [0]
+        dispatch = FakeTensorMode.__torch_dispatch__
+
+        def counting(self: Any, func: Any, types: Any, a: Any = (), kw: Any = None) -> Any:
+            ops[0] += 1
+            return dispatch(self, func, types, a, kw)
+
+        FakeTensorMode.__torch_dispatch__ = counting  # type: ignore[method-assign]
+        try:
+            made = fake_prediction._direct_state(direct)
+        finally:
+            FakeTensorMode.__torch_dispatch__ = dispatch  # type: ignore[method-assign]
+    # THEN it dispatched none, and holds the stepped one's tensors: fake ones of its mode,
+    # each with a storage of its own sized as the parameter's
+    assert made and ops[0] == 0
+    assert _state_layout(direct, params) == _state_layout(stepped, params)
+    assert len(direct.state) == 4
+    made_tensors = [v for values in direct.state.values() for v in values.values()]
+    assert all(type(v) is FakeTensor and v.fake_mode is mode for v in made_tensors)
+    assert len({id(v.untyped_storage()) for v in made_tensors}) == len(made_tensors)
+    for p, values in direct.state.items():
+        assert values["exp_avg"].untyped_storage().nbytes() == p.untyped_storage().nbytes()
 
 
 def test_other_optimizers_get_their_state_from_the_warm_up_step() -> None:
@@ -608,9 +702,9 @@ def test_the_batch_rows_fake_runs_share_out_with_the_other_rows_and_keep_their_b
     calls: list[int] = []
     real = parallel.run_all
 
-    def counting(runs: Any, costs: Any = None) -> Any:
+    def counting(runs: Any, costs: Any = None, imports: Any = ()) -> Any:
         calls.append(len(runs))
-        return real(runs, costs)
+        return real(runs, costs, imports)
 
     monkeypatch.setattr(parallel, "run_all", counting)
     # WHEN every row is predicted by fake runs
@@ -627,3 +721,78 @@ def test_the_batch_rows_fake_runs_share_out_with_the_other_rows_and_keep_their_b
         with seeded():
             own = fake_peak(w, [batch_rows.resize_apply(target, size)])
         assert row["predicted_peak_bytes"] == own, row["options"]
+
+
+@pytest.mark.parametrize("make", [gpt2_workload, llama_workload])
+def test_pruning_to_dense_zeros_takes_the_unchanged_peak_which_its_own_run_gives(
+    make: Callable[[], Workload]
+) -> None:
+    # GIVEN a small GPT-2 or Llama and its row of magnitude pruning then prune.remove
+    w = make()
+    with seeded():
+        profile = baseline(w).profile
+    dense = next(c for c in changes_for(read_facts(profile))
+                 if c.technique == "pruning" and c.options.get("state") == "dense zeros")
+    # WHEN the row's own fake run is made, and advise takes its peak from the unchanged run
+    assert dense.apply is not None and dense.unchanged_step is not None
+    with seeded():
+        own, unchanged = fake_peak(w, [dense.apply]), fake_peak(w)
+    advice = advise(profile, workload=w, simulate=False)
+    row = next(r for r in advice.rows
+               if r.technique == "pruning" and r.options.get("state") == "dense zeros")
+    # THEN the row's step is the unchanged one, and its peak is its own run's to the byte
+    assert dense.unchanged_step(w)
+    assert own == unchanged == advice.extra["fake_baseline_peak_bytes"]
+    assert row.predicted_peak_bytes == own and row.predicted_by == "fake run"
+
+
+def test_pruned_weights_viewing_one_storage_are_run_not_taken_for_the_unchanged_step() -> None:
+    # GIVEN two Linear layers whose weights are views of one flat buffer, and two that own theirs
+    flat = torch.zeros(2 * 16 * 16 + 8)
+    shared = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    for i, layer in enumerate(shared):
+        layer.weight = nn.Parameter(flat[i * 256:(i + 1) * 256].view(16, 16))
+    owned = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    check = pruning.weights_own_their_storages(["0", "1"])
+    # WHEN each is checked, THEN only the weights that own their storage count as unchanged
+    # (prune.remove gives each viewed weight a storage of its own: other bytes than the flat one)
+    assert check(Workload(owned, torch.optim.AdamW(owned.parameters()), torch.zeros(2, 16)))
+    assert not check(Workload(shared, torch.optim.AdamW(shared.parameters()), torch.zeros(2, 16)))
+    assert not pruning.weights_own_their_storages(["0", "0"])(
+        Workload(owned, torch.optim.AdamW(owned.parameters()), torch.zeros(2, 16)))
+
+
+def test_a_fake_runs_gradient_sums_are_made_in_place_by_the_ledgers_own_mode(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a small GPT-2 (a tied embedding and residual streams: gradients summed in backward)
+    from memprof.estimate import grad_accumulation
+    from memprof.tracking.session import Profiler
+
+    w = gpt2_workload()
+    sums = {"layer": 0, "in place": 0}
+    layer = grad_accumulation.InPlaceGradSums.__torch_dispatch__
+    pick = grad_accumulation.in_place_sum
+
+    def counted_layer(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        sums["layer"] += 1
+        return layer(self, func, types, args, kwargs)
+
+    def counted_pick(args: Any, kwargs: Any) -> Any:
+        op = pick(args, kwargs)
+        sums["in place"] += op is torch.ops.aten.add_.Tensor
+        return op
+
+    monkeypatch.setattr(grad_accumulation.InPlaceGradSums, "__torch_dispatch__", counted_layer)
+    monkeypatch.setattr(grad_accumulation, "in_place_sum", counted_pick)
+    # WHEN it is run on fake tensors, and again with the InPlaceGradSums mode on top
+    with seeded():
+        folded = fake_peak(w)
+    folded_sums, sums["in place"] = dict(sums), 0
+    monkeypatch.setattr(Profiler, "innermost_ledger_mode", lambda self: None)
+    with seeded():
+        layered = fake_peak(w)
+    # THEN the first made its in-place sums with no dispatch through that mode, to the same bytes
+    assert folded_sums["layer"] == 0 and folded_sums["in place"] > 0
+    assert sums["layer"] > 0
+    assert folded == layered

@@ -79,6 +79,20 @@ def gpt2_workload(
     return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
 
 
+def llama_workload() -> Workload:
+    """Llama from a small config (grouped-query attention), AdamW, labels = inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return Workload(model, opt, {"input_ids": ids, "labels": ids}, steps=2)
+
+
 _CACHE: dict[str, tuple[Workload, Measurement]] = {}
 
 

@@ -307,6 +307,8 @@ def fake_options(profile: Profile) -> dict[str, Any]:
 #: GPT-2 small and Llama-2-7B: QLoRA quantizes every target to NF4, LoRA and sharding wrap
 #: every layer): the costliest runs are shared out first (:func:`parallel.run_all`).
 FAKE_RUN_COST = {"qlora": 4.0, "lora": 2.0, "sharding": 2.0}
+#: Modules a technique's fake run imports (see :func:`parallel.run_all`'s ``imports``).
+FAKE_RUN_IMPORTS = {"lora": ("peft",), "qlora": ("peft",)}
 #: A row composed in the shared run of the unchanged step (fake_prediction.fake_peaks: its
 #: optimizer's state and step alone) against a whole run, about (GPT-2 small: 7 rows 0.9 s
 #: beside the unchanged run's 0.45 s).
@@ -332,6 +334,10 @@ def fake_predict(
     )
 
     tried = [c for c in changes if c.applicable and c.apply is not None]
+    # a change that leaves the step as it was (Change.unchanged_step) has the unchanged run's
+    # peak: it is not run again
+    same = [c for c in tried if c.unchanged_step is not None and c.unchanged_step(model)]
+    tried = [c for c in tried if not any(c is s for s in same)]
     # the rows that change the optimizer alone share the unchanged run's forward and backward:
     # one run (the first, made here), beside the other rows' own runs
     grouped = set(optimizer_only_rows(model, [[c.apply] for c in tried]))
@@ -356,8 +362,9 @@ def fake_predict(
     extra = list((more or {}).items())
     runs: list[Callable[[], parallel.Peaks]] = [shared_run, *(run_of(c) for c in alone),
                                                 *(run for _, run in extra)]
+    imports = sorted({name for c in alone for name in FAKE_RUN_IMPORTS.get(c.technique, ())})
     outcomes = parallel.run_all(runs, costs=[1.0 + SHARED_ROW_COST * len(group), *costs(alone),
-                                             *(1.0 for _ in extra)])
+                                             *(1.0 for _ in extra)], imports=imports)
     if extra:
         if more_outcomes is not None:
             more_outcomes.update(zip((key for key, _ in extra), outcomes[-len(extra):],
@@ -365,11 +372,13 @@ def fake_predict(
         outcomes = outcomes[:-len(extra)]
     first = outcomes[0]
     if isinstance(first, FakeRunError):  # every row stays analytic, and says why
-        for c in tried:
+        for c in [*tried, *same]:
             faked[id(c)] = f"no fake run of this step ({first}); predicted analytically"
         return None
     assert isinstance(first, tuple) and isinstance(first[0], int)
     reference, peaks = first[0], first[1:]
+    for c in same:
+        c.predicted_peak, faked[id(c)] = reference, None
     for c, peak in zip(group, peaks, strict=True):
         if peak is not None:
             c.predicted_peak, faked[id(c)] = peak, None

@@ -317,6 +317,11 @@ class Change:
     trace_peak: int | None = None
     #: Why an applicable change is never simulated (its row's ``not_simulated``), "" otherwise.
     not_simulated: str = ""
+    #: Given the workload, whether the changed step is the unchanged one tensor for tensor
+    #: (same shapes, dtypes, storages and code: zeros stored densely), so that its fake run
+    #: would be the unchanged one's and its peak is taken from that run (advisor.fake_predict);
+    #: None where it never is.
+    unchanged_step: Callable[[Any], bool] | None = None
 
 
 def predict_peak(facts: Facts, transforms: list[Transform]) -> int:

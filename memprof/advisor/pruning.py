@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.nn.utils import prune
 
 from memprof.advisor.core import (
@@ -101,6 +102,34 @@ def _apply_prune_remove(names: list[str], amount: float) -> Any:
             prune.remove(modules[name], "weight")
 
     return apply
+
+
+def weights_own_their_storages(names: list[str]) -> Callable[[Any], bool]:
+    """Whether a workload's ``names`` modules each have a dense weight alone in its storage:
+    then pruning them and ``prune.remove`` leaves the step as it was, tensor for tensor (each
+    weight is the same parameter, its data a product of the same shape and storage size, no
+    hook or mask left), and the row's fake run is the unchanged step's (:attr:`Change
+    .unchanged_step`). A weight that is a view of a larger storage (parameters kept in one
+    flat buffer) would get a storage of its own, and the run is made."""
+
+    def check(workload: Any) -> bool:
+        modules = ModuleNames(workload.model)
+        found = [getattr(modules[name], "weight", None) for name in names]
+        weights = [w for w in found if isinstance(w, nn.Parameter)]
+        if not weights or len(weights) != len(found):
+            return False
+        others = [t for t in (*workload.model.parameters(), *workload.model.buffers())
+                  if t is not None and not any(t is w for w in weights)]
+        taken = {t.untyped_storage()._cdata for t in others}
+        for w in weights:
+            storage = w.untyped_storage()
+            if (storage._cdata in taken or not is_non_overlapping_and_dense_or_false(w)
+                    or storage.nbytes() != w.numel() * w.element_size()):
+                return False
+            taken.add(storage._cdata)  # (a weight two modules share is pruned twice)
+        return True
+
+    return check
 
 
 #: Modules that act on each channel (or feature) on its own: what may stand between the two
@@ -464,6 +493,7 @@ def predict(facts: Facts, amount: float = 0.5) -> list[Change]:
                 "zeros stored densely occupy the same bytes: saves 0",
                 transform=lambda s: dict(s),
                 apply=_apply_prune_remove(names, amount),
+                unchanged_step=weights_own_their_storages(names),
                 caveats=[
                     f"stored as CSR (fp32 values, int64 indices) a tensor saves only below "
                     f"~{100 * csr_break_even_density(1024, 1024):.0f}% density "

@@ -17,6 +17,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -43,6 +44,21 @@ class InPlaceGradSums(TorchDispatchMode):
         if func is _ADD and not kwargs and _summed_in_place(args):
             return _ADD_(args[0], args[1])
         return func(*args, **(kwargs or {}))
+
+
+def in_place_sum(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
+    """The operator :class:`InPlaceGradSums` runs for ``aten.add.Tensor(*args, **kwargs)``:
+    for a dispatch mode that rewrites operators itself (the ledger's: one mode less per op)."""
+    return _ADD_ if not kwargs and _summed_in_place(args) else _ADD
+
+
+def grad_sums_in_place(ledger_mode: Any) -> contextlib.AbstractContextManager[Any]:
+    """:class:`InPlaceGradSums`, or the same rewrite made by ``ledger_mode`` (a
+    :class:`~memprof.tracking.ledger_mode.LedgerMode` that is the innermost dispatch mode;
+    None: none is), which then sees ``add_`` as it would below InPlaceGradSums."""
+    if ledger_mode is None:
+        return InPlaceGradSums()
+    return ledger_mode.rewriting(_ADD, in_place_sum)
 
 
 def _summed_in_place(args: tuple[Any, ...]) -> bool:

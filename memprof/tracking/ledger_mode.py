@@ -3,6 +3,8 @@ under ``FakeTensorMode``, where nothing is allocated)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +30,25 @@ class LedgerMode(TorchDispatchMode):
         #: Under fake tensors: the measured kernel memory the fake kernels lack (a
         #: :class:`~memprof.tracking.kernel_corrections.KernelCorrections`), else None.
         self.corrections = corrections
+        #: Per operator, what picks the operator run in its place from its arguments, while
+        #: a caller sets it (:meth:`rewriting`): a fake run's backward has autograd's
+        #: gradient sums made in place here, one dispatch mode less for every backward op.
+        self.rewrites: dict[Any, Callable[[tuple[Any, ...], dict[str, Any] | None], Any]] = {}
+
+    @contextlib.contextmanager
+    def rewriting(
+        self, func: Any, pick: Callable[[tuple[Any, ...], dict[str, Any] | None], Any]
+    ) -> Iterator[None]:
+        """Run ``pick(args, kwargs)``'s operator for ``func`` while entered."""
+        before = self.rewrites.get(func)
+        self.rewrites[func] = pick
+        try:
+            yield
+        finally:
+            if before is None:
+                del self.rewrites[func]
+            else:
+                self.rewrites[func] = before
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -42,6 +63,9 @@ class LedgerMode(TorchDispatchMode):
             # a fake tensor's device (autograd asks it of every tensor): its property answers
             # as FakeTensorMode would, without a trip through that mode
             return args[0].device
+        pick = self.rewrites.get(func)
+        if pick is not None:
+            func = pick(args, kwargs)
         out = func(*args, **(kwargs or {}))
         if func.is_view and func is not _LIFT_FRESH:
             # A view allocates nothing: its storage is tracked already, or it predates the

@@ -959,6 +959,14 @@ class Profiler(ProfileResults):
         self._live_recording = True
         self._set_mode(True)
 
+    def innermost_ledger_mode(self) -> LedgerMode | None:
+        """The dispatch ledger's mode when it is the innermost dispatch mode now (the
+        operators it runs are the ones run), else None."""
+        if self._events is None and self._mode_entered and \
+                _get_current_dispatch_mode() is self._mode:
+            return self._mode
+        return None
+
     def track_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Track ``optimizer``'s state now, as that of the optimizer given at the start is."""
         self._track_state(self._optimizer_state(optimizer))
