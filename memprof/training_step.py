@@ -10,7 +10,8 @@ really differs between them is a parameter, each saying what it is for:
 - ``autocast``: the simulation and the fake run cast the loss's whole computation; the
   estimate passes None and casts the model's call inside its own loss;
 - ``around_backward``: the fake runs sum gradients in place as the real engine does
-  (:class:`memprof.estimate.grad_accumulation.InPlaceGradSums`);
+  (:func:`memprof.estimate.grad_accumulation.grad_sums_in_place`: the profiler's own ledger
+  mode where it is the innermost, else an ``InPlaceGradSums`` mode);
 - ``step_optimizer``: a fake run cannot let ``GradScaler.step`` read ``found_inf``, it unscales
   and steps, with stand-ins for the values an optimizer reads;
 - ``hold_loss``: the simulation reads the last loss's value after the step, so the losses live
