@@ -796,3 +796,20 @@ def test_a_fake_runs_gradient_sums_are_made_in_place_by_the_ledgers_own_mode(
     assert folded_sums["layer"] == 0 and folded_sums["in place"] > 0
     assert sums["layer"] > 0
     assert folded == layered
+
+
+def test_a_change_whose_check_cannot_find_its_modules_is_run_not_fatal() -> None:
+    """A profile's module names that the workload's model lacks (Lightning's callback profiles
+    the LightningModule; its captured model may name its layers otherwise): the dense-zeros
+    pruning row's check raised KeyError out of advise and every row was lost."""
+    from memprof.advisor import _leaves_step_unchanged
+    from memprof.advisor.core import Change
+    from memprof.advisor.pruning import weights_own_their_storages
+
+    w = mlp_workload()
+    lost = Change("pruning", {}, "", unchanged_step=weights_own_their_storages(["net.9"]))
+    found = Change("pruning", {}, "", unchanged_step=weights_own_their_storages(
+        [next(name for name, m in w.model.named_modules() if isinstance(m, nn.Linear))]))
+    assert _leaves_step_unchanged(lost, w) is False
+    assert _leaves_step_unchanged(found, w) is True
+    assert _leaves_step_unchanged(Change("pruning", {}, ""), w) is False

@@ -315,6 +315,18 @@ FAKE_RUN_IMPORTS = {"lora": ("peft",), "qlora": ("peft",)}
 SHARED_ROW_COST = 0.3
 
 
+def _leaves_step_unchanged(change: Change, model: Workload) -> bool:
+    """Whether ``change`` says it leaves ``model``'s step as it was (:attr:`Change
+    .unchanged_step`); a check that cannot tell (a name the workload's model lacks) says no,
+    and the change's own run then says what fails."""
+    if change.unchanged_step is None:
+        return False
+    try:
+        return bool(change.unchanged_step(model))
+    except Exception:
+        return False
+
+
 def fake_predict(
     model: Workload, changes: list[Change], faked: dict[int, str | None], *,
     more: dict[Any, Callable[[], int]] | None = None,
@@ -336,7 +348,7 @@ def fake_predict(
     tried = [c for c in changes if c.applicable and c.apply is not None]
     # a change that leaves the step as it was (Change.unchanged_step) has the unchanged run's
     # peak: it is not run again
-    same = [c for c in tried if c.unchanged_step is not None and c.unchanged_step(model)]
+    same = [c for c in tried if _leaves_step_unchanged(c, model)]
     tried = [c for c in tried if not any(c is s for s in same)]
     # the rows that change the optimizer alone share the unchanged run's forward and backward:
     # one run (the first, made here), beside the other rows' own runs
